@@ -1,0 +1,42 @@
+"""Config for ``ssah-jax generate``: answer prompts with a model.
+
+Presets (``--config=configs/generate.py:<preset>``):
+  smollm2  the demo model on CPU, fp32, 128 new tokens (default)
+  quick    the demo model, 16 new tokens: a smoke test
+  gpu      the demo model in bfloat16, batch 64 (one GPU)
+"""
+
+from ml_collections import ConfigDict
+
+DEFAULT_PROMPTS = (
+    "What is the capital of France?",
+    "Give me three tips for staying focused while studying.",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis in two sentences.",
+)
+
+
+def get_config(preset: str = "smollm2") -> ConfigDict:
+    c = ConfigDict()
+    c.model = "smollm2-135m-instruct"  # demo name, HF directory / repo id, or .gguf path
+    c.dtype = "float32"  # float32 | bfloat16
+    c.prompts = DEFAULT_PROMPTS  # used when prompts_file is empty
+    c.prompts_file = ""  # text file (one prompt per line) or JSONL with a "prompt" field
+    c.system_prompt = ""  # empty: none
+    c.answer_prefix = ""  # prefilling attack: force the answer to start with this
+    c.max_new_tokens = 128
+    c.temperature = 0.0  # 0: greedy
+    c.top_k = 0  # 0: off
+    c.top_p = 1.0  # 1.0: off
+    c.seed = 0
+    c.batch_size = 8
+    presets = {
+        "smollm2": {},
+        "quick": {"max_new_tokens": 16},
+        "gpu": {"dtype": "bfloat16", "batch_size": 64},
+    }
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r} for configs/generate.py (presets: {sorted(presets)})")
+    c.update(presets[preset])
+    c.lock()
+    return c

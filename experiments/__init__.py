@@ -1,0 +1,1 @@
+"""Experiments: ``<name>.py:run(config, workdir)``, driven by ``configs/<name>.py``."""

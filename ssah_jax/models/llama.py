@@ -1,0 +1,281 @@
+"""Flax NNX decoder for the Llama family (Llama 2/3/3.x, Mistral, Qwen2, SmolLM2).
+
+Weight layout (the one place it is defined):
+    Flax kernels are ``[in, out]``; transformers' ``nn.Linear`` weights are ``[out, in]``.
+    Each layer owns its arrays (``layers/{i}/...``) and the forward pass is a Python loop
+    over layers, unrolled by jit. (A stacked ``lax.scan`` layout compiles faster for very deep
+    models, but on CPU it copies every layer's weights out of the stack at each step, which
+    made decoding twice as slow; see the note in the README.)
+    An SSAH *unit* is an input channel of ``o_proj`` / ``down_proj``: a **row** of our kernel
+    ``layers[l].attn.o_proj.kernel[j, :]`` (``layers[l].mlp.down_proj.kernel[j, :]``), which is a
+    **column** of the HF matrix ``o_proj.weight[:, j]`` (``down_proj.weight[:, j]``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ssah_jax.models.config import ModelConfig, RopeConfig
+from ssah_jax.sharding import constrain
+
+Dtype = Any
+
+
+def _meta(*names: str | None) -> dict[str, Any]:
+    # Sharding is applied explicitly (sharding.shard_model / jit shardings), never at creation,
+    # so a model can be built on one device and placed on any mesh afterwards.
+    return {"out_sharding": names, "eager_sharding": False}
+
+
+def _dense(d_in, d_out, names, *, bias, dtype, param_dtype, rngs) -> nnx.Linear:
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.initializers.normal(0.02),
+        kernel_metadata=_meta(*names),
+        bias_metadata=_meta(names[-1]),
+        rngs=rngs,
+    )
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32, scaled in the compute dtype (as transformers does)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype: Dtype, param_dtype: Dtype):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), **_meta("norm"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+@functools.cache
+def _inverse_frequencies(rope: RopeConfig, head_dim: int):
+    return rope.inverse_frequencies(head_dim)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, rope: RopeConfig) -> jax.Array:
+    """Rotary embedding, half-split convention. x: ``[B, S, heads, D]``, positions ``[B, S]``."""
+    inv_freq = jnp.asarray(_inverse_frequencies(rope, x.shape[-1]))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, D/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class LayerCache(NamedTuple):
+    """Keys and values of one layer: ``[B, T, kv_heads, D]`` each."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+class KVCache(NamedTuple):
+    """KV cache: one LayerCache per layer; ``index`` = slots already written (int32 scalar)."""
+
+    layers: tuple[LayerCache, ...]
+    index: jax.Array
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].k.shape[1]
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, length: int, dtype: Dtype) -> KVCache:
+        shape = (batch, length, config.num_kv_heads, config.head_dim)
+        layers = tuple(
+            LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)
+        )
+        return cls(layers, jnp.zeros((), jnp.int32))
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with rotary embeddings and an optional KV cache."""
+
+    def __init__(self, config: ModelConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        hd = c.head_dim
+        self.q_proj = _dense(c.hidden_size, c.num_heads * hd, ("embed", "heads"), bias=c.qkv_bias, **kw)
+        self.k_proj = _dense(c.hidden_size, c.num_kv_heads * hd, ("embed", "kv_heads"), bias=c.qkv_bias, **kw)
+        self.v_proj = _dense(c.hidden_size, c.num_kv_heads * hd, ("embed", "kv_heads"), bias=c.qkv_bias, **kw)
+        self.o_proj = _dense(c.num_heads * hd, c.hidden_size, ("heads", "embed"), bias=c.o_bias, **kw)
+
+    def __call__(self, x, positions, mask, cache: LayerCache | None, cache_index):
+        c = self.config
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, c.num_heads, c.head_dim)
+        k = self.k_proj(x).reshape(b, s, c.num_kv_heads, c.head_dim)
+        v = self.v_proj(x).reshape(b, s, c.num_kv_heads, c.head_dim)
+        q = constrain(apply_rope(q, positions, c.rope), ("act_batch", "act_len", "act_heads", "act_head_dim"))
+        k = apply_rope(k, positions, c.rope)
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
+            v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+            cache = LayerCache(k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        # jax.nn.dot_product_attention handles GQA (kv heads shared by query groups) and
+        # computes the softmax in float32; rows with no visible key get a uniform (finite) mix.
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
+        out = out.reshape(b, s, c.num_heads * c.head_dim)
+        return self.o_proj(out), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``. Units are the ``intermediate_size`` channels."""
+
+    def __init__(self, config: ModelConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        c = config
+        kw = dict(bias=c.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = _dense(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw)
+        self.up_proj = _dense(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw)
+        self.down_proj = _dense(c.intermediate_size, c.hidden_size, ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        h = constrain(h, ("act_batch", "act_len", "act_mlp"))
+        return self.down_proj(h)
+
+
+class Block(nnx.Module):
+    """One pre-norm decoder layer."""
+
+    def __init__(self, config: ModelConfig, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.attn = Attention(config, rngs=rngs, **kw)
+        self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
+        self.mlp = MLP(config, rngs=rngs, **kw)
+
+    def __call__(self, x, positions, mask, cache, cache_index):
+        h, cache = self.attn(self.input_norm(x), positions, mask, cache, cache_index)
+        x = x + h
+        x = x + self.mlp(self.post_attn_norm(x))
+        return constrain(x, ("act_batch", "act_len", "act_embed")), cache
+
+
+class DecoderOutput(NamedTuple):
+    hidden: jax.Array  # [B, S, hidden] after the final norm
+    cache: KVCache | None
+    hidden_states: jax.Array | None  # [L + 1, B, S, hidden]: embeddings, then each layer's output
+    # (before the final norm)
+
+
+def default_mask(kv_mask: jax.Array, q_len: int, cache_index) -> jax.Array:
+    """Causal + padding mask ``[B, q_len, kv_len]`` for queries at slots ``cache_index + i``."""
+    kv_len = kv_mask.shape[1]
+    q_slots = cache_index + jnp.arange(q_len)
+    causal = jnp.arange(kv_len)[None, :] <= q_slots[:, None]
+    return causal[None] & kv_mask[:, None, :].astype(bool)
+
+
+class CausalLM(nnx.Module):
+    """Llama-family decoder with a language-model head.
+
+    ``model(input_ids, attention_mask=None)`` returns float32 logits ``[batch, seq, vocab]``.
+    ``attention_mask`` is ``[batch, kv_len]`` with 1 for real tokens (left or right padding);
+    positions are counted over real tokens only.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.dtype = dtype
+        self.embed = nnx.Embed(
+            config.vocab_size,
+            config.hidden_size,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=nnx.initializers.normal(0.02),
+            embedding_metadata=_meta("vocab", "embed"),
+            rngs=rngs,
+        )
+        self.layers = nnx.List(
+            [Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(config.num_layers)]
+        )
+        self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else _dense(config.hidden_size, config.vocab_size, ("embed", "vocab"), bias=False,
+                        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        )
+
+    def forward(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        cache: KVCache | None = None,
+        output_hidden_states: bool = False,
+    ) -> DecoderOutput:
+        """Runs the decoder without the LM head.
+
+        Args:
+          input_ids: ``[B, S] int32``.
+          attention_mask: ``[B, kv_len]`` (1 = real token). ``kv_len`` is ``S`` without a cache
+            and the cache length with one (covering every slot, written or not).
+          mask: optional explicit boolean mask ``[B, S, kv_len]``. When given it *replaces* the
+            causal + padding mask (build on :func:`default_mask` to extend it).
+          cache: optional KV cache; the ``S`` new tokens are written at ``cache.index``.
+          output_hidden_states: also return every layer's output.
+        """
+        b, s = input_ids.shape
+        if cache is None:
+            kv_len, index = s, jnp.zeros((), jnp.int32)
+        else:
+            kv_len, index = cache.length, cache.index
+        if attention_mask is None:
+            if cache is not None:
+                raise ValueError("attention_mask [batch, cache_length] is required with a cache")
+            attention_mask = jnp.ones((b, s), jnp.int32)
+        if attention_mask.shape != (b, kv_len):
+            raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected {(b, kv_len)}")
+        counts = jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1
+        positions = jnp.maximum(jax.lax.dynamic_slice_in_dim(counts, index, s, axis=1), 0)
+        if mask is None:
+            mask = default_mask(attention_mask, s, index)
+        elif mask.shape != (b, s, kv_len):
+            raise ValueError(f"mask has shape {mask.shape}, expected {(b, s, kv_len)}")
+
+        x = constrain(self.embed(input_ids), ("act_batch", "act_len", "act_embed"))
+        hidden_states = [x]
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, positions, mask, None if cache is None else cache.layers[i], index)
+            new_cache.append(layer_cache)
+            hidden_states.append(x)
+        if cache is not None:
+            cache = KVCache(tuple(new_cache), index + s)
+        stacked = jnp.stack(hidden_states) if output_hidden_states else None
+        return DecoderOutput(self.final_norm(x), cache, stacked)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """LM head: ``[..., hidden] -> [..., vocab] float32``."""
+        out = self.embed.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+        names = ("act_batch",) + ("act_len",) * (out.ndim - 2) + ("act_vocab",)
+        return constrain(out, names).astype(jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, *, mask=None) -> jax.Array:
+        return self.logits(self.forward(input_ids, attention_mask, mask=mask).hidden)

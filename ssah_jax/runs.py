@@ -1,0 +1,55 @@
+"""What every experiment run shares: config validation and its workdir."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+from ml_collections import ConfigDict
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A config value is out of range; the message names the key."""
+
+
+def check(config: ConfigDict, key: str, ok: Callable[[Any], bool], requirement: str) -> None:
+    """Raises ConfigError naming ``config.<key>`` unless ``ok(value)``."""
+    value = config
+    for part in key.split("."):
+        value = value[part]
+    if not ok(value):
+        raise ConfigError(f"config.{key}={value!r}: {requirement}")
+
+
+def dtype(config: ConfigDict, key: str = "dtype"):
+    check(config, key, lambda v: v in DTYPES, f"must be one of {sorted(DTYPES)}")
+    return DTYPES[config[key]]
+
+
+def prepare_workdir(workdir: str | Path, config: ConfigDict) -> Path:
+    """Creates ``workdir`` and writes the resolved config to ``config.json``."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    return workdir
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file; a torn last line (a killed run) is dropped."""
+    if not path.exists():
+        return []
+    records = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i + 1}: not valid JSON") from None
+    return records

@@ -1,0 +1,130 @@
+"""Meshes and logical axis rules.
+
+Every parameter and the main activations carry *logical* axis names ("embed", "mlp", ...).
+One table of rules maps them onto the physical mesh axes ``data`` / ``fsdp`` / ``tensor``.
+A logical name without a rule is an error, never a silent replication.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd as core_spmd
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axis (or tuple of axes, or None for replicated).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("norm", None),
+    # activations
+    ("act_batch", ("data", "fsdp")),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_head_dim", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_kv_len", None),
+)
+
+
+def make_mesh(shape: Mapping[str, int] | Sequence[int], devices=None) -> jax.sharding.Mesh:
+    """A ``data x fsdp x tensor`` mesh; ``shape`` is a dict or a 3-tuple. -1 takes the rest."""
+    if isinstance(shape, Mapping):
+        unknown = set(shape) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"mesh axes {sorted(unknown)} are unknown (use {MESH_AXES})")
+        sizes = [int(shape.get(name, 1)) for name in MESH_AXES]
+    else:
+        sizes = [int(s) for s in shape]
+        if len(sizes) != len(MESH_AXES):
+            raise ValueError(f"mesh shape {tuple(sizes)} must have {len(MESH_AXES)} entries")
+    devices = jax.devices() if devices is None else devices
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh shape {tuple(sizes)}: at most one axis may be -1")
+    if -1 in sizes:
+        rest = int(np.prod([s for s in sizes if s != -1]))
+        sizes[sizes.index(-1)] = len(devices) // rest
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+            f"{len(devices)} are available"
+        )
+    return jax.make_mesh(
+        tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
+    )
+
+
+def logical_to_spec(names: Sequence[str | None], rules=DEFAULT_RULES) -> PartitionSpec:
+    """Maps logical axis names to a PartitionSpec; an unknown name is an error."""
+    table = dict(rules)
+    missing = [n for n in names if n is not None and n not in table]
+    if missing:
+        raise KeyError(f"logical axis names {missing} have no sharding rule (rules: {sorted(table)})")
+    return PartitionSpec(*(None if n is None else table[n] for n in names))
+
+
+@contextlib.contextmanager
+def use_rules(rules=DEFAULT_RULES) -> Iterator[None]:
+    """Makes ``rules`` the active logical-axis rules (for parameters and activations)."""
+    with core_spmd.logical_axis_rules(tuple(rules)):
+        yield
+
+
+def active_rules():
+    return core_spmd.get_logical_axis_rules() or DEFAULT_RULES
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """``with_sharding_constraint`` by logical names; a no-op outside a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, active_rules()))
+
+
+def param_specs(state: Any, rules=DEFAULT_RULES) -> Any:
+    """PartitionSpec tree for an ``nnx.State`` whose variables carry ``out_sharding`` names."""
+
+    def spec(var):
+        names = var.get_metadata().get("out_sharding")
+        if names is None:
+            return PartitionSpec()
+        return logical_to_spec(names, rules)
+
+    return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def param_shardings(state: Any, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> Any:
+    """NamedSharding tree matching ``state``."""
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s),
+        param_specs(state, rules),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+
+
+def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> nnx.Module:
+    """Places every parameter of ``model`` on ``mesh`` according to its logical names."""
+    graphdef, state = nnx.split(model)
+    shardings = param_shardings(state, mesh, rules)
+    state = jax.tree.map(
+        lambda v, s: v.replace(jax.device_put(v.get_value(), s)),
+        state,
+        shardings,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return nnx.merge(graphdef, state)

