@@ -54,6 +54,7 @@ def run(config: ConfigDict, workdir: str) -> Path:
     done = runs.read_jsonl(generations)
     if [r["prompt"] for r in done] != prompts[: len(done)]:
         raise ValueError(f"{generations} holds answers to other prompts; use a new --workdir")
+    generations.write_text("".join(json.dumps(r) + "\n" for r in done))  # drops a torn last line
     model, tokenizer = load_model(config.model, runs.dtype(config))
     kwargs = dict(
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,

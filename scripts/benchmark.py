@@ -34,6 +34,27 @@ def _timed(fn, repeats):
     return statistics.median(times)
 
 
+def memory_floor(model, batch: int) -> dict:
+    """Decoding reads every weight once per step: bytes / measured bandwidth is a floor."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    big = jnp.ones((64 * 1024 * 1024,), jnp.float32)  # 256 MiB, far beyond any cache
+    total = jax.jit(jnp.sum)
+    total(big).block_until_ready()
+    seconds = _timed(lambda: total(big).block_until_ready(), 5)
+    bandwidth = big.nbytes / seconds
+    floor_s = weight_bytes / bandwidth
+    return {
+        "weight_bytes_per_step": weight_bytes,
+        "measured_read_bandwidth_gb_s": bandwidth / 1e9,
+        "floor_ms_per_step": 1e3 * floor_s,
+        "max_tokens_per_s_at_floor": batch / floor_s,
+    }
+
+
 def bench_generate(args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -93,6 +114,9 @@ def bench_generate(args) -> dict:
         "transformers_tokens_per_s": tokens / theirs_s,
         "speedup": theirs_s / ours_s,
         "ours_first_call_s_with_compile": compile_s,
+        "ours_ms_per_step": 1e3 * ours_s / args.new_tokens,
+        "transformers_ms_per_step": 1e3 * theirs_s / args.new_tokens,
+        **memory_floor(model, args.batch),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                    f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
                    f"({torch.get_num_threads()} threads)",
@@ -113,6 +137,10 @@ def main() -> None:
     print(f"transformers: {result['transformers_tokens_per_s']:8.1f} tokens/s")
     print(f"ratio:        {result['speedup']:8.2f}x  ({result['batch']} x {result['new_tokens']} new tokens, "
           f"{result['dtype']}; {result['machine']})")
+    if "floor_ms_per_step" in result:
+        print(f"memory floor: {result['floor_ms_per_step']:8.1f} ms/step = {result['max_tokens_per_s_at_floor']:.1f} "
+              f"tokens/s ({result['weight_bytes_per_step'] / 1e6:.0f} MB of weights read per step at "
+              f"{result['measured_read_bandwidth_gb_s']:.1f} GB/s measured)")
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:

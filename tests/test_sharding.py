@@ -28,6 +28,9 @@ def test_sharded_forward_matches_single_device(tmp_path):
     down = model.layers[1].mlp.down_proj.kernel[...]
     assert down.sharding.spec == PartitionSpec("tensor", "fsdp")
 
+    placed = sharding.shard_model(single, mesh)  # the same placement, after loading
+    assert placed.layers[0].mlp.gate_proj.kernel[...].sharding == kernel.sharding
+
     graphdef, state = nnx.split(model)
     batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 

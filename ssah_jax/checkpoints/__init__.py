@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding
 from ssah_jax.checkpoints.demo import DEMO_NAME, demo_gguf_path
 from ssah_jax.checkpoints.gguf import gguf_hf_dir, load_gguf_model, read_gguf
 from ssah_jax.checkpoints.hf import load_hf_model, resolve_hf_dir, save_hf
-from ssah_jax.checkpoints.params import CheckpointError, param_count
+from ssah_jax.checkpoints.params import CheckpointError
 from ssah_jax.models import CausalLM
 from ssah_jax.sharding import DEFAULT_RULES, logical_to_spec
 
@@ -30,7 +30,6 @@ __all__ = [
     "load_model",
     "load_tokenizer",
     "load_weights",
-    "param_count",
     "save_hf",
 ]
 

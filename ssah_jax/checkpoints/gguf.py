@@ -87,7 +87,8 @@ def gguf_hf_dir(path: Path) -> Path:
     tmp = target.with_name(target.name + ".part")
     AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(tmp)
     AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name).save_pretrained(tmp)
-    tmp.replace(target) if not target.exists() else None
+    if not target.exists():  # another process may have finished first
+        tmp.replace(target)
     return target
 
 

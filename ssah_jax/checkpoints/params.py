@@ -7,7 +7,6 @@ HF ``nn.Linear`` weights are ``[out, in]``; our kernels are ``[in, out]`` (see
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +132,3 @@ def model_to_hf_tensors(model: CausalLM) -> dict[str, np.ndarray]:
         out[hf] = np.ascontiguousarray(arr.T if transpose else arr)
     return out
 
-
-def param_count(model: Any) -> int:
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
