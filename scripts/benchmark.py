@@ -137,10 +137,9 @@ def main() -> None:
     print(f"transformers: {result['transformers_tokens_per_s']:8.1f} tokens/s")
     print(f"ratio:        {result['speedup']:8.2f}x  ({result['batch']} x {result['new_tokens']} new tokens, "
           f"{result['dtype']}; {result['machine']})")
-    if "floor_ms_per_step" in result:
-        print(f"memory floor: {result['floor_ms_per_step']:8.1f} ms/step = {result['max_tokens_per_s_at_floor']:.1f} "
-              f"tokens/s ({result['weight_bytes_per_step'] / 1e6:.0f} MB of weights read per step at "
-              f"{result['measured_read_bandwidth_gb_s']:.1f} GB/s measured)")
+    print(f"memory floor: {result['floor_ms_per_step']:8.1f} ms/step = {result['max_tokens_per_s_at_floor']:.1f} "
+          f"tokens/s ({result['weight_bytes_per_step'] / 1e6:.0f} MB of weights read per step at "
+          f"{result['measured_read_bandwidth_gb_s']:.1f} GB/s measured)")
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -3,18 +3,20 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from experiments import generate as generate_experiment
 from ssah_jax.runs import ConfigError
 
-sys.path.insert(0, ".")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 from configs.generate import get_config  # noqa: E402
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "ssah_jax.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "ssah_jax.cli", *args], capture_output=True, text=True, cwd=REPO)
 
 
 def test_unknown_config_key_is_named(tmp_path):
