@@ -93,7 +93,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, rope: RopeConfig) -> jax.Arra
 
 
 class LayerCache(NamedTuple):
-    """Keys and values of one layer: ``[B, T, kv_heads, D]`` each."""
+    """Keys and values of one layer: ``[B, kv_heads, T, D]`` each (head-major, so decoding
+    attends to the cache without transposing it)."""
 
     k: jax.Array
     v: jax.Array
@@ -107,15 +108,35 @@ class KVCache(NamedTuple):
 
     @property
     def length(self) -> int:
-        return self.layers[0].k.shape[1]
+        return self.layers[0].k.shape[2]
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, length: int, dtype: Dtype) -> KVCache:
-        shape = (batch, length, config.num_kv_heads, config.head_dim)
+        shape = (batch, config.num_kv_heads, length, config.head_dim)
         layers = tuple(
             LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)
         )
         return cls(layers, jnp.zeros((), jnp.int32))
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q ``[B, S, H, D]``; k, v ``[B, K, T, D]`` with ``H = K * G``;
+    mask ``[B, S, T]`` boolean. Returns ``[B, S, H, D]``.
+
+    Query heads are grouped under their shared kv head, so keys and values are never repeated
+    or transposed. The softmax runs in float32; a row with no visible key gets a uniform
+    (finite) mix instead of NaN.
+    """
+    b, s, h, d = q.shape
+    kv_heads = k.shape[1]
+    groups = h // kv_heads
+    q = q.reshape(b, s, kv_heads, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, s * groups, d)
+    scores = jnp.einsum("bkqd,bktd->bkqt", q, k).astype(jnp.float32) * (d**-0.5)
+    visible = jnp.broadcast_to(mask[:, None, :, None, :], (b, 1, s, groups, mask.shape[-1]))
+    scores = jnp.where(visible.reshape(b, 1, s * groups, -1), scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkqt,bktd->bkqd", probs, v)
+    return out.reshape(b, kv_heads, s, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, s, h, d)
 
 
 class Attention(nnx.Module):
@@ -138,17 +159,15 @@ class Attention(nnx.Module):
         k = self.k_proj(x).reshape(b, s, c.num_kv_heads, c.head_dim)
         v = self.v_proj(x).reshape(b, s, c.num_kv_heads, c.head_dim)
         q = constrain(apply_rope(q, positions, c.rope), ("act_batch", "act_len", "act_heads", "act_head_dim"))
-        k = apply_rope(k, positions, c.rope)
+        k = apply_rope(k, positions, c.rope).transpose(0, 2, 1, 3)  # [B, K, S, D]
+        v = v.transpose(0, 2, 1, 3)
         if cache is not None:
-            start = (0, cache_index, 0, 0)
+            start = (0, 0, cache_index, 0)
             k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
             v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
             cache = LayerCache(k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        # jax.nn.dot_product_attention handles GQA (kv heads shared by query groups) and
-        # computes the softmax in float32; rows with no visible key get a uniform (finite) mix.
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
-        out = out.reshape(b, s, c.num_heads * c.head_dim)
+        out = attend(q, k, v, mask).reshape(b, s, c.num_heads * c.head_dim)
         return self.o_proj(out), cache
 
 
