@@ -27,16 +27,18 @@ def render_prompts(
     prompts: Sequence[str],
     *,
     system_prompt: str | None = None,
-    answer_prefix: str | None = None,
+    answer_prefix: str | Sequence[str] | None = None,
     chat: bool = True,
 ) -> list[str]:
     """Applies the tokenizer's chat template (with an optional system prompt) to each prompt.
 
-    ``answer_prefix`` is appended after the assistant header, so the model continues an answer
-    that already starts with it (the prefilling attack).
+    ``answer_prefix`` (one string for all prompts, or one per prompt) is appended after the
+    assistant header, so the model continues an answer that already starts with it (the
+    prefilling attack).
     """
+    prefixes = _per_prompt(answer_prefix, len(prompts))
     texts = []
-    for prompt in prompts:
+    for prompt, prefix in zip(prompts, prefixes):
         if chat:
             messages = [{"role": "user", "content": prompt}]
             if system_prompt is not None:
@@ -44,8 +46,16 @@ def render_prompts(
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         else:
             text = prompt
-        texts.append(text + (answer_prefix or ""))
+        texts.append(text + prefix)
     return texts
+
+
+def _per_prompt(answer_prefix: str | Sequence[str] | None, n: int) -> list[str]:
+    if answer_prefix is None or isinstance(answer_prefix, str):
+        return [answer_prefix or ""] * n
+    if len(answer_prefix) != n:
+        raise ValueError(f"{len(answer_prefix)} answer prefixes for {n} prompts")
+    return list(answer_prefix)
 
 
 def stop_token_ids(model: CausalLM, tokenizer: Any) -> tuple[int, ...]:
@@ -152,7 +162,7 @@ def generate_ids(
     top_p: float = 1.0,
     seed: int = 0,
     system_prompt: str | None = None,
-    answer_prefix: str | None = None,
+    answer_prefix: str | Sequence[str] | None = None,
     chat: bool = True,
     batch_size: int = 8,
     bucket: int = 64,
@@ -198,21 +208,21 @@ def generate(
     prompts: Sequence[str],
     *,
     max_new_tokens: int = 128,
-    answer_prefix: str | None = None,
+    answer_prefix: str | Sequence[str] | None = None,
     **kwargs: Any,
 ) -> list[str]:
     """Answers ``prompts`` with ``model``; greedy when ``temperature == 0`` (the default).
 
     Keyword arguments: ``temperature``, ``top_k`` (0 = off), ``top_p`` (1.0 = off), ``seed``,
     ``system_prompt``, ``answer_prefix`` (prefilling attack: the answer is forced to start with
-    it, and the returned text includes it), ``chat`` (False: prompts are raw text),
+    it, and the returned text includes it; one string, or one per prompt), ``chat`` (False: prompts are raw text),
     ``batch_size``, ``bucket`` (prompts are left-padded to a multiple of it, so few shapes are
     compiled), ``progress`` (a progress bar over batches).
     """
     ids = generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
                        answer_prefix=answer_prefix, **kwargs)
-    prefix = answer_prefix or ""
-    return [prefix + tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+    prefixes = _per_prompt(answer_prefix, len(prompts))
+    return [prefix + tokenizer.decode(row, skip_special_tokens=True) for prefix, row in zip(prefixes, ids)]
 
 
 def _until_stop(tokens: np.ndarray, stops: Sequence[int]) -> list[int]:

@@ -1,0 +1,58 @@
+"""Config for ``ssah-jax evaluate``: safety (ASR, attacks, over-refusal) and utility metrics.
+
+Presets (``--config=configs/evaluate.py:<preset>``):
+  smollm2  the demo model on CPU: AdvBench's first 100 prompts (64 new tokens), prefilling
+           (5 target tokens) and a 2-setting sampling sweep on the first 50, all 250 XSTest
+           safe prompts, 500 MMLU questions spread over the subjects, SST-2 dev (872),
+           50 GSM8K problems, perplexity on 200 held-out alpaca_libre responses (default)
+  quick    the same tasks on a handful of examples each: a smoke test (a few minutes)
+  gpu      the demo model in bfloat16 with batch 64 and full sets (one GPU)
+
+``limit = 0`` means the whole set. ``data_dir`` empty: ``$SSAH_DATA_DIR``, else
+``../shared/data`` beside the checkout.
+"""
+
+from ml_collections import ConfigDict
+
+
+def get_config(preset: str = "smollm2") -> ConfigDict:
+    c = ConfigDict()
+    c.model = "smollm2-135m-instruct"  # demo name, HF directory / repo id, or .gguf path
+    c.dtype = "float32"  # float32 | bfloat16
+    c.data_dir = ""
+    c.tasks = ("asr", "prefill", "sweep", "overrefusal", "mmlu", "sst2", "gsm8k", "perplexity")
+    c.batch_size = 8
+    c.max_new_tokens = 64
+    c.seed = 0
+    c.system_prompt = ""  # the "with system prompt" setting; empty: Llama-2-chat's default
+    c.harmful = ConfigDict(dict(dataset="advbench", limit=100))
+    c.prefill = ConfigDict(dict(dataset="advbench", limit=50, tokens=5))
+    c.sweep = ConfigDict(dict(dataset="advbench", limit=50, temperatures=(0.7, 1.0), top_ps=(0.9,), top_ks=(0,)))
+    c.overrefusal = ConfigDict(dict(limit=0))
+    c.mmlu = ConfigDict(dict(limit=500))
+    c.sst2 = ConfigDict(dict(limit=0))
+    c.gsm8k = ConfigDict(dict(limit=50, max_new_tokens=256))
+    c.perplexity = ConfigDict(dict(dataset="alpaca_libre", limit=200, max_length=512))
+    presets = {
+        "smollm2": {},
+        "quick": {
+            "max_new_tokens": 16, "harmful.limit": 8, "prefill.limit": 8, "sweep.limit": 8,
+            "sweep.temperatures": (1.0,), "overrefusal.limit": 8, "mmlu.limit": 16, "sst2.limit": 16,
+            "gsm8k.limit": 8, "gsm8k.max_new_tokens": 16, "perplexity.limit": 16, "perplexity.max_length": 256,
+        },
+        "gpu": {
+            "dtype": "bfloat16", "batch_size": 64, "harmful.limit": 0, "prefill.limit": 0, "sweep.limit": 0,
+            "sweep.temperatures": (0.5, 0.7, 1.0), "sweep.top_ps": (0.7, 0.9, 1.0), "mmlu.limit": 0,
+            "gsm8k.limit": 0, "perplexity.limit": 500,
+        },
+    }
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r} for configs/evaluate.py (presets: {sorted(presets)})")
+    for key, value in presets[preset].items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    c.lock()
+    return c

@@ -1,0 +1,24 @@
+"""Data: named datasets (local kit, TFDS, HF hub), chat tokenisation with response-only loss
+masks, and bucketed, shuffled, per-host batches with a resumable position."""
+
+from ssah_jax.data.sources import (
+    DATA_DIR_ENV,
+    DATASETS,
+    DataError,
+    LoadReport,
+    Record,
+    load_dataset,
+    load_local,
+    resolve_data_dir,
+)
+
+__all__ = [
+    "DATASETS",
+    "DATA_DIR_ENV",
+    "DataError",
+    "LoadReport",
+    "Record",
+    "load_dataset",
+    "load_local",
+    "resolve_data_dir",
+]

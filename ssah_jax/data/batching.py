@@ -1,0 +1,87 @@
+"""Bucketed, deterministically shuffled, per-host batches on grain.
+
+``batch_dataset`` returns a ``grain.MapDataset`` of batches: ``dataset[step]`` is the batch of
+a training step (random access, so resuming at step ``n`` is ``dataset[n]``), and its iterator
+(``iter(dataset.to_iter_dataset())``) has ``get_state`` / ``set_state`` for checkpoints.
+
+Every host pads its rows to the same bucket length (the longest example of the *global*
+batch), so the per-host arrays assemble into one global ``jax.Array``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import grain
+import jax
+import numpy as np
+
+from ssah_jax.data.tokenize import Example
+
+
+def bucket_lengths(max_length: int, smallest: int = 64) -> tuple[int, ...]:
+    """Powers of two from ``smallest`` below ``max_length``, then ``max_length`` itself."""
+    lengths = []
+    n = smallest
+    while n < max_length:
+        lengths.append(n)
+        n *= 2
+    return (*lengths, max_length)
+
+
+def pad_batch(examples: Sequence[Example], rows: int, buckets: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``loss_mask`` (int32 ``[rows, L]``);
+    ``L`` is the smallest bucket that holds the longest example, and rows beyond the examples
+    are empty (all-zero masks)."""
+    longest = max(len(e.ids) for e in examples)
+    fitting = [b for b in buckets if b >= longest]
+    if not fitting:
+        raise ValueError(f"an example of {longest} tokens exceeds the largest bucket {max(buckets)}")
+    length = fitting[0]
+    ids = np.full((rows, length), pad_id, np.int32)
+    attention = np.zeros((rows, length), np.int32)
+    loss = np.zeros((rows, length), np.int32)
+    for i, e in enumerate(examples):
+        n = len(e.ids)
+        ids[i, :n], attention[i, :n], loss[i, :n] = e.ids, 1, e.loss_mask
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
+
+
+def _host_rows(batch: dict[str, np.ndarray], index: int, count: int) -> dict[str, np.ndarray]:
+    per_host = len(batch["input_ids"]) // count
+    return {k: v[index * per_host : (index + 1) * per_host] for k, v in batch.items()}
+
+
+def batch_dataset(
+    examples: Sequence[Example],
+    *,
+    batch_size: int,
+    pad_id: int,
+    buckets: Sequence[int],
+    seed: int = 0,
+    shuffle: bool = True,
+    epochs: int | None = 1,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> grain.MapDataset:
+    """Batches of ``examples``: ``batch_size`` is the global batch; each host gets its
+    ``batch_size / process_count`` rows. Shuffled from ``seed`` (a new order each epoch);
+    ``epochs=None`` repeats forever. The last batch of a finite dataset is filled with
+    empty rows."""
+    if not examples:
+        raise ValueError("no examples to batch")
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if batch_size % process_count:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {process_count} hosts")
+    ds = grain.MapDataset.source(list(examples))
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if epochs != 1:
+        ds = ds.repeat(epochs)
+    pad = functools.partial(pad_batch, rows=batch_size, buckets=tuple(buckets), pad_id=pad_id)
+    ds = ds.batch(batch_size, batch_fn=pad)
+    if process_count > 1:
+        ds = ds.map(functools.partial(_host_rows, index=process_index, count=process_count))
+    return ds

@@ -1,0 +1,51 @@
+"""Evaluation: refusal judge, ASR with attacks, over-refusal and utility metrics.
+
+Row functions (``*_rows``) take a batch of records and return one JSON-able dict per record,
+so experiments can stream them to disk and resume; ``summarise_*`` turn rows into metrics.
+"""
+
+from ssah_jax.evaluation.judge import REFUSAL_PHRASES, is_refusal
+from ssah_jax.evaluation.likelihood import choice_logprobs, token_logprobs
+from ssah_jax.evaluation.safety import (
+    LLAMA2_SYSTEM_PROMPT,
+    answer_rows,
+    prefill_prefix,
+    setting_name,
+    summarise_asr,
+    summarise_refusal_rate,
+    summarise_sweep,
+    sweep_settings,
+)
+from ssah_jax.evaluation.utility import (
+    final_number,
+    gsm8k_rows,
+    mmlu_prompt,
+    multiple_choice_rows,
+    perplexity_rows,
+    sst2_prompt,
+    summarise_accuracy,
+    summarise_perplexity,
+)
+
+__all__ = [
+    "LLAMA2_SYSTEM_PROMPT",
+    "REFUSAL_PHRASES",
+    "answer_rows",
+    "choice_logprobs",
+    "final_number",
+    "gsm8k_rows",
+    "is_refusal",
+    "mmlu_prompt",
+    "multiple_choice_rows",
+    "perplexity_rows",
+    "prefill_prefix",
+    "setting_name",
+    "sst2_prompt",
+    "summarise_accuracy",
+    "summarise_asr",
+    "summarise_perplexity",
+    "summarise_refusal_rate",
+    "summarise_sweep",
+    "sweep_settings",
+    "token_logprobs",
+]
