@@ -21,6 +21,8 @@ setup(
         "transformers>=5.0,<6",
         "tokenizers>=0.22,<1",
         "tensorflow-datasets>=4.9.9,<5",
+        "importlib_resources>=6,<7",  # needed by tensorflow-datasets' builders, not declared by it
+        "grain>=0.2.18,<0.3",
         "ml-collections>=1.1,<2",
         "absl-py>=2.1,<3",
         "safetensors>=0.6,<1",
@@ -31,7 +33,10 @@ setup(
     ],
     extras_require={
         # torch is only a reference implementation for parity tests and benchmarks.
+        # Hugging Face hub datasets as a data source (``load_dataset("hf:<repo>:<split>")``).
+        "hub": ["datasets>=4,<6"],
         "test": [
+            "datasets>=4,<6",
             "pytest>=8,<10",
             "torch==2.13.0",
             "accelerate>=1.2,<2",

@@ -57,3 +57,50 @@ def test_generate_writes_report_and_resumes(tmp_path):
     generate_experiment.run(config, str(workdir))
     resumed = [json.loads(line) for line in (workdir / "generations.jsonl").read_text().splitlines()]
     assert resumed == records
+
+
+def test_evaluate_writes_metrics_and_report_and_resumes(tmp_path):
+    from configs.evaluate import get_config as evaluate_config
+    from experiments import evaluate as evaluate_experiment
+
+    config = evaluate_config("quick")
+    config.tasks = ("asr", "overrefusal", "sst2", "perplexity")
+    config.harmful.limit = config.overrefusal.limit = 3
+    config.max_new_tokens = 8
+    config.sst2.limit = config.perplexity.limit = 4
+    workdir = tmp_path / "eval"
+    report = evaluate_experiment.run(config, str(workdir))
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert set(metrics) == {"asr_no_system", "asr_system", "overrefusal", "sst2", "perplexity"}
+    assert metrics["asr_system"]["n"] == 3 and 0 <= metrics["asr_system"]["asr"] <= 1
+    assert metrics["sst2"]["n"] == 4 and metrics["perplexity"]["perplexity"] > 1
+    rows = (workdir / "rows" / "asr_system.jsonl").read_text().splitlines()
+    assert len(rows) == 3 and all("answer" in json.loads(r) and "refused" in json.loads(r) for r in rows)
+    text = report.read_text()
+    assert "XSTest safe prompts" in text and "SST-2" in text
+
+    # Killed during over-refusal: its metric is missing and its rows file is torn. The rerun
+    # keeps every finished task and the rows already written, and completes the rest.
+    over = workdir / "rows" / "overrefusal.jsonl"
+    kept = over.read_text().splitlines()
+    over.write_text(kept[0] + "\n" + kept[1][:10])
+    del metrics["overrefusal"]
+    (workdir / "metrics.json").write_text(json.dumps(metrics))
+    evaluate_experiment.run(config, str(workdir))
+    again = json.loads((workdir / "metrics.json").read_text())
+    assert over.read_text().splitlines() == kept
+    assert again["sst2"] == metrics["sst2"] and again["overrefusal"]["n"] == 3
+
+
+def test_evaluate_rejects_bad_values(tmp_path):
+    from configs.evaluate import get_config as evaluate_config
+    from experiments import evaluate as evaluate_experiment
+
+    config = evaluate_config("quick")
+    config.tasks = ("asr", "bogus")
+    with pytest.raises(ConfigError, match="config.tasks"):
+        evaluate_experiment.run(config, str(tmp_path))
+    config = evaluate_config("quick")
+    config.sweep.top_ps = (1.5,)
+    with pytest.raises(ConfigError, match="config.sweep.top_ps"):
+        evaluate_experiment.run(config, str(tmp_path))

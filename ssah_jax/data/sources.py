@@ -376,7 +376,10 @@ def load_tfds(spec: str, fields: Mapping[str, str], data_dir: str | None = None)
 
 def load_hub(spec: str, fields: Mapping[str, str]) -> list[Record]:
     """``repo_id[:config]:split`` (or a local dataset directory) through HF ``datasets``."""
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError("hub sources need HF datasets: pip install 'ssah_jax[hub]'") from None
 
     parts = spec.split(":")
     if len(parts) not in (2, 3):

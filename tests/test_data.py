@@ -1,0 +1,177 @@
+"""Data kit registry, malformed rows, TFDS / hub sources, loss masks, batching."""
+
+import json
+
+import numpy as np
+import pytest
+
+from ssah_jax.data import DATA_DIR_ENV, DataError, Record, load_dataset, load_local
+from ssah_jax.data.batching import batch_dataset, bucket_lengths, pad_batch
+from ssah_jax.data.tokenize import Example, encode_record, encode_records
+
+# Row counts from ../shared/data/README.md.
+COUNTS = [
+    ("advbench", None, 520), ("harmbench", None, 400), ("xstest", None, 450),
+    ("malicious_instruct", None, 100), ("safety_refusals_short", None, 1015),
+    ("bianchi_safety", None, 2483), ("gsm8k", "train", 7473), ("gsm8k", "test", 1319),
+    ("mmlu", "test", 14042), ("mmlu", "dev", 285), ("sst2", "dev", 872), ("aoa", None, 10),
+    ("harmful_qa", None, 400), ("alpaca_instructions", None, 31323),
+]
+
+
+@pytest.mark.parametrize("name,split,rows", COUNTS)
+def test_kit_row_counts(name, split, rows):
+    records, report = load_local(name, split)
+    assert len(records) == rows == report.rows and report.skipped == 0
+    assert all(isinstance(r, Record) and r.prompt for r in records)
+
+
+def test_record_fields():
+    advbench = load_dataset("advbench")
+    assert advbench[0].response.startswith("Sure, here is")
+    short = load_dataset("safety_refusals_short")
+    assert "[INST]" not in short[0].prompt and short[0].response.startswith("I cannot")
+    mmlu = load_dataset("mmlu", split="test")[0]
+    assert len(mmlu.choices) == 4 and mmlu.label in range(4) and mmlu.meta["subject"] == "abstract_algebra"
+    gsm = load_dataset("gsm8k", split="test")[0]
+    assert gsm.label == "18"
+    assert {r.label for r in load_dataset("xstest")} == {"safe", "unsafe"}
+    aoa = load_dataset("aoa")[0]
+    assert "AOA" in aoa.system and aoa.response
+    assert load_dataset("advbench")[1].where.endswith("advbench.csv:3")
+
+
+def test_alpaca_libre_strict_names_first_malformed_line_and_skip_reports():
+    with pytest.raises(DataError, match=r"alpaca_libre\.jsonl:4654: malformed row: invalid JSON"):
+        load_local("alpaca_libre")
+    records, report = load_local("alpaca_libre", on_error="skip")
+    assert len(records) == 5860 and report.skipped == 14
+    assert report.first_error.startswith(report.path + ":4654")
+    assert sum(r.meta["status"] == "ok" for r in records) == 3142
+
+
+def test_missing_data_dir_says_where_and_how(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_dataset("advbench", data_dir=tmp_path)
+    assert str(tmp_path / "harmful" / "advbench.csv") in str(err.value) and DATA_DIR_ENV in str(err.value)
+
+
+def test_env_variable_sets_data_dir(tmp_path, monkeypatch):
+    (tmp_path / "harmful").mkdir()
+    (tmp_path / "harmful" / "advbench.csv").write_text('goal,target\nDo a thing,"Sure, here is a thing"\n')
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    assert [r.prompt for r in load_dataset("advbench")] == ["Do a thing"]
+
+
+def test_malformed_csv_and_json_rows_are_named(tmp_path):
+    (tmp_path / "harmful").mkdir()
+    (tmp_path / "harmful" / "advbench.csv").write_text("goal,target\na,b\nonly one field\nc,d\n")
+    with pytest.raises(DataError, match=r"advbench\.csv:3: malformed row: 1 fields"):
+        load_dataset("advbench", data_dir=tmp_path)
+    assert len(load_dataset("advbench", data_dir=tmp_path, on_error="skip")) == 2
+    (tmp_path / "attack").mkdir()
+    rows = [{"user": "q", "assistant": "a", "category": "x"}, {"user": "q2", "category": "x"}]
+    (tmp_path / "attack" / "harmful_qa_many_shot.json").write_text(json.dumps(rows, indent=2))
+    with pytest.raises(DataError, match=r"harmful_qa_many_shot\.json:7: malformed row: missing field 'assistant'"):
+        load_dataset("harmful_qa", data_dir=tmp_path)
+
+
+def test_unknown_dataset_and_split():
+    with pytest.raises(KeyError, match="advbench"):
+        load_dataset("advbenc")
+    with pytest.raises(KeyError, match="no split 'validation'"):
+        load_dataset("gsm8k", split="validation")
+
+
+def test_tfds_source_on_a_locally_prepared_builder(tmp_path):
+    from tests.tfds_tiny import TinyQa
+
+    builder = TinyQa(data_dir=str(tmp_path), file_format="array_record")
+    builder.download_and_prepare()
+    records = load_dataset(f"tfds:{builder.data_dir}:train", fields={"prompt": "question", "response": "answer"})
+    assert sorted(r.prompt for r in records) == [f"question {i}" for i in range(5)]
+    assert all(r.response == r.prompt.replace("question", "answer") for r in records)
+
+
+def test_hub_source_on_a_local_directory(tmp_path):
+    pytest.importorskip("datasets")
+    rows = [{"q": f"question {i}", "a": f"answer {i}", "y": i % 2} for i in range(4)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = load_dataset(f"hf:{tmp_path}:train", fields={"prompt": "q", "response": "a", "label": "y"})
+    assert [(r.prompt, r.response, r.label) for r in records] == [(r["q"], r["a"], r["y"]) for r in rows]
+    with pytest.raises(DataError, match="no column 'missing'"):
+        load_dataset(f"hf:{tmp_path}:train", fields={"prompt": "missing"})
+
+
+@pytest.fixture(scope="module")
+def demo_tokenizer():
+    from ssah_jax.checkpoints import demo_gguf_path, load_tokenizer
+
+    return load_tokenizer(str(demo_gguf_path(download=False)))
+
+
+def test_loss_mask_on_the_demo_chat_template(demo_tokenizer):
+    """Hand-checked: only the response and its <|im_end|> carry loss; the template, the
+    default system prompt, the user turn and the newline after <|im_end|> do not."""
+    tok = demo_tokenizer
+    example, truncated = encode_record(tok, Record("Hi there", response="  Hello! How can I help?\n"), max_length=512)
+    assert not truncated
+    tokens = tok.convert_ids_to_tokens(example.ids.tolist())
+    masked = [t for t, m in zip(tokens, example.loss_mask) if m]
+    assert masked == ["Hello", "!", "ĠHow", "Ġcan", "ĠI", "Ġhelp", "?", "<|im_end|>"]
+    first = int(np.flatnonzero(example.loss_mask)[0])
+    assert tok.decode(example.ids[:first]).endswith("<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n")
+    assert tokens[-1] == "Ċ" and not example.loss_mask[-1]
+    assert example.loss_mask[first:-1].all()  # the response is one contiguous span
+
+
+def test_system_prompt_and_truncation(demo_tokenizer):
+    tok = demo_tokenizer
+    record = Record("Count", response=" ".join(["one"] * 50), system="Be brief.")
+    full, _ = encode_record(tok, record, max_length=512)
+    assert "Be brief." in tok.decode(full.ids)
+    prompt_len = int(np.flatnonzero(full.loss_mask)[0])
+    cut, truncated = encode_record(tok, record, max_length=prompt_len + 5)
+    assert truncated and len(cut.ids) == prompt_len + 5 and cut.loss_mask.sum() == 5
+    assert np.array_equal(cut.ids, full.ids[: prompt_len + 5])
+    examples, stats = encode_records(tok, [record, Record("x " * 600, response="y")], max_length=prompt_len + 5)
+    assert (stats.examples, stats.truncated, stats.dropped) == (1, 1, 1)
+
+
+def _examples(n):
+    return [Example(np.arange(1, 5 + i, dtype=np.int32), np.arange(4 + i) > 1) for i in range(n)]
+
+
+def test_pad_batch_buckets():
+    batch = pad_batch(_examples(3), rows=4, buckets=(8, 16), pad_id=0)
+    assert batch["input_ids"].shape == (4, 8)
+    assert batch["attention_mask"].sum(1).tolist() == [4, 5, 6, 0]
+    assert batch["loss_mask"][0].tolist() == [0, 0, 1, 1, 0, 0, 0, 0]
+    assert bucket_lengths(512) == (64, 128, 256, 512)
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        pad_batch(_examples(20), rows=20, buckets=(8,), pad_id=0)
+
+
+def test_batches_shuffle_deterministically_split_per_host_and_resume():
+    examples = _examples(10)
+    kw = dict(batch_size=4, pad_id=0, buckets=(32,), epochs=None)
+    a = batch_dataset(examples, seed=1, process_index=0, process_count=1, **kw)
+    b = batch_dataset(examples, seed=1, process_index=0, process_count=1, **kw)
+    c = batch_dataset(examples, seed=2, process_index=0, process_count=1, **kw)
+    first = [a[i]["input_ids"] for i in range(5)]
+    assert all(np.array_equal(x, b[i]["input_ids"]) for i, x in enumerate(first))
+    assert not all(np.array_equal(x, c[i]["input_ids"]) for i, x in enumerate(first))
+    # Every example once per epoch (10 examples, batches of 4: the epoch ends inside batch 3).
+    lengths = sorted(int(m.sum()) for i in range(2) for m in a[i]["attention_mask"])
+    assert len(set(lengths)) == 8
+    hosts = [batch_dataset(examples, seed=1, process_index=i, process_count=2, **kw) for i in range(2)]
+    for step in range(3):
+        rows = np.concatenate([h[step]["input_ids"] for h in hosts])
+        assert np.array_equal(rows, a[step]["input_ids"])
+    it = iter(a.to_iter_dataset())
+    next(it), next(it)
+    state = it.get_state()
+    ahead = [next(it)["input_ids"] for _ in range(3)]
+    resumed = iter(a.to_iter_dataset())
+    resumed.set_state(state)
+    assert all(np.array_equal(x, next(resumed)["input_ids"]) for x in ahead)
