@@ -53,6 +53,8 @@ def test_generate_writes_report_and_resumes(tmp_path):
     assert json.loads((workdir / "config.json").read_text())["max_new_tokens"] == 6
 
     # A run killed after its first batch resumes with the rest, and keeps what was done.
+    # The first answer is marked, so a rerun that regenerated it instead would fail.
+    records[0]["answer"] = "kept from the first run"
     (workdir / "generations.jsonl").write_text(json.dumps(records[0]) + "\n" + json.dumps(records[1]) + "\n{\"pro")
     generate_experiment.run(config, str(workdir))
     resumed = [json.loads(line) for line in (workdir / "generations.jsonl").read_text().splitlines()]
@@ -82,7 +84,8 @@ def test_evaluate_writes_metrics_and_report_and_resumes(tmp_path):
     # Killed during over-refusal: its metric is missing and its rows file is torn. The rerun
     # keeps every finished task and the rows already written, and completes the rest.
     over = workdir / "rows" / "overrefusal.jsonl"
-    kept = over.read_text().splitlines()
+    first = {**json.loads(over.read_text().splitlines()[0]), "answer": "kept from the first run"}
+    kept = [json.dumps(first)] + over.read_text().splitlines()[1:]
     over.write_text(kept[0] + "\n" + kept[1][:10])
     del metrics["overrefusal"]
     (workdir / "metrics.json").write_text(json.dumps(metrics))

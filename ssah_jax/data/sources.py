@@ -118,6 +118,12 @@ def _read_tsv(path: Path) -> Iterator[tuple[int, Any]]:
     return _read_csv(path, "\t")
 
 
+def _read_mmlu(path: Path) -> Iterator[tuple[int, Any]]:
+    subject = path.stem.rsplit("_", 1)[0]  # abstract_algebra_test.csv -> abstract_algebra
+    for line, row in _read_csv(path):
+        yield line, {**row, "subject": subject} if isinstance(row, dict) else row
+
+
 def _read_lines(path: Path) -> Iterator[tuple[int, Any]]:
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -202,12 +208,12 @@ def _gsm8k(row) -> Record:
     return Record(_text(row, "question"), response=answer, label=final)
 
 
-def _mmlu(row, subject: str) -> Record:
+def _mmlu(row) -> Record:
     choices = tuple(str(_field(row, f"choice{i}")) for i in range(4))
     answer = _field(row, "answer")
     if answer not in ("0", "1", "2", "3"):
         raise _Malformed(f"answer {answer!r} is not 0-3")
-    return Record(_text(row, "question"), choices=choices, label=int(answer), meta={"subject": subject})
+    return Record(_text(row, "question"), choices=choices, label=int(answer), meta={"subject": row["subject"]})
 
 
 def _sst2(row) -> Record:
@@ -239,7 +245,7 @@ class Dataset:
     """A named dataset of the kit: ``splits`` maps a split to its path under the data dir."""
 
     reader: Callable[[Path], Iterator[tuple[int, Any]]]
-    parse: Callable[..., Record]
+    parse: Callable[[Any], Record]
     splits: Mapping[str, str]
     description: str
 
@@ -268,7 +274,7 @@ DATASETS: dict[str, Dataset] = {
                                    "31,323 benign instructions without responses"),
     "gsm8k": Dataset(_read_jsonl, _gsm8k, {"test": "utility/gsm8k_test.jsonl", "train": "benign/gsm8k_train.jsonl"},
                      "grade-school math; response = worked solution, label = final answer"),
-    "mmlu": Dataset(_read_csv, _mmlu, {"test": "utility/mmlu/test", "dev": "utility/mmlu/dev"},
+    "mmlu": Dataset(_read_mmlu, _mmlu, {"test": "utility/mmlu/test", "dev": "utility/mmlu/dev"},
                     "57-subject multiple choice; choices = 4 options, label = index"),
     "sst2": Dataset(_read_tsv, _sst2, {"dev": "utility/sst2/glue_dev.tsv", "train": "utility/sst2/train.tsv"},
                     "sentiment; label 0 = negative, 1 = positive"),
@@ -317,13 +323,12 @@ def load_local(
         )
     records, skipped, first_error = [], 0, None
     for file in _files(path):
-        extra = {"subject": file.stem.rsplit("_", 1)[0]} if name == "mmlu" else {}
         for line, row in spec.reader(file):
             where = f"{file}:{line}"
             try:
                 if isinstance(row, _Malformed):
                     raise row
-                records.append(dataclasses.replace(spec.parse(row, **extra), where=where))
+                records.append(dataclasses.replace(spec.parse(row), where=where))
             except _Malformed as e:
                 if on_error == "raise":
                     raise DataError(f"{where}: malformed row: {e} (on_error='skip' drops such rows)") from None
