@@ -30,6 +30,7 @@ setup(
         "numpy>=2.0,<3",
         "huggingface_hub>=1.0,<3",
         "tqdm>=4.66,<5",
+        "matplotlib>=3.8,<4",  # report plots (PNG)
     ],
     extras_require={
         # torch is only a reference implementation for parity tests and benchmarks.

@@ -14,6 +14,8 @@ Presets (``--config=configs/evaluate.py:<preset>``):
 
 from ml_collections import ConfigDict
 
+from ssah_jax.runs import set_values
+
 
 def get_config(preset: str = "smollm2") -> ConfigDict:
     c = ConfigDict()
@@ -48,11 +50,6 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     }
     if preset not in presets:
         raise ValueError(f"unknown preset {preset!r} for configs/evaluate.py (presets: {sorted(presets)})")
-    for key, value in presets[preset].items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
+    set_values(c, presets[preset])
     c.lock()
     return c

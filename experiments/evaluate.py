@@ -19,6 +19,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
@@ -31,20 +32,24 @@ from ssah_jax.data import Record, load_local
 TASKS = ("asr", "prefill", "sweep", "overrefusal", "mmlu", "sst2", "gsm8k", "perplexity")
 
 
-def validate(config: ConfigDict) -> None:
-    runs.dtype(config)
-    runs.check(config, "tasks", lambda v: len(v) > 0 and set(v) <= set(TASKS), f"must be a non-empty subset of {TASKS}")
-    runs.check(config, "batch_size", lambda v: v >= 1, "must be >= 1")
-    runs.check(config, "max_new_tokens", lambda v: v >= 1, "must be >= 1")
+def validate(config: ConfigDict, prefix: str = "") -> None:
+    """Checks the evaluation keys; ``prefix`` locates them in a larger config (``"evaluation."``)."""
+
+    def check(key, ok, requirement):
+        runs.check(config, prefix + key, ok, requirement)
+
+    check("tasks", lambda v: len(v) > 0 and set(v) <= set(TASKS), f"must be a non-empty subset of {TASKS}")
+    check("batch_size", lambda v: v >= 1, "must be >= 1")
+    check("max_new_tokens", lambda v: v >= 1, "must be >= 1")
     for task in ("harmful", "prefill", "sweep", "overrefusal", "mmlu", "sst2", "gsm8k", "perplexity"):
-        runs.check(config, f"{task}.limit", lambda v: v >= 0, "must be >= 0 (0 = all)")
-    runs.check(config, "prefill.tokens", lambda v: v >= 1, "must be >= 1")
-    runs.check(config, "gsm8k.max_new_tokens", lambda v: v >= 1, "must be >= 1")
-    runs.check(config, "perplexity.max_length", lambda v: v >= 16, "must be >= 16")
-    runs.check(config, "sweep.temperatures", lambda v: len(v) > 0 and all(t > 0 for t in v),
-               "must be a non-empty list of temperatures > 0 (the sweep samples)")
-    runs.check(config, "sweep.top_ps", lambda v: len(v) > 0 and all(0 < p <= 1 for p in v), "values in (0, 1]")
-    runs.check(config, "sweep.top_ks", lambda v: len(v) > 0 and all(k >= 0 for k in v), "values >= 0")
+        check(f"{task}.limit", lambda v: v >= 0, "must be >= 0 (0 = all)")
+    check("prefill.tokens", lambda v: v >= 1, "must be >= 1")
+    check("gsm8k.max_new_tokens", lambda v: v >= 1, "must be >= 1")
+    check("perplexity.max_length", lambda v: v >= 16, "must be >= 16")
+    check("sweep.temperatures", lambda v: len(v) > 0 and all(t > 0 for t in v),
+          "must be a non-empty list of temperatures > 0 (the sweep samples)")
+    check("sweep.top_ps", lambda v: len(v) > 0 and all(0 < p <= 1 for p in v), "values in (0, 1]")
+    check("sweep.top_ks", lambda v: len(v) > 0 and all(k >= 0 for k in v), "values >= 0")
 
 
 def _first(records: list[Record], limit: int) -> list[Record]:
@@ -59,8 +64,8 @@ def _spread(records: list[Record], limit: int) -> list[Record]:
     return [records[int(i * step)] for i in range(limit)]
 
 
-def _load(config: ConfigDict, name: str, split: str | None = None, on_error: str = "raise") -> list[Record]:
-    return load_local(name, split, config.data_dir or None, on_error)[0]  # logs skipped rows
+def _load(data_dir: str | None, name: str, split: str | None = None, on_error: str = "raise") -> list[Record]:
+    return load_local(name, split, data_dir or None, on_error)[0]  # logs skipped rows
 
 
 def _rows(path: Path, records: Sequence[Record], chunk: int, fn: Callable[[Sequence[Record], int], list[dict]],
@@ -83,12 +88,24 @@ def _rows(path: Path, records: Sequence[Record], chunk: int, fn: Callable[[Seque
 
 
 def run(config: ConfigDict, workdir: str) -> Path:
+    runs.dtype(config)
     validate(config)
     out = runs.prepare_workdir(workdir, config)
-    (out / "rows").mkdir(exist_ok=True)
+    model, tokenizer = load_model(config.model, runs.dtype(config))
+    evaluate_model(model, tokenizer, config, out, data_dir=config.data_dir,
+                   description=f"Model `{config.model}` ({config.dtype})")
+    print(f"Metrics: {out / 'metrics.json'}")
+    print(f"Report: {out / 'report.md'}")
+    return out / "report.md"
+
+
+def evaluate_model(model: Any, tokenizer: Any, config: ConfigDict, out: Path, *, data_dir: str | None,
+                   description: str) -> dict:
+    """Runs ``config.tasks`` on ``model`` into ``out`` (``metrics.json``, ``rows/``,
+    ``report.md``, resuming what is there) and returns the metrics."""
+    (out / "rows").mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    model, tokenizer = load_model(config.model, runs.dtype(config))
     bs = config.batch_size
     greedy = dict(max_new_tokens=config.max_new_tokens, batch_size=bs)
     system = config.system_prompt or ev.LLAMA2_SYSTEM_PROMPT
@@ -110,12 +127,12 @@ def run(config: ConfigDict, workdir: str) -> Path:
         return _rows(out / "rows" / f"{name}.jsonl", records, chunk, fn, name)
 
     if "asr" in config.tasks:
-        harmful = _first(_load(config, config.harmful.dataset), config.harmful.limit)
+        harmful = _first(_load(data_dir, config.harmful.dataset), config.harmful.limit)
         task("asr_no_system", lambda: ev.summarise_asr(rows("asr_no_system", harmful, answers(**greedy))))
         task("asr_system", lambda: ev.summarise_asr(
             rows("asr_system", harmful, answers(system_prompt=system, **greedy))))
     if "prefill" in config.tasks:
-        targets = _first(_load(config, config.prefill.dataset), config.prefill.limit)
+        targets = _first(_load(data_dir, config.prefill.dataset), config.prefill.limit)
         k = config.prefill.tokens
 
         def prefilled(batch, start):
@@ -124,18 +141,18 @@ def run(config: ConfigDict, workdir: str) -> Path:
 
         task(f"prefill_{k}", lambda: {**ev.summarise_asr(rows(f"prefill_{k}", targets, prefilled)), "tokens": k})
     if "sweep" in config.tasks:
-        prompts = _first(_load(config, config.sweep.dataset), config.sweep.limit)
+        prompts = _first(_load(data_dir, config.sweep.dataset), config.sweep.limit)
         settings = ev.sweep_settings(config.sweep.temperatures, config.sweep.top_ps, config.sweep.top_ks)
         task("sweep", lambda: ev.summarise_sweep({
             ev.setting_name(s): rows(f"sweep_{ev.setting_name(s)}", prompts, answers(**s, **greedy))
             for s in settings
         }))
     if "overrefusal" in config.tasks:
-        safe = _first([r for r in _load(config, "xstest") if r.label == "safe"], config.overrefusal.limit)
+        safe = _first([r for r in _load(data_dir, "xstest") if r.label == "safe"], config.overrefusal.limit)
         task("overrefusal", lambda: ev.summarise_refusal_rate(rows("overrefusal", safe, answers(**greedy))))
     for name, split in (("mmlu", "test"), ("sst2", "dev")):
         if name in config.tasks:
-            records = _spread(_load(config, name, split), config[name].limit)
+            records = _spread(_load(data_dir, name, split), config[name].limit)
 
             def scored(batch, start, name=name):
                 return ev.multiple_choice_rows(model, tokenizer, batch, name, batch_size=bs)
@@ -143,32 +160,29 @@ def run(config: ConfigDict, workdir: str) -> Path:
             task(name, lambda name=name, records=records, scored=scored: ev.summarise_accuracy(
                 rows(name, records, scored, chunk=8 * bs)))
     if "gsm8k" in config.tasks:
-        problems = _first(_load(config, "gsm8k", "test"), config.gsm8k.limit)
+        problems = _first(_load(data_dir, "gsm8k", "test"), config.gsm8k.limit)
         task("gsm8k", lambda: ev.summarise_accuracy(rows("gsm8k", problems, lambda b, s: ev.gsm8k_rows(
             model, tokenizer, b, max_new_tokens=config.gsm8k.max_new_tokens, batch_size=bs))))
     if "perplexity" in config.tasks:
-        ok = [r for r in _load(config, config.perplexity.dataset, on_error="skip")
+        ok = [r for r in _load(data_dir, config.perplexity.dataset, on_error="skip")
               if r.response and r.meta.get("status", "ok") == "ok"]
         # Held out: the *last* records of the set (training recipes take theirs from the front).
         heldout = ok[-config.perplexity.limit:] if config.perplexity.limit else ok
         task("perplexity", lambda: ev.summarise_perplexity(rows("perplexity", heldout, lambda b, s: ev.perplexity_rows(
             model, tokenizer, b, max_length=config.perplexity.max_length, batch_size=bs), chunk=4 * bs)))
 
-    report = out / "report.md"
-    report.write_text(render_report(config, metrics))
-    print(f"Metrics: {metrics_path}")
-    print(f"Report: {report}")
-    return report
+    (out / "report.md").write_text(render_report(config, metrics, description))
+    return metrics
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def render_report(config: ConfigDict, metrics: dict) -> str:
+def render_report(config: ConfigDict, metrics: dict, description: str) -> str:
     lines = [
         "# evaluate", "",
-        f"Model `{config.model}` ({config.dtype}); greedy decoding, {config.max_new_tokens} new tokens unless "
+        f"{description}; greedy decoding, {config.max_new_tokens} new tokens unless "
         "noted; refusals judged by keywords (`ssah_jax.evaluation.is_refusal`). ASR = share of harmful "
         "prompts not refused.", "",
         "| metric | value | n | seconds |", "|---|---|---|---|",

@@ -1,10 +1,18 @@
 """Benchmarks against transformers + torch on the same machine, in one run.
 
     python scripts/benchmark.py generate [--batch 8] [--new-tokens 128] [--repeats 3]
+    python scripts/benchmark.py attribution [--batch 8] [--samples 64] [--repeats 3]
 
 ``generate``: batched greedy decoding of the demo model (same GGUF, same chat prompts, both
 forced to produce exactly ``--new-tokens`` tokens per row); prints tokens/s for ours and for
 transformers' ``generate`` and the ratio. Compilation is timed separately (first call).
+
+``attribution``: one pass over ``--samples`` chat-rendered calibration samples of
+``safety_refusals_short`` (response tokens, ``--batch`` rows per step) of the demo model:
+the WIFV statistics step (``ssah_jax.attribution.scorers.moments_step``) against a plain
+jitted forward to logits over the same batches (and the decoder without its LM head, which
+WIFV does not need), and the SNIP step (forward + backward) for scale. Every shape is
+compiled before timing.
 """
 
 from __future__ import annotations
@@ -123,23 +131,118 @@ def bench_generate(args) -> dict:
     }
 
 
+def bench_attribution(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ssah_jax import runs
+    from ssah_jax.attribution.scorers import _is_b_kernel, gradient_step, moments_step
+    from ssah_jax.attribution.stats import Moments
+    from ssah_jax.checkpoints import demo_gguf_path, load_model
+    from ssah_jax.data import load_local
+    from ssah_jax.data.batching import batch_dataset, bucket_lengths
+    from ssah_jax.data.tokenize import encode_records
+
+    path = demo_gguf_path()
+    model, tokenizer = load_model(str(path), runs.DTYPES[args.dtype])
+    records = load_local("safety_refusals_short")[0][: args.samples]
+    examples, _ = encode_records(tokenizer, records, max_length=256)
+    batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in batch_dataset(
+        examples, batch_size=args.batch, pad_id=tokenizer.pad_token_id, buckets=bucket_lengths(256), shuffle=False)]
+    graphdef, state = nnx.split(model)
+    c = model.config
+    shapes = {"attn": (c.num_layers, c.num_heads * c.head_dim), "mlp": (c.num_layers, c.intermediate_size)}
+
+    @jax.jit
+    def forward(state, batch):
+        return nnx.merge(graphdef, state)(batch["input_ids"], batch["attention_mask"])
+
+    @jax.jit
+    def decoder(state, batch):
+        return nnx.merge(graphdef, state).forward(batch["input_ids"], batch["attention_mask"]).hidden
+
+    def plain(fn=forward):
+        for b in batches:
+            out = fn(state, b)
+        out.block_until_ready()
+
+    def plain_decoder():
+        plain(decoder)
+
+    def wifv_pass():
+        acc = {m: Moments.zeros(s) for m, s in shapes.items()}
+        for b in batches:
+            acc = moments_step(graphdef, state, acc, b, "response")
+        jax.block_until_ready(acc)
+
+    g_graphdef, b_state, rest = nnx.split(model, _is_b_kernel, ...)
+
+    def snip_pass():
+        acc = (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), b_state), jnp.zeros((), jnp.int32))
+        for b in batches:
+            acc = gradient_step(g_graphdef, b_state, rest, acc, b, "response")
+        jax.block_until_ready(acc)
+
+    passes = (plain, plain_decoder, wifv_pass, snip_pass)
+    for fn in passes:
+        fn()  # compiles every bucket shape
+    plain_s, decoder_s, wifv_s, snip_s = (_timed(fn, args.repeats) for fn in passes)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    padded = sum(int(b["attention_mask"].size) for b in batches)
+    return {
+        "benchmark": "attribution",
+        "model": path.name,
+        "dtype": args.dtype,
+        "samples": len(examples),
+        "batch": args.batch,
+        "real_tokens": tokens,
+        "padded_tokens": padded,
+        "forward_s": plain_s,
+        "decoder_only_forward_s": decoder_s,
+        "wifv_s": wifv_s,
+        "snip_s": snip_s,
+        "wifv_over_forward": wifv_s / plain_s,
+        "wifv_over_decoder_only_forward": wifv_s / decoder_s,
+        "snip_over_forward": snip_s / plain_s,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                   f"jax {jax.__version__} ({jax.default_backend()})",
+    }
+
+
+def summary(result: dict) -> list[str]:
+    if result["benchmark"] == "attribution":
+        return [
+            f"forward:  {result['forward_s']:8.3f} s ({result['samples']} samples, {result['padded_tokens']} padded "
+            f"tokens, batch {result['batch']}, {result['dtype']}; {result['machine']})",
+            f"decoder:  {result['decoder_only_forward_s']:8.3f} s (forward without the LM head)",
+            f"wifv:     {result['wifv_s']:8.3f} s = {result['wifv_over_forward']:.2f}x forward, "
+            f"{result['wifv_over_decoder_only_forward']:.2f}x the decoder alone",
+            f"snip:     {result['snip_s']:8.3f} s = {result['snip_over_forward']:.2f}x forward (forward + backward)",
+        ]
+    return [
+        f"ours:         {result['ours_tokens_per_s']:8.1f} tokens/s",
+        f"transformers: {result['transformers_tokens_per_s']:8.1f} tokens/s",
+        f"ratio:        {result['speedup']:8.2f}x  ({result['batch']} x {result['new_tokens']} new tokens, "
+        f"{result['dtype']}; {result['machine']})",
+        f"memory floor: {result['floor_ms_per_step']:8.1f} ms/step = {result['max_tokens_per_s_at_floor']:.1f} "
+        f"tokens/s ({result['weight_bytes_per_step'] / 1e6:.0f} MB of weights read per step at "
+        f"{result['measured_read_bandwidth_gb_s']:.1f} GB/s measured)",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["generate"])
+    parser.add_argument("what", choices=["generate", "attribution"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--samples", type=int, default=64, help="attribution: calibration samples")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--out", help="also write the result as JSON here")
     args = parser.parse_args()
-    result = {"generate": bench_generate}[args.what](args)
-    print(f"ours:         {result['ours_tokens_per_s']:8.1f} tokens/s")
-    print(f"transformers: {result['transformers_tokens_per_s']:8.1f} tokens/s")
-    print(f"ratio:        {result['speedup']:8.2f}x  ({result['batch']} x {result['new_tokens']} new tokens, "
-          f"{result['dtype']}; {result['machine']})")
-    print(f"memory floor: {result['floor_ms_per_step']:8.1f} ms/step = {result['max_tokens_per_s_at_floor']:.1f} "
-          f"tokens/s ({result['weight_bytes_per_step'] / 1e6:.0f} MB of weights read per step at "
-          f"{result['measured_read_bandwidth_gb_s']:.1f} GB/s measured)")
+    result = {"generate": bench_generate, "attribution": bench_attribution}[args.what](args)
+    print("\n".join(summary(result)))
     print(json.dumps(result, indent=2))
     if args.out:
         with open(args.out, "w") as f:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -53,3 +54,23 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                 break
             raise ValueError(f"{path}:{i + 1}: not valid JSON") from None
     return records
+
+
+def config_from_file(path: str | Path, preset: str) -> ConfigDict:
+    """``get_config(preset)`` of a config file (configs nest each other's sections this way)."""
+    spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(preset)
+
+
+def set_values(config: ConfigDict, values: dict[str, Any]) -> None:
+    """Sets dotted keys (``"evaluation.harmful.limit"``) of a preset; a key must exist."""
+    for key, value in values.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = target[part]
+        if leaf not in target:
+            raise KeyError(f"preset sets unknown config key {key!r}")
+        target[leaf] = value

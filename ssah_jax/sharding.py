@@ -128,3 +128,13 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES)
         is_leaf=lambda x: isinstance(x, nnx.Variable),
     )
     return nnx.merge(graphdef, state)
+
+
+def shard_batch(batch: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """One global array per key from this host's rows of a batch (what
+    :func:`ssah_jax.data.batching.batch_dataset` yields), split over the batch axes of the active
+    mesh (``jax.set_mesh``); without a mesh, on the default device."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return {k: jax.numpy.asarray(v) for k, v in batch.items()}
+    target = NamedSharding(jax.sharding.get_mesh(), logical_to_spec(("act_batch",), active_rules()))
+    return {k: jax.make_array_from_process_local_data(target, np.asarray(v)) for k, v in batch.items()}

@@ -152,7 +152,9 @@ class Attention(nnx.Module):
         self.v_proj = _dense(c.hidden_size, c.num_kv_heads * hd, ("embed", "kv_heads"), bias=c.qkv_bias, **kw)
         self.o_proj = _dense(c.num_heads * hd, c.hidden_size, ("heads", "embed"), bias=c.o_bias, **kw)
 
-    def __call__(self, x, positions, mask, cache: LayerCache | None, cache_index):
+    def unit_inputs(self, x, positions, mask, cache: LayerCache | None, cache_index):
+        """The attention output *entering* ``o_proj`` (its SSAH units), ``[B, S, heads * head_dim]``,
+        and the updated cache."""
         c = self.config
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, c.num_heads, c.head_dim)
@@ -167,7 +169,10 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
             cache = LayerCache(k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        out = attend(q, k, v, mask).reshape(b, s, c.num_heads * c.head_dim)
+        return attend(q, k, v, mask).reshape(b, s, c.num_heads * c.head_dim), cache
+
+    def __call__(self, x, positions, mask, cache: LayerCache | None, cache_index):
+        out, cache = self.unit_inputs(x, positions, mask, cache, cache_index)
         return self.o_proj(out), cache
 
 
@@ -181,10 +186,20 @@ class MLP(nnx.Module):
         self.up_proj = _dense(c.hidden_size, c.intermediate_size, ("embed", "mlp"), **kw)
         self.down_proj = _dense(c.intermediate_size, c.hidden_size, ("mlp", "embed"), **kw)
 
-    def __call__(self, x):
+    def unit_inputs(self, x):
+        """The activation entering ``down_proj`` (its SSAH units), ``[B, S, intermediate_size]``."""
         h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-        h = constrain(h, ("act_batch", "act_len", "act_mlp"))
-        return self.down_proj(h)
+        return constrain(h, ("act_batch", "act_len", "act_mlp"))
+
+    def __call__(self, x):
+        return self.down_proj(self.unit_inputs(x))
+
+
+class UnitInputs(NamedTuple):
+    """One layer's activations entering its two ``B`` matrices (SSAH units are their channels)."""
+
+    attn: jax.Array  # [B, S, num_heads * head_dim], entering o_proj
+    mlp: jax.Array  # [B, S, intermediate_size], entering down_proj
 
 
 class Block(nnx.Module):
@@ -198,10 +213,12 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs=rngs, **kw)
 
     def __call__(self, x, positions, mask, cache, cache_index):
-        h, cache = self.attn(self.input_norm(x), positions, mask, cache, cache_index)
-        x = x + h
-        x = x + self.mlp(self.post_attn_norm(x))
-        return constrain(x, ("act_batch", "act_len", "act_embed")), cache
+        """``(output, cache, unit_inputs)``; under jit, unused unit inputs cost nothing."""
+        a, cache = self.attn.unit_inputs(self.input_norm(x), positions, mask, cache, cache_index)
+        x = x + self.attn.o_proj(a)
+        m = self.mlp.unit_inputs(self.post_attn_norm(x))
+        x = x + self.mlp.down_proj(m)
+        return constrain(x, ("act_batch", "act_len", "act_embed")), cache, UnitInputs(a, m)
 
 
 class DecoderOutput(NamedTuple):
@@ -209,6 +226,7 @@ class DecoderOutput(NamedTuple):
     cache: KVCache | None
     hidden_states: jax.Array | None  # [L + 1, B, S, hidden]: embeddings, then each layer's output
     # (before the final norm)
+    unit_inputs: tuple[UnitInputs, ...] | None = None  # per layer, with output_unit_inputs=True
 
 
 def default_mask(kv_mask: jax.Array, q_len: int, cache_index) -> jax.Array:
@@ -265,6 +283,7 @@ class CausalLM(nnx.Module):
         mask: jax.Array | None = None,
         cache: KVCache | None = None,
         output_hidden_states: bool = False,
+        output_unit_inputs: bool = False,
     ) -> DecoderOutput:
         """Runs the decoder without the LM head.
 
@@ -276,6 +295,8 @@ class CausalLM(nnx.Module):
             causal + padding mask (build on :func:`default_mask` to extend it).
           cache: optional KV cache; the ``S`` new tokens are written at ``cache.index``.
           output_hidden_states: also return every layer's output.
+          output_unit_inputs: also return every layer's :class:`UnitInputs` (the activations
+            the SSAH scores are computed from).
         """
         b, s = input_ids.shape
         if cache is None:
@@ -297,15 +318,16 @@ class CausalLM(nnx.Module):
 
         x = constrain(self.embed(input_ids), ("act_batch", "act_len", "act_embed"))
         hidden_states = [x]
-        new_cache = []
+        new_cache, unit_inputs = [], []
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, positions, mask, None if cache is None else cache.layers[i], index)
+            x, layer_cache, inputs = layer(x, positions, mask, None if cache is None else cache.layers[i], index)
             new_cache.append(layer_cache)
             hidden_states.append(x)
+            unit_inputs.append(inputs)
         if cache is not None:
             cache = KVCache(tuple(new_cache), index + s)
         stacked = jnp.stack(hidden_states) if output_hidden_states else None
-        return DecoderOutput(self.final_norm(x), cache, stacked)
+        return DecoderOutput(self.final_norm(x), cache, stacked, tuple(unit_inputs) if output_unit_inputs else None)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head: ``[..., hidden] -> [..., vocab] float32``."""

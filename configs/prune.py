@@ -1,0 +1,68 @@
+"""Config for ``ssah-jax prune``: SSAH attribution, unit kinds and the pruning table (paper
+Table 1): the dense model, minus its SCU, minus UCU, minus RU, and minus as many random units
+as there are SCU (control).
+
+Presets (``--config=configs/prune.py:<preset>``):
+  smollm2  the demo model on this kind of CPU (2 cores: about an hour): 128 safety + 128
+           utility calibration samples; ASR on 100 AdvBench prompts (32 new tokens, with and
+           without the safety system prompt), 200 MMLU, 200 SST-2, perplexity on 100 held-out
+           responses, for each of the five models
+  quick    a smoke test on a handful of examples (minutes)
+  gpu      one GPU, bfloat16: 512 + 512 calibration samples, full ASR / MMLU / SST-2 sets,
+           GSM8K (the 7B setting of the paper: set ``model`` to a Llama-2-7B-Chat directory)
+
+Fractions default to the paper's Llama-2-7B-Chat values (SCU 1.3%, UCU 13.3%, RU 14.8%).
+``evaluation`` is an ``ssah-jax evaluate`` config (see configs/evaluate.py) without its model
+keys; its ``tasks`` may be any of asr, mmlu, sst2, gsm8k, perplexity, overrefusal, prefill, sweep.
+"""
+
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+from ssah_jax.runs import config_from_file, set_values
+
+
+def get_config(preset: str = "smollm2") -> ConfigDict:
+    presets = {"smollm2", "quick", "gpu"}
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r} for configs/prune.py (presets: {sorted(presets)})")
+    c = ConfigDict()
+    c.model = "smollm2-135m-instruct"  # demo name, HF directory / repo id, or .gguf path
+    c.dtype = "float32"  # float32 | bfloat16
+    c.data_dir = ""  # empty: $SSAH_DATA_DIR, else ../shared/data beside the checkout
+    c.seed = 0  # the random control's draw
+    c.attribution = ConfigDict(dict(
+        scorer="wifv",  # wifv | wanda | snip
+        tokens="response",  # response | prompt | all
+        batch_size=8,
+        max_length=256,
+        safety=ConfigDict(dict(dataset="safety_refusals_short", limit=128)),
+        # utility samples are the first status-ok rows (evaluate's perplexity holds out the last)
+        utility=ConfigDict(dict(dataset="alpaca_libre", limit=128)),
+    ))
+    c.kinds = ConfigDict(dict(scu=0.013, ucu=0.133, ru=0.148, ranking="global", normalise="layer_mean"))
+    evaluation = config_from_file(Path(__file__).with_name("evaluate.py"), "gpu" if preset == "gpu" else "smollm2")
+    with evaluation.unlocked():
+        for key in ("model", "dtype", "data_dir"):
+            del evaluation[key]
+    c.evaluation = evaluation
+    c.evaluation.tasks = ("asr", "mmlu", "sst2", "perplexity")
+    if preset == "smollm2":
+        set_values(c, {
+            "evaluation.max_new_tokens": 32, "evaluation.mmlu.limit": 200, "evaluation.sst2.limit": 200,
+            "evaluation.perplexity.limit": 100,
+        })
+    elif preset == "quick":
+        set_values(c, {
+            "attribution.safety.limit": 16, "attribution.utility.limit": 16, "attribution.max_length": 128,
+            "evaluation.max_new_tokens": 8, "evaluation.harmful.limit": 8, "evaluation.mmlu.limit": 8,
+            "evaluation.sst2.limit": 8, "evaluation.perplexity.limit": 8, "evaluation.perplexity.max_length": 128,
+        })
+    else:
+        set_values(c, {
+            "dtype": "bfloat16", "attribution.batch_size": 32, "attribution.safety.limit": 512,
+            "attribution.utility.limit": 512, "evaluation.tasks": ("asr", "mmlu", "sst2", "gsm8k", "perplexity"),
+        })
+    c.lock()
+    return c

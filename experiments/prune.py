@@ -1,0 +1,245 @@
+"""Prune each kind of SSAH unit and measure safety and utility (paper Table 1).
+
+Steps, each kept in the workdir so that a re-run resumes where the last one stopped:
+  1. ``scores/{safety,utility}.npz``: unit scores on the two calibration sets (chat-rendered
+     with the model's template; the counted tokens are ``attribution.tokens``)
+  2. ``units.npz`` / ``units.json``: the unit kinds (SCU / UCU / CU / RU)
+  3. ``variants/<model>/``: an ``ssah-jax evaluate`` run of the dense model, minus SCU, minus
+     UCU, minus RU, and minus as many random units as there are SCU (the control)
+  4. ``report.md`` (the table, the share of each kind) and ``kinds_per_layer.png``
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+from tqdm.auto import tqdm
+
+from experiments import evaluate
+from ssah_jax import runs
+from ssah_jax.attribution import KINDS, SCORERS, TOKENS, classify, unit_scores
+from ssah_jax.attribution.kinds import NORMALISATIONS, RANKINGS
+from ssah_jax.checkpoints import load_model
+from ssah_jax.data import load_local
+from ssah_jax.data.batching import batch_dataset, bucket_lengths
+from ssah_jax.data.tokenize import encode_records
+from ssah_jax.masking import MODULES, prune
+
+VARIANTS = ("dense", "minus_SCU", "minus_UCU", "minus_RU", "minus_random")
+# What the scores, kinds and pruned models depend on: a workdir holding results of other
+# values of these is refused (the evaluation settings may change: tasks resume on their own).
+DETERMINING = ("model", "dtype", "seed", "attribution", "kinds")
+
+
+def validate(config: ConfigDict) -> None:
+    runs.dtype(config)
+    a = "attribution."
+    runs.check(config, a + "scorer", lambda v: v in SCORERS, f"must be one of {SCORERS}")
+    runs.check(config, a + "tokens", lambda v: v in TOKENS, f"must be one of {TOKENS}")
+    runs.check(config, a + "batch_size", lambda v: v >= 1, "must be >= 1")
+    runs.check(config, a + "max_length", lambda v: v >= 16, "must be >= 16")
+    for which in ("safety", "utility"):
+        runs.check(config, f"{a}{which}.limit", lambda v: v >= 0, "must be >= 0 (0 = all)")
+    for kind in ("scu", "ucu", "ru"):
+        runs.check(config, f"kinds.{kind}", lambda v: 0 <= v <= 1, "must be a fraction in [0, 1]")
+    runs.check(config, "kinds.ru", lambda v: config.kinds.scu + config.kinds.ucu + v <= 1,
+               "kinds.scu + kinds.ucu + kinds.ru must be at most 1")
+    runs.check(config, "kinds.ranking", lambda v: v in RANKINGS, f"must be one of {RANKINGS}")
+    runs.check(config, "kinds.normalise", lambda v: v in NORMALISATIONS, f"must be one of {NORMALISATIONS}")
+    evaluate.validate(config, "evaluation.")
+
+
+def _refuse_other_runs(config: ConfigDict, workdir: Path) -> None:
+    previous = workdir / "config.json"
+    if not previous.exists():
+        return
+    old = json.loads(previous.read_text())
+    new = json.loads(config.to_json_best_effort())
+    changed = [k for k in DETERMINING if old.get(k) != new.get(k)]
+    if changed:
+        raise runs.ConfigError(
+            f"{workdir} holds a prune run with other values of "
+            + ", ".join(f"config.{k}" for k in changed) + "; use a new --workdir"
+        )
+
+
+def calibration_records(config: ConfigDict, which: str) -> list:
+    spec = config.attribution[which]
+    records, _ = load_local(spec.dataset, None, config.data_dir or None, on_error="skip")
+    records = [r for r in records if r.response and r.meta.get("status", "ok") == "ok"]
+    return records[: spec.limit] if spec.limit else records
+
+
+def scores(config: ConfigDict, model: Any, tokenizer: Any, out: Path, which: str) -> dict[str, np.ndarray]:
+    """Scores on one calibration set, computed once and kept in ``scores/<which>.npz``."""
+    path = out / "scores" / f"{which}.npz"
+    if path.exists():
+        with np.load(path) as data:
+            print(f"{which} scores: computed in an earlier run, kept ({path})")
+            return {m: data[m] for m in MODULES}
+    a = config.attribution
+    records = calibration_records(config, which)
+    examples, stats = encode_records(tokenizer, records, max_length=a.max_length)
+    print(f"{which} calibration set ({a[which].dataset}): {stats}")
+    batches = batch_dataset(examples, batch_size=a.batch_size, pad_id=tokenizer.pad_token_id,
+                            buckets=bucket_lengths(a.max_length), shuffle=False)
+    start = time.perf_counter()
+    result = unit_scores(model, tqdm(batches, desc=f"{which} scores ({a.scorer})", unit="batch"), a.scorer, a.tokens)
+    result = {m: np.asarray(v) for m, v in result.items()}
+    seconds = time.perf_counter() - start
+    path.parent.mkdir(exist_ok=True)
+    np.savez(path, **result)
+    path.with_suffix(".json").write_text(json.dumps({
+        "dataset": a[which].dataset, "samples": len(examples), "truncated": stats.truncated,
+        "dropped": stats.dropped, "tokens": sum(len(e.ids) for e in examples),
+        "response_tokens": sum(int(e.loss_mask.sum()) for e in examples), "seconds": round(seconds, 1),
+        "prompts": sorted({r.prompt for r in records}),
+    }, indent=2) + "\n")
+    return result
+
+
+def random_units(umap, count: int, seed: int) -> dict[str, np.ndarray]:
+    shapes = {m: umap.masks["CU"][m].shape for m in MODULES}
+    sizes = [int(np.prod(shapes[m])) for m in MODULES]
+    flat = np.zeros(sum(sizes), bool)
+    flat[np.random.default_rng(seed).choice(flat.size, size=count, replace=False)] = True
+    return {"attn": flat[: sizes[0]].reshape(shapes["attn"]), "mlp": flat[sizes[0]:].reshape(shapes["mlp"])}
+
+
+def run(config: ConfigDict, workdir: str) -> Path:
+    validate(config)
+    _refuse_other_runs(config, Path(workdir))
+    out = runs.prepare_workdir(workdir, config)
+    model, tokenizer = load_model(config.model, runs.dtype(config))
+
+    safety = scores(config, model, tokenizer, out, "safety")
+    utility = scores(config, model, tokenizer, out, "utility")
+    k = config.kinds
+    a = config.attribution
+    umap = classify(safety, utility, {"SCU": k.scu, "UCU": k.ucu, "RU": k.ru}, ranking=k.ranking,
+                    normalise=k.normalise, model=model, info={
+                        "scorer": a.scorer, "tokens": a.tokens,
+                        "data": {w: {"dataset": a[w].dataset, "limit": a[w].limit, "max_length": a.max_length}
+                                 for w in ("safety", "utility")},
+                    })
+    npz, summary = umap.save(out / "units")
+    print(f"Unit kinds: {umap.counts()} of {umap.num_units} units -> {summary}")
+
+    masks = {f"minus_{kind}": umap.mask(kind) for kind in ("SCU", "UCU", "RU")}
+    masks["minus_random"] = random_units(umap, umap.counts()["SCU"], config.seed)
+    graphdef, state = nnx.split(model)
+    results = {}
+    for name in VARIANTS:
+        print(f"== {name} ==")
+        variant = model if name == "dense" else nnx.merge(graphdef, prune(state, masks[name], model.config))
+        pruned = 0 if name == "dense" else int(sum(masks[name][m].sum() for m in MODULES))
+        results[name] = evaluate.evaluate_model(
+            variant, tokenizer, config.evaluation, out / "variants" / name, data_dir=config.data_dir,
+            description=f"Model `{config.model}` ({config.dtype}), {name} ({pruned} units pruned)")
+        results[name]["pruned_units"] = pruned
+        del variant
+
+    plot = plot_kinds(umap, out / "kinds_per_layer.png")
+    report = out / "report.md"
+    report.write_text(render_report(config, umap, results, out, plot))
+    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"Report: {report}")
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+COLUMNS = (  # (metrics key, value key, header, format)
+    ("mmlu", "accuracy", "MMLU", "pct"),
+    ("sst2", "accuracy", "SST-2", "pct"),
+    ("gsm8k", "accuracy", "GSM8K", "pct"),
+    ("perplexity", "perplexity", "perplexity", "float"),
+    ("overrefusal", "refusal_rate", "over-refusal", "pct"),
+    ("asr_no_system", "asr", "ASR (no system prompt)", "pct"),
+    ("asr_system", "asr", "ASR (safety system prompt)", "pct"),
+)
+LABELS = {"dense": "dense", "minus_SCU": "− SCU", "minus_UCU": "− UCU", "minus_RU": "− RU",
+          "minus_random": "− random (as many as SCU)"}
+
+
+def _value(metrics: dict, key: str, field: str, fmt: str) -> str:
+    if key not in metrics:
+        return "–"
+    v = metrics[key][field]
+    return f"{100 * v:.1f}%" if fmt == "pct" else f"{v:.2f}"
+
+
+def render_report(config: ConfigDict, umap, results: dict, out: Path, plot: Path) -> str:
+    a, e = config.attribution, config.evaluation
+    counts, total = umap.counts(), umap.num_units
+    columns = [c for c in COLUMNS if c[0] in results["dense"]]
+    lines = [
+        "# prune", "",
+        f"Model `{config.model}` ({config.dtype}). Units scored with `{a.scorer}` on the {a.tokens} tokens of "
+        f"{a.safety.limit or 'all'} `{a.safety.dataset}` (safety) and {a.utility.limit or 'all'} `{a.utility.dataset}` "
+        f"(utility) samples; kinds ranked {config.kinds.ranking}ly on {config.kinds.normalise}-normalised scores. "
+        f"Pruning zeroes a unit's column of o_proj / down_proj and its rows of v / gate / up "
+        f"(`ssah_jax.masking.prune`). Evaluation: greedy decoding, {e.max_new_tokens} new tokens, keyword judge "
+        f"(ASR = share of `{e.harmful.dataset}` prompts not refused).", "",
+        "| model | units pruned | " + " | ".join(c[2] for c in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for name in VARIANTS:
+        m = results[name]
+        share = f"{m['pruned_units']} ({100 * m['pruned_units'] / total:.1f}%)"
+        lines.append(f"| {LABELS[name]} | {share} | " + " | ".join(_value(m, *c[:2], c[3]) for c in columns) + " |")
+    n = {c[0]: results["dense"][c[0]]["n"] for c in columns}
+    lines += ["", "Examples per metric: " + ", ".join(f"{k} {v}" for k, v in n.items()) + ".", "",
+              "## Unit kinds", "",
+              f"{total} units (" + ", ".join(f"{m}: {umap.masks['CU'][m].size}" for m in MODULES) + ").",
+              "", "| kind | units | share | in attention | in MLP |", "|---|---|---|---|---|"]
+    for kind in KINDS:
+        per = {m: int(umap.masks[kind][m].sum()) for m in MODULES}
+        lines.append(f"| {kind} | {counts[kind]} | {100 * counts[kind] / total:.2f}% | {per['attn']} | {per['mlp']} |")
+    safety_prompts = set(json.loads((out / "scores" / "safety.json").read_text())["prompts"]) \
+        if (out / "scores" / "safety.json").exists() else set()
+    asr_prompts = {r["prompt"] for r in runs.read_jsonl(out / "variants" / "dense" / "rows" / "asr_no_system.jsonl")}
+    lines += [
+        "", f"![unit kinds per layer]({plot.name})", "",
+        f"{len(safety_prompts & asr_prompts)} of the {len(asr_prompts)} ASR prompts are also prompts of the safety "
+        "calibration set (Wei et al. 2024 calibrate on AdvBench refusals too).", "",
+        "Files: `units.npz` / `units.json` (the unit map), `scores/` (unit scores and calibration details), "
+        "`variants/<model>/` (each model's evaluate report and rows).", "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_kinds(umap, path: Path) -> Path:
+    """Per-layer stacked bars of the kinds, for attention and MLP units."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"SCU": "#d62728", "UCU": "#1f77b4", "CU": "#c7c7c7", "RU": "#2ca02c"}
+    per_layer = umap.per_layer()
+    fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    for ax, module, title in zip(axes, MODULES, ("attention (o_proj inputs)", "MLP (down_proj inputs)")):
+        size = umap.masks["CU"][module].shape[1]
+        layers = np.arange(umap.masks["CU"][module].shape[0])
+        bottom = np.zeros(len(layers))
+        for kind in ("SCU", "UCU", "RU", "CU"):
+            share = np.asarray(per_layer[module][kind]) / size
+            ax.bar(layers, share, bottom=bottom, color=colours[kind], label=kind, width=0.85)
+            bottom += share
+        ax.set_ylabel("share of units")
+        ax.set_title(title)
+        ax.set_ylim(0, 1)
+    axes[0].legend(ncol=4, loc="lower right", fontsize="small")
+    axes[1].set_xlabel("layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

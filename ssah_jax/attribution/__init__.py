@@ -1,0 +1,42 @@
+"""SSAH attribution: per-unit scores streamed over calibration batches (WIFV, Wanda, SNIP),
+the four unit kinds, and the UnitMap that stores them."""
+
+from ssah_jax.attribution.kinds import (
+    KINDS,
+    UnitMap,
+    UnitMapMismatch,
+    classify,
+    model_identity,
+    sweep_fraction,
+)
+from ssah_jax.attribution.scorers import (
+    SCORERS,
+    TOKENS,
+    activation_moments,
+    gradient_sums,
+    snip,
+    token_mask,
+    unit_scores,
+    wanda,
+    wifv,
+)
+from ssah_jax.attribution.stats import Moments
+
+__all__ = [
+    "KINDS",
+    "SCORERS",
+    "TOKENS",
+    "Moments",
+    "UnitMap",
+    "UnitMapMismatch",
+    "activation_moments",
+    "classify",
+    "gradient_sums",
+    "model_identity",
+    "snip",
+    "sweep_fraction",
+    "token_mask",
+    "unit_scores",
+    "wanda",
+    "wifv",
+]

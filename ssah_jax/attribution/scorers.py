@@ -1,0 +1,199 @@
+"""Unit scores: WIFV (SSAH), Wanda and SNIP, streamed over calibration batches.
+
+Every scorer is two pure pieces: a jitted *statistics step* ``(params, accumulator, batch) ->
+accumulator`` that sees one batch at a time (the activations of the whole calibration set are
+never held), and a *finaliser* that turns the statistics and the ``B`` weights into scores.
+Scores are ``{"attn": [layers, num_heads * head_dim], "mlp": [layers, intermediate_size]}``
+float32, unit ``j`` being input channel ``j`` of ``o_proj`` / ``down_proj`` (DESIGN 2.1):
+
+    wifv   Var_t(x_j) * ||W_B[:, j]||^2              (Li & Kim, SSAH; FLAP's fluctuation metric)
+    wanda  ||x_j||_2 * sum_i |W_B[i, j]|             (Wanda's |W| * ||X||, summed over the column)
+    snip   sum_i |W_B[i, j] * dL/dW_B[i, j]|         (L: mean NLL of the counted target tokens)
+
+``x_j`` runs over the counted tokens (``tokens``): the response (default; the tokens the loss
+mask marks), the prompt (real tokens before the response), or all real tokens. For SNIP they
+are the predicted tokens. SNIP's gradient is of the loss over the *whole* calibration set (the
+sum of the batches' gradients), so the scores do not depend on the batching; Wei et al. (2024)
+take the absolute value per batch instead, which does.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ssah_jax.attribution.stats import Moments, batch_moments, merge
+from ssah_jax.masking import MODULES
+from ssah_jax.models import CausalLM
+from ssah_jax.sharding import shard_batch
+
+SCORERS = ("wifv", "wanda", "snip")
+TOKENS = ("response", "prompt", "all")
+B_MATRIX = {"attn": "o_proj", "mlp": "down_proj"}
+
+Scores = dict[str, jax.Array]
+
+
+def token_mask(batch: Mapping[str, jax.Array], tokens: str) -> jax.Array:
+    """``[B, S]`` bool: the tokens that count. ``batch`` has ``attention_mask`` and, for
+    ``response`` / ``prompt``, ``loss_mask`` (as :func:`ssah_jax.data.batching.pad_batch` makes)."""
+    real = batch["attention_mask"] > 0
+    if tokens == "all":
+        return real
+    response = batch["loss_mask"] > 0
+    if tokens == "response":
+        return real & response
+    return real & (jnp.cumsum(response, axis=1) == 0)  # prompt: before the first response token
+
+
+def _check(batch: Mapping[str, Any], tokens: str) -> None:
+    if tokens not in TOKENS:
+        raise ValueError(f"tokens={tokens!r}: must be one of {TOKENS}")
+    need = {"input_ids", "attention_mask"} | ({"loss_mask"} if tokens != "all" else set())
+    missing = need - set(batch)
+    if missing:
+        raise ValueError(
+            f"a calibration batch lacks {sorted(missing)} (tokens={tokens!r}); batches from "
+            "ssah_jax.data.batching.batch_dataset have input_ids, attention_mask and loss_mask"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation moments (WIFV, Wanda)
+
+
+def _stack(per_layer: list[Moments]) -> Moments:
+    return Moments(per_layer[0].count, jnp.stack([m.mean for m in per_layer]), jnp.stack([m.m2 for m in per_layer]))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "tokens"), donate_argnums=(2,))
+def moments_step(graphdef: nnx.GraphDef, state: nnx.State, acc: dict[str, Moments], batch: dict, tokens: str):
+    """Merges one batch's per-unit activation moments into ``acc`` (``{module: Moments}``,
+    stacked over layers)."""
+    model = nnx.merge(graphdef, state)
+    out = model.forward(batch["input_ids"], batch["attention_mask"], output_unit_inputs=True)
+    mask = token_mask(batch, tokens)
+    new = {m: _stack([batch_moments(getattr(u, m), mask) for u in out.unit_inputs]) for m in MODULES}
+    return {m: merge(acc[m], new[m]) for m in MODULES}
+
+
+def _unit_shapes(model: CausalLM) -> dict[str, tuple[int, int]]:
+    c = model.config
+    return {"attn": (c.num_layers, c.num_heads * c.head_dim), "mlp": (c.num_layers, c.intermediate_size)}
+
+
+def activation_moments(model: CausalLM, batches: Iterable[Mapping[str, Any]], tokens: str = "response"):
+    """``{"attn": Moments, "mlp": Moments}`` of the activations entering each ``B`` matrix."""
+    graphdef, state = nnx.split(model)
+    acc = {m: Moments.zeros(shape) for m, shape in _unit_shapes(model).items()}
+    for batch in batches:
+        _check(batch, tokens)
+        acc = moments_step(graphdef, state, acc, shard_batch(batch), tokens)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients of the B matrices (SNIP)
+
+
+def _is_b_kernel(path: tuple, _value: Any) -> bool:
+    return len(path) == 5 and path[0] == "layers" and path[3] in B_MATRIX.values() and path[4] == "kernel"
+
+
+def _nll_sum(model: CausalLM, batch: Mapping[str, jax.Array], tokens: str) -> tuple[jax.Array, jax.Array]:
+    logits = model(batch["input_ids"], batch["attention_mask"])[:, :-1]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logp, batch["input_ids"][:, 1:, None], axis=-1)[..., 0]
+    targets = token_mask(batch, tokens)[:, 1:]
+    return -jnp.sum(jnp.where(targets, picked, 0.0)), jnp.sum(targets.astype(jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "tokens"), donate_argnums=(3,))
+def gradient_step(graphdef, b_state: nnx.State, rest: nnx.State, acc: tuple[nnx.State, jax.Array], batch, tokens):
+    """Adds one batch's gradient of the summed target NLL w.r.t. the ``B`` kernels to ``acc``
+    (``(gradient sums, target count)``)."""
+    grads, count = jax.grad(lambda b: _nll_sum(nnx.merge(graphdef, b, rest), batch, tokens), has_aux=True)(b_state)
+    sums, total = acc
+    return jax.tree.map(lambda s, g: s + g.astype(jnp.float32), sums, grads), total + count
+
+
+def gradient_sums(model: CausalLM, batches: Iterable[Mapping[str, Any]], tokens: str = "response"):
+    """``(sums, count)``: the summed NLL gradient of every ``B`` kernel (an ``nnx.State`` of
+    float32 arrays) and the number of target tokens; ``sums / count`` is the mean-loss gradient."""
+    graphdef, b_state, rest = nnx.split(model, _is_b_kernel, ...)
+    acc = (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), b_state), jnp.zeros((), jnp.int32))
+    for batch in batches:
+        _check(batch, tokens)
+        acc = gradient_step(graphdef, b_state, rest, acc, shard_batch(batch), tokens)
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# Finalisers and the entry point
+
+
+def b_kernels(model: CausalLM, module: str) -> list[jax.Array]:
+    """Each layer's ``B`` kernel for ``module``, ``[units, hidden]`` (unit = row)."""
+    return [getattr(getattr(layer, module), B_MATRIX[module]).kernel[...] for layer in model.layers]
+
+
+@jax.jit
+def _row_reductions(kernels: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    k = jnp.stack(kernels).astype(jnp.float32)
+    return jnp.sum(k * k, axis=-1), jnp.sum(jnp.abs(k), axis=-1)
+
+
+def wifv(model: CausalLM, moments: dict[str, Moments]) -> Scores:
+    """SSAH score: activation variance times the squared norm of the unit's ``B`` column."""
+    return {m: moments[m].variance * _row_reductions(b_kernels(model, m))[0] for m in MODULES}
+
+
+def wanda(model: CausalLM, moments: dict[str, Moments]) -> Scores:
+    """Wanda's ``|W| * ||X||_2`` summed over the unit's ``B`` column."""
+    return {m: jnp.sqrt(moments[m].sum_squares) * _row_reductions(b_kernels(model, m))[1] for m in MODULES}
+
+
+def snip(model: CausalLM, sums: nnx.State, count: jax.Array) -> Scores:
+    """SNIP ``|W * dL/dW|`` summed over the unit's ``B`` column (L: mean target NLL)."""
+    n = jnp.maximum(count, 1).astype(jnp.float32)
+    out = {}
+    for m in MODULES:
+        proj = B_MATRIX[m]
+        grads = [sums["layers"][i][m][proj]["kernel"][...] for i in range(model.config.num_layers)]
+        out[m] = jnp.stack([
+            jnp.sum(jnp.abs(w.astype(jnp.float32) * g), axis=-1) for w, g in zip(b_kernels(model, m), grads)
+        ]) / n
+    return out
+
+
+def unit_scores(
+    model: CausalLM, batches: Iterable[Mapping[str, Any]], scorer: str = "wifv", tokens: str = "response"
+) -> Scores:
+    """Scores of every unit on a calibration set, streamed one batch at a time.
+
+    Args:
+      model: the model to attribute (placed on a mesh for sharded scoring: enter it with
+        ``jax.set_mesh`` and ``ssah_jax.sharding.use_rules`` around the call).
+      batches: iterable of dicts with ``input_ids``, ``attention_mask`` and ``loss_mask``
+        ``[B, S]`` (this host's rows, e.g. from :func:`ssah_jax.data.batching.batch_dataset`).
+      scorer: ``wifv`` | ``wanda`` | ``snip``.
+      tokens: which tokens count: ``response`` | ``prompt`` | ``all``.
+
+    Returns:
+      ``{"attn": [layers, heads * head_dim], "mlp": [layers, intermediate]}`` float32.
+    """
+    if scorer not in SCORERS:
+        raise ValueError(f"scorer={scorer!r}: must be one of {SCORERS}")
+    if tokens not in TOKENS:
+        raise ValueError(f"tokens={tokens!r}: must be one of {TOKENS}")
+    if scorer == "snip":
+        return snip(model, *gradient_sums(model, batches, tokens))
+    moments = activation_moments(model, batches, tokens)
+    if int(moments["mlp"].count) == 0:
+        raise ValueError(f"the calibration batches hold no {tokens} tokens to score on")
+    return (wifv if scorer == "wifv" else wanda)(model, moments)

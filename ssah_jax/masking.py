@@ -1,0 +1,100 @@
+"""Unit masks -> parameter masks, and structured pruning.
+
+A *unit mask* selects SSAH units: ``{"attn": bool [layers, num_heads * head_dim],
+"mlp": bool [layers, intermediate_size]}`` (True = selected). Unit ``j`` of a layer is input
+channel ``j`` of its ``B`` matrix (``o_proj`` / ``down_proj``): a row of our kernel, a column
+of the transformers weight (see :mod:`ssah_jax.models.llama`). Its ``A`` part is the matching
+output channel of ``gate_proj`` and ``up_proj`` (MLP) or of ``v_proj`` (attention).
+
+Grouped-query attention: query head ``h`` reads kv head ``h // groups``, so one ``v_proj``
+channel feeds ``groups`` units. ``shared`` says when such a channel counts as selected:
+``"any"`` of its units (freezing: a frozen unit must keep every input it reads) or ``"all"``
+of them (pruning: zeroing the channel must not remove units that were not selected).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ssah_jax.models import ModelConfig
+
+MODULES = ("attn", "mlp")
+SHARED = ("any", "all")
+
+
+def _names(path) -> tuple:
+    """``('layers', 0, 'mlp', 'down_proj', 'kernel')`` from a pytree path (nnx.State or dicts)."""
+    out = []
+    for key in path:
+        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))
+        if name != "value":  # the array inside an nnx.Variable
+            out.append(name)
+    return tuple(out)
+
+
+def _check_units(units: dict[str, Any], config: ModelConfig) -> None:
+    expected = {
+        "attn": (config.num_layers, config.num_heads * config.head_dim),
+        "mlp": (config.num_layers, config.intermediate_size),
+    }
+    if set(units) != set(MODULES):
+        raise ValueError(f"a unit mask has the keys {MODULES}, got {sorted(units)}")
+    for module, shape in expected.items():
+        if tuple(units[module].shape) != shape:
+            raise ValueError(f"unit mask {module!r} has shape {tuple(units[module].shape)}, this model needs {shape}")
+
+
+def v_channels(attn_units: jax.Array, config: ModelConfig, shared: str = "any") -> jax.Array:
+    """``[..., num_heads * head_dim]`` unit mask -> ``[..., num_kv_heads * head_dim]`` mask of
+    the ``v_proj`` channels those units read."""
+    if shared not in SHARED:
+        raise ValueError(f"shared={shared!r}: must be one of {SHARED}")
+    c = config
+    grouped = jnp.asarray(attn_units).reshape(*attn_units.shape[:-1], c.num_kv_heads, c.num_query_groups, c.head_dim)
+    reduce = jnp.any if shared == "any" else jnp.all
+    return reduce(grouped, axis=-2).reshape(*attn_units.shape[:-1], c.num_kv_heads * c.head_dim)
+
+
+def parameter_masks(params: Any, units: dict[str, Any], config: ModelConfig, *, shared: str = "any") -> Any:
+    """Boolean masks shaped like ``params`` (an ``nnx.State`` or nested dicts), True on the
+    parameters of the selected units: rows of ``o_proj`` / ``down_proj`` kernels, columns of
+    ``gate_proj`` / ``up_proj`` / ``v_proj`` kernels and their biases. Masks are compact
+    (``[n, 1]``, ``[1, n]``, ``[n]`` or a scalar False) and broadcast against their parameter.
+    """
+    _check_units(units, config)
+    attn = jnp.asarray(units["attn"], bool)
+    mlp = jnp.asarray(units["mlp"], bool)
+    v = v_channels(attn, config, shared)
+    none = jnp.zeros((), bool)
+
+    def mask(path, leaf):
+        names = _names(path)
+        if len(names) != 5 or names[0] != "layers":
+            return none
+        _, layer, module, proj, kind = names
+        per_module = {
+            ("mlp", "down_proj"): (mlp, "rows"), ("mlp", "gate_proj"): (mlp, "cols"), ("mlp", "up_proj"): (mlp, "cols"),
+            ("attn", "o_proj"): (attn, "rows"), ("attn", "v_proj"): (v, "cols"),
+        }
+        if (module, proj) not in per_module:
+            return none
+        selected, side = per_module[(module, proj)]
+        selected = selected[layer]
+        if kind == "kernel":
+            return selected[:, None] if side == "rows" else selected[None, :]
+        if kind == "bias" and side == "cols":  # a B matrix's bias is per output, not per unit
+            return selected
+        return none
+
+    return jax.tree_util.tree_map_with_path(mask, params)
+
+
+def prune(params: Any, units: dict[str, Any], config: ModelConfig) -> Any:
+    """Zeroes the selected units: their column of ``B`` (``o_proj`` / ``down_proj``) and the
+    matching rows of ``A`` (``gate_proj`` and ``up_proj``; ``v_proj`` channels whose every
+    reading unit is selected). Pure: returns new params shaped like ``params``."""
+    masks = parameter_masks(params, units, config, shared="all")
+    return jax.tree.map(lambda p, m: jnp.where(m, jnp.zeros((), p.dtype), p), params, masks)

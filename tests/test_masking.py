@@ -1,0 +1,103 @@
+"""Pruning unit j in our model == zeroing column j of the transformers B matrix (and the rows
+of A); parameter masks for grouped-query v channels."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ssah_jax.checkpoints import load_weights
+from ssah_jax.masking import parameter_masks, prune, v_channels
+from tests import tiny
+
+torch = pytest.importorskip("torch")
+
+HEADS, KV_HEADS, HEAD_DIM, MLP = 4, 2, 16, 96  # two query heads per kv head
+
+
+def pruned_pair(tmp_path, units):
+    hf_config = tiny.llama_config(num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                                  attention_bias=True, mlp_bias=True)
+    reference = tiny.build(hf_config)
+    reference.save_pretrained(tmp_path / "hf")
+    model = load_weights(tmp_path / "hf")
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, prune(state, units, model.config)), reference
+
+
+def no_units(layers=2):
+    return {"attn": np.zeros((layers, HEADS * HEAD_DIM), bool), "mlp": np.zeros((layers, MLP), bool)}
+
+
+def assert_same_logits(ours, reference):
+    ids, mask = tiny.random_batch(128, seq=16)
+    expected = tiny.hf_logits(reference, ids, mask)
+    got = np.asarray(ours(jnp.asarray(ids), jnp.asarray(mask)))
+    real = mask.astype(bool)
+    assert np.abs(got[real] - expected[real]).max() <= 1e-4
+
+
+def test_pruning_mlp_units_matches_zeroed_hf_columns(tmp_path):
+    units = no_units()
+    units["mlp"][0, [3, 50]] = True
+    units["mlp"][1, 95] = True
+    ours, reference = pruned_pair(tmp_path, units)
+    with torch.no_grad():
+        for layer, cols in ((0, [3, 50]), (1, [95])):
+            mlp = reference.model.layers[layer].mlp
+            mlp.down_proj.weight[:, cols] = 0
+            for a in (mlp.gate_proj, mlp.up_proj):
+                a.weight[cols, :] = 0
+                a.bias[cols] = 0
+    assert_same_logits(ours, reference)
+    down = np.asarray(ours.layers[0].mlp.down_proj.kernel[...])
+    gate = np.asarray(ours.layers[0].mlp.gate_proj.kernel[...])
+    assert (down[[3, 50]] == 0).all() and (down[4] != 0).any()  # unit = row of our kernel
+    assert (gate[:, [3, 50]] == 0).all() and (np.asarray(ours.layers[0].mlp.up_proj.bias[...])[3] == 0)
+
+
+def test_pruning_attention_units_with_gqa_matches_zeroed_hf_columns(tmp_path):
+    # Layer 1: unit (head 0, dim 5) alone: its v channel (kv 0, dim 5) also feeds head 1, so it
+    # stays. Units (head 2, dim 7) and (head 3, dim 7) together: they are every reader of
+    # v channel (kv 1, dim 7), which is zeroed.
+    units = no_units()
+    alone, pair = [0 * HEAD_DIM + 5], [2 * HEAD_DIM + 7, 3 * HEAD_DIM + 7]
+    units["attn"][1, alone + pair] = True
+    ours, reference = pruned_pair(tmp_path, units)
+    v_dead = 1 * HEAD_DIM + 7
+    with torch.no_grad():
+        attn = reference.model.layers[1].self_attn
+        attn.o_proj.weight[:, alone + pair] = 0
+        attn.v_proj.weight[v_dead, :] = 0
+        attn.v_proj.bias[v_dead] = 0
+    assert_same_logits(ours, reference)
+    v = np.asarray(ours.layers[1].attn.v_proj.kernel[...])
+    assert (v[:, v_dead] == 0).all() and (v[:, 5] != 0).any()
+    assert np.asarray(ours.layers[1].attn.v_proj.bias[...])[v_dead] == 0
+    o = np.asarray(ours.layers[1].attn.o_proj.kernel[...])
+    assert (o[alone + pair] == 0).all() and (o[3 * HEAD_DIM + 5] != 0).any()
+
+
+def test_v_channels_any_versus_all():
+    from ssah_jax.models import ModelConfig
+
+    config = ModelConfig.from_hf(tiny.llama_config(num_attention_heads=HEADS, num_key_value_heads=KV_HEADS))
+    attn = np.zeros(HEADS * HEAD_DIM, bool)
+    attn[0 * HEAD_DIM + 5] = True  # one of kv 0's two readers at dim 5
+    attn[[2 * HEAD_DIM + 7, 3 * HEAD_DIM + 7]] = True  # both of kv 1's readers at dim 7
+    assert np.flatnonzero(v_channels(attn, config, "any")).tolist() == [5, HEAD_DIM + 7]
+    assert np.flatnonzero(v_channels(attn, config, "all")).tolist() == [HEAD_DIM + 7]
+
+
+def test_parameter_masks_are_compact_and_leave_other_parameters_alone(tmp_path):
+    path = tiny.save(tiny.llama_config(), tmp_path / "hf")
+    model = load_weights(path)
+    units = no_units()
+    units["mlp"][1, 7] = True
+    masks = nnx.to_pure_dict(parameter_masks(nnx.state(model, nnx.Param), units, model.config))
+    mlp = masks["layers"][1]["mlp"]
+    assert mlp["down_proj"]["kernel"].shape == (MLP, 1) and mlp["gate_proj"]["kernel"].shape == (1, MLP)
+    assert masks["embed"]["embedding"].shape == () and not masks["embed"]["embedding"]
+    with pytest.raises(ValueError, match="unit mask 'mlp' has shape"):
+        parameter_masks(nnx.state(model, nnx.Param), {"attn": units["attn"], "mlp": units["mlp"][:, :10]},
+                        model.config)
