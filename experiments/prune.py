@@ -237,9 +237,10 @@ def plot_kinds(umap, path: Path) -> Path:
         ax.set_ylabel("share of units")
         ax.set_title(title)
         ax.set_ylim(0, 1)
-    axes[0].legend(ncol=4, loc="lower right", fontsize="small")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, ncol=4, loc="upper center", fontsize="small")
     axes[1].set_xlabel("layer")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
