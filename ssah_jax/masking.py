@@ -1,4 +1,4 @@
-"""Unit masks -> parameter masks, and structured pruning.
+"""Unit masks -> parameter masks, structured pruning, and the optax freeze transform.
 
 A *unit mask* selects SSAH units: ``{"attn": bool [layers, num_heads * head_dim],
 "mlp": bool [layers, intermediate_size]}`` (True = selected). Unit ``j`` of a layer is input
@@ -14,10 +14,11 @@ of them (pruning: zeroing the channel must not remove units that were not select
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from ssah_jax.models import ModelConfig
 
@@ -98,3 +99,47 @@ def prune(params: Any, units: dict[str, Any], config: ModelConfig) -> Any:
     reading unit is selected). Pure: returns new params shaped like ``params``."""
     masks = parameter_masks(params, units, config, shared="all")
     return jax.tree.map(lambda p, m: jnp.where(m, jnp.zeros((), p.dtype), p), params, masks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Freezing
+
+
+class FreezeState(NamedTuple):
+    """The freeze masks live in the optimizer state: jit arguments (never closed over), sharded
+    and checkpointed with it."""
+
+    masks: Any
+
+
+def _frozen_update(update: jax.Array, frozen: jax.Array) -> jax.Array:
+    # -0.0, not 0.0: p + (-0.0) == p bit for bit for every p, including p = -0.0
+    # (and jnp.where, not a multiplication: NaN * 0 is NaN).
+    return jnp.where(frozen, jnp.asarray(-0.0, update.dtype), update)
+
+
+def freeze(masks: Any) -> optax.GradientTransformation:
+    """An optax transform that makes the updates of frozen elements exactly ``-0.0``.
+
+    ``masks`` is a pytree shaped like the parameters whose boolean leaves are True where a
+    parameter is frozen, full-shaped or broadcastable (``[n, 1]``, ``[1, n]``, a scalar).
+    Put it *last* in the chain (after weight decay, clipping and the learning rate): then
+    ``optax.apply_updates`` leaves frozen elements bit-identical, whatever comes before.
+    Pair it with :func:`zero_frozen_gradients` so frozen gradients stay out of the global norm.
+    """
+
+    def init_fn(params):
+        del params
+        return FreezeState(jax.tree.map(lambda m: jnp.asarray(m, bool), masks))
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree.map(_frozen_update, updates, state.masks), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def zero_frozen_gradients(grads: Any, masks: Any) -> Any:
+    """Gradients with frozen elements set to zero (NaN or inf there included), before the
+    optimizer sees them: clipping norms and Adam moments then ignore the frozen elements."""
+    return jax.tree.map(lambda g, m: jnp.where(m, jnp.zeros((), g.dtype), g), grads, masks)

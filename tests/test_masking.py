@@ -101,3 +101,35 @@ def test_parameter_masks_are_compact_and_leave_other_parameters_alone(tmp_path):
     with pytest.raises(ValueError, match="unit mask 'mlp' has shape"):
         parameter_masks(nnx.state(model, nnx.Param), {"attn": units["attn"], "mlp": units["mlp"][:, :10]},
                         model.config)
+
+
+def test_freeze_keeps_frozen_elements_bit_identical_under_adamw():
+    import jax
+    import optax
+
+    from ssah_jax.masking import freeze, zero_frozen_gradients
+
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(6, 4)), jnp.float32), "b": jnp.asarray(rng.normal(size=(4,)))}
+    params["w"] = params["w"].at[0, 0].set(-0.0)  # a negative zero must survive too
+    masks = {"w": jnp.asarray([True, False, True, False, False, False])[:, None],  # rows 0 and 2
+             "b": jnp.zeros((), bool)}
+    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2, weight_decay=0.1), freeze(masks))
+    state = opt.init(params)
+
+    @jax.jit
+    def step(params, state, x):
+        grads = jax.grad(lambda p: jnp.sum(jnp.tanh(x @ p["w"] + p["b"]) ** 2))(params)
+        grads["w"] = grads["w"].at[0, 1].set(jnp.nan)  # NaN at a frozen position
+        grads = zero_frozen_gradients(grads, state[-1].masks)
+        updates, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    new = params
+    for i in range(20):
+        new, state = step(new, state, jnp.asarray(rng.normal(size=(3, 6)), jnp.float32))
+    before, after = np.asarray(params["w"]), np.asarray(new["w"])
+    frozen = np.asarray(masks["w"])[:, 0]
+    assert before[frozen].tobytes() == after[frozen].tobytes()  # bit-identical, -0.0 included
+    assert np.isfinite(after).all() and np.isfinite(np.asarray(new["b"])).all()
+    assert (np.abs(after[~frozen] - before[~frozen]) > 0).all()  # the others moved
