@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ssah_jax import evaluation as ev
 from ssah_jax import runs
 from ssah_jax.checkpoints import load_model
-from ssah_jax.data import Record, load_local
+from ssah_jax.data import Record, load_local, with_responses
 
 TASKS = ("asr", "prefill", "sweep", "overrefusal", "mmlu", "sst2", "gsm8k", "perplexity")
 
@@ -164,8 +164,7 @@ def evaluate_model(model: Any, tokenizer: Any, config: ConfigDict, out: Path, *,
         task("gsm8k", lambda: ev.summarise_accuracy(rows("gsm8k", problems, lambda b, s: ev.gsm8k_rows(
             model, tokenizer, b, max_new_tokens=config.gsm8k.max_new_tokens, batch_size=bs))))
     if "perplexity" in config.tasks:
-        ok = [r for r in _load(data_dir, config.perplexity.dataset, on_error="skip")
-              if r.response and r.meta.get("status", "ok") == "ok"]
+        ok = with_responses(_load(data_dir, config.perplexity.dataset, on_error="skip"))
         # Held out: the *last* records of the set (training recipes take theirs from the front).
         heldout = ok[-config.perplexity.limit:] if config.perplexity.limit else ok
         task("perplexity", lambda: ev.summarise_perplexity(rows("perplexity", heldout, lambda b, s: ev.perplexity_rows(

@@ -26,7 +26,7 @@ from ssah_jax import runs
 from ssah_jax.attribution import KINDS, SCORERS, TOKENS, classify, unit_scores
 from ssah_jax.attribution.kinds import NORMALISATIONS, RANKINGS
 from ssah_jax.checkpoints import load_model
-from ssah_jax.data import load_local
+from ssah_jax.data import load_local, with_responses
 from ssah_jax.data.batching import batch_dataset, bucket_lengths
 from ssah_jax.data.tokenize import encode_records
 from ssah_jax.masking import MODULES, prune
@@ -71,8 +71,7 @@ def _refuse_other_runs(config: ConfigDict, workdir: Path) -> None:
 
 def calibration_records(config: ConfigDict, which: str) -> list:
     spec = config.attribution[which]
-    records, _ = load_local(spec.dataset, None, config.data_dir or None, on_error="skip")
-    records = [r for r in records if r.response and r.meta.get("status", "ok") == "ok"]
+    records = with_responses(load_local(spec.dataset, None, config.data_dir or None, on_error="skip")[0])
     return records[: spec.limit] if spec.limit else records
 
 
@@ -94,22 +93,17 @@ def scores(config: ConfigDict, model: Any, tokenizer: Any, out: Path, which: str
     result = {m: np.asarray(v) for m, v in result.items()}
     seconds = time.perf_counter() - start
     path.parent.mkdir(exist_ok=True)
-    np.savez(path, **result)
     path.with_suffix(".json").write_text(json.dumps({
         "dataset": a[which].dataset, "samples": len(examples), "truncated": stats.truncated,
         "dropped": stats.dropped, "tokens": sum(len(e.ids) for e in examples),
         "response_tokens": sum(int(e.loss_mask.sum()) for e in examples), "seconds": round(seconds, 1),
         "prompts": sorted({r.prompt for r in records}),
     }, indent=2) + "\n")
+    partial = path.with_suffix(".partial")
+    with open(partial, "wb") as f:
+        np.savez(f, **result)
+    partial.replace(path)  # last, and atomic: its presence means the scores are complete
     return result
-
-
-def random_units(umap, count: int, seed: int) -> dict[str, np.ndarray]:
-    shapes = {m: umap.masks["CU"][m].shape for m in MODULES}
-    sizes = [int(np.prod(shapes[m])) for m in MODULES]
-    flat = np.zeros(sum(sizes), bool)
-    flat[np.random.default_rng(seed).choice(flat.size, size=count, replace=False)] = True
-    return {"attn": flat[: sizes[0]].reshape(shapes["attn"]), "mlp": flat[sizes[0]:].reshape(shapes["mlp"])}
 
 
 def run(config: ConfigDict, workdir: str) -> Path:
@@ -132,7 +126,7 @@ def run(config: ConfigDict, workdir: str) -> Path:
     print(f"Unit kinds: {umap.counts()} of {umap.num_units} units -> {summary}")
 
     masks = {f"minus_{kind}": umap.mask(kind) for kind in ("SCU", "UCU", "RU")}
-    masks["minus_random"] = random_units(umap, umap.counts()["SCU"], config.seed)
+    masks["minus_random"] = umap.random_units(umap.counts()["SCU"], config.seed)
     graphdef, state = nnx.split(model)
     results = {}
     for name in VARIANTS:
@@ -203,8 +197,7 @@ def render_report(config: ConfigDict, umap, results: dict, out: Path, plot: Path
     for kind in KINDS:
         per = {m: int(umap.masks[kind][m].sum()) for m in MODULES}
         lines.append(f"| {kind} | {counts[kind]} | {100 * counts[kind] / total:.2f}% | {per['attn']} | {per['mlp']} |")
-    safety_prompts = set(json.loads((out / "scores" / "safety.json").read_text())["prompts"]) \
-        if (out / "scores" / "safety.json").exists() else set()
+    safety_prompts = set(json.loads((out / "scores" / "safety.json").read_text())["prompts"])
     asr_prompts = {r["prompt"] for r in runs.read_jsonl(out / "variants" / "dense" / "rows" / "asr_no_system.jsonl")}
     lines += [
         "", f"![unit kinds per layer]({plot.name})", "",

@@ -9,9 +9,9 @@ transformers' ``generate`` and the ratio. Compilation is timed separately (first
 
 ``attribution``: one pass over ``--samples`` chat-rendered calibration samples of
 ``safety_refusals_short`` (response tokens, ``--batch`` rows per step) of the demo model:
-the WIFV statistics step (``ssah_jax.attribution.scorers.moments_step``) against a plain
+the WIFV statistics (``ssah_jax.attribution.activation_moments``) against a plain
 jitted forward to logits over the same batches (and the decoder without its LM head, which
-WIFV does not need), and the SNIP step (forward + backward) for scale. Every shape is
+WIFV does not need), and the SNIP gradients (``gradient_sums``: forward + backward) for scale. Every shape is
 compiled before timing.
 """
 
@@ -137,8 +137,7 @@ def bench_attribution(args) -> dict:
     from flax import nnx
 
     from ssah_jax import runs
-    from ssah_jax.attribution.scorers import _is_b_kernel, gradient_step, moments_step
-    from ssah_jax.attribution.stats import Moments
+    from ssah_jax.attribution import activation_moments, gradient_sums
     from ssah_jax.checkpoints import demo_gguf_path, load_model
     from ssah_jax.data import load_local
     from ssah_jax.data.batching import batch_dataset, bucket_lengths
@@ -151,8 +150,6 @@ def bench_attribution(args) -> dict:
     batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in batch_dataset(
         examples, batch_size=args.batch, pad_id=tokenizer.pad_token_id, buckets=bucket_lengths(256), shuffle=False)]
     graphdef, state = nnx.split(model)
-    c = model.config
-    shapes = {"attn": (c.num_layers, c.num_heads * c.head_dim), "mlp": (c.num_layers, c.intermediate_size)}
 
     @jax.jit
     def forward(state, batch):
@@ -171,18 +168,10 @@ def bench_attribution(args) -> dict:
         plain(decoder)
 
     def wifv_pass():
-        acc = {m: Moments.zeros(s) for m, s in shapes.items()}
-        for b in batches:
-            acc = moments_step(graphdef, state, acc, b, "response")
-        jax.block_until_ready(acc)
-
-    g_graphdef, b_state, rest = nnx.split(model, _is_b_kernel, ...)
+        jax.block_until_ready(activation_moments(model, batches))
 
     def snip_pass():
-        acc = (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), b_state), jnp.zeros((), jnp.int32))
-        for b in batches:
-            acc = gradient_step(g_graphdef, b_state, rest, acc, b, "response")
-        jax.block_until_ready(acc)
+        jax.block_until_ready(gradient_sums(model, batches))
 
     passes = (plain, plain_decoder, wifv_pass, snip_pass)
     for fn in passes:

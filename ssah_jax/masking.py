@@ -36,11 +36,16 @@ def _names(path) -> tuple:
     return tuple(out)
 
 
-def _check_units(units: dict[str, Any], config: ModelConfig) -> None:
-    expected = {
+def unit_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """Shape of a unit mask (or of unit scores) per module: ``[layers, units]``."""
+    return {
         "attn": (config.num_layers, config.num_heads * config.head_dim),
         "mlp": (config.num_layers, config.intermediate_size),
     }
+
+
+def _check_units(units: dict[str, Any], config: ModelConfig) -> None:
+    expected = unit_shapes(config)
     if set(units) != set(MODULES):
         raise ValueError(f"a unit mask has the keys {MODULES}, got {sorted(units)}")
     for module, shape in expected.items():

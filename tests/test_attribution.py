@@ -132,8 +132,9 @@ def test_bad_calibration_input(tiny_pair):
         unit_scores(model, [{k: batch[k] for k in ("input_ids", "attention_mask")}])
     with pytest.raises(ValueError, match="scorer='flap'"):
         unit_scores(model, [batch], "flap")
-    with pytest.raises(ValueError, match="no response tokens"):
-        unit_scores(model, [{**batch, "loss_mask": np.zeros_like(batch["loss_mask"])}])
+    for scorer in ("wifv", "snip"):
+        with pytest.raises(ValueError, match="no response tokens"):
+            unit_scores(model, [{**batch, "loss_mask": np.zeros_like(batch["loss_mask"])}], scorer)
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")

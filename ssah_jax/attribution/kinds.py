@@ -113,6 +113,13 @@ class UnitMap:
             raise ValueError(f"kinds {sorted(unknown) or '()'}: choose from {KINDS}")
         return {m: np.logical_or.reduce([self.masks[k][m] for k in kinds]) for m in MODULES}
 
+    def random_units(self, count: int, seed: int) -> dict[str, np.ndarray]:
+        """A unit mask of ``count`` units drawn uniformly from all units (a control)."""
+        shapes = {m: self.masks["CU"][m].shape for m in MODULES}
+        flat = np.zeros(self.num_units, bool)
+        flat[np.random.default_rng(seed).choice(flat.size, size=count, replace=False)] = True
+        return _unflat(flat, shapes)
+
     def counts(self) -> dict[str, int]:
         return {k: int(sum(self.masks[k][m].sum() for m in MODULES)) for k in KINDS}
 

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssah_jax.attribution.stats import Moments, batch_moments, merge
-from ssah_jax.masking import MODULES
+from ssah_jax.evaluation.likelihood import next_token_logprobs
+from ssah_jax.masking import MODULES, unit_shapes
 from ssah_jax.models import CausalLM
 from ssah_jax.sharding import shard_batch
 
@@ -52,8 +53,6 @@ def token_mask(batch: Mapping[str, jax.Array], tokens: str) -> jax.Array:
 
 
 def _check(batch: Mapping[str, Any], tokens: str) -> None:
-    if tokens not in TOKENS:
-        raise ValueError(f"tokens={tokens!r}: must be one of {TOKENS}")
     need = {"input_ids", "attention_mask"} | ({"loss_mask"} if tokens != "all" else set())
     missing = need - set(batch)
     if missing:
@@ -82,15 +81,10 @@ def moments_step(graphdef: nnx.GraphDef, state: nnx.State, acc: dict[str, Moment
     return {m: merge(acc[m], new[m]) for m in MODULES}
 
 
-def _unit_shapes(model: CausalLM) -> dict[str, tuple[int, int]]:
-    c = model.config
-    return {"attn": (c.num_layers, c.num_heads * c.head_dim), "mlp": (c.num_layers, c.intermediate_size)}
-
-
 def activation_moments(model: CausalLM, batches: Iterable[Mapping[str, Any]], tokens: str = "response"):
     """``{"attn": Moments, "mlp": Moments}`` of the activations entering each ``B`` matrix."""
     graphdef, state = nnx.split(model)
-    acc = {m: Moments.zeros(shape) for m, shape in _unit_shapes(model).items()}
+    acc = {m: Moments.zeros(shape) for m, shape in unit_shapes(model.config).items()}
     for batch in batches:
         _check(batch, tokens)
         acc = moments_step(graphdef, state, acc, shard_batch(batch), tokens)
@@ -106,9 +100,7 @@ def _is_b_kernel(path: tuple, _value: Any) -> bool:
 
 
 def _nll_sum(model: CausalLM, batch: Mapping[str, jax.Array], tokens: str) -> tuple[jax.Array, jax.Array]:
-    logits = model(batch["input_ids"], batch["attention_mask"])[:, :-1]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logp, batch["input_ids"][:, 1:, None], axis=-1)[..., 0]
+    picked = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"])
     targets = token_mask(batch, tokens)[:, 1:]
     return -jnp.sum(jnp.where(targets, picked, 0.0)), jnp.sum(targets.astype(jnp.int32))
 
@@ -192,8 +184,12 @@ def unit_scores(
     if tokens not in TOKENS:
         raise ValueError(f"tokens={tokens!r}: must be one of {TOKENS}")
     if scorer == "snip":
-        return snip(model, *gradient_sums(model, batches, tokens))
-    moments = activation_moments(model, batches, tokens)
-    if int(moments["mlp"].count) == 0:
+        sums, count = gradient_sums(model, batches, tokens)
+    else:
+        moments = activation_moments(model, batches, tokens)
+        count = moments["mlp"].count
+    if int(count) == 0:
         raise ValueError(f"the calibration batches hold no {tokens} tokens to score on")
+    if scorer == "snip":
+        return snip(model, sums, count)
     return (wifv if scorer == "wifv" else wanda)(model, moments)

@@ -10,6 +10,7 @@ from ssah_jax.data.sources import (
     load_dataset,
     load_local,
     resolve_data_dir,
+    with_responses,
 )
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "load_dataset",
     "load_local",
     "resolve_data_dir",
+    "with_responses",
 ]

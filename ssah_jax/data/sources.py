@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -283,6 +283,12 @@ DATASETS: dict[str, Dataset] = {
     "harmful_qa": Dataset(_read_json_list, _harmful_qa, {"train": "attack/harmful_qa_many_shot.json"},
                           "400 harmful question -> harmful answer pairs"),
 }
+
+
+def with_responses(records: Iterable[Record]) -> list[Record]:
+    """The records usable as training / calibration / perplexity targets: a non-empty response
+    whose generation succeeded (alpaca_libre keeps failed ones, ``meta["status"] != "ok"``)."""
+    return [r for r in records if r.response and r.meta.get("status", "ok") == "ok"]
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:

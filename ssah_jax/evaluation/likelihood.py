@@ -17,13 +17,16 @@ from ssah_jax.generation import left_pad
 from ssah_jax.models import CausalLM, KVCache
 
 
+def next_token_logprobs(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """``log p(token_t | tokens_<t)`` for ``t = 1 .. L-1``, float32 ``[B, L - 1]`` (traceable)."""
+    logp = jax.nn.log_softmax(model(input_ids, attention_mask)[:, :-1], axis=-1)
+    return jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def token_logprobs(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array):
     """``log p(token_t | tokens_<t)`` as float32 ``[B, L]`` (0 at ``t = 0``)."""
-    model = nnx.merge(graphdef, state)
-    logits = model(input_ids, attention_mask)[:, :-1]
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logp, input_ids[:, 1:, None], axis=-1)[..., 0]
+    picked = next_token_logprobs(nnx.merge(graphdef, state), input_ids, attention_mask)
     return jnp.pad(picked, ((0, 0), (1, 0)))
 
 
