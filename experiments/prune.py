@@ -55,20 +55,6 @@ def validate(config: ConfigDict) -> None:
     evaluate.validate(config, "evaluation.")
 
 
-def _refuse_other_runs(config: ConfigDict, workdir: Path) -> None:
-    previous = workdir / "config.json"
-    if not previous.exists():
-        return
-    old = json.loads(previous.read_text())
-    new = json.loads(config.to_json_best_effort())
-    changed = [k for k in DETERMINING if old.get(k) != new.get(k)]
-    if changed:
-        raise runs.ConfigError(
-            f"{workdir} holds a prune run with other values of "
-            + ", ".join(f"config.{k}" for k in changed) + "; use a new --workdir"
-        )
-
-
 def calibration_records(config: ConfigDict, which: str) -> list:
     spec = config.attribution[which]
     records = with_responses(load_local(spec.dataset, None, config.data_dir or None, on_error="skip")[0])
@@ -108,8 +94,7 @@ def scores(config: ConfigDict, model: Any, tokenizer: Any, out: Path, which: str
 
 def run(config: ConfigDict, workdir: str) -> Path:
     validate(config)
-    _refuse_other_runs(config, Path(workdir))
-    out = runs.prepare_workdir(workdir, config)
+    out = runs.prepare_workdir(workdir, config, DETERMINING)
     model, tokenizer = load_model(config.model, runs.dtype(config))
 
     safety = scores(config, model, tokenizer, out, "safety")

@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: path/to/config.py:preset.")
@@ -31,6 +31,7 @@ def _main(argv: list[str]) -> None:
         raise app.UsageError(f"--config is required, e.g. --config=configs/{argv[1]}.py:smollm2")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file operation at INFO
     module = importlib.import_module(f"experiments.{argv[1]}")
     module.run(_CONFIG.value, _WORKDIR.value)
 

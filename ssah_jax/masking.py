@@ -14,6 +14,7 @@ of them (pruning: zeroing the channel must not remove units that were not select
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -98,6 +99,72 @@ def parameter_masks(params: Any, units: dict[str, Any], config: ModelConfig, *, 
     return jax.tree_util.tree_map_with_path(mask, params)
 
 
+GROUPS = ("embeddings", "norms", "head")
+
+
+def _group(names: tuple) -> str | None:
+    """The parameter group of a path outside the units: embeddings, norms or head."""
+    if names[:1] == ("embed",):
+        return "embeddings"
+    if names[:1] == ("lm_head",):
+        return "head"
+    if names[-1:] == ("scale",):  # every RMSNorm: input_norm, post_attn_norm, final_norm
+        return "norms"
+    return None
+
+
+def freeze_masks(
+    params: Any,
+    config: ModelConfig,
+    *,
+    frozen_units: dict[str, Any] | None = None,
+    trained_units: dict[str, Any] | None = None,
+    frozen_layers: Sequence[int] = (),
+    frozen_groups: Sequence[str] = (),
+) -> Any:
+    """Boolean masks shaped like ``params``, True where a parameter is frozen (for :func:`freeze`).
+
+    A parameter is frozen when any of these holds:
+      - it belongs to a unit of ``frozen_units`` (``shared="any"``: a frozen unit keeps every
+        ``v_proj`` channel it reads);
+      - ``trained_units`` is given and it belongs to none of those units (``shared="all"``: a
+        shared ``v_proj`` channel is trained only if every unit reading it is), and it is not
+        an embedding / norm / head parameter (those follow ``frozen_groups``);
+      - it lives in a layer of ``frozen_layers`` (the layer-freeze baseline);
+      - it is in one of ``frozen_groups``, a subset of :data:`GROUPS`: ``embeddings`` (the
+        token embedding, also the head when tied), ``norms`` (every RMSNorm scale), ``head``.
+
+    Masks stay compact (a unit's row or column, or a scalar per parameter).
+    """
+    if frozen_units is not None and trained_units is not None:
+        raise ValueError("give frozen_units or trained_units, not both")
+    unknown = set(frozen_groups) - set(GROUPS)
+    if unknown:
+        raise ValueError(f"frozen_groups {sorted(unknown)}: choose from {GROUPS}")
+    bad_layers = [i for i in frozen_layers if not 0 <= i < config.num_layers]
+    if bad_layers:
+        raise ValueError(f"frozen_layers {bad_layers}: this model has layers 0..{config.num_layers - 1}")
+    false = jnp.zeros((), bool)
+    if frozen_units is not None:
+        units = parameter_masks(params, frozen_units, config, shared="any")
+    elif trained_units is not None:
+        units = jax.tree.map(jnp.logical_not, parameter_masks(params, trained_units, config, shared="all"))
+    else:
+        units = jax.tree.map(lambda _: false, params)
+    layers = {int(i) for i in frozen_layers}
+
+    def mask(path, unit_mask):
+        names = _names(path)
+        group = _group(names)
+        if names[0] == "layers" and names[1] in layers:
+            return jnp.ones((), bool)
+        if group is not None:
+            return jnp.asarray(group in frozen_groups)
+        return unit_mask
+
+    return jax.tree_util.tree_map_with_path(mask, units)
+
+
 def prune(params: Any, units: dict[str, Any], config: ModelConfig) -> Any:
     """Zeroes the selected units: their column of ``B`` (``o_proj`` / ``down_proj``) and the
     matching rows of ``A`` (``gate_proj`` and ``up_proj``; ``v_proj`` channels whose every
@@ -142,6 +209,15 @@ def freeze(masks: Any) -> optax.GradientTransformation:
         return jax.tree.map(_frozen_update, updates, state.masks), state
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def frozen_masks_of(opt_state: Any) -> Any:
+    """The masks of the :func:`freeze` transform inside an optimizer state (any nesting)."""
+    found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, FreezeState))
+             if isinstance(x, FreezeState)]
+    if len(found) != 1:
+        raise ValueError(f"the optimizer state holds {len(found)} freeze transforms, expected one")
+    return found[0].masks
 
 
 def zero_frozen_gradients(grads: Any, masks: Any) -> Any:

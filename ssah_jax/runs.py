@@ -32,9 +32,21 @@ def dtype(config: ConfigDict, key: str = "dtype"):
     return DTYPES[config[key]]
 
 
-def prepare_workdir(workdir: str | Path, config: ConfigDict) -> Path:
-    """Creates ``workdir`` and writes the resolved config to ``config.json``."""
+def prepare_workdir(workdir: str | Path, config: ConfigDict, determining: tuple[str, ...] = ()) -> Path:
+    """Creates ``workdir`` and writes the resolved config to ``config.json``.
+
+    ``determining``: the top-level keys the workdir's results depend on; a workdir holding a
+    run with other values of them is refused (ConfigError naming the keys), so a resume
+    never mixes the results of two configs."""
     workdir = Path(workdir)
+    previous = workdir / "config.json"
+    if determining and previous.exists():
+        old = json.loads(previous.read_text())
+        new = json.loads(config.to_json_best_effort())
+        changed = [k for k in determining if old.get(k) != new.get(k)]
+        if changed:
+            raise ConfigError(f"{workdir} holds a run with other values of "
+                              + ", ".join(f"config.{k}" for k in changed) + "; use a new --workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     return workdir

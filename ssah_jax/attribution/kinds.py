@@ -113,6 +113,36 @@ class UnitMap:
             raise ValueError(f"kinds {sorted(unknown) or '()'}: choose from {KINDS}")
         return {m: np.logical_or.reduce([self.masks[k][m] for k in kinds]) for m in MODULES}
 
+    def select(self, spec: str) -> dict[str, np.ndarray]:
+        """Unit mask of a selection: kinds joined by ``+``; ``KIND:f`` takes only the top ``f``
+        (a fraction of *all* units) of that kind, ranked like SCU (highest normalised
+        ``I_S - I_U``, ties by unit order). Examples: ``"SCU+CU:0.06"`` (SCU and the 6% most
+        safety-leaning units among the CU, the paper's freeze setting), ``"SCU+CU"``, ``"RU"``."""
+        shapes = {m: self.masks["CU"][m].shape for m in MODULES}
+        selected = np.zeros(self.num_units, bool)
+        for term in spec.replace(" ", "").split("+"):
+            kind, _, fraction = term.partition(":")
+            if kind not in KINDS:
+                raise ValueError(f"unit selection {spec!r}: {kind!r} is not a kind {KINDS}")
+            members = _flat(self.masks[kind])
+            if not fraction:
+                selected |= members
+                continue
+            try:
+                f = float(fraction)
+            except ValueError:
+                raise ValueError(f"unit selection {spec!r}: {fraction!r} is not a fraction") from None
+            count = int(round(f * self.num_units))
+            if not 0 <= f <= 1 or count > members.sum():
+                raise ValueError(f"unit selection {spec!r}: {term} asks for {count} units, {kind} has "
+                                 f"{int(members.sum())}")
+            how = self.info.get("normalise", "none")
+            s, u = _normalise(self.scores["safety"], how), _normalise(self.scores["utility"], how)
+            diff = _flat({m: s[m] - u[m] for m in MODULES})
+            ranked = np.lexsort((np.arange(diff.size), -diff))
+            selected[ranked[members[ranked]][:count]] = True
+        return _unflat(selected, shapes)
+
     def random_units(self, count: int, seed: int) -> dict[str, np.ndarray]:
         """A unit mask of ``count`` units drawn uniformly from all units (a control)."""
         shapes = {m: self.masks["CU"][m].shape for m in MODULES}

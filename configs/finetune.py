@@ -1,0 +1,72 @@
+"""Config for ``ssah-jax finetune``: supervised fine-tuning (response-only loss) with a freeze
+setting, orbax checkpoints (re-running the command resumes) and an HF export.
+
+Presets (``--config=configs/finetune.py:<preset>``):
+  smollm2  the CPU preset: the demo model, 60 steps of batch 8 on alpaca_libre (256 tokens),
+           held-out response loss on 64 examples every 20 steps, full fine-tuning
+  quick    a smoke test: 6 steps of batch 4 (128 tokens), 8 held-out examples
+  gpu      one GPU: bfloat16 compute (float32 master weights), batch 32, 1,000 steps
+
+``freeze.mode``:
+  none        every parameter trains
+  units       the units of ``freeze.units.selection`` in the unit map ``freeze.units.file``
+              (an ``ssah-jax prune`` run's ``units.npz``) are frozen, e.g. ``SCU+CU:0.06``
+              (SCU and the top 6% of CU, the paper's setting) or ``SCU+CU``;
+              ``freeze.units.random=True`` freezes as many random units instead (the control)
+  only_units  only the selected units train (e.g. ``RU``: the alignment budget)
+  layers      the decoder layers ``freeze.layers`` ("i-j", inclusive) are frozen
+  lora        the base model is frozen; LoRA adapters train and are merged into the export
+``freeze.groups``: any of ``embeddings``, ``norms``, ``head`` to freeze (the others train);
+with ``only_units`` list all three to train nothing but the units.
+"""
+
+from ml_collections import ConfigDict
+
+from ssah_jax.runs import set_values
+
+
+def get_config(preset: str = "smollm2") -> ConfigDict:
+    c = ConfigDict()
+    c.model = "smollm2-135m-instruct"  # demo name, HF directory / repo id, .gguf, or a finetune workdir
+    c.data_dir = ""  # empty: $SSAH_DATA_DIR, else ../shared/data beside the checkout
+    c.seed = 0  # data order and LoRA initialisation
+    c.data = ConfigDict(dict(
+        dataset="alpaca_libre", split="",  # empty split: the dataset's first
+        limit=0,  # training examples (0: all but the held-out ones)
+        heldout=64,  # the dataset's last examples, never trained on
+        max_length=256, system_prompt="",
+    ))
+    c.steps = 60
+    c.batch_size = 8  # global, in examples
+    c.accum_steps = 1  # micro-batches per step
+    c.compute_dtype = "float32"  # float32 | bfloat16 (the master weights stay float32)
+    c.optimizer = ConfigDict(dict(
+        learning_rate=2e-5, schedule="cosine", warmup_steps=6, end_fraction=0.0,
+        weight_decay=0.0, clip_norm=1.0,
+    ))
+    c.freeze = ConfigDict(dict(
+        mode="none",  # none | units | only_units | layers | lora
+        units=ConfigDict(dict(file="", selection="SCU+CU:0.06", random=False)),
+        layers="",  # "i-j" for mode=layers
+        groups=(),  # embeddings / norms / head to freeze
+        lora=ConfigDict(dict(rank=8, alpha=16.0, targets=("q_proj", "v_proj"))),  # raise the learning rate
+    ))
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: the remaining devices (FSDP by default)
+    c.log_every = 5
+    c.eval_every = 20  # held-out loss (also before the first and after the last step)
+    c.eval_batch_size = 8
+    c.checkpoint_every = 20
+    c.keep_checkpoints = 2
+    presets = {
+        "smollm2": {},
+        "quick": {"steps": 6, "batch_size": 4, "data.limit": 48, "data.heldout": 8, "data.max_length": 128,
+                  "optimizer.warmup_steps": 1, "log_every": 1, "eval_every": 3, "checkpoint_every": 2},
+        "gpu": {"steps": 1000, "batch_size": 32, "compute_dtype": "bfloat16", "data.heldout": 256,
+                "data.max_length": 512, "optimizer.warmup_steps": 50, "log_every": 10, "eval_every": 200,
+                "eval_batch_size": 32, "checkpoint_every": 200},
+    }
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r} for configs/finetune.py (presets: {sorted(presets)})")
+    set_values(c, presets[preset])
+    c.lock()
+    return c

@@ -1,0 +1,286 @@
+"""Fine-tune a model (response-only SFT) with a freeze setting; resumable, exported to HF.
+
+Writes into the workdir: ``config.json``, ``checkpoints/`` (orbax; re-running the command
+resumes from the latest), ``metrics.jsonl`` and ``tensorboard/`` (training loss, gradient
+norm, learning rate; held-out response loss), ``export/`` (an HF directory that
+transformers and ``ssah_jax.checkpoints.load_model`` read; LoRA merged in), ``loss.png``,
+``metrics.json`` and ``report.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from ml_collections import ConfigDict
+
+from ssah_jax import runs
+from ssah_jax.attribution import UnitMap
+from ssah_jax.checkpoints import load_model, save_hf
+from ssah_jax.data import load_local, with_responses
+from ssah_jax.data.batching import batch_dataset, bucket_lengths
+from ssah_jax.data.tokenize import encode_records
+from ssah_jax.masking import GROUPS, MODULES, freeze_masks
+from ssah_jax.sharding import make_mesh, shard_batch, use_rules
+from ssah_jax.train import lora
+from ssah_jax.train.loop import LoopConfig, fit
+from ssah_jax.train.step import (
+    SCHEDULES,
+    OptimizerConfig,
+    Trainee,
+    compile_eval_step,
+    create_state,
+    make_optimizer,
+    model_shardings,
+)
+
+MODES = ("none", "units", "only_units", "layers", "lora")
+# A workdir holding a run with other values of these is refused (resuming would mix runs).
+DETERMINING = ("model", "seed", "data", "steps", "batch_size", "accum_steps", "compute_dtype", "optimizer", "freeze")
+
+
+def parse_layers(spec: str) -> list[int]:
+    """``"10-15"`` -> ``[10, ..., 15]``; ``"3"`` -> ``[3]``."""
+    first, _, last = spec.partition("-")
+    first, last = int(first), int(last or first)
+    if last < first:
+        raise ValueError(f"layer range {spec!r} is empty")
+    return list(range(first, last + 1))
+
+
+def validate(config: ConfigDict) -> None:
+    check = functools.partial(runs.check, config)
+    runs.dtype(config, "compute_dtype")
+    check("steps", lambda v: v >= 1, "must be >= 1")
+    check("batch_size", lambda v: v >= 1, "must be >= 1")
+    check("accum_steps", lambda v: v >= 1 and config.batch_size % v == 0, "must divide batch_size")
+    check("data.limit", lambda v: v >= 0, "must be >= 0 (0 = all)")
+    check("data.heldout", lambda v: v >= 0, "must be >= 0")
+    check("data.max_length", lambda v: v >= 16, "must be >= 16")
+    o = "optimizer."
+    check(o + "learning_rate", lambda v: v > 0, "must be > 0")
+    check(o + "schedule", lambda v: v in SCHEDULES, f"must be one of {SCHEDULES}")
+    check(o + "warmup_steps", lambda v: 0 <= v <= config.steps, "must be in [0, steps]")
+    check(o + "end_fraction", lambda v: 0 <= v <= 1, "must be in [0, 1]")
+    check(o + "weight_decay", lambda v: v >= 0, "must be >= 0")
+    check(o + "clip_norm", lambda v: v >= 0, "must be >= 0 (0 = no clipping)")
+    f = "freeze."
+    check(f + "mode", lambda v: v in MODES, f"must be one of {MODES}")
+    check(f + "groups", lambda v: set(v) <= set(GROUPS), f"must be a subset of {GROUPS}")
+    if config.freeze.mode in ("units", "only_units"):
+        check(f + "units.file", lambda v: bool(v), "is required with freeze.mode=units / only_units")
+        check(f + "units.selection", lambda v: bool(v), "is required with freeze.mode=units / only_units")
+    if config.freeze.mode == "layers":
+        def layers_ok(v):
+            try:
+                return bool(parse_layers(v))
+            except ValueError:
+                return False
+        check(f + "layers", layers_ok, 'must be a layer range "i-j" with freeze.mode=layers')
+    check(f + "lora.rank", lambda v: v >= 1, "must be >= 1")
+    check(f + "lora.targets", lambda v: len(v) > 0 and set(v) <= set(lora.TARGETS),
+          f"must be a non-empty subset of {sorted(lora.TARGETS)}")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size"):
+        check(key, lambda v: v >= 1, "must be >= 1")
+    check("eval_every", lambda v: v >= 0, "must be >= 0")
+
+
+def model_source(ref: str) -> str:
+    """A finetune workdir stands for its export."""
+    export = Path(ref) / "export"
+    return str(export) if (export / "config.json").exists() else ref
+
+
+def split_records(config: ConfigDict) -> tuple[list, list]:
+    """(training records, held-out records): the held-out ones are the dataset's last."""
+    d = config.data
+    records = with_responses(load_local(d.dataset, d.split or None, config.data_dir or None, on_error="skip")[0])
+    heldout = records[len(records) - d.heldout:] if d.heldout else []
+    pool = records[: len(records) - d.heldout]
+    train = pool[: d.limit] if d.limit else pool
+    if not train:
+        raise runs.ConfigError(f"config.data: {d.dataset} has {len(records)} usable records, "
+                               f"none left for training after {d.heldout} held out")
+    return train, heldout
+
+
+def freeze_setting(config: ConfigDict, model: Any, params: Any, shardings: Any) -> dict[str, Any]:
+    """What trains: ``params`` / ``base`` / their shardings, the freeze ``masks``, LoRA config,
+    and a one-line description."""
+    f = config.freeze
+    mode, cfg = f.mode, model.config
+    setting = {"params": params, "shardings": shardings, "base": None, "base_shardings": None, "lora": None}
+    if mode == "lora":
+        lcfg = lora.LoraConfig(f.lora.rank, f.lora.alpha, tuple(f.lora.targets))
+        adapters = lora.init(jax.random.key(config.seed), params, lcfg)
+        setting.update(params=adapters, shardings=lora.shardings(adapters, shardings, lcfg), base=params,
+                       base_shardings=shardings, lora=lcfg, masks=jax.tree.map(lambda _: False, adapters))
+        setting["description"] = (f"LoRA rank {lcfg.rank}, alpha {lcfg.alpha} on {', '.join(lcfg.targets)} "
+                                  f"({lora.count(adapters):,} adapter parameters; the base model is frozen)")
+        return setting
+    kw: dict[str, Any] = {"frozen_groups": tuple(f.groups)}
+    if mode in ("units", "only_units"):
+        umap = UnitMap.load(f.units.file, model=model)
+        units = umap.select(f.units.selection)
+        count = int(sum(units[m].sum() for m in MODULES))
+        what = f"{f.units.selection} of {f.units.file} ({count} units)"
+        if f.units.random:
+            units = umap.random_units(count, config.seed)
+            what = f"{count} random units (as many as {f.units.selection} of {f.units.file}; seed {config.seed})"
+        kw["frozen_units" if mode == "units" else "trained_units"] = units
+        description = f"frozen: {what}" if mode == "units" else f"trained: only {what}"
+    elif mode == "layers":
+        kw["frozen_layers"] = parse_layers(f.layers)
+        description = f"frozen: decoder layers {f.layers}"
+    else:
+        description = "full fine-tuning"
+    if f.groups:
+        description += f"; frozen groups: {', '.join(f.groups)}"
+    setting.update(masks=freeze_masks(params, cfg, **kw), description=description)
+    return setting
+
+
+def _frozen_checksum(params: Any, masks: Any) -> jax.Array:
+    """Sum of the bit patterns of every frozen element (uint32, wrapping): equal before and
+    after training when no frozen element changed."""
+    def leaf(p, m):
+        bits = jax.lax.bitcast_convert_type(p.astype(jnp.float32), jnp.uint32)
+        return jnp.sum(jnp.where(m, bits, jnp.uint32(0)), dtype=jnp.uint32)
+
+    return sum(jax.tree.leaves(jax.tree.map(leaf, params, masks)), jnp.uint32(0))
+
+
+def _count(params: Any, masks: Any) -> tuple[int, int]:
+    """(frozen elements, all elements)."""
+    frozen = sum(int(np.broadcast_to(np.asarray(m), p.shape).sum()) for p, m in
+                 zip(jax.tree.leaves(params), jax.tree.leaves(masks)))
+    return frozen, int(sum(p.size for p in jax.tree.leaves(params)))
+
+
+def run(config: ConfigDict, workdir: str) -> Path:
+    validate(config)
+    out = runs.prepare_workdir(workdir, config, DETERMINING)
+    source = model_source(config.model)
+    model, tokenizer = load_model(source)  # float32: the master weights
+    d = config.data
+    train_records, heldout_records = split_records(config)
+    encode = functools.partial(encode_records, tokenizer, max_length=d.max_length,
+                               system_prompt=d.system_prompt or None)
+    train_examples, stats = encode(train_records)
+    heldout_examples, heldout_stats = encode(heldout_records)
+    print(f"Training set ({d.dataset}): {stats}\nHeld-out set: {heldout_stats}")
+
+    mesh = make_mesh(dict(config.mesh))
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    runs.check(config, "batch_size", lambda v: (v // config.accum_steps) % rows == 0,
+               f"each micro-batch (batch_size / accum_steps) must split over the {rows} data x fsdp devices")
+    runs.check(config, "eval_batch_size", lambda v: v % rows == 0, f"must split over the {rows} data x fsdp devices")
+    with jax.set_mesh(mesh), use_rules():
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        setting = freeze_setting(config, model, params, model_shardings(params, model, mesh))
+        frozen, total = _count(setting["params"], setting["masks"])
+        o = config.optimizer
+        tx, schedule = make_optimizer(OptimizerConfig(
+            learning_rate=o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
+            total_steps=config.steps, end_fraction=o.end_fraction, weight_decay=o.weight_decay,
+            clip_norm=o.clip_norm), setting["masks"])
+        state, shardings = create_state(setting["params"], tx, setting["shardings"], rng=jax.random.key(config.seed),
+                                        base=setting["base"], base_shardings=setting["base_shardings"])
+        checksum = jax.jit(_frozen_checksum)
+        before = int(checksum(state.params, setting["masks"]))
+        trainee = Trainee.of(model, runs.DTYPES[config.compute_dtype], setting["lora"])
+        buckets = bucket_lengths(d.max_length)
+        dataset = batch_dataset(train_examples, batch_size=config.batch_size, pad_id=tokenizer.pad_token_id,
+                                buckets=buckets, seed=config.seed, epochs=None)
+        hooks = []
+        if heldout_examples:
+            evaluate = compile_eval_step(trainee, shardings)
+            heldout = batch_dataset(heldout_examples, batch_size=config.eval_batch_size,
+                                    pad_id=tokenizer.pad_token_id, buckets=buckets, shuffle=False)
+
+            def heldout_loss(step, state):
+                sums = [evaluate(state, shard_batch(b)) for b in heldout]
+                nll, tokens = (float(sum(s[i] for s in sums)) for i in (0, 1))
+                return {"heldout_loss": nll / max(tokens, 1.0)}
+
+            hooks.append(heldout_loss)
+        data_id = {"dataset": d.dataset, "split": d.split, "examples": len(train_examples),
+                   "batch_size": config.batch_size, "max_length": d.max_length, "seed": config.seed}
+        print(f"Freeze setting: {setting['description']}; {total - frozen:,} of {total:,} trained elements")
+        state, summary = fit(
+            trainee, tx, schedule, state, shardings, dataset,
+            LoopConfig(steps=config.steps, accum_steps=config.accum_steps, log_every=config.log_every,
+                       eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
+                       keep_checkpoints=config.keep_checkpoints),
+            out, data_id=data_id, hooks=hooks)
+        after = int(checksum(state.params, setting["masks"]))
+        final = state.params if setting["lora"] is None else lora.merge(state.base, state.params, setting["lora"])
+        exported = nnx.merge(nnx.graphdef(model), jax.device_get(final))
+    export = save_hf(exported, model.config.to_hf(), out / "export", tokenizer)
+
+    records = runs.read_jsonl(out / "metrics.jsonl")
+    result = {
+        "source": source, "description": setting["description"], "trained_elements": total - frozen,
+        "frozen_elements": frozen, "total_elements": total, "frozen_unchanged": before == after,
+        "examples": {"train": len(train_examples), "heldout": len(heldout_examples)},
+        "heldout_loss": {r["step"]: r["heldout_loss"] for r in records if r["kind"] == "eval"},
+        "train": summary, "export": str(export),
+    }
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot = plot_loss(records, out / "loss.png")
+    report = out / "report.md"
+    report.write_text(render_report(config, result, stats, plot))
+    print(f"Report: {report}")
+    return report
+
+
+def plot_loss(records: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [r for r in records if r["kind"] == "train"]
+    heldout = [r for r in records if r["kind"] == "eval"]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="training batch loss", color="#1f77b4")
+    if heldout:
+        ax.plot([r["step"] for r in heldout], [r["heldout_loss"] for r in heldout], "o-", label="held-out loss",
+                color="#d62728")
+    ax.set_xlabel("step")
+    ax.set_ylabel("response-token NLL")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def render_report(config: ConfigDict, result: dict, stats: Any, plot: Path) -> str:
+    t, o = result["train"], config.optimizer
+    lines = [
+        "# finetune", "",
+        f"Model `{result['source']}`, {config.compute_dtype} compute (float32 master weights). "
+        f"{config.steps} steps of {config.batch_size} `{config.data.dataset}` examples "
+        f"({config.accum_steps} micro-batch(es) per step), response-only loss; {stats}. "
+        f"AdamW, learning rate {o.learning_rate} ({o.schedule}, {o.warmup_steps} warmup steps), weight decay "
+        f"{o.weight_decay}, clipping {o.clip_norm}.", "",
+        f"Freeze setting: {result['description']}. Trained elements: {result['trained_elements']:,} of "
+        f"{result['total_elements']:,}. Frozen elements bit-identical after training (checksum): "
+        f"{'yes' if result['frozen_unchanged'] else '**NO**'}.", "",
+        "| step | held-out loss |", "|---|---|",
+    ]
+    lines += [f"| {step} | {loss:.4f} |" for step, loss in sorted(result["heldout_loss"].items())]
+    lines += [
+        "", f"Held-out set: the last {result['examples']['heldout']} usable `{config.data.dataset}` examples.", "",
+        f"![loss]({plot.name})", "",
+        f"This invocation ran {t['steps_run']} steps (resumed from step {t['resumed_from']}) in {t['seconds']} s.",
+        "", f"Export (HF format, LoRA merged): `{result['export']}`. Metrics: `metrics.jsonl`, `tensorboard/`.", "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,62 @@
+"""Training checkpoints with orbax: the whole train state (parameters, optimizer state with
+the freeze masks, step, rng) plus JSON metadata (the data position and what it indexes).
+
+Saves are asynchronous (orbax copies the arrays off the devices, then writes in the
+background); a checkpoint directory appears only once complete, so a run killed mid-save
+resumes from the previous one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from ssah_jax.checkpoints.params import CheckpointError
+
+
+class TrainCheckpoints:
+    """``CheckpointManager`` over ``{"state": <pytree>, "meta": <json>}`` items.
+
+    Args:
+      directory: where the step directories go (created).
+      every: save when ``step % every == 0`` (``save(..., force=True)`` saves anyway).
+      keep: how many recent checkpoints to keep.
+    """
+
+    def __init__(self, directory: str | Path, *, every: int, keep: int):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=every, max_to_keep=keep, create=True, enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, meta: dict[str, Any], *, force: bool = False) -> bool:
+        """Starts saving ``state`` and ``meta`` as ``step``; True if a save started."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """The state at ``step`` (default: the latest), shaped, typed and sharded like ``like``
+        (a state of the same structure, or ``jax.ShapeDtypeStruct`` leaves with shardings)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{self.directory}: no checkpoint to restore")
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), like)
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"{self.directory / str(step)}: does not hold a train state of this run's structure ({e})") from e
+        return restored["state"], dict(restored["meta"])
+
+    def close(self) -> None:
+        """Waits for the last save to finish."""
+        self.manager.wait_until_finished()
+        self.manager.close()

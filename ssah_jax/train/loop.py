@@ -1,0 +1,105 @@
+"""The training loop: compiled steps over a random-access batch dataset, metrics, periodic
+evaluation hooks, and orbax checkpoints that make a re-run resume exactly.
+
+Batch ``s`` of the run is ``dataset[s]`` (a ``grain.MapDataset`` from
+:func:`ssah_jax.data.batching.batch_dataset`), so the data position saved with a checkpoint
+is the step itself, and a resumed run sees the same batches in the same order: on one
+machine its final parameters are bit-identical to an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+from tqdm.auto import tqdm
+
+from ssah_jax.checkpoints.manager import TrainCheckpoints
+from ssah_jax.checkpoints.params import CheckpointError
+from ssah_jax.sharding import shard_batch
+from ssah_jax.train.metrics import MetricWriter
+from ssah_jax.train.step import TrainState, compile_train_step
+
+# (step, state) -> metrics to log under "eval/", or None.
+Hook = Callable[[int, TrainState], dict[str, float] | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    steps: int
+    accum_steps: int = 1
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only before the first and after the last step
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+
+
+def fit(
+    trainee,
+    tx,
+    schedule,
+    state: TrainState,
+    shardings: TrainState,
+    dataset: Any,
+    config: LoopConfig,
+    workdir: str | Path,
+    *,
+    data_id: dict[str, Any],
+    hooks: Sequence[Hook] = (),
+) -> tuple[TrainState, dict[str, Any]]:
+    """Trains ``state`` for ``config.steps`` steps, resuming from ``workdir/checkpoints``.
+
+    ``data_id`` describes the batches (dataset, sizes, seed); a checkpoint made with other
+    data is refused. Hooks run before step 0, every ``eval_every`` steps and after the last.
+    Returns the final state and a summary (steps run now, wall time, last metrics).
+    """
+    workdir = Path(workdir)
+    checkpoints = TrainCheckpoints(workdir / "checkpoints", every=config.checkpoint_every,
+                                   keep=config.keep_checkpoints)
+    start = 0
+    if checkpoints.latest_step() is not None:
+        state, meta = checkpoints.restore(state)
+        if meta.get("data") != data_id:
+            raise CheckpointError(
+                f"{checkpoints.directory}: made with data {meta.get('data')}, this run has {data_id}; "
+                "use a new --workdir")
+        start = int(state.step)
+        print(f"Resuming from the checkpoint of step {start} ({checkpoints.directory})")
+    writer = MetricWriter(workdir, resume_step=start)
+    step_fn = compile_train_step(trainee, tx, schedule, shardings, accum_steps=config.accum_steps)
+
+    def run_hooks(step: int, state: TrainState) -> None:
+        for hook in hooks:
+            values = hook(step, state)
+            if values:
+                writer.write(step, values, "eval")
+                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+
+    if start == 0:
+        run_hooks(0, state)
+    began, metrics = time.perf_counter(), {}
+    with tqdm(total=config.steps, initial=start, desc="train", unit="step") as bar:
+        for step in range(start, config.steps):
+            state, metrics = step_fn(state, shard_batch(dataset[step]))
+            done = step + 1
+            if done % config.log_every == 0 or done == config.steps:
+                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                writer.write(done, metrics, "train")
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+            if config.eval_every and done % config.eval_every == 0 and done != config.steps:
+                run_hooks(done, state)
+            checkpoints.save(done, state, {"step": done, "data_position": done, "data": data_id},
+                             force=done == config.steps)
+            bar.update(1)
+    if start < config.steps:
+        run_hooks(config.steps, state)
+    checkpoints.close()
+    writer.close()
+    summary = {"steps_run": config.steps - start, "resumed_from": start,
+               "seconds": round(time.perf_counter() - began, 1),
+               "last": {k: float(v) for k, v in jax.device_get(metrics).items()}}
+    return state, summary

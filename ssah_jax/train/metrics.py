@@ -1,0 +1,39 @@
+"""Run metrics: one JSON line per record (``metrics.jsonl``) and TensorBoard events
+(``tensorboard/``). Resuming from step ``s`` drops what a killed run logged after ``s``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ssah_jax.runs import read_jsonl
+
+
+class MetricWriter:
+    def __init__(self, workdir: str | Path, *, resume_step: int = 0):
+        workdir = Path(workdir)
+        self.path = workdir / "metrics.jsonl"
+        kept = [r for r in read_jsonl(self.path) if r["step"] <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        from tensorboardX import SummaryWriter
+
+        # purge_step: TensorBoard hides events a killed run wrote after the resumed step.
+        purge = resume_step + 1 if resume_step else None
+        self.tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge)
+
+    def write(self, step: int, metrics: dict[str, Any], prefix: str) -> None:
+        """Logs ``metrics`` (numbers) as ``<prefix>/<name>`` at ``step``."""
+        values = {k: float(v) for k, v in metrics.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": int(step), "kind": prefix, **values}) + "\n")
+        for name, value in values.items():
+            if math.isfinite(value):
+                self.tensorboard.add_scalar(f"{prefix}/{name}", value, int(step))
+
+    def records(self, kind: str | None = None) -> list[dict[str, Any]]:
+        return [r for r in read_jsonl(self.path) if kind is None or r["kind"] == kind]
+
+    def close(self) -> None:
+        self.tensorboard.close()

@@ -1,0 +1,280 @@
+"""Pure training functions: the state, the response-only loss, the optimizer, the train step.
+
+Everything here is a function of pytrees. The model enters as a static ``nnx.GraphDef`` (the
+:class:`Trainee`) and a pure parameter dict (``nnx.to_pure_dict``), so the step can be
+compiled once with explicit input / output shardings and donated buffers::
+
+    trainee = Trainee.of(model, compute_dtype=jnp.bfloat16)       # graphdef, static
+    tx, schedule = make_optimizer(OptimizerConfig(...), masks)    # freeze masks in its state
+    state, shardings = create_state(params, tx, mesh=mesh, rng=jax.random.key(0))
+    step = compile_train_step(trainee, tx, schedule, shardings, mesh, accum_steps=2)
+    state, metrics = step(state, batch)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ssah_jax.evaluation.likelihood import next_token_logprobs
+from ssah_jax.masking import FreezeState, freeze, frozen_masks_of, zero_frozen_gradients
+from ssah_jax.models import CausalLM
+from ssah_jax.sharding import active_rules, logical_to_spec, param_shardings
+from ssah_jax.train import lora
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """``params``: what the optimizer updates (the model's parameters, float32 master copies,
+    or LoRA adapters). ``base``: frozen weights a LoRA run adapts (None otherwise).
+    ``rng``: key data advanced every step, for stochastic parts of a loss."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+    base: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainee:
+    """What the loss runs: the model's graph in the compute dtype (static), and LoRA if any."""
+
+    graphdef: nnx.GraphDef
+    compute_dtype: Any = jnp.float32
+    lora: lora.LoraConfig | None = None
+
+    @classmethod
+    def of(cls, model: CausalLM, compute_dtype=jnp.float32, lora_config: lora.LoraConfig | None = None) -> Trainee:
+        abstract = nnx.eval_shape(
+            lambda: CausalLM(model.config, dtype=compute_dtype, param_dtype=compute_dtype, rngs=nnx.Rngs(0)))
+        return cls(nnx.graphdef(abstract), compute_dtype, lora_config)
+
+    def weights(self, params: Any, base: Any) -> Any:
+        """The full parameter dict in the compute dtype (LoRA merged in)."""
+        full = params if self.lora is None else lora.merge(base, params, self.lora)
+        return jax.tree.map(lambda w: w.astype(self.compute_dtype), full)
+
+    def model(self, params: Any, base: Any = None) -> CausalLM:
+        return nnx.merge(self.graphdef, self.weights(params, base))
+
+
+def response_loss(trainee: Trainee, params: Any, base: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """``(summed NLL of the loss-mask tokens, their count)``, both float32 scalars.
+
+    The caller divides: summing over micro-batches first makes accumulation exact (every
+    token weighs the same whatever batch it falls in)."""
+    model = trainee.model(params, base)
+    logp = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    return -jnp.sum(logp * mask), jnp.sum(mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 2e-5
+    schedule: str = "cosine"  # cosine | linear | constant, after a linear warmup from 0
+    warmup_steps: int = 0
+    total_steps: int = 1
+    end_fraction: float = 0.0  # final learning rate / peak (cosine, linear)
+    weight_decay: float = 0.0  # decoupled (AdamW), on matrices only (not norms or biases)
+    clip_norm: float = 1.0  # global gradient norm; 0 disables clipping
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+
+def learning_rate_schedule(c: OptimizerConfig) -> optax.Schedule:
+    if c.schedule not in SCHEDULES:
+        raise ValueError(f"schedule {c.schedule!r}: must be one of {SCHEDULES}")
+    decay_steps = max(c.total_steps - c.warmup_steps, 1)
+    end = c.learning_rate * c.end_fraction
+    after = {
+        "cosine": optax.cosine_decay_schedule(c.learning_rate, decay_steps, alpha=c.end_fraction),
+        "linear": optax.linear_schedule(c.learning_rate, end, decay_steps),
+        "constant": optax.constant_schedule(c.learning_rate),
+    }[c.schedule]
+    if not c.warmup_steps:
+        return after
+    # Step s < warmup_steps uses (s + 1) / warmup_steps of the peak: no update is wasted at 0.
+    warmup = optax.linear_schedule(c.learning_rate / c.warmup_steps, c.learning_rate, c.warmup_steps - 1)
+    return optax.join_schedules([warmup, after], [c.warmup_steps])
+
+
+def _decay_mask(params: Any) -> Any:
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(c: OptimizerConfig, masks: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """clip -> AdamW (schedule, decoupled weight decay) -> :func:`ssah_jax.masking.freeze`.
+
+    ``masks``: True where a parameter is frozen, shaped like (or broadcastable to) the
+    trained params. The freeze transform is always there (all-False masks when nothing is
+    frozen), so every run has one code path."""
+    schedule = learning_rate_schedule(c)
+    chain = [optax.clip_by_global_norm(c.clip_norm)] if c.clip_norm > 0 else []
+    chain += [optax.adamw(schedule, c.b1, c.b2, c.eps, weight_decay=c.weight_decay, mask=_decay_mask), freeze(masks)]
+    return optax.chain(*chain), schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# State and shardings
+
+
+def _compact_sharding(mask: Any, param: NamedSharding) -> NamedSharding:
+    """A freeze mask sharded like its parameter on the axes where it is not broadcast."""
+    spec = tuple(param.spec) + (None,) * (mask.ndim - len(param.spec))
+    return NamedSharding(param.mesh, PartitionSpec(*(a if n > 1 else None for a, n in zip(spec, mask.shape))))
+
+
+def model_shardings(params: Any, model: CausalLM, mesh: jax.sharding.Mesh) -> Any:
+    """NamedShardings for a pure parameter dict of ``model``, from its logical axis names."""
+    return nnx.to_pure_dict(param_shardings(nnx.state(model, nnx.Param), mesh, active_rules()))
+
+
+def create_state(
+    params: Any,
+    tx: optax.GradientTransformation,
+    shardings: Any,
+    *,
+    rng: jax.Array,
+    base: Any = None,
+    base_shardings: Any = None,
+) -> tuple[TrainState, TrainState]:
+    """The initial state placed on the mesh, and the matching tree of NamedShardings (what
+    the train step takes and returns, and what a checkpoint restores into).
+
+    Parameters go where ``shardings`` says; Adam moments follow them; freeze masks are
+    sharded like their parameter along the axes they are not broadcast on; the rest (counts,
+    step, rng) is replicated."""
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    replicated = NamedSharding(mesh, PartitionSpec())
+    params = jax.device_put(params, shardings)
+    base = None if base is None else jax.device_put(base, base_shardings)
+    opt_state = tx.init(params)
+
+    def place_masks(node):
+        if not isinstance(node, FreezeState):
+            return node
+        # From host copies: masks may share one array (a scalar False), and each leaf of a
+        # donated state needs its own buffer.
+        return FreezeState(jax.tree.map(lambda m, s: jax.device_put(np.array(m, bool), _compact_sharding(m, s)),
+                                        node.masks, shardings))
+
+    opt_state = jax.tree.map(place_masks, opt_state, is_leaf=lambda x: isinstance(x, FreezeState))
+    rng = jax.random.key_data(rng) if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    state = TrainState(params, opt_state, jnp.zeros((), jnp.int32), jnp.asarray(rng), base)
+
+    def sharding_of(x):
+        s = getattr(x, "sharding", None)
+        return s if isinstance(s, NamedSharding) and s.mesh.shape == mesh.shape else replicated
+
+    state_shardings = jax.tree.map(sharding_of, state)
+    return jax.device_put(state, state_shardings), state_shardings
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+def _micro_batches(batch: dict[str, jax.Array], accum_steps: int) -> dict[str, jax.Array]:
+    """``[B, ...] -> [accum_steps, B / accum_steps, ...]``; micro-batch ``k`` takes rows
+    ``k, k + accum_steps, ...`` so each one spans every data shard."""
+    def split(x):
+        return x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def train_step(
+    trainee: Trainee,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    accum_steps: int,
+    state: TrainState,
+    batch: dict[str, jax.Array],
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on ``batch`` (``accum_steps`` micro-batches, gradients summed in
+    float32, then divided by the batch's loss tokens). Frozen gradients are zeroed before
+    clipping and Adam, and the freeze transform ends the chain."""
+    grad_fn = jax.grad(functools.partial(_loss_and_count, trainee), has_aux=True)
+
+    def accumulate(carry, micro):
+        grads, nll, tokens = carry
+        g, (micro_nll, micro_tokens) = grad_fn(state.params, state.base, micro)
+        return (jax.tree.map(jnp.add, grads, g), nll + micro_nll, tokens + micro_tokens), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    (grads, nll, tokens), _ = jax.lax.scan(
+        accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+        _micro_batches(batch, accum_steps))
+    denominator = jnp.maximum(tokens, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state.params)
+    new, grad_norm = apply_gradients(tx, state, grads)
+    metrics = {"loss": nll / denominator, "tokens": tokens, "grad_norm": grad_norm,
+               "learning_rate": schedule(state.step)}
+    return new, metrics
+
+
+def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads: Any) -> tuple[TrainState, jax.Array]:
+    """The optimizer half of a step: frozen gradients zeroed (NaN there included), ``tx``
+    (ending in the freeze transform), parameters updated, step and rng advanced. Also
+    returns the global norm of the gradients it used."""
+    grads = zero_frozen_gradients(grads, frozen_masks_of(state.opt_state))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new = state.replace(
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        step=state.step + 1,
+        rng=jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)),
+    )
+    return new, optax.global_norm(grads)
+
+
+def _loss_and_count(trainee: Trainee, params, base, batch):
+    nll, tokens = response_loss(trainee, params, base, batch)
+    return nll, (nll, tokens)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Rows over the batch axes of the mesh (``act_batch``), everything else whole."""
+    return NamedSharding(mesh, logical_to_spec(("act_batch",), active_rules()))
+
+
+def compile_train_step(
+    trainee: Trainee,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    shardings: TrainState,
+    *,
+    accum_steps: int = 1,
+):
+    """``step(state, batch) -> (state, metrics)`` jitted with the state's shardings in and
+    out, the batch split over the batch axes, and the input state donated."""
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    replicated = NamedSharding(mesh, PartitionSpec())
+    fn = functools.partial(train_step, trainee, tx, schedule, accum_steps)
+    return jax.jit(fn, in_shardings=(shardings, batch_sharding(mesh)), out_shardings=(shardings, replicated),
+                   donate_argnums=0)
+
+
+def compile_eval_step(trainee: Trainee, shardings: TrainState):
+    """``evaluate(state, batch) -> (summed NLL, tokens)`` on the response tokens, jitted."""
+    mesh = jax.tree.leaves(shardings)[0].mesh
+
+    def fn(state, batch):
+        return response_loss(trainee, state.params, state.base, batch)
+
+    return jax.jit(fn, in_shardings=(shardings, batch_sharding(mesh)),
+                   out_shardings=NamedSharding(mesh, PartitionSpec()))

@@ -1,0 +1,250 @@
+"""Training: freeze masks under the sharded train step, unit selections vs the HF layout, LoRA,
+schedules, and the freeze-mask builders."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ssah_jax.attribution import classify
+from ssah_jax.checkpoints.params import model_to_hf_tensors
+from ssah_jax.masking import freeze_masks
+from ssah_jax.models import CausalLM, ModelConfig
+from ssah_jax.sharding import make_mesh, shard_batch, use_rules
+from ssah_jax.train import (
+    LoraConfig,
+    OptimizerConfig,
+    Trainee,
+    apply_gradients,
+    compile_train_step,
+    create_state,
+    learning_rate_schedule,
+    make_optimizer,
+    model_shardings,
+)
+from ssah_jax.train import lora
+from tests import tiny
+
+
+def tiny_model(**overrides):
+    config = ModelConfig.from_hf(tiny.llama_config(**overrides))
+    return CausalLM(config, rngs=nnx.Rngs(0))
+
+
+def random_units(config, fraction=0.3, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"attn": rng.random((config.num_layers, config.num_heads * config.head_dim)) < fraction,
+            "mlp": rng.random((config.num_layers, config.intermediate_size)) < fraction}
+
+
+def random_batch(rows, length=24, vocab=128, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, vocab, (rows, length)).astype(np.int32)
+    attention = np.ones_like(ids)
+    attention[::3, -5:] = 0  # some right padding
+    loss = attention.copy()
+    loss[:, :6] = 0  # a prompt
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
+
+
+def full(mask, param):
+    return np.broadcast_to(np.asarray(mask), param.shape)
+
+
+def test_frozen_elements_bit_identical_over_20_sharded_adamw_steps_with_accumulation():
+    model = tiny_model()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    initial = jax.device_get(params)
+    config = model.config
+    masks = freeze_masks(params, config, frozen_units=random_units(config), frozen_groups=("norms",))
+    # A -0.0 at a frozen position must stay -0.0 (a +0.0 update would flip its sign bit).
+    params["layers"][0]["mlp"]["down_proj"]["kernel"] = params["layers"][0]["mlp"]["down_proj"]["kernel"].at[
+        int(np.argmax(random_units(config)["mlp"][0])), 0].set(-0.0)
+    initial = jax.device_get(params)
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    with jax.set_mesh(mesh), use_rules():
+        tx, schedule = make_optimizer(OptimizerConfig(learning_rate=3e-3, warmup_steps=2, total_steps=20,
+                                                      weight_decay=0.1, clip_norm=0.5), masks)
+        state, shardings = create_state(params, tx, model_shardings(params, model, mesh), rng=jax.random.key(0))
+        kernel = state.params["layers"][1]["mlp"]["gate_proj"]["kernel"]
+        assert "fsdp" in str(kernel.sharding.spec)  # FSDP really shards the kernels
+        step = compile_train_step(Trainee.of(model), tx, schedule, shardings, accum_steps=2)
+        for i in range(20):
+            state, metrics = step(state, shard_batch(random_batch(16, seed=i)))
+            assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+        final = jax.device_get(state.params)
+    moved = 0
+    for f, i, m in zip(jax.tree.leaves(final), jax.tree.leaves(initial), jax.tree.leaves(jax.device_get(masks))):
+        frozen = full(m, i)
+        np.testing.assert_array_equal(f.view(np.uint32)[frozen], i.view(np.uint32)[frozen])
+        moved += int((f != i)[~frozen].sum())
+        assert not np.array_equal(f[~frozen], i[~frozen]) or not (~frozen).any()
+    assert moved > 0.9 * sum(int((~full(m, p)).sum()) for p, m in zip(jax.tree.leaves(initial),
+                                                                         jax.tree.leaves(jax.device_get(masks))))
+
+
+def test_accumulating_two_micro_batches_equals_one_batch():
+    model = tiny_model()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    masks = freeze_masks(params, model.config)
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    results = []
+    for accum in (1, 2):
+        with jax.set_mesh(mesh), use_rules():
+            tx, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=3), masks)
+            state, shardings = create_state(jax.tree.map(jnp.copy, params), tx,
+                                            model_shardings(params, model, mesh), rng=jax.random.key(0))
+            step = compile_train_step(Trainee.of(model), tx, schedule, shardings, accum_steps=accum)
+            state, metrics = step(state, shard_batch(random_batch(8)))
+            results.append((jax.device_get(state.params), float(metrics["loss"])))
+    (p1, l1), (p2, l2) = results
+    assert abs(l1 - l2) < 1e-5
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_nan_gradients_at_frozen_positions_do_not_leak():
+    model = tiny_model()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    masks = freeze_masks(params, model.config, frozen_units=random_units(model.config, seed=1))
+    rng = np.random.default_rng(0)
+    grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in range(5)]
+    poisoned = [jax.tree.map(lambda g, m: np.where(full(m, g), np.nan, g), g, jax.device_get(masks)) for g in grads]
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    finals = []
+    for sequence in (grads, poisoned):
+        with jax.set_mesh(mesh), use_rules():
+            tx, _ = make_optimizer(OptimizerConfig(learning_rate=1e-2, total_steps=5, weight_decay=0.1,
+                                                   clip_norm=1.0), masks)
+            state, shardings = create_state(jax.tree.map(jnp.copy, params), tx,
+                                            model_shardings(params, model, mesh), rng=jax.random.key(0))
+            step = jax.jit(lambda s, g: apply_gradients(tx, s, g)[0], in_shardings=(shardings, shardings.params),
+                           out_shardings=shardings, donate_argnums=0)
+            for g in sequence:
+                state = step(state, g)
+            finals.append(jax.device_get(state.params))
+    for clean, dirty, initial in zip(*(jax.tree.leaves(t) for t in (*finals, jax.device_get(params)))):
+        assert np.isfinite(dirty).all()
+        np.testing.assert_array_equal(dirty.view(np.uint32), clean.view(np.uint32))
+    assert any(not np.array_equal(c, i) for c, i in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(params)))
+
+
+def hf_masks(model, masks):
+    """Our masks, broadcast to their parameters and laid out as transformers' tensors."""
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    as_float = jax.tree.map(lambda m, p: np.broadcast_to(np.asarray(m), p.shape).astype(np.float32), masks, params)
+    return {k: v.astype(bool) for k, v in model_to_hf_tensors(nnx.merge(nnx.graphdef(model), as_float)).items()}
+
+
+def test_unit_selection_freezes_exactly_the_hf_rows_and_columns_of_its_units():
+    model = tiny_model(attention_bias=True, mlp_bias=True)
+    c = model.config  # 4 heads, 2 kv heads (groups of 2), head_dim 16, MLP 96
+    rng = np.random.default_rng(0)
+    shapes = {"attn": (2, 64), "mlp": (2, 96)}
+    umap = classify({m: rng.random(s) for m, s in shapes.items()}, {m: rng.random(s) for m, s in shapes.items()},
+                    {"SCU": 0.05, "UCU": 0.1, "RU": 0.2})
+    units = umap.select("SCU+CU:0.06")
+    # SCU plus the 6% of all units (19 of 320) that rank highest on I_S - I_U among the CU.
+    assert sum(int(units[m].sum()) for m in shapes) == umap.counts()["SCU"] + round(0.06 * 320)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    got = hf_masks(model, freeze_masks(params, c, frozen_units=units))
+    for layer in range(2):
+        p = f"model.layers.{layer}."
+        attn, mlp = units["attn"][layer], units["mlp"][layer]
+        v = attn.reshape(2, 2, 16).any(axis=1).reshape(32)  # kv head k is read by query heads 2k, 2k+1
+        expected = {
+            "self_attn.o_proj.weight": np.broadcast_to(attn[None, :], (64, 64)),  # columns
+            "self_attn.v_proj.weight": np.broadcast_to(v[:, None], (32, 64)),  # rows
+            "self_attn.v_proj.bias": v,
+            "mlp.down_proj.weight": np.broadcast_to(mlp[None, :], (64, 96)),  # columns
+            "mlp.gate_proj.weight": np.broadcast_to(mlp[:, None], (96, 64)),  # rows
+            "mlp.up_proj.weight": np.broadcast_to(mlp[:, None], (96, 64)),
+            "mlp.gate_proj.bias": mlp,
+            "mlp.up_proj.bias": mlp,
+        }
+        for name, mask in expected.items():
+            np.testing.assert_array_equal(got[p + name], mask, err_msg=name)
+    frozen_elsewhere = [k for k, m in got.items() if m.any() and not any(k.endswith(e) for e in expected)]
+    assert frozen_elsewhere == []
+
+
+def test_freeze_masks_for_trained_units_layers_and_groups():
+    model = tiny_model()
+    c = model.config
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    units = random_units(c, 0.5, seed=3)
+    trained = hf_masks(model, freeze_masks(params, c, trained_units=units, frozen_groups=("embeddings", "head")))
+    # Only the units train: q / k frozen, the B column and A rows of unselected units frozen,
+    # norms train (not listed), embeddings and head frozen.
+    assert trained["model.layers.0.self_attn.q_proj.weight"].all()
+    np.testing.assert_array_equal(trained["model.layers.1.mlp.down_proj.weight"][0], ~units["mlp"][1])
+    v_trained = units["attn"][0].reshape(2, 2, 16).all(axis=1).reshape(32)  # every reader must train
+    np.testing.assert_array_equal(trained["model.layers.0.self_attn.v_proj.weight"][:, 0], ~v_trained)
+    assert not trained["model.layers.0.input_layernorm.weight"].any() and not trained["model.norm.weight"].any()
+    assert trained["model.embed_tokens.weight"].all() and trained["lm_head.weight"].all()
+
+    layers = hf_masks(model, freeze_masks(params, c, frozen_layers=[1], frozen_groups=("norms",)))
+    assert all(m.all() for k, m in layers.items() if k.startswith("model.layers.1."))
+    assert not layers["model.layers.0.mlp.up_proj.weight"].any() and layers["model.layers.0.input_layernorm.weight"].all()
+    assert not layers["model.embed_tokens.weight"].any() and layers["model.norm.weight"].all()
+    with pytest.raises(ValueError, match="frozen_layers"):
+        freeze_masks(params, c, frozen_layers=[2])
+    with pytest.raises(ValueError, match="frozen_groups"):
+        freeze_masks(params, c, frozen_groups=("attention",))
+
+
+def test_unit_selection_errors_name_the_problem():
+    rng = np.random.default_rng(0)
+    shapes = {"attn": (2, 8), "mlp": (2, 8)}
+    umap = classify({m: rng.random(s) for m, s in shapes.items()}, {m: rng.random(s) for m, s in shapes.items()},
+                    {"SCU": 0.1, "UCU": 0.1, "RU": 0.1})
+    np.testing.assert_array_equal(umap.select("SCU + RU")["mlp"], umap.mask("SCU", "RU")["mlp"])
+    with pytest.raises(ValueError, match="'XCU' is not a kind"):
+        umap.select("SCU+XCU")
+    with pytest.raises(ValueError, match="asks for 13 units, SCU has 3"):
+        umap.select("SCU:0.4")
+
+
+def test_lora_starts_at_the_base_model_and_only_adapters_train():
+    model = tiny_model()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    cfg = LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "down_proj"))
+    adapters = lora.init(jax.random.key(0), params, cfg)
+    assert lora.count(adapters) == 2 * (4 * (64 + 64) + 4 * (96 + 64))
+    merged = lora.merge(params, adapters, cfg)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)  # b = 0: the adapted model is the base model
+    mesh = make_mesh({"data": 2, "fsdp": 4})
+    base = jax.device_get(params)
+    with jax.set_mesh(mesh), use_rules():
+        shardings = model_shardings(params, model, mesh)
+        tx, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-2, total_steps=5),
+                                      jax.tree.map(lambda _: False, adapters))
+        state, state_shardings = create_state(adapters, tx, lora.shardings(adapters, shardings, cfg),
+                                              rng=jax.random.key(0), base=params, base_shardings=shardings)
+        step = compile_train_step(Trainee.of(model, lora_config=cfg), tx, schedule, state_shardings)
+        losses = []
+        for i in range(5):
+            state, metrics = step(state, shard_batch(random_batch(8, seed=0)))
+            losses.append(float(metrics["loss"]))
+        final = jax.device_get(lora.merge(state.base, state.params, cfg))
+        base_after = jax.device_get(state.base)
+    assert losses[-1] < losses[0]
+    for a, b in zip(jax.tree.leaves(base_after), jax.tree.leaves(base)):
+        np.testing.assert_array_equal(a, b)
+    flat = jax.tree_util.tree_flatten_with_path(final)[0]
+    changed = {jax.tree_util.keystr(p) for (p, a), b in zip(flat, jax.tree.leaves(base)) if not np.array_equal(a, b)}
+    assert changed == {f"['layers'][{i}]['{m}']['{p}']['kernel']" for i in range(2)
+                       for m, p in (("attn", "q_proj"), ("mlp", "down_proj"))}
+
+
+def test_schedules_warm_up_then_decay():
+    cosine = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=4, total_steps=14))
+    assert [float(cosine(i)) for i in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert float(cosine(9)) == pytest.approx(0.5) and float(cosine(14)) == pytest.approx(0.0)
+    linear = learning_rate_schedule(OptimizerConfig(learning_rate=2.0, schedule="linear", total_steps=10,
+                                                    end_fraction=0.5))
+    assert float(linear(0)) == 2.0 and float(linear(5)) == pytest.approx(1.5) and float(linear(10)) == 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        learning_rate_schedule(OptimizerConfig(schedule="step"))
