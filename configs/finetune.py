@@ -2,7 +2,7 @@
 setting, orbax checkpoints (re-running the command resumes) and an HF export.
 
 Presets (``--config=configs/finetune.py:<preset>``):
-  smollm2  the CPU preset: the demo model, 60 steps of batch 8 on alpaca_libre (256 tokens),
+  smollm2  the CPU preset: the demo model, 60 steps of batch 4 on alpaca_libre (256 tokens),
            held-out response loss on 64 examples every 20 steps, full fine-tuning
   quick    a smoke test: 6 steps of batch 4 (128 tokens), 8 held-out examples
   gpu      one GPU: bfloat16 compute (float32 master weights), batch 32, 1,000 steps
@@ -37,7 +37,7 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
         max_length=256, system_prompt="",
     ))
     c.steps = 60
-    c.batch_size = 8  # global, in examples
+    c.batch_size = 4  # global, in examples
     c.accum_steps = 1  # micro-batches per step
     c.compute_dtype = "float32"  # float32 | bfloat16 (the master weights stay float32)
     c.optimizer = ConfigDict(dict(

@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py generate [--batch 8] [--new-tokens 128] [--repeats 3]
     python scripts/benchmark.py attribution [--batch 8] [--samples 64] [--repeats 3]
+    python scripts/benchmark.py train [--batch 4] [--length 256] [--repeats 3]
 
 ``generate``: batched greedy decoding of the demo model (same GGUF, same chat prompts, both
 forced to produce exactly ``--new-tokens`` tokens per row); prints tokens/s for ours and for
@@ -13,6 +14,13 @@ the WIFV statistics (``ssah_jax.attribution.activation_moments``) against a plai
 jitted forward to logits over the same batches (and the decoder without its LM head, which
 WIFV does not need), and the SNIP gradients (``gradient_sums``: forward + backward) for scale. Every shape is
 compiled before timing.
+
+``train``: one full fine-tuning step of the demo model (float32, ``--batch`` x ``--length``
+random tokens, every token a target): our compiled train step
+(``ssah_jax.train.compile_train_step``: loss, gradients, clipping, AdamW, the freeze transform)
+against transformers + torch (forward with labels, backward, ``clip_grad_norm_``,
+``torch.optim.AdamW``). One warm-up step each (ours compiles there), then the median of
+``--repeats`` steps.
 """
 
 from __future__ import annotations
@@ -199,7 +207,91 @@ def bench_attribution(args) -> dict:
     }
 
 
+def bench_train(args) -> dict:
+    import jax
+    import numpy as np
+    import torch
+    from flax import nnx
+    from transformers import AutoModelForCausalLM
+
+    from ssah_jax.checkpoints import demo_gguf_path, load_model
+    from ssah_jax.masking import freeze_masks
+    from ssah_jax.sharding import make_mesh, shard_batch, use_rules
+    from ssah_jax.train import (
+        OptimizerConfig,
+        Trainee,
+        compile_train_step,
+        create_state,
+        make_optimizer,
+        model_shardings,
+    )
+
+    path = demo_gguf_path()
+    ids = np.random.default_rng(0).integers(3, 49152, (args.batch, args.length)).astype(np.int32)
+    ones = np.ones_like(ids)
+    lr, clip = 1e-5, 1.0
+
+    model, _ = load_model(str(path))
+    mesh = make_mesh({"fsdp": -1})
+    with jax.set_mesh(mesh), use_rules():
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        tx, schedule = make_optimizer(OptimizerConfig(learning_rate=lr, schedule="constant", clip_norm=clip,
+                                                      total_steps=args.repeats + 1), freeze_masks(params, model.config))
+        state, shardings = create_state(params, tx, model_shardings(params, model, mesh), rng=jax.random.key(0))
+        step = compile_train_step(Trainee.of(model), tx, schedule, shardings)
+        batch = shard_batch({"input_ids": ids, "attention_mask": ones, "loss_mask": ones})
+        box = [state]  # the step donates its input state
+
+        def ours():
+            box[0], metrics = step(box[0], batch)
+            jax.block_until_ready(metrics)
+
+        start = time.perf_counter()
+        ours()
+        first_s = time.perf_counter() - start
+        ours_s = _timed(ours, args.repeats)
+    del model, params, state
+    box.clear()
+
+    reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    reference.train()
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=lr, weight_decay=0.0)
+    tokens = torch.as_tensor(ids, dtype=torch.long)
+
+    def theirs():
+        loss = reference(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    theirs()
+    theirs_s = _timed(theirs, args.repeats)
+    return {
+        "benchmark": "train",
+        "model": path.name,
+        "dtype": "float32",
+        "batch": args.batch,
+        "length": args.length,
+        "ours_step_s": ours_s,
+        "ours_first_step_s": first_s,
+        "transformers_step_s": theirs_s,
+        "speedup": theirs_s / ours_s,
+        "torch_threads": torch.get_num_threads(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                   f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}",
+    }
+
+
 def summary(result: dict) -> list[str]:
+    if result["benchmark"] == "train":
+        return [
+            f"ours:         {result['ours_step_s']:8.3f} s/step (first step, with compilation: "
+            f"{result['ours_first_step_s']:.1f} s)",
+            f"transformers: {result['transformers_step_s']:8.3f} s/step (torch, {result['torch_threads']} threads)",
+            f"ratio:        {result['speedup']:8.2f}x  (transformers time / ours; batch {result['batch']} x "
+            f"{result['length']} tokens, {result['dtype']}; {result['machine']})",
+        ]
     if result["benchmark"] == "attribution":
         return [
             f"forward:  {result['forward_s']:8.3f} s ({result['samples']} samples, {result['padded_tokens']} padded "
@@ -222,15 +314,17 @@ def summary(result: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["generate", "attribution"])
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("what", choices=["generate", "attribution", "train"])
+    parser.add_argument("--batch", type=int, default=None, help="rows (default: 8; train: 4)")
+    parser.add_argument("--length", type=int, default=256, help="train: tokens per row")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--samples", type=int, default=64, help="attribution: calibration samples")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--out", help="also write the result as JSON here")
     args = parser.parse_args()
-    result = {"generate": bench_generate, "attribution": bench_attribution}[args.what](args)
+    args.batch = args.batch or (4 if args.what == "train" else 8)
+    result = {"generate": bench_generate, "attribution": bench_attribution, "train": bench_train}[args.what](args)
     print("\n".join(summary(result)))
     print(json.dumps(result, indent=2))
     if args.out:

@@ -133,3 +133,24 @@ def test_freeze_keeps_frozen_elements_bit_identical_under_adamw():
     assert before[frozen].tobytes() == after[frozen].tobytes()  # bit-identical, -0.0 included
     assert np.isfinite(after).all() and np.isfinite(np.asarray(new["b"])).all()
     assert (np.abs(after[~frozen] - before[~frozen]) > 0).all()  # the others moved
+
+
+def test_freeze_after_multisteps_keeps_negative_zeros():
+    import jax
+    import optax
+
+    from ssah_jax.masking import freeze
+
+    params = {"w": jnp.asarray([[-0.0, 1.0], [0.5, -2.0]], jnp.float32)}
+    masks = {"w": jnp.asarray([[True, False], [False, True]])}
+    # MultiSteps emits +0.0 updates while it accumulates; freeze after it turns them back into -0.0.
+    opt = optax.chain(optax.MultiSteps(optax.adamw(1e-2, weight_decay=0.1), every_k_schedule=2), freeze(masks))
+    state = opt.init(params)
+    new = params
+    for i in range(6):
+        grads = {"w": jnp.full((2, 2), 0.1 * (i + 1), jnp.float32)}
+        updates, state = jax.jit(opt.update)(grads, state, new)
+        new = optax.apply_updates(new, updates)
+    frozen = np.asarray(masks["w"])
+    assert np.asarray(new["w"])[frozen].tobytes() == np.asarray(params["w"])[frozen].tobytes()
+    assert (np.asarray(new["w"])[~frozen] != np.asarray(params["w"])[~frozen]).all()

@@ -109,13 +109,13 @@ def test_nan_gradients_at_frozen_positions_do_not_leak():
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     masks = freeze_masks(params, model.config, frozen_units=random_units(model.config, seed=1))
     rng = np.random.default_rng(0)
-    grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in range(5)]
+    grads = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32), params) for _ in range(20)]
     poisoned = [jax.tree.map(lambda g, m: np.where(full(m, g), np.nan, g), g, jax.device_get(masks)) for g in grads]
     mesh = make_mesh({"data": 2, "fsdp": 4})
     finals = []
     for sequence in (grads, poisoned):
         with jax.set_mesh(mesh), use_rules():
-            tx, _ = make_optimizer(OptimizerConfig(learning_rate=1e-2, total_steps=5, weight_decay=0.1,
+            tx, _ = make_optimizer(OptimizerConfig(learning_rate=1e-2, total_steps=20, weight_decay=0.1,
                                                    clip_norm=1.0), masks)
             state, shardings = create_state(jax.tree.map(jnp.copy, params), tx,
                                             model_shardings(params, model, mesh), rng=jax.random.key(0))

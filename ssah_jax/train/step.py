@@ -215,10 +215,13 @@ def train_step(
         g, (micro_nll, micro_tokens) = grad_fn(state.params, state.base, micro)
         return (jax.tree.map(jnp.add, grads, g), nll + micro_nll, tokens + micro_tokens), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    (grads, nll, tokens), _ = jax.lax.scan(
-        accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-        _micro_batches(batch, accum_steps))
+    if accum_steps == 1:  # no loop: inside a scan body XLA keeps extra copies of the gradients
+        grads, (nll, tokens) = grad_fn(state.params, state.base, batch)
+    else:
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        (grads, nll, tokens), _ = jax.lax.scan(
+            accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
+            _micro_batches(batch, accum_steps))
     denominator = jnp.maximum(tokens, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state.params)
     new, grad_norm = apply_gradients(tx, state, grads)
