@@ -31,6 +31,7 @@ setup(
         "huggingface_hub>=1.0,<3",
         "tqdm>=4.66,<5",
         "matplotlib>=3.8,<4",  # report plots (PNG)
+        "tensorboardX>=2.6,<3",  # TensorBoard events of training runs (no TensorFlow needed)
     ],
     extras_require={
         # torch is only a reference implementation for parity tests and benchmarks.
