@@ -183,7 +183,7 @@ def run(config: ConfigDict, workdir: str) -> Path:
     runs.check(config, "eval_batch_size", lambda v: v % rows == 0, f"must split over the {rows} data x fsdp devices")
     with jax.set_mesh(mesh), use_rules():
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        setting = freeze_setting(config, model, params, model_shardings(params, model, mesh))
+        setting = freeze_setting(config, model, params, model_shardings(model, mesh))
         frozen, total = _count(setting["params"], setting["masks"])
         o = config.optimizer
         tx, schedule = make_optimizer(OptimizerConfig(

@@ -237,7 +237,7 @@ def bench_train(args) -> dict:
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         tx, schedule = make_optimizer(OptimizerConfig(learning_rate=lr, schedule="constant", clip_norm=clip,
                                                       total_steps=args.repeats + 1), freeze_masks(params, model.config))
-        state, shardings = create_state(params, tx, model_shardings(params, model, mesh), rng=jax.random.key(0))
+        state, shardings = create_state(params, tx, model_shardings(model, mesh), rng=jax.random.key(0))
         step = compile_train_step(Trainee.of(model), tx, schedule, shardings)
         batch = shard_batch({"input_ids": ids, "attention_mask": ones, "loss_mask": ones})
         box = [state]  # the step donates its input state

@@ -55,7 +55,6 @@ def full(mask, param):
 def test_frozen_elements_bit_identical_over_20_sharded_adamw_steps_with_accumulation():
     model = tiny_model()
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    initial = jax.device_get(params)
     config = model.config
     masks = freeze_masks(params, config, frozen_units=random_units(config), frozen_groups=("norms",))
     # A -0.0 at a frozen position must stay -0.0 (a +0.0 update would flip its sign bit).
@@ -66,7 +65,7 @@ def test_frozen_elements_bit_identical_over_20_sharded_adamw_steps_with_accumula
     with jax.set_mesh(mesh), use_rules():
         tx, schedule = make_optimizer(OptimizerConfig(learning_rate=3e-3, warmup_steps=2, total_steps=20,
                                                       weight_decay=0.1, clip_norm=0.5), masks)
-        state, shardings = create_state(params, tx, model_shardings(params, model, mesh), rng=jax.random.key(0))
+        state, shardings = create_state(params, tx, model_shardings(model, mesh), rng=jax.random.key(0))
         kernel = state.params["layers"][1]["mlp"]["gate_proj"]["kernel"]
         assert "fsdp" in str(kernel.sharding.spec)  # FSDP really shards the kernels
         step = compile_train_step(Trainee.of(model), tx, schedule, shardings, accum_steps=2)
@@ -94,7 +93,7 @@ def test_accumulating_two_micro_batches_equals_one_batch():
         with jax.set_mesh(mesh), use_rules():
             tx, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=3), masks)
             state, shardings = create_state(jax.tree.map(jnp.copy, params), tx,
-                                            model_shardings(params, model, mesh), rng=jax.random.key(0))
+                                            model_shardings(model, mesh), rng=jax.random.key(0))
             step = compile_train_step(Trainee.of(model), tx, schedule, shardings, accum_steps=accum)
             state, metrics = step(state, shard_batch(random_batch(8)))
             results.append((jax.device_get(state.params), float(metrics["loss"])))
@@ -118,7 +117,7 @@ def test_nan_gradients_at_frozen_positions_do_not_leak():
             tx, _ = make_optimizer(OptimizerConfig(learning_rate=1e-2, total_steps=20, weight_decay=0.1,
                                                    clip_norm=1.0), masks)
             state, shardings = create_state(jax.tree.map(jnp.copy, params), tx,
-                                            model_shardings(params, model, mesh), rng=jax.random.key(0))
+                                            model_shardings(model, mesh), rng=jax.random.key(0))
             step = jax.jit(lambda s, g: apply_gradients(tx, s, g)[0], in_shardings=(shardings, shardings.params),
                            out_shardings=shardings, donate_argnums=0)
             for g in sequence:
@@ -219,7 +218,7 @@ def test_lora_starts_at_the_base_model_and_only_adapters_train():
     mesh = make_mesh({"data": 2, "fsdp": 4})
     base = jax.device_get(params)
     with jax.set_mesh(mesh), use_rules():
-        shardings = model_shardings(params, model, mesh)
+        shardings = model_shardings(model, mesh)
         tx, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-2, total_steps=5),
                                       jax.tree.map(lambda _: False, adapters))
         state, state_shardings = create_state(adapters, tx, lora.shardings(adapters, shardings, cfg),

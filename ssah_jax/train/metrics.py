@@ -32,8 +32,5 @@ class MetricWriter:
             if math.isfinite(value):
                 self.tensorboard.add_scalar(f"{prefix}/{name}", value, int(step))
 
-    def records(self, kind: str | None = None) -> list[dict[str, Any]]:
-        return [r for r in read_jsonl(self.path) if kind is None or r["kind"] == kind]
-
     def close(self) -> None:
         self.tensorboard.close()

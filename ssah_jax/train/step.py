@@ -138,8 +138,8 @@ def _compact_sharding(mask: Any, param: NamedSharding) -> NamedSharding:
     return NamedSharding(param.mesh, PartitionSpec(*(a if n > 1 else None for a, n in zip(spec, mask.shape))))
 
 
-def model_shardings(params: Any, model: CausalLM, mesh: jax.sharding.Mesh) -> Any:
-    """NamedShardings for a pure parameter dict of ``model``, from its logical axis names."""
+def model_shardings(model: CausalLM, mesh: jax.sharding.Mesh) -> Any:
+    """NamedShardings for ``model``'s pure parameter dict, from its logical axis names."""
     return nnx.to_pure_dict(param_shardings(nnx.state(model, nnx.Param), mesh, active_rules()))
 
 
@@ -208,15 +208,16 @@ def train_step(
     """One optimizer step on ``batch`` (``accum_steps`` micro-batches, gradients summed in
     float32, then divided by the batch's loss tokens). Frozen gradients are zeroed before
     clipping and Adam, and the freeze transform ends the chain."""
-    grad_fn = jax.grad(functools.partial(_loss_and_count, trainee), has_aux=True)
+    # response_loss returns (summed NLL, token count): differentiate the first, carry the second.
+    grad_fn = jax.value_and_grad(functools.partial(response_loss, trainee), has_aux=True)
 
     def accumulate(carry, micro):
         grads, nll, tokens = carry
-        g, (micro_nll, micro_tokens) = grad_fn(state.params, state.base, micro)
+        (micro_nll, micro_tokens), g = grad_fn(state.params, state.base, micro)
         return (jax.tree.map(jnp.add, grads, g), nll + micro_nll, tokens + micro_tokens), None
 
     if accum_steps == 1:  # no loop: inside a scan body XLA keeps extra copies of the gradients
-        grads, (nll, tokens) = grad_fn(state.params, state.base, batch)
+        (nll, tokens), grads = grad_fn(state.params, state.base, batch)
     else:
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         (grads, nll, tokens), _ = jax.lax.scan(
@@ -243,11 +244,6 @@ def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads: 
         rng=jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)),
     )
     return new, optax.global_norm(grads)
-
-
-def _loss_and_count(trainee: Trainee, params, base, batch):
-    nll, tokens = response_loss(trainee, params, base, batch)
-    return nll, (nll, tokens)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
