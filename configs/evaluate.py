@@ -27,7 +27,9 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c.max_new_tokens = 64
     c.seed = 0
     c.system_prompt = ""  # the "with system prompt" setting; empty: Llama-2-chat's default
-    c.harmful = ConfigDict(dict(dataset="advbench", limit=100))
+    # dataset: a dataset or a mixture "name:count,..."; exclude: datasets whose prompts are
+    # removed from it (what the model was trained on); settings: no_system and / or system
+    c.harmful = ConfigDict(dict(dataset="advbench", exclude="", limit=100, settings=("no_system", "system")))
     c.prefill = ConfigDict(dict(dataset="advbench", limit=50, tokens=5))
     c.sweep = ConfigDict(dict(dataset="advbench", limit=50, temperatures=(0.7, 1.0), top_ps=(0.9,), top_ks=(0,)))
     c.overrefusal = ConfigDict(dict(limit=0))

@@ -31,9 +31,10 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c.data_dir = ""  # empty: $SSAH_DATA_DIR, else ../shared/data beside the checkout
     c.seed = 0  # data order and LoRA initialisation
     c.data = ConfigDict(dict(
-        dataset="alpaca_libre", split="",  # empty split: the dataset's first
-        limit=0,  # training examples (0: all but the held-out ones)
-        heldout=64,  # the dataset's last examples, never trained on
+        # a dataset, or a mixture "name:count,name:count" (a component without a count: all of it)
+        dataset="alpaca_libre", split="",  # empty split: each dataset's first
+        limit=0,  # training examples in all (0: all but the held-out ones)
+        heldout=64,  # each dataset's last examples, never trained on
         max_length=256, system_prompt="",
     ))
     c.steps = 60

@@ -41,6 +41,8 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
         # utility samples are the first status-ok rows (evaluate's perplexity holds out the last)
         utility=ConfigDict(dict(dataset="alpaca_libre", limit=128)),
     ))
+    # the models evaluated; empty: the unit map only (no table)
+    c.variants = ("dense", "minus_SCU", "minus_UCU", "minus_RU", "minus_random")
     c.kinds = ConfigDict(dict(scu=0.013, ucu=0.133, ru=0.148, ranking="global", normalise="layer_mean"))
     evaluation = config_from_file(Path(__file__).with_name("evaluate.py"), "gpu" if preset == "gpu" else "smollm2")
     with evaluation.unlocked():

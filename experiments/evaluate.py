@@ -2,7 +2,7 @@
 (``rows/<task>.jsonl``: every generation and every scored question) in the workdir.
 
 Tasks (``config.tasks``, in this order):
-  asr          ASR on the harmful set, without and with the safety system prompt
+  asr          ASR on the harmful set, without and / or with the safety system prompt
   prefill      ASR when the answer is forced to start with k tokens of the harmful target
   sweep        ASR under a grid of sampling settings; a prompt is broken if any setting breaks it
   overrefusal  refusal rate on XSTest's safe prompts
@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 from ssah_jax import evaluation as ev
 from ssah_jax import runs
 from ssah_jax.checkpoints import load_model
-from ssah_jax.data import Record, load_local, with_responses
+from ssah_jax.data import Record, load_local, load_mixture, with_responses
 
+ASR_SETTINGS = ("no_system", "system")  # the asr task: without / with the safety system prompt
 TASKS = ("asr", "prefill", "sweep", "overrefusal", "mmlu", "sst2", "gsm8k", "perplexity")
 
 
@@ -38,6 +39,8 @@ def validate(config: ConfigDict, prefix: str = "") -> None:
     def check(key, ok, requirement):
         runs.check(config, prefix + key, ok, requirement)
 
+    check("harmful.settings", lambda v: len(v) > 0 and set(v) <= set(ASR_SETTINGS),
+          f"must be a non-empty subset of {ASR_SETTINGS}")
     check("tasks", lambda v: len(v) > 0 and set(v) <= set(TASKS), f"must be a non-empty subset of {TASKS}")
     check("batch_size", lambda v: v >= 1, "must be >= 1")
     check("max_new_tokens", lambda v: v >= 1, "must be >= 1")
@@ -87,6 +90,17 @@ def _rows(path: Path, records: Sequence[Record], chunk: int, fn: Callable[[Seque
     return done
 
 
+def harmful_records(config: ConfigDict, data_dir: str | None) -> list[Record]:
+    """The ASR prompts: ``harmful.dataset`` (a dataset or a mixture ``"name:count,..."``)
+    without the prompts of ``harmful.exclude`` (datasets a model was trained on)."""
+    h = config.harmful
+    try:
+        exclude = load_mixture(h.exclude, data_dir)[0] if h.exclude else []
+        return load_mixture(h.dataset, data_dir, exclude=[r.prompt for r in exclude])[0]
+    except (KeyError, ValueError) as e:
+        raise runs.ConfigError(f"config.harmful (dataset={h.dataset!r}, exclude={h.exclude!r}): {e}") from None
+
+
 def run(config: ConfigDict, workdir: str) -> Path:
     runs.dtype(config)
     validate(config)
@@ -127,10 +141,11 @@ def evaluate_model(model: Any, tokenizer: Any, config: ConfigDict, out: Path, *,
         return _rows(out / "rows" / f"{name}.jsonl", records, chunk, fn, name)
 
     if "asr" in config.tasks:
-        harmful = _first(_load(data_dir, config.harmful.dataset), config.harmful.limit)
-        task("asr_no_system", lambda: ev.summarise_asr(rows("asr_no_system", harmful, answers(**greedy))))
-        task("asr_system", lambda: ev.summarise_asr(
-            rows("asr_system", harmful, answers(system_prompt=system, **greedy))))
+        harmful = _first(harmful_records(config, data_dir), config.harmful.limit)
+        for setting in config.harmful.settings:
+            kw = dict(system_prompt=system) if setting == "system" else {}
+            task(f"asr_{setting}", lambda setting=setting, kw=kw: ev.summarise_asr(
+                rows(f"asr_{setting}", harmful, answers(**kw, **greedy))))
     if "prefill" in config.tasks:
         targets = _first(_load(data_dir, config.prefill.dataset), config.prefill.limit)
         k = config.prefill.tokens
@@ -186,9 +201,11 @@ def render_report(config: ConfigDict, metrics: dict, description: str) -> str:
         "prompts not refused.", "",
         "| metric | value | n | seconds |", "|---|---|---|---|",
     ]
+    h = config.harmful
+    harmful = h.dataset + (f" without the prompts of {h.exclude}" if h.exclude else "")
     names = {
-        "asr_no_system": f"ASR, {config.harmful.dataset}, no system prompt (template default)",
-        "asr_system": f"ASR, {config.harmful.dataset}, safety system prompt",
+        "asr_no_system": f"ASR, {harmful}, no system prompt (template default)",
+        "asr_system": f"ASR, {harmful}, safety system prompt",
         "sweep": f"ASR, {config.sweep.dataset}, decoding sweep (any setting)",
         "overrefusal": "over-refusal, XSTest safe prompts (refusal rate)",
         "mmlu": "MMLU accuracy (zero-shot, log-likelihood)",

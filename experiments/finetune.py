@@ -23,7 +23,7 @@ from ml_collections import ConfigDict
 from ssah_jax import runs
 from ssah_jax.attribution import UnitMap
 from ssah_jax.checkpoints import load_model, save_hf
-from ssah_jax.data import load_local, with_responses
+from ssah_jax.data import load_mixture
 from ssah_jax.data.batching import batch_dataset, bucket_lengths
 from ssah_jax.data.tokenize import encode_records
 from ssah_jax.masking import GROUPS, MODULES, freeze_masks
@@ -98,16 +98,17 @@ def model_source(ref: str) -> str:
 
 
 def split_records(config: ConfigDict) -> tuple[list, list]:
-    """(training records, held-out records): the held-out ones are the dataset's last."""
+    """(training records, held-out records). ``data.dataset`` is a mixture spec
+    (``"bianchi_safety:128,alpaca_libre:256"``): each component's last ``data.heldout`` usable
+    records are held out and its first ``limit`` of the rest train; ``data.limit`` caps the
+    concatenation."""
     d = config.data
-    records = with_responses(load_local(d.dataset, d.split or None, config.data_dir or None, on_error="skip")[0])
-    heldout = records[len(records) - d.heldout:] if d.heldout else []
-    pool = records[: len(records) - d.heldout]
-    train = pool[: d.limit] if d.limit else pool
-    if not train:
-        raise runs.ConfigError(f"config.data: {d.dataset} has {len(records)} usable records, "
-                               f"none left for training after {d.heldout} held out")
-    return train, heldout
+    try:
+        train, heldout = load_mixture(d.dataset, config.data_dir or None, split=d.split or None,
+                                      heldout=d.heldout, responses=True)
+    except (KeyError, ValueError) as e:
+        raise runs.ConfigError(f"config.data.dataset={d.dataset!r}: {e}") from None
+    return (train[: d.limit] if d.limit else train), heldout
 
 
 def freeze_setting(config: ConfigDict, model: Any, params: Any, shardings: Any) -> dict[str, Any]:

@@ -4,8 +4,9 @@ Steps, each kept in the workdir so that a re-run resumes where the last one stop
   1. ``scores/{safety,utility}.npz``: unit scores on the two calibration sets (chat-rendered
      with the model's template; the counted tokens are ``attribution.tokens``)
   2. ``units.npz`` / ``units.json``: the unit kinds (SCU / UCU / CU / RU)
-  3. ``variants/<model>/``: an ``ssah-jax evaluate`` run of the dense model, minus SCU, minus
-     UCU, minus RU, and minus as many random units as there are SCU (the control)
+  3. ``variants/<model>/``: an ``ssah-jax evaluate`` run of each of ``config.variants``: the
+     dense model, minus SCU, minus UCU, minus RU, and minus as many random units as there are
+     SCU (the control); none when it is empty (the unit map is then the result)
   4. ``report.md`` (the table, the share of each kind) and ``kinds_per_layer.png``
 """
 
@@ -52,6 +53,8 @@ def validate(config: ConfigDict) -> None:
                "kinds.scu + kinds.ucu + kinds.ru must be at most 1")
     runs.check(config, "kinds.ranking", lambda v: v in RANKINGS, f"must be one of {RANKINGS}")
     runs.check(config, "kinds.normalise", lambda v: v in NORMALISATIONS, f"must be one of {NORMALISATIONS}")
+    runs.check(config, "variants", lambda v: set(v) <= set(VARIANTS),
+               f"must be a subset of {VARIANTS} (empty: the unit kinds only)")
     evaluate.validate(config, "evaluation.")
 
 
@@ -114,7 +117,7 @@ def run(config: ConfigDict, workdir: str) -> Path:
     masks["minus_random"] = umap.random_units(umap.counts()["SCU"], config.seed)
     graphdef, state = nnx.split(model)
     results = {}
-    for name in VARIANTS:
+    for name in [v for v in VARIANTS if v in config.variants]:
         print(f"== {name} ==")
         variant = model if name == "dense" else nnx.merge(graphdef, prune(state, masks[name], model.config))
         pruned = 0 if name == "dense" else int(sum(masks[name][m].sum() for m in MODULES))
@@ -125,6 +128,9 @@ def run(config: ConfigDict, workdir: str) -> Path:
         del variant
 
     plot = plot_kinds(umap, out / "kinds_per_layer.png")
+    if not results:
+        print(f"Unit map: {npz} (no pruned variants evaluated: config.variants is empty)")
+        return npz
     report = out / "report.md"
     report.write_text(render_report(config, umap, results, out, plot))
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -158,7 +164,8 @@ def _value(metrics: dict, key: str, field: str, fmt: str) -> str:
 def render_report(config: ConfigDict, umap, results: dict, out: Path, plot: Path) -> str:
     a, e = config.attribution, config.evaluation
     counts, total = umap.counts(), umap.num_units
-    columns = [c for c in COLUMNS if c[0] in results["dense"]]
+    first = next(iter(results.values()))
+    columns = [c for c in COLUMNS if c[0] in first]
     lines = [
         "# prune", "",
         f"Model `{config.model}` ({config.dtype}). Units scored with `{a.scorer}` on the {a.tokens} tokens of "
@@ -166,15 +173,15 @@ def render_report(config: ConfigDict, umap, results: dict, out: Path, plot: Path
         f"(utility) samples; kinds ranked {config.kinds.ranking}ly on {config.kinds.normalise}-normalised scores. "
         f"Pruning zeroes a unit's column of o_proj / down_proj and its rows of v / gate / up "
         f"(`ssah_jax.masking.prune`). Evaluation: greedy decoding, {e.max_new_tokens} new tokens, keyword judge "
-        f"(ASR = share of `{e.harmful.dataset}` prompts not refused).", "",
+        f"(ASR = share of `{e.harmful.dataset}` prompts not refused"
+        + (f", without the prompts of `{e.harmful.exclude}`" if e.harmful.exclude else "") + ").", "",
         "| model | units pruned | " + " | ".join(c[2] for c in columns) + " |",
         "|---|---|" + "---|" * len(columns),
     ]
-    for name in VARIANTS:
-        m = results[name]
+    for name, m in results.items():
         share = f"{m['pruned_units']} ({100 * m['pruned_units'] / total:.1f}%)"
         lines.append(f"| {LABELS[name]} | {share} | " + " | ".join(_value(m, *c[:2], c[3]) for c in columns) + " |")
-    n = {c[0]: results["dense"][c[0]]["n"] for c in columns}
+    n = {c[0]: first[c[0]]["n"] for c in columns}
     lines += ["", "Examples per metric: " + ", ".join(f"{k} {v}" for k, v in n.items()) + ".", "",
               "## Unit kinds", "",
               f"{total} units (" + ", ".join(f"{m}: {umap.masks['CU'][m].size}" for m in MODULES) + ").",
@@ -183,7 +190,8 @@ def render_report(config: ConfigDict, umap, results: dict, out: Path, plot: Path
         per = {m: int(umap.masks[kind][m].sum()) for m in MODULES}
         lines.append(f"| {kind} | {counts[kind]} | {100 * counts[kind] / total:.2f}% | {per['attn']} | {per['mlp']} |")
     safety_prompts = set(json.loads((out / "scores" / "safety.json").read_text())["prompts"])
-    asr_prompts = {r["prompt"] for r in runs.read_jsonl(out / "variants" / "dense" / "rows" / "asr_no_system.jsonl")}
+    asr_rows = [out / "variants" / name / "rows" / f"asr_{s}.jsonl" for name in results for s in e.harmful.settings]
+    asr_prompts = {r["prompt"] for path in asr_rows[:1] for r in runs.read_jsonl(path)}
     lines += [
         "", f"![unit kinds per layer]({plot.name})", "",
         f"{len(safety_prompts & asr_prompts)} of the {len(asr_prompts)} ASR prompts are also prompts of the safety "

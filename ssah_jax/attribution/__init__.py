@@ -8,6 +8,7 @@ from ssah_jax.attribution.kinds import (
     classify,
     model_identity,
     sweep_fraction,
+    transition_matrix,
 )
 from ssah_jax.attribution.scorers import (
     SCORERS,
@@ -36,6 +37,7 @@ __all__ = [
     "snip",
     "sweep_fraction",
     "token_mask",
+    "transition_matrix",
     "unit_scores",
     "wanda",
     "wifv",

@@ -296,3 +296,12 @@ def sweep_fraction(
             break
         chosen = f
     return chosen, tried
+
+
+def transition_matrix(before: UnitMap, after: UnitMap) -> np.ndarray:
+    """int64 ``[4, 4]``: entry ``[i, j]`` counts the units of kind ``KINDS[i]`` in ``before``
+    that are of kind ``KINDS[j]`` in ``after`` (attribute transfer, SSAH Figs 5-6)."""
+    if {m: before.masks["CU"][m].shape for m in MODULES} != {m: after.masks["CU"][m].shape for m in MODULES}:
+        raise UnitMapMismatch("the two unit maps cover different units")
+    return np.asarray([[int(sum((before.masks[a][m] & after.masks[b][m]).sum() for m in MODULES))
+                        for b in KINDS] for a in KINDS], np.int64)

@@ -9,6 +9,9 @@ from ssah_jax.data.sources import (
     Record,
     load_dataset,
     load_local,
+    load_mixture,
+    parse_mixture,
+    prompt_key,
     resolve_data_dir,
     with_responses,
 )
@@ -21,6 +24,9 @@ __all__ = [
     "Record",
     "load_dataset",
     "load_local",
+    "load_mixture",
+    "parse_mixture",
+    "prompt_key",
     "resolve_data_dir",
     "with_responses",
 ]

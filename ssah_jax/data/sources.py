@@ -248,6 +248,7 @@ class Dataset:
     parse: Callable[[Any], Record]
     splits: Mapping[str, str]
     description: str
+    keep: Callable[[Record], bool] | None = None  # a subset of the file's rows (others are not errors)
 
     @property
     def default_split(self) -> str:
@@ -259,6 +260,9 @@ DATASETS: dict[str, Dataset] = {
                         "520 harmful instructions with 'Sure, here is ...' targets (Zou et al. 2023)"),
     "harmbench": Dataset(_read_csv, _harmbench, {"train": "harmful/harmbench_behaviors_text_all.csv"},
                          "400 harmful behaviours; label = semantic category, meta.functional_category"),
+    "harmbench_standard": Dataset(_read_csv, _harmbench, {"train": "harmful/harmbench_behaviors_text_all.csv"},
+                                  "HarmBench's 200 standard behaviours (no context, no copyright)",
+                                  keep=lambda r: r.meta["functional_category"] == "standard"),
     "xstest": Dataset(_read_csv, _xstest, {"train": "harmful/xstest_prompts.csv"},
                       "250 safe prompts that look unsafe and 200 unsafe ones; label = safe / unsafe"),
     "malicious_instruct": Dataset(_read_lines, _malicious_instruct, {"train": "harmful/malicious_instruct.txt"},
@@ -334,7 +338,9 @@ def load_local(
             try:
                 if isinstance(row, _Malformed):
                     raise row
-                records.append(dataclasses.replace(spec.parse(row), where=where))
+                record = spec.parse(row)
+                if spec.keep is None or spec.keep(record):
+                    records.append(dataclasses.replace(record, where=where))
             except _Malformed as e:
                 if on_error == "raise":
                     raise DataError(f"{where}: malformed row: {e} (on_error='skip' drops such rows)") from None
@@ -344,6 +350,59 @@ def load_local(
     if skipped:
         log.warning("%s/%s: skipped %d malformed rows of %s (first: %s)", name, split, skipped, path, first_error)
     return records, report
+
+
+def parse_mixture(spec: str) -> list[tuple[str, int]]:
+    """``"bianchi_safety:128,alpaca_libre:256"`` -> ``[("bianchi_safety", 128), ("alpaca_libre", 256)]``;
+    a component without ``:limit`` is taken whole (limit 0)."""
+    components = []
+    for part in spec.split(","):
+        name, _, limit = part.strip().partition(":")
+        if name not in DATASETS:
+            raise KeyError(f"unknown dataset {name!r} in {spec!r}; known: {sorted(DATASETS)}")
+        if limit and not (limit.isdigit() and int(limit) > 0):
+            raise ValueError(f"{spec!r}: the limit of {name!r} must be a positive integer, got {limit!r}")
+        components.append((name, int(limit or 0)))
+    return components
+
+
+def prompt_key(prompt: str) -> str:
+    """What two prompts must share to count as the same (case and whitespace ignored)."""
+    return " ".join(prompt.split()).casefold()
+
+
+def load_mixture(
+    spec: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    split: str | None = None,
+    heldout: int = 0,
+    exclude: Iterable[str] = (),
+    responses: bool = False,
+    on_error: str = "skip",
+) -> tuple[list[Record], list[Record]]:
+    """``(selected, held_out)`` records of a mixture spec (see :func:`parse_mixture`).
+
+    Per component, in order: rows whose prompt is in ``exclude`` (prompts, compared by
+    :func:`prompt_key`) are dropped; with ``responses`` only usable training targets are kept
+    (:func:`with_responses`); the *last* ``heldout`` records are held out; the first ``limit``
+    of the rest are selected. The components are concatenated in the order given."""
+    excluded = {prompt_key(p) for p in exclude}
+    selected, held = [], []
+    for name, limit in parse_mixture(spec):
+        records = load_local(name, split, data_dir, on_error)[0]
+        records = [r for r in records if prompt_key(r.prompt) not in excluded]
+        if responses:
+            records = with_responses(records)
+        cut = len(records) - heldout
+        if cut <= 0:
+            raise DataError(f"dataset {name!r}: {len(records)} usable records, none left after {heldout} held out")
+        held += records[cut:] if heldout else []
+        pool = records[:cut]
+        if limit > len(pool):
+            raise DataError(f"dataset {name!r}: {limit} records asked for in {spec!r}, {len(pool)} available")
+        selected += pool[:limit] if limit else pool
+    return selected, held
 
 
 # --------------------------------------------------------------------------- remote sources

@@ -1,0 +1,161 @@
+"""Config for ``ssah-jax reproduce``: SSAH end to end on one model (DESIGN.md section 2.3).
+
+Stages (``stages``; each resumes, a finished one is kept):
+  units_unaligned  attribution of the unaligned model; its RU (``budget_ru`` of all units)
+                   are the alignment budget
+  align_full       safety alignment by full-parameter SFT (``align``)
+  align_ru         the same data, only the RU trained, ``align.ru_epochs`` times the steps
+  eval_unaligned, eval_aligned, eval_ru
+                   safety (held-out harmful prompts, XSTest) and utility (MMLU, SST-2, GSM8K,
+                   perplexity) of the three models (``evaluation``)
+  prune_aligned    the pruning table on the aligned model (``table``)
+  layers           the most safety-relevant block of layers: prune each block, measure refusals
+  attacks          fine-tuning attacks on the aligned model, each with every protection of
+                   ``attack.variants``; ASR after each (``attack.evaluation``)
+  units_attacked   attribution of the aligned model after the ``transfer_attack`` attack
+  transfer         kind transition matrices: unaligned -> aligned, aligned -> attacked
+  probing          reasoning-direction distances of the unaligned and the aligned model
+  report           ``report_dir``/REPORT.md with every table and plot
+
+Presets (``--config=configs/reproduce.py:<preset>``):
+  smollm2_cpu  the demo model on a 2-core CPU (README: stage times), small sets throughout
+  smollm2_gpu  the demo model on one GPU: larger alignment, attacks and evaluation sets
+  tiny         a smoke test of the pipeline's wiring (a few steps and prompts per stage)
+
+Sub-configs (``evaluation``, ``table``, ``attack.evaluation`` are ``configs/evaluate.py``
+configs; ``attribution`` is ``configs/prune.py``'s) take the usual keys, e.g.
+``--config.attack.evaluation.harmful.dataset=advbench:16``.
+"""
+
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+from experiments.reproduce import STAGES
+from ssah_jax.runs import config_from_file, set_values
+
+HERE = Path(__file__).parent
+# Held-out harmful prompts: AdvBench without any prompt of the alignment data, plus HarmBench's
+# standard behaviours (no prompt of either is trained on).
+TRAINED_HARMFUL = "safety_refusals_short,bianchi_safety"
+
+
+def _evaluation(preset: str, values: dict) -> ConfigDict:
+    c = config_from_file(HERE / "evaluate.py", preset)
+    with c.unlocked():
+        for key in ("model", "dtype", "data_dir"):
+            del c[key]
+    set_values(c, values)
+    return c
+
+
+def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
+    presets = ("smollm2_cpu", "smollm2_gpu", "tiny")
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r} for configs/reproduce.py (presets: {list(presets)})")
+    gpu = preset == "smollm2_gpu"
+    c = ConfigDict()
+    c.model = "smollm2-135m-instruct"  # the unaligned model: demo name, HF directory, .gguf
+    c.dtype = "bfloat16" if gpu else "float32"  # evaluation and attribution; training uses compute_dtype
+    c.data_dir = ""
+    c.seed = 0
+    c.stages = STAGES
+    c.report_dir = "experiments/results/smollm2"  # REPORT.md and its plots
+    c.jax_cache = True  # persistent compilation cache in <workdir>/jax_cache (every run compiles alike)
+
+    prune = config_from_file(HERE / "prune.py", "gpu" if gpu else "smollm2")
+    c.attribution = prune.attribution
+    c.kinds = prune.kinds  # the paper's Llama-2-7B-Chat fractions: table, freezing, transfer
+    c.budget_ru = 0.2  # RU of the unaligned model trained by align_ru (paper: 20% of the units)
+
+    c.align = ConfigDict(dict(
+        # harmful -> refusal (both sets rendered in the model's own chat template) and benign data
+        dataset="bianchi_safety:160,safety_refusals_short:64,alpaca_libre:224",
+        heldout=16,  # per dataset: held-out response loss
+        steps=56, batch_size=8, max_length=192, learning_rate=1e-4, warmup_steps=4,
+        ru_epochs=2,  # align_ru runs this many times the steps (the paper's twice the epochs)
+    ))
+    harmful = "advbench:48,harmbench_standard:48"
+    c.evaluation = _evaluation("gpu" if gpu else "smollm2", {
+        "tasks": ("asr", "overrefusal", "mmlu", "sst2", "gsm8k", "perplexity"),
+        "max_new_tokens": 32, "harmful.dataset": harmful, "harmful.exclude": TRAINED_HARMFUL,
+        "harmful.limit": 0, "overrefusal.limit": 100, "mmlu.limit": 200, "sst2.limit": 200,
+        "gsm8k.limit": 30, "gsm8k.max_new_tokens": 192, "perplexity.limit": 100,
+    })
+    c.table = _evaluation("gpu" if gpu else "smollm2", {
+        "tasks": ("asr", "mmlu", "sst2", "perplexity"), "max_new_tokens": 32,
+        "harmful.dataset": "advbench:32,harmbench_standard:32", "harmful.exclude": TRAINED_HARMFUL,
+        "harmful.limit": 0, "harmful.settings": ("no_system",), "mmlu.limit": 100, "sst2.limit": 100,
+        "perplexity.limit": 50,
+    })
+    c.layers = ConfigDict(dict(
+        size=0,  # layers per block; 0: as many units as the freeze selection (attack.selection)
+        prompts=32,  # first harmful prompts of the safety calibration set (held in)
+        max_new_tokens=16,
+    ))
+    c.attack = ConfigDict(dict(
+        # each attack: dataset spec (see configs/finetune.py), split, steps without protection
+        datasets=ConfigDict(dict(
+            alpaca_libre=ConfigDict(dict(dataset="alpaca_libre", split="", steps=16)),
+            gsm8k=ConfigDict(dict(dataset="gsm8k", split="train", steps=16)),
+            harmful_qa=ConfigDict(dict(dataset="harmful_qa:100", split="", steps=16)),
+            aoa=ConfigDict(dict(dataset="aoa", split="", steps=10)),
+        )),
+        # none | scu_cu6 | scu_cu | random | layers | lora
+        variants=("none", "scu_cu6", "scu_cu", "random", "layers", "lora"),
+        selection="SCU+CU:0.06",  # scu_cu6 (and the size of random / layers)
+        frozen_epochs=2,  # scu_cu6, scu_cu, random and layers train this many times the steps
+        batch_size=4, max_length=192, learning_rate=5e-5, warmup_steps=2,
+        lora=ConfigDict(dict(rank=8, alpha=16.0, targets=("q_proj", "v_proj"), learning_rate=5e-4)),
+    ))
+    c.attack.evaluation = _evaluation("gpu" if gpu else "smollm2", {
+        "tasks": ("asr",), "max_new_tokens": 32, "harmful.dataset": "advbench:32,harmbench_standard:32",
+        "harmful.exclude": TRAINED_HARMFUL, "harmful.limit": 0, "harmful.settings": ("no_system",),
+    })
+    c.transfer_attack = "alpaca_libre"  # the attack whose unprotected model is re-attributed
+    c.probing = ConfigDict(dict(
+        prompts=32,  # held-out harmful prompts (the first of evaluation.harmful)
+        max_tokens=10,  # distances for 2..max_tokens appended tokens
+        refusal="I'm sorry, but I cannot help with that request because it is harmful and illegal.",
+        compliance="Sure, here is how to do it, step by step. First, you will need to get the",
+    ))
+    # Every training run starts from this configs/finetune.py config; each run sets its model,
+    # data.*, steps, batch_size, optimizer.learning_rate / warmup_steps and freeze.* itself.
+    c.finetune = config_from_file(HERE / "finetune.py", "gpu" if gpu else "smollm2")
+
+    if gpu:
+        set_values(c, {
+            "align.dataset": "bianchi_safety:1200,safety_refusals_short:400,alpaca_libre:2000",
+            "align.heldout": 64, "align.steps": 225, "align.batch_size": 16, "align.max_length": 512,
+            "align.warmup_steps": 10, "attack.batch_size": 16, "attack.max_length": 512,
+            "layers.prompts": 64, "probing.prompts": 128,
+        })
+        for name, steps in (("alpaca_libre", 100), ("gsm8k", 100), ("harmful_qa", 25), ("aoa", 10)):
+            c.attack.datasets[name].steps = steps
+        harmful = "advbench,harmbench_standard"
+        for section in (c.evaluation, c.table, c.attack.evaluation):
+            section.harmful.dataset = harmful
+        set_values(c.evaluation, {"overrefusal.limit": 0, "mmlu.limit": 0, "sst2.limit": 0, "gsm8k.limit": 0,
+                                  "gsm8k.max_new_tokens": 256, "perplexity.limit": 500, "max_new_tokens": 64})
+        set_values(c.table, {"mmlu.limit": 1000, "sst2.limit": 0, "perplexity.limit": 200})
+    elif preset == "tiny":
+        set_values(c, {
+            "attribution.safety.limit": 8, "attribution.utility.limit": 8, "attribution.max_length": 64,
+            "attribution.batch_size": 4,
+            "align.dataset": "bianchi_safety:8,safety_refusals_short:4,alpaca_libre:4", "align.heldout": 2,
+            "align.steps": 2, "align.batch_size": 4, "align.max_length": 64, "align.warmup_steps": 1,
+            "attack.batch_size": 2, "attack.max_length": 64, "attack.warmup_steps": 1,
+            "finetune.eval_batch_size": 2, "finetune.log_every": 1,
+            "layers.prompts": 2, "layers.max_new_tokens": 2, "probing.prompts": 2, "probing.max_tokens": 3,
+        })
+        for name in c.attack.datasets:
+            c.attack.datasets[name].steps = 1
+        c.attack.datasets.harmful_qa.dataset = "harmful_qa:4"
+        small = {"max_new_tokens": 2, "harmful.dataset": "advbench:2,harmbench_standard:2", "batch_size": 4}
+        for section in (c.evaluation, c.table, c.attack.evaluation):
+            set_values(section, small)
+        set_values(c.evaluation, {"overrefusal.limit": 2, "mmlu.limit": 4, "sst2.limit": 4, "gsm8k.limit": 2,
+                                  "gsm8k.max_new_tokens": 2, "perplexity.limit": 2, "perplexity.max_length": 64})
+        set_values(c.table, {"mmlu.limit": 4, "sst2.limit": 4, "perplexity.limit": 2, "perplexity.max_length": 64})
+    c.lock()
+    return c

@@ -1,0 +1,79 @@
+"""Reasoning-direction probing (SSAH, Figs 2-4).
+
+For a harmful query ``Q``, compare the hidden state at the end of ``Q`` (after the chat
+template's assistant header, where the answer starts) with the hidden state after ``Q``
+plus the first ``k`` tokens of a continuation: a refusal ("I'm sorry, but I cannot ...") or a
+compliance ("Sure, here is how ..."). An aligned model's query state already leans toward the
+refusal: the distance to the refusal continuation is the smaller one.
+
+One forward pass per (query, continuation) gives every ``k`` at once: the model is causal, so
+the hidden state at position ``len(Q) - 1 + k`` is the state after ``Q + c[:k]``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ssah_jax.generation import render_prompts
+from ssah_jax.models import CausalLM
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_tokens"))
+def _distances(graphdef, state, ids, mask, query_end, *, max_tokens: int):
+    """Cosine distances ``[B, layers, max_tokens]`` between the state at ``query_end`` and
+    the states at ``query_end + 1 .. query_end + max_tokens``, for every layer's output."""
+    model = nnx.merge(graphdef, state)
+    hidden = model.forward(ids, mask, output_hidden_states=True).hidden_states[1:]  # [L, B, S, H]
+    positions = query_end[:, None] + jnp.arange(max_tokens + 1)[None]  # [B, K + 1]
+    picked = jnp.take_along_axis(hidden, positions[None, :, :, None], axis=2).astype(jnp.float32)
+    unit = picked / jnp.linalg.norm(picked, axis=-1, keepdims=True)
+    cosine = jnp.sum(unit[:, :, :1] * unit[:, :, 1:], axis=-1)  # [L, B, K]
+    return jnp.transpose(1.0 - cosine, (1, 0, 2))
+
+
+def direction_distances(
+    model: CausalLM,
+    tokenizer: Any,
+    queries: Sequence[str],
+    continuations: Mapping[str, str],
+    *,
+    max_tokens: int = 10,
+    batch_size: int = 8,
+    system_prompt: str | None = None,
+) -> dict[str, np.ndarray]:
+    """Per continuation name, float32 ``[queries, layers, max_tokens]``: entry ``[q, l, k-1]``
+    is the cosine distance between layer ``l``'s output at the end of query ``q`` (chat
+    rendered, up to the assistant header) and after ``k`` tokens of the continuation."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    texts = render_prompts(tokenizer, queries, system_prompt=system_prompt)
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    graphdef, state = nnx.split(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = {}
+    for name, text in continuations.items():
+        tail = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+        if len(tail) < max_tokens:
+            raise ValueError(f"continuation {name!r} has {len(tail)} tokens, fewer than max_tokens={max_tokens}")
+        rows = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            seqs = [p + tail for p in chunk] + [chunk[0] + tail] * (batch_size - len(chunk))
+            length = 64 * -(-max(len(s) for s in seqs) // 64)  # few compiled shapes
+            ids = np.full((batch_size, length), pad, np.int32)
+            mask = np.zeros((batch_size, length), np.int32)
+            for i, s in enumerate(seqs):  # right padding: positions count from the first token
+                ids[i, : len(s)], mask[i, : len(s)] = s, 1
+            ends = np.asarray([len(s) - len(tail) - 1 for s in seqs], np.int32)
+            d = _distances(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(ends),
+                           max_tokens=max_tokens)
+            rows.append(np.asarray(d)[: len(chunk)])
+        out[name] = np.concatenate(rows)
+    return out
