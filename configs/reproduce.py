@@ -94,18 +94,19 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
         max_new_tokens=16,
     ))
     c.attack = ConfigDict(dict(
-        # each attack: dataset spec (see configs/finetune.py), split, steps without protection
+        # each attack: dataset spec (see configs/finetune.py), split, steps without protection,
+        # max_length (aoa's system prompt alone is about 130 tokens)
         datasets=ConfigDict(dict(
-            alpaca_libre=ConfigDict(dict(dataset="alpaca_libre", split="", steps=16)),
-            gsm8k=ConfigDict(dict(dataset="gsm8k", split="train", steps=16)),
-            harmful_qa=ConfigDict(dict(dataset="harmful_qa:100", split="", steps=16)),
-            aoa=ConfigDict(dict(dataset="aoa", split="", steps=10)),
+            alpaca_libre=ConfigDict(dict(dataset="alpaca_libre", split="", steps=16, max_length=192)),
+            gsm8k=ConfigDict(dict(dataset="gsm8k", split="train", steps=12, max_length=192)),
+            harmful_qa=ConfigDict(dict(dataset="harmful_qa:100", split="", steps=12, max_length=192)),
+            aoa=ConfigDict(dict(dataset="aoa", split="", steps=10, max_length=256)),
         )),
         # none | scu_cu6 | scu_cu | random | layers | lora
         variants=("none", "scu_cu6", "scu_cu", "random", "layers", "lora"),
         selection="SCU+CU:0.06",  # scu_cu6 (and the size of random / layers)
         frozen_epochs=2,  # scu_cu6, scu_cu, random and layers train this many times the steps
-        batch_size=4, max_length=192, learning_rate=5e-5, warmup_steps=2,
+        batch_size=4, learning_rate=5e-5, warmup_steps=2,
         lora=ConfigDict(dict(rank=8, alpha=16.0, targets=("q_proj", "v_proj"), learning_rate=5e-4)),
     ))
     c.attack.evaluation = _evaluation("gpu" if gpu else "smollm2", {
@@ -127,11 +128,12 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
         set_values(c, {
             "align.dataset": "bianchi_safety:1200,safety_refusals_short:400,alpaca_libre:2000",
             "align.heldout": 64, "align.steps": 225, "align.batch_size": 16, "align.max_length": 512,
-            "align.warmup_steps": 10, "attack.batch_size": 16, "attack.max_length": 512,
+            "align.warmup_steps": 10, "attack.batch_size": 16,
             "layers.prompts": 64, "probing.prompts": 128,
         })
         for name, steps in (("alpaca_libre", 100), ("gsm8k", 100), ("harmful_qa", 25), ("aoa", 10)):
             c.attack.datasets[name].steps = steps
+            c.attack.datasets[name].max_length = 512
         harmful = "advbench,harmbench_standard"
         for section in (c.evaluation, c.table, c.attack.evaluation):
             section.harmful.dataset = harmful
@@ -144,12 +146,13 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
             "attribution.batch_size": 4,
             "align.dataset": "bianchi_safety:8,safety_refusals_short:4,alpaca_libre:4", "align.heldout": 2,
             "align.steps": 2, "align.batch_size": 4, "align.max_length": 64, "align.warmup_steps": 1,
-            "attack.batch_size": 2, "attack.max_length": 64, "attack.warmup_steps": 1,
+            "attack.batch_size": 2, "attack.warmup_steps": 1,
             "finetune.eval_batch_size": 2, "finetune.log_every": 1,
             "layers.prompts": 2, "layers.max_new_tokens": 2, "probing.prompts": 2, "probing.max_tokens": 3,
         })
         for name in c.attack.datasets:
             c.attack.datasets[name].steps = 1
+            c.attack.datasets[name].max_length = 256
         c.attack.datasets.harmful_qa.dataset = "harmful_qa:4"
         small = {"max_new_tokens": 2, "harmful.dataset": "advbench:2,harmbench_standard:2", "batch_size": 4}
         for section in (c.evaluation, c.table, c.attack.evaluation):

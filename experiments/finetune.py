@@ -176,6 +176,8 @@ def run(config: ConfigDict, workdir: str) -> Path:
     train_examples, stats = encode(train_records)
     heldout_examples, heldout_stats = encode(heldout_records)
     print(f"Training set ({d.dataset}): {stats}\nHeld-out set: {heldout_stats}")
+    runs.check(config, "data.max_length", lambda v: bool(train_examples),
+               f"every training example's prompt is longer than that ({stats})")
 
     mesh = make_mesh(dict(config.mesh))
     rows = mesh.shape["data"] * mesh.shape["fsdp"]

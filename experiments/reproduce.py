@@ -47,8 +47,25 @@ REQUIRES = {
 }
 VARIANTS = ("none", "scu_cu6", "scu_cu", "random", "layers", "lora")
 FROZEN = ("scu_cu6", "scu_cu", "random", "layers")  # trained attack.frozen_epochs times the steps
-# A workdir holding a run with other values of these is refused (stages would mix two configs).
-NOT_DETERMINING = ("stages", "report_dir", "jax_cache")
+# The config keys each stage's results depend on (directly; what it reads from earlier stages
+# is covered by theirs). A finished stage is refused if any of its keys changed since.
+STAGE_KEYS = {
+    "units_unaligned": ("model", "dtype", "seed", "attribution", "kinds", "budget_ru"),
+    "align_full": ("model", "seed", "align", "finetune"),
+    "align_ru": ("model", "seed", "align", "finetune"),
+    "eval_unaligned": ("model", "dtype", "evaluation"),
+    "eval_aligned": ("dtype", "evaluation"),
+    "eval_ru": ("dtype", "evaluation"),
+    "prune_aligned": ("dtype", "seed", "attribution", "kinds", "table"),
+    "layers": ("dtype", "layers", "attack.selection", "attribution.safety", "evaluation.batch_size"),
+    "attacks/initial": ("dtype", "attack.evaluation"),
+    # and attacks/<attack>/<variant>: ATTACK_KEYS plus attack.datasets.<attack>
+    "units_attacked": ("dtype", "attribution", "kinds", "transfer_attack"),
+    "transfer": ("kinds", "transfer_attack"),
+    "probing": ("dtype", "probing", "evaluation.harmful", "evaluation.batch_size"),
+}
+ATTACK_KEYS = ("dtype", "seed", "finetune", "attack.selection", "attack.frozen_epochs", "attack.batch_size",
+               "attack.learning_rate", "attack.warmup_steps", "attack.lora", "attack.evaluation")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +136,7 @@ def attack_config(config: ConfigDict, out: Path, attack: str, variant: str, laye
     return train_config(
         config, model=str(out / "align_full"), dataset=spec.dataset, split=spec.split, heldout=0,
         steps=spec.steps * (a.frozen_epochs if variant in FROZEN else 1), batch_size=a.batch_size,
-        max_length=a.max_length, learning_rate=a.lora.learning_rate if variant == "lora" else a.learning_rate,
+        max_length=spec.max_length, learning_rate=a.lora.learning_rate if variant == "lora" else a.learning_rate,
         warmup_steps=a.warmup_steps, freeze=freeze)
 
 
@@ -165,8 +182,31 @@ def _finished(directory: Path) -> dict | None:
     return json.loads(marker.read_text()) if marker.exists() else None
 
 
-def _stage(directory: Path, fn: Callable[[Path], Any]) -> dict:
-    """Runs ``fn(directory)`` unless it finished before; records its wall time."""
+def _values(config: ConfigDict, keys: tuple[str, ...]) -> dict[str, Any]:
+    out = {}
+    for key in keys:
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        out[key] = json.loads(value.to_json_best_effort()) if isinstance(value, ConfigDict) else value
+    return json.loads(json.dumps(out))  # tuples as lists, as they are read back
+
+
+def check_finished(config: ConfigDict, directory: Path, keys: tuple[str, ...]) -> None:
+    """Refuses a finished stage whose config keys changed (its results would not match)."""
+    done = _finished(directory)
+    if done is None:
+        return
+    now = _values(config, keys)
+    changed = [k for k in keys if done["config"].get(k) != now[k]]
+    if changed:
+        raise runs.ConfigError(f"{directory} finished with other values of " + ", ".join(f"config.{k}" for k in changed)
+                               + "; restore them, delete that stage's directory to redo it, or use a new --workdir")
+
+
+def _stage(directory: Path, fn: Callable[[Path], Any], config: ConfigDict, keys: tuple[str, ...]) -> dict:
+    """Runs ``fn(directory)`` unless it finished before; records its wall time and ``keys``."""
+    check_finished(config, directory, keys)
     done = _finished(directory)
     if done is not None:
         print(f"[{directory.name}] finished in an earlier run ({done['seconds']} s), kept")
@@ -177,7 +217,8 @@ def _stage(directory: Path, fn: Callable[[Path], Any]) -> dict:
     result = fn(directory)
     result = result if isinstance(result, dict) else {}  # sub-runs return their report's path
     record = {"seconds": round(time.perf_counter() - start, 1),
-              "finished": datetime.datetime.now().isoformat(timespec="seconds"), **result}
+              "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+              "config": _values(config, keys), **result}
     (directory / "stage.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -239,22 +280,32 @@ def find_layer_block(config: ConfigDict, out: Path, directory: Path) -> dict:
     return {"chosen": chosen["layers"], "size": size}
 
 
-def run_attacks(config: ConfigDict, out: Path, directory: Path) -> dict:
+def attack_runs(config: ConfigDict) -> list[tuple[str, str]]:
+    return [(a, v) for a in config.attack.datasets for v in config.attack.variants]
+
+
+def finished(config: ConfigDict, out: Path, stage: str) -> bool:
+    """``attacks`` is finished when each of its runs is (adding an attack reopens it)."""
+    if stage == "attacks":
+        runs_ = [out / "attacks" / "initial"] + [out / "attacks" / a / v for a, v in attack_runs(config)]
+        return all(_finished(d) is not None for d in runs_)
+    return _finished(out / stage) is not None
+
+
+def run_attacks(config: ConfigDict, out: Path, directory: Path) -> None:
     block = json.loads((out / "layers" / "layers.json").read_text())["chosen"]
     aligned = str(out / "align_full" / "export")
     initial = eval_config(config, config.attack.evaluation, aligned)
-    _stage(directory / "initial", lambda d: evaluate.run(initial, str(d)))
-    for attack in config.attack.datasets:
-        for variant in config.attack.variants:
-            def one(d, attack=attack, variant=variant):
-                _train(attack_config(config, out, attack, variant, block), d)
-                evaluate.run(eval_config(config, config.attack.evaluation, str(d / "export")), str(d / "eval"))
-                if not (attack == config.transfer_attack and variant == "none"):
-                    shutil.rmtree(d / "export")  # 0.5 GB each; the transfer stage needs only one
-                return {}
+    _stage(directory / "initial", lambda d: evaluate.run(initial, str(d)), config, STAGE_KEYS["attacks/initial"])
+    for attack, variant in attack_runs(config):
+        def one(d, attack=attack, variant=variant):
+            _train(attack_config(config, out, attack, variant, block), d)
+            evaluate.run(eval_config(config, config.attack.evaluation, str(d / "export")), str(d / "eval"))
+            if not (attack == config.transfer_attack and variant == "none"):
+                shutil.rmtree(d / "export")  # 0.5 GB each; the transfer stage needs only one
+            return {}
 
-            _stage(directory / attack / variant, one)
-    return {}
+        _stage(directory / attack / variant, one, config, ATTACK_KEYS + (f"attack.datasets.{attack}",))
 
 
 def _scores(directory: Path) -> tuple[dict, dict]:
@@ -302,8 +353,7 @@ def probe(config: ConfigDict, out: Path, directory: Path) -> dict:
 
 def run(config: ConfigDict, workdir: str) -> Path:
     validate(config)
-    determining = tuple(k for k in config.keys() if k not in NOT_DETERMINING)
-    out = runs.prepare_workdir(workdir, config, determining)
+    out = runs.prepare_workdir(workdir, config)  # each stage checks its own keys (STAGE_KEYS)
     if config.jax_cache:
         import jax
 
@@ -314,7 +364,7 @@ def run(config: ConfigDict, workdir: str) -> Path:
                             "stages": stages(config), **machine()}) + "\n")
     todo = stages(config)
     for stage in todo:
-        missing = [r for r in REQUIRES.get(stage, ()) if _finished(out / r) is None and r not in todo]
+        missing = [r for r in REQUIRES.get(stage, ()) if not finished(config, out, r) and r not in todo]
         if missing:
             raise runs.ConfigError(f"config.stages: stage {stage!r} needs {missing} finished first "
                                    f"(in {out}) or in config.stages")
@@ -335,9 +385,15 @@ def run(config: ConfigDict, workdir: str) -> Path:
         "transfer": lambda d: kind_transfer(config, out, d),
         "probing": lambda d: probe(config, out, d),
     }
+    for stage, keys in STAGE_KEYS.items():  # every finished stage, scheduled or not
+        check_finished(config, out / stage, keys)
+    for attack, variant in attack_runs(config):
+        check_finished(config, out / "attacks" / attack / variant, ATTACK_KEYS + (f"attack.datasets.{attack}",))
     for stage in todo:
-        if stage != "report":
-            _stage(out / stage, work[stage])
+        if stage == "attacks":
+            work[stage](out / stage)  # its runs are stages of their own
+        elif stage != "report":
+            _stage(out / stage, work[stage], config, STAGE_KEYS[stage])
     if "report" not in todo:
         print(f"Stages done: {todo} in {out}; add 'report' to config.stages for the report")
         return out

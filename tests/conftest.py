@@ -32,3 +32,13 @@ def demo():
 @pytest.fixture
 def tiny_llama(tmp_path):
     return tiny.save(tiny.llama_config(), tmp_path / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory):
+    """A tiny random Llama with the demo model's tokenizer and chat template (an HF directory)."""
+    from ssah_jax.checkpoints import demo_gguf_path, load_tokenizer
+
+    directory = tiny.save(tiny.llama_config(vocab_size=49152, pad_token_id=2), tmp_path_factory.mktemp("tiny_chat"))
+    load_tokenizer(str(demo_gguf_path(download=False))).save_pretrained(directory)
+    return directory

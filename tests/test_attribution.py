@@ -238,3 +238,18 @@ def test_sweep_fraction_keeps_the_largest_fraction_within_tolerance():
 def test_scores_are_float32_arrays(tiny_pair):
     scores = unit_scores(tiny_pair[0], [calibration_batch()], "wanda")
     assert all(isinstance(v, jax.Array) and v.dtype == jnp.float32 for v in scores.values())
+
+
+def test_transition_matrix_counts_units_by_kind_before_and_after():
+    from ssah_jax.attribution import transition_matrix
+
+    before = classify(random_scores(0), random_scores(1), FRACTIONS)
+    same = transition_matrix(before, before)
+    assert (same == np.diag([before.counts()[k] for k in KINDS])).all()
+    after = classify(random_scores(2), random_scores(3), FRACTIONS)
+    m = transition_matrix(before, after)
+    assert m.sum() == before.num_units
+    assert list(m.sum(axis=1)) == [before.counts()[k] for k in KINDS]
+    assert list(m.sum(axis=0)) == [after.counts()[k] for k in KINDS]
+    i, j = KINDS.index("SCU"), KINDS.index("RU")
+    assert m[i, j] == sum((before.masks["SCU"][u] & after.masks["RU"][u]).sum() for u in ("attn", "mlp"))

@@ -175,3 +175,27 @@ def test_batches_shuffle_deterministically_split_per_host_and_resume():
     resumed = iter(a.to_iter_dataset())
     resumed.set_state(state)
     assert all(np.array_equal(x, next(resumed)["input_ids"]) for x in ahead)
+
+
+def test_mixtures_hold_out_per_dataset_exclude_prompts_and_name_bad_specs():
+    from ssah_jax.data import load_mixture, parse_mixture, prompt_key
+
+    assert parse_mixture("advbench:3, xstest") == [("advbench", 3), ("xstest", 0)]
+    advbench = load_local("advbench")[0]
+    xstest = load_local("xstest")[0]
+    selected, held = load_mixture("advbench:3,xstest:2", heldout=1)
+    assert selected == advbench[:3] + xstest[:2]
+    assert held == [advbench[-1], xstest[-1]]
+    # exclusion compares prompts ignoring case and whitespace, before the counts
+    gone = ["  " + advbench[0].prompt.upper() + " ", advbench[2].prompt]
+    selected, _ = load_mixture("advbench:3", exclude=gone)
+    assert selected == [advbench[1], advbench[3], advbench[4]]
+    assert prompt_key("A  b\nC") == prompt_key("a b c")
+    standard = load_mixture("harmbench_standard")[0]
+    assert len(standard) == 200 and {r.meta["functional_category"] for r in standard} == {"standard"}
+    with pytest.raises(KeyError, match="unknown dataset 'nope'"):
+        parse_mixture("advbench,nope:3")
+    with pytest.raises(ValueError, match="limit of 'advbench' must be a positive integer"):
+        parse_mixture("advbench:x")
+    with pytest.raises(DataError, match="600 records asked for"):
+        load_mixture("advbench:600")

@@ -16,19 +16,8 @@ from safetensors.numpy import load_file
 
 from experiments import finetune
 from ssah_jax.runs import ConfigError, config_from_file, read_jsonl
-from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_chat_model(tmp_path_factory):
-    """A tiny random Llama with the demo model's tokenizer and chat template."""
-    from ssah_jax.checkpoints import demo_gguf_path, load_tokenizer
-
-    directory = tiny.save(tiny.llama_config(vocab_size=49152, pad_token_id=2), tmp_path_factory.mktemp("tiny_chat"))
-    load_tokenizer(str(demo_gguf_path(download=False))).save_pretrained(directory)
-    return directory
 
 
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI on one CPU device

@@ -1,0 +1,102 @@
+"""``ssah-jax reproduce``: the whole SSAH pipeline on a tiny model (wiring, frozen weights,
+resume, determinism of a re-run stage, refusal of a changed config), and the held-out
+evaluation sets of the real presets."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import reproduce
+from ssah_jax.runs import config_from_file, read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI on one CPU device
+
+
+def command(workdir: Path, model: Path, report: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "ssah_jax.cli", "reproduce", "--config=configs/reproduce.py:tiny",
+            f"--workdir={workdir}", f"--config.model={model}", f"--config.report_dir={report}", *overrides]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_chat_model, tmp_path_factory):
+    base = tmp_path_factory.mktemp("reproduce")
+    workdir, report = base / "run", base / "report"
+    done = run(command(workdir, tiny_chat_model, report))
+    assert done.returncode == 0, done.stderr[-4000:]
+    return workdir, report, tiny_chat_model
+
+
+def test_pipeline_writes_the_report_with_every_section_and_plot(pipeline):
+    workdir, report, _ = pipeline
+    text = (report / "REPORT.md").read_text()
+    for heading in ("## Summary: which claims held", "## 1. Alignment", "## 2. Pruning", "## 3. Fine-tuning attacks",
+                    "## 4. Attribute transfer", "## 5. Reasoning-direction probing", "## Stage wall times"):
+        assert heading in text
+    for png in ("attacks.png", "probing.png", "transfer.png", "kinds_per_layer.png", "align_full_loss.png"):
+        assert (report / png).stat().st_size > 1000
+    # the held-out harmful prompts share nothing with the alignment data
+    assert "found in the alignment data: evaluation 0, table 0, attack 0." in text
+    # every attack run of every protection is in the table
+    config = config_from_file(ROOT / "configs" / "reproduce.py", "tiny")
+    for attack in config.attack.datasets:
+        for variant in config.attack.variants:
+            assert (workdir / "attacks" / attack / variant / "eval" / "metrics.json").exists()
+
+
+def test_frozen_parameters_stay_bit_identical_in_every_run(pipeline):
+    workdir, _, _ = pipeline
+    ru = json.loads((workdir / "align_ru" / "metrics.json").read_text())
+    assert ru["frozen_unchanged"] and 0 < ru["trained_elements"] < 0.25 * ru["total_elements"]
+    full = json.loads((workdir / "align_full" / "metrics.json").read_text())
+    assert full["trained_elements"] == full["total_elements"]
+    for path in (workdir / "attacks").glob("*/*/metrics.json"):
+        m = json.loads(path.read_text())
+        assert m["frozen_unchanged"], path
+        variant = path.parent.name
+        assert (m["frozen_elements"] > 0) == (variant in reproduce.FROZEN), path
+    # checkpoints are dropped once a run finished; only the transfer attack's export is kept
+    assert not list(workdir.glob("**/checkpoints"))
+    kept = [p.parent.parent.relative_to(workdir).as_posix() for p in workdir.glob("attacks/*/*/export/config.json")]
+    assert kept == ["attacks/alpaca_libre/none"]
+
+
+def test_a_rerun_stage_gives_the_same_numbers_and_changed_keys_are_refused(pipeline):
+    workdir, report, model = pipeline
+    stage = workdir / "attacks" / "harmful_qa" / "none"
+    losses = [r for r in read_jsonl(stage / "metrics.jsonl") if r["kind"] == "train"]
+    answers = read_jsonl(stage / "eval" / "rows" / "asr_no_system.jsonl")
+    shutil.rmtree(stage)
+    again = run(command(workdir, model, report))
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "[units_unaligned] finished in an earlier run" in again.stdout
+    assert [r for r in read_jsonl(stage / "metrics.jsonl") if r["kind"] == "train"] == losses
+    assert read_jsonl(stage / "eval" / "rows" / "asr_no_system.jsonl") == answers
+
+    changed = run(command(workdir, model, report, "--config.attack.learning_rate=0.001"))
+    assert changed.returncode != 0
+    assert "config.attack.learning_rate" in changed.stderr
+    missing = run(command(workdir / "elsewhere", model, report, "--config.stages=attacks"))
+    assert missing.returncode != 0 and "needs ['prune_aligned', 'layers'] finished first" in missing.stderr
+
+
+@pytest.mark.parametrize("preset", ["smollm2_cpu", "smollm2_gpu"])
+def test_presets_hold_out_every_trained_prompt_and_validate(preset):
+    config = config_from_file(ROOT / "configs" / "reproduce.py", preset)
+    reproduce.validate(config)
+    assert reproduce.training_overlap(config) == {"evaluation": 0, "table": 0, "attack": 0}
+    # the held-out sets are not empty, and the attack set is a subset of the main one
+    main = {r.prompt for r in reproduce._heldout_prompts(config)}
+    from experiments.evaluate import harmful_records
+
+    attack = {r.prompt for r in harmful_records(config.attack.evaluation, None)}
+    assert attack and attack <= main
