@@ -44,11 +44,8 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     # the models evaluated; empty: the unit map only (no table)
     c.variants = ("dense", "minus_SCU", "minus_UCU", "minus_RU", "minus_random")
     c.kinds = ConfigDict(dict(scu=0.013, ucu=0.133, ru=0.148, ranking="global", normalise="layer_mean"))
-    evaluation = config_from_file(Path(__file__).with_name("evaluate.py"), "gpu" if preset == "gpu" else "smollm2")
-    with evaluation.unlocked():
-        for key in ("model", "dtype", "data_dir"):
-            del evaluation[key]
-    c.evaluation = evaluation
+    c.evaluation = config_from_file(Path(__file__).with_name("evaluate.py"), "gpu" if preset == "gpu" else "smollm2",
+                                    drop=("model", "dtype", "data_dir"))
     c.evaluation.tasks = ("asr", "mmlu", "sst2", "perplexity")
     if preset == "smollm2":
         set_values(c, {

@@ -41,10 +41,7 @@ TRAINED_HARMFUL = "safety_refusals_short,bianchi_safety"
 
 
 def _evaluation(preset: str, values: dict) -> ConfigDict:
-    c = config_from_file(HERE / "evaluate.py", preset)
-    with c.unlocked():
-        for key in ("model", "dtype", "data_dir"):
-            del c[key]
+    c = config_from_file(HERE / "evaluate.py", preset, drop=("model", "dtype", "data_dir"))
     set_values(c, values)
     return c
 

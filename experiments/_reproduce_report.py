@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
-from experiments import prune
+from experiments import prune, reproduce
+from ssah_jax import runs
 from ssah_jax.attribution import KINDS
 
 # Paper numbers (Li & Kim, SSAH), for the rows where the paper has them.
@@ -87,7 +88,7 @@ def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
     # ---------------------------------------------------------------- 1. alignment
     evals = {name: _json(out / f"eval_{name}" / "metrics.json") for name in ("unaligned", "aligned", "ru")}
     align = {name: _json(out / f"align_{name}" / "metrics.json") for name in ("full", "ru")}
-    overlap = training_overlap_summary(config)
+    overlap = ", ".join(f"{k} {v}" for k, v in reproduce.training_overlap(config).items())
     e, a = config.evaluation, config.align
     add(["## 1. Alignment: full SFT and RU only (paper Table 4, with safety)", "",
          f"The unaligned model was aligned by response-only SFT on `{a.dataset}` (harmful prompts with refusals, "
@@ -316,10 +317,8 @@ def _attack_result(directory: Path) -> dict:
 
 
 def stage_records(out: Path) -> list[tuple[str, Path]]:
-    from experiments.reproduce import STAGES
-
     found = []
-    for stage in STAGES:
+    for stage in reproduce.STAGES:
         if (out / stage / "stage.json").exists():
             found.append((stage, out / stage / "stage.json"))
         if stage == "attacks":
@@ -329,17 +328,8 @@ def stage_records(out: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def training_overlap_summary(config: ConfigDict) -> str:
-    from experiments.reproduce import training_overlap
-
-    counts = training_overlap(config)
-    return ", ".join(f"{k} {v}" for k, v in counts.items())
-
-
 def plot_attacks(results: dict, initial: float, path: Path) -> Path:
-    from experiments.reproduce import _pyplot
-
-    plt = _pyplot()
+    plt = runs.pyplot()
     attacks = list(results)
     variants = list(next(iter(results.values())))
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(attacks)), 4))

@@ -244,10 +244,7 @@ def run(config: ConfigDict, workdir: str) -> Path:
 
 
 def plot_loss(records: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = runs.pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     train = [r for r in records if r["kind"] == "train"]

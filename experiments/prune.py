@@ -190,8 +190,8 @@ def render_report(config: ConfigDict, umap, results: dict, out: Path, plot: Path
         per = {m: int(umap.masks[kind][m].sum()) for m in MODULES}
         lines.append(f"| {kind} | {counts[kind]} | {100 * counts[kind] / total:.2f}% | {per['attn']} | {per['mlp']} |")
     safety_prompts = set(json.loads((out / "scores" / "safety.json").read_text())["prompts"])
-    asr_rows = [out / "variants" / name / "rows" / f"asr_{s}.jsonl" for name in results for s in e.harmful.settings]
-    asr_prompts = {r["prompt"] for path in asr_rows[:1] for r in runs.read_jsonl(path)}
+    asr_rows = out / "variants" / next(iter(results)) / "rows" / f"asr_{e.harmful.settings[0]}.jsonl"
+    asr_prompts = {r["prompt"] for r in runs.read_jsonl(asr_rows)}
     lines += [
         "", f"![unit kinds per layer]({plot.name})", "",
         f"{len(safety_prompts & asr_prompts)} of the {len(asr_prompts)} ASR prompts are also prompts of the safety "
@@ -204,10 +204,7 @@ def render_report(config: ConfigDict, umap, results: dict, out: Path, plot: Path
 
 def plot_kinds(umap, path: Path) -> Path:
     """Per-layer stacked bars of the kinds, for attention and MLP units."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = runs.pyplot()
 
     colours = {"SCU": "#d62728", "UCU": "#1f77b4", "CU": "#c7c7c7", "RU": "#2ca02c"}
     per_layer = umap.per_layer()

@@ -185,49 +185,44 @@ def _finished(directory: Path) -> dict | None:
 def _values(config: ConfigDict, keys: tuple[str, ...]) -> dict[str, Any]:
     out = {}
     for key in keys:
-        value = config
-        for part in key.split("."):
-            value = value[part]
+        value = runs.get(config, key)
         out[key] = json.loads(value.to_json_best_effort()) if isinstance(value, ConfigDict) else value
     return json.loads(json.dumps(out))  # tuples as lists, as they are read back
 
 
-def check_finished(config: ConfigDict, directory: Path, keys: tuple[str, ...]) -> None:
-    """Refuses a finished stage whose config keys changed (its results would not match)."""
+def check_finished(config: ConfigDict, directory: Path, keys: tuple[str, ...]) -> dict | None:
+    """The record of a finished stage (None if it is not); refuses one whose config keys
+    changed since (its results would not match)."""
     done = _finished(directory)
     if done is None:
-        return
+        return None
     now = _values(config, keys)
     changed = [k for k in keys if done["config"].get(k) != now[k]]
     if changed:
         raise runs.ConfigError(f"{directory} finished with other values of " + ", ".join(f"config.{k}" for k in changed)
                                + "; restore them, delete that stage's directory to redo it, or use a new --workdir")
+    return done
 
 
-def _stage(directory: Path, fn: Callable[[Path], Any], config: ConfigDict, keys: tuple[str, ...]) -> dict:
+def _stage(directory: Path, fn: Callable[[Path], Any], config: ConfigDict, keys: tuple[str, ...]) -> None:
     """Runs ``fn(directory)`` unless it finished before; records its wall time and ``keys``."""
-    check_finished(config, directory, keys)
-    done = _finished(directory)
+    done = check_finished(config, directory, keys)
     if done is not None:
         print(f"[{directory.name}] finished in an earlier run ({done['seconds']} s), kept")
-        return done
+        return
     print(f"\n=== {directory} ===", flush=True)
     directory.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = fn(directory)
-    result = result if isinstance(result, dict) else {}  # sub-runs return their report's path
+    fn(directory)  # its results are the files it writes
     record = {"seconds": round(time.perf_counter() - start, 1),
-              "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-              "config": _values(config, keys), **result}
+              "finished": datetime.datetime.now().isoformat(timespec="seconds"), "config": _values(config, keys)}
     (directory / "stage.json").write_text(json.dumps(record, indent=2) + "\n")
-    return record
 
 
-def _train(config: ConfigDict, directory: Path) -> dict:
+def _train(config: ConfigDict, directory: Path) -> None:
     """A finetune run whose checkpoints are dropped once it finished (its export is the result)."""
     finetune.run(config, str(directory))
     shutil.rmtree(directory / "checkpoints", ignore_errors=True)
-    return {}
 
 
 def _heldout_prompts(config: ConfigDict) -> list[Record]:
@@ -236,13 +231,13 @@ def _heldout_prompts(config: ConfigDict) -> list[Record]:
 
 def training_overlap(config: ConfigDict) -> dict[str, int]:
     """How many prompts of each evaluation set were in the alignment data (must be 0)."""
-    trained = {prompt_key(r.prompt) for r in load_mixture(config.align.dataset, config.data_dir or None)[0]}
+    trained = {prompt_key(r.prompt) for r in finetune.split_records(align_config(config, None))[0]}
     sets = {"evaluation": config.evaluation, "table": config.table, "attack": config.attack.evaluation}
     return {name: sum(prompt_key(r.prompt) in trained for r in evaluate.harmful_records(s, config.data_dir or None))
             for name, s in sets.items()}
 
 
-def find_layer_block(config: ConfigDict, out: Path, directory: Path) -> dict:
+def find_layer_block(config: ConfigDict, out: Path, directory: Path) -> None:
     """The contiguous block of layers whose removal (every unit of the block pruned: the layers
     become the identity) most lowers the aligned model's refusal rate on held-in harmful
     prompts. Its size matches the unit count of ``attack.selection`` unless ``layers.size``."""
@@ -252,11 +247,9 @@ def find_layer_block(config: ConfigDict, out: Path, directory: Path) -> dict:
     per_layer = sum(umap.masks["CU"][m].shape[1] for m in MODULES)
     layers = model.config.num_layers
     size = config.layers.size or max(1, round(selected / per_layer))
-    seen, prompts = set(), []
-    for r in load_mixture(config.attribution.safety.dataset, config.data_dir or None)[0]:
-        if prompt_key(r.prompt) not in seen and len(prompts) < config.layers.prompts:
-            seen.add(prompt_key(r.prompt))
-            prompts.append(Record(r.prompt))
+    held_in = load_mixture(config.attribution.safety.dataset, config.data_dir or None)[0]
+    unique = dict.fromkeys(r.prompt for r in held_in)  # first occurrences, in order
+    prompts = [Record(p) for p in list(unique)[: config.layers.prompts]]
     kw = dict(max_new_tokens=config.layers.max_new_tokens, batch_size=config.evaluation.batch_size)
 
     def refusal_rate(m) -> float:
@@ -277,7 +270,6 @@ def find_layer_block(config: ConfigDict, out: Path, directory: Path) -> dict:
               "units_per_layer": per_layer, "prompts": len(prompts), "dense_refusal_rate": dense,
               "blocks": blocks, "chosen": chosen["layers"]}
     (directory / "layers.json").write_text(json.dumps(result, indent=2) + "\n")
-    return {"chosen": chosen["layers"], "size": size}
 
 
 def attack_runs(config: ConfigDict) -> list[tuple[str, str]]:
@@ -303,7 +295,6 @@ def run_attacks(config: ConfigDict, out: Path, directory: Path) -> None:
             evaluate.run(eval_config(config, config.attack.evaluation, str(d / "export")), str(d / "eval"))
             if not (attack == config.transfer_attack and variant == "none"):
                 shutil.rmtree(d / "export")  # 0.5 GB each; the transfer stage needs only one
-            return {}
 
         _stage(directory / attack / variant, one, config, ATTACK_KEYS + (f"attack.datasets.{attack}",))
 
@@ -316,7 +307,7 @@ def _scores(directory: Path) -> tuple[dict, dict]:
     return out[0], out[1]
 
 
-def kind_transfer(config: ConfigDict, out: Path, directory: Path) -> dict:
+def kind_transfer(config: ConfigDict, out: Path, directory: Path) -> None:
     """Transition matrices between the kinds of the unaligned, aligned and attacked models,
     every map classified with the same fractions (``kinds``)."""
     k = config.kinds
@@ -330,10 +321,9 @@ def kind_transfer(config: ConfigDict, out: Path, directory: Path) -> dict:
               "fine_tuning": transition_matrix(maps["aligned"], maps["attacked"]).tolist()}
     (directory / "transfer.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_transfer(result, directory / "transfer.png")
-    return {}
 
 
-def probe(config: ConfigDict, out: Path, directory: Path) -> dict:
+def probe(config: ConfigDict, out: Path, directory: Path) -> None:
     p = config.probing
     queries = [r.prompt for r in _heldout_prompts(config)[: p.prompts]]
     continuations = {"refusal": p.refusal, "compliance": p.compliance}
@@ -348,7 +338,6 @@ def probe(config: ConfigDict, out: Path, directory: Path) -> dict:
         del model
     (directory / "probing.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_probing(result, directory / "probing.png")
-    return {}
 
 
 def run(config: ConfigDict, workdir: str) -> Path:
@@ -425,17 +414,8 @@ def _cpu_name() -> str:
 # Plots
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_transfer(result: dict, path: Path) -> Path:
-    plt = _pyplot()
+    plt = runs.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, key, title in zip(axes, ("alignment", "fine_tuning"),
                               ("unaligned -> aligned", f"aligned -> after the {result['attack']} attack")):
@@ -458,7 +438,7 @@ def plot_transfer(result: dict, path: Path) -> Path:
 
 
 def plot_probing(result: dict, path: Path) -> Path:
-    plt = _pyplot()
+    plt = runs.pyplot()
     models = list(result["models"])
     fig, axes = plt.subplots(2, len(models), figsize=(4.5 * len(models), 7), squeeze=False)
     ks = np.arange(1, result["max_tokens"] + 1)

@@ -18,11 +18,17 @@ class ConfigError(ValueError):
     """A config value is out of range; the message names the key."""
 
 
-def check(config: ConfigDict, key: str, ok: Callable[[Any], bool], requirement: str) -> None:
-    """Raises ConfigError naming ``config.<key>`` unless ``ok(value)``."""
+def get(config: ConfigDict, key: str) -> Any:
+    """The value of a dotted key (``"attack.lora.rank"``)."""
     value = config
     for part in key.split("."):
         value = value[part]
+    return value
+
+
+def check(config: ConfigDict, key: str, ok: Callable[[Any], bool], requirement: str) -> None:
+    """Raises ConfigError naming ``config.<key>`` unless ``ok(value)``."""
+    value = get(config, key)
     if not ok(value):
         raise ConfigError(f"config.{key}={value!r}: {requirement}")
 
@@ -68,12 +74,27 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def config_from_file(path: str | Path, preset: str) -> ConfigDict:
-    """``get_config(preset)`` of a config file (configs nest each other's sections this way)."""
+def config_from_file(path: str | Path, preset: str, drop: tuple[str, ...] = ()) -> ConfigDict:
+    """``get_config(preset)`` of a config file without its top-level keys ``drop`` (configs
+    nest each other's sections this way, dropping what the outer config sets)."""
     spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(preset)
+    config = module.get_config(preset)
+    with config.unlocked():
+        for key in drop:
+            del config[key]
+    return config
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (runs write PNGs, never show them)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def set_values(config: ConfigDict, values: dict[str, Any]) -> None:
