@@ -280,15 +280,16 @@ def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
 
     # ---------------------------------------------------------------- times
     add(["## Stage wall times", "",
-         "Wall time of the invocation that finished each stage (a resumed stage counts only its last "
-         "invocation), on the machine named above.", "",
-         "| stage | seconds | minutes | finished |", "|---|---|---|---|"])
+         "Wall time of each stage on the machine named above, summed over the invocations that worked "
+         "on it (a stage resumed after a kill counts every invocation, to within 10 s per kill).", "",
+         "| stage | seconds | minutes | invocations | finished |", "|---|---|---|---|---|"])
     total_s = 0.0
     for stage, path in stage_records(out):
         rec = _json(path)
         total_s += rec["seconds"]
-        lines.append(f"| {stage} | {rec['seconds']:.0f} | {rec['seconds'] / 60:.1f} | {rec['finished']} |")
-    lines.append(f"| **total** | {total_s:.0f} | {total_s / 60:.1f} | |")
+        lines.append(f"| {stage} | {rec['seconds']:.0f} | {rec['seconds'] / 60:.1f} | {rec['invocations']} "
+                     f"| {rec['finished']} |")
+    lines.append(f"| **total** | {total_s:.0f} | {total_s / 60:.1f} | | |")
     add(["", f"Invocations of the command: {len(invocations)} (`{out / 'invocations.jsonl'}`).", ""])
 
     text = "\n".join([*header, "## Summary: which claims held", "", *claims, "", *lines])

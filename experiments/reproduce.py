@@ -3,8 +3,9 @@ find its units, prune them, freeze them during fine-tuning attacks, follow the k
 alignment and fine-tuning, probe the reasoning direction, and write one report.
 
 Each stage runs in ``<workdir>/<stage>/`` (the sub-runs are ordinary ``finetune``, ``prune``
-and ``evaluate`` runs) and leaves ``stage.json`` (its wall time) when it finishes; a re-run
-skips finished stages and resumes the others (the sub-runs resume themselves). See
+and ``evaluate`` runs) and leaves ``stage.json`` (its wall time, summed over the invocations
+that worked on it) when it finishes; a re-run skips finished stages and resumes the others (the
+sub-runs resume themselves). See
 ``configs/reproduce.py`` for the stages and their settings.
 """
 
@@ -17,6 +18,7 @@ import os
 import platform
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -212,11 +214,52 @@ def _stage(directory: Path, fn: Callable[[Path], Any], config: ConfigDict, keys:
         return
     print(f"\n=== {directory} ===", flush=True)
     directory.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    fn(directory)  # its results are the files it writes
-    record = {"seconds": round(time.perf_counter() - start, 1),
+    with _StageTimer(directory) as timer:
+        fn(directory)  # its results are the files it writes
+    record = {"seconds": round(timer.seconds, 1), "invocations": timer.invocations,
               "finished": datetime.datetime.now().isoformat(timespec="seconds"), "config": _values(config, keys)}
     (directory / "stage.json").write_text(json.dumps(record, indent=2) + "\n")
+    (directory / _StageTimer.FILE).unlink()
+
+
+class _StageTimer:
+    """Wall time of a stage summed over the invocations that worked on it.
+
+    A killed invocation cannot report its time, so the running total is written to
+    ``<stage>/elapsed.json`` every ``every`` seconds; a resumed stage starts from it (a kill
+    loses at most ``every`` seconds of the count).
+    """
+
+    FILE = "elapsed.json"
+
+    def __init__(self, directory: Path, every: float = 10.0):
+        self.path, self.every = directory / self.FILE, every
+        earlier = json.loads(self.path.read_text()) if self.path.exists() else {"seconds": 0.0, "invocations": 0}
+        self.earlier, self.invocations = earlier["seconds"], earlier["invocations"] + 1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    @property
+    def seconds(self) -> float:
+        return self.earlier + time.perf_counter() - self._start
+
+    def _save(self) -> None:
+        self.path.write_text(json.dumps({"seconds": round(self.seconds, 1), "invocations": self.invocations}))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every):
+            self._save()
+
+    def __enter__(self) -> "_StageTimer":
+        self._start = time.perf_counter()
+        self._save()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._save()
 
 
 def _train(config: ConfigDict, directory: Path) -> None:
