@@ -14,8 +14,6 @@ from __future__ import annotations
 import copy
 import datetime
 import json
-import os
-import platform
 import shutil
 import sys
 import threading
@@ -250,7 +248,7 @@ class _StageTimer:
         while not self._stop.wait(self.every):
             self._save()
 
-    def __enter__(self) -> "_StageTimer":
+    def __enter__(self) -> _StageTimer:
         self._start = time.perf_counter()
         self._save()
         self._thread.start()
@@ -393,7 +391,7 @@ def run(config: ConfigDict, workdir: str) -> Path:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
     with open(out / "invocations.jsonl", "a") as f:
         f.write(json.dumps({"argv": sys.argv, "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                            "stages": stages(config), **machine()}) + "\n")
+                            "stages": stages(config), **runs.machine()}) + "\n")
     todo = stages(config)
     for stage in todo:
         missing = [r for r in REQUIRES.get(stage, ()) if not finished(config, out, r) and r not in todo]
@@ -434,23 +432,6 @@ def run(config: ConfigDict, workdir: str) -> Path:
     report = _reproduce_report.write(config, out, Path(config.report_dir))
     print(f"Report: {report}")
     return report
-
-
-def machine() -> dict[str, Any]:
-    import jax
-
-    return {"machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count(),
-            "jax": jax.__version__, "devices": [str(d.device_kind) for d in jax.devices()]}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,11 +28,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ssah_jax import runs  # noqa: E402  (after the offline switch)
 
 PROMPTS = [
     "Tell me a story about a dragon.", "What is the capital of France?",
@@ -133,9 +134,7 @@ def bench_generate(args) -> dict:
         "ours_ms_per_step": 1e3 * ours_s / args.new_tokens,
         "transformers_ms_per_step": 1e3 * theirs_s / args.new_tokens,
         **memory_floor(model, args.batch),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                   f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-                   f"({torch.get_num_threads()} threads)",
+        "machine": f"{runs.describe_machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads)",
     }
 
 
@@ -202,8 +201,7 @@ def bench_attribution(args) -> dict:
         "wifv_over_forward": wifv_s / plain_s,
         "wifv_over_decoder_only_forward": wifv_s / decoder_s,
         "snip_over_forward": snip_s / plain_s,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                   f"jax {jax.__version__} ({jax.default_backend()})",
+        "machine": runs.describe_machine(),
     }
 
 
@@ -278,8 +276,7 @@ def bench_train(args) -> dict:
         "transformers_step_s": theirs_s,
         "speedup": theirs_s / ours_s,
         "torch_threads": torch.get_num_threads(),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                   f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}",
+        "machine": f"{runs.describe_machine()}, torch {torch.__version__}",
     }
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,3 +109,28 @@ def set_values(config: ConfigDict, values: dict[str, Any]) -> None:
         if leaf not in target:
             raise KeyError(f"preset sets unknown config key {key!r}")
         target[leaf] = value
+
+
+def machine() -> dict[str, Any]:
+    """What a measurement ran on: CPU model and count, jax version and devices."""
+    import jax
+
+    return {"machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count(),
+            "jax": jax.__version__, "devices": [str(d.device_kind) for d in jax.devices()]}
+
+
+def describe_machine() -> str:
+    """``machine()`` in one line, for reports and benchmark output."""
+    m = machine()
+    return (f"{m['processor']} ({m['machine']}), {m['cpus']} cores, jax {m['jax']} on "
+            f"{len(m['devices'])} x {m['devices'][0]}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
