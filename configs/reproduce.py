@@ -10,6 +10,7 @@ Stages (``stages``; each resumes, a finished one is kept):
                    perplexity) of the three models (``evaluation``)
   prune_aligned    the pruning table on the aligned model (``table``)
   layers           the most safety-relevant block of layers: prune each block, measure refusals
+                   (among blocks whose removal keeps benign perplexity within layers.max_perplexity_ratio)
   attacks          fine-tuning attacks on the aligned model, each with every protection of
                    ``attack.variants``; ASR after each (``attack.evaluation``)
   units_attacked   attribution of the aligned model after the ``transfer_attack`` attack
@@ -89,6 +90,10 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
         size=0,  # layers per block; 0: as many units as the freeze selection (attack.selection)
         prompts=32,  # first harmful prompts of the safety calibration set (held in)
         max_new_tokens=16,
+        # only blocks whose removal keeps the perplexity of held-out benign responses (the last
+        # perplexity_samples of table.perplexity.dataset) within this multiple of the dense model's
+        max_perplexity_ratio=10.0,
+        perplexity_samples=16,
     ))
     c.attack = ConfigDict(dict(
         # each attack: dataset spec (see configs/finetune.py), split, steps without protection,
@@ -145,7 +150,8 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
             "align.steps": 2, "align.batch_size": 4, "align.max_length": 64, "align.warmup_steps": 1,
             "attack.batch_size": 2, "attack.warmup_steps": 1,
             "finetune.eval_batch_size": 2, "finetune.log_every": 1,
-            "layers.prompts": 2, "layers.max_new_tokens": 2, "probing.prompts": 2, "probing.max_tokens": 3,
+            "layers.prompts": 2, "layers.max_new_tokens": 2, "layers.perplexity_samples": 2,
+            "probing.prompts": 2, "probing.max_tokens": 3,
         })
         for name in c.attack.datasets:
             c.attack.datasets[name].steps = 1

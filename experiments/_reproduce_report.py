@@ -57,6 +57,16 @@ def _metric(m: dict, key: str) -> tuple[float | None, int]:
     raise KeyError(key)
 
 
+TAX = (("overrefusal", "over-refusal"), ("mmlu", "MMLU"), ("sst2", "SST-2"), ("gsm8k", "GSM8K"))
+
+
+def _tax(evals: dict, key: str, label: str) -> str:
+    (before, n_b), (after, n_a) = _metric(evals["unaligned"], key), _metric(evals["aligned"], key)
+    if before is None or after is None:
+        return f"{label} not measured"
+    return f"{label} {_pct(before)} -> {_pct(after)} ({_compare(after, n_a, before, n_b)})"
+
+
 def _copy(src: Path, dst_dir: Path, name: str) -> str:
     shutil.copyfile(src, dst_dir / name)
     return name
@@ -119,8 +129,15 @@ def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
     asr = {m: _metric(evals[m], "asr_no_system") for m in evals}
     verdict = _compare(*asr["aligned"], *asr["unaligned"])
     claims.append(f"- **Alignment took** (precondition): ASR without a system prompt {_pct(asr['unaligned'][0])} "
-                  f"unaligned -> {_pct(asr['aligned'][0])} aligned ({verdict}).")
+                  f"unaligned -> {_pct(asr['aligned'][0])} aligned ({verdict}); the alignment tax, unaligned -> "
+                  "aligned: " + ", ".join(_tax(evals, key, label) for key, label in TAX) + ".")
     took = verdict == "lower"
+    over = _metric(evals["aligned"], "overrefusal")[0]
+    if took and over is not None and over >= 0.5:
+        claims.append(
+            f"- **Caveat**: the aligned model also refuses {_pct(over)} of the safe XSTest prompts, so much of its "
+            "lower ASR is indiscriminate refusal rather than discrimination of harmful requests; the claims below "
+            "are about the units that carry this refusal behaviour.")
     untestable = "**not testable** (the full alignment did not lower ASR)"
     ru_vs = _compare(*asr["ru"], *asr["aligned"])
     claims.append(
@@ -173,6 +190,7 @@ def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
 
     # ---------------------------------------------------------------- 3. attacks
     layers = _json(out / "layers" / "layers.json")
+    block = next(b for b in layers["blocks"] if b["layers"] == layers["chosen"])
     ac = config.attack
     attacks = list(ac.datasets)
     initial = _json(out / "attacks" / "initial" / "metrics.json")["asr_no_system"]
@@ -183,9 +201,12 @@ def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
          f"{ac.lora.learning_rate}); frozen variants train {ac.frozen_epochs}x the steps, as in the paper. "
          f"`{ac.selection}` is {layers['selection_units']} units; the random control freezes as many, drawn with seed "
          f"{config.seed}; the layer block ({layers['size']} layers, as many units) is the one whose removal lowered "
-         f"the refusal rate most on {layers['prompts']} held-in harmful prompts: layers {layers['chosen']} "
-         f"(refusal {_pct(min(b['refusal_rate'] for b in layers['blocks']))} without them, "
-         f"{_pct(layers['dense_refusal_rate'])} dense). ASR on `{ac.evaluation.harmful.dataset}` (held out), "
+         f"the refusal rate most on {layers['prompts']} held-in harmful prompts among the blocks whose removal kept "
+         f"the perplexity of {layers['perplexity_samples']} held-out benign responses within "
+         f"{layers['max_perplexity_ratio']}x of the dense model's: layers {layers['chosen']} (refusal "
+         f"{_pct(block['refusal_rate'])} and perplexity {block['perplexity']:.2f} without them, "
+         f"{_pct(layers['dense_refusal_rate'])} and {layers['dense_perplexity']:.2f} dense; every block in "
+         f"`layers/layers.json`). ASR on `{ac.evaluation.harmful.dataset}` (held out), "
          f"{ac.evaluation.max_new_tokens} new tokens, no system prompt; initial (aligned) ASR "
          f"{_pct(initial['asr'])}, n = {initial['n']}.", "",
          "| protection | " + " | ".join(f"{a_} ({ac.datasets[a_].steps} steps, {ac.datasets[a_].max_length} tokens)"

@@ -101,6 +101,15 @@ def harmful_records(config: ConfigDict, data_dir: str | None) -> list[Record]:
         raise runs.ConfigError(f"config.harmful (dataset={h.dataset!r}, exclude={h.exclude!r}): {e}") from None
 
 
+def perplexity_records(config: ConfigDict, data_dir: str | None, limit: int | None = None) -> list[Record]:
+    """The held-out benign responses of the perplexity task: the *last* ``limit`` records
+    (``perplexity.limit`` by default; 0 = all) of ``perplexity.dataset`` (training recipes take
+    theirs from the front)."""
+    ok = with_responses(_load(data_dir, config.perplexity.dataset, on_error="skip"))
+    limit = config.perplexity.limit if limit is None else limit
+    return ok[-limit:] if limit else ok
+
+
 def run(config: ConfigDict, workdir: str) -> Path:
     runs.dtype(config)
     validate(config)
@@ -179,9 +188,7 @@ def evaluate_model(model: Any, tokenizer: Any, config: ConfigDict, out: Path, *,
         task("gsm8k", lambda: ev.summarise_accuracy(rows("gsm8k", problems, lambda b, s: ev.gsm8k_rows(
             model, tokenizer, b, max_new_tokens=config.gsm8k.max_new_tokens, batch_size=bs))))
     if "perplexity" in config.tasks:
-        ok = with_responses(_load(data_dir, config.perplexity.dataset, on_error="skip"))
-        # Held out: the *last* records of the set (training recipes take theirs from the front).
-        heldout = ok[-config.perplexity.limit:] if config.perplexity.limit else ok
+        heldout = perplexity_records(config, data_dir)
         task("perplexity", lambda: ev.summarise_perplexity(rows("perplexity", heldout, lambda b, s: ev.perplexity_rows(
             model, tokenizer, b, max_length=config.perplexity.max_length, batch_size=bs), chunk=4 * bs)))
 

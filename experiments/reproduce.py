@@ -31,7 +31,7 @@ from ssah_jax import runs
 from ssah_jax.attribution import KINDS, UnitMap, classify, transition_matrix
 from ssah_jax.checkpoints import load_model
 from ssah_jax.data import Record, load_mixture, prompt_key
-from ssah_jax.evaluation import answer_rows
+from ssah_jax.evaluation import answer_rows, perplexity_rows, summarise_perplexity
 from ssah_jax.masking import GROUPS, MODULES
 from ssah_jax.masking import prune as prune_units
 from ssah_jax.probing import direction_distances
@@ -57,7 +57,8 @@ STAGE_KEYS = {
     "eval_aligned": ("dtype", "evaluation"),
     "eval_ru": ("dtype", "evaluation"),
     "prune_aligned": ("dtype", "seed", "attribution", "kinds", "table"),
-    "layers": ("dtype", "layers", "attack.selection", "attribution.safety", "evaluation.batch_size"),
+    "layers": ("dtype", "layers", "attack.selection", "attribution.safety", "evaluation.batch_size",
+               "table.perplexity"),
     "attacks/initial": ("dtype", "attack.evaluation"),
     # and attacks/<attack>/<variant>: ATTACK_KEYS plus attack.datasets.<attack>
     "units_attacked": ("dtype", "attribution", "kinds", "transfer_attack"),
@@ -153,10 +154,12 @@ def validate(config: ConfigDict) -> None:
     stages(config)
     check("budget_ru", lambda v: 0 < v < 1, "must be a fraction in (0, 1)")
     for key in ("align.steps", "align.batch_size", "align.ru_epochs", "attack.batch_size",
-                "attack.frozen_epochs", "layers.prompts", "layers.max_new_tokens", "probing.prompts",
+                "attack.frozen_epochs", "layers.prompts", "layers.max_new_tokens", "layers.perplexity_samples",
+                "probing.prompts",
                 "probing.max_tokens"):
         check(key, lambda v: v >= 1, "must be >= 1")
     check("layers.size", lambda v: v >= 0, "must be >= 0 (0: as many units as attack.selection)")
+    check("layers.max_perplexity_ratio", lambda v: v >= 1, "must be >= 1 (a multiple of the dense perplexity)")
     check("attack.variants", lambda v: len(v) > 0 and set(v) <= set(VARIANTS),
           f"must be a non-empty subset of {VARIANTS}")
     check("attack.datasets", lambda v: len(v) > 0, "needs at least one attack")
@@ -281,7 +284,11 @@ def training_overlap(config: ConfigDict) -> dict[str, int]:
 def find_layer_block(config: ConfigDict, out: Path, directory: Path) -> None:
     """The contiguous block of layers whose removal (every unit of the block pruned: the layers
     become the identity) most lowers the aligned model's refusal rate on held-in harmful
-    prompts. Its size matches the unit count of ``attack.selection`` unless ``layers.size``."""
+    prompts while the model stays a language model: among the blocks whose removal keeps the
+    perplexity of held-out benign responses within ``layers.max_perplexity_ratio`` of the
+    dense model's (removing an early layer breaks the model, and a broken model does not
+    refuse either). Its size matches the unit count of ``attack.selection`` unless
+    ``layers.size``."""
     model, tokenizer = load_model(str(out / "align_full" / "export"), runs.dtype(config))
     umap = UnitMap.load(out / "prune_aligned" / "units.npz", model=model)
     selected = int(sum(umap.select(config.attack.selection)[m].sum() for m in MODULES))
@@ -293,22 +300,39 @@ def find_layer_block(config: ConfigDict, out: Path, directory: Path) -> None:
     prompts = [Record(p) for p in list(unique)[: config.layers.prompts]]
     kw = dict(max_new_tokens=config.layers.max_new_tokens, batch_size=config.evaluation.batch_size)
 
-    def refusal_rate(m) -> float:
-        return float(np.mean([row["refused"] for row in answer_rows(m, tokenizer, prompts, **kw)]))
+    benign = evaluate.perplexity_records(config.table, config.data_dir or None, config.layers.perplexity_samples)
+
+    def measure(m) -> dict[str, float]:
+        refused = [row["refused"] for row in answer_rows(m, tokenizer, prompts, **kw)]
+        ppl = summarise_perplexity(perplexity_rows(m, tokenizer, benign, max_length=config.table.perplexity.max_length,
+                                                   batch_size=config.evaluation.batch_size))["perplexity"]
+        return {"refusal_rate": float(np.mean(refused)), "perplexity": ppl}
 
     graphdef, state = nnx.split(model)
-    dense = refusal_rate(model)
+    dense = measure(model)
+    limit = config.layers.max_perplexity_ratio * dense["perplexity"]
     blocks = []
     for start in range(layers - size + 1):
         units = {m: np.zeros(umap.masks["CU"][m].shape, bool) for m in MODULES}
         for m in MODULES:
             units[m][start : start + size] = True
-        rate = refusal_rate(nnx.merge(graphdef, prune_units(state, units, model.config)))
-        blocks.append({"layers": f"{start}-{start + size - 1}", "refusal_rate": rate})
-        print(f"layers {blocks[-1]['layers']} removed: refusal rate {rate:.3f} (dense {dense:.3f})", flush=True)
-    chosen = min(blocks, key=lambda b: b["refusal_rate"])  # the first of ties
+        blocks.append({"layers": f"{start}-{start + size - 1}",
+                       **measure(nnx.merge(graphdef, prune_units(state, units, model.config)))})
+        b = blocks[-1]
+        print(f"layers {b['layers']} removed: refusal rate {b['refusal_rate']:.3f} "
+              f"(dense {dense['refusal_rate']:.3f}), perplexity {b['perplexity']:.2f} "
+              f"(dense {dense['perplexity']:.2f})", flush=True)
+    intact = [b for b in blocks if b["perplexity"] <= limit]
+    if not intact:
+        raise runs.ConfigError(
+            f"config.layers.max_perplexity_ratio={config.layers.max_perplexity_ratio}: removing any block of {size} "
+            f"layers raises the perplexity above {limit:.2f} (see the log); raise the ratio or set a smaller "
+            "config.layers.size")
+    chosen = min(intact, key=lambda b: b["refusal_rate"])  # the first of ties
     result = {"size": size, "selection": config.attack.selection, "selection_units": selected,
-              "units_per_layer": per_layer, "prompts": len(prompts), "dense_refusal_rate": dense,
+              "units_per_layer": per_layer, "prompts": len(prompts), "perplexity_samples": len(benign),
+              "max_perplexity_ratio": config.layers.max_perplexity_ratio,
+              "dense_refusal_rate": dense["refusal_rate"], "dense_perplexity": dense["perplexity"],
               "blocks": blocks, "chosen": chosen["layers"]}
     (directory / "layers.json").write_text(json.dumps(result, indent=2) + "\n")
 

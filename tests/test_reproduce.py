@@ -47,6 +47,11 @@ def test_pipeline_writes_the_report_with_every_section_and_plot(pipeline):
         assert (report / png).stat().st_size > 1000
     # the held-out harmful prompts share nothing with the alignment data
     assert "found in the alignment data: evaluation 0, table 0, attack 0." in text
+    # the layer block is chosen among the blocks whose removal leaves a working language model
+    layers = json.loads((workdir / "layers" / "layers.json").read_text())
+    chosen = next(b for b in layers["blocks"] if b["layers"] == layers["chosen"])
+    assert chosen["perplexity"] <= layers["max_perplexity_ratio"] * layers["dense_perplexity"]
+    assert len(layers["blocks"]) == 2 - layers["size"] + 1  # every contiguous block of the 2-layer model
     # every attack run of every protection is in the table
     config = config_from_file(ROOT / "configs" / "reproduce.py", "tiny")
     for attack in config.attack.datasets:
