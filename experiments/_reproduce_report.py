@@ -87,8 +87,7 @@ def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
          "```bash", command, "```", "",
          f"Resolved config: [`config.json`](config.json) (seed {config.seed}; evaluation and attribution in "
          f"{config.dtype}, training compute {config.finetune.compute_dtype} with float32 master weights). "
-         f"Machine: {last['processor']}, {last['cpus']} CPUs, JAX {last['jax']} on "
-         f"{', '.join(sorted(set(last['devices'])))}. "
+         f"Machine: {runs.describe_machine(last)}. "
          f"Workdir: `{out}` (every sub-run's config, metrics, rows and report).", "",
          "Claims of the paper (Li & Kim, *Superficial Safety Alignment Hypothesis*) and what happened here are in "
          "[the summary](#summary-which-claims-held); the numbers follow. ASR is judged by refusal keywords "

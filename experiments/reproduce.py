@@ -310,7 +310,6 @@ def find_layer_block(config: ConfigDict, out: Path, directory: Path) -> None:
 
     graphdef, state = nnx.split(model)
     dense = measure(model)
-    limit = config.layers.max_perplexity_ratio * dense["perplexity"]
     blocks = []
     for start in range(layers - size + 1):
         units = {m: np.zeros(umap.masks["CU"][m].shape, bool) for m in MODULES}
@@ -322,19 +321,25 @@ def find_layer_block(config: ConfigDict, out: Path, directory: Path) -> None:
         print(f"layers {b['layers']} removed: refusal rate {b['refusal_rate']:.3f} "
               f"(dense {dense['refusal_rate']:.3f}), perplexity {b['perplexity']:.2f} "
               f"(dense {dense['perplexity']:.2f})", flush=True)
-    intact = [b for b in blocks if b["perplexity"] <= limit]
-    if not intact:
-        raise runs.ConfigError(
-            f"config.layers.max_perplexity_ratio={config.layers.max_perplexity_ratio}: removing any block of {size} "
-            f"layers raises the perplexity above {limit:.2f} (see the log); raise the ratio or set a smaller "
-            "config.layers.size")
-    chosen = min(intact, key=lambda b: b["refusal_rate"])  # the first of ties
+    chosen = choose_block(blocks, dense["perplexity"], config.layers.max_perplexity_ratio)
     result = {"size": size, "selection": config.attack.selection, "selection_units": selected,
               "units_per_layer": per_layer, "prompts": len(prompts), "perplexity_samples": len(benign),
               "max_perplexity_ratio": config.layers.max_perplexity_ratio,
               "dense_refusal_rate": dense["refusal_rate"], "dense_perplexity": dense["perplexity"],
               "blocks": blocks, "chosen": chosen["layers"]}
     (directory / "layers.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def choose_block(blocks: list[dict], dense_perplexity: float, max_ratio: float) -> dict:
+    """The block with the lowest ``refusal_rate`` (the first of ties) among those whose
+    ``perplexity`` is within ``max_ratio`` times ``dense_perplexity``."""
+    limit = max_ratio * dense_perplexity
+    intact = [b for b in blocks if b["perplexity"] <= limit]
+    if not intact:
+        raise runs.ConfigError(
+            f"config.layers.max_perplexity_ratio={max_ratio}: removing any block of layers raises the perplexity "
+            f"above {limit:.2f} (every block is in the log); raise the ratio or set a smaller config.layers.size")
+    return min(intact, key=lambda b: b["refusal_rate"])
 
 
 def attack_runs(config: ConfigDict) -> list[tuple[str, str]]:
@@ -413,10 +418,10 @@ def run(config: ConfigDict, workdir: str) -> Path:
 
         jax.config.update("jax_compilation_cache_dir", str((out / "jax_cache").resolve()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    todo = stages(config)
     with open(out / "invocations.jsonl", "a") as f:
         f.write(json.dumps({"argv": sys.argv, "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                            "stages": stages(config), **runs.machine()}) + "\n")
-    todo = stages(config)
+                            "stages": todo, **runs.machine()}) + "\n")
     for stage in todo:
         missing = [r for r in REQUIRES.get(stage, ()) if not finished(config, out, r) and r not in todo]
         if missing:

@@ -119,9 +119,10 @@ def machine() -> dict[str, Any]:
             "jax": jax.__version__, "devices": [str(d.device_kind) for d in jax.devices()]}
 
 
-def describe_machine() -> str:
-    """``machine()`` in one line, for reports and benchmark output."""
-    m = machine()
+def describe_machine(m: dict[str, Any] | None = None) -> str:
+    """``m`` (a recorded ``machine()``; this machine by default) in one line, for reports and
+    benchmark output."""
+    m = m or machine()
     return (f"{m['processor']} ({m['machine']}), {m['cpus']} cores, jax {m['jax']} on "
             f"{len(m['devices'])} x {m['devices'][0]}")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from experiments import reproduce
-from ssah_jax.runs import config_from_file, read_jsonl
+from ssah_jax.runs import ConfigError, config_from_file, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI on one CPU device
@@ -125,3 +125,14 @@ def test_a_stage_resumed_after_a_kill_counts_the_time_of_every_invocation(tmp_pa
     record = json.loads((stage / "stage.json").read_text())
     assert record["invocations"] == 2 and 0.5 <= record["seconds"] < 5
     assert not (stage / "elapsed.json").exists()
+
+
+def test_the_layer_block_is_the_least_refusing_one_that_leaves_a_working_model():
+    blocks = [{"layers": "0-1", "refusal_rate": 0.0, "perplexity": 9e4},  # broken, so it refuses nothing
+              {"layers": "1-2", "refusal_rate": 0.5, "perplexity": 40.0},
+              {"layers": "2-3", "refusal_rate": 0.2, "perplexity": 70.1},  # just over 10 x 7
+              {"layers": "3-4", "refusal_rate": 0.9, "perplexity": 8.0}]
+    assert reproduce.choose_block(blocks, 7.0, 10.0)["layers"] == "1-2"
+    assert reproduce.choose_block(blocks, 7.0, 11.0)["layers"] == "2-3"
+    with pytest.raises(ConfigError, match="config.layers.max_perplexity_ratio"):
+        reproduce.choose_block(blocks, 7.0, 1.0)
