@@ -72,44 +72,65 @@ def _copy(src: Path, dst_dir: Path, name: str) -> str:
     return name
 
 
+Section = tuple[list[str], list[str]]  # (the section's lines, its claims for the summary)
+
+
 def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
+    """Writes ``report_dir/REPORT.md`` (and copies the plots and ``config.json`` beside it)."""
     report_dir.mkdir(parents=True, exist_ok=True)
+    invocations = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
+    shutil.copyfile(out / "config.json", report_dir / "config.json")
+    evals = {name: _json(out / f"eval_{name}" / "metrics.json") for name in ("unaligned", "aligned", "ru")}
+    asr = {m: _metric(evals[m], "asr_no_system") for m in evals}
+    took = _compare(*asr["aligned"], *asr["unaligned"]) == "lower"
+    sections = [_alignment(config, out, report_dir, evals), _pruning(config, out, report_dir, took),
+                _attacks(config, out, report_dir), _transfer(out, report_dir), _probing(out, report_dir),
+                _times(out, invocations)]
+    claims = [c for _, section_claims in sections for c in section_claims]
+    body = [line for section_lines, _ in sections for line in section_lines]
+    text = "\n".join([*_header(config, out, invocations[-1]), "## Summary: which claims held", "", *claims, "",
+                      *body])
+    path = report_dir / "REPORT.md"
+    path.write_text(text)
+    return path
+
+
+def _header(config: ConfigDict, out: Path, last: dict) -> list[str]:
+    command = " ".join(["ssah-jax"] + last["argv"][1:])
+    return ["# SSAH reproduced on `" + config.model + "`", "",
+            "Everything below was produced by one command (re-running it resumes; finished stages are kept):", "",
+            "```bash", command, "```", "",
+            f"Resolved config: [`config.json`](config.json) (seed {config.seed}; evaluation and attribution in "
+            f"{config.dtype}, training compute {config.finetune.compute_dtype} with float32 master weights). "
+            f"Machine: {runs.describe_machine(last)}. "
+            f"Workdir: `{out}` (every sub-run's config, metrics, rows and report).", "",
+            "Claims of the paper (Li & Kim, *Superficial Safety Alignment Hypothesis*) and what happened here are in "
+            "[the summary](#summary-which-claims-held); the numbers follow. ASR is judged by refusal keywords "
+            "(`ssah_jax.evaluation.is_refusal`), greedy decoding; \"differs\" below means by more than two binomial "
+            "standard errors.", ""]
+
+
+UNTESTABLE = "**not testable** (the full alignment did not lower ASR)"
+
+
+def _alignment(config: ConfigDict, out: Path, report_dir: Path, evals: dict) -> Section:
+    """Section 1: the unaligned, aligned and RU-aligned models side by side (paper Table 4)."""
     lines: list[str] = []
     claims: list[str] = []
-    add = lines.extend
-    invocations = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
-    last = invocations[-1]
-    command = " ".join(["ssah-jax"] + last["argv"][1:])
-    shutil.copyfile(out / "config.json", report_dir / "config.json")
-
-    header = [f"# SSAH reproduced on `{config.model}`", "",
-         "Everything below was produced by one command (re-running it resumes; finished stages are kept):", "",
-         "```bash", command, "```", "",
-         f"Resolved config: [`config.json`](config.json) (seed {config.seed}; evaluation and attribution in "
-         f"{config.dtype}, training compute {config.finetune.compute_dtype} with float32 master weights). "
-         f"Machine: {runs.describe_machine(last)}. "
-         f"Workdir: `{out}` (every sub-run's config, metrics, rows and report).", "",
-         "Claims of the paper (Li & Kim, *Superficial Safety Alignment Hypothesis*) and what happened here are in "
-         "[the summary](#summary-which-claims-held); the numbers follow. ASR is judged by refusal keywords "
-         "(`ssah_jax.evaluation.is_refusal`), greedy decoding; \"differs\" below means by more than two binomial "
-         "standard errors.", ""]
-
-    # ---------------------------------------------------------------- 1. alignment
-    evals = {name: _json(out / f"eval_{name}" / "metrics.json") for name in ("unaligned", "aligned", "ru")}
     align = {name: _json(out / f"align_{name}" / "metrics.json") for name in ("full", "ru")}
     overlap = ", ".join(f"{k} {v}" for k, v in reproduce.training_overlap(config).items())
     e, a = config.evaluation, config.align
-    add(["## 1. Alignment: full SFT and RU only (paper Table 4, with safety)", "",
-         f"The unaligned model was aligned by response-only SFT on `{a.dataset}` (harmful prompts with refusals, "
-         f"rendered in the model's own chat template, and benign instructions): {a.steps} steps of {a.batch_size} "
-         f"examples (up to {a.max_length} tokens), AdamW {a.learning_rate}, cosine. **RU only** trained only the "
-         f"{_pct(config.budget_ru)} redundant units of the unaligned model (its lowest I_S + I_U; embeddings, norms "
-         f"and head frozen) for {a.ru_epochs}x the steps: {align['ru']['trained_elements']:,} of "
-         f"{align['ru']['total_elements']:,} parameters trained, the rest bit-identical after training: "
-         f"{'yes' if align['ru']['frozen_unchanged'] else 'NO'}.", "",
-         f"Held-out harmful prompts: `{e.harmful.dataset}` without every prompt of `{e.harmful.exclude}`; prompts "
-         f"of the evaluation sets found in the alignment data: {overlap}.", "",
-         "| metric | n | unaligned | aligned (full) | aligned (RU only) |", "|---|---|---|---|---|"])
+    lines += ["## 1. Alignment: full SFT and RU only (paper Table 4, with safety)", "",
+              f"The unaligned model was aligned by response-only SFT on `{a.dataset}` (harmful prompts with "
+              f"refusals, rendered in the model's own chat template, and benign instructions): {a.steps} steps of "
+              f"{a.batch_size} examples (up to {a.max_length} tokens), AdamW {a.learning_rate}, cosine. **RU only** "
+              f"trained only the {_pct(config.budget_ru)} redundant units of the unaligned model (its lowest I_S + "
+              f"I_U; embeddings, norms and head frozen) for {a.ru_epochs}x the steps: "
+              f"{align['ru']['trained_elements']:,} of {align['ru']['total_elements']:,} parameters trained, the "
+              f"rest bit-identical after training: {'yes' if align['ru']['frozen_unchanged'] else 'NO'}.", "",
+              f"Held-out harmful prompts: `{e.harmful.dataset}` without every prompt of `{e.harmful.exclude}`; "
+              f"prompts of the evaluation sets found in the alignment data: {overlap}.", "",
+              "| metric | n | unaligned | aligned (full) | aligned (RU only) |", "|---|---|---|---|---|"]
     rows = (("asr_no_system", "ASR, no system prompt"), ("asr_system", "ASR, safety system prompt"),
             ("overrefusal", "over-refusal, XSTest safe prompts"), ("mmlu", "MMLU"), ("sst2", "SST-2"),
             ("gsm8k", "GSM8K"), ("perplexity", "perplexity, held-out alpaca_libre"))
@@ -122,9 +143,10 @@ def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
     heldout = {n: align[n]["heldout_loss"] for n in align}
     lines.append("| held-out alignment loss (start -> end) | | | "
                  + " | ".join(f"{_first(heldout[n]):.3f} -> {_last(heldout[n]):.3f}" for n in ("full", "ru")) + " |")
-    add(["", "Paper (LLaMA-7B aligned on Alpaca, RU only vs full): GSM8K 13.4 vs 8.8, MMLU 33.7 vs 37.8.", "",
-         f"![alignment loss, full]({_copy(out / 'align_full' / 'loss.png', report_dir, 'align_full_loss.png')}) "
-         f"![alignment loss, RU only]({_copy(out / 'align_ru' / 'loss.png', report_dir, 'align_ru_loss.png')})", ""])
+    lines += ["", "Paper (LLaMA-7B aligned on Alpaca, RU only vs full): GSM8K 13.4 vs 8.8, MMLU 33.7 vs 37.8.", "",
+              f"![alignment loss, full]({_copy(out / 'align_full' / 'loss.png', report_dir, 'align_full_loss.png')}) "
+              f"![alignment loss, RU only]({_copy(out / 'align_ru' / 'loss.png', report_dir, 'align_ru_loss.png')})",
+              ""]
     asr = {m: _metric(evals[m], "asr_no_system") for m in evals}
     verdict = _compare(*asr["aligned"], *asr["unaligned"])
     claims.append(f"- **Alignment took** (precondition): ASR without a system prompt {_pct(asr['unaligned'][0])} "
@@ -137,29 +159,33 @@ def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
             f"- **Caveat**: the aligned model also refuses {_pct(over)} of the safe XSTest prompts, so much of its "
             "lower ASR is indiscriminate refusal rather than discrimination of harmful requests; the claims below "
             "are about the units that carry this refusal behaviour.")
-    untestable = "**not testable** (the full alignment did not lower ASR)"
     ru_vs = _compare(*asr["ru"], *asr["aligned"])
     claims.append(
         f"- **Alignment budget (RU only reaches full alignment's safety)**: ASR {_pct(asr['ru'][0])} (RU only) vs "
-        f"{_pct(asr['aligned'][0])} (full), {ru_vs}; " + (_held(ru_vs in ("similar", "lower")) if took else untestable)
+        f"{_pct(asr['aligned'][0])} (full), {ru_vs}; " + (_held(ru_vs in ("similar", "lower")) if took else UNTESTABLE)
         + f"; over-refusal {_pct(_metric(evals['ru'], 'overrefusal')[0])} vs "
         f"{_pct(_metric(evals['aligned'], 'overrefusal')[0])}, MMLU {_pct(_metric(evals['ru'], 'mmlu')[0])} vs "
         f"{_pct(_metric(evals['aligned'], 'mmlu')[0])}, GSM8K {_pct(_metric(evals['ru'], 'gsm8k')[0])} vs "
         f"{_pct(_metric(evals['aligned'], 'gsm8k')[0])}.")
+    return lines, claims
 
-    # ---------------------------------------------------------------- 2. pruning
+
+def _pruning(config: ConfigDict, out: Path, report_dir: Path, took: bool) -> Section:
+    """Section 2: the pruning table of the aligned model (paper Table 1)."""
+    lines: list[str] = []
+    claims: list[str] = []
     table = _json(out / "prune_aligned" / "metrics.json")
     umap_summary = _json(out / "prune_aligned" / "units.json")
     t = config.table
     kinds_png = "kinds_per_layer.png"
-    add(["## 2. Pruning the aligned model (paper Table 1)", "",
-         f"Units scored with {config.attribution.scorer} on {config.attribution.safety.limit} "
-         f"`{config.attribution.safety.dataset}` and {config.attribution.utility.limit} "
-         f"`{config.attribution.utility.dataset}` samples; fractions SCU {_pct(config.kinds.scu)}, UCU "
-         f"{_pct(config.kinds.ucu)}, RU {_pct(config.kinds.ru)} (the paper's Llama-2-7B-Chat values). ASR on "
-         f"`{t.harmful.dataset}` (held out), {t.max_new_tokens} new tokens.", "",
-         "| model | units pruned | MMLU | SST-2 | perplexity | ASR | paper ASR | paper utility |",
-         "|---|---|---|---|---|---|---|---|"])
+    lines += ["## 2. Pruning the aligned model (paper Table 1)", "",
+              f"Units scored with {config.attribution.scorer} on {config.attribution.safety.limit} "
+              f"`{config.attribution.safety.dataset}` and {config.attribution.utility.limit} "
+              f"`{config.attribution.utility.dataset}` samples; fractions SCU {_pct(config.kinds.scu)}, UCU "
+              f"{_pct(config.kinds.ucu)}, RU {_pct(config.kinds.ru)} (the paper's Llama-2-7B-Chat values). ASR on "
+              f"`{t.harmful.dataset}` (held out), {t.max_new_tokens} new tokens.", "",
+              "| model | units pruned | MMLU | SST-2 | perplexity | ASR | paper ASR | paper utility |",
+              "|---|---|---|---|---|---|---|---|"]
     total = umap_summary["units"]
     for name in prune.VARIANTS:
         m = table[name]
@@ -167,11 +193,11 @@ def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
                  _pct(_metric(m, "asr_no_system")[0])]
         lines.append(f"| {prune.LABELS[name]} | {m['pruned_units']} ({100 * m['pruned_units'] / total:.1f}%) | "
                      + " | ".join(cells) + f" | {PAPER_TABLE1[name][0]} | {PAPER_TABLE1[name][1]} |")
-    add(["", f"n: ASR {table['dense']['asr_no_system']['n']}, MMLU {table['dense']['mmlu']['n']}, SST-2 "
-         f"{table['dense']['sst2']['n']}, perplexity {table['dense']['perplexity']['n']} responses. Paper: "
-         "Llama-2-7B-Chat, AdvBench keyword ASR and mean utility.", "",
-         f"![unit kinds per layer]({_copy(out / 'prune_aligned' / 'kinds_per_layer.png', report_dir, kinds_png)})",
-         ""])
+    lines += ["", f"n: ASR {table['dense']['asr_no_system']['n']}, MMLU {table['dense']['mmlu']['n']}, SST-2 "
+              f"{table['dense']['sst2']['n']}, perplexity {table['dense']['perplexity']['n']} responses. Paper: "
+              "Llama-2-7B-Chat, AdvBench keyword ASR and mean utility.", "",
+              f"![unit kinds per layer]({_copy(out / 'prune_aligned' / 'kinds_per_layer.png', report_dir, kinds_png)})",
+              ""]
     p_asr = {n: _metric(table[n], "asr_no_system") for n in prune.VARIANTS}
     scu_vs_random = _compare(*p_asr["minus_SCU"], *p_asr["minus_random"])
     scu_vs_dense = _compare(*p_asr["minus_SCU"], *p_asr["dense"])
@@ -179,49 +205,55 @@ def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
         f"- **SCU carry the refusal (pruning them breaks safety, Table 1)**: ASR {_pct(p_asr['dense'][0])} dense -> "
         f"{_pct(p_asr['minus_SCU'][0])} without SCU ({scu_vs_dense}), {_pct(p_asr['minus_random'][0])} without "
         f"as many random units; " + (_held(scu_vs_dense == "higher" and scu_vs_random == "higher") if took
-                                     else untestable) + ".")
+                                     else UNTESTABLE) + ".")
     ppl = {n: _metric(table[n], "perplexity")[0] for n in prune.VARIANTS}
     claims.append(
         f"- **RU are redundant (pruning them costs little)**: perplexity {ppl['dense']:.2f} dense, "
         f"{ppl['minus_RU']:.2f} without RU, {ppl['minus_UCU']:.2f} without UCU; ASR without RU "
         f"{_pct(p_asr['minus_RU'][0])}; "
         + _held(ppl["minus_RU"] <= 1.1 * ppl["dense"]) + " (rule: perplexity within 10% of dense).")
+    return lines, claims
 
-    # ---------------------------------------------------------------- 3. attacks
+
+def _attacks(config: ConfigDict, out: Path, report_dir: Path) -> Section:
+    """Section 3: the fine-tuning attacks with each protection (paper Tables 2, 3)."""
+    lines: list[str] = []
+    claims: list[str] = []
     layers = _json(out / "layers" / "layers.json")
     block = next(b for b in layers["blocks"] if b["layers"] == layers["chosen"])
     ac = config.attack
     attacks = list(ac.datasets)
     initial = _json(out / "attacks" / "initial" / "metrics.json")["asr_no_system"]
     results = {a_: {v: _attack_result(out / "attacks" / a_ / v) for v in ac.variants} for a_ in attacks}
-    add(["## 3. Fine-tuning attacks on the aligned model (paper Tables 2, 3)", "",
-         f"Each attack fine-tunes the aligned model ({ac.batch_size} examples per step, "
-         f"AdamW {ac.learning_rate}; LoRA rank {ac.lora.rank} on {', '.join(ac.lora.targets)} at "
-         f"{ac.lora.learning_rate}); frozen variants train {ac.frozen_epochs}x the steps, as in the paper. "
-         f"`{ac.selection}` is {layers['selection_units']} units; the random control freezes as many, drawn with seed "
-         f"{config.seed}; the layer block ({layers['size']} layers, as many units) is the one whose removal lowered "
-         f"the refusal rate most on {layers['prompts']} held-in harmful prompts among the blocks whose removal kept "
-         f"the perplexity of {layers['perplexity_samples']} held-out benign responses within "
-         f"{layers['max_perplexity_ratio']}x of the dense model's: layers {layers['chosen']} (refusal "
-         f"{_pct(block['refusal_rate'])} and perplexity {block['perplexity']:.2f} without them, "
-         f"{_pct(layers['dense_refusal_rate'])} and {layers['dense_perplexity']:.2f} dense; every block in "
-         f"`layers/layers.json`). ASR on `{ac.evaluation.harmful.dataset}` (held out), "
-         f"{ac.evaluation.max_new_tokens} new tokens, no system prompt; initial (aligned) ASR "
-         f"{_pct(initial['asr'])}, n = {initial['n']}.", "",
-         "| protection | " + " | ".join(f"{a_} ({ac.datasets[a_].steps} steps, {ac.datasets[a_].max_length} tokens)"
-                                        for a_ in attacks)
-         + " | paper (Dolly) |", "|---|" + "---|" * (len(attacks) + 1),
-         "| initial (aligned) | " + " | ".join(_pct(initial["asr"]) for _ in attacks)
-         + f" | {PAPER_TABLE2['initial']}% |"])
+    lines += ["## 3. Fine-tuning attacks on the aligned model (paper Tables 2, 3)", "",
+              f"Each attack fine-tunes the aligned model ({ac.batch_size} examples per step, "
+              f"AdamW {ac.learning_rate}; LoRA rank {ac.lora.rank} on {', '.join(ac.lora.targets)} at "
+              f"{ac.lora.learning_rate}); frozen variants train {ac.frozen_epochs}x the steps, as in the paper. "
+              f"`{ac.selection}` is {layers['selection_units']} units; the random control freezes as many, drawn "
+              f"with seed {config.seed}; the layer block ({layers['size']} layers, as many units) is the one whose "
+              f"removal lowered the refusal rate most on {layers['prompts']} held-in harmful prompts among the "
+              f"blocks whose removal kept the perplexity of {layers['perplexity_samples']} held-out benign responses "
+              f"within {layers['max_perplexity_ratio']}x of the dense model's: layers {layers['chosen']} (refusal "
+              f"{_pct(block['refusal_rate'])} and perplexity {block['perplexity']:.2f} without them, "
+              f"{_pct(layers['dense_refusal_rate'])} and {layers['dense_perplexity']:.2f} dense; every block in "
+              f"`layers/layers.json`). ASR on `{ac.evaluation.harmful.dataset}` (held out), "
+              f"{ac.evaluation.max_new_tokens} new tokens, no system prompt; initial (aligned) ASR "
+              f"{_pct(initial['asr'])}, n = {initial['n']}.", "",
+              "| protection | " + " | ".join(f"{a_} ({ac.datasets[a_].steps} steps, {ac.datasets[a_].max_length} "
+                                             "tokens)" for a_ in attacks)
+              + " | paper (Dolly) |", "|---|" + "---|" * (len(attacks) + 1),
+              "| initial (aligned) | " + " | ".join(_pct(initial["asr"]) for _ in attacks)
+              + f" | {PAPER_TABLE2['initial']}% |"]
     for v in ac.variants:
         paper = PAPER_TABLE2.get(v)
         lines.append(f"| {VARIANT_LABELS[v]} | " + " | ".join(_pct(results[a_][v]["asr"]) for a_ in attacks)
                      + f" | {paper + '%' if paper else '–'} |")
     frozen_ok = all(r["frozen_unchanged"] for per in results.values() for r in per.values())
-    add(["", "Frozen parameters bit-identical after every attack run (checksum of their bits before and after): "
-         f"{'yes' if frozen_ok else '**NO**'}. Trained parameters per run and the final training loss are in "
-         "each run's `metrics.json`; the paper's column is Llama-2-7B-Chat fine-tuned on Dolly (AdvBench ASR).", "",
-         f"![attack ASR]({plot_attacks(results, initial['asr'], report_dir / 'attacks.png').name})", ""])
+    lines += ["", "Frozen parameters bit-identical after every attack run (checksum of their bits before and "
+              f"after): {'yes' if frozen_ok else '**NO**'}. Trained parameters per run and the final training loss "
+              "are in each run's `metrics.json`; the paper's column is Llama-2-7B-Chat fine-tuned on Dolly "
+              "(AdvBench ASR).", "",
+              f"![attack ASR]({plot_attacks(results, initial['asr'], report_dir / 'attacks.png').name})", ""]
     n_eval = initial["n"]
     for name, variant in (("SCU + top 6% CU", "scu_cu6"), ("SCU + all CU", "scu_cu")):
         if variant not in ac.variants or "none" not in ac.variants:
@@ -243,42 +275,49 @@ def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
                 f"{a_}: {_pct(results[a_][variant]['asr'])} vs {_pct(results[a_]['none']['asr'])} unprotected, {vs}; "
                 f"vs the random control {vr}" + ("" if broke else " (the attack did not raise ASR)")
                 for a_, broke, vs, vr in per) + "); " + verdict_text + ".")
+    return lines, claims
 
-    # ---------------------------------------------------------------- 4. transfer
+
+def _transfer(out: Path, report_dir: Path) -> Section:
+    """Section 4: kind transitions through alignment and through one attack (paper Figs 5, 6)."""
     transfer = _json(out / "transfer" / "transfer.json")
-    add(["## 4. Attribute transfer (paper Figs 5, 6)", "",
-         "Every model's units classified with the same fractions; rows: kind before, columns: kind after; "
-         "each cell the share of the row's units (count in brackets).", ""])
+    lines = ["## 4. Attribute transfer (paper Figs 5, 6)", "",
+             "Every model's units classified with the same fractions; rows: kind before, columns: kind after; "
+             "each cell the share of the row's units (count in brackets).", ""]
     for key, title in (("alignment", "unaligned -> aligned (full)"),
                        ("fine_tuning", f"aligned -> after the unprotected {transfer['attack']} attack")):
         m = np.asarray(transfer[key])
-        add([f"**{title}**", "", "| before \\ after | " + " | ".join(KINDS) + " |", "|---|" + "---|" * len(KINDS)])
+        lines += [f"**{title}**", "", "| before \\ after | " + " | ".join(KINDS) + " |",
+                  "|---|" + "---|" * len(KINDS)]
         for i, k in enumerate(KINDS):
             row = m[i] / max(m[i].sum(), 1)
             lines.append(f"| {k} | " + " | ".join(f"{row[j]:.2f} ({m[i, j]})" for j in range(len(KINDS))) + " |")
         lines.append("")
+    lines += [f"![kind transitions]({_copy(out / 'transfer' / 'transfer.png', report_dir, 'transfer.png')})", ""]
     stay = {key: np.asarray(transfer[key]) for key in ("alignment", "fine_tuning")}
     scu = KINDS.index("SCU")
-    claims.append(
-        f"- **Attribute transfer** (reported, no verdict): {stay['alignment'][scu, scu]} of "
-        f"{stay['alignment'][scu].sum()} SCU of the unaligned model are SCU after alignment; "
-        f"{stay['fine_tuning'][scu, scu]} of {stay['fine_tuning'][scu].sum()} SCU of the aligned model stay SCU after "
-        f"the {transfer['attack']} attack; units keeping their kind: "
-        f"{np.trace(stay['alignment']) / stay['alignment'].sum():.0%} (alignment), "
-        f"{np.trace(stay['fine_tuning']) / stay['fine_tuning'].sum():.0%} (fine-tuning).")
-    add([f"![kind transitions]({_copy(out / 'transfer' / 'transfer.png', report_dir, 'transfer.png')})", ""])
+    claim = (f"- **Attribute transfer** (reported, no verdict): {stay['alignment'][scu, scu]} of "
+             f"{stay['alignment'][scu].sum()} SCU of the unaligned model are SCU after alignment; "
+             f"{stay['fine_tuning'][scu, scu]} of {stay['fine_tuning'][scu].sum()} SCU of the aligned model stay SCU "
+             f"after the {transfer['attack']} attack; units keeping their kind: "
+             f"{np.trace(stay['alignment']) / stay['alignment'].sum():.0%} (alignment), "
+             f"{np.trace(stay['fine_tuning']) / stay['fine_tuning'].sum():.0%} (fine-tuning).")
+    return lines, [claim]
 
-    # ---------------------------------------------------------------- 5. probing
+
+def _probing(out: Path, report_dir: Path) -> Section:
+    """Section 5: cosine distances toward a refusal and a compliance continuation (paper Figs 2-4)."""
     probing = _json(out / "probing" / "probing.json")
     k_max = probing["max_tokens"]
-    add(["## 5. Reasoning-direction probing (paper Figs 2-4)", "",
-         f"{probing['prompts']} held-out harmful queries. Cosine distance between each layer's output at the end of "
-         f"the query (after the assistant header) and after 2..{k_max} tokens of a refusal "
-         f"(\"{probing['continuations']['refusal']}\") or a compliance (\"{probing['continuations']['compliance']}\"); "
-         "mean over queries and layers. Smaller = the query state already points that way.", "",
-         "| model | continuation | " + " | ".join(f"k={k}" for k in range(2, k_max + 1))
-         + " | layers with d(refusal) < d(compliance), k=" + str(k_max) + " |",
-         "|---|---|" + "---|" * k_max])
+    lines = ["## 5. Reasoning-direction probing (paper Figs 2-4)", "",
+             f"{probing['prompts']} held-out harmful queries. Cosine distance between each layer's output at the end "
+             f"of the query (after the assistant header) and after 2..{k_max} tokens of a refusal "
+             f"(\"{probing['continuations']['refusal']}\") or a compliance "
+             f"(\"{probing['continuations']['compliance']}\"); mean over queries and layers. Smaller = the query "
+             "state already points that way.", "",
+             "| model | continuation | " + " | ".join(f"k={k}" for k in range(2, k_max + 1))
+             + " | layers with d(refusal) < d(compliance), k=" + str(k_max) + " |",
+             "|---|---|" + "---|" * k_max]
     closer = {}
     for name, r in probing["models"].items():
         d = {c: np.asarray(v) for c, v in r.items()}
@@ -287,35 +326,33 @@ def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
             mean = d[c].mean(axis=0)
             count = f"{closer[name]}/{len(d[c])}" if c == "refusal" else ""
             lines.append(f"| {name} | {c} | " + " | ".join(f"{x:.3f}" for x in mean[1:]) + f" | {count} |")
-    add(["", f"![probing]({_copy(out / 'probing' / 'probing.png', report_dir, 'probing.png')})", ""])
+    lines += ["", f"![probing]({_copy(out / 'probing' / 'probing.png', report_dir, 'probing.png')})", ""]
     mean_gap = {name: float(np.mean(np.asarray(r["compliance"])[:, -1] - np.asarray(r["refusal"])[:, -1]))
                 for name, r in probing["models"].items()}
     n_layers = len(probing["models"]["aligned"]["refusal"])
-    claims.append(
-        f"- **Aligned models steer toward refusal (probing)**: at {k_max} tokens the query state is closer to the "
-        f"refusal than to the compliance in {closer['aligned']}/{n_layers} layers for the aligned model (mean gap "
-        f"{mean_gap['aligned']:+.3f}) and {closer['unaligned']}/{n_layers} for the unaligned one "
-        f"({mean_gap['unaligned']:+.3f}); "
-        + _held(mean_gap["aligned"] > 0 and mean_gap["aligned"] > mean_gap["unaligned"]) + ".")
+    claim = (f"- **Aligned models steer toward refusal (probing)**: at {k_max} tokens the query state is closer to "
+             f"the refusal than to the compliance in {closer['aligned']}/{n_layers} layers for the aligned model "
+             f"(mean gap {mean_gap['aligned']:+.3f}) and {closer['unaligned']}/{n_layers} for the unaligned one "
+             f"({mean_gap['unaligned']:+.3f}); "
+             + _held(mean_gap["aligned"] > 0 and mean_gap["aligned"] > mean_gap["unaligned"]) + ".")
+    return lines, [claim]
 
-    # ---------------------------------------------------------------- times
-    add(["## Stage wall times", "",
-         "Wall time of each stage on the machine named above, summed over the invocations that worked "
-         "on it (a stage resumed after a kill counts every invocation, to within 10 s per kill).", "",
-         "| stage | seconds | minutes | invocations | finished |", "|---|---|---|---|---|"])
+
+def _times(out: Path, invocations: list[dict]) -> Section:
+    """The wall time of every stage, summed over the invocations that worked on it."""
+    lines = ["## Stage wall times", "",
+             "Wall time of each stage on the machine named above, summed over the invocations that worked "
+             "on it (a stage resumed after a kill counts every invocation, to within 10 s per kill).", "",
+             "| stage | seconds | minutes | invocations | finished |", "|---|---|---|---|---|"]
     total_s = 0.0
     for stage, path in stage_records(out):
         rec = _json(path)
         total_s += rec["seconds"]
         lines.append(f"| {stage} | {rec['seconds']:.0f} | {rec['seconds'] / 60:.1f} | {rec['invocations']} "
                      f"| {rec['finished']} |")
-    lines.append(f"| **total** | {total_s:.0f} | {total_s / 60:.1f} | | |")
-    add(["", f"Invocations of the command: {len(invocations)} (`{out / 'invocations.jsonl'}`).", ""])
-
-    text = "\n".join([*header, "## Summary: which claims held", "", *claims, "", *lines])
-    path = report_dir / "REPORT.md"
-    path.write_text(text)
-    return path
+    lines += [f"| **total** | {total_s:.0f} | {total_s / 60:.1f} | | |", "",
+              f"Invocations of the command: {len(invocations)} (`{out / 'invocations.jsonl'}`).", ""]
+    return lines, []
 
 
 def _held(ok: bool, partly: bool = False) -> str:
