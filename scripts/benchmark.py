@@ -21,6 +21,12 @@ random tokens, every token a target): our compiled train step
 against transformers + torch (forward with labels, backward, ``clip_grad_norm_``,
 ``torch.optim.AdamW``). One warm-up step each (ours compiles there), then the median of
 ``--repeats`` steps.
+
+``--profile`` (generate, train): also runs one call of ours under the JAX profiler and prints
+the XLA ops that took the most time (for generate, use fewer ``--new-tokens``: the profiler
+drops events past its limit). ``generate`` always prints a *matmul floor*: every matrix of the
+model times a ``[batch, d_in]`` activation, alone, with the same XLA kernels: a decode step
+cannot be faster than that on the machine.
 """
 
 from __future__ import annotations
@@ -134,8 +140,61 @@ def bench_generate(args) -> dict:
         "ours_ms_per_step": 1e3 * ours_s / args.new_tokens,
         "transformers_ms_per_step": 1e3 * theirs_s / args.new_tokens,
         **memory_floor(model, args.batch),
+        **matmul_floor(model, args.batch, args.repeats),
+        **({"ours_op_profile": op_profile(ours)} if args.profile else {}),
         "machine": f"{runs.describe_machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads)",
     }
+
+
+def matmul_floor(model, batch: int, repeats: int) -> dict:
+    """Every matrix of the model multiplied once by a ``[batch, d_in]`` activation (what a
+    decode step does, without attention, norms or the cache) with the same XLA kernels: the
+    time a decode step cannot go below on this machine whatever else is optimised."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    embed = model.embed.embedding[...]  # [vocab, hidden]: a lookup, and the LM head when tied
+    kernels = [x for x in jax.tree.leaves(nnx.state(model, nnx.Param)) if x.ndim == 2 and x.shape != embed.shape]
+    mats = kernels + ([embed] if model.lm_head is None else [])
+
+    @jax.jit
+    def products(mats):
+        outs = [jnp.ones((batch, w.shape[0]), w.dtype) @ w for w in mats[: len(kernels)]]
+        outs += [jnp.einsum("bd,vd->bv", jnp.ones((batch, w.shape[1]), w.dtype), w) for w in mats[len(kernels):]]
+        return outs
+
+    jax.block_until_ready(products(mats))
+    seconds = _timed(lambda: jax.block_until_ready(products(mats)), max(repeats, 5))
+    return {"matmul_floor_ms_per_step": 1e3 * seconds, "matrices": len(mats)}
+
+
+def op_profile(fn, top: int = 12) -> list[tuple[str, float, int]]:
+    """Runs ``fn`` once under the JAX profiler; returns ``(op kind, seconds, count)`` for the
+    ``top`` XLA ops by total time (numbered instances of one fusion kind summed)."""
+    import collections
+    import gzip
+    import re
+    import tempfile
+    from pathlib import Path
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            fn()
+        trace = next(Path(tmp).rglob("*perfetto_trace.json.gz"))
+        events = json.loads(gzip.decompress(trace.read_bytes()))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    seconds, count = collections.Counter(), collections.Counter()
+    for e in events:
+        op = e.get("args", {}).get("hlo_op")  # set on XLA ops only, not on runtime spans
+        if e.get("ph") != "X" or op is None:
+            continue
+        kind = re.sub(r"\.\d+$", "", op)
+        seconds[kind] += e.get("dur", 0) / 1e6
+        count[kind] += 1
+    return [(k, s, count[k]) for k, s in seconds.most_common(top)]
 
 
 def bench_attribution(args) -> dict:
@@ -248,6 +307,7 @@ def bench_train(args) -> dict:
         ours()
         first_s = time.perf_counter() - start
         ours_s = _timed(ours, args.repeats)
+        profile = op_profile(ours) if args.profile else None
     del model, params, state
     box.clear()
 
@@ -276,11 +336,22 @@ def bench_train(args) -> dict:
         "transformers_step_s": theirs_s,
         "speedup": theirs_s / ours_s,
         "torch_threads": torch.get_num_threads(),
+        **({"ours_op_profile": profile} if args.profile else {}),
         "machine": f"{runs.describe_machine()}, torch {torch.__version__}",
     }
 
 
 def summary(result: dict) -> list[str]:
+    lines = _summary(result)
+    if "ours_op_profile" in result:
+        if not result["ours_op_profile"]:
+            return lines + ["ours, top XLA ops: the profiler recorded none (too many events? try fewer tokens)"]
+        lines.append("ours, top XLA ops of one call (profiler):")
+        lines += [f"  {s:8.3f} s  x{n:<4d} {kind}" for kind, s, n in result["ours_op_profile"]]
+    return lines
+
+
+def _summary(result: dict) -> list[str]:
     if result["benchmark"] == "train":
         return [
             f"ours:         {result['ours_step_s']:8.3f} s/step (first step, with compilation: "
@@ -306,6 +377,9 @@ def summary(result: dict) -> list[str]:
         f"memory floor: {result['floor_ms_per_step']:8.1f} ms/step = {result['max_tokens_per_s_at_floor']:.1f} "
         f"tokens/s ({result['weight_bytes_per_step'] / 1e6:.0f} MB of weights read per step at "
         f"{result['measured_read_bandwidth_gb_s']:.1f} GB/s measured)",
+        f"matmul floor: {result['matmul_floor_ms_per_step']:8.1f} ms/step (the {result['matrices']} matrices times "
+        f"[{result['batch']}, d_in] alone, same XLA kernels) vs ours {result['ours_ms_per_step']:.1f} and "
+        f"transformers {result['transformers_ms_per_step']:.1f} ms/step",
     ]
 
 
@@ -319,6 +393,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--out", help="also write the result as JSON here")
+    parser.add_argument("--profile", action="store_true",
+                        help="generate, train: also profile one call of ours and print its top XLA ops")
     args = parser.parse_args()
     args.batch = args.batch or (4 if args.what == "train" else 8)
     result = {"generate": bench_generate, "attribution": bench_attribution, "train": bench_train}[args.what](args)

@@ -1,0 +1,47 @@
+"""scripts/benchmark.py's measuring helpers (the benchmarks themselves are not tests)."""
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from ssah_jax.checkpoints import load_weights
+from tests import tiny
+
+
+@pytest.fixture(scope="module")
+def bench_script():
+    spec = importlib.util.spec_from_file_location("benchmark", Path(__file__).parents[1] / "scripts" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_op_profile_names_the_xla_ops_that_ran_and_nothing_else(bench_script):
+    x = jnp.ones((128, 128))
+    f = jax.jit(lambda x: jnp.tanh(x @ x) + 1.0)
+    f(x).block_until_ready()
+    ops = bench_script.op_profile(lambda: f(x).block_until_ready())
+    kinds = [kind for kind, _, _ in ops]
+    # Every kind is an instruction of the compiled module (no runtime spans, no Python frames),
+    # and the product, the largest op, is there.
+    hlo = f.lower(x).compile().as_text()
+    assert kinds and all(f"%{kind}" in hlo for kind in kinds), kinds
+    assert any("dot" in kind or "ynn" in kind or "xnn" in kind for kind in kinds), kinds
+    assert all(seconds >= 0 and count >= 1 for _, seconds, count in ops)
+    lines = bench_script.summary({"benchmark": "train", "ours_step_s": 1.0, "ours_first_step_s": 2.0,
+                               "transformers_step_s": 1.0, "torch_threads": 2, "speedup": 1.0, "batch": 1,
+                               "length": 8, "dtype": "float32", "machine": "m", "ours_op_profile": ops})
+    assert any("top XLA ops" in line for line in lines) and any(kinds[0] in line for line in lines)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_matmul_floor_multiplies_every_matrix_once(bench_script, tmp_path, tied):
+    model = load_weights(tiny.save(tiny.llama_config(tie_word_embeddings=tied), tmp_path / "hf"))
+    result = bench_script.matmul_floor(model, batch=2, repeats=1)
+    # 7 projections per layer and the LM head (the embedding table when tied); the untied
+    # input embedding is a lookup, not a product.
+    assert result["matrices"] == 7 * model.config.num_layers + 1
+    assert result["matmul_floor_ms_per_step"] > 0
