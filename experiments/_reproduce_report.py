@@ -160,9 +160,13 @@ def _alignment(config: ConfigDict, out: Path, report_dir: Path, evals: dict) -> 
             "lower ASR is indiscriminate refusal rather than discrimination of harmful requests; the claims below "
             "are about the units that carry this refusal behaviour.")
     ru_vs = _compare(*asr["ru"], *asr["aligned"])
+    sys_asr = {m: _metric(evals[m], "asr_system") for m in evals}
     claims.append(
         f"- **Alignment budget (RU only reaches full alignment's safety)**: ASR {_pct(asr['ru'][0])} (RU only) vs "
         f"{_pct(asr['aligned'][0])} (full), {ru_vs}; " + (_held(ru_vs in ("similar", "lower")) if took else UNTESTABLE)
+        + ("" if sys_asr["ru"][0] is None or sys_asr["aligned"][0] is None else
+           f"; with the safety system prompt {_pct(sys_asr['ru'][0])} vs {_pct(sys_asr['aligned'][0])} "
+           f"({_compare(*sys_asr['ru'], *sys_asr['aligned'])}, not part of the verdict)")
         + f"; over-refusal {_pct(_metric(evals['ru'], 'overrefusal')[0])} vs "
         f"{_pct(_metric(evals['aligned'], 'overrefusal')[0])}, MMLU {_pct(_metric(evals['ru'], 'mmlu')[0])} vs "
         f"{_pct(_metric(evals['aligned'], 'mmlu')[0])}, GSM8K {_pct(_metric(evals['ru'], 'gsm8k')[0])} vs "
