@@ -81,8 +81,7 @@ def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
     invocations = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
     shutil.copyfile(out / "config.json", report_dir / "config.json")
     evals = {name: _json(out / f"eval_{name}" / "metrics.json") for name in ("unaligned", "aligned", "ru")}
-    asr = {m: _metric(evals[m], "asr_no_system") for m in evals}
-    took = _compare(*asr["aligned"], *asr["unaligned"]) == "lower"
+    took = _alignment_verdict(evals) == "lower"
     sections = [_alignment(config, out, report_dir, evals), _pruning(config, out, report_dir, took),
                 _attacks(config, out, report_dir), _transfer(out, report_dir), _probing(out, report_dir),
                 _times(out, invocations)]
@@ -111,6 +110,12 @@ def _header(config: ConfigDict, out: Path, last: dict) -> list[str]:
 
 
 UNTESTABLE = "**not testable** (the full alignment did not lower ASR)"
+
+
+def _alignment_verdict(evals: dict) -> str:
+    """Whether alignment lowered the ASR without a system prompt: 'lower', 'similar' or 'higher'.
+    The claims about the aligned model's units are testable only when it is 'lower'."""
+    return _compare(*_metric(evals["aligned"], "asr_no_system"), *_metric(evals["unaligned"], "asr_no_system"))
 
 
 def _alignment(config: ConfigDict, out: Path, report_dir: Path, evals: dict) -> Section:
@@ -148,7 +153,7 @@ def _alignment(config: ConfigDict, out: Path, report_dir: Path, evals: dict) -> 
               f"![alignment loss, RU only]({_copy(out / 'align_ru' / 'loss.png', report_dir, 'align_ru_loss.png')})",
               ""]
     asr = {m: _metric(evals[m], "asr_no_system") for m in evals}
-    verdict = _compare(*asr["aligned"], *asr["unaligned"])
+    verdict = _alignment_verdict(evals)
     claims.append(f"- **Alignment took** (precondition): ASR without a system prompt {_pct(asr['unaligned'][0])} "
                   f"unaligned -> {_pct(asr['aligned'][0])} aligned ({verdict}); the alignment tax, unaligned -> "
                   "aligned: " + ", ".join(_tax(evals, key, label) for key, label in TAX) + ".")
