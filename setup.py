@@ -20,6 +20,7 @@ setup(
         "orbax-checkpoint>=0.12,<0.13",
         "transformers>=5.0,<6",
         "tokenizers>=0.22,<1",
+        "jinja2>=3.1,<4",  # chat templates (transformers does not require it; torch used to bring it)
         "tensorflow-datasets>=4.9.9,<5",
         "importlib_resources>=6,<7",  # needed by tensorflow-datasets' builders, not declared by it
         "grain>=0.2.18,<0.3",

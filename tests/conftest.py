@@ -13,20 +13,37 @@ import pytest  # noqa: E402
 from tests import tiny  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def demo():
-    """(our model, tokenizer, transformers reference model) for SmolLM2-135M-Instruct, fp32."""
+def real_model(name: str):
+    """(our model, tokenizer, transformers reference model) for a registered model, fp32;
+    the test is skipped when the model is not at hand (the demo model always is)."""
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
-    from ssah_jax.checkpoints import demo_gguf_path, load_model
+    from ssah_jax.checkpoints import DEMO_NAME, load_model, model_path
 
-    path = demo_gguf_path(download=False)
+    try:
+        path = model_path(name, download=False)
+    except FileNotFoundError as e:
+        if name == DEMO_NAME:
+            raise
+        pytest.skip(str(e))
     model, tokenizer = load_model(str(path))
     reference = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     ).eval()
     return model, tokenizer, reference
+
+
+@pytest.fixture(scope="session")
+def demo():
+    """SmolLM2-135M-Instruct (see real_model)."""
+    return real_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    """Qwen2.5-Coder-0.5B-Instruct, when fetched into the cache (see real_model)."""
+    return real_model("qwen2.5-coder-0.5b-instruct")
 
 
 @pytest.fixture

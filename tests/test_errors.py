@@ -63,7 +63,7 @@ def test_truncated_gguf_names_the_file(tmp_path):
     path, _ = write_tiny_gguf(tmp_path, "F32")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 1000])
-    with pytest.raises(CheckpointError, match=r"tiny-F32\.gguf"):
+    with pytest.raises(CheckpointError, match=r"tiny-llama-F32\.gguf"):
         load_gguf_model(path, tiny.llama_config())
 
 

@@ -1,10 +1,12 @@
-"""GGUF import: every supported quantisation type, against transformers' GGUF loader."""
+"""GGUF import: every supported quantisation type and both architectures (llama, permuted
+like llama.cpp; qwen2, not permuted), against transformers' GGUF loader on the same file."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssah_jax.checkpoints.gguf import load_gguf_model, unpermute_rows
+from ssah_jax.checkpoints import load_weights
+from ssah_jax.checkpoints.gguf import unpermute_rows
 from tests import tiny
 
 torch = pytest.importorskip("torch")
@@ -31,29 +33,28 @@ def _random_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
     block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(rows, cols // block, nbytes), dtype=np.uint8)
     # Scales chosen so that dequantized weights are O(0.1) whatever the block format.
-    high = {"Q4_K": 3e-4, "Q6_K": 1e-5, "Q8_0": 1e-3}.get(qtype.name, 0.01)
+    high = {"Q4_K": 3e-4, "Q5_K": 3e-4, "Q6_K": 1e-5, "Q8_0": 1e-3}.get(qtype.name, 0.01)
     scale = lambda n: np.frombuffer(  # noqa: E731
         rng.uniform(high / 10, high, size=rows * (cols // block) * n).astype(np.float16).tobytes(), np.uint8
     ).reshape(rows, cols // block, 2 * n)
-    if qtype in (gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q8_0):
+    if qtype.name in ("Q4_0", "Q5_0", "Q8_0"):
         raw[..., :2] = scale(1)  # d
-    elif qtype == gguf.GGMLQuantizationType.Q4_1:
-        raw[..., :4] = scale(2)  # d, m
-    elif qtype == gguf.GGMLQuantizationType.Q4_K:
-        raw[..., :4] = scale(2)  # d, dmin
+    elif qtype.name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"):
+        raw[..., :4] = scale(2)  # d, m (or d, dmin)
     elif qtype == gguf.GGMLQuantizationType.Q6_K:
         raw[..., -2:] = scale(1)  # d is the last field
     return raw.reshape(rows, -1)
 
 
-def write_tiny_gguf(directory, type_name: str, seed: int = 0):
-    """A tiny Llama as a GGUF with q/k permuted like llama.cpp; 2-D weights of ``type_name``."""
-    hf_config = tiny.llama_config(**CONFIG)
+def write_tiny_gguf(directory, type_name: str, seed: int = 0, arch: str = "llama"):
+    """A tiny random model as a GGUF file the way llama.cpp writes ``arch``: q/k rows permuted
+    for "llama", not for "qwen2" (which has q/k/v biases); 2-D weights of ``type_name``."""
+    hf_config = tiny.llama_config(**CONFIG) if arch == "llama" else tiny.qwen2_config(**CONFIG)
     model = tiny.build(hf_config, seed)
     qtype = gguf.GGMLQuantizationType[type_name]
     rng = np.random.default_rng(seed)
-    path = directory / f"tiny-{type_name}.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
+    path = directory / f"tiny-{arch}-{type_name}.gguf"
+    writer = gguf.GGUFWriter(str(path), arch)
     c = hf_config
     writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(c.max_position_embeddings)
@@ -61,7 +62,7 @@ def write_tiny_gguf(directory, type_name: str, seed: int = 0):
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_freq_base(hf_config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
@@ -77,10 +78,11 @@ def write_tiny_gguf(directory, type_name: str, seed: int = 0):
             gname = names[name]
         else:
             layer, part = name.removeprefix("model.layers.").split(".", 1)
-            gname = f"blk.{layer}.{parts[part.removesuffix('.weight')]}.weight"
-        if "q_proj" in name:
+            module, kind = part.rsplit(".", 1)
+            gname = f"blk.{layer}.{parts[module]}.{kind}"
+        if arch == "llama" and "q_proj" in name:
             w = llamacpp_permute(w, c.num_attention_heads)
-        elif "k_proj" in name:
+        elif arch == "llama" and "k_proj" in name:
             w = llamacpp_permute(w, c.num_key_value_heads)
         if w.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(gname, w.astype(np.float32))
@@ -95,13 +97,18 @@ def write_tiny_gguf(directory, type_name: str, seed: int = 0):
     return path, hf_config
 
 
-@pytest.mark.parametrize("type_name", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K"])
-def test_gguf_logits_match_transformers(type_name, tmp_path):
+@pytest.mark.parametrize("arch, type_name", [
+    *(("llama", t) for t in ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")),
+    *(("qwen2", t) for t in ("F32", "Q8_0", "Q5_0", "Q4_K")),
+])
+def test_gguf_logits_match_transformers(arch, type_name, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    path, hf_config = write_tiny_gguf(tmp_path, type_name)
+    path, hf_config = write_tiny_gguf(tmp_path, type_name, arch=arch)
     reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
-    ours = load_gguf_model(path, hf_config)
+    assert reference.config.model_type == arch
+    ours = load_weights(path)  # the config comes from the file's metadata, as transformers' does
+    assert ours.config.tie_word_embeddings == hf_config.tie_word_embeddings
     # Every dequantized, un-permuted tensor equals transformers' (ours are [in, out]).
     for i, layer in enumerate(reference.model.layers):
         for part in ("q_proj", "k_proj", "v_proj", "o_proj"):

