@@ -18,7 +18,7 @@ setup(
         "flax>=0.12.8,<0.13",
         "optax>=0.2.6,<0.3",
         "orbax-checkpoint>=0.12,<0.13",
-        "transformers>=5.17,<6",  # 5.17: the torch-free GGUF tokenizer tables (integrations.gguf)
+        "transformers>=5.18,<6",  # 5.18: torch-free GGUF tokenizer tables (integrations.gguf, lazily imported)
         "tokenizers>=0.22,<1",
         "jinja2>=3.1,<4",  # chat templates (transformers does not require it; torch used to bring it)
         "tensorflow-datasets>=4.9.9,<5",
