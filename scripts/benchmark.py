@@ -88,7 +88,8 @@ def bench_generate(args) -> dict:
 
     from ssah_jax import runs
     from ssah_jax.checkpoints import demo_gguf_path, load_model
-    from ssah_jax.generation import generate_tokens, left_pad, render_prompts
+    from ssah_jax.data import left_pad
+    from ssah_jax.generation import generate_tokens, render_prompts
 
     dtype = runs.DTYPES[args.dtype]
     path = demo_gguf_path()

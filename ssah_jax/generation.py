@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from ssah_jax.data import left_pad
 from ssah_jax.models import CausalLM, KVCache
 
 
@@ -65,19 +66,6 @@ def stop_token_ids(model: CausalLM, tokenizer: Any) -> tuple[int, ...]:
     if not ids:
         raise ValueError("neither the model config nor the tokenizer defines an end-of-sequence token")
     return tuple(sorted(ids))
-
-
-def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """``[B, length]`` int32 ids and mask, sequences aligned to the right."""
-    ids = np.full((len(sequences), length), pad_id, np.int32)
-    mask = np.zeros((len(sequences), length), np.int32)
-    for row, seq in enumerate(sequences):
-        if len(seq) > length:
-            raise ValueError(f"sequence of {len(seq)} tokens does not fit in {length}")
-        if seq:
-            ids[row, length - len(seq):] = seq
-            mask[row, length - len(seq):] = 1
-    return ids, mask
 
 
 def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:

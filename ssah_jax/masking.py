@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ssah_jax.models import ModelConfig
+from ssah_jax.models import MODULES, ModelConfig, unit_shapes
 
-MODULES = ("attn", "mlp")
 SHARED = ("any", "all")
 
 
@@ -35,14 +34,6 @@ def _names(path) -> tuple:
         if name != "value":  # the array inside an nnx.Variable
             out.append(name)
     return tuple(out)
-
-
-def unit_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """Shape of a unit mask (or of unit scores) per module: ``[layers, units]``."""
-    return {
-        "attn": (config.num_layers, config.num_heads * config.head_dim),
-        "mlp": (config.num_layers, config.intermediate_size),
-    }
 
 
 def _check_units(units: dict[str, Any], config: ModelConfig) -> None:

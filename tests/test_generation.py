@@ -7,7 +7,8 @@ import pytest
 from flax import nnx
 
 from ssah_jax.checkpoints import load_weights
-from ssah_jax.generation import filter_logits, generate, generate_tokens, left_pad
+from ssah_jax.data import left_pad
+from ssah_jax.generation import filter_logits, generate, generate_tokens
 from ssah_jax.models import KVCache
 from tests import tiny
 

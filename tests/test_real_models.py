@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssah_jax.generation import generate_ids, left_pad, render_prompts
+from ssah_jax.data import left_pad
+from ssah_jax.generation import generate_ids, render_prompts
 
 torch = pytest.importorskip("torch")
 

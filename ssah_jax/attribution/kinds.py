@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ssah_jax.masking import MODULES
-from ssah_jax.models import CausalLM
+from ssah_jax.models import MODULES, CausalLM
 
 KINDS = ("SCU", "UCU", "CU", "RU")
 RANKINGS = ("global", "per_layer")

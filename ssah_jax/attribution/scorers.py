@@ -28,14 +28,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssah_jax.attribution.stats import Moments, batch_moments, merge
-from ssah_jax.evaluation.likelihood import next_token_logprobs
-from ssah_jax.masking import MODULES, unit_shapes
-from ssah_jax.models import CausalLM
+from ssah_jax.models import B_MATRIX, MODULES, CausalLM, next_token_logprobs, unit_shapes
 from ssah_jax.sharding import shard_batch
 
 SCORERS = ("wifv", "wanda", "snip")
 TOKENS = ("response", "prompt", "all")
-B_MATRIX = {"attn": "o_proj", "mlp": "down_proj"}
 
 Scores = dict[str, jax.Array]
 

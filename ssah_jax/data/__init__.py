@@ -1,6 +1,7 @@
 """Data: named datasets (local kit, TFDS, HF hub), chat tokenisation with response-only loss
 masks, and bucketed, shuffled, per-host batches with a resumable position."""
 
+from ssah_jax.data.batching import left_pad
 from ssah_jax.data.sources import (
     DATA_DIR_ENV,
     DATASETS,
@@ -22,6 +23,7 @@ __all__ = [
     "DataError",
     "LoadReport",
     "Record",
+    "left_pad",
     "load_dataset",
     "load_local",
     "load_mixture",

@@ -30,6 +30,19 @@ def bucket_lengths(max_length: int, smallest: int = 64) -> tuple[int, ...]:
     return (*lengths, max_length)
 
 
+def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[B, length]`` int32 ids and mask, sequences aligned to the right."""
+    ids = np.full((len(sequences), length), pad_id, np.int32)
+    mask = np.zeros((len(sequences), length), np.int32)
+    for row, seq in enumerate(sequences):
+        if len(seq) > length:
+            raise ValueError(f"sequence of {len(seq)} tokens does not fit in {length}")
+        if seq:
+            ids[row, length - len(seq):] = seq
+            mask[row, length - len(seq):] = 1
+    return ids, mask
+
+
 def pad_batch(examples: Sequence[Example], rows: int, buckets: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``loss_mask`` (int32 ``[rows, L]``);
     ``L`` is the smallest bucket that holds the longest example, and rows beyond the examples

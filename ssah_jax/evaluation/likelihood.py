@@ -13,18 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ssah_jax.generation import left_pad
-from ssah_jax.models import CausalLM, KVCache
-
-
-def next_token_logprobs(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """``log p(token_t | tokens_<t)`` for ``t = 1 .. L-1``, float32 ``[B, L - 1]`` (traceable)."""
-    logits = model(input_ids, attention_mask)[:, :-1]
-    # The target's logit by a select-and-sum, not a gather: under jax.grad (training, SNIP) a
-    # gather turns into a scatter over [B, L, vocab], which is slow on CPU.
-    is_target = jnp.arange(logits.shape[-1]) == input_ids[:, 1:, None]
-    picked = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
-    return picked - jax.nn.logsumexp(logits, axis=-1)
+from ssah_jax.data import left_pad
+from ssah_jax.models import CausalLM, KVCache, next_token_logprobs
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

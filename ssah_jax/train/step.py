@@ -25,9 +25,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ssah_jax.evaluation.likelihood import next_token_logprobs
 from ssah_jax.masking import FreezeState, freeze, frozen_masks_of, zero_frozen_gradients
-from ssah_jax.models import CausalLM
+from ssah_jax.models import CausalLM, next_token_logprobs
 from ssah_jax.sharding import active_rules, logical_to_spec, param_shardings
 from ssah_jax.train import lora
 
