@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ssah_jax.models.config import ModelConfig, RopeConfig
@@ -119,23 +120,30 @@ class KVCache(NamedTuple):
         return cls(layers, jnp.zeros((), jnp.int32))
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q ``[B, S, H, D]``; k, v ``[B, K, T, D]`` with ``H = K * G``;
+def attend(q: jax.Array, k, v, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q ``[B, S, H, D]``; k, v ``[B, K, T, D]`` with ``H = K * G``,
+    or tuples of such blocks (``[B, K, T_i, D]``, read as one sequence of ``T = sum T_i`` keys
+    without concatenating them: how extra queries see a KV cache plus their own keys);
     mask ``[B, S, T]`` boolean. Returns ``[B, S, H, D]``.
 
     Query heads are grouped under their shared kv head, so keys and values are never repeated
     or transposed. The softmax runs in float32; a row with no visible key gets a uniform
     (finite) mix instead of NaN.
     """
+    ks, vs = (k, v) if isinstance(k, tuple) else ((k,), (v,))
     b, s, h, d = q.shape
-    kv_heads = k.shape[1]
+    kv_heads = ks[0].shape[1]
     groups = h // kv_heads
     q = q.reshape(b, s, kv_heads, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, kv_heads, s * groups, d)
-    scores = jnp.einsum("bkqd,bktd->bkqt", q, k).astype(jnp.float32) * (d**-0.5)
+    scores = jnp.concatenate([jnp.einsum("bkqd,bktd->bkqt", q, block) for block in ks], axis=-1)
+    scores = scores.astype(jnp.float32) * (d**-0.5)
     visible = jnp.broadcast_to(mask[:, None, :, None, :], (b, 1, s, groups, mask.shape[-1]))
     scores = jnp.where(visible.reshape(b, 1, s * groups, -1), scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkqt,bktd->bkqd", probs, v)
+    probs = jax.nn.softmax(scores, axis=-1).astype(vs[0].dtype)
+    splits = np.cumsum([block.shape[2] for block in vs])[:-1]
+    out, *rest = [jnp.einsum("bkqt,bktd->bkqd", p, block) for p, block in zip(jnp.split(probs, splits, axis=-1), vs)]
+    for part in rest:
+        out = out + part
     return out.reshape(b, kv_heads, s, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, s, h, d)
 
 
@@ -152,9 +160,10 @@ class Attention(nnx.Module):
         self.v_proj = _dense(c.hidden_size, c.num_kv_heads * hd, ("embed", "kv_heads"), bias=c.qkv_bias, **kw)
         self.o_proj = _dense(c.num_heads * hd, c.hidden_size, ("heads", "embed"), bias=c.o_bias, **kw)
 
-    def unit_inputs(self, x, positions, mask, cache: LayerCache | None, cache_index):
+    def unit_inputs(self, x, positions, mask, cache: LayerCache | None, cache_index, write_cache: bool = True):
         """The attention output *entering* ``o_proj`` (its SSAH units), ``[B, S, heads * head_dim]``,
-        and the updated cache."""
+        and the updated cache (the given one, untouched, when ``write_cache`` is False: the new
+        tokens then attend to the cache followed by themselves)."""
         c = self.config
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, c.num_heads, c.head_dim)
@@ -163,7 +172,9 @@ class Attention(nnx.Module):
         q = constrain(apply_rope(q, positions, c.rope), ("act_batch", "act_len", "act_heads", "act_head_dim"))
         k = apply_rope(k, positions, c.rope).transpose(0, 2, 1, 3)  # [B, K, S, D]
         v = v.transpose(0, 2, 1, 3)
-        if cache is not None:
+        if cache is not None and not write_cache:
+            k, v = (cache.k.astype(q.dtype), k), (cache.v.astype(q.dtype), v)
+        elif cache is not None:
             start = (0, 0, cache_index, 0)
             k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
             v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
@@ -171,8 +182,8 @@ class Attention(nnx.Module):
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         return attend(q, k, v, mask).reshape(b, s, c.num_heads * c.head_dim), cache
 
-    def __call__(self, x, positions, mask, cache: LayerCache | None, cache_index):
-        out, cache = self.unit_inputs(x, positions, mask, cache, cache_index)
+    def __call__(self, x, positions, mask, cache: LayerCache | None, cache_index, write_cache: bool = True):
+        out, cache = self.unit_inputs(x, positions, mask, cache, cache_index, write_cache)
         return self.o_proj(out), cache
 
 
@@ -212,9 +223,9 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.mlp = MLP(config, rngs=rngs, **kw)
 
-    def __call__(self, x, positions, mask, cache, cache_index):
+    def __call__(self, x, positions, mask, cache, cache_index, write_cache: bool = True):
         """``(output, cache, unit_inputs)``; under jit, unused unit inputs cost nothing."""
-        a, cache = self.attn.unit_inputs(self.input_norm(x), positions, mask, cache, cache_index)
+        a, cache = self.attn.unit_inputs(self.input_norm(x), positions, mask, cache, cache_index, write_cache)
         x = x + self.attn.o_proj(a)
         m = self.mlp.unit_inputs(self.post_attn_norm(x))
         x = x + self.mlp.down_proj(m)
@@ -280,8 +291,10 @@ class CausalLM(nnx.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         *,
+        positions: jax.Array | None = None,
         mask: jax.Array | None = None,
         cache: KVCache | None = None,
+        write_cache: bool = True,
         output_hidden_states: bool = False,
         output_unit_inputs: bool = False,
     ) -> DecoderOutput:
@@ -291,9 +304,17 @@ class CausalLM(nnx.Module):
           input_ids: ``[B, S] int32``.
           attention_mask: ``[B, kv_len]`` (1 = real token). ``kv_len`` is ``S`` without a cache
             and the cache length with one (covering every slot, written or not).
-          mask: optional explicit boolean mask ``[B, S, kv_len]``. When given it *replaces* the
-            causal + padding mask (build on :func:`default_mask` to extend it).
+          positions: optional rotary positions ``[B, S]`` of the new tokens; by default each
+            token's count of real tokens before it (left padding does not shift positions).
+          mask: optional explicit boolean mask ``[B, S, kv_len]`` (``[B, S, kv_len + S]`` when
+            ``write_cache`` is False). When given it *replaces* the causal + padding mask
+            (build on :func:`default_mask` to extend it).
           cache: optional KV cache; the ``S`` new tokens are written at ``cache.index``.
+          write_cache: with a cache, False runs the new tokens as *extra queries*: they attend
+            to the cache's slots and then to each other (causally, by default), and the cache
+            is returned as given, neither written nor advanced (default positions continue
+            from ``cache.index``). The ``[CLS]`` re-classification of the safety signal and
+            scoring several continuations of one cached context are such queries.
           output_hidden_states: also return every layer's output.
           output_unit_inputs: also return every layer's :class:`UnitInputs` (the activations
             the SSAH scores are computed from).
@@ -309,22 +330,34 @@ class CausalLM(nnx.Module):
             attention_mask = jnp.ones((b, s), jnp.int32)
         if attention_mask.shape != (b, kv_len):
             raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected {(b, kv_len)}")
-        counts = jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1
-        positions = jnp.maximum(jax.lax.dynamic_slice_in_dim(counts, index, s, axis=1), 0)
-        if mask is None:
+        extra = cache is not None and not write_cache
+        written = attention_mask.astype(bool) & (jnp.arange(kv_len) < index)[None]  # real tokens in the cache
+        if positions is None and extra:
+            positions = jnp.sum(written, axis=1, keepdims=True, dtype=jnp.int32) + jnp.arange(s)[None]
+        elif positions is None:
+            counts = jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1
+            positions = jnp.maximum(jax.lax.dynamic_slice_in_dim(counts, index, s, axis=1), 0)
+        elif positions.shape != (b, s):
+            raise ValueError(f"positions has shape {positions.shape}, expected {(b, s)}")
+        if mask is None and extra:
+            causal = jnp.tril(jnp.ones((s, s), bool))
+            mask = jnp.concatenate([jnp.broadcast_to(written[:, None, :], (b, s, kv_len)),
+                                    jnp.broadcast_to(causal[None], (b, s, s))], axis=-1)
+        elif mask is None:
             mask = default_mask(attention_mask, s, index)
-        elif mask.shape != (b, s, kv_len):
-            raise ValueError(f"mask has shape {mask.shape}, expected {(b, s, kv_len)}")
+        elif mask.shape != (b, s, kv_len + s * extra):
+            raise ValueError(f"mask has shape {mask.shape}, expected {(b, s, kv_len + s * extra)}")
 
         x = constrain(self.embed(input_ids), ("act_batch", "act_len", "act_embed"))
         hidden_states = [x]
         new_cache, unit_inputs = [], []
         for i, layer in enumerate(self.layers):
-            x, layer_cache, inputs = layer(x, positions, mask, None if cache is None else cache.layers[i], index)
+            x, layer_cache, inputs = layer(x, positions, mask, None if cache is None else cache.layers[i], index,
+                                           write_cache)
             new_cache.append(layer_cache)
             hidden_states.append(x)
             unit_inputs.append(inputs)
-        if cache is not None:
+        if cache is not None and write_cache:
             cache = KVCache(tuple(new_cache), index + s)
         stacked = jnp.stack(hidden_states) if output_hidden_states else None
         return DecoderOutput(self.final_norm(x), cache, stacked, tuple(unit_inputs) if output_unit_inputs else None)
