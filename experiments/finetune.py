@@ -208,9 +208,9 @@ def run(config: ConfigDict, workdir: str) -> Path:
                                     pad_id=tokenizer.pad_token_id, buckets=buckets, shuffle=False)
 
             def heldout_loss(step, state):
-                sums = [evaluate(state, shard_batch(b)) for b in heldout]
-                nll, tokens = (float(sum(s[i] for s in sums)) for i in (0, 1))
-                return {"heldout_loss": nll / max(tokens, 1.0)}
+                sums, counts = jax.tree.map(lambda *xs: sum(map(float, xs)),
+                                            *[evaluate(state, shard_batch(b)) for b in heldout])
+                return {"heldout_loss": sums["nll"] / max(counts["nll"], 1.0)}
 
             hooks.append(heldout_loss)
         data_id = {"dataset": d.dataset, "split": d.split, "examples": len(train_examples),

@@ -1,6 +1,8 @@
 """Training: freeze masks under the sharded train step, unit selections vs the HF layout, LoRA,
 schedules, and the freeze-mask builders."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +17,7 @@ from ssah_jax.sharding import make_mesh, shard_batch, use_rules
 from ssah_jax.train import (
     LoraConfig,
     OptimizerConfig,
+    ResponseLoss,
     Trainee,
     apply_gradients,
     compile_train_step,
@@ -101,6 +104,58 @@ def test_accumulating_two_micro_batches_equals_one_batch():
     assert abs(l1 - l2) < 1e-5
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@dataclasses.dataclass(frozen=True)
+class NllPlusRowTerm:
+    """A second objective plugged into the unchanged step: the response NLL (per token) plus a
+    per-row term (per row with any real token), and a weight-0 metric (the row count)."""
+
+    weights: tuple = (("nll", 1.0), ("row", 0.5), ("rows", 0.0))
+
+    def counts(self, batch):
+        rows = jnp.sum(jnp.any(batch["attention_mask"] > 0, axis=1).astype(jnp.float32))
+        return ResponseLoss().counts(batch) | {"row": rows, "rows": rows}
+
+    def sums(self, model, batch):
+        first = model(batch["input_ids"], batch["attention_mask"])[:, 0, 0]  # one logit per row
+        real = jnp.any(batch["attention_mask"] > 0, axis=1)
+        return ResponseLoss().sums(model, batch) | {"row": jnp.sum(jnp.where(real, first**2, 0.0)),
+                                                    "rows": jnp.sum(real.astype(jnp.float32))}
+
+
+def _one_step(model, objective, accum, batch):
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    with jax.set_mesh(mesh), use_rules():
+        tx, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=3),
+                                      freeze_masks(params, model.config))
+        state, shardings = create_state(jax.tree.map(jnp.copy, params), tx, model_shardings(model, mesh),
+                                        rng=jax.random.key(0))
+        trainee = dataclasses.replace(Trainee.of(model), objective=objective)
+        state, metrics = compile_train_step(trainee, tx, schedule, shardings, accum_steps=accum)(
+            state, shard_batch(batch))
+    return jax.device_get(state.params), jax.device_get(metrics)
+
+
+def test_a_second_objective_plugs_in_and_accumulates_exactly():
+    model, batch = tiny_model(), random_batch(8)
+    batch["attention_mask"][5] = 0  # an empty row counts for neither term
+    batch["loss_mask"][5] = 0
+    (p1, m1), (p2, m2) = (_one_step(model, NllPlusRowTerm(), accum, batch) for accum in (1, 2))
+    assert m1["rows"] == 1 and m1["row_count"] == 7 and m1["nll_count"] == batch["loss_mask"][:, 1:].sum()
+    assert m1["loss"] == pytest.approx(m1["nll"] + 0.5 * m1["row"], rel=1e-6)
+    for key in ("loss", "nll", "row", "grad_norm"):
+        assert m1[key] == pytest.approx(m2[key], rel=1e-5), key
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):  # Adam's first step is about lr * sign(g)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # The row term moves the parameters; with weight 0 it is a metric only.
+    plain, _ = _one_step(model, ResponseLoss(), 1, batch)
+    assert any(not np.allclose(a, b, atol=1e-7) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(plain)))
+    metric_only = NllPlusRowTerm(weights=(("nll", 1.0), ("row", 0.0), ("rows", 0.0)))
+    same, _ = _one_step(model, metric_only, 1, batch)
+    for a, b in zip(jax.tree.leaves(same), jax.tree.leaves(plain)):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_nan_gradients_at_frozen_positions_do_not_leak():

@@ -4,7 +4,9 @@ and the loop with metrics, evaluation hooks and orbax checkpoints (``loop``)."""
 from ssah_jax.train.lora import LoraConfig
 from ssah_jax.train.step import (
     SCHEDULES,
+    Objective,
     OptimizerConfig,
+    ResponseLoss,
     Trainee,
     TrainState,
     apply_gradients,
@@ -14,14 +16,17 @@ from ssah_jax.train.step import (
     learning_rate_schedule,
     make_optimizer,
     model_shardings,
-    response_loss,
+    objective_value,
+    term_metrics,
     train_step,
 )
 
 __all__ = [
     "SCHEDULES",
     "LoraConfig",
+    "Objective",
     "OptimizerConfig",
+    "ResponseLoss",
     "TrainState",
     "Trainee",
     "apply_gradients",
@@ -31,6 +36,7 @@ __all__ = [
     "learning_rate_schedule",
     "make_optimizer",
     "model_shardings",
-    "response_loss",
+    "objective_value",
+    "term_metrics",
     "train_step",
 ]

@@ -1,8 +1,9 @@
-"""Pure training functions: the state, the response-only loss, the optimizer, the train step.
+"""Pure training functions: the state, the objective, the optimizer, the train step.
 
 Everything here is a function of pytrees. The model enters as a static ``nnx.GraphDef`` (the
-:class:`Trainee`) and a pure parameter dict (``nnx.to_pure_dict``), so the step can be
-compiled once with explicit input / output shardings and donated buffers::
+:class:`Trainee`, which also carries the :class:`Objective`: response-only NLL by default)
+and a pure parameter dict (``nnx.to_pure_dict``), so the step can be compiled once with
+explicit input / output shardings and donated buffers::
 
     trainee = Trainee.of(model, compute_dtype=jnp.bfloat16)       # graphdef, static
     tx, schedule = make_optimizer(OptimizerConfig(...), masks)    # freeze masks in its state
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Protocol
 
 import flax
 import jax
@@ -46,19 +47,57 @@ class TrainState:
     base: Any = None
 
 
+class Objective(Protocol):
+    """What a train step minimises: ``sum_t weights[t] * sums[t] / counts[t]`` over its terms.
+
+    ``counts(batch)`` are the normalisers of a whole batch (tokens, examples), computed from
+    the batch alone, before its micro-batches run; ``sums(model, batch)`` are each term's sum
+    over a (micro-)batch. Summing sums over micro-batches and dividing by the whole batch's
+    counts makes gradient accumulation exact for every term. A term of weight 0 is a metric
+    only (e.g. an accuracy). ``weights`` is a tuple of ``(term, weight)`` pairs, so that an
+    objective (a frozen dataclass) is hashable: the step is compiled for one."""
+
+    weights: tuple[tuple[str, float], ...]
+
+    def counts(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]: ...
+
+    def sums(self, model: CausalLM, batch: dict[str, jax.Array]) -> dict[str, jax.Array]: ...
+
+
+def _response_tokens(batch: dict[str, jax.Array]) -> jax.Array:
+    return batch["loss_mask"][:, 1:].astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResponseLoss:
+    """Mean NLL of the loss-mask tokens (the response and its end-of-turn token): SFT."""
+
+    weights: tuple[tuple[str, float], ...] = (("nll", 1.0),)
+
+    def counts(self, batch):
+        return {"nll": jnp.sum(_response_tokens(batch))}
+
+    def sums(self, model, batch):
+        logp = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+        return {"nll": -jnp.sum(logp * _response_tokens(batch))}
+
+
 @dataclasses.dataclass(frozen=True)
 class Trainee:
-    """What the loss runs: the model's graph in the compute dtype (static), and LoRA if any."""
+    """What the step runs: the model's graph in the compute dtype (static), LoRA if any, and
+    the objective."""
 
     graphdef: nnx.GraphDef
     compute_dtype: Any = jnp.float32
     lora: lora.LoraConfig | None = None
+    objective: Objective = ResponseLoss()
 
     @classmethod
-    def of(cls, model: CausalLM, compute_dtype=jnp.float32, lora_config: lora.LoraConfig | None = None) -> Trainee:
+    def of(cls, model: CausalLM, compute_dtype=jnp.float32, lora_config: lora.LoraConfig | None = None,
+           objective: Objective = ResponseLoss()) -> Trainee:
         abstract = nnx.eval_shape(
             lambda: CausalLM(model.config, dtype=compute_dtype, param_dtype=compute_dtype, rngs=nnx.Rngs(0)))
-        return cls(nnx.graphdef(abstract), compute_dtype, lora_config)
+        return cls(nnx.graphdef(abstract), compute_dtype, lora_config, objective)
 
     def weights(self, params: Any, base: Any) -> Any:
         """The full parameter dict in the compute dtype (LoRA merged in)."""
@@ -69,15 +108,13 @@ class Trainee:
         return nnx.merge(self.graphdef, self.weights(params, base))
 
 
-def response_loss(trainee: Trainee, params: Any, base: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """``(summed NLL of the loss-mask tokens, their count)``, both float32 scalars.
-
-    The caller divides: summing over micro-batches first makes accumulation exact (every
-    token weighs the same whatever batch it falls in)."""
-    model = trainee.model(params, base)
-    logp = next_token_logprobs(model, batch["input_ids"], batch["attention_mask"])
-    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    return -jnp.sum(logp * mask), jnp.sum(mask)
+def objective_value(trainee: Trainee, counts: dict[str, jax.Array], params: Any, base: Any,
+                    batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``(sum_t weights[t] * sums[t] / counts[t], sums)`` of a (micro-)batch, ``counts`` being
+    the whole batch's (a count of 0 counts as 1)."""
+    sums = trainee.objective.sums(trainee.model(params, base), batch)
+    value = sum(w * sums[t] / jnp.maximum(counts[t], 1.0) for t, w in trainee.objective.weights if w)
+    return jnp.asarray(value, jnp.float32), sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,30 +241,38 @@ def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on ``batch`` (``accum_steps`` micro-batches, gradients summed in
-    float32, then divided by the batch's loss tokens). Frozen gradients are zeroed before
-    clipping and Adam, and the freeze transform ends the chain."""
-    # response_loss returns (summed NLL, token count): differentiate the first, carry the second.
-    grad_fn = jax.value_and_grad(functools.partial(response_loss, trainee), has_aux=True)
+    """One optimizer step on ``batch`` (``accum_steps`` micro-batches, gradients of the
+    trainee's objective summed in float32). Frozen gradients are zeroed before clipping and
+    Adam, and the freeze transform ends the chain.
+
+    Metrics: ``loss`` (the objective), each term's mean (``nll``, ...) and count
+    (``nll_count``, ...), ``grad_norm``, ``learning_rate``."""
+    counts = trainee.objective.counts(batch)
+    grad_fn = jax.value_and_grad(functools.partial(objective_value, trainee, counts), has_aux=True)
 
     def accumulate(carry, micro):
-        grads, nll, tokens = carry
-        (micro_nll, micro_tokens), g = grad_fn(state.params, state.base, micro)
-        return (jax.tree.map(jnp.add, grads, g), nll + micro_nll, tokens + micro_tokens), None
+        grads, value, sums = carry
+        (micro_value, micro_sums), g = grad_fn(state.params, state.base, micro)
+        return (jax.tree.map(jnp.add, grads, g), value + micro_value, jax.tree.map(jnp.add, sums, micro_sums)), None
 
     if accum_steps == 1:  # no loop: inside a scan body XLA keeps extra copies of the gradients
-        (nll, tokens), grads = grad_fn(state.params, state.base, batch)
+        (value, sums), grads = grad_fn(state.params, state.base, batch)
     else:
+        micro = _micro_batches(batch, accum_steps)
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        (grads, nll, tokens), _ = jax.lax.scan(
-            accumulate, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-            _micro_batches(batch, accum_steps))
-    denominator = jnp.maximum(tokens, 1.0)
-    grads = jax.tree.map(lambda g, p: (g / denominator).astype(p.dtype), grads, state.params)
+        no_sums = {t: jnp.zeros((), jnp.float32) for t, _ in trainee.objective.weights}
+        (grads, value, sums), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32), no_sums), micro)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     new, grad_norm = apply_gradients(tx, state, grads)
-    metrics = {"loss": nll / denominator, "tokens": tokens, "grad_norm": grad_norm,
+    metrics = {"loss": value, **term_metrics(sums, counts), "grad_norm": grad_norm,
                "learning_rate": schedule(state.step)}
     return new, metrics
+
+
+def term_metrics(sums: dict[str, jax.Array], counts: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Each term's mean (``sums / counts``, a count of 0 as 1) and its count (``<term>_count``)."""
+    means = {t: s / jnp.maximum(counts[t], 1.0) for t, s in sums.items()}
+    return means | {f"{t}_count": counts[t] for t in sums}
 
 
 def apply_gradients(tx: optax.GradientTransformation, state: TrainState, grads: Any) -> tuple[TrainState, jax.Array]:
@@ -268,11 +313,12 @@ def compile_train_step(
 
 
 def compile_eval_step(trainee: Trainee, shardings: TrainState):
-    """``evaluate(state, batch) -> (summed NLL, tokens)`` on the response tokens, jitted."""
+    """``evaluate(state, batch) -> (sums, counts)``: the objective's per-term sums and counts
+    on ``batch``, jitted (add them up over batches, then divide: :func:`term_metrics`)."""
     mesh = jax.tree.leaves(shardings)[0].mesh
 
     def fn(state, batch):
-        return response_loss(trainee, state.params, state.base, batch)
+        return trainee.objective.sums(trainee.model(state.params, state.base), batch), trainee.objective.counts(batch)
 
     return jax.jit(fn, in_shardings=(shardings, batch_sharding(mesh)),
                    out_shardings=NamedSharding(mesh, PartitionSpec()))
