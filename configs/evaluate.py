@@ -16,6 +16,21 @@ from ml_collections import ConfigDict
 
 from ssah_jax.runs import set_values
 
+# name -> the keys it sets; the first is the default
+PRESETS = {
+    "smollm2": {},
+    "quick": {
+        "max_new_tokens": 16, "harmful.limit": 8, "prefill.limit": 8, "sweep.limit": 8,
+        "sweep.temperatures": (1.0,), "overrefusal.limit": 8, "mmlu.limit": 16, "sst2.limit": 16,
+        "gsm8k.limit": 8, "gsm8k.max_new_tokens": 16, "perplexity.limit": 16, "perplexity.max_length": 256,
+    },
+    "gpu": {
+        "dtype": "bfloat16", "batch_size": 64, "harmful.limit": 0, "prefill.limit": 0, "sweep.limit": 0,
+        "sweep.temperatures": (0.5, 0.7, 1.0), "sweep.top_ps": (0.7, 0.9, 1.0), "mmlu.limit": 0,
+        "gsm8k.limit": 0, "perplexity.limit": 500,
+    },
+}
+
 
 def get_config(preset: str = "smollm2") -> ConfigDict:
     c = ConfigDict()
@@ -37,21 +52,8 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c.sst2 = ConfigDict(dict(limit=0))
     c.gsm8k = ConfigDict(dict(limit=50, max_new_tokens=256))
     c.perplexity = ConfigDict(dict(dataset="alpaca_libre", limit=200, max_length=512))
-    presets = {
-        "smollm2": {},
-        "quick": {
-            "max_new_tokens": 16, "harmful.limit": 8, "prefill.limit": 8, "sweep.limit": 8,
-            "sweep.temperatures": (1.0,), "overrefusal.limit": 8, "mmlu.limit": 16, "sst2.limit": 16,
-            "gsm8k.limit": 8, "gsm8k.max_new_tokens": 16, "perplexity.limit": 16, "perplexity.max_length": 256,
-        },
-        "gpu": {
-            "dtype": "bfloat16", "batch_size": 64, "harmful.limit": 0, "prefill.limit": 0, "sweep.limit": 0,
-            "sweep.temperatures": (0.5, 0.7, 1.0), "sweep.top_ps": (0.7, 0.9, 1.0), "mmlu.limit": 0,
-            "gsm8k.limit": 0, "perplexity.limit": 500,
-        },
-    }
-    if preset not in presets:
-        raise ValueError(f"unknown preset {preset!r} for configs/evaluate.py (presets: {sorted(presets)})")
-    set_values(c, presets[preset])
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for configs/evaluate.py (presets: {', '.join(PRESETS)})")
+    set_values(c, PRESETS[preset])
     c.lock()
     return c

@@ -24,6 +24,16 @@ from ml_collections import ConfigDict
 
 from ssah_jax.runs import set_values
 
+# name -> the keys it sets; the first is the default
+PRESETS = {
+    "smollm2": {},
+    "quick": {"steps": 6, "batch_size": 4, "data.limit": 48, "data.heldout": 8, "data.max_length": 128,
+              "optimizer.warmup_steps": 1, "log_every": 1, "eval_every": 3, "checkpoint_every": 2},
+    "gpu": {"steps": 1000, "batch_size": 32, "compute_dtype": "bfloat16", "data.heldout": 256,
+            "data.max_length": 512, "optimizer.warmup_steps": 50, "log_every": 10, "eval_every": 200,
+            "eval_batch_size": 32, "checkpoint_every": 200},
+}
+
 
 def get_config(preset: str = "smollm2") -> ConfigDict:
     c = ConfigDict()
@@ -58,16 +68,8 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c.eval_batch_size = 8
     c.checkpoint_every = 20
     c.keep_checkpoints = 2
-    presets = {
-        "smollm2": {},
-        "quick": {"steps": 6, "batch_size": 4, "data.limit": 48, "data.heldout": 8, "data.max_length": 128,
-                  "optimizer.warmup_steps": 1, "log_every": 1, "eval_every": 3, "checkpoint_every": 2},
-        "gpu": {"steps": 1000, "batch_size": 32, "compute_dtype": "bfloat16", "data.heldout": 256,
-                "data.max_length": 512, "optimizer.warmup_steps": 50, "log_every": 10, "eval_every": 200,
-                "eval_batch_size": 32, "checkpoint_every": 200},
-    }
-    if preset not in presets:
-        raise ValueError(f"unknown preset {preset!r} for configs/finetune.py (presets: {sorted(presets)})")
-    set_values(c, presets[preset])
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for configs/finetune.py (presets: {', '.join(PRESETS)})")
+    set_values(c, PRESETS[preset])
     c.lock()
     return c

@@ -14,6 +14,12 @@ DEFAULT_PROMPTS = (
     "Write a haiku about the sea.",
     "Explain photosynthesis in two sentences.",
 )
+# name -> the keys it sets; the first is the default
+PRESETS = {
+    "smollm2": {},
+    "quick": {"max_new_tokens": 16},
+    "gpu": {"dtype": "bfloat16", "batch_size": 64},
+}
 
 
 def get_config(preset: str = "smollm2") -> ConfigDict:
@@ -30,13 +36,8 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c.top_p = 1.0  # 1.0: off
     c.seed = 0
     c.batch_size = 8
-    presets = {
-        "smollm2": {},
-        "quick": {"max_new_tokens": 16},
-        "gpu": {"dtype": "bfloat16", "batch_size": 64},
-    }
-    if preset not in presets:
-        raise ValueError(f"unknown preset {preset!r} for configs/generate.py (presets: {sorted(presets)})")
-    c.update(presets[preset])
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for configs/generate.py (presets: {', '.join(PRESETS)})")
+    c.update(PRESETS[preset])
     c.lock()
     return c

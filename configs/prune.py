@@ -22,11 +22,12 @@ from ml_collections import ConfigDict
 
 from ssah_jax.runs import config_from_file, set_values
 
+PRESETS = ("smollm2", "quick", "gpu")  # the first is the default
+
 
 def get_config(preset: str = "smollm2") -> ConfigDict:
-    presets = {"smollm2", "quick", "gpu"}
-    if preset not in presets:
-        raise ValueError(f"unknown preset {preset!r} for configs/prune.py (presets: {sorted(presets)})")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for configs/prune.py (presets: {', '.join(PRESETS)})")
     c = ConfigDict()
     c.model = "smollm2-135m-instruct"  # demo name, HF directory / repo id, or .gguf path
     c.dtype = "float32"  # float32 | bfloat16

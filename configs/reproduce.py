@@ -39,6 +39,7 @@ HERE = Path(__file__).parent
 # Held-out harmful prompts: AdvBench without any prompt of the alignment data, plus HarmBench's
 # standard behaviours (no prompt of either is trained on).
 TRAINED_HARMFUL = "safety_refusals_short,bianchi_safety"
+PRESETS = ("smollm2_cpu", "smollm2_gpu", "tiny")  # the first is the default
 
 
 def _evaluation(preset: str, values: dict) -> ConfigDict:
@@ -48,9 +49,8 @@ def _evaluation(preset: str, values: dict) -> ConfigDict:
 
 
 def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
-    presets = ("smollm2_cpu", "smollm2_gpu", "tiny")
-    if preset not in presets:
-        raise ValueError(f"unknown preset {preset!r} for configs/reproduce.py (presets: {list(presets)})")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for configs/reproduce.py (presets: {', '.join(PRESETS)})")
     gpu = preset == "smollm2_gpu"
     c = ConfigDict()
     c.model = "smollm2-135m-instruct"  # the unaligned model: demo name, HF directory, .gguf

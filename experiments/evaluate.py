@@ -1,5 +1,7 @@
-"""Evaluate a model's safety and utility: ``metrics.json``, ``report.md`` and per-task rows
-(``rows/<task>.jsonl``: every generation and every scored question) in the workdir.
+"""Evaluate a model's safety (ASR, attacks, over-refusal) and utility (MMLU, SST-2, GSM8K, perplexity).
+
+Writes ``metrics.json``, ``report.md`` and per-task rows (``rows/<task>.jsonl``: every
+generation and every scored question) into the workdir.
 
 Tasks (``config.tasks``, in this order):
   asr          ASR on the harmful set, without and / or with the safety system prompt
@@ -10,7 +12,8 @@ Tasks (``config.tasks``, in this order):
   gsm8k        exact match of the final number, greedy
   perplexity   perplexity of held-out benign responses (response tokens only)
 
-Resumes: rows already written are kept, and a task whose rows are complete is not rerun.
+Resumes: rows already written are kept, and a task whose rows are complete is not rerun; a
+workdir of another config is refused (``runs.prepare_workdir``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from ssah_jax.data import Record, load_local, load_mixture, with_responses
 
 ASR_SETTINGS = ("no_system", "system")  # the asr task: without / with the safety system prompt
 TASKS = ("asr", "prefill", "sweep", "overrefusal", "mmlu", "sst2", "gsm8k", "perplexity")
+# Keys that only affect speed or logging: none. ``batch_size`` determines the answers of the
+# sampled tasks (a batch is sampled with the seed ``seed + its first index``, its rows share it).
+EXCLUDED: tuple[str, ...] = ()
 
 
 def validate(config: ConfigDict, prefix: str = "") -> None:
@@ -53,6 +59,10 @@ def validate(config: ConfigDict, prefix: str = "") -> None:
           "must be a non-empty list of temperatures > 0 (the sweep samples)")
     check("sweep.top_ps", lambda v: len(v) > 0 and all(0 < p <= 1 for p in v), "values in (0, 1]")
     check("sweep.top_ks", lambda v: len(v) > 0 and all(k >= 0 for k in v), "values >= 0")
+    runs.check_dataset(config, prefix + "harmful.dataset", mixture=True)
+    runs.check_dataset(config, prefix + "harmful.exclude", mixture=True, optional=True)
+    for task in ("prefill", "sweep", "perplexity"):
+        runs.check_dataset(config, f"{prefix}{task}.dataset")
 
 
 def _first(records: list[Record], limit: int) -> list[Record]:
@@ -77,7 +87,8 @@ def _rows(path: Path, records: Sequence[Record], chunk: int, fn: Callable[[Seque
     appended to ``path``; rows already there are reused."""
     done = runs.read_jsonl(path)
     if [r["prompt"] for r in done] != [r.prompt for r in records[: len(done)]] or len(done) > len(records):
-        raise ValueError(f"{path} holds rows of other prompts (another config?); use a new --workdir")
+        raise runs.WorkdirError(f"{path} holds rows of other prompts (the data changed?); rerun with --overwrite to "
+                                "start afresh, or use a new --workdir")
     path.write_text("".join(json.dumps(r) + "\n" for r in done))  # drops a torn last line
     with open(path, "a") as f, tqdm(total=len(records), initial=len(done), desc=desc, unit="ex") as bar:
         for start in range(len(done), len(records), chunk):
@@ -110,10 +121,10 @@ def perplexity_records(config: ConfigDict, data_dir: str | None, limit: int | No
     return ok[-limit:] if limit else ok
 
 
-def run(config: ConfigDict, workdir: str) -> Path:
+def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     runs.dtype(config)
     validate(config)
-    out = runs.prepare_workdir(workdir, config)
+    out = runs.prepare_workdir(workdir, config, EXCLUDED, overwrite=overwrite)
     model, tokenizer = load_model(config.model, runs.dtype(config))
     evaluate_model(model, tokenizer, config, out, data_dir=config.data_dir,
                    description=f"Model `{config.model}` ({config.dtype})")

@@ -1,10 +1,11 @@
 """Fine-tune a model (response-only SFT) with a freeze setting; resumable, exported to HF.
 
 Writes into the workdir: ``config.json``, ``checkpoints/`` (orbax; re-running the command
-resumes from the latest), ``metrics.jsonl`` and ``tensorboard/`` (training loss, gradient
-norm, learning rate; held-out response loss), ``export/`` (an HF directory that
-transformers and ``ssah_jax.checkpoints.load_model`` read; LoRA merged in), ``loss.png``,
-``metrics.json`` and ``report.md``.
+resumes from the latest; a re-run with other values of the determining keys is refused),
+``metrics.jsonl`` and ``tensorboard/`` (training loss, gradient norm, learning rate; held-out
+response loss), ``export/`` (an HF directory that transformers and
+``ssah_jax.checkpoints.load_model`` read; LoRA merged in), ``loss.png``, ``metrics.json`` and
+``report.md``.
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ from ssah_jax.train.step import (
 )
 
 MODES = ("none", "units", "only_units", "layers", "lora")
-# A workdir holding a run with other values of these is refused (resuming would mix runs).
-DETERMINING = ("model", "seed", "data", "steps", "batch_size", "accum_steps", "compute_dtype", "optimizer", "freeze")
+# Keys that only affect speed or logging; every other key determines the trained parameters, so
+# a workdir holding a run with other values of them is refused (resuming would mix two runs).
+# The held-out loss is a sum over examples that eval_batch_size only groups; the mesh places the
+# same computation on the devices.
+EXCLUDED = ("log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints", "mesh")
 
 
 def parse_layers(spec: str) -> list[int]:
@@ -63,6 +67,7 @@ def validate(config: ConfigDict) -> None:
     check("data.limit", lambda v: v >= 0, "must be >= 0 (0 = all)")
     check("data.heldout", lambda v: v >= 0, "must be >= 0")
     check("data.max_length", lambda v: v >= 16, "must be >= 16")
+    runs.check_dataset(config, "data.dataset", mixture=True)
     o = "optimizer."
     check(o + "learning_rate", lambda v: v > 0, "must be > 0")
     check(o + "schedule", lambda v: v in SCHEDULES, f"must be one of {SCHEDULES}")
@@ -128,7 +133,10 @@ def freeze_setting(config: ConfigDict, model: Any, params: Any, shardings: Any) 
     kw: dict[str, Any] = {"frozen_groups": tuple(f.groups)}
     if mode in ("units", "only_units"):
         umap = UnitMap.load(f.units.file, model=model)
-        units = umap.select(f.units.selection)
+        try:
+            units = umap.select(f.units.selection)
+        except ValueError as e:
+            raise runs.ConfigError(f"config.freeze.units.selection={f.units.selection!r}: {e}") from None
         count = int(sum(units[m].sum() for m in MODULES))
         what = f"{f.units.selection} of {f.units.file} ({count} units)"
         if f.units.random:
@@ -164,9 +172,9 @@ def _count(params: Any, masks: Any) -> tuple[int, int]:
     return frozen, int(sum(p.size for p in jax.tree.leaves(params)))
 
 
-def run(config: ConfigDict, workdir: str) -> Path:
+def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
-    out = runs.prepare_workdir(workdir, config, DETERMINING)
+    out = runs.prepare_workdir(workdir, config, EXCLUDED, overwrite=overwrite)
     source = model_source(config.model)
     model, tokenizer = load_model(source)  # float32: the master weights
     d = config.data
@@ -179,7 +187,10 @@ def run(config: ConfigDict, workdir: str) -> Path:
     runs.check(config, "data.max_length", lambda v: bool(train_examples),
                f"every training example's prompt is longer than that ({stats})")
 
-    mesh = make_mesh(dict(config.mesh))
+    try:
+        mesh = make_mesh(dict(config.mesh))
+    except ValueError as e:
+        raise runs.ConfigError(f"config.mesh={dict(config.mesh)}: {e}") from None
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     runs.check(config, "batch_size", lambda v: (v // config.accum_steps) % rows == 0,
                f"each micro-batch (batch_size / accum_steps) must split over the {rows} data x fsdp devices")

@@ -1,6 +1,7 @@
 """Answer prompts with a model and write them to the workdir (``generations.jsonl``, ``report.md``).
 
-Resumes: answers already in ``generations.jsonl`` are kept and only the rest is generated.
+Resumes: answers already in ``generations.jsonl`` are kept and only the rest is generated; a
+workdir of another config is refused (``runs.prepare_workdir``).
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ from ssah_jax import runs
 from ssah_jax.checkpoints import load_model
 from ssah_jax.generation import generate
 
+# Keys that only affect speed or logging: none. ``batch_size`` determines the answers: a batch
+# is sampled with the seed ``seed + its first index`` and its rows share that key.
+EXCLUDED: tuple[str, ...] = ()
+
 
 def read_prompts(path: str) -> list[str]:
     """One prompt per line (.txt), or JSONL records with a ``prompt`` field."""
     file = Path(path)
     if not file.exists():
-        raise runs.ConfigError(f"config.prompts_file={path!r}: file not found")
+        raise runs.ConfigError(f"config.prompts_file={path!r}: no such file")
     if file.suffix == ".jsonl":
         prompts = []
         for i, line in enumerate(file.read_text().splitlines(), 1):
@@ -30,7 +35,8 @@ def read_prompts(path: str) -> list[str]:
             try:
                 prompts.append(json.loads(line)["prompt"])
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{file}:{i}: expected a JSON object with a 'prompt' field") from None
+                raise runs.ConfigError(f"config.prompts_file: {file}:{i}: expected a JSON object with a 'prompt' "
+                                       "field") from None
         return prompts
     return [line for line in file.read_text().splitlines() if line.strip()]
 
@@ -44,16 +50,17 @@ def validate(config: ConfigDict) -> None:
     runs.dtype(config)
 
 
-def run(config: ConfigDict, workdir: str) -> Path:
+def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
     prompts = read_prompts(config.prompts_file) if config.prompts_file else list(config.prompts)
     if not prompts:
         raise runs.ConfigError("config.prompts / config.prompts_file: no prompts to answer")
-    out = runs.prepare_workdir(workdir, config)
+    out = runs.prepare_workdir(workdir, config, EXCLUDED, overwrite=overwrite)
     generations = out / "generations.jsonl"
     done = runs.read_jsonl(generations)
     if [r["prompt"] for r in done] != prompts[: len(done)]:
-        raise ValueError(f"{generations} holds answers to other prompts; use a new --workdir")
+        raise runs.WorkdirError(f"{generations} holds answers to other prompts (config.prompts_file changed?); "
+                                "rerun with --overwrite to start afresh, or use a new --workdir")
     generations.write_text("".join(json.dumps(r) + "\n" for r in done))  # drops a torn last line
     model, tokenizer = load_model(config.model, runs.dtype(config))
     kwargs = dict(

@@ -1,6 +1,7 @@
 """Prune each kind of SSAH unit and measure safety and utility (paper Table 1).
 
-Steps, each kept in the workdir so that a re-run resumes where the last one stopped:
+Steps, each kept in the workdir so that a re-run resumes where the last one stopped (a re-run
+with other values of the determining keys is refused, see ``runs.prepare_workdir``):
   1. ``scores/{safety,utility}.npz``: unit scores on the two calibration sets (chat-rendered
      with the model's template; the counted tokens are ``attribution.tokens``)
   2. ``units.npz`` / ``units.json``: the unit kinds (SCU / UCU / CU / RU)
@@ -33,9 +34,10 @@ from ssah_jax.data.tokenize import encode_records
 from ssah_jax.masking import MODULES, prune
 
 VARIANTS = ("dense", "minus_SCU", "minus_UCU", "minus_RU", "minus_random")
-# What the scores, kinds and pruned models depend on: a workdir holding results of other
-# values of these is refused (the evaluation settings may change: tasks resume on their own).
-DETERMINING = ("model", "dtype", "seed", "attribution", "kinds")
+# Keys that only affect speed or logging (every other key determines the results, so a workdir
+# holding results of other values of them is refused): the scores are sums over the calibration
+# examples, which the batch size only groups. (evaluation.batch_size is determining, see evaluate.)
+EXCLUDED = ("attribution.batch_size",)
 
 
 def validate(config: ConfigDict) -> None:
@@ -55,6 +57,8 @@ def validate(config: ConfigDict) -> None:
     runs.check(config, "kinds.normalise", lambda v: v in NORMALISATIONS, f"must be one of {NORMALISATIONS}")
     runs.check(config, "variants", lambda v: set(v) <= set(VARIANTS),
                f"must be a subset of {VARIANTS} (empty: the unit kinds only)")
+    for which in ("safety", "utility"):
+        runs.check_dataset(config, f"{a}{which}.dataset")
     evaluate.validate(config, "evaluation.")
 
 
@@ -95,9 +99,9 @@ def scores(config: ConfigDict, model: Any, tokenizer: Any, out: Path, which: str
     return result
 
 
-def run(config: ConfigDict, workdir: str) -> Path:
+def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
-    out = runs.prepare_workdir(workdir, config, DETERMINING)
+    out = runs.prepare_workdir(workdir, config, EXCLUDED, overwrite=overwrite)
     model, tokenizer = load_model(config.model, runs.dtype(config))
 
     safety = scores(config, model, tokenizer, out, "safety")

@@ -1,12 +1,13 @@
-"""Reproduce SSAH end to end on one model (DESIGN.md section 2.3): align it (full and RU only),
-find its units, prune them, freeze them during fine-tuning attacks, follow the kinds through
-alignment and fine-tuning, probe the reasoning direction, and write one report.
+"""Reproduce SSAH end to end on one model (DESIGN.md section 2.3), in stages, into one report.
 
-Each stage runs in ``<workdir>/<stage>/`` (the sub-runs are ordinary ``finetune``, ``prune``
-and ``evaluate`` runs) and leaves ``stage.json`` (its wall time, summed over the invocations
-that worked on it) when it finishes; a re-run skips finished stages and resumes the others (the
-sub-runs resume themselves). See
-``configs/reproduce.py`` for the stages and their settings.
+The stages align the model (full and RU only), find its units, prune them, freeze them during
+fine-tuning attacks, follow the kinds through alignment and fine-tuning and probe the
+reasoning direction. Each stage runs in ``<workdir>/<stage>/`` (the sub-runs are ordinary
+``finetune``, ``prune`` and ``evaluate`` runs) and leaves ``stage.json`` (its identity and its
+wall time, summed over the invocations that worked on it) when it finishes; a re-run skips
+finished stages and resumes the others (the sub-runs resume themselves), and refuses a finished
+stage whose identity the config changed (see ``stage_identities``). See ``configs/reproduce.py``
+for the stages and their settings.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import os
 import shutil
 import sys
 import threading
@@ -47,27 +49,14 @@ REQUIRES = {
 }
 VARIANTS = ("none", "scu_cu6", "scu_cu", "random", "layers", "lora")
 FROZEN = ("scu_cu6", "scu_cu", "random", "layers")  # trained attack.frozen_epochs times the steps
-# The config keys each stage's results depend on (directly; what it reads from earlier stages
-# is covered by theirs). A finished stage is refused if any of its keys changed since.
-STAGE_KEYS = {
-    "units_unaligned": ("model", "dtype", "seed", "attribution", "kinds", "budget_ru"),
-    "align_full": ("model", "seed", "align", "finetune"),
-    "align_ru": ("model", "seed", "align", "finetune"),
-    "eval_unaligned": ("model", "dtype", "evaluation"),
-    "eval_aligned": ("dtype", "evaluation"),
-    "eval_ru": ("dtype", "evaluation"),
-    "prune_aligned": ("dtype", "seed", "attribution", "kinds", "table"),
-    "layers": ("dtype", "layers", "attack.selection", "attribution.safety", "evaluation.batch_size",
-               "table.perplexity"),
-    "attacks/initial": ("dtype", "attack.evaluation"),
-    # and attacks/<attack>/<variant>: ATTACK_KEYS plus attack.datasets.<attack>
-    "units_attacked": ("dtype", "attribution", "kinds", "transfer_attack"),
-    "transfer": ("kinds", "transfer_attack"),
-    "probing": ("dtype", "probing", "evaluation.harmful", "evaluation.batch_size"),
-}
-ATTACK_KEYS = ("dtype", "seed", "finetune", "attack.selection", "attack.frozen_epochs", "attack.batch_size",
-               "attack.learning_rate", "attack.warmup_steps", "attack.lora", "attack.evaluation")
-
+# A stage's identity: the hash of what it is given (stage_plan) and of the identities of the
+# stages whose results it reads (_inputs). Its record (stage.json) keeps the identity, and a
+# finished stage of another identity is refused, so a changed key, or a redone prerequisite of
+# another config, never mixes into results computed without it. An attack run's config keys
+# that only affect speed or logging are those of its finetune and evaluate runs; whether its
+# export is kept is disk space, not a result.
+ATTACK_RUN_EXCLUDED = (tuple(f"train.{k}" for k in finetune.EXCLUDED)
+                       + tuple(f"evaluation.{k}" for k in evaluate.EXCLUDED) + ("keep_export",))
 
 # ---------------------------------------------------------------------------------------------
 # Sub-run configs
@@ -141,6 +130,131 @@ def attack_config(config: ConfigDict, out: Path, attack: str, variant: str, laye
         warmup_steps=a.warmup_steps, freeze=freeze)
 
 
+def attack_run_config(config: ConfigDict, out: Path, attack: str, variant: str) -> ConfigDict:
+    """An attack run: its ``finetune`` config (``train``; the ``layers`` variant's block is the
+    one the layers stage chose, read from ``layers_file``) and the ``evaluate`` config of the
+    attacked model; ``keep_export``: the transfer stage needs this run's model."""
+    run_dir = out / "attacks" / attack / variant
+    return ConfigDict(dict(
+        train=attack_config(config, out, attack, variant, ""),
+        evaluation=eval_config(config, config.attack.evaluation, str(run_dir / "export")),
+        layers_file=str(out / "layers" / "layers.json"),
+        keep_export=attack == config.transfer_attack and variant == "none",
+    ))
+
+
+def layers_config(config: ConfigDict, out: Path) -> ConfigDict:
+    """What find_layer_block is given: the aligned model and its units, the size of
+    ``attack.selection``, the held-in harmful prompts (the safety calibration set) and the
+    held-out benign responses of ``table.perplexity``."""
+    p = config.table.perplexity
+    return ConfigDict(dict(
+        model=str(out / "align_full" / "export"), units=str(out / "prune_aligned" / "units.npz"),
+        dtype=config.dtype, data_dir=config.data_dir, selection=config.attack.selection,
+        held_in=config.attribution.safety.dataset, batch_size=config.evaluation.batch_size,
+        perplexity=ConfigDict(dict(dataset=p.dataset, max_length=p.max_length)),
+        layers=copy.deepcopy(config.layers),
+    ))
+
+
+def transfer_config(config: ConfigDict, out: Path) -> ConfigDict:
+    """What kind_transfer is given: the fractions and the three attribution runs."""
+    return ConfigDict(dict(
+        kinds=copy.deepcopy(config.kinds), attack=config.transfer_attack,
+        runs=ConfigDict(dict(unaligned=str(out / "units_unaligned"), aligned=str(out / "prune_aligned"),
+                             attacked=str(out / "units_attacked"))),
+    ))
+
+
+def probing_config(config: ConfigDict, out: Path) -> ConfigDict:
+    """What probe is given: the three models and the held-out harmful prompts (those of
+    ``evaluation.harmful``)."""
+    h = config.evaluation.harmful
+    return ConfigDict(dict(
+        models=ConfigDict(dict(unaligned=config.model, aligned=str(out / "align_full" / "export"),
+                               aligned_ru=str(out / "align_ru" / "export"))),
+        dtype=config.dtype, data_dir=config.data_dir, batch_size=config.evaluation.batch_size,
+        harmful=ConfigDict(dict(dataset=h.dataset, exclude=h.exclude)), probing=copy.deepcopy(config.probing),
+    ))
+
+
+def stage_plan(config: ConfigDict, out: Path, stage: str
+               ) -> tuple[ConfigDict, Callable[[ConfigDict, Path], Any], tuple[str, ...]]:
+    """``(given, body, excluded)`` of a stage (or an attack run, ``attacks/<attack>/<variant>``,
+    ``attacks/initial``): ``body(given, directory)`` runs it and sees nothing of ``config`` but
+    ``given``; ``excluded``: the keys of ``given`` that only affect speed or logging."""
+    aligned = str(out / "align_full" / "export")
+    prune_run = (_run_prune, prune.EXCLUDED)
+    train_run = (_train, finetune.EXCLUDED)
+    eval_run = (_run_evaluate, evaluate.EXCLUDED)
+    if stage.startswith("attacks/") and stage != "attacks/initial":
+        _, attack, variant = stage.split("/")
+        return attack_run_config(config, out, attack, variant), run_attack, ATTACK_RUN_EXCLUDED
+    plans = {
+        "units_unaligned": lambda: (prune_config(config, config.model, ru=config.budget_ru), *prune_run),
+        "align_full": lambda: (align_config(config, None), *train_run),
+        "align_ru": lambda: (align_config(config, out / "units_unaligned" / "units.npz"), *train_run),
+        "eval_unaligned": lambda: (eval_config(config, config.evaluation, config.model), *eval_run),
+        "eval_aligned": lambda: (eval_config(config, config.evaluation, aligned), *eval_run),
+        "eval_ru": lambda: (eval_config(config, config.evaluation, str(out / "align_ru" / "export")), *eval_run),
+        "prune_aligned": lambda: (prune_config(config, aligned, table=True), *prune_run),
+        # greedy answers and log-likelihoods: the batch size only groups them
+        "layers": lambda: (layers_config(config, out), find_layer_block, ("batch_size",)),
+        "attacks/initial": lambda: (eval_config(config, config.attack.evaluation, aligned), *eval_run),
+        "units_attacked": lambda: (prune_config(
+            config, str(out / "attacks" / config.transfer_attack / "none" / "export")), *prune_run),
+        "transfer": lambda: (transfer_config(config, out), kind_transfer, ()),
+        "probing": lambda: (probing_config(config, out), probe, ("batch_size",)),  # forward passes only
+    }
+    return plans[stage]()
+
+
+def _inputs(config: ConfigDict, stage: str) -> tuple[str, ...]:
+    """The stages (or attack runs) whose results ``stage`` reads."""
+    if stage == "attacks/initial":
+        return ("align_full",)
+    if stage.startswith("attacks/"):
+        return REQUIRES["attacks"]
+    if stage == "units_attacked":
+        return (f"attacks/{config.transfer_attack}/none",)
+    return REQUIRES.get(stage, ())
+
+
+def recorded_stages(config: ConfigDict) -> list[str]:
+    """Every directory that records a stage identity (``stage.json``): the stages but
+    ``attacks`` (its runs record theirs) and ``report`` (rendered every time)."""
+    runs_ = ["attacks/initial"] + [f"attacks/{a}/{v}" for a, v in attack_runs(config)]
+    return [r for s in STAGES if s != "report" for r in (runs_ if s == "attacks" else [s])]
+
+
+def stage_identities(config: ConfigDict, out: Path) -> dict[str, dict[str, Any]]:
+    """Per recorded stage: ``given`` (its determining values; paths inside the workdir written
+    ``<workdir>/...``, so a workdir named another way or moved keeps its identities),
+    ``inputs`` (the identities of the stages it reads) and ``identity`` (the hash of both)."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def identity(stage: str) -> dict[str, Any]:
+        if stage not in found:
+            given, _, excluded = stage_plan(config, out, stage)
+            values = _portable(runs.determining(given, excluded), str(out) + os.sep)
+            inputs = {s: identity(s)["identity"] for s in _inputs(config, stage)}
+            found[stage] = {"identity": runs.fingerprint({"given": values, "inputs": inputs}), "given": values,
+                            "inputs": inputs}
+        return found[stage]
+
+    return {stage: identity(stage) for stage in recorded_stages(config)}  # in pipeline order
+
+
+def _portable(value: Any, prefix: str) -> Any:
+    if isinstance(value, str):
+        return "<workdir>" + os.sep + value[len(prefix):] if value.startswith(prefix) else value
+    if isinstance(value, dict):
+        return {k: _portable(v, prefix) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_portable(v, prefix) for v in value]
+    return value
+
+
 def stages(config: ConfigDict) -> list[str]:
     """``config.stages`` in pipeline order; ``--config.stages=a,b`` (one string) works too."""
     names = {s.strip() for entry in config.stages for s in entry.split(",") if s.strip()}
@@ -185,31 +299,69 @@ def _finished(directory: Path) -> dict | None:
     return json.loads(marker.read_text()) if marker.exists() else None
 
 
-def _values(config: ConfigDict, keys: tuple[str, ...]) -> dict[str, Any]:
-    out = {}
-    for key in keys:
-        value = runs.get(config, key)
-        out[key] = json.loads(value.to_json_best_effort()) if isinstance(value, ConfigDict) else value
-    return json.loads(json.dumps(out))  # tuples as lists, as they are read back
-
-
-def check_finished(config: ConfigDict, directory: Path, keys: tuple[str, ...]) -> dict | None:
-    """The record of a finished stage (None if it is not); refuses one whose config keys
-    changed since (its results would not match)."""
-    done = _finished(directory)
-    if done is None:
-        return None
-    now = _values(config, keys)
-    changed = [k for k in keys if done["config"].get(k) != now[k]]
+def check_finished(config: ConfigDict, out: Path, identities: dict[str, dict[str, Any]]) -> None:
+    """Refuses a workdir holding a finished stage (scheduled or not) of another identity than
+    the config gives it, naming the config keys whose old values would give it back, e.g.
+    ``config.attack.learning_rate: 5e-05 -> 0.001 (stages attacks/aoa/none, ...)``."""
+    changed: dict[str, list[str]] = {}  # a difference -> the stages it explains
+    for stage, now in identities.items():
+        done = _finished(out / stage)
+        if done is None:
+            continue
+        if "identity" not in done:  # recorded before stage identities: the keys it recorded
+            old = done["config"]
+            new = {k: _legacy_value(config, k) for k in old}
+            for difference in filter(None, runs.differences(old, new).split(", ")):
+                changed.setdefault(difference, []).append(stage)
+        elif done["identity"] != now["identity"]:
+            for difference in _explain(config, out, stage, done, now):
+                changed.setdefault(difference, []).append(stage)
     if changed:
-        raise runs.ConfigError(f"{directory} finished with other values of " + ", ".join(f"config.{k}" for k in changed)
-                               + "; restore them, delete that stage's directory to redo it, or use a new --workdir")
-    return done
+        def stages(names: list[str]) -> str:
+            return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+
+        raise runs.ConfigError(
+            f"{out} holds stages finished with other config values: "
+            + "; ".join(f"{d} (stages {stages(names)})" for d, names in changed.items())
+            + ". Restore them, delete those stages' directories to redo them, rerun with --overwrite to start "
+            "afresh, or use a new --workdir")
 
 
-def _stage(directory: Path, fn: Callable[[Path], Any], config: ConfigDict, keys: tuple[str, ...]) -> None:
-    """Runs ``fn(directory)`` unless it finished before; records its wall time and ``keys``."""
-    done = check_finished(config, directory, keys)
+def _legacy_value(config: ConfigDict, key: str) -> Any:
+    try:
+        value = runs.get(config, key)
+    except (KeyError, AttributeError):
+        return None
+    return json.loads(value.to_json_best_effort() if isinstance(value, ConfigDict) else json.dumps(value))
+
+
+def _explain(config: ConfigDict, out: Path, stage: str, done: dict, now: dict) -> list[str]:
+    """Why ``stage``'s identity changed since ``done``: each config key whose value when it
+    finished gives back its identity (``config.k: old -> new``); else how what it is given, or
+    the identity of a stage it reads, changed."""
+    old, new = done["config"], runs.determining(config)
+    reasons = []
+    for key in sorted(k for k in old.keys() & new.keys() if old[k] != new[k]):
+        try:
+            reverted = copy.deepcopy(config)
+            runs.set_values(reverted, {key: old[key]})
+            again = stage_identities(reverted, out)[stage]["identity"]
+        except (KeyError, TypeError, ValueError):
+            continue
+        if again != now["identity"]:
+            reasons.append(runs.differences({key: old[key]}, {key: new[key]}))
+    if not reasons:
+        reasons = [f"{stage} is given {runs.differences(done['given'], now['given'], prefix='')}"
+                   if done["given"] != now["given"] else
+                   f"{stage} reads stages redone with other values: "
+                   + ", ".join(s for s in now["inputs"] if done["inputs"].get(s) != now["inputs"][s])]
+    return reasons
+
+
+def _stage(directory: Path, fn: Callable[[Path], Any], record: dict[str, Any]) -> None:
+    """Runs ``fn(directory)`` unless it finished before; records its wall time and ``record``
+    (the stage's identity) in ``stage.json``."""
+    done = _finished(directory)
     if done is not None:
         print(f"[{directory.name}] finished in an earlier run ({done['seconds']} s), kept")
         return
@@ -217,10 +369,16 @@ def _stage(directory: Path, fn: Callable[[Path], Any], config: ConfigDict, keys:
     directory.mkdir(parents=True, exist_ok=True)
     with _StageTimer(directory) as timer:
         fn(directory)  # its results are the files it writes
-    record = {"seconds": round(timer.seconds, 1), "invocations": timer.invocations,
-              "finished": datetime.datetime.now().isoformat(timespec="seconds"), "config": _values(config, keys)}
-    (directory / "stage.json").write_text(json.dumps(record, indent=2) + "\n")
+    (directory / "stage.json").write_text(json.dumps({
+        "seconds": round(timer.seconds, 1), "invocations": timer.invocations,
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"), **record}, indent=2) + "\n")
     (directory / _StageTimer.FILE).unlink()
+
+
+def _run_stage(config: ConfigDict, out: Path, stage: str, identities: dict[str, dict[str, Any]]) -> None:
+    given, body, _ = stage_plan(config, out, stage)
+    # the whole config too: a later refusal names the keys whose values then give the identity back
+    _stage(out / stage, lambda d: body(given, d), {**identities[stage], "config": runs.determining(config)})
 
 
 class _StageTimer:
@@ -269,6 +427,14 @@ def _train(config: ConfigDict, directory: Path) -> None:
     shutil.rmtree(directory / "checkpoints", ignore_errors=True)
 
 
+def _run_prune(config: ConfigDict, directory: Path) -> None:
+    prune.run(config, str(directory))
+
+
+def _run_evaluate(config: ConfigDict, directory: Path) -> None:
+    evaluate.run(config, str(directory))
+
+
 def _heldout_prompts(config: ConfigDict) -> list[Record]:
     return evaluate.harmful_records(config.evaluation, config.data_dir or None)
 
@@ -281,31 +447,31 @@ def training_overlap(config: ConfigDict) -> dict[str, int]:
             for name, s in sets.items()}
 
 
-def find_layer_block(config: ConfigDict, out: Path, directory: Path) -> None:
+def find_layer_block(config: ConfigDict, directory: Path) -> None:
     """The contiguous block of layers whose removal (every unit of the block pruned: the layers
     become the identity) most lowers the aligned model's refusal rate on held-in harmful
     prompts while the model stays a language model: among the blocks whose removal keeps the
     perplexity of held-out benign responses within ``layers.max_perplexity_ratio`` of the
     dense model's (removing an early layer breaks the model, and a broken model does not
-    refuse either). Its size matches the unit count of ``attack.selection`` unless
-    ``layers.size``."""
-    model, tokenizer = load_model(str(out / "align_full" / "export"), runs.dtype(config))
-    umap = UnitMap.load(out / "prune_aligned" / "units.npz", model=model)
-    selected = int(sum(umap.select(config.attack.selection)[m].sum() for m in MODULES))
+    refuse either). Its size matches the unit count of ``selection`` unless ``layers.size``.
+    ``config``: a layers_config."""
+    model, tokenizer = load_model(config.model, runs.dtype(config))
+    umap = UnitMap.load(config.units, model=model)
+    selected = int(sum(umap.select(config.selection)[m].sum() for m in MODULES))
     per_layer = sum(umap.masks["CU"][m].shape[1] for m in MODULES)
     layers = model.config.num_layers
     size = config.layers.size or max(1, round(selected / per_layer))
-    held_in = load_mixture(config.attribution.safety.dataset, config.data_dir or None)[0]
+    held_in = load_mixture(config.held_in, config.data_dir or None)[0]
     unique = dict.fromkeys(r.prompt for r in held_in)  # first occurrences, in order
     prompts = [Record(p) for p in list(unique)[: config.layers.prompts]]
-    kw = dict(max_new_tokens=config.layers.max_new_tokens, batch_size=config.evaluation.batch_size)
+    kw = dict(max_new_tokens=config.layers.max_new_tokens, batch_size=config.batch_size)
 
-    benign = evaluate.perplexity_records(config.table, config.data_dir or None, config.layers.perplexity_samples)
+    benign = evaluate.perplexity_records(config, config.data_dir or None, config.layers.perplexity_samples)
 
     def measure(m) -> dict[str, float]:
         refused = [row["refused"] for row in answer_rows(m, tokenizer, prompts, **kw)]
-        ppl = summarise_perplexity(perplexity_rows(m, tokenizer, benign, max_length=config.table.perplexity.max_length,
-                                                   batch_size=config.evaluation.batch_size))["perplexity"]
+        ppl = summarise_perplexity(perplexity_rows(m, tokenizer, benign, max_length=config.perplexity.max_length,
+                                                   batch_size=config.batch_size))["perplexity"]
         return {"refusal_rate": float(np.mean(refused)), "perplexity": ppl}
 
     graphdef, state = nnx.split(model)
@@ -322,7 +488,7 @@ def find_layer_block(config: ConfigDict, out: Path, directory: Path) -> None:
               f"(dense {dense['refusal_rate']:.3f}), perplexity {b['perplexity']:.2f} "
               f"(dense {dense['perplexity']:.2f})", flush=True)
     chosen = choose_block(blocks, dense["perplexity"], config.layers.max_perplexity_ratio)
-    result = {"size": size, "selection": config.attack.selection, "selection_units": selected,
+    result = {"size": size, "selection": config.selection, "selection_units": selected,
               "units_per_layer": per_layer, "prompts": len(prompts), "perplexity_samples": len(benign),
               "max_perplexity_ratio": config.layers.max_perplexity_ratio,
               "dense_refusal_rate": dense["refusal_rate"], "dense_perplexity": dense["perplexity"],
@@ -354,19 +520,23 @@ def finished(config: ConfigDict, out: Path, stage: str) -> bool:
     return _finished(out / stage) is not None
 
 
-def run_attacks(config: ConfigDict, out: Path, directory: Path) -> None:
-    block = json.loads((out / "layers" / "layers.json").read_text())["chosen"]
-    aligned = str(out / "align_full" / "export")
-    initial = eval_config(config, config.attack.evaluation, aligned)
-    _stage(directory / "initial", lambda d: evaluate.run(initial, str(d)), config, STAGE_KEYS["attacks/initial"])
+def run_attacks(config: ConfigDict, out: Path, identities: dict[str, dict[str, Any]]) -> None:
+    """The attacks stage: the aligned model's ASR before any attack, then each attack run."""
+    _run_stage(config, out, "attacks/initial", identities)
     for attack, variant in attack_runs(config):
-        def one(d, attack=attack, variant=variant):
-            _train(attack_config(config, out, attack, variant, block), d)
-            evaluate.run(eval_config(config, config.attack.evaluation, str(d / "export")), str(d / "eval"))
-            if not (attack == config.transfer_attack and variant == "none"):
-                shutil.rmtree(d / "export")  # 0.5 GB each; the transfer stage needs only one
+        _run_stage(config, out, f"attacks/{attack}/{variant}", identities)
 
-        _stage(directory / attack / variant, one, config, ATTACK_KEYS + (f"attack.datasets.{attack}",))
+
+def run_attack(config: ConfigDict, directory: Path) -> None:
+    """One attack run (an attack_run_config): fine-tune, evaluate, drop the export unless kept."""
+    train = config.train
+    if train.freeze.mode == "layers":
+        train = copy.deepcopy(train)
+        train.freeze.layers = json.loads(Path(config.layers_file).read_text())["chosen"]
+    _train(train, directory)
+    evaluate.run(config.evaluation, str(directory / "eval"))
+    if not config.keep_export:
+        shutil.rmtree(directory / "export")  # 0.5 GB each; the transfer stage needs only one
 
 
 def _scores(directory: Path) -> tuple[dict, dict]:
@@ -377,32 +547,31 @@ def _scores(directory: Path) -> tuple[dict, dict]:
     return out[0], out[1]
 
 
-def kind_transfer(config: ConfigDict, out: Path, directory: Path) -> None:
+def kind_transfer(config: ConfigDict, directory: Path) -> None:
     """Transition matrices between the kinds of the unaligned, aligned and attacked models,
-    every map classified with the same fractions (``kinds``)."""
+    every map classified with the same fractions (``kinds``). ``config``: a transfer_config."""
     k = config.kinds
-    maps = {name: classify(*_scores(out / stage), {"SCU": k.scu, "UCU": k.ucu, "RU": k.ru}, ranking=k.ranking,
-                           normalise=k.normalise)
-            for name, stage in (("unaligned", "units_unaligned"), ("aligned", "prune_aligned"),
-                                ("attacked", "units_attacked"))}
+    maps = {name: classify(*_scores(Path(config.runs[name])), {"SCU": k.scu, "UCU": k.ucu, "RU": k.ru},
+                           ranking=k.ranking, normalise=k.normalise)
+            for name in ("unaligned", "aligned", "attacked")}
     result = {"kinds": list(KINDS), "fractions": {"SCU": k.scu, "UCU": k.ucu, "RU": k.ru},
-              "attack": config.transfer_attack,
+              "attack": config.attack,
               "alignment": transition_matrix(maps["unaligned"], maps["aligned"]).tolist(),
               "fine_tuning": transition_matrix(maps["aligned"], maps["attacked"]).tolist()}
     (directory / "transfer.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_transfer(result, directory / "transfer.png")
 
 
-def probe(config: ConfigDict, out: Path, directory: Path) -> None:
+def probe(config: ConfigDict, directory: Path) -> None:
+    """Reasoning-direction distances of the three models (``config``: a probing_config)."""
     p = config.probing
-    queries = [r.prompt for r in _heldout_prompts(config)[: p.prompts]]
+    queries = [r.prompt for r in evaluate.harmful_records(config, config.data_dir or None)[: p.prompts]]
     continuations = {"refusal": p.refusal, "compliance": p.compliance}
     result = {"prompts": len(queries), "max_tokens": p.max_tokens, "continuations": continuations, "models": {}}
-    for name, ref in (("unaligned", config.model), ("aligned", str(out / "align_full" / "export")),
-                      ("aligned_ru", str(out / "align_ru" / "export"))):
-        model, tokenizer = load_model(ref, runs.dtype(config))
+    for name in ("unaligned", "aligned", "aligned_ru"):
+        model, tokenizer = load_model(config.models[name], runs.dtype(config))
         d = direction_distances(model, tokenizer, queries, continuations, max_tokens=p.max_tokens,
-                                batch_size=config.evaluation.batch_size)
+                                batch_size=config.batch_size)
         # mean over queries: [layers, max_tokens]
         result["models"][name] = {c: d[c].mean(axis=0).tolist() for c in continuations}
         del model
@@ -410,49 +579,33 @@ def probe(config: ConfigDict, out: Path, directory: Path) -> None:
     plot_probing(result, directory / "probing.png")
 
 
-def run(config: ConfigDict, workdir: str) -> Path:
+def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
-    out = runs.prepare_workdir(workdir, config)  # each stage checks its own keys (STAGE_KEYS)
+    out = Path(workdir)
+    todo = stages(config)
+    identities = stage_identities(config, out)
+    if not overwrite:
+        check_finished(config, out, identities)  # every finished stage, scheduled or not
+    for stage in todo:
+        missing = [r for r in REQUIRES.get(stage, ())
+                   if r not in todo and (overwrite or not finished(config, out, r))]
+        if missing:
+            raise runs.ConfigError(f"config.stages: stage {stage!r} needs {missing} finished first "
+                                   f"(in {out}) or in config.stages")
+    out = runs.prepare_workdir(workdir, config, overwrite=overwrite, staged=True)
     if config.jax_cache:
         import jax
 
         jax.config.update("jax_compilation_cache_dir", str((out / "jax_cache").resolve()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-    todo = stages(config)
     with open(out / "invocations.jsonl", "a") as f:
         f.write(json.dumps({"argv": sys.argv, "started": datetime.datetime.now().isoformat(timespec="seconds"),
                             "stages": todo, **runs.machine()}) + "\n")
     for stage in todo:
-        missing = [r for r in REQUIRES.get(stage, ()) if not finished(config, out, r) and r not in todo]
-        if missing:
-            raise runs.ConfigError(f"config.stages: stage {stage!r} needs {missing} finished first "
-                                   f"(in {out}) or in config.stages")
-    unaligned, aligned = config.model, str(out / "align_full" / "export")
-    work: dict[str, Callable[[Path], Any]] = {
-        "units_unaligned": lambda d: prune.run(prune_config(config, unaligned, ru=config.budget_ru), str(d)),
-        "align_full": lambda d: _train(align_config(config, None), d),
-        "align_ru": lambda d: _train(align_config(config, out / "units_unaligned" / "units.npz"), d),
-        "eval_unaligned": lambda d: evaluate.run(eval_config(config, config.evaluation, unaligned), str(d)),
-        "eval_aligned": lambda d: evaluate.run(eval_config(config, config.evaluation, aligned), str(d)),
-        "eval_ru": lambda d: evaluate.run(eval_config(config, config.evaluation, str(out / "align_ru" / "export")),
-                                          str(d)),
-        "prune_aligned": lambda d: prune.run(prune_config(config, aligned, table=True), str(d)),
-        "layers": lambda d: find_layer_block(config, out, d),
-        "attacks": lambda d: run_attacks(config, out, d),
-        "units_attacked": lambda d: prune.run(prune_config(
-            config, str(out / "attacks" / config.transfer_attack / "none" / "export")), str(d)),
-        "transfer": lambda d: kind_transfer(config, out, d),
-        "probing": lambda d: probe(config, out, d),
-    }
-    for stage, keys in STAGE_KEYS.items():  # every finished stage, scheduled or not
-        check_finished(config, out / stage, keys)
-    for attack, variant in attack_runs(config):
-        check_finished(config, out / "attacks" / attack / variant, ATTACK_KEYS + (f"attack.datasets.{attack}",))
-    for stage in todo:
         if stage == "attacks":
-            work[stage](out / stage)  # its runs are stages of their own
+            run_attacks(config, out, identities)  # its runs are stages of their own
         elif stage != "report":
-            _stage(out / stage, work[stage], config, STAGE_KEYS[stage])
+            _run_stage(config, out, stage, identities)
     if "report" not in todo:
         print(f"Stages done: {todo} in {out}; add 'report' to config.stages for the report")
         return out

@@ -1,20 +1,58 @@
 """``ssah-jax <experiment> --config=configs/<experiment>.py:<preset> --workdir=DIR [--config.k=v]``.
 
-Each experiment is ``experiments/<name>.py:run(config, workdir)``. Config keys are locked:
-an unknown ``--config.key`` is an error naming it, and each experiment validates its values.
+Each experiment is ``experiments/<name>.py:run(config, workdir, overwrite=...)``;
+``ssah-jax --help`` lists them with their presets and ``ssah-jax <experiment> --help`` shows
+an experiment's config keys. Config keys are locked: an unknown ``--config.key`` is an error
+naming it, and each experiment validates its values before it makes its workdir.
+
+Expected errors (a bad config value, missing or malformed data, a damaged checkpoint, a missing
+file, an unusable workdir) print one line ``ssah-jax: <what>`` to stderr and exit with status 2,
+removing a workdir this invocation made and left without results; ``--traceback`` (or
+``SSAH_TRACEBACK=1``) shows the full traceback instead.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
+import json
+import os
 import pkgutil
+import re
+import shutil
 import sys
+from pathlib import Path
+from typing import Any
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: path/to/config.py:preset.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs; re-running in it resumes.")
+_OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Clear the workdir of an earlier run first and start afresh.")
+_TRACEBACK = flags.DEFINE_boolean("traceback", False, "Show the full traceback of an error (or SSAH_TRACEBACK=1).")
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # beside experiments/ in the checkout
+HELP = ("-h", "--help")
+TRACEBACK_ENV = "SSAH_TRACEBACK"
+_LINES = re.compile(r"\s*\n\s*")  # a message's line breaks, collapsed to one space
+USAGE = ("usage: ssah-jax <experiment> --config=configs/<experiment>.py[:<preset>] --workdir=DIR "
+         "[--config.<key>=<value> ...] [--overwrite] [--traceback]")
+FLAGS_HELP = """\
+flags:
+  --config=FILE[:PRESET]  the experiment's config file and preset (default: the file's first preset)
+  --config.<key>=<value>  set one config key (`ssah-jax <experiment> --help` lists them)
+  --workdir=DIR           where the outputs go; re-running the same command resumes, and a re-run
+                          that changes a key the results depend on is refused, naming the key
+  --overwrite             clear DIR (the workdir of an earlier run) and start afresh
+  --traceback             show the full traceback of an error (also: SSAH_TRACEBACK=1)
+
+Errors print one line "ssah-jax: <what>" and exit with status 2."""
+
+
+class _Exit(Exception):
+    """An expected failure of the command line itself: one line, status 2."""
 
 
 def experiments() -> list[str]:
@@ -23,33 +61,255 @@ def experiments() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
 
 
-def _main(argv: list[str]) -> None:
-    names = experiments()
-    if len(argv) != 2 or argv[1] not in names:
-        raise app.UsageError(f"usage: ssah-jax <experiment> --config=... --workdir=...; experiments: {names}")
-    if _CONFIG.value is None:
-        raise app.UsageError(f"--config is required, e.g. --config=configs/{argv[1]}.py:smollm2")
-    if not _WORKDIR.value:
-        raise app.UsageError("--workdir is required")
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file operation at INFO
-    module = importlib.import_module(f"experiments.{argv[1]}")
-    module.run(_CONFIG.value, _WORKDIR.value)
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """What a run raises for a problem of its inputs rather than of the code: reported in one
+    line, without a traceback."""
+    from ssah_jax import runs
+    from ssah_jax.attribution.kinds import UnitMapMismatch
+    from ssah_jax.checkpoints import CheckpointError
+    from ssah_jax.data import DataError
+    from ssah_jax.models import UnsupportedConfigError
+
+    return (runs.ConfigError, runs.WorkdirError, DataError, CheckpointError, UnsupportedConfigError,
+            UnitMapMismatch, FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+            PermissionError)
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line; an OS error as ``<path>: <what>``."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        message = f"{error.filename}: {error.strerror[0].lower()}{error.strerror[1:]}"
+    else:
+        message = str(error)
+    return _LINES.sub(" ", message).strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# Help
+
+
+def _module_parts(path: Path) -> tuple[str, Any]:
+    """(docstring, PRESETS names) of a Python file, read without importing it."""
+    tree = ast.parse(path.read_text())
+    presets: list[str] = []
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "PRESETS" for t in node.targets):
+            if isinstance(node.value, ast.Dict):
+                presets = [ast.literal_eval(k) for k in node.value.keys]
+            elif isinstance(node.value, ast.Tuple | ast.List):
+                presets = [ast.literal_eval(e) for e in node.value.elts]
+    return ast.get_docstring(tree) or "", presets
+
+
+def _describe(name: str) -> tuple[str, str, list[str]]:
+    """(one-line description, experiment docstring, presets) of an experiment."""
+    import experiments as package
+
+    doc = _module_parts(Path(package.__path__[0]) / f"{name}.py")[0]
+    config = CONFIGS / f"{name}.py"
+    presets = _module_parts(config)[1] if config.exists() else []
+    summary = doc.split("\n", 1)[0].replace("``", "")
+    return summary, doc, presets
+
+
+def _presets(presets: list[str]) -> str:
+    return ", ".join(f"{p} (default)" if i == 0 else p for i, p in enumerate(presets)) or "see its config file"
+
+
+def overview() -> str:
+    lines = [USAGE, "", "Runs one experiment in a workdir. Experiments:"]
+    for name in experiments():
+        summary, _, presets = _describe(name)
+        lines += [f"  {name:10} {summary}", f"  {'':10} presets: {_presets(presets)}"]
+    return "\n".join(lines + ["", FLAGS_HELP])
+
+
+def _config_spec(args: list[str]) -> str | None:
+    """The value of ``--config`` in ``args`` (``--config=X`` or ``--config X``)."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def load_config(spec: str) -> ConfigDict:
+    """``get_config(preset)`` of ``path[:preset]`` (the default preset without one)."""
+    path, _, preset = spec.partition(":")
+    if not Path(path).is_file():
+        raise _Exit(f"--config={spec}: {path}: no such file")
+    module_spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    try:
+        return module.get_config(preset) if preset else module.get_config()
+    except ValueError as e:
+        raise _Exit(f"--config={spec}: {e}") from None
+
+
+def _leaves(tree: Any, prefix: str = "") -> list[str]:
+    """The dotted leaf keys of a config's JSON, in the order the config file sets them."""
+    if isinstance(tree, dict) and tree:
+        return [k for key, value in tree.items() for k in _leaves(value, f"{prefix}{key}.")]
+    return [prefix[:-1]]
+
+
+def experiment_help(name: str, args: list[str]) -> str:
+    from ssah_jax.runs import get
+
+    _, doc, presets = _describe(name)
+    spec = _config_spec(args)
+    if spec is None:
+        default = CONFIGS / f"{name}.py"
+        relative = os.path.relpath(default)
+        spec = relative if not relative.startswith("..") else str(default)
+    config = load_config(spec)
+    path = spec.partition(":")[0]
+    module = importlib.import_module(f"experiments.{name}")
+    excluded = getattr(module, "EXCLUDED", None)
+    lines = [f"ssah-jax {name}: {doc}", "",
+             USAGE.replace("<experiment>", name, 1).replace("configs/<experiment>.py", f"configs/{name}.py"),
+             f"presets: {_presets(presets)}", "", f"{path}: {_module_parts(Path(path))[0]}", "",
+             f"Config keys and values of --config={spec}{'' if ':' in spec else ' (its default preset)'}:"]
+    lines += [f"  {key} = {get(config, key)!r}" for key in _leaves(json.loads(config.to_json_best_effort()))]
+    if excluded is None:
+        lines += ["", "Each stage records the identity of what it is given; a re-run that changes it is refused."]
+    elif excluded:
+        lines += ["", "A re-run in a workdir is refused when it changes a key the results depend on: every key "
+                  f"but {', '.join(excluded)}, which only affect speed or logging."]
+    else:
+        lines += ["", "A re-run in a workdir is refused when it changes any of these keys (each one determines "
+                  "the results)."]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist (what mkdir would make)."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            break
+        missing = p
+    return missing
+
+
+def _unknown_key(args: list[str], name: str, error: BaseException) -> str:
+    """The message for an unknown ``--config.<key>``: names the key as given."""
+    spec = _config_spec(args)
+    keys = [a[len("--config."):].split("=", 1)[0] for a in args if a.startswith("--config.")]
+    config = None
+    if spec is not None:
+        try:
+            config = load_config(spec)
+        except Exception:  # the flag parser reports a config that does not load
+            config = None
+
+    def known(key: str) -> bool:
+        target = config
+        for part in key.split("."):
+            if not isinstance(target, ConfigDict) or part not in target:
+                return False
+            target = target[part]
+        return True
+
+    unknown = [k for k in keys if config is not None and not known(k)]
+    if not unknown:  # the parser's own words, without its quoting
+        unknown = [str(error.args[0] if error.args else error).strip("'\"").removeprefix("Unknown command line flag ")
+                   .strip("'\"").removeprefix("config.")]
+    where = f" ({spec.partition(':')[0]} has no such key; `ssah-jax {name} --help` lists them)" if spec else ""
+    return f"unknown config key {', '.join('config.' + k for k in unknown)}{where}"
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
+    name = next((a for a in argv[1:] if not a.startswith("-")), "<experiment>")
+    spec = _config_spec(argv[1:])
     try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:
-        # ml_collections reports an unknown --config.<key> as a bare KeyError/AttributeError.
-        overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-        sys.exit(f"ssah-jax: unknown config key {e} (overrides given: {overrides}); "
-                 "see the config file for the valid keys")
-    except flags.Error as e:
-        sys.exit(f"ssah-jax: {e}")
+        if spec is not None and not Path(spec.partition(":")[0]).is_file():
+            raise _Exit(f"--config={spec}: {spec.partition(':')[0]}: no such file")
+        try:
+            return flags.FLAGS(argv)
+        except flags.UnrecognizedFlagError as e:
+            if e.flagname.startswith("config."):
+                raise _Exit(_unknown_key(argv[1:], name, e)) from None
+            raise _Exit(f"unknown flag --{e.flagname} (`ssah-jax --help` lists the flags)") from None
+        except (AttributeError, KeyError) as e:  # ml_collections: an unknown --config.<key>
+            raise _Exit(_unknown_key(argv[1:], name, e)) from None
+        except flags.Error as e:  # a config file that fails to load is reported with its traceback
+            message = str(e)
+            if "Traceback (most recent call last)" in message:
+                message = f"--config={spec}: {message.strip().splitlines()[-1]}"
+            raise _Exit(message) from None
+        except ValueError as e:  # the config file's get_config: an unknown preset
+            raise _Exit(f"--config={spec}: {e}") from None
+    except _Exit as e:
+        _fail(str(e))
 
 
-def main() -> None:
-    app.run(_main, argv=sys.argv, flags_parser=_parse_flags)
+def _fail(message: str) -> None:
+    print("ssah-jax: " + _LINES.sub(" ", message).strip(), file=sys.stderr)
+    sys.exit(2)
+
+
+def _main(argv: list[str]) -> None:
+    names = experiments()
+    positional = argv[1:]
+    if len(positional) != 1:
+        _fail(f"give one experiment, got {positional or 'none'} (experiments: {', '.join(names)}); "
+              "`ssah-jax --help` shows the usage")
+    name = positional[0]
+    if name not in names:
+        _fail(f"unknown experiment {name!r} (experiments: {', '.join(names)})")
+    if _CONFIG.value is None:
+        presets = _describe(name)[2] or ["<preset>"]
+        _fail(f"--config is required, e.g. --config=configs/{name}.py:{presets[0]}")
+    if not _WORKDIR.value:
+        _fail("--workdir is required")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file operation at INFO
+    module = importlib.import_module(f"experiments.{name}")
+    workdir = Path(_WORKDIR.value)
+    made = _first_missing(workdir)
+    try:
+        module.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+    except expected_errors() as e:
+        from ssah_jax.runs import holds_results
+
+        if made is not None and made.is_dir() and not holds_results(made):
+            shutil.rmtree(made)  # made by this invocation, before it produced anything
+        if _TRACEBACK.value or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        _fail(one_line(e))
+
+
+def main(argv: list[str] | None = None) -> None:
+    # transformers' "PyTorch was not found" advice: the toolkit never needs its torch models.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    argv = list(sys.argv if argv is None else argv)
+    args = argv[1:]
+    names = experiments()
+    first = args[0] if args else None
+    if first is None:
+        print(overview(), file=sys.stderr)
+        sys.exit(2)
+    if first in HELP or first == "help":
+        print(overview())
+        sys.exit(0)
+    if not first.startswith("-") and first not in names:
+        _fail(f"unknown experiment {first!r} (experiments: {', '.join(names)})")
+    if any(a in HELP for a in args):
+        if first.startswith("-"):
+            print(overview())
+        else:
+            try:
+                print(experiment_help(first, args))
+            except _Exit as e:
+                _fail(str(e))
+        sys.exit(0)
+    app.run(_main, argv=argv, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 import platform
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,29 +37,147 @@ def check(config: ConfigDict, key: str, ok: Callable[[Any], bool], requirement: 
         raise ConfigError(f"config.{key}={value!r}: {requirement}")
 
 
+def check_dataset(config: ConfigDict, key: str, mixture: bool = False, optional: bool = False) -> None:
+    """Raises ConfigError naming ``config.<key>`` unless it names a dataset of the registry
+    (``mixture``: a mixture spec ``"name:count,..."``; ``optional``: or is empty)."""
+    from ssah_jax.data import DATASETS, parse_mixture
+
+    spec = get(config, key)
+    if optional and not spec:
+        return
+    try:
+        if mixture:
+            parse_mixture(spec)
+        elif spec not in DATASETS:
+            raise KeyError(f"unknown dataset {spec!r}; known: {sorted(DATASETS)}")
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"config.{key}={spec!r}: {e.args[0]}") from None
+
+
 def dtype(config: ConfigDict, key: str = "dtype"):
     check(config, key, lambda v: v in DTYPES, f"must be one of {sorted(DTYPES)}")
     return DTYPES[config[key]]
 
 
-def prepare_workdir(workdir: str | Path, config: ConfigDict, determining: tuple[str, ...] = ()) -> Path:
-    """Creates ``workdir`` and writes the resolved config to ``config.json``.
+IDENTITY = "identity.json"  # what a workdir's results were computed from (see prepare_workdir)
+# Files a run writes before it computes anything (reproduce: its invocation log and a stage's timer).
+BOOKKEEPING = (IDENTITY, "config.json", "invocations.jsonl", "elapsed.json")
 
-    ``determining``: the top-level keys the workdir's results depend on; a workdir holding a
-    run with other values of them is refused (ConfigError naming the keys), so a resume
-    never mixes the results of two configs."""
+
+class WorkdirError(ValueError):
+    """The workdir cannot be used: it is a file, holds a damaged file, or results of other inputs."""
+
+
+def determining(config: ConfigDict, excluded: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The values that determine a run's outputs: every leaf of ``config`` as a dotted key
+    (``"optimizer.learning_rate"``), JSON-typed (tuples as lists), without the keys ``excluded``
+    (an excluded section drops every key under it). Each experiment names its excluded keys
+    once, the ones that only affect speed or logging; an excluded key the config does not have
+    is an error, so a renamed key cannot silently become determining."""
+    flat = _flatten(json.loads(config.to_json_best_effort()))
+    unknown = [e for e in excluded if not any(k == e or k.startswith(e + ".") for k in flat)]
+    if unknown:
+        raise KeyError(f"excluded keys {unknown} are not keys of the config")
+    return {k: v for k, v in flat.items() if not any(k == e or k.startswith(e + ".") for e in excluded)}
+
+
+def fingerprint(values: Any) -> str:
+    """sha256 of the canonical JSON of ``values`` (sorted keys, no spaces)."""
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "config.") -> str:
+    """``config.k: old -> new`` for each key whose value differs, comma-separated."""
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, _ABSENT) != new.get(k, _ABSENT))
+    return ", ".join(f"{prefix}{k}: {_show(old.get(k, _ABSENT))} -> {_show(new.get(k, _ABSENT))}" for k in keys)
+
+
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value, ensure_ascii=False)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def prepare_workdir(workdir: str | Path, config: ConfigDict, excluded: tuple[str, ...] = (), *,
+                    overwrite: bool = False, staged: bool = False) -> Path:
+    """Creates ``workdir`` for a run of ``config``: records the run's identity in
+    ``identity.json`` (the hash and values of :func:`determining` ``(config, excluded)``) and
+    the resolved config in ``config.json``.
+
+    A workdir holding a run of another identity is refused (ConfigError listing each differing
+    key as ``config.k: old -> new``), so a resume never mixes the results of two configs;
+    ``overwrite`` clears an earlier run's workdir first (one whose ``config.json`` has this
+    config's keys; any other directory is refused). ``staged``: the run
+    is made of stages that record and check their own identities (reproduce), the workdir none.
+    Call it after validating the config, so an invalid one leaves no workdir behind."""
     workdir = Path(workdir)
-    previous = workdir / "config.json"
-    if determining and previous.exists():
-        old = json.loads(previous.read_text())
-        new = json.loads(config.to_json_best_effort())
-        changed = [k for k in determining if old.get(k) != new.get(k)]
-        if changed:
-            raise ConfigError(f"{workdir} holds a run with other values of "
-                              + ", ".join(f"config.{k}" for k in changed) + "; use a new --workdir")
+    for path in (workdir, *workdir.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise WorkdirError(f"workdir {workdir}: {'it' if path == workdir else path} is a file, not a directory")
+            break
+    values = None if staged else determining(config, excluded)
+    if overwrite:
+        _clear(workdir, config)
+    elif values is not None:
+        recorded = _recorded(workdir, excluded)
+        if recorded is not None and recorded != values:
+            raise ConfigError(f"{workdir} holds a run with other values of determining config keys: "
+                              f"{differences(recorded, values)}; restore them, rerun with --overwrite to start "
+                              "afresh in it, or use a new --workdir")
     workdir.mkdir(parents=True, exist_ok=True)
+    identity = ({"staged": "each stage records its own identity in <stage>/stage.json"} if values is None else
+                {"hash": fingerprint(values), "excluded": list(excluded), "determining": values})
+    (workdir / IDENTITY).write_text(json.dumps(identity, indent=2, ensure_ascii=False) + "\n")
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     return workdir
+
+
+def _recorded(workdir: Path, excluded: tuple[str, ...]) -> dict[str, Any] | None:
+    """The determining values a workdir's results came from: ``identity.json``, or for a workdir
+    of an earlier version the ``config.json`` it holds (None: an empty or new workdir)."""
+    if (workdir / IDENTITY).exists():
+        return json.loads((workdir / IDENTITY).read_text()).get("determining")
+    if (workdir / "config.json").exists():
+        flat = _flatten(json.loads((workdir / "config.json").read_text()))
+        return {k: v for k, v in flat.items() if not any(k == e or k.startswith(e + ".") for e in excluded)}
+    return None
+
+
+def _clear(workdir: Path, config: ConfigDict) -> None:
+    """Empties the workdir of an earlier run (``--overwrite``); refuses any other directory."""
+    if not workdir.exists() or not any(workdir.iterdir()):
+        return
+    try:  # prepare_workdir wrote the config there (an HF model's config.json has other keys)
+        ours = set(json.loads((workdir / "config.json").read_text())) == set(config.keys())
+    except (OSError, json.JSONDecodeError, TypeError):
+        ours = False
+    if not ours:
+        raise WorkdirError(f"--overwrite: {workdir} does not look like a workdir of this experiment (no config.json "
+                           "of its config keys); not clearing it")
+    for entry in workdir.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    print(f"--overwrite: cleared {workdir}")
+
+
+def holds_results(workdir: Path) -> bool:
+    """Whether ``workdir`` holds anything but the bookkeeping of prepare_workdir and empty
+    files or directories (what a run that failed before producing anything leaves)."""
+    return any(p.is_file() and p.name not in BOOKKEEPING and p.stat().st_size > 0 for p in workdir.rglob("*"))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -72,7 +192,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{path}:{i + 1}: not valid JSON") from None
+            raise WorkdirError(f"{path}:{i + 1}: not valid JSON (a damaged workdir file)") from None
     return records
 
 

@@ -109,19 +109,17 @@ def test_presets_hold_out_every_trained_prompt_and_validate(preset):
 
 
 def test_a_stage_resumed_after_a_kill_counts_the_time_of_every_invocation(tmp_path, monkeypatch):
-    from ml_collections import ConfigDict
-
     monkeypatch.setattr(reproduce._StageTimer.__init__, "__defaults__", (0.05,))  # beat every 50 ms
-    config, keys, stage = ConfigDict({"seed": 0}), ("seed",), tmp_path / "stage"
+    record, stage = {"identity": "0" * 64}, tmp_path / "stage"
 
     def killed(directory):
         time.sleep(0.3)
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        reproduce._stage(stage, killed, config, keys)
+        reproduce._stage(stage, killed, record)
     assert not (stage / "stage.json").exists()
-    reproduce._stage(stage, lambda directory: time.sleep(0.2), config, keys)
+    reproduce._stage(stage, lambda directory: time.sleep(0.2), record)
     record = json.loads((stage / "stage.json").read_text())
     assert record["invocations"] == 2 and 0.5 <= record["seconds"] < 5
     assert not (stage / "elapsed.json").exists()

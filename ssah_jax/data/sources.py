@@ -18,6 +18,25 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+
+class _Once(logging.Filter):
+    """Lets each distinct message through once per process: a dataset that every stage of a run
+    loads reports its skipped rows once, not once per load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self._seen:
+            return False
+        self._seen.add(message)
+        return True
+
+
+log.addFilter(_Once())
+
 DATA_DIR_ENV = "SSAH_DATA_DIR"
 
 

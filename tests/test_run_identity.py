@@ -1,0 +1,204 @@
+"""Runs are identified by what they compute: a re-run with another value of a determining key
+is refused naming it (old -> new), an unchanged one resumes, ``--overwrite`` starts afresh
+(``runs.prepare_workdir``); reproduce's stages have identities of their own."""
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from ml_collections import ConfigDict
+
+from experiments import evaluate, finetune, generate, prune, reproduce
+from ssah_jax import runs
+from ssah_jax.runs import ConfigError, WorkdirError, config_from_file
+from tests.test_cli import _cli, error_line
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def preset(name: str, which: str) -> ConfigDict:
+    return config_from_file(ROOT / "configs" / f"{name}.py", which)
+
+
+def test_determining_values_are_the_config_leaves_but_the_excluded_ones():
+    config = ConfigDict(dict(a=1, b=ConfigDict(dict(x=(1, 2), y="s")), c=ConfigDict(dict(z=0.5))))
+    assert runs.determining(config) == {"a": 1, "b.x": [1, 2], "b.y": "s", "c.z": 0.5}
+    assert runs.determining(config, ("b", "c.z")) == {"a": 1}  # a section drops every key under it
+    with pytest.raises(KeyError, match="typo"):
+        runs.determining(config, ("typo",))
+    assert runs.fingerprint({"a": 1, "b": [1]}) == runs.fingerprint({"b": [1], "a": 1})
+    assert runs.fingerprint({"a": 1, "b": [1]}) != runs.fingerprint({"a": 2, "b": [1]})
+
+
+@pytest.mark.parametrize("module, name", [(generate, "generate"), (evaluate, "evaluate"), (prune, "prune"),
+                                          (finetune, "finetune"), (reproduce, "reproduce")])
+def test_every_preset_has_the_keys_its_experiment_excludes(module, name):
+    spec = importlib.util.spec_from_file_location(f"_presets_{name}", ROOT / "configs" / f"{name}.py")
+    configs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(configs)
+    for which in configs.PRESETS:
+        config = configs.get_config(which)
+        if module is reproduce:
+            assert set(reproduce.stage_identities(config, Path("w"))) == set(reproduce.recorded_stages(config))
+        else:
+            runs.determining(config, module.EXCLUDED)
+
+
+def test_prepare_workdir_refuses_another_identity_and_overwrite_clears_only_workdirs(tmp_path):
+    config = ConfigDict(dict(steps=2, log_every=1, data=ConfigDict(dict(name="a"))))
+    excluded = ("log_every",)
+    workdir = runs.prepare_workdir(tmp_path / "run", config, excluded)
+    (workdir / "result.txt").write_text("kept")
+    identity = json.loads((workdir / "identity.json").read_text())
+    assert identity["determining"] == {"steps": 2, "data.name": "a"}
+    assert identity["hash"] == runs.fingerprint({"steps": 2, "data.name": "a"})
+
+    changed = copy.deepcopy(config)
+    changed.steps, changed.data.name = 3, "b"
+    with pytest.raises(ConfigError, match=r'config.data.name: "a" -> "b", config.steps: 2 -> 3; .*--overwrite'):
+        runs.prepare_workdir(workdir, changed, excluded)
+    assert json.loads((workdir / "config.json").read_text())["steps"] == 2  # not rewritten
+    faster = copy.deepcopy(config)
+    faster.log_every = 5
+    runs.prepare_workdir(workdir, faster, excluded)  # a key that only affects logging may change
+    assert (workdir / "result.txt").exists()
+
+    runs.prepare_workdir(workdir, changed, excluded, overwrite=True)
+    assert not (workdir / "result.txt").exists() and json.loads((workdir / "config.json").read_text())["steps"] == 3
+
+    # --overwrite never clears a directory that is not a workdir of this experiment
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(WorkdirError, match="not clearing it"):
+        runs.prepare_workdir(other, config, excluded, overwrite=True)
+    assert (other / "notes.txt").read_text() == "mine"
+
+    # a workdir of an earlier version (config.json, no identity.json) is compared with its config.json
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_text(config.to_json_best_effort())
+    with pytest.raises(ConfigError, match="config.steps: 2 -> 3"):
+        runs.prepare_workdir(legacy, changed, excluded)
+    runs.prepare_workdir(legacy, config, excluded)
+    assert (legacy / "identity.json").exists()
+
+
+def test_generate_refuses_a_changed_key_resumes_an_unchanged_run_and_overwrites(tmp_path, tiny_chat_model):
+    config = preset("generate", "quick")
+    config.model, config.max_new_tokens, config.batch_size = str(tiny_chat_model), 2, 2
+    config.prompts = ("Say hello.", "Name a fruit.", "Count to three.")
+    workdir = tmp_path / "run"
+    generate.run(config, str(workdir))
+    rows = runs.read_jsonl(workdir / "generations.jsonl")
+    assert len(rows) == 3
+    rows[0]["answer"] = "kept from the first run"  # and the run was killed after its first batch
+    (workdir / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+
+    changed = copy.deepcopy(config)
+    changed.max_new_tokens = 3
+    with pytest.raises(ConfigError, match="config.max_new_tokens: 2 -> 3"):
+        generate.run(changed, str(workdir))
+    generate.run(config, str(workdir))
+    assert runs.read_jsonl(workdir / "generations.jsonl") == rows  # kept the rows, answered the rest
+
+    generate.run(changed, str(workdir), overwrite=True)
+    fresh = runs.read_jsonl(workdir / "generations.jsonl")
+    assert len(fresh) == 3 and fresh[0]["answer"] != "kept from the first run"
+    assert json.loads((workdir / "config.json").read_text())["max_new_tokens"] == 3
+
+
+def test_evaluate_refuses_a_changed_key_resumes_an_unchanged_run_and_overwrites(tmp_path, tiny_chat_model):
+    config = preset("evaluate", "quick")
+    config.model, config.tasks, config.batch_size = str(tiny_chat_model), ("perplexity",), 2
+    config.perplexity.limit, config.perplexity.max_length = 2, 64
+    workdir = tmp_path / "run"
+    evaluate.run(config, str(workdir))
+    metrics = json.loads((workdir / "metrics.json").read_text())
+    assert metrics["perplexity"]["n"] == 2
+    metrics["perplexity"]["perplexity"] = -1.0  # marked: a rerun that recomputed it would lose the mark
+    (workdir / "metrics.json").write_text(json.dumps(metrics))
+
+    changed = copy.deepcopy(config)
+    changed.perplexity.limit = 3
+    with pytest.raises(ConfigError, match="config.perplexity.limit: 2 -> 3"):
+        evaluate.run(changed, str(workdir))
+    evaluate.run(config, str(workdir))
+    assert json.loads((workdir / "metrics.json").read_text())["perplexity"]["perplexity"] == -1.0
+
+    evaluate.run(changed, str(workdir), overwrite=True)
+    fresh = json.loads((workdir / "metrics.json").read_text())["perplexity"]
+    assert fresh["n"] == 3 and fresh["perplexity"] > 1
+
+
+def test_finetune_refuses_a_changed_key_resumes_an_unchanged_run_and_overwrites(tmp_path, tiny_chat_model):
+    workdir = tmp_path / "ft"
+    command = ["finetune", "--config=configs/finetune.py:quick", f"--workdir={workdir}",
+               f"--config.model={tiny_chat_model}", "--config.steps=2", "--config.checkpoint_every=2",
+               "--config.eval_every=0", "--config.data.limit=8", "--config.data.heldout=2",
+               "--config.data.max_length=64", "--config.optimizer.warmup_steps=1"]
+    first = _cli(*command)
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    line = error_line(_cli(*command, "--config.optimizer.learning_rate=0.001"))
+    assert "config.optimizer.learning_rate: 2e-05 -> 0.001" in line
+    resumed = _cli(*command, "--config.log_every=2")  # logging only: the run resumes
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from the checkpoint of step 2" in resumed.stdout
+    assert json.loads((workdir / "metrics.json").read_text())["train"]["steps_run"] == 0
+
+    fresh = _cli(*command, "--config.optimizer.learning_rate=0.001", "--overwrite")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    train = json.loads((workdir / "metrics.json").read_text())["train"]
+    assert train["resumed_from"] == 0 and train["steps_run"] == 2
+    assert json.loads((workdir / "identity.json").read_text())["determining"]["optimizer.learning_rate"] == 0.001
+
+
+def test_a_stage_identity_follows_what_the_stage_is_given_and_the_stages_it_reads():
+    config = preset("reproduce", "tiny")
+    out = Path("runs/reproduce")
+    base = reproduce.stage_identities(config, out)
+    moved = reproduce.stage_identities(config, Path("/elsewhere/reproduce"))
+    assert {s: i["identity"] for s, i in moved.items()} == {s: i["identity"] for s, i in base.items()}
+
+    def changed(values: dict) -> set[str]:
+        c = copy.deepcopy(config)
+        runs.set_values(c, values)
+        now = reproduce.stage_identities(c, out)
+        return {s for s in base if base[s]["identity"] != now[s]["identity"]}
+
+    # what only selects, places or speeds up the work
+    assert changed({"stages": ("report",), "report_dir": "x", "jax_cache": False, "finetune.log_every": 3,
+                    "finetune.eval_batch_size": 1, "attribution.batch_size": 2}) == set()
+    assert changed({"probing.prompts": 3}) == {"probing"}
+    assert changed({"transfer_attack": "gsm8k"}) == {"units_attacked", "transfer"}
+    # a prerequisite of another config changes every stage that reads it, directly or not
+    align = changed({"align.steps": 3})
+    assert {"align_full", "align_ru", "eval_aligned", "eval_ru", "prune_aligned", "layers", "attacks/initial",
+            "attacks/gsm8k/none", "units_attacked", "transfer", "probing"} <= align
+    assert not align & {"units_unaligned", "eval_unaligned"}
+
+
+def test_finished_stages_of_another_identity_are_refused_naming_the_keys(tmp_path):
+    config = preset("reproduce", "tiny")
+    identities = reproduce.stage_identities(config, tmp_path)
+    for stage, identity in identities.items():
+        (tmp_path / stage).mkdir(parents=True)
+        (tmp_path / stage / "stage.json").write_text(json.dumps(
+            {"seconds": 1.0, **identity, "config": runs.determining(config)}))
+    reproduce.check_finished(config, tmp_path, identities)
+
+    changed = copy.deepcopy(config)
+    changed.attack.learning_rate = 1e-3
+    with pytest.raises(ConfigError, match=r"config.attack.learning_rate: 5e-05 -> 0.001 \(stages attacks/alpaca_libre/"
+                                          r"none, attacks/alpaca_libre/scu_cu6, .* and \d+ more\)"):
+        reproduce.check_finished(changed, tmp_path, reproduce.stage_identities(changed, tmp_path))
+
+    # a stage recorded before stage identities is checked against the keys it recorded
+    (tmp_path / "probing" / "stage.json").write_text(json.dumps({"seconds": 1.0, "config": {"probing": {
+        **json.loads(config.probing.to_json_best_effort()), "prompts": 5}}}))
+    with pytest.raises(ConfigError, match=r'config.probing: \{.*"prompts": 5.*\} -> \{.*"prompts": 2.*\} '
+                                          r"\(stages probing\)"):
+        reproduce.check_finished(config, tmp_path, identities)
