@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ssah_jax import evaluation as ev
 from ssah_jax import runs
 from ssah_jax.checkpoints import load_model
-from ssah_jax.data import Record, load_local, load_mixture, with_responses
+from ssah_jax.data import Record, check_kit_dataset, load_local, load_mixture, parse_mixture, with_responses
 
 ASR_SETTINGS = ("no_system", "system")  # the asr task: without / with the safety system prompt
 TASKS = ("asr", "prefill", "sweep", "overrefusal", "mmlu", "sst2", "gsm8k", "perplexity")
@@ -59,10 +59,10 @@ def validate(config: ConfigDict, prefix: str = "") -> None:
           "must be a non-empty list of temperatures > 0 (the sweep samples)")
     check("sweep.top_ps", lambda v: len(v) > 0 and all(0 < p <= 1 for p in v), "values in (0, 1]")
     check("sweep.top_ks", lambda v: len(v) > 0 and all(k >= 0 for k in v), "values >= 0")
-    runs.check_dataset(config, prefix + "harmful.dataset", mixture=True)
-    runs.check_dataset(config, prefix + "harmful.exclude", mixture=True, optional=True)
+    runs.check_parses(config, prefix + "harmful.dataset", parse_mixture)
+    runs.check_parses(config, prefix + "harmful.exclude", parse_mixture, optional=True)
     for task in ("prefill", "sweep", "perplexity"):
-        runs.check_dataset(config, f"{prefix}{task}.dataset")
+        runs.check_parses(config, f"{prefix}{task}.dataset", check_kit_dataset)
 
 
 def _first(records: list[Record], limit: int) -> list[Record]:

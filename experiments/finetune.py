@@ -24,7 +24,7 @@ from ml_collections import ConfigDict
 from ssah_jax import runs
 from ssah_jax.attribution import UnitMap
 from ssah_jax.checkpoints import load_model, save_hf
-from ssah_jax.data import load_mixture
+from ssah_jax.data import load_mixture, parse_mixture
 from ssah_jax.data.batching import batch_dataset, bucket_lengths
 from ssah_jax.data.tokenize import encode_records
 from ssah_jax.masking import GROUPS, MODULES, freeze_masks
@@ -67,7 +67,7 @@ def validate(config: ConfigDict) -> None:
     check("data.limit", lambda v: v >= 0, "must be >= 0 (0 = all)")
     check("data.heldout", lambda v: v >= 0, "must be >= 0")
     check("data.max_length", lambda v: v >= 16, "must be >= 16")
-    runs.check_dataset(config, "data.dataset", mixture=True)
+    runs.check_parses(config, "data.dataset", parse_mixture)
     o = "optimizer."
     check(o + "learning_rate", lambda v: v > 0, "must be > 0")
     check(o + "schedule", lambda v: v in SCHEDULES, f"must be one of {SCHEDULES}")

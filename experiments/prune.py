@@ -28,7 +28,7 @@ from ssah_jax import runs
 from ssah_jax.attribution import KINDS, SCORERS, TOKENS, classify, unit_scores
 from ssah_jax.attribution.kinds import NORMALISATIONS, RANKINGS
 from ssah_jax.checkpoints import load_model
-from ssah_jax.data import load_local, with_responses
+from ssah_jax.data import check_kit_dataset, load_local, with_responses
 from ssah_jax.data.batching import batch_dataset, bucket_lengths
 from ssah_jax.data.tokenize import encode_records
 from ssah_jax.masking import MODULES, prune
@@ -58,7 +58,7 @@ def validate(config: ConfigDict) -> None:
     runs.check(config, "variants", lambda v: set(v) <= set(VARIANTS),
                f"must be a subset of {VARIANTS} (empty: the unit kinds only)")
     for which in ("safety", "utility"):
-        runs.check_dataset(config, f"{a}{which}.dataset")
+        runs.check_parses(config, f"{a}{which}.dataset", check_kit_dataset)
     evaluate.validate(config, "evaluation.")
 
 

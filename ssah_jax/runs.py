@@ -37,21 +37,17 @@ def check(config: ConfigDict, key: str, ok: Callable[[Any], bool], requirement: 
         raise ConfigError(f"config.{key}={value!r}: {requirement}")
 
 
-def check_dataset(config: ConfigDict, key: str, mixture: bool = False, optional: bool = False) -> None:
-    """Raises ConfigError naming ``config.<key>`` unless it names a dataset of the registry
-    (``mixture``: a mixture spec ``"name:count,..."``; ``optional``: or is empty)."""
-    from ssah_jax.data import DATASETS, parse_mixture
-
-    spec = get(config, key)
-    if optional and not spec:
+def check_parses(config: ConfigDict, key: str, parse: Callable[[Any], Any], optional: bool = False) -> None:
+    """Raises ConfigError naming ``config.<key>`` when ``parse(value)`` raises KeyError or
+    ValueError (e.g. ``ssah_jax.data.parse_mixture`` on a dataset spec); ``optional``: an empty
+    value passes."""
+    value = get(config, key)
+    if optional and not value:
         return
     try:
-        if mixture:
-            parse_mixture(spec)
-        elif spec not in DATASETS:
-            raise KeyError(f"unknown dataset {spec!r}; known: {sorted(DATASETS)}")
+        parse(value)
     except (KeyError, ValueError) as e:
-        raise ConfigError(f"config.{key}={spec!r}: {e.args[0]}") from None
+        raise ConfigError(f"config.{key}={value!r}: {e.args[0]}") from None
 
 
 def dtype(config: ConfigDict, key: str = "dtype"):

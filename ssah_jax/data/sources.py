@@ -371,6 +371,13 @@ def load_local(
     return records, report
 
 
+def check_kit_dataset(name: str) -> str:
+    """``name`` if it is a kit dataset (what :func:`load_local` reads); KeyError otherwise."""
+    if name not in DATASETS:
+        raise KeyError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
+    return name
+
+
 def parse_mixture(spec: str) -> list[tuple[str, int]]:
     """``"bianchi_safety:128,alpaca_libre:256"`` -> ``[("bianchi_safety", 128), ("alpaca_libre", 256)]``;
     a component without ``:limit`` is taken whole (limit 0)."""
