@@ -32,7 +32,6 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from experiments.reproduce import STAGES
 from ssah_jax.runs import config_from_file, set_values
 
 HERE = Path(__file__).parent
@@ -57,7 +56,7 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
     c.dtype = "bfloat16" if gpu else "float32"  # evaluation and attribution; training uses compute_dtype
     c.data_dir = ""
     c.seed = 0
-    c.stages = STAGES
+    c.stages = ("all",)  # or a subset, e.g. --config.stages=align_full,eval_aligned
     c.report_dir = "experiments/results/smollm2"  # REPORT.md and its plots
     c.jax_cache = True  # persistent compilation cache in <workdir>/jax_cache (every run compiles alike)
 

@@ -1,6 +1,6 @@
 """``ssah-jax <experiment> --config=configs/<experiment>.py:<preset> --workdir=DIR [--config.k=v]``.
 
-Each experiment is ``experiments/<name>.py:run(config, workdir, overwrite=...)``;
+Each experiment is ``experiments/<name>.py`` (or a package) ``:run(config, workdir, overwrite=...)``;
 ``ssah-jax --help`` lists them with their presets and ``ssah-jax <experiment> --help`` shows
 an experiment's config keys. Config keys are locked: an unknown ``--config.key`` is an error
 naming it, and each experiment validates its values before it makes its workdir.
@@ -105,7 +105,8 @@ def _describe(name: str) -> tuple[str, str, list[str]]:
     """(one-line description, experiment docstring, presets) of an experiment."""
     import experiments as package
 
-    doc = _module_parts(Path(package.__path__[0]) / f"{name}.py")[0]
+    module = Path(package.__path__[0]) / f"{name}.py"
+    doc = _module_parts(module if module.exists() else module.with_suffix("") / "__init__.py")[0]  # or a package
     config = CONFIGS / f"{name}.py"
     presets = _module_parts(config)[1] if config.exists() else []
     summary = doc.split("\n", 1)[0].replace("``", "")

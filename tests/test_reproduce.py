@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -101,28 +100,11 @@ def test_presets_hold_out_every_trained_prompt_and_validate(preset):
     reproduce.validate(config)
     assert reproduce.training_overlap(config) == {"evaluation": 0, "table": 0, "attack": 0}
     # the held-out sets are not empty, and the attack set is a subset of the main one
-    main = {r.prompt for r in reproduce._heldout_prompts(config)}
+    main = {r.prompt for r in reproduce.heldout_prompts(config)}
     from experiments.evaluate import harmful_records
 
     attack = {r.prompt for r in harmful_records(config.attack.evaluation, None)}
     assert attack and attack <= main
-
-
-def test_a_stage_resumed_after_a_kill_counts_the_time_of_every_invocation(tmp_path, monkeypatch):
-    monkeypatch.setattr(reproduce._StageTimer.__init__, "__defaults__", (0.05,))  # beat every 50 ms
-    record, stage = {"identity": "0" * 64}, tmp_path / "stage"
-
-    def killed(directory):
-        time.sleep(0.3)
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        reproduce._stage(stage, killed, record)
-    assert not (stage / "stage.json").exists()
-    reproduce._stage(stage, lambda directory: time.sleep(0.2), record)
-    record = json.loads((stage / "stage.json").read_text())
-    assert record["invocations"] == 2 and 0.5 <= record["seconds"] < 5
-    assert not (stage / "elapsed.json").exists()
 
 
 def test_the_layer_block_is_the_least_refusing_one_that_leaves_a_working_model():

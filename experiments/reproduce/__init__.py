@@ -15,11 +15,8 @@ from __future__ import annotations
 import copy
 import datetime
 import json
-import os
 import shutil
 import sys
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ from ml_collections import ConfigDict
 
 from experiments import evaluate, finetune, prune
 from ssah_jax import runs
+from ssah_jax import stages as stages_lib
 from ssah_jax.attribution import KINDS, UnitMap, classify, transition_matrix
 from ssah_jax.checkpoints import load_model
 from ssah_jax.data import Record, load_mixture, prompt_key
@@ -228,37 +226,20 @@ def recorded_stages(config: ConfigDict) -> list[str]:
 
 
 def stage_identities(config: ConfigDict, out: Path) -> dict[str, dict[str, Any]]:
-    """Per recorded stage: ``given`` (its determining values; paths inside the workdir written
-    ``<workdir>/...``, so a workdir named another way or moved keeps its identities),
-    ``inputs`` (the identities of the stages it reads) and ``identity`` (the hash of both)."""
-    found: dict[str, dict[str, Any]] = {}
+    """Per recorded stage, in pipeline order: its identity (see :func:`ssah_jax.stages.identities`)."""
+    def plan(stage: str) -> tuple[ConfigDict, tuple[str, ...]]:
+        given, _, excluded = stage_plan(config, out, stage)
+        return given, excluded
 
-    def identity(stage: str) -> dict[str, Any]:
-        if stage not in found:
-            given, _, excluded = stage_plan(config, out, stage)
-            values = _portable(runs.determining(given, excluded), str(out) + os.sep)
-            inputs = {s: identity(s)["identity"] for s in _inputs(config, stage)}
-            found[stage] = {"identity": runs.fingerprint({"given": values, "inputs": inputs}), "given": values,
-                            "inputs": inputs}
-        return found[stage]
-
-    return {stage: identity(stage) for stage in recorded_stages(config)}  # in pipeline order
-
-
-def _portable(value: Any, prefix: str) -> Any:
-    if isinstance(value, str):
-        return "<workdir>" + os.sep + value[len(prefix):] if value.startswith(prefix) else value
-    if isinstance(value, dict):
-        return {k: _portable(v, prefix) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_portable(v, prefix) for v in value]
-    return value
+    return stages_lib.identities(recorded_stages(config), plan, lambda stage: _inputs(config, stage), out)
 
 
 def stages(config: ConfigDict) -> list[str]:
     """``config.stages`` in pipeline order; ``--config.stages=a,b`` (one string) works too."""
     names = {s.strip() for entry in config.stages for s in entry.split(",") if s.strip()}
-    runs.check(config, "stages", lambda v: names and names <= set(STAGES), f"must be a non-empty subset of {STAGES}")
+    names = set(STAGES) if names == {"all"} else names
+    runs.check(config, "stages", lambda v: names and names <= set(STAGES),
+               f"must be 'all' or a non-empty subset of {STAGES}")
     return [s for s in STAGES if s in names]
 
 
@@ -294,18 +275,13 @@ def validate(config: ConfigDict) -> None:
 # Stages
 
 
-def _finished(directory: Path) -> dict | None:
-    marker = directory / "stage.json"
-    return json.loads(marker.read_text()) if marker.exists() else None
-
-
 def check_finished(config: ConfigDict, out: Path, identities: dict[str, dict[str, Any]]) -> None:
     """Refuses a workdir holding a finished stage (scheduled or not) of another identity than
     the config gives it, naming the config keys whose old values would give it back, e.g.
     ``config.attack.learning_rate: 5e-05 -> 0.001 (stages attacks/aoa/none, ...)``."""
     changed: dict[str, list[str]] = {}  # a difference -> the stages it explains
     for stage, now in identities.items():
-        done = _finished(out / stage)
+        done = stages_lib.finished(out / stage)
         if done is None:
             continue
         if "identity" not in done:  # recorded before stage identities: the keys it recorded
@@ -358,67 +334,11 @@ def _explain(config: ConfigDict, out: Path, stage: str, done: dict, now: dict) -
     return reasons
 
 
-def _stage(directory: Path, fn: Callable[[Path], Any], record: dict[str, Any]) -> None:
-    """Runs ``fn(directory)`` unless it finished before; records its wall time and ``record``
-    (the stage's identity) in ``stage.json``."""
-    done = _finished(directory)
-    if done is not None:
-        print(f"[{directory.name}] finished in an earlier run ({done['seconds']} s), kept")
-        return
-    print(f"\n=== {directory} ===", flush=True)
-    directory.mkdir(parents=True, exist_ok=True)
-    with _StageTimer(directory) as timer:
-        fn(directory)  # its results are the files it writes
-    (directory / "stage.json").write_text(json.dumps({
-        "seconds": round(timer.seconds, 1), "invocations": timer.invocations,
-        "finished": datetime.datetime.now().isoformat(timespec="seconds"), **record}, indent=2) + "\n")
-    (directory / _StageTimer.FILE).unlink()
-
-
 def _run_stage(config: ConfigDict, out: Path, stage: str, identities: dict[str, dict[str, Any]]) -> None:
     given, body, _ = stage_plan(config, out, stage)
     # the whole config too: a later refusal names the keys whose values then give the identity back
-    _stage(out / stage, lambda d: body(given, d), {**identities[stage], "config": runs.determining(config)})
-
-
-class _StageTimer:
-    """Wall time of a stage summed over the invocations that worked on it.
-
-    A killed invocation cannot report its time, so the running total is written to
-    ``<stage>/elapsed.json`` every ``every`` seconds; a resumed stage starts from it (a kill
-    loses at most ``every`` seconds of the count).
-    """
-
-    FILE = "elapsed.json"
-
-    def __init__(self, directory: Path, every: float = 10.0):
-        self.path, self.every = directory / self.FILE, every
-        earlier = json.loads(self.path.read_text()) if self.path.exists() else {"seconds": 0.0, "invocations": 0}
-        self.earlier, self.invocations = earlier["seconds"], earlier["invocations"] + 1
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-
-    @property
-    def seconds(self) -> float:
-        return self.earlier + time.perf_counter() - self._start
-
-    def _save(self) -> None:
-        self.path.write_text(json.dumps({"seconds": round(self.seconds, 1), "invocations": self.invocations}))
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.every):
-            self._save()
-
-    def __enter__(self) -> _StageTimer:
-        self._start = time.perf_counter()
-        self._save()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._save()
+    stages_lib.run_stage(out / stage, lambda d: body(given, d),
+                         {**identities[stage], "config": runs.determining(config)})
 
 
 def _train(config: ConfigDict, directory: Path) -> None:
@@ -435,7 +355,8 @@ def _run_evaluate(config: ConfigDict, directory: Path) -> None:
     evaluate.run(config, str(directory))
 
 
-def _heldout_prompts(config: ConfigDict) -> list[Record]:
+def heldout_prompts(config: ConfigDict) -> list[Record]:
+    """The held-out harmful prompts of ``config.evaluation`` (the ASR set)."""
     return evaluate.harmful_records(config.evaluation, config.data_dir or None)
 
 
@@ -516,8 +437,8 @@ def finished(config: ConfigDict, out: Path, stage: str) -> bool:
     """``attacks`` is finished when each of its runs is (adding an attack reopens it)."""
     if stage == "attacks":
         runs_ = [out / "attacks" / "initial"] + [out / "attacks" / a / v for a, v in attack_runs(config)]
-        return all(_finished(d) is not None for d in runs_)
-    return _finished(out / stage) is not None
+        return all(stages_lib.finished(d) is not None for d in runs_)
+    return stages_lib.finished(out / stage) is not None
 
 
 def run_attacks(config: ConfigDict, out: Path, identities: dict[str, dict[str, Any]]) -> None:
@@ -609,9 +530,9 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     if "report" not in todo:
         print(f"Stages done: {todo} in {out}; add 'report' to config.stages for the report")
         return out
-    from experiments import _reproduce_report
+    from experiments.reproduce import report as report_module
 
-    report = _reproduce_report.write(config, out, Path(config.report_dir))
+    report = report_module.write(config, out, Path(config.report_dir))
     print(f"Report: {report}")
     return report
 

@@ -1,0 +1,122 @@
+"""Pipelines of stages in one workdir: identity, resume, timing.
+
+A stage runs in its own directory and leaves ``stage.json`` when it finishes: its identity and
+its wall time summed over every invocation that worked on it (a killed stage resumes, and its
+time keeps counting). A stage's identity is the hash of what it is *given* (its config, the
+keys that only affect speed or logging excluded) and of the identities of the stages whose
+results it reads, so a changed key, or a prerequisite redone with other values, reaches every
+stage downstream. Paths inside the workdir are recorded as ``<workdir>/...``: a moved workdir
+keeps its identities.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from ml_collections import ConfigDict
+
+from ssah_jax import runs
+
+RECORD = "stage.json"
+
+
+def finished(directory: Path) -> dict | None:
+    """The record of a finished stage (None if it has not finished)."""
+    marker = Path(directory) / RECORD
+    return json.loads(marker.read_text()) if marker.exists() else None
+
+
+def identities(names: Iterable[str], plan: Callable[[str], tuple[ConfigDict, tuple[str, ...]]],
+               inputs: Callable[[str], Iterable[str]], workdir: Path) -> dict[str, dict[str, Any]]:
+    """Per stage of ``names`` (in order): ``given`` (the determining values of ``plan(stage)``,
+    a ``(config, excluded keys)`` pair), ``inputs`` (the identities of the stages ``inputs(stage)``
+    it reads) and ``identity`` (the hash of both)."""
+    found: dict[str, dict[str, Any]] = {}
+    prefix = str(workdir) + os.sep
+
+    def identity(stage: str) -> dict[str, Any]:
+        if stage not in found:
+            given, excluded = plan(stage)
+            values = portable(runs.determining(given, excluded), prefix)
+            read = {s: identity(s)["identity"] for s in inputs(stage)}
+            found[stage] = {"identity": runs.fingerprint({"given": values, "inputs": read}), "given": values,
+                            "inputs": read}
+        return found[stage]
+
+    return {stage: identity(stage) for stage in names}
+
+
+def portable(value: Any, prefix: str) -> Any:
+    """``value`` with every string starting with ``prefix`` (the workdir) written ``<workdir>/...``."""
+    if isinstance(value, str):
+        return "<workdir>" + os.sep + value[len(prefix):] if value.startswith(prefix) else value
+    if isinstance(value, dict):
+        return {k: portable(v, prefix) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, prefix) for v in value]
+    return value
+
+
+def run_stage(directory: Path, fn: Callable[[Path], Any], record: dict[str, Any]) -> None:
+    """Runs ``fn(directory)`` unless the stage finished before; then writes ``stage.json``: its
+    wall time, invocations and ``record`` (its identity)."""
+    directory = Path(directory)
+    done = finished(directory)
+    if done is not None:
+        print(f"[{directory.name}] finished in an earlier run ({done['seconds']} s), kept")
+        return
+    print(f"\n=== {directory} ===", flush=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    with StageTimer(directory) as timer:
+        fn(directory)  # its results are the files it writes
+    (directory / RECORD).write_text(json.dumps({
+        "seconds": round(timer.seconds, 1), "invocations": timer.invocations,
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"), **record}, indent=2) + "\n")
+    (directory / StageTimer.FILE).unlink()
+
+
+class StageTimer:
+    """Wall time of a stage summed over the invocations that worked on it.
+
+    A killed invocation cannot report its time, so the running total is written to
+    ``<stage>/elapsed.json`` every ``every`` seconds; a resumed stage starts from it (a kill
+    loses at most ``every`` seconds of the count).
+    """
+
+    FILE = "elapsed.json"
+
+    def __init__(self, directory: Path, every: float = 10.0):
+        self.path, self.every = Path(directory) / self.FILE, every
+        earlier = json.loads(self.path.read_text()) if self.path.exists() else {"seconds": 0.0, "invocations": 0}
+        self.earlier, self.invocations = earlier["seconds"], earlier["invocations"] + 1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    @property
+    def seconds(self) -> float:
+        return self.earlier + time.perf_counter() - self._start
+
+    def _save(self) -> None:
+        self.path.write_text(json.dumps({"seconds": round(self.seconds, 1), "invocations": self.invocations}))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every):
+            self._save()
+
+    def __enter__(self) -> StageTimer:
+        self._start = time.perf_counter()
+        self._save()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._save()

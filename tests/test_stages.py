@@ -1,0 +1,46 @@
+"""The stage machinery: identities that reach downstream stages, resume and timing across kills."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from ml_collections import ConfigDict
+
+from ssah_jax import stages
+
+
+def _identities(configs, workdir=Path("/w")):
+    graph = {"a": (), "b": ("a",), "c": ("b",), "d": ()}
+    excluded = {"a": ("batch_size",)}  # speed only
+    return stages.identities(graph, lambda s: (ConfigDict(configs[s]), excluded.get(s, ())), graph.__getitem__,
+                             workdir)
+
+
+def test_a_changed_stage_changes_every_stage_downstream_and_no_other():
+    configs = {"a": {"lr": 1.0, "batch_size": 8}, "b": {"k": 1}, "c": {"out": "/w/b/export"}, "d": {"n": 2}}
+    base = _identities(configs)
+    assert list(base) == ["a", "b", "c", "d"] and base["c"]["inputs"] == {"b": base["b"]["identity"]}
+    faster = _identities({**configs, "a": {"lr": 1.0, "batch_size": 64}})  # an excluded key
+    assert faster == base
+    changed = _identities({**configs, "a": {"lr": 2.0, "batch_size": 8}})
+    assert [s for s in base if changed[s]["identity"] != base[s]["identity"]] == ["a", "b", "c"]
+    moved = _identities({**configs, "c": {"out": "/v/b/export"}}, Path("/v"))  # the workdir moved
+    assert moved["c"]["identity"] == base["c"]["identity"] and moved["c"]["given"] == {"out": "<workdir>/b/export"}
+
+
+def test_a_stage_resumed_after_a_kill_counts_the_time_of_every_invocation(tmp_path, monkeypatch):
+    monkeypatch.setattr(stages.StageTimer.__init__, "__defaults__", (0.05,))  # beat every 50 ms
+    record, stage = {"identity": "0" * 64}, tmp_path / "stage"
+
+    def killed(directory):
+        time.sleep(0.3)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stages.run_stage(stage, killed, record)
+    assert not (stage / "stage.json").exists()
+    stages.run_stage(stage, lambda directory: time.sleep(0.2), record)
+    record = json.loads((stage / "stage.json").read_text())
+    assert record["invocations"] == 2 and 0.5 <= record["seconds"] < 5
+    assert not (stage / "elapsed.json").exists()
