@@ -8,10 +8,11 @@ trip per token.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -83,7 +84,65 @@ def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sample"))
+class DecodeState(NamedTuple):
+    """What the decode loop carries from one step to the next.
+
+    ``step``: the index of the answer token being chosen (0 = the first); ``cache`` / ``kv_mask``
+    (``[B, prompt + max_new_tokens]``): the KV cache and its real slots; ``tokens``
+    (``[B, max_new_tokens]``): the answer so far (``pad_id`` after a row's stop token);
+    ``done`` ``[B]``: rows that emitted a stop token; ``rng``; ``policy``: the decode policy's
+    own state."""
+
+    step: jax.Array
+    cache: KVCache
+    kv_mask: jax.Array
+    tokens: jax.Array
+    done: jax.Array
+    rng: jax.Array
+    policy: Any
+
+
+class DecodePolicy(Protocol):
+    """Decides, per step and row, the token actually emitted. ``__call__(model, state, chosen)``
+    gets the sampled (or greedy) tokens ``chosen`` ``[B]`` for ``state.step`` and returns
+    ``(tokens [B], new policy state)``; it may run the model (e.g. an extra query against
+    ``state.cache`` that does not write it). Policies are hashable (frozen dataclasses); their
+    arrays live in their state, which ``generate_tokens`` takes as ``policy_state``."""
+
+    def __call__(self, model: CausalLM, state: DecodeState, chosen: jax.Array) -> tuple[jax.Array, Any]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """The identity policy: every row emits what was sampled."""
+
+    def __call__(self, model, state, chosen):
+        return chosen, state.policy
+
+
+class Forced(NamedTuple):
+    """State of :class:`ForceTokens`: row ``b`` emits ``tokens[b, j]`` at step ``start[b] + j``
+    for ``j < length[b]`` (``start = -1``: never)."""
+
+    tokens: jax.Array  # [B, K] int32
+    length: jax.Array  # [B] int32
+    start: jax.Array  # [B] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class ForceTokens:
+    """Forces per-row token sequences from a per-row step on (an inserted refusal, a prefix);
+    the rest of the answer is sampled as usual. Its state is a :class:`Forced`."""
+
+    def __call__(self, model, state, chosen):
+        forced: Forced = state.policy
+        j = state.step - forced.start
+        active = (forced.start >= 0) & (j >= 0) & (j < forced.length)
+        column = jnp.take_along_axis(forced.tokens, jnp.clip(j, 0, forced.tokens.shape[1] - 1)[:, None], axis=1)
+        return jnp.where(active, column[:, 0], chosen), forced
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sample", "policy"))
 def generate_tokens(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -95,13 +154,17 @@ def generate_tokens(
     top_p: jax.Array,
     stop_ids: jax.Array,
     pad_id: jax.Array,
+    policy_state: Any = None,
     *,
     max_new_tokens: int,
     sample: bool,
+    policy: DecodePolicy = Sample(),
 ) -> jax.Array:
     """Pure generation core: ``[B, S]`` left-padded prompts -> ``[B, max_new_tokens]`` tokens.
 
-    After a row's stop token the row holds ``pad_id``.
+    One prefill, then a compiled ``while_loop`` over a :class:`DecodeState`: each step samples
+    a token per row, lets ``policy`` (with ``policy_state``) decide what is emitted, and feeds
+    it back. After a row's stop token the row holds ``pad_id``.
     """
     model = nnx.merge(graphdef, state)
     batch, prompt_len = input_ids.shape
@@ -109,34 +172,36 @@ def generate_tokens(
     kv_mask = jnp.zeros((batch, prompt_len + max_new_tokens), jnp.int32)
     kv_mask = kv_mask.at[:, :prompt_len].set(prompt_mask)
 
-    def next_token(logits, rng):
-        if not sample:
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return jax.random.categorical(rng, filter_logits(logits, temperature, top_k, top_p)).astype(jnp.int32)
+    def emit(decode: DecodeState, hidden: jax.Array) -> DecodeState:
+        """Chooses, lets the policy decide, and writes the token of ``decode.step``."""
+        logits = model.logits(hidden[:, -1])
+        rng, sub = jax.random.split(decode.rng)
+        if sample:
+            chosen = jax.random.categorical(sub, filter_logits(logits, temperature, top_k, top_p))
+        else:
+            chosen = jnp.argmax(logits, axis=-1)
+        token, policy_state = policy(model, decode, chosen.astype(jnp.int32))
+        token = jnp.where(decode.done, pad_id, token)
+        tokens = jax.lax.dynamic_update_slice_in_dim(decode.tokens, token[:, None], decode.step, axis=1)
+        return decode._replace(step=decode.step + 1, tokens=tokens, done=decode.done | jnp.isin(token, stop_ids),
+                               rng=rng, policy=policy_state)
 
     out = model.forward(input_ids, kv_mask, cache=cache)
-    rng, sub = jax.random.split(rng)
-    first = next_token(model.logits(out.hidden[:, -1]), sub)
-    tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
-    done = jnp.isin(first, stop_ids)
+    start = DecodeState(jnp.zeros((), jnp.int32), out.cache, kv_mask,
+                        jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch,), bool), rng,
+                        policy_state)
+    first = emit(start, out.hidden)
 
-    def cond(carry):
-        i, _, _, _, done, _ = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
+    def cond(decode: DecodeState):
+        return (decode.step < max_new_tokens) & ~jnp.all(decode.done)
 
-    def body(carry):
-        i, cache, kv_mask, tokens, done, rng = carry
-        kv_mask = kv_mask.at[:, prompt_len + i - 1].set(1)
-        last = jax.lax.dynamic_slice_in_dim(tokens, i - 1, 1, axis=1)
-        out = model.forward(last, kv_mask, cache=cache)
-        rng, sub = jax.random.split(rng)
-        tok = next_token(model.logits(out.hidden[:, -1]), sub)
-        tok = jnp.where(done, pad_id, tok)
-        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], i, axis=1)
-        return i + 1, out.cache, kv_mask, tokens, done | jnp.isin(tok, stop_ids), rng
+    def body(decode: DecodeState) -> DecodeState:
+        kv_mask = decode.kv_mask.at[:, prompt_len + decode.step - 1].set(1)
+        last = jax.lax.dynamic_slice_in_dim(decode.tokens, decode.step - 1, 1, axis=1)
+        out = model.forward(last, kv_mask, cache=decode.cache)
+        return emit(decode._replace(cache=out.cache, kv_mask=kv_mask), out.hidden)
 
-    carry = (jnp.ones((), jnp.int32), out.cache, kv_mask, tokens, done, rng)
-    return jax.lax.while_loop(cond, body, carry)[3]
+    return jax.lax.while_loop(cond, body, first).tokens
 
 
 def generate_ids(

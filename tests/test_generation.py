@@ -8,20 +8,21 @@ from flax import nnx
 
 from ssah_jax.checkpoints import load_weights
 from ssah_jax.data import left_pad
-from ssah_jax.generation import filter_logits, generate, generate_tokens
+from ssah_jax.generation import Forced, ForceTokens, filter_logits, generate, generate_tokens
 from ssah_jax.models import KVCache
 from tests import tiny
 
 torch = pytest.importorskip("torch")
 
 
-def _run(model, ids, mask, max_new_tokens, stop_ids=(2,), temperature=0.0, seed=0, top_k=0, top_p=1.0):
+def _run(model, ids, mask, max_new_tokens, stop_ids=(2,), temperature=0.0, seed=0, top_k=0, top_p=1.0, forced=None):
     graphdef, state = nnx.split(model)
+    policy = {} if forced is None else {"policy": ForceTokens()}
     return np.asarray(generate_tokens(
         graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(seed),
         jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k), jnp.float32(top_p),
-        jnp.asarray(stop_ids, jnp.int32), jnp.int32(0),
-        max_new_tokens=max_new_tokens, sample=temperature > 0,
+        jnp.asarray(stop_ids, jnp.int32), jnp.int32(0), forced,
+        max_new_tokens=max_new_tokens, sample=temperature > 0, **policy,
     ))
 
 
@@ -115,3 +116,33 @@ def test_generate_text_with_prefix_and_system_prompt(demo):
     assert batched == plain  # batch composition and padding do not change greedy answers
     system = generate(model, tokenizer, prompts[:1], max_new_tokens=12, system_prompt="Answer in French.")
     assert system[0] != plain[0]
+
+
+def test_forced_tokens_per_row_from_a_step_on(tiny_llama):
+    """The decode policy forces a row's tokens from a step on (an inserted refusal); other rows
+    and earlier steps are untouched, and the model continues from what was forced."""
+    model = load_weights(tiny_llama)
+    ids, mask = tiny.random_batch(128, batch=2, seq=6, left_pad=(0, 2))
+    free = _run(model, ids, mask, 10, stop_ids=(-1,))
+    inserted = np.asarray([[7, 8, 9], [0, 0, 0]], np.int32)
+    forced = Forced(jnp.asarray(inserted), jnp.asarray([3, 0], jnp.int32), jnp.asarray([4, -1], jnp.int32))
+    got = _run(model, ids, mask, 10, stop_ids=(-1,), forced=forced)
+    np.testing.assert_array_equal(got[1], free[1])  # never forced
+    np.testing.assert_array_equal(got[0, :4], free[0, :4])  # before the insertion
+    np.testing.assert_array_equal(got[0, 4:7], [7, 8, 9])
+    # After the insertion, greedy decoding continues from the answer as it now reads.
+    context = np.concatenate([ids[:1], got[:1, :7]], axis=1)
+    again = _run(model, context, np.concatenate([mask[:1], np.ones((1, 7), np.int32)], axis=1), 3, stop_ids=(-1,))
+    np.testing.assert_array_equal(got[0, 7:], again[0])
+
+
+def test_forcing_from_the_first_step_is_prefilling(tiny_llama):
+    """A prefix forced from step 0 gives the continuation of the prompt + prefix prefilled."""
+    model = load_weights(tiny_llama)
+    ids, mask = tiny.random_batch(128, batch=1, seq=6, left_pad=(0,))
+    prefix = np.asarray([[11, 12, 13, 14]], np.int32)
+    forced = Forced(jnp.asarray(prefix), jnp.asarray([4], jnp.int32), jnp.asarray([0], jnp.int32))
+    got = _run(model, ids, mask, 9, stop_ids=(-1,), forced=forced)
+    prefilled = _run(model, np.concatenate([ids, prefix], 1), np.ones((1, 10), np.int32), 5, stop_ids=(-1,))
+    np.testing.assert_array_equal(got[0, :4], prefix[0])
+    np.testing.assert_array_equal(got[0, 4:], prefilled[0])
