@@ -104,6 +104,18 @@ def _group(names: tuple) -> str | None:
     return None
 
 
+_LAYER_PARAMETERS = {(m, p) for m, ps in (("attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                           ("mlp", ("gate_proj", "up_proj", "down_proj"))) for p in ps}
+
+
+def _in_layout(names: tuple) -> bool:
+    """Whether a parameter path belongs to the Llama layout of :class:`ssah_jax.models.CausalLM`."""
+    if names[:1] == ("layers",):
+        return (len(names) == 5 and (names[2], names[3]) in _LAYER_PARAMETERS and names[4] in ("kernel", "bias")
+                or len(names) == 4 and names[2] in ("input_norm", "post_attn_norm") and names[3] == "scale")
+    return names in (("embed", "embedding"), ("final_norm", "scale"), ("lm_head", "kernel"))
+
+
 def freeze_masks(
     params: Any,
     config: ModelConfig,
@@ -112,6 +124,7 @@ def freeze_masks(
     trained_units: dict[str, Any] | None = None,
     frozen_layers: Sequence[int] = (),
     frozen_groups: Sequence[str] = (),
+    other: dict[str, bool] | None = None,
 ) -> Any:
     """Boolean masks shaped like ``params``, True where a parameter is frozen (for :func:`freeze`).
 
@@ -123,7 +136,11 @@ def freeze_masks(
         an embedding / norm / head parameter (those follow ``frozen_groups``);
       - it lives in a layer of ``frozen_layers`` (the layer-freeze baseline);
       - it is in one of ``frozen_groups``, a subset of :data:`GROUPS`: ``embeddings`` (the
-        token embedding, also the head when tied), ``norms`` (every RMSNorm scale), ``head``.
+        token embedding, also the head when tied), ``norms`` (every RMSNorm scale), ``head``;
+      - it lies outside the Llama layout, under a top-level name that ``other`` maps to True
+        (e.g. ``{"signal": False}``: a safety signal's ``[CLS]`` embedding and head train).
+        Any other parameter outside the layout is an error naming it: a new parameter is never
+        silently trained or frozen.
 
     Masks stay compact (a unit's row or column, or a scalar per parameter).
     """
@@ -144,9 +161,16 @@ def freeze_masks(
         units = jax.tree.map(lambda _: false, params)
     layers = {int(i) for i in frozen_layers}
 
+    other = other or {}
+
     def mask(path, unit_mask):
         names = _names(path)
         group = _group(names)
+        if not _in_layout(names):
+            if names[0] not in other:
+                raise ValueError(f"parameter {'/'.join(map(str, names))} is outside the Llama layout and has no "
+                                 f"freeze rule: give other={{{names[0]!r}: True or False}}")
+            return jnp.asarray(bool(other[names[0]]))
         if names[0] == "layers" and names[1] in layers:
             return jnp.ones((), bool)
         if group is not None:

@@ -303,3 +303,23 @@ def test_schedules_warm_up_then_decay():
     assert float(linear(0)) == 2.0 and float(linear(5)) == pytest.approx(1.5) and float(linear(10)) == 1.0
     with pytest.raises(ValueError, match="schedule"):
         learning_rate_schedule(OptimizerConfig(schedule="step"))
+
+
+def test_parameters_outside_the_llama_layout_need_an_explicit_rule():
+    """A new parameter (a safety signal's [CLS] row, say) is never silently trained or frozen,
+    and has no HF checkpoint name."""
+    from ssah_jax.checkpoints import CheckpointError
+    from ssah_jax.checkpoints.params import model_to_hf_tensors
+
+    model = tiny_model()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    params["signal"] = {"cls": jnp.zeros((64,)), "head": {"kernel": jnp.zeros((64, 1))}}
+    with pytest.raises(ValueError, match="signal/cls is outside the Llama layout"):
+        freeze_masks(params, model.config)
+    trained = freeze_masks(params, model.config, frozen_groups=("embeddings",), other={"signal": False})
+    frozen = freeze_masks(params, model.config, other={"signal": True})
+    assert not trained["signal"]["cls"] and not trained["signal"]["head"]["kernel"] and trained["embed"]["embedding"]
+    assert frozen["signal"]["cls"] and not frozen["embed"]["embedding"]
+    model.signal = nnx.Param(jnp.zeros((64,)))
+    with pytest.raises(CheckpointError, match="'signal'"):
+        model_to_hf_tensors(model)

@@ -55,12 +55,17 @@ _GLOBAL_MAP = {ours: (hf, t) for ours, hf, t in _GLOBAL_TENSORS}
 
 
 def _hf_name(key: str) -> tuple[str, bool]:
-    """Our parameter path (``layers/3/attn/q_proj/kernel``) -> (HF name, transpose?)."""
+    """Our parameter path (``layers/3/attn/q_proj/kernel``) -> (HF name, transpose?); a
+    parameter outside the Llama layout (e.g. a safety signal's) has none: CheckpointError."""
     if key.startswith("layers/"):
         _, index, rest = key.split("/", 2)
-        hf, transpose = _LAYER_MAP[rest]
-        return f"model.layers.{index}.{hf}", transpose
-    return _GLOBAL_MAP[key]
+        if rest in _LAYER_MAP:
+            hf, transpose = _LAYER_MAP[rest]
+            return f"model.layers.{index}.{hf}", transpose
+    elif key in _GLOBAL_MAP:
+        return _GLOBAL_MAP[key]
+    raise CheckpointError(f"parameter {key!r} has no place in a transformers Llama checkpoint; "
+                          "save parameters outside the Llama layout in their own file")
 
 
 def abstract_model(config: ModelConfig, dtype=jnp.float32, param_dtype=jnp.float32) -> CausalLM:
