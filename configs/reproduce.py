@@ -57,7 +57,9 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
     c.data_dir = ""
     c.seed = 0
     c.stages = ("all",)  # or a subset, e.g. --config.stages=align_full,eval_aligned
-    c.report_dir = "experiments/results/smollm2"  # REPORT.md and its plots
+    # REPORT.md and its plots: <workdir>/report when empty; the CPU preset writes the committed
+    # results of the demo model (experiments/results/smollm2, relative to the checkout)
+    c.report_dir = str(HERE.parent / "experiments" / "results" / "smollm2") if preset == "smollm2_cpu" else ""
     c.jax_cache = True  # persistent compilation cache in <workdir>/jax_cache (every run compiles alike)
 
     prune = config_from_file(HERE / "prune.py", "gpu" if gpu else "smollm2")

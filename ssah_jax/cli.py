@@ -143,6 +143,8 @@ def load_config(spec: str) -> ConfigDict:
     module_spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise _Exit(f"--config={spec}: {path} defines no get_config(preset)")
     try:
         return module.get_config(preset) if preset else module.get_config()
     except ValueError as e:
@@ -238,12 +240,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
             if e.flagname.startswith("config."):
                 raise _Exit(_unknown_key(argv[1:], name, e)) from None
             raise _Exit(f"unknown flag --{e.flagname} (`ssah-jax --help` lists the flags)") from None
+        except SyntaxError as e:  # the config file itself
+            raise _Exit(f"--config={spec}: {e.filename}:{e.lineno}: {e.msg}") from None
         except (AttributeError, KeyError) as e:  # ml_collections: an unknown --config.<key>
+            if "get_config" in str(e):
+                raise _Exit(f"--config={spec}: {spec.partition(':')[0]} defines no get_config(preset)") from None
             raise _Exit(_unknown_key(argv[1:], name, e)) from None
         except flags.Error as e:  # a config file that fails to load is reported with its traceback
             message = str(e)
-            if "Traceback (most recent call last)" in message:
-                message = f"--config={spec}: {message.strip().splitlines()[-1]}"
+            if "Traceback (most recent call last)" in message:  # its last line, without the exception's name
+                last = re.sub(r"^[\w.]+(Error|Exception): ", "", message.strip().splitlines()[-1])
+                message = f"--config={spec}: {last}"
             raise _Exit(message) from None
         except ValueError as e:  # the config file's get_config: an unknown preset
             raise _Exit(f"--config={spec}: {e}") from None
@@ -270,12 +277,22 @@ def _main(argv: list[str]) -> None:
         _fail(f"--config is required, e.g. --config=configs/{name}.py:{presets[0]}")
     if not _WORKDIR.value:
         _fail("--workdir is required")
+    own = CONFIGS / f"{name}.py"
+    if own.is_file():  # a config file of another experiment would fail on its first missing key
+        missing = sorted(set(load_config(str(own)).keys()) - set(_CONFIG.value.keys()))
+        if missing:
+            _fail(f"--config={_config_spec(sys.argv[1:]) or ''}: not a {name} config (it lacks "
+                  f"{', '.join('config.' + k for k in missing[:5])}{', ...' if len(missing) > 5 else ''}); "
+                  f"use configs/{name}.py")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file operation at INFO
     module = importlib.import_module(f"experiments.{name}")
     workdir = Path(_WORKDIR.value)
     made = _first_missing(workdir)
     try:
         module.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+    except KeyboardInterrupt:
+        print(f"\nssah-jax: interrupted; the same command resumes in {workdir}", file=sys.stderr)
+        sys.exit(130)
     except expected_errors() as e:
         from ssah_jax.runs import holds_results
 

@@ -127,6 +127,9 @@ def prepare_workdir(workdir: str | Path, config: ConfigDict, excluded: tuple[str
     if overwrite:
         _clear(workdir, config)
     elif values is not None:
+        if not _same_experiment(workdir, config):
+            raise WorkdirError(f"{workdir} holds a run of another experiment (its config.json has other keys); "
+                               "use a new --workdir")
         recorded = _recorded(workdir, excluded)
         if recorded is not None and recorded != values:
             raise ConfigError(f"{workdir} holds a run with other values of determining config keys: "
@@ -151,15 +154,22 @@ def _recorded(workdir: Path, excluded: tuple[str, ...]) -> dict[str, Any] | None
     return None
 
 
+def _same_experiment(workdir: Path, config: ConfigDict) -> bool:
+    """Whether ``workdir`` is new, or holds a config.json with the top-level keys of ``config``
+    (an HF model's config.json, or another experiment's, has other keys)."""
+    if not (workdir / "config.json").exists():
+        return not (workdir / IDENTITY).exists()
+    try:
+        return set(json.loads((workdir / "config.json").read_text())) == set(config.keys())
+    except (OSError, json.JSONDecodeError, TypeError):
+        return False
+
+
 def _clear(workdir: Path, config: ConfigDict) -> None:
     """Empties the workdir of an earlier run (``--overwrite``); refuses any other directory."""
     if not workdir.exists() or not any(workdir.iterdir()):
         return
-    try:  # prepare_workdir wrote the config there (an HF model's config.json has other keys)
-        ours = set(json.loads((workdir / "config.json").read_text())) == set(config.keys())
-    except (OSError, json.JSONDecodeError, TypeError):
-        ours = False
-    if not ours:
+    if not (workdir / "config.json").exists() or not _same_experiment(workdir, config):
         raise WorkdirError(f"--overwrite: {workdir} does not look like a workdir of this experiment (no config.json "
                            "of its config keys); not clearing it")
     for entry in workdir.iterdir():

@@ -95,6 +95,36 @@ def test_config_errors_are_one_line_and_make_no_workdir(tmp_path):
     assert not workdir.exists()
 
 
+def test_bad_config_files_are_one_line(tmp_path):
+    syntax, no_function = tmp_path / "syntax.py", tmp_path / "empty.py"
+    syntax.write_text("def get_config(:\n")
+    no_function.write_text("X = 1\n")
+    workdir = tmp_path / "run"
+    assert f"{syntax}:1: invalid syntax" in error_line(_cli("generate", f"--config={syntax}", f"--workdir={workdir}"))
+    assert "defines no get_config" in error_line(_cli("generate", f"--config={no_function}", f"--workdir={workdir}"))
+    preset = error_line(_cli("generate", "--config=configs/generate.py:nope", f"--workdir={workdir}"))
+    assert preset.startswith("ssah-jax: --config=configs/generate.py:nope: unknown preset 'nope'")  # no "ValueError:"
+    other = error_line(_cli("generate", "--config=configs/prune.py:quick", f"--workdir={workdir}"))
+    assert "not a generate config" in other and "config.max_new_tokens" in other
+    assert not workdir.exists()
+
+
+def test_a_directory_that_is_not_a_model_is_one_line(tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    line = error_line(_generate(tmp_path / "run", f"--config.model={folder}"))
+    assert str(folder) in line and "not a model directory" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_workdir_of_another_experiment_is_named(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text('{"attribution": {}, "kinds": {}}')
+    line = error_line(_generate(workdir))
+    assert "holds a run of another experiment" in line and "--overwrite" not in line
+
+
 def test_traceback_on_request(tmp_path):
     for args, env in ((["--traceback"], ENV), ([], {**ENV, cli.TRACEBACK_ENV: "1"})):
         result = _generate(tmp_path / "run", "--config.top_p=1.5", *args, env=env)

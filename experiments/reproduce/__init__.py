@@ -532,7 +532,7 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
         return out
     from experiments.reproduce import report as report_module
 
-    report = report_module.write(config, out, Path(config.report_dir))
+    report = report_module.write(config, out, Path(config.report_dir) if config.report_dir else out / "report")
     print(f"Report: {report}")
     return report
 

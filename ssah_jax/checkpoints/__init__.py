@@ -57,7 +57,10 @@ def load_tokenizer(ref: str | os.PathLike) -> Any:
         return gguf_tokenizer(open_gguf(path))
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot load its tokenizer ({' '.join(str(e).split())[:300]})") from e
 
 
 def _path_like(ref: str) -> bool:
@@ -97,7 +100,12 @@ def load_weights(
         return load_gguf_model(path, gguf_config(file), file=file, **kw)
     from transformers import AutoConfig
 
-    return load_hf_model(path, AutoConfig.from_pretrained(str(path)), **kw)
+    try:
+        hf_config = AutoConfig.from_pretrained(str(path))
+    except (ValueError, OSError) as e:
+        reason = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{path}/config.json: not a transformers config ({reason})") from e
+    return load_hf_model(path, hf_config, **kw)
 
 
 def load_model(

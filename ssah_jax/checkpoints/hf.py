@@ -20,16 +20,21 @@ INDEX_FILE = "model.safetensors.index.json"
 
 
 def resolve_hf_dir(ref: str | os.PathLike) -> Path:
-    """A local directory as is; otherwise a hub repo id, downloaded (configs, tokenizer, weights)."""
+    """A local model directory (with ``config.json``) as is; otherwise a hub repo id, downloaded
+    (configs, tokenizer, weights). CheckpointError naming ``ref`` when neither works."""
     path = Path(ref)
-    if path.is_dir():
-        return path
     if path.exists():
-        raise CheckpointError(f"{path}: expected a directory with config.json and safetensors")
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path}: not a model directory (expected config.json and safetensors weights)")
+        return path
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
-    return Path(snapshot_download(str(ref), allow_patterns=patterns))
+    try:
+        return Path(snapshot_download(str(ref), allow_patterns=patterns))
+    except Exception as e:  # offline, no such repo, gated, ...: one error naming the repo
+        reason = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{ref}: cannot fetch this hub repo ({type(e).__name__}: {reason})") from e
 
 
 def _tensor_files(directory: Path) -> dict[str, Path]:
