@@ -142,7 +142,10 @@ def load_config(spec: str) -> ConfigDict:
         raise _Exit(f"--config={spec}: {path}: no such file")
     module_spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise _Exit(f"--config={spec}: {e.filename}:{e.lineno}: {e.msg}") from None
     if not hasattr(module, "get_config"):
         raise _Exit(f"--config={spec}: {path} defines no get_config(preset)")
     try:

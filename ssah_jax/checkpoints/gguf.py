@@ -133,6 +133,8 @@ def gguf_config(file: GGUFFile):
     if "vocab_size" not in values:
         values["vocab_size"] = len(file.metadata.get("tokenizer.ggml.tokens", ()))
     values["tie_word_embeddings"] = "output.weight" not in file.tensor_names
+    if model_type == "mistral":  # llama.cpp writes no sliding window (and attends without one)
+        values["sliding_window"] = None
     for name, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                       ("pad_token_id", "padding_token_id")):
         if f"tokenizer.ggml.{key}" in file.metadata:

