@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-import importlib.util
-import json
 import os
 import pkgutil
 import re
@@ -140,29 +138,18 @@ def load_config(spec: str) -> ConfigDict:
     path, _, preset = spec.partition(":")
     if not Path(path).is_file():
         raise _Exit(f"--config={spec}: {path}: no such file")
-    module_spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(module_spec)
+    from ssah_jax.runs import config_from_file
+
     try:
-        module_spec.loader.exec_module(module)
+        return config_from_file(path, preset)
     except SyntaxError as e:
         raise _Exit(f"--config={spec}: {e.filename}:{e.lineno}: {e.msg}") from None
-    if not hasattr(module, "get_config"):
-        raise _Exit(f"--config={spec}: {path} defines no get_config(preset)")
-    try:
-        return module.get_config(preset) if preset else module.get_config()
-    except ValueError as e:
+    except ValueError as e:  # an unknown preset; no get_config (a ConfigError)
         raise _Exit(f"--config={spec}: {e}") from None
 
 
-def _leaves(tree: Any, prefix: str = "") -> list[str]:
-    """The dotted leaf keys of a config's JSON, in the order the config file sets them."""
-    if isinstance(tree, dict) and tree:
-        return [k for key, value in tree.items() for k in _leaves(value, f"{prefix}{key}.")]
-    return [prefix[:-1]]
-
-
 def experiment_help(name: str, args: list[str]) -> str:
-    from ssah_jax.runs import get
+    from ssah_jax.runs import determining, get
 
     _, doc, presets = _describe(name)
     spec = _config_spec(args)
@@ -178,7 +165,7 @@ def experiment_help(name: str, args: list[str]) -> str:
              USAGE.replace("<experiment>", name, 1).replace("configs/<experiment>.py", f"configs/{name}.py"),
              f"presets: {_presets(presets)}", "", f"{path}: {_module_parts(Path(path))[0]}", "",
              f"Config keys and values of --config={spec}{'' if ':' in spec else ' (its default preset)'}:"]
-    lines += [f"  {key} = {get(config, key)!r}" for key in _leaves(json.loads(config.to_json_best_effort()))]
+    lines += [f"  {key} = {get(config, key)!r}" for key in determining(config)]  # every key, in file order
     if excluded is None:
         lines += ["", "Each stage records the identity of what it is given; a re-run that changes it is refused."]
     elif excluded:

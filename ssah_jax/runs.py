@@ -210,13 +210,16 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def config_from_file(path: str | Path, preset: str, drop: tuple[str, ...] = ()) -> ConfigDict:
-    """``get_config(preset)`` of a config file without its top-level keys ``drop`` (configs
-    nest each other's sections this way, dropping what the outer config sets)."""
+def config_from_file(path: str | Path, preset: str | None, drop: tuple[str, ...] = ()) -> ConfigDict:
+    """``get_config(preset)`` of a config file (its default preset when ``preset`` is empty)
+    without its top-level keys ``drop`` (configs nest each other's sections this way, dropping
+    what the outer config sets). A file without ``get_config`` is a ConfigError."""
     spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config(preset)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config(preset)")
+    config = module.get_config(preset) if preset else module.get_config()
     with config.unlocked():
         for key in drop:
             del config[key]

