@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
@@ -27,19 +25,12 @@ from ssah_jax.checkpoints import load_model, save_hf
 from ssah_jax.data import load_mixture, parse_mixture
 from ssah_jax.data.batching import batch_dataset, bucket_lengths
 from ssah_jax.data.tokenize import encode_records
-from ssah_jax.masking import GROUPS, MODULES, freeze_masks
+from ssah_jax.masking import GROUPS, MODULES
 from ssah_jax.sharding import make_mesh, shard_batch, use_rules
 from ssah_jax.train import lora
 from ssah_jax.train.loop import LoopConfig, fit
-from ssah_jax.train.step import (
-    SCHEDULES,
-    OptimizerConfig,
-    Trainee,
-    compile_eval_step,
-    create_state,
-    make_optimizer,
-    model_shardings,
-)
+from ssah_jax.train.setup import Freeze, setup_training
+from ssah_jax.train.step import SCHEDULES, OptimizerConfig
 
 MODES = ("none", "units", "only_units", "layers", "lora")
 # Keys that only affect speed or logging; every other key determines the trained parameters, so
@@ -116,22 +107,14 @@ def split_records(config: ConfigDict) -> tuple[list, list]:
     return (train[: d.limit] if d.limit else train), heldout
 
 
-def freeze_setting(config: ConfigDict, model: Any, params: Any, shardings: Any) -> dict[str, Any]:
-    """What trains: ``params`` / ``base`` / their shardings, the freeze ``masks``, LoRA config,
-    and a one-line description."""
+def freeze_setting(config: ConfigDict, model: Any) -> Freeze:
+    """The :class:`~ssah_jax.train.setup.Freeze` that ``config.freeze`` asks for."""
     f = config.freeze
-    mode, cfg = f.mode, model.config
-    setting = {"params": params, "shardings": shardings, "base": None, "base_shardings": None, "lora": None}
-    if mode == "lora":
+    if f.mode == "lora":
         lcfg = lora.LoraConfig(f.lora.rank, f.lora.alpha, tuple(f.lora.targets))
-        adapters = lora.init(jax.random.key(config.seed), params, lcfg)
-        setting.update(params=adapters, shardings=lora.shardings(adapters, shardings, lcfg), base=params,
-                       base_shardings=shardings, lora=lcfg, masks=jax.tree.map(lambda _: False, adapters))
-        setting["description"] = (f"LoRA rank {lcfg.rank}, alpha {lcfg.alpha} on {', '.join(lcfg.targets)} "
-                                  f"({lora.count(adapters):,} adapter parameters; the base model is frozen)")
-        return setting
-    kw: dict[str, Any] = {"frozen_groups": tuple(f.groups)}
-    if mode in ("units", "only_units"):
+        return Freeze(lora=lcfg, description=f"LoRA rank {lcfg.rank}, alpha {lcfg.alpha} on {', '.join(lcfg.targets)}")
+    kw: dict[str, Any] = {"groups": tuple(f.groups)}
+    if f.mode in ("units", "only_units"):
         umap = UnitMap.load(f.units.file, model=model)
         try:
             units = umap.select(f.units.selection)
@@ -142,34 +125,16 @@ def freeze_setting(config: ConfigDict, model: Any, params: Any, shardings: Any) 
         if f.units.random:
             units = umap.random_units(count, config.seed)
             what = f"{count} random units (as many as {f.units.selection} of {f.units.file}; seed {config.seed})"
-        kw["frozen_units" if mode == "units" else "trained_units"] = units
-        description = f"frozen: {what}" if mode == "units" else f"trained: only {what}"
-    elif mode == "layers":
-        kw["frozen_layers"] = parse_layers(f.layers)
+        kw["frozen_units" if f.mode == "units" else "trained_units"] = units
+        description = f"frozen: {what}" if f.mode == "units" else f"trained: only {what}"
+    elif f.mode == "layers":
+        kw["layers"] = parse_layers(f.layers)
         description = f"frozen: decoder layers {f.layers}"
     else:
         description = "full fine-tuning"
     if f.groups:
         description += f"; frozen groups: {', '.join(f.groups)}"
-    setting.update(masks=freeze_masks(params, cfg, **kw), description=description)
-    return setting
-
-
-def _frozen_checksum(params: Any, masks: Any) -> jax.Array:
-    """Sum of the bit patterns of every frozen element (uint32, wrapping): equal before and
-    after training when no frozen element changed."""
-    def leaf(p, m):
-        bits = jax.lax.bitcast_convert_type(p.astype(jnp.float32), jnp.uint32)
-        return jnp.sum(jnp.where(m, bits, jnp.uint32(0)), dtype=jnp.uint32)
-
-    return sum(jax.tree.leaves(jax.tree.map(leaf, params, masks)), jnp.uint32(0))
-
-
-def _count(params: Any, masks: Any) -> tuple[int, int]:
-    """(frozen elements, all elements)."""
-    frozen = sum(int(np.broadcast_to(np.asarray(m), p.shape).sum()) for p, m in
-                 zip(jax.tree.leaves(params), jax.tree.leaves(masks)))
-    return frozen, int(sum(p.size for p in jax.tree.leaves(params)))
+    return Freeze(**kw, description=description)
 
 
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
@@ -196,25 +161,20 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
                f"each micro-batch (batch_size / accum_steps) must split over the {rows} data x fsdp devices")
     runs.check(config, "eval_batch_size", lambda v: v % rows == 0, f"must split over the {rows} data x fsdp devices")
     with jax.set_mesh(mesh), use_rules():
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        setting = freeze_setting(config, model, params, model_shardings(model, mesh))
-        frozen, total = _count(setting["params"], setting["masks"])
         o = config.optimizer
-        tx, schedule = make_optimizer(OptimizerConfig(
-            learning_rate=o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
-            total_steps=config.steps, end_fraction=o.end_fraction, weight_decay=o.weight_decay,
-            clip_norm=o.clip_norm), setting["masks"])
-        state, shardings = create_state(setting["params"], tx, setting["shardings"], rng=jax.random.key(config.seed),
-                                        base=setting["base"], base_shardings=setting["base_shardings"])
-        checksum = jax.jit(_frozen_checksum)
-        before = int(checksum(state.params, setting["masks"]))
-        trainee = Trainee.of(model, runs.DTYPES[config.compute_dtype], setting["lora"])
+        training = setup_training(
+            model, mesh, freeze_setting(config, model),
+            OptimizerConfig(learning_rate=o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
+                            total_steps=config.steps, end_fraction=o.end_fraction, weight_decay=o.weight_decay,
+                            clip_norm=o.clip_norm),
+            seed=config.seed, compute_dtype=runs.DTYPES[config.compute_dtype], accum_steps=config.accum_steps)
+        before = training.frozen_checksum(training.state)
         buckets = bucket_lengths(d.max_length)
         dataset = batch_dataset(train_examples, batch_size=config.batch_size, pad_id=tokenizer.pad_token_id,
                                 buckets=buckets, seed=config.seed, epochs=None)
         hooks = []
         if heldout_examples:
-            evaluate = compile_eval_step(trainee, shardings)
+            evaluate = training.eval_step()
             heldout = batch_dataset(heldout_examples, batch_size=config.eval_batch_size,
                                     pad_id=tokenizer.pad_token_id, buckets=buckets, shuffle=False)
 
@@ -226,21 +186,21 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
             hooks.append(heldout_loss)
         data_id = {"dataset": d.dataset, "split": d.split, "examples": len(train_examples),
                    "batch_size": config.batch_size, "max_length": d.max_length, "seed": config.seed}
-        print(f"Freeze setting: {setting['description']}; {total - frozen:,} of {total:,} trained elements")
+        frozen, total = training.frozen_elements, training.total_elements
+        print(f"Freeze setting: {training.description}; {total - frozen:,} of {total:,} trained elements")
         state, summary = fit(
-            trainee, tx, schedule, state, shardings, dataset,
-            LoopConfig(steps=config.steps, accum_steps=config.accum_steps, log_every=config.log_every,
+            training, dataset,
+            LoopConfig(steps=config.steps, log_every=config.log_every,
                        eval_every=config.eval_every, checkpoint_every=config.checkpoint_every,
                        keep_checkpoints=config.keep_checkpoints),
             out, data_id=data_id, hooks=hooks)
-        after = int(checksum(state.params, setting["masks"]))
-        final = state.params if setting["lora"] is None else lora.merge(state.base, state.params, setting["lora"])
-        exported = nnx.merge(nnx.graphdef(model), jax.device_get(final))
+        after = training.frozen_checksum(state)
+        exported = nnx.merge(nnx.graphdef(model), jax.device_get(training.final_params(state)))
     export = save_hf(exported, model.config.to_hf(), out / "export", tokenizer)
 
     records = runs.read_jsonl(out / "metrics.jsonl")
     result = {
-        "source": source, "description": setting["description"], "trained_elements": total - frozen,
+        "source": source, "description": training.description, "trained_elements": total - frozen,
         "frozen_elements": frozen, "total_elements": total, "frozen_unchanged": before == after,
         "examples": {"train": len(train_examples), "heldout": len(heldout_examples)},
         "heldout_loss": {r["step"]: r["heldout_loss"] for r in records if r["kind"] == "eval"},

@@ -270,20 +270,11 @@ def bench_train(args) -> dict:
     import jax
     import numpy as np
     import torch
-    from flax import nnx
     from transformers import AutoModelForCausalLM
 
     from ssah_jax.checkpoints import demo_gguf_path, load_model
-    from ssah_jax.masking import freeze_masks
     from ssah_jax.sharding import make_mesh, shard_batch, use_rules
-    from ssah_jax.train import (
-        OptimizerConfig,
-        Trainee,
-        compile_train_step,
-        create_state,
-        make_optimizer,
-        model_shardings,
-    )
+    from ssah_jax.train import Freeze, OptimizerConfig, setup_training
 
     path = demo_gguf_path()
     ids = np.random.default_rng(0).integers(3, 49152, (args.batch, args.length)).astype(np.int32)
@@ -293,11 +284,9 @@ def bench_train(args) -> dict:
     model, _ = load_model(str(path))
     mesh = make_mesh({"fsdp": -1})
     with jax.set_mesh(mesh), use_rules():
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        tx, schedule = make_optimizer(OptimizerConfig(learning_rate=lr, schedule="constant", clip_norm=clip,
-                                                      total_steps=args.repeats + 1), freeze_masks(params, model.config))
-        state, shardings = create_state(params, tx, model_shardings(model, mesh), rng=jax.random.key(0))
-        step = compile_train_step(Trainee.of(model), tx, schedule, shardings)
+        training = setup_training(model, mesh, Freeze(), OptimizerConfig(
+            learning_rate=lr, schedule="constant", clip_norm=clip, total_steps=args.repeats + 1))
+        state, step = training.state, training.step
         batch = shard_batch({"input_ids": ids, "attention_mask": ones, "loss_mask": ones})
         box = [state]  # the step donates its input state
 
@@ -310,7 +299,7 @@ def bench_train(args) -> dict:
         first_s = time.perf_counter() - start
         ours_s = _timed(ours, args.repeats)
         profile = op_profile(ours) if args.profile else None
-    del model, params, state
+    del model, training, state
     box.clear()
 
     reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)

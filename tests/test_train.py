@@ -15,6 +15,7 @@ from ssah_jax.masking import freeze_masks
 from ssah_jax.models import CausalLM, ModelConfig
 from ssah_jax.sharding import make_mesh, shard_batch, use_rules
 from ssah_jax.train import (
+    Freeze,
     LoraConfig,
     OptimizerConfig,
     ResponseLoss,
@@ -26,6 +27,7 @@ from ssah_jax.train import (
     lora,
     make_optimizer,
     model_shardings,
+    setup_training,
 )
 from tests import tiny
 
@@ -323,3 +325,34 @@ def test_parameters_outside_the_llama_layout_need_an_explicit_rule():
     model.signal = nnx.Param(jnp.zeros((64,)))
     with pytest.raises(CheckpointError, match="'signal'"):
         model_to_hf_tensors(model)
+
+
+def test_setup_training_freezes_what_the_setting_says_and_the_step_keeps_it():
+    model = tiny_model()
+    initial = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # the step donates the state
+    mesh = make_mesh({"fsdp": -1})
+    opt = OptimizerConfig(learning_rate=1e-2, schedule="constant", total_steps=3)
+    with jax.set_mesh(mesh), use_rules():
+        full_ft = setup_training(model, mesh, Freeze(), opt)
+        layer0 = setup_training(model, mesh, Freeze(layers=[0], description="layer 0"), opt, accum_steps=2)
+        adapters = setup_training(model, mesh, Freeze(lora=LoraConfig(2, 4.0, ("q_proj",)), description="LoRA"), opt)
+        state = layer0.state
+        before = layer0.frozen_checksum(state)
+        for seed in range(2):
+            state, _ = layer0.step(state, shard_batch(random_batch(8, seed=seed)))
+        assert layer0.frozen_checksum(state) == before
+        changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                               layer0.final_params(state), initial)
+    assert full_ft.frozen_elements == 0 and full_ft.description == "full fine-tuning"
+    per_layer = sum(p.size for p in jax.tree.leaves(initial["layers"][0]))
+    assert layer0.frozen_elements == per_layer and layer0.total_elements == full_ft.total_elements
+    assert not any(jax.tree.leaves(changed["layers"][0])) and any(jax.tree.leaves(changed["layers"][1]))
+    assert adapters.frozen_elements == 0 and adapters.total_elements == lora.count(adapters.state.params)
+    assert adapters.description == f"LoRA ({adapters.total_elements:,} adapter parameters; the base model is frozen)"
+
+
+def test_freeze_setting_refuses_contradictions():
+    with pytest.raises(ValueError, match="not both"):
+        Freeze(frozen_units={}, trained_units={})
+    with pytest.raises(ValueError, match="LoRA"):
+        Freeze(lora=LoraConfig(2, 4.0, ("q_proj",)), layers=[0])

@@ -1,7 +1,9 @@
 """Training: pure state / loss / optimizer / sharded step (``step``), LoRA adapters (``lora``),
+the typed set-up of a run (``setup``: freeze setting -> masks, optimizer, state, compiled step),
 and the loop with metrics, evaluation hooks and orbax checkpoints (``loop``)."""
 
 from ssah_jax.train.lora import LoraConfig
+from ssah_jax.train.setup import Freeze, Training, frozen_checksum, setup_training
 from ssah_jax.train.step import (
     SCHEDULES,
     Objective,
@@ -24,21 +26,25 @@ from ssah_jax.train.step import (
 
 __all__ = [
     "SCHEDULES",
+    "Freeze",
     "LoraConfig",
     "Objective",
     "OptimizerConfig",
     "ResponseLoss",
     "TrainState",
     "Trainee",
+    "Training",
     "apply_gradients",
     "compile_eval_step",
     "compile_train_step",
     "create_state",
+    "frozen_checksum",
     "learning_rate_schedule",
     "make_optimizer",
     "model_shardings",
     "objective_scale",
     "objective_value",
+    "setup_training",
     "term_metrics",
     "train_step",
 ]

@@ -22,7 +22,8 @@ from ssah_jax.checkpoints.manager import TrainCheckpoints
 from ssah_jax.checkpoints.params import CheckpointError
 from ssah_jax.sharding import shard_batch
 from ssah_jax.train.metrics import MetricWriter
-from ssah_jax.train.step import TrainState, compile_train_step
+from ssah_jax.train.setup import Training
+from ssah_jax.train.step import TrainState
 
 # (step, state) -> metrics to log under "eval/", or None.
 Hook = Callable[[int, TrainState], dict[str, float] | None]
@@ -31,7 +32,6 @@ Hook = Callable[[int, TrainState], dict[str, float] | None]
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
     steps: int
-    accum_steps: int = 1
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate only before the first and after the last step
     checkpoint_every: int = 50
@@ -39,11 +39,7 @@ class LoopConfig:
 
 
 def fit(
-    trainee,
-    tx,
-    schedule,
-    state: TrainState,
-    shardings: TrainState,
+    training: Training,
     dataset: Any,
     config: LoopConfig,
     workdir: str | Path,
@@ -51,7 +47,8 @@ def fit(
     data_id: dict[str, Any],
     hooks: Sequence[Hook] = (),
 ) -> tuple[TrainState, dict[str, Any]]:
-    """Trains ``state`` for ``config.steps`` steps, resuming from ``workdir/checkpoints``.
+    """Trains ``training.state`` with ``training.step`` for ``config.steps`` steps, resuming
+    from ``workdir/checkpoints``.
 
     ``data_id`` describes the batches (dataset, sizes, seed); a checkpoint made with other
     data is refused. Hooks run before step 0, every ``eval_every`` steps and after the last.
@@ -60,7 +57,7 @@ def fit(
     workdir = Path(workdir)
     checkpoints = TrainCheckpoints(workdir / "checkpoints", every=config.checkpoint_every,
                                    keep=config.keep_checkpoints)
-    start = 0
+    state, step_fn, start = training.state, training.step, 0
     if checkpoints.latest_step() is not None:
         state, meta = checkpoints.restore(state)
         if meta.get("data") != data_id:
@@ -70,7 +67,6 @@ def fit(
         start = int(state.step)
         print(f"Resuming from the checkpoint of step {start} ({checkpoints.directory})")
     writer = MetricWriter(workdir, resume_step=start)
-    step_fn = compile_train_step(trainee, tx, schedule, shardings, accum_steps=config.accum_steps)
 
     def run_hooks(step: int, state: TrainState) -> None:
         for hook in hooks:

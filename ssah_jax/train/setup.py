@@ -1,0 +1,147 @@
+"""One typed training set-up: what stays frozen, the masks, the optimizer, the sharded state and
+the compiled step, built in one call that every trainer (the ``finetune`` experiment, the
+benchmark) shares.
+
+Call :func:`setup_training` inside ``with jax.set_mesh(mesh), sharding.use_rules():``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ssah_jax.masking import freeze_masks
+from ssah_jax.models import CausalLM
+from ssah_jax.train import lora
+from ssah_jax.train.step import (
+    Objective,
+    OptimizerConfig,
+    ResponseLoss,
+    Trainee,
+    TrainState,
+    compile_eval_step,
+    compile_train_step,
+    create_state,
+    make_optimizer,
+    model_shardings,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Freeze:
+    """What does not train (the defaults: full fine-tuning).
+
+    ``frozen_units`` / ``trained_units``: unit masks (``{module: bool [layers, units]}``, see
+    :func:`ssah_jax.masking.freeze_masks`), at most one of them; ``layers``: decoder layers frozen
+    whole; ``groups``: embeddings / norms / head; ``lora``: train LoRA adapters on a frozen base
+    instead (then nothing else may be set). ``description`` is the one line reports print (under
+    LoRA, :func:`setup_training` appends the adapters' size)."""
+
+    frozen_units: Mapping[str, np.ndarray] | None = None
+    trained_units: Mapping[str, np.ndarray] | None = None
+    layers: Sequence[int] = ()
+    groups: Sequence[str] = ()
+    lora: lora.LoraConfig | None = None
+    description: str = "full fine-tuning"
+
+    def __post_init__(self):
+        if self.frozen_units is not None and self.trained_units is not None:
+            raise ValueError("Freeze: give frozen_units or trained_units, not both")
+        if self.lora is not None and (self.frozen_units is not None or self.trained_units is not None
+                                      or self.layers or self.groups):
+            raise ValueError("Freeze: LoRA trains adapters on a frozen base; units, layers and groups do not apply")
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """The set-up of one training run. ``state`` is the initial state (the step donates it:
+    keep the state it returns); ``masks`` (True = frozen) are over ``state.params``, which are
+    the LoRA adapters under LoRA; ``step(state, batch) -> (state, metrics)`` is compiled."""
+
+    trainee: Trainee
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state: TrainState
+    shardings: TrainState
+    masks: Any
+    step: Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]
+    description: str
+    frozen_elements: int
+    total_elements: int
+
+    def eval_step(self):
+        """``evaluate(state, batch) -> (sums, counts)`` (:func:`compile_eval_step`)."""
+        return compile_eval_step(self.trainee, self.shardings)
+
+    def final_params(self, state: TrainState) -> Any:
+        """The full parameter dict of ``state`` (LoRA merged into the base), float32 master weights."""
+        return state.params if self.trainee.lora is None else lora.merge(state.base, state.params, self.trainee.lora)
+
+    def frozen_checksum(self, state: TrainState) -> int:
+        """:func:`frozen_checksum` of ``state``'s parameters under the freeze masks."""
+        return int(_checksum(state.params, self.masks))
+
+
+def frozen_checksum(params: Any, masks: Any) -> jax.Array:
+    """Sum of the bit patterns of every frozen element (uint32, wrapping): equal before and
+    after training when no frozen element changed."""
+    def leaf(p, m):
+        bits = jax.lax.bitcast_convert_type(p.astype(jnp.float32), jnp.uint32)
+        return jnp.sum(jnp.where(m, bits, jnp.uint32(0)), dtype=jnp.uint32)
+
+    return sum(jax.tree.leaves(jax.tree.map(leaf, params, masks)), jnp.uint32(0))
+
+
+_checksum = jax.jit(frozen_checksum)
+
+
+def _count(params: Any, masks: Any) -> tuple[int, int]:
+    frozen = sum(int(np.broadcast_to(np.asarray(m), p.shape).sum()) for p, m in
+                 zip(jax.tree.leaves(params), jax.tree.leaves(masks)))
+    return frozen, int(sum(p.size for p in jax.tree.leaves(params)))
+
+
+def setup_training(
+    model: CausalLM,
+    mesh: jax.sharding.Mesh,
+    freeze: Freeze,
+    optimizer: OptimizerConfig,
+    *,
+    seed: int = 0,
+    compute_dtype: Any = jnp.float32,
+    accum_steps: int = 1,
+    objective: Objective = ResponseLoss(),
+) -> Training:
+    """Everything a training loop needs for ``model`` (its float32 weights are the master
+    weights) on ``mesh``: freeze masks, the masked optimizer, the sharded initial state (LoRA
+    adapters initialised from ``seed``, which also seeds the state's rng) and the compiled step
+    in ``compute_dtype`` with ``accum_steps`` micro-batches."""
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    shardings = model_shardings(model, mesh)
+    base = base_shardings = None
+    if freeze.lora is not None:
+        base, base_shardings = params, shardings
+        params = lora.init(jax.random.key(seed), base, freeze.lora)
+        shardings = lora.shardings(params, base_shardings, freeze.lora)
+        masks = jax.tree.map(lambda _: False, params)
+    else:
+        masks = freeze_masks(params, model.config, frozen_units=freeze.frozen_units,
+                             trained_units=freeze.trained_units, frozen_layers=tuple(freeze.layers),
+                             frozen_groups=tuple(freeze.groups))
+    frozen, total = _count(params, masks)
+    description = freeze.description
+    if freeze.lora is not None:
+        description += f" ({lora.count(params):,} adapter parameters; the base model is frozen)"
+    tx, schedule = make_optimizer(optimizer, masks)
+    state, state_shardings = create_state(params, tx, shardings, rng=jax.random.key(seed), base=base,
+                                          base_shardings=base_shardings)
+    trainee = Trainee.of(model, compute_dtype, freeze.lora, objective)
+    step = compile_train_step(trainee, tx, schedule, state_shardings, accum_steps=accum_steps)
+    return Training(trainee, tx, schedule, state, state_shardings, masks, step, description, frozen, total)
