@@ -14,23 +14,19 @@ with other values of the determining keys is refused, see ``runs.prepare_workdir
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
-from tqdm.auto import tqdm
 
 from experiments import evaluate
 from ssah_jax import runs
-from ssah_jax.attribution import KINDS, SCORERS, TOKENS, classify, unit_scores
+from ssah_jax.attribution import KINDS, SCORERS, TOKENS, calibration_scores, classify
 from ssah_jax.attribution.kinds import NORMALISATIONS, RANKINGS
 from ssah_jax.checkpoints import load_model
 from ssah_jax.data import check_kit_dataset, load_local, with_responses
-from ssah_jax.data.batching import batch_dataset, bucket_lengths
-from ssah_jax.data.tokenize import encode_records
 from ssah_jax.masking import MODULES, prune
 
 VARIANTS = ("dense", "minus_SCU", "minus_UCU", "minus_RU", "minus_random")
@@ -70,33 +66,10 @@ def calibration_records(config: ConfigDict, which: str) -> list:
 
 def scores(config: ConfigDict, model: Any, tokenizer: Any, out: Path, which: str) -> dict[str, np.ndarray]:
     """Scores on one calibration set, computed once and kept in ``scores/<which>.npz``."""
-    path = out / "scores" / f"{which}.npz"
-    if path.exists():
-        with np.load(path) as data:
-            print(f"{which} scores: computed in an earlier run, kept ({path})")
-            return {m: data[m] for m in MODULES}
     a = config.attribution
-    records = calibration_records(config, which)
-    examples, stats = encode_records(tokenizer, records, max_length=a.max_length)
-    print(f"{which} calibration set ({a[which].dataset}): {stats}")
-    batches = batch_dataset(examples, batch_size=a.batch_size, pad_id=tokenizer.pad_token_id,
-                            buckets=bucket_lengths(a.max_length), shuffle=False)
-    start = time.perf_counter()
-    result = unit_scores(model, tqdm(batches, desc=f"{which} scores ({a.scorer})", unit="batch"), a.scorer, a.tokens)
-    result = {m: np.asarray(v) for m, v in result.items()}
-    seconds = time.perf_counter() - start
-    path.parent.mkdir(exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps({
-        "dataset": a[which].dataset, "samples": len(examples), "truncated": stats.truncated,
-        "dropped": stats.dropped, "tokens": sum(len(e.ids) for e in examples),
-        "response_tokens": sum(int(e.loss_mask.sum()) for e in examples), "seconds": round(seconds, 1),
-        "prompts": sorted({r.prompt for r in records}),
-    }, indent=2) + "\n")
-    partial = path.with_suffix(".partial")
-    with open(partial, "wb") as f:
-        np.savez(f, **result)
-    partial.replace(path)  # last, and atomic: its presence means the scores are complete
-    return result
+    return calibration_scores(model, tokenizer, calibration_records(config, which), out / "scores", which,
+                              scorer=a.scorer, tokens=a.tokens, max_length=a.max_length, batch_size=a.batch_size,
+                              dataset=a[which].dataset)
 
 
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ssah_jax.attribution import UnitMap
+from ssah_jax.attribution import UnitMap, calibration
 from ssah_jax.runs import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def test_prune_runs_end_to_end_and_resumes(tmp_path, demo, monkeypatch):
     kept = json.loads(last.read_text())
     del kept["mmlu"]
     last.write_text(json.dumps(kept))
-    monkeypatch.setattr(prune_experiment, "unit_scores", lambda *a, **k: pytest.fail("scores recomputed"))
+    monkeypatch.setattr(calibration, "unit_scores", lambda *a, **k: pytest.fail("scores recomputed"))
     prune_experiment.run(config, str(workdir))
     again = json.loads((workdir / "metrics.json").read_text())
     assert again["minus_SCU"] == metrics["minus_SCU"]

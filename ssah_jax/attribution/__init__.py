@@ -1,6 +1,7 @@
 """SSAH attribution: per-unit scores streamed over calibration batches (WIFV, Wanda, SNIP),
-the four unit kinds, and the UnitMap that stores them."""
+the four unit kinds, the UnitMap that stores them, and cached scores of calibration sets."""
 
+from ssah_jax.attribution.calibration import calibration_scores, load_scores
 from ssah_jax.attribution.kinds import (
     KINDS,
     UnitMap,
@@ -31,8 +32,10 @@ __all__ = [
     "UnitMap",
     "UnitMapMismatch",
     "activation_moments",
+    "calibration_scores",
     "classify",
     "gradient_sums",
+    "load_scores",
     "model_identity",
     "snip",
     "sweep_fraction",

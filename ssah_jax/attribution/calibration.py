@@ -1,0 +1,73 @@
+"""Unit scores of a model on a calibration set, computed once and cached in a file.
+
+``calibration_scores`` encodes the records (chat template, response-only masks), batches them,
+streams them through a scorer (:func:`~ssah_jax.attribution.unit_scores`) and writes
+``<name>.npz`` (the scores, last and atomically: its presence means they are complete) and
+``<name>.json`` (the set's size, truncation, tokens, time and prompts) into a directory. A
+second call with the same directory reads the cached scores back.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ssah_jax.attribution.scorers import unit_scores
+from ssah_jax.data import Record
+from ssah_jax.data.batching import batch_dataset, bucket_lengths
+from ssah_jax.data.tokenize import encode_records
+from ssah_jax.models import CausalLM
+from ssah_jax.models.units import MODULES
+
+
+def load_scores(path: str | Path) -> dict[str, np.ndarray]:
+    """The scores of a ``.npz`` written by :func:`calibration_scores` (``{module: [layers, units]}``)."""
+    with np.load(path) as data:
+        return {m: data[m] for m in MODULES}
+
+
+def calibration_scores(
+    model: CausalLM,
+    tokenizer: Any,
+    records: Sequence[Record],
+    directory: str | Path,
+    name: str,
+    *,
+    scorer: str,
+    tokens: str,
+    max_length: int,
+    batch_size: int,
+    dataset: str = "",
+) -> dict[str, np.ndarray]:
+    """Scores of every unit of ``model`` on ``records`` (``{module: [layers, units]}``), kept in
+    ``directory/<name>.npz``; ``dataset`` names the set in the ``.json`` beside it."""
+    path = Path(directory) / f"{name}.npz"
+    if path.exists():
+        print(f"{name} scores: computed in an earlier run, kept ({path})")
+        return load_scores(path)
+    examples, stats = encode_records(tokenizer, records, max_length=max_length)
+    print(f"{name} calibration set ({dataset or 'records'}): {stats}")
+    batches = batch_dataset(examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id,
+                            buckets=bucket_lengths(max_length), shuffle=False)
+    start = time.perf_counter()
+    result = unit_scores(model, tqdm(batches, desc=f"{name} scores ({scorer})", unit="batch"), scorer, tokens)
+    result = {m: np.asarray(v) for m, v in result.items()}
+    seconds = time.perf_counter() - start
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps({
+        "dataset": dataset, "samples": len(examples), "truncated": stats.truncated,
+        "dropped": stats.dropped, "tokens": sum(len(e.ids) for e in examples),
+        "response_tokens": sum(int(e.loss_mask.sum()) for e in examples), "seconds": round(seconds, 1),
+        "prompts": sorted({r.prompt for r in records}),
+    }, indent=2) + "\n")
+    partial = path.with_suffix(".partial")
+    with open(partial, "wb") as f:
+        np.savez(f, **result)
+    partial.replace(path)  # last, and atomic: its presence means the scores are complete
+    return result
