@@ -88,15 +88,14 @@ def bench_generate(args) -> dict:
 
     from ssah_jax import runs
     from ssah_jax.checkpoints import demo_gguf_path, load_model
-    from ssah_jax.data import left_pad
-    from ssah_jax.generation import generate_tokens, render_prompts
+    from ssah_jax.data import encode_prompt, left_pad
+    from ssah_jax.generation import generate_tokens
 
     dtype = runs.DTYPES[args.dtype]
     path = demo_gguf_path()
     model, tokenizer = load_model(str(path), dtype)
     prompts = (PROMPTS * (args.batch // len(PROMPTS) + 1))[: args.batch]
-    texts = render_prompts(tokenizer, prompts)
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    encoded = [encode_prompt(tokenizer, p).ids.tolist() for p in prompts]
     ids, mask = left_pad(encoded, max(map(len, encoded)), tokenizer.pad_token_id)
     graphdef, state = nnx.split(model)
 

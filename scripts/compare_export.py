@@ -29,14 +29,16 @@ def greedy_pairs(export: str, prompts=PROMPTS, new_tokens: int = 48) -> list[tup
     from transformers import AutoModelForCausalLM
 
     from ssah_jax.checkpoints import load_model
-    from ssah_jax.generation import generate_ids, render_prompts
+    from ssah_jax.data import encode_prompt
+    from ssah_jax.generation import generate_ids
 
     ours, tokenizer = load_model(export)
     reference = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
     our_ids = generate_ids(ours, tokenizer, list(prompts), max_new_tokens=new_tokens)
     pairs = []
-    for prompt, text, row in zip(prompts, render_prompts(tokenizer, list(prompts)), our_ids):
-        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    for prompt, row in zip(prompts, our_ids):
+        ids = torch.as_tensor(encode_prompt(tokenizer, prompt).ids[None], dtype=torch.long)
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         with torch.no_grad():
             out = reference.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
         theirs = out[0, inputs["input_ids"].shape[1]:].tolist()

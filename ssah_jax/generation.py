@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
 
@@ -20,36 +19,8 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from ssah_jax.data import left_pad
+from ssah_jax.data import encode_prompt, left_pad, padded_length
 from ssah_jax.models import CausalLM, KVCache
-
-
-def render_prompts(
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    system_prompt: str | None = None,
-    answer_prefix: str | Sequence[str] | None = None,
-    chat: bool = True,
-) -> list[str]:
-    """Applies the tokenizer's chat template (with an optional system prompt) to each prompt.
-
-    ``answer_prefix`` (one string for all prompts, or one per prompt) is appended after the
-    assistant header, so the model continues an answer that already starts with it (the
-    prefilling attack).
-    """
-    prefixes = _per_prompt(answer_prefix, len(prompts))
-    texts = []
-    for prompt, prefix in zip(prompts, prefixes):
-        if chat:
-            messages = [{"role": "user", "content": prompt}]
-            if system_prompt is not None:
-                messages.insert(0, {"role": "system", "content": system_prompt})
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        else:
-            text = prompt
-        texts.append(text + prefix)
-    return texts
 
 
 def _per_prompt(answer_prefix: str | Sequence[str] | None, n: int) -> list[str]:
@@ -231,10 +202,8 @@ def generate_ids(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
         raise ValueError(f"invalid sampling: temperature={temperature}, top_k={top_k}, top_p={top_p}")
-    texts = render_prompts(tokenizer, prompts, system_prompt=system_prompt,
-                           answer_prefix=answer_prefix, chat=chat)
-    # Chat templates already contain their special tokens (BOS included where the model uses it).
-    encoded = [tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
+    encoded = [encode_prompt(tokenizer, p, system_prompt=system_prompt, answer_prefix=prefix, chat=chat).ids.tolist()
+               for p, prefix in zip(prompts, _per_prompt(answer_prefix, len(prompts)))]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(model, tokenizer)
     graphdef, state = nnx.split(model)
@@ -243,7 +212,7 @@ def generate_ids(
     starts = range(0, len(encoded), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress, unit="batch"):
         chunk = encoded[start : start + batch_size]
-        length = bucket * math.ceil(max(len(s) for s in chunk) / bucket)
+        length = padded_length(max(len(s) for s in chunk), bucket)
         rows = list(chunk) + [[]] * (batch_size - len(chunk))
         ids, mask = left_pad(rows, length, pad_id)
         rng, sub = jax.random.split(rng)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ssah_jax.generation import render_prompts
+from ssah_jax.data import encode_prompt, padded_length
 from ssah_jax.models import CausalLM
 
 
@@ -53,8 +53,7 @@ def direction_distances(
     rendered, up to the assistant header) and after ``k`` tokens of the continuation."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    texts = render_prompts(tokenizer, queries, system_prompt=system_prompt)
-    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    prompts = [encode_prompt(tokenizer, q, system_prompt=system_prompt).ids.tolist() for q in queries]
     graphdef, state = nnx.split(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = {}
@@ -66,7 +65,7 @@ def direction_distances(
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             seqs = [p + tail for p in chunk] + [chunk[0] + tail] * (batch_size - len(chunk))
-            length = 64 * -(-max(len(s) for s in seqs) // 64)  # few compiled shapes
+            length = padded_length(max(len(s) for s in seqs), 64)
             ids = np.full((batch_size, length), pad, np.int32)
             mask = np.zeros((batch_size, length), np.int32)
             for i, s in enumerate(seqs):  # right padding: positions count from the first token

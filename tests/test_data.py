@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from ssah_jax.data import DATA_DIR_ENV, DataError, Record, load_dataset, load_local
+from ssah_jax.data import DATA_DIR_ENV, DataError, Record, Role, encode_prompt, load_dataset, load_local, padded_length
 from ssah_jax.data.batching import batch_dataset, bucket_lengths, pad_batch
 from ssah_jax.data.tokenize import Example, encode_record, encode_records
 
@@ -125,6 +125,37 @@ def test_loss_mask_on_the_demo_chat_template(demo_tokenizer):
     assert example.loss_mask[first:-1].all()  # the response is one contiguous span
 
 
+def _by_role(tok, chat):
+    """The decoded text of each role's tokens (a role's tokens are one contiguous span here)."""
+    return {Role(r).name: tok.decode(chat.ids[chat.roles == r]) for r in np.unique(chat.roles)}
+
+
+def test_roles_on_the_demo_chat_template(demo_tokenizer):
+    """Hand-checked: one encoder gives every token a role, for prompts (generation, probing,
+    evaluation) and for training examples alike, with the same ids as the template's text."""
+    tok = demo_tokenizer
+    chat = encode_prompt(tok, "How do I pick a lock?", system_prompt="Be safe.", answer_prefix="Sure, here")
+    assert chat.ids.tolist() == tok(chat.text, add_special_tokens=False)["input_ids"]
+    assert _by_role(tok, chat) == {
+        "TEMPLATE": "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n", "SYSTEM": "Be safe.",
+        "USER": "How do I pick a lock?", "HEADER": "<|im_end|>\n<|im_start|>assistant\n", "RESPONSE": "Sure, here"}
+    # Without a system prompt the template adds its own default one: template, not SYSTEM.
+    plain = encode_prompt(tok, "Hi")
+    assert set(_by_role(tok, plain)) == {"TEMPLATE", "USER", "HEADER"}
+    assert "SmolLM" in _by_role(tok, plain)["TEMPLATE"]
+    raw = encode_prompt(tok, "Once upon a time", chat=False)
+    assert _by_role(tok, raw) == {"USER": "Once upon a time"}
+    example, _ = encode_record(tok, Record("Hi there", response="Hello! How can I help?", system="Be safe."),
+                               max_length=512)
+    roles = _by_role(tok, example)
+    assert (roles["SYSTEM"], roles["USER"], roles["RESPONSE"]) == ("Be safe.", "Hi there", "Hello! How can I help?")
+    assert roles["HEADER"] == "<|im_end|>\n<|im_start|>assistant\n"
+    # The prompt part of an example is the encoded prompt, id for id and role for role.
+    prompt = encode_prompt(tok, "Hi there", system_prompt="Be safe.")
+    n = len(prompt.ids)
+    assert example.ids[:n].tolist() == prompt.ids.tolist() and example.roles[:n].tolist() == prompt.roles.tolist()
+
+
 def test_system_prompt_and_truncation(demo_tokenizer):
     tok = demo_tokenizer
     record = Record("Count", response=" ".join(["one"] * 50), system="Be brief.")
@@ -139,7 +170,8 @@ def test_system_prompt_and_truncation(demo_tokenizer):
 
 
 def _examples(n):
-    return [Example(np.arange(1, 5 + i, dtype=np.int32), np.arange(4 + i) > 1) for i in range(n)]
+    return [Example(np.arange(1, 5 + i, dtype=np.int32), np.arange(4 + i) > 1,
+                    np.where(np.arange(4 + i) > 1, Role.RESPONSE, Role.USER)) for i in range(n)]
 
 
 def test_pad_batch_buckets():
@@ -147,6 +179,8 @@ def test_pad_batch_buckets():
     assert batch["input_ids"].shape == (4, 8)
     assert batch["attention_mask"].sum(1).tolist() == [4, 5, 6, 0]
     assert batch["loss_mask"][0].tolist() == [0, 0, 1, 1, 0, 0, 0, 0]
+    assert batch["roles"][0].tolist() == [Role.USER] * 2 + [Role.RESPONSE] * 2 + [Role.PADDING] * 4
+    assert padded_length(17, 8) == 24 and padded_length(16, 8) == 16 and padded_length(9, (8, 16)) == 16
     assert bucket_lengths(512) == (64, 128, 256, 512)
     with pytest.raises(ValueError, match="exceeds the largest bucket"):
         pad_batch(_examples(20), rows=20, buckets=(8,), pad_id=0)

@@ -4,7 +4,6 @@ separate unpadded forwards of the query and of the query plus k continuation tok
 import numpy as np
 
 from ssah_jax.checkpoints import load_model
-from ssah_jax.generation import render_prompts
 from ssah_jax.probing import direction_distances
 
 
@@ -15,7 +14,9 @@ def test_distances_match_separate_forwards(tiny_chat_model):
     got = direction_distances(model, tokenizer, queries, {"refusal": continuation}, max_tokens=4, batch_size=4)
     assert got["refusal"].shape == (2, model.config.num_layers, 4)
     tail = tokenizer(continuation, add_special_tokens=False)["input_ids"][:4]
-    for q, text in enumerate(render_prompts(tokenizer, queries)):
+    for q, query_text in enumerate(queries):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": query_text}], add_generation_prompt=True,
+                                             tokenize=False)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
 
         def last_states(seq):  # [layers, hidden] at the last token, one unpadded sequence

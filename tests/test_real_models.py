@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssah_jax.data import left_pad
-from ssah_jax.generation import generate_ids, render_prompts
+from ssah_jax.data import encode_prompt, left_pad
+from ssah_jax.generation import generate_ids
 
 torch = pytest.importorskip("torch")
 
@@ -32,8 +32,7 @@ def _stop_ids(reference, tokenizer) -> set[int]:
 
 
 def _encode(tokenizer, prompts):
-    texts = render_prompts(tokenizer, prompts)
-    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return [encode_prompt(tokenizer, p).ids.tolist() for p in prompts]
 
 
 @pytest.mark.parametrize("which", ["demo", "qwen"])
@@ -71,7 +70,7 @@ def test_qwen_model_config(qwen):
     c = model.config
     assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.intermediate_size) == (24, 896, 14, 2, 4864)
     assert c.qkv_bias and c.vocab_size == 151936  # this GGUF carries its own output.weight (untied)
-    assert "<|im_start|>assistant" in render_prompts(tokenizer, ["hi"])[0]
+    assert "<|im_start|>assistant" in encode_prompt(tokenizer, "hi").text
 
 
 def test_demo_model_config(demo):
@@ -79,7 +78,7 @@ def test_demo_model_config(demo):
     c = model.config
     assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.intermediate_size) == (30, 576, 9, 3, 1536)
     assert c.vocab_size == 49152 and c.tie_word_embeddings and c.rope.theta == 100000.0
-    assert "<|im_start|>assistant" in render_prompts(tokenizer, ["hi"])[0]
+    assert "<|im_start|>assistant" in encode_prompt(tokenizer, "hi").text
 
 
 TOKENIZER_TEXTS = [

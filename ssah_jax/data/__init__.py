@@ -1,7 +1,8 @@
-"""Data: named datasets (local kit, TFDS, HF hub), chat tokenisation with response-only loss
-masks, and bucketed, shuffled, per-host batches with a resumable position."""
+"""Data: named datasets (local kit, TFDS, HF hub), the chat encoder (ids, a role per token,
+response-only loss masks), the padding policy, and bucketed, shuffled, per-host batches with a
+resumable position."""
 
-from ssah_jax.data.batching import left_pad
+from ssah_jax.data.batching import left_pad, padded_length
 from ssah_jax.data.sources import (
     DATA_DIR_ENV,
     DATASETS,
@@ -17,8 +18,16 @@ from ssah_jax.data.sources import (
     resolve_data_dir,
     with_responses,
 )
+from ssah_jax.data.tokenize import Chat, Example, Role, encode_prompt, encode_record, encode_records
 
 __all__ = [
+    "Chat",
+    "Example",
+    "Role",
+    "encode_prompt",
+    "encode_record",
+    "encode_records",
+    "padded_length",
     "DATASETS",
     "DATA_DIR_ENV",
     "DataError",

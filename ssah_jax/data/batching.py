@@ -11,6 +11,7 @@ batch), so the per-host arrays assemble into one global ``jax.Array``.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import grain
@@ -30,6 +31,19 @@ def bucket_lengths(max_length: int, smallest: int = 64) -> tuple[int, ...]:
     return (*lengths, max_length)
 
 
+def padded_length(longest: int, buckets: Sequence[int] | int) -> int:
+    """The one padding policy: the length a batch whose longest row has ``longest`` tokens is
+    padded to, so few shapes are compiled. ``buckets``: the smallest of these lengths that holds
+    it (:func:`bucket_lengths`; training and scoring batches), or an int ``m``: the next multiple
+    of ``m`` (prompts of generation and probing, continuations of log-likelihood scoring)."""
+    if isinstance(buckets, int):
+        return buckets * math.ceil(longest / buckets)
+    fitting = [b for b in buckets if b >= longest]
+    if not fitting:
+        raise ValueError(f"an example of {longest} tokens exceeds the largest bucket {max(buckets)}")
+    return fitting[0]
+
+
 def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """``[B, length]`` int32 ids and mask, sequences aligned to the right."""
     ids = np.full((len(sequences), length), pad_id, np.int32)
@@ -44,21 +58,18 @@ def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tu
 
 
 def pad_batch(examples: Sequence[Example], rows: int, buckets: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``loss_mask`` (int32 ``[rows, L]``);
-    ``L`` is the smallest bucket that holds the longest example, and rows beyond the examples
-    are empty (all-zero masks)."""
-    longest = max(len(e.ids) for e in examples)
-    fitting = [b for b in buckets if b >= longest]
-    if not fitting:
-        raise ValueError(f"an example of {longest} tokens exceeds the largest bucket {max(buckets)}")
-    length = fitting[0]
+    """Right-padded ``input_ids``, ``attention_mask``, ``loss_mask`` and ``roles`` (int32
+    ``[rows, L]``; ``Role.PADDING`` = 0 past the end); ``L`` is the smallest bucket that holds the
+    longest example, and rows beyond the examples are empty (all-zero masks)."""
+    length = padded_length(max(len(e.ids) for e in examples), buckets)
     ids = np.full((rows, length), pad_id, np.int32)
     attention = np.zeros((rows, length), np.int32)
     loss = np.zeros((rows, length), np.int32)
+    roles = np.zeros((rows, length), np.int32)
     for i, e in enumerate(examples):
         n = len(e.ids)
-        ids[i, :n], attention[i, :n], loss[i, :n] = e.ids, 1, e.loss_mask
-    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
+        ids[i, :n], attention[i, :n], loss[i, :n], roles[i, :n] = e.ids, 1, e.loss_mask, e.roles
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss, "roles": roles}
 
 
 def _host_rows(batch: dict[str, np.ndarray], index: int, count: int) -> dict[str, np.ndarray]:

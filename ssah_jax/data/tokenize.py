@@ -1,14 +1,19 @@
-"""Chat-template tokenisation with response-only loss masks.
+"""The one chat encoder: the tokenizer's own chat template, with a role per token and, for
+training examples, a response-only loss mask.
 
-A training example is the whole conversation (system, user, assistant) rendered by the
-tokenizer's own chat template. Its loss mask covers the assistant's response and the
-end-of-turn token that follows it (what the model must learn to emit to stop), and nothing
-of the template or the prompt.
+Every consumer encodes conversations here (training, generation, probing, evaluation), so a
+prompt has the same ids everywhere. A token's :class:`Role` says which part of the rendered
+conversation it comes from: the system prompt, the user's prompt, the template's own tokens
+(BOS, turn markers), the assistant header (everything from the end of the user's turn to where
+the answer starts), or the answer. A training example's loss mask covers the assistant's
+response and the end-of-turn token that follows it (what the model must learn to emit to stop),
+and nothing of the template or the prompt.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,13 +22,35 @@ import numpy as np
 from ssah_jax.data.sources import Record
 
 
+class Role(enum.IntEnum):
+    """The part of a conversation a token comes from (``PADDING`` fills batches)."""
+
+    PADDING = 0
+    TEMPLATE = 1  # BOS, turn markers and separators the template adds around the content
+    SYSTEM = 2
+    USER = 3
+    HEADER = 4  # from the end of the user's turn to where the answer starts
+    RESPONSE = 5  # the answer (in a prompt: the answer prefix, if any)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chat:
+    """An encoded prompt: the rendered ``text``, its ``ids`` (int32 ``[n]``) and ``roles``
+    (int8 ``[n]``, :class:`Role` values)."""
+
+    text: str
+    ids: np.ndarray
+    roles: np.ndarray
+
+
 @dataclasses.dataclass(frozen=True)
 class Example:
     """``ids`` int32 ``[n]``; ``loss_mask`` bool ``[n]``: token ``t`` is a training target
-    (predicted from the logits at ``t - 1``)."""
+    (predicted from the logits at ``t - 1``); ``roles`` int8 ``[n]`` (:class:`Role`)."""
 
     ids: np.ndarray
     loss_mask: np.ndarray
+    roles: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +78,59 @@ def messages(record: Record, system_prompt: str | None = None, *, with_response:
     return out
 
 
+def _roles(text: str, offsets: np.ndarray, parts: Sequence[tuple[Role, str]], answer: tuple[int, int],
+           where: str) -> np.ndarray:
+    """Roles of the tokens at ``offsets`` of ``text``: ``parts`` are the prompt's contents, found
+    in this order; ``answer`` is the answer's character span; the assistant header runs from the
+    end of the user's prompt to the answer; the rest is template."""
+    spans, pos, header_start = [], 0, answer[0]
+    for role, content in parts:
+        if not content:
+            continue
+        start = text.find(content, pos)
+        if start < 0:
+            raise ValueError(f"{where}: the chat template altered the {role.name.lower()} text")
+        pos = start + len(content)
+        spans.append((role, start, pos))
+        if role == Role.USER:
+            header_start = pos
+    roles = np.full(len(offsets), Role.TEMPLATE, np.int8)
+    for role, start, end in [(Role.HEADER, header_start, answer[0]), *spans, (Role.RESPONSE, *answer)]:
+        roles[(offsets[:, 1] > start) & (offsets[:, 0] < end)] = role
+    return roles
+
+
+def _tokens(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[np.ndarray, np.ndarray]:
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+
+
+def encode_prompt(tokenizer: Any, prompt: str, *, system_prompt: str | None = None, answer_prefix: str = "",
+                  chat: bool = True) -> Chat:
+    """A prompt as the model sees it before answering: the chat template with its generation
+    prompt (and ``system_prompt``), then ``answer_prefix`` (the answer is forced to start with
+    it: the prefilling attack). ``chat=False``: ``prompt`` is raw text, with the tokenizer's
+    special tokens (BOS) added."""
+    if not chat:
+        text = prompt + answer_prefix
+        ids, offsets = _tokens(tokenizer, text, add_special_tokens=True)
+        roles = _roles(text, offsets, [(Role.USER, prompt)], (len(prompt), len(text)), "prompt")
+        return Chat(text, ids, roles)
+    record = Record(prompt=prompt)
+    head = tokenizer.apply_chat_template(messages(record, system_prompt, with_response=False),
+                                         add_generation_prompt=True, tokenize=False)
+    text = head + answer_prefix
+    # Chat templates already contain their special tokens (BOS included where the model uses it).
+    ids, offsets = _tokens(tokenizer, text, add_special_tokens=False)
+    roles = _roles(text, offsets, _content(record, system_prompt), (len(head), len(text)), f"prompt {prompt[:40]!r}")
+    return Chat(text, ids, roles)
+
+
+def _content(record: Record, system_prompt: str | None) -> list[tuple[Role, str]]:
+    system = record.system if record.system is not None else system_prompt
+    return [(Role.SYSTEM, system or ""), (Role.USER, record.prompt)]
+
+
 def encode_record(
     tokenizer: Any, record: Record, *, max_length: int, system_prompt: str | None = None
 ) -> tuple[Example | None, bool]:
@@ -69,22 +149,21 @@ def encode_record(
     if start < 0:
         raise ValueError(f"{record.where}: the chat template altered the response text")
     end = start + len(content)
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = np.asarray(enc["input_ids"], np.int32)
-    offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
+    ids, offsets = _tokens(tokenizer, full, add_special_tokens=False)
     in_response = (offsets[:, 1] > start) & (offsets[:, 0] < end)
     after = np.flatnonzero(offsets[:, 0] >= end)
     if len(after) == 0 or int(ids[after[0]]) not in set(tokenizer.all_special_ids):
         raise ValueError(
             f"{record.where}: the chat template puts no special end-of-turn token after the response"
         )
+    roles = _roles(full, offsets, _content(record, system_prompt), (start, end), record.where or "record")
     loss_mask = in_response.copy()
     loss_mask[after[0]] = True
     prompt_len = int(np.flatnonzero(loss_mask)[0]) if loss_mask.any() else len(ids)
     if prompt_len >= max_length:
         return None, False
     truncated = len(ids) > max_length
-    return Example(ids[:max_length], loss_mask[:max_length]), truncated
+    return Example(ids[:max_length], loss_mask[:max_length], roles[:max_length]), truncated
 
 
 def encode_records(

@@ -4,7 +4,6 @@ multiple-choice scoring with one prefill per question shared by all its choices.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ssah_jax.data import left_pad
+from ssah_jax.data import left_pad, padded_length
 from ssah_jax.models import CausalLM, KVCache, next_token_logprobs
 
 
@@ -99,7 +98,7 @@ def choice_logprobs(
         prompt_len = max(64, 1 << (max(map(len, ctx)) - 1).bit_length())
         ids, mask = left_pad(ctx, prompt_len, pad_id)
         longest = max(len(t) for cs in cont for t in cs)
-        cont_len = 1 if longest == 1 else 8 * math.ceil(longest / 8)
+        cont_len = 1 if longest == 1 else padded_length(longest, 8)
         choice_ids = np.full((batch_size, n_choices, cont_len), pad_id, np.int32)
         choice_mask = np.zeros((batch_size, n_choices, cont_len), np.int32)
         for i, cs in enumerate(cont):
