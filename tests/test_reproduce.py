@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from ml_collections import ConfigDict
 
 from experiments import reproduce
+from experiments.reproduce import report as report_module
 from ssah_jax.runs import ConfigError, config_from_file, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,8 +46,12 @@ def test_pipeline_writes_the_report_with_every_section_and_plot(pipeline):
         assert heading in text
     for png in ("attacks.png", "probing.png", "transfer.png", "kinds_per_layer.png", "align_full_loss.png"):
         assert (report / png).stat().st_size > 1000
-    # the held-out harmful prompts share nothing with the alignment data
+    # the held-out harmful prompts share nothing with the alignment data (the stages that evaluate
+    # the aligned model on them recorded it; the report reads their records)
     assert "found in the alignment data: evaluation 0, table 0, attack 0." in text
+    for stage in ("eval_aligned", "prune_aligned", "attacks/initial"):
+        overlap = json.loads((workdir / stage / "overlap.json").read_text())
+        assert overlap["in_training_data"] == 0 and overlap["prompts"] > 0, stage
     # the layer block is chosen among the blocks whose removal leaves a working language model
     layers = json.loads((workdir / "layers" / "layers.json").read_text())
     chosen = next(b for b in layers["blocks"] if b["layers"] == layers["chosen"])
@@ -56,6 +62,27 @@ def test_pipeline_writes_the_report_with_every_section_and_plot(pipeline):
     for attack in config.attack.datasets:
         for variant in config.attack.variants:
             assert (workdir / "attacks" / attack / variant / "eval" / "metrics.json").exists()
+
+
+def test_the_report_of_a_workdir_without_overlap_records_says_so(pipeline, tmp_path):
+    """A workdir of an earlier version has no overlap.json: the report says so in its place and
+    recomputes nothing (it reads only what the stages wrote)."""
+    workdir, report, _ = pipeline
+    config = ConfigDict(json.loads((workdir / "config.json").read_text()))
+    moved = [(workdir / s / "overlap.json", tmp_path / f"{i}.json")
+             for i, s in enumerate(("eval_aligned", "prune_aligned", "attacks/initial"))]
+    for src, dst in moved:
+        shutil.move(src, dst)
+    try:
+        text = report_module.write(config, workdir, tmp_path / "report").read_text()
+    finally:
+        for src, dst in moved:
+            shutil.move(dst, src)
+    line = next(line for line in text.splitlines() if "found in the alignment data" in line)
+    assert "found in the alignment data: not recorded: this workdir has no `eval_aligned/overlap.json`" in line
+    # everything else is as rendered from the full workdir
+    assert [t for t in text.splitlines() if t != line] == [
+        t for t in (report / "REPORT.md").read_text().splitlines() if "found in the alignment data" not in t]
 
 
 def test_frozen_parameters_stay_bit_identical_in_every_run(pipeline):

@@ -193,12 +193,15 @@ def stage_plan(config: ConfigDict, out: Path, stage: str
         "align_full": lambda: (align_config(config, None), *train_run),
         "align_ru": lambda: (align_config(config, out / "units_unaligned" / "units.npz"), *train_run),
         "eval_unaligned": lambda: (eval_config(config, config.evaluation, config.model), *eval_run),
-        "eval_aligned": lambda: (eval_config(config, config.evaluation, aligned), *eval_run),
+        "eval_aligned": lambda: (eval_config(config, config.evaluation, aligned),
+                                 _then_overlap(_run_evaluate, lambda g: g), evaluate.EXCLUDED),
         "eval_ru": lambda: (eval_config(config, config.evaluation, str(out / "align_ru" / "export")), *eval_run),
-        "prune_aligned": lambda: (prune_config(config, aligned, table=True), *prune_run),
+        "prune_aligned": lambda: (prune_config(config, aligned, table=True),
+                                  _then_overlap(_run_prune, lambda g: g.evaluation), prune.EXCLUDED),
         # greedy answers and log-likelihoods: the batch size only groups them
         "layers": lambda: (layers_config(config, out), find_layer_block, ("batch_size",)),
-        "attacks/initial": lambda: (eval_config(config, config.attack.evaluation, aligned), *eval_run),
+        "attacks/initial": lambda: (eval_config(config, config.attack.evaluation, aligned),
+                                    _then_overlap(_run_evaluate, lambda g: g), evaluate.EXCLUDED),
         "units_attacked": lambda: (prune_config(
             config, str(out / "attacks" / config.transfer_attack / "none" / "export")), *prune_run),
         "transfer": lambda: (transfer_config(config, out), kind_transfer, ()),
@@ -361,11 +364,32 @@ def heldout_prompts(config: ConfigDict) -> list[Record]:
 
 
 def training_overlap(config: ConfigDict) -> dict[str, int]:
-    """How many prompts of each evaluation set were in the alignment data (must be 0)."""
-    trained = {prompt_key(r.prompt) for r in finetune.split_records(align_config(config, None))[0]}
+    """How many prompts of each evaluation set were in the alignment data (must be 0). The
+    stages that evaluate the aligned model on a set record its count (``overlap.json``)."""
+    trained = training_prompts(align_config(config, None))
     sets = {"evaluation": config.evaluation, "table": config.table, "attack": config.attack.evaluation}
     return {name: sum(prompt_key(r.prompt) in trained for r in evaluate.harmful_records(s, config.data_dir or None))
             for name, s in sets.items()}
+
+
+def training_prompts(train: ConfigDict) -> set[str]:
+    """The prompts (``prompt_key``) a ``finetune`` config trains on."""
+    return {prompt_key(r.prompt) for r in finetune.split_records(train)[0]}
+
+
+def _then_overlap(body: Callable[[ConfigDict, Path], Any], section: Callable[[ConfigDict], ConfigDict]
+                  ) -> Callable[[ConfigDict, Path], Any]:
+    """``body``, then ``overlap.json``: how many prompts of the stage's held-out harmful set
+    (``section(given)``, an ``evaluate`` config) the model it evaluates was trained on. That model
+    (``given.model``) is the export of a finetune run (align_full, a stage it reads), whose
+    ``config.json`` names the training data, so the count is determined by the stage's identity."""
+    def run_(given: ConfigDict, directory: Path) -> None:
+        body(given, directory)
+        trained = training_prompts(ConfigDict(runs.read_json(Path(given.model).parent / "config.json")))
+        heldout = evaluate.harmful_records(section(given), given.data_dir or None)
+        result = {"prompts": len(heldout), "in_training_data": sum(prompt_key(r.prompt) in trained for r in heldout)}
+        (directory / "overlap.json").write_text(json.dumps(result, indent=2) + "\n")
+    return run_
 
 
 def find_layer_block(config: ConfigDict, directory: Path) -> None:

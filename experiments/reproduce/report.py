@@ -1,10 +1,10 @@
 """REPORT.md of ``ssah-jax reproduce``: every table from the stages' files, the plots copied
-beside it, the claims of SSAH with a verdict each, the commands and the wall times."""
+beside it, the claims of SSAH with a verdict each (``claims.py`` decides them), the commands and
+the wall times. It reads only what the stages wrote."""
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,8 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from experiments import prune, reproduce
+from experiments.reproduce import claims
+from experiments.reproduce.claims import Rate
 from ssah_jax import runs
 from ssah_jax.attribution import KINDS
 
@@ -36,17 +38,6 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
-def _se(p: float, n: int) -> float:
-    return math.sqrt(max(p * (1 - p), 1e-12) / n)
-
-
-def _compare(a: float, n_a: int, b: float, n_b: int) -> str:
-    """'higher' / 'lower' when a and b differ by more than 2 standard errors, else 'similar'."""
-    if abs(a - b) <= 2 * math.hypot(_se(a, n_a), _se(b, n_b)):
-        return "similar"
-    return "higher" if a > b else "lower"
-
-
 def _metric(m: dict, key: str) -> tuple[float | None, int]:
     if key not in m:
         return None, 0
@@ -57,14 +48,19 @@ def _metric(m: dict, key: str) -> tuple[float | None, int]:
     raise KeyError(key)
 
 
+def _rate(m: dict, key: str) -> Rate | None:
+    value, n = _metric(m, key)
+    return None if value is None else Rate(value, n)
+
+
 TAX = (("overrefusal", "over-refusal"), ("mmlu", "MMLU"), ("sst2", "SST-2"), ("gsm8k", "GSM8K"))
 
 
 def _tax(evals: dict, key: str, label: str) -> str:
-    (before, n_b), (after, n_a) = _metric(evals["unaligned"], key), _metric(evals["aligned"], key)
+    before, after = _rate(evals["unaligned"], key), _rate(evals["aligned"], key)
     if before is None or after is None:
         return f"{label} not measured"
-    return f"{label} {_pct(before)} -> {_pct(after)} ({_compare(after, n_a, before, n_b)})"
+    return f"{label} {_pct(before.value)} -> {_pct(after.value)} ({claims.alignment_tax(before, after)})"
 
 
 def _copy(src: Path, dst_dir: Path, name: str) -> str:
@@ -81,13 +77,13 @@ def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
     invocations = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
     shutil.copyfile(out / "config.json", report_dir / "config.json")
     evals = {name: _json(out / f"eval_{name}" / "metrics.json") for name in ("unaligned", "aligned", "ru")}
-    took = _alignment_verdict(evals) == "lower"
-    sections = [_alignment(config, out, report_dir, evals), _pruning(config, out, report_dir, took),
+    took = _alignment_took(evals)
+    sections = [_alignment(config, out, report_dir, evals, took), _pruning(config, out, report_dir, took.held),
                 _attacks(config, out, report_dir), _transfer(out, report_dir), _probing(out, report_dir),
                 _times(out, invocations)]
-    claims = [c for _, section_claims in sections for c in section_claims]
+    summary = [c for _, section_claims in sections for c in section_claims]
     body = [line for section_lines, _ in sections for line in section_lines]
-    text = "\n".join([*_header(config, out, invocations[-1]), "## Summary: which claims held", "", *claims, "",
+    text = "\n".join([*_header(config, out, invocations[-1]), "## Summary: which claims held", "", *summary, "",
                       *body])
     path = report_dir / "REPORT.md"
     path.write_text(text)
@@ -109,21 +105,34 @@ def _header(config: ConfigDict, out: Path, last: dict) -> list[str]:
             "standard errors.", ""]
 
 
-UNTESTABLE = "**not testable** (the full alignment did not lower ASR)"
+def _alignment_took(evals: dict) -> claims.Finding:
+    """Whether alignment lowered the ASR without a system prompt (the claims about the aligned
+    model's units are testable only then)."""
+    return claims.alignment_took(_rate(evals["unaligned"], "asr_no_system"), _rate(evals["aligned"], "asr_no_system"))
 
 
-def _alignment_verdict(evals: dict) -> str:
-    """Whether alignment lowered the ASR without a system prompt: 'lower', 'similar' or 'higher'.
-    The claims about the aligned model's units are testable only when it is 'lower'."""
-    return _compare(*_metric(evals["aligned"], "asr_no_system"), *_metric(evals["unaligned"], "asr_no_system"))
+# Where the stages recorded how many prompts of each held-out harmful set were in the alignment data.
+OVERLAP = (("evaluation", "eval_aligned"), ("table", "prune_aligned"), ("attack", "attacks/initial"))
 
 
-def _alignment(config: ConfigDict, out: Path, report_dir: Path, evals: dict) -> Section:
+def _overlap(out: Path) -> str:
+    """The counts of the stages' ``overlap.json``; a workdir of an earlier version has none."""
+    paths = {name: out / stage / "overlap.json" for name, stage in OVERLAP}
+    found = [f"{name} {_json(path)['in_training_data']}" for name, path in paths.items() if path.exists()]
+    missing = [f"`{stage}/overlap.json`" for name, stage in OVERLAP if not paths[name].exists()]
+    if not missing:
+        return ", ".join(found)
+    return ", ".join([*found, "not recorded: this workdir has no " + ", ".join(missing)
+                      + " (its stages finished before reproduce wrote them; "
+                      "`experiments.reproduce.training_overlap(config)` counts them)"])
+
+
+def _alignment(config: ConfigDict, out: Path, report_dir: Path, evals: dict, took: claims.Finding) -> Section:
     """Section 1: the unaligned, aligned and RU-aligned models side by side (paper Table 4)."""
     lines: list[str] = []
-    claims: list[str] = []
+    found: list[str] = []
     align = {name: _json(out / f"align_{name}" / "metrics.json") for name in ("full", "ru")}
-    overlap = ", ".join(f"{k} {v}" for k, v in reproduce.training_overlap(config).items())
+    overlap = _overlap(out)
     e, a = config.evaluation, config.align
     lines += ["## 1. Alignment: full SFT and RU only (paper Table 4, with safety)", "",
               f"The unaligned model was aligned by response-only SFT on `{a.dataset}` (harmful prompts with "
@@ -152,37 +161,35 @@ def _alignment(config: ConfigDict, out: Path, report_dir: Path, evals: dict) -> 
               f"![alignment loss, full]({_copy(out / 'align_full' / 'loss.png', report_dir, 'align_full_loss.png')}) "
               f"![alignment loss, RU only]({_copy(out / 'align_ru' / 'loss.png', report_dir, 'align_ru_loss.png')})",
               ""]
-    asr = {m: _metric(evals[m], "asr_no_system") for m in evals}
-    verdict = _alignment_verdict(evals)
-    claims.append(f"- **Alignment took** (precondition): ASR without a system prompt {_pct(asr['unaligned'][0])} "
-                  f"unaligned -> {_pct(asr['aligned'][0])} aligned ({verdict}); the alignment tax, unaligned -> "
-                  "aligned: " + ", ".join(_tax(evals, key, label) for key, label in TAX) + ".")
-    took = verdict == "lower"
+    asr = {m: _rate(evals[m], "asr_no_system") for m in evals}
+    found.append(f"- **Alignment took** (precondition): ASR without a system prompt {_pct(asr['unaligned'].value)} "
+                 f"unaligned -> {_pct(asr['aligned'].value)} aligned ({took.comparison}); the alignment tax, "
+                 "unaligned -> aligned: " + ", ".join(_tax(evals, key, label) for key, label in TAX) + ".")
     over = _metric(evals["aligned"], "overrefusal")[0]
-    if took and over is not None and over >= 0.5:
-        claims.append(
+    if claims.indiscriminate_refusal(took.held, over):
+        found.append(
             f"- **Caveat**: the aligned model also refuses {_pct(over)} of the safe XSTest prompts, so much of its "
             "lower ASR is indiscriminate refusal rather than discrimination of harmful requests; the claims below "
             "are about the units that carry this refusal behaviour.")
-    ru_vs = _compare(*asr["ru"], *asr["aligned"])
-    sys_asr = {m: _metric(evals[m], "asr_system") for m in evals}
-    claims.append(
-        f"- **Alignment budget (RU only reaches full alignment's safety)**: ASR {_pct(asr['ru'][0])} (RU only) vs "
-        f"{_pct(asr['aligned'][0])} (full), {ru_vs}; " + (_held(ru_vs in ("similar", "lower")) if took else UNTESTABLE)
-        + ("" if sys_asr["ru"][0] is None or sys_asr["aligned"][0] is None else
-           f"; with the safety system prompt {_pct(sys_asr['ru'][0])} vs {_pct(sys_asr['aligned'][0])} "
-           f"({_compare(*sys_asr['ru'], *sys_asr['aligned'])}, not part of the verdict)")
+    budget = claims.alignment_budget(asr["ru"], asr["aligned"], took.held)
+    sys_asr = {m: _rate(evals[m], "asr_system") for m in evals}
+    found.append(
+        f"- **Alignment budget (RU only reaches full alignment's safety)**: ASR {_pct(asr['ru'].value)} (RU only) vs "
+        f"{_pct(asr['aligned'].value)} (full), {budget.comparison}; " + _verdict(budget)
+        + ("" if sys_asr["ru"] is None or sys_asr["aligned"] is None else
+           f"; with the safety system prompt {_pct(sys_asr['ru'].value)} vs {_pct(sys_asr['aligned'].value)} "
+           f"({claims.compare(sys_asr['ru'], sys_asr['aligned'])}, not part of the verdict)")
         + f"; over-refusal {_pct(_metric(evals['ru'], 'overrefusal')[0])} vs "
         f"{_pct(_metric(evals['aligned'], 'overrefusal')[0])}, MMLU {_pct(_metric(evals['ru'], 'mmlu')[0])} vs "
         f"{_pct(_metric(evals['aligned'], 'mmlu')[0])}, GSM8K {_pct(_metric(evals['ru'], 'gsm8k')[0])} vs "
         f"{_pct(_metric(evals['aligned'], 'gsm8k')[0])}.")
-    return lines, claims
+    return lines, found
 
 
 def _pruning(config: ConfigDict, out: Path, report_dir: Path, took: bool) -> Section:
     """Section 2: the pruning table of the aligned model (paper Table 1)."""
     lines: list[str] = []
-    claims: list[str] = []
+    found: list[str] = []
     table = _json(out / "prune_aligned" / "metrics.json")
     umap_summary = _json(out / "prune_aligned" / "units.json")
     t = config.table
@@ -207,27 +214,25 @@ def _pruning(config: ConfigDict, out: Path, report_dir: Path, took: bool) -> Sec
               "Llama-2-7B-Chat, AdvBench keyword ASR and mean utility.", "",
               f"![unit kinds per layer]({_copy(out / 'prune_aligned' / 'kinds_per_layer.png', report_dir, kinds_png)})",
               ""]
-    p_asr = {n: _metric(table[n], "asr_no_system") for n in prune.VARIANTS}
-    scu_vs_random = _compare(*p_asr["minus_SCU"], *p_asr["minus_random"])
-    scu_vs_dense = _compare(*p_asr["minus_SCU"], *p_asr["dense"])
-    claims.append(
-        f"- **SCU carry the refusal (pruning them breaks safety, Table 1)**: ASR {_pct(p_asr['dense'][0])} dense -> "
-        f"{_pct(p_asr['minus_SCU'][0])} without SCU ({scu_vs_dense}), {_pct(p_asr['minus_random'][0])} without "
-        f"as many random units; " + (_held(scu_vs_dense == "higher" and scu_vs_random == "higher") if took
-                                     else UNTESTABLE) + ".")
+    p_asr = {n: _rate(table[n], "asr_no_system") for n in prune.VARIANTS}
+    scu = claims.safety_units_carry_refusal(p_asr["dense"], p_asr["minus_SCU"], p_asr["minus_random"], took)
+    found.append(
+        f"- **SCU carry the refusal (pruning them breaks safety, Table 1)**: ASR {_pct(p_asr['dense'].value)} dense "
+        f"-> {_pct(p_asr['minus_SCU'].value)} without SCU ({scu.comparison}), {_pct(p_asr['minus_random'].value)} "
+        f"without as many random units; " + _verdict(scu) + ".")
     ppl = {n: _metric(table[n], "perplexity")[0] for n in prune.VARIANTS}
-    claims.append(
+    found.append(
         f"- **RU are redundant (pruning them costs little)**: perplexity {ppl['dense']:.2f} dense, "
         f"{ppl['minus_RU']:.2f} without RU, {ppl['minus_UCU']:.2f} without UCU; ASR without RU "
-        f"{_pct(p_asr['minus_RU'][0])}; "
-        + _held(ppl["minus_RU"] <= 1.1 * ppl["dense"]) + " (rule: perplexity within 10% of dense).")
-    return lines, claims
+        f"{_pct(p_asr['minus_RU'].value)}; " + _verdict(claims.redundant_units_are_cheap(ppl["dense"], ppl["minus_RU"]))
+        + f" (rule: perplexity within {claims.PERPLEXITY_RATIO - 1:.0%} of dense).")
+    return lines, found
 
 
 def _attacks(config: ConfigDict, out: Path, report_dir: Path) -> Section:
     """Section 3: the fine-tuning attacks with each protection (paper Tables 2, 3)."""
     lines: list[str] = []
-    claims: list[str] = []
+    found: list[str] = []
     layers = _json(out / "layers" / "layers.json")
     block = next(b for b in layers["blocks"] if b["layers"] == layers["chosen"])
     ac = config.attack
@@ -263,28 +268,23 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path) -> Section:
               "are in each run's `metrics.json`; the paper's column is Llama-2-7B-Chat fine-tuned on Dolly "
               "(AdvBench ASR).", "",
               f"![attack ASR]({plot_attacks(results, initial['asr'], report_dir / 'attacks.png').name})", ""]
-    n_eval = initial["n"]
+    n_eval = initial["n"]  # every attack run is evaluated on the initial evaluation's prompts
     for name, variant in (("SCU + top 6% CU", "scu_cu6"), ("SCU + all CU", "scu_cu")):
         if variant not in ac.variants or "none" not in ac.variants:
             continue
-        per = []
-        for a_ in attacks:
-            broke = _compare(results[a_]["none"]["asr"], n_eval, initial["asr"], n_eval) == "higher"
-            vs_none = _compare(results[a_][variant]["asr"], n_eval, results[a_]["none"]["asr"], n_eval)
-            vs_random = (_compare(results[a_][variant]["asr"], n_eval, results[a_]["random"]["asr"], n_eval)
-                         if "random" in ac.variants else "n/a")
-            per.append((a_, broke, vs_none, vs_random))
-        testable = [p for p in per if p[1]]
-        lower = [a_ for a_, _, vs, _ in testable if vs == "lower"]
-        verdict_text = (_held(len(lower) == len(testable), partly=bool(lower)) if testable
-                        else "**not testable** (no attack raised ASR above the aligned model's)")
-        claims.append(
-            f"- **Freezing {name} protects during fine-tuning (Tables 2, 3)**: of the {len(testable)} attacks that "
-            f"raised ASR without protection, ASR is lower with the freeze in {len(lower)} (" + "; ".join(
-                f"{a_}: {_pct(results[a_][variant]['asr'])} vs {_pct(results[a_]['none']['asr'])} unprotected, {vs}; "
-                f"vs the random control {vr}" + ("" if broke else " (the attack did not raise ASR)")
-                for a_, broke, vs, vr in per) + "); " + verdict_text + ".")
-    return lines, claims
+        rates = {a_: claims.AttackRates(
+            Rate(results[a_]["none"]["asr"], n_eval), Rate(results[a_][variant]["asr"], n_eval),
+            Rate(results[a_]["random"]["asr"], n_eval) if "random" in ac.variants else None) for a_ in attacks}
+        freezing = claims.freezing_protects(Rate(initial["asr"], n_eval), rates)
+        found.append(
+            f"- **Freezing {name} protects during fine-tuning (Tables 2, 3)**: of the {len(freezing.testable)} attacks "
+            f"that raised ASR without protection, ASR is lower with the freeze in {len(freezing.protected)} ("
+            + "; ".join(
+                f"{o.attack}: {_pct(results[o.attack][variant]['asr'])} vs {_pct(results[o.attack]['none']['asr'])} "
+                f"unprotected, {o.vs_unprotected}; vs the random control {o.vs_control or 'n/a'}"
+                + ("" if o.raised else " (the attack did not raise ASR)") for o in freezing.outcomes)
+            + "); " + _verdict(freezing) + ".")
+    return lines, found
 
 
 def _transfer(out: Path, report_dir: Path) -> Section:
@@ -303,14 +303,12 @@ def _transfer(out: Path, report_dir: Path) -> Section:
             lines.append(f"| {k} | " + " | ".join(f"{row[j]:.2f} ({m[i, j]})" for j in range(len(KINDS))) + " |")
         lines.append("")
     lines += [f"![kind transitions]({_copy(out / 'transfer' / 'transfer.png', report_dir, 'transfer.png')})", ""]
-    stay = {key: np.asarray(transfer[key]) for key in ("alignment", "fine_tuning")}
     scu = KINDS.index("SCU")
-    claim = (f"- **Attribute transfer** (reported, no verdict): {stay['alignment'][scu, scu]} of "
-             f"{stay['alignment'][scu].sum()} SCU of the unaligned model are SCU after alignment; "
-             f"{stay['fine_tuning'][scu, scu]} of {stay['fine_tuning'][scu].sum()} SCU of the aligned model stay SCU "
-             f"after the {transfer['attack']} attack; units keeping their kind: "
-             f"{np.trace(stay['alignment']) / stay['alignment'].sum():.0%} (alignment), "
-             f"{np.trace(stay['fine_tuning']) / stay['fine_tuning'].sum():.0%} (fine-tuning).")
+    aligned, attacked = (claims.kind_transfer(transfer[key], scu) for key in ("alignment", "fine_tuning"))
+    claim = (f"- **Attribute transfer** (reported, no verdict): {aligned.kept} of {aligned.of} SCU of the unaligned "
+             f"model are SCU after alignment; {attacked.kept} of {attacked.of} SCU of the aligned model stay SCU "
+             f"after the {transfer['attack']} attack; units keeping their kind: {aligned.kept_share:.0%} (alignment), "
+             f"{attacked.kept_share:.0%} (fine-tuning).")
     return lines, [claim]
 
 
@@ -327,23 +325,20 @@ def _probing(out: Path, report_dir: Path) -> Section:
              "| model | continuation | " + " | ".join(f"k={k}" for k in range(2, k_max + 1))
              + " | layers with d(refusal) < d(compliance), k=" + str(k_max) + " |",
              "|---|---|" + "---|" * k_max]
-    closer = {}
+    direction = {name: claims.reasoning_direction(r["refusal"], r["compliance"])
+                 for name, r in probing["models"].items()}
     for name, r in probing["models"].items():
-        d = {c: np.asarray(v) for c, v in r.items()}
-        closer[name] = int((d["refusal"][:, -1] < d["compliance"][:, -1]).sum())
         for c in ("refusal", "compliance"):
-            mean = d[c].mean(axis=0)
-            count = f"{closer[name]}/{len(d[c])}" if c == "refusal" else ""
+            mean = np.asarray(r[c]).mean(axis=0)
+            count = f"{direction[name].closer}/{direction[name].layers}" if c == "refusal" else ""
             lines.append(f"| {name} | {c} | " + " | ".join(f"{x:.3f}" for x in mean[1:]) + f" | {count} |")
     lines += ["", f"![probing]({_copy(out / 'probing' / 'probing.png', report_dir, 'probing.png')})", ""]
-    mean_gap = {name: float(np.mean(np.asarray(r["compliance"])[:, -1] - np.asarray(r["refusal"])[:, -1]))
-                for name, r in probing["models"].items()}
-    n_layers = len(probing["models"]["aligned"]["refusal"])
+    aligned, unaligned = direction["aligned"], direction["unaligned"]
     claim = (f"- **Aligned models steer toward refusal (probing)**: at {k_max} tokens the query state is closer to "
-             f"the refusal than to the compliance in {closer['aligned']}/{n_layers} layers for the aligned model "
-             f"(mean gap {mean_gap['aligned']:+.3f}) and {closer['unaligned']}/{n_layers} for the unaligned one "
-             f"({mean_gap['unaligned']:+.3f}); "
-             + _held(mean_gap["aligned"] > 0 and mean_gap["aligned"] > mean_gap["unaligned"]) + ".")
+             f"the refusal than to the compliance in {aligned.closer}/{aligned.layers} layers for the aligned model "
+             f"(mean gap {aligned.mean_gap:+.3f}) and {unaligned.closer}/{aligned.layers} for the unaligned one "
+             f"({unaligned.mean_gap:+.3f}); "
+             + _verdict(claims.steers_toward_refusal(aligned.mean_gap, unaligned.mean_gap)) + ".")
     return lines, [claim]
 
 
@@ -364,8 +359,8 @@ def _times(out: Path, invocations: list[dict]) -> Section:
     return lines, []
 
 
-def _held(ok: bool, partly: bool = False) -> str:
-    return "**held**" if ok else ("**held partly**" if partly else "**did not hold**")
+def _verdict(finding: claims.Finding | claims.FreezingFinding) -> str:
+    return f"**{finding.verdict}**" + (f" ({finding.reason})" if finding.reason else "")
 
 
 def _first(d: dict) -> float:

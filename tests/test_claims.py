@@ -1,0 +1,324 @@
+"""The claim verdicts of the SSAH report (``experiments/reproduce/claims.py``): each verdict of
+the committed ``experiments/results/smollm2/REPORT.md`` follows from the numbers in its tables,
+and each verdict flips where its number crosses the rule."""
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from experiments.reproduce.claims import (
+    NO_ATTACK_RAISED_ASR,
+    NOT_ALIGNED,
+    OVERREFUSAL_CAVEAT,
+    PERPLEXITY_RATIO,
+    AttackRates,
+    Comparison,
+    Rate,
+    Verdict,
+    alignment_budget,
+    alignment_tax,
+    alignment_took,
+    compare,
+    freezing_protects,
+    indiscriminate_refusal,
+    kind_transfer,
+    reasoning_direction,
+    redundant_units_are_cheap,
+    safety_units_carry_refusal,
+    standard_error,
+    steers_toward_refusal,
+)
+from ssah_jax.attribution import KINDS
+
+REPORT = Path(__file__).resolve().parents[1] / "experiments" / "results" / "smollm2" / "REPORT.md"
+VERDICT = re.compile(r"\*\*(held|held partly|did not hold|not testable)\*\*")
+
+# ---------------------------------------------------------------------------------------------
+# Reading the committed report
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    text = REPORT.read_text()
+    summary = text.split("## Summary: which claims held\n")[1].split("\n## ")[0]
+    lines = [line for line in summary.splitlines() if line.startswith("- ")]
+    claims = {re.match(r"- \*\*(.+?)\*\*", line).group(1): line for line in lines}
+    return {"text": text, "claims": claims, "sections": {s.split("\n")[0]: s for s in text.split("\n## ")[1:]}}
+
+
+def section(report: dict, start: str) -> str:
+    return next(body for title, body in report["sections"].items() if title.startswith(start))
+
+
+def table(body: str, header: str) -> dict[str, list[str]]:
+    """The rows of the markdown table whose header row starts with ``header``: first cell -> the
+    others (the first row of each first cell)."""
+    lines = body.split(header, 1)[1].splitlines()[2:]  # past the header and |---| rows
+    rows = {}
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows.setdefault(cells[0], cells[1:])
+    return rows
+
+
+def rate(cell: str, n: int) -> Rate:
+    """A rate printed as a percentage with one decimal, back as the exact count of ``n`` (the
+    reports' n are below 1000, so the printed value names one count)."""
+    return Rate(round(float(cell.rstrip("%")) / 100 * n) / n, n)
+
+
+def verdict(line: str) -> Verdict:
+    return Verdict(VERDICT.search(line).group(1))
+
+
+def claim(report: dict, title_start: str) -> str:
+    return next(line for title, line in report["claims"].items() if title.startswith(title_start))
+
+
+def alignment_numbers(report: dict) -> dict[str, list]:
+    """Section 1's table (lines ``| ASR, no system prompt | 96 | 99.0% | 13.5% | 13.5% |`` ...):
+    label -> [unaligned, aligned, RU only] as rates."""
+    rows = table(section(report, "1. Alignment"), "| metric | n |")
+    return {label: [rate(c, int(cells[0])) for c in cells[1:]] for label, cells in rows.items()
+            if cells[0] and label != "perplexity, held-out alpaca_libre"}
+
+
+def took(report: dict):
+    asr = alignment_numbers(report)["ASR, no system prompt"]
+    return alignment_took(asr[0], asr[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Every verdict of the committed report from its numbers
+
+
+def test_the_alignment_took_and_its_tax(report):
+    line = claim(report, "Alignment took")
+    assert re.search(r"aligned \((\w+)\); the alignment tax", line).group(1) == took(report).comparison == "lower"
+    assert took(report).held
+    numbers = alignment_numbers(report)
+    labels = {"over-refusal": "over-refusal, XSTest safe prompts", "MMLU": "MMLU", "SST-2": "SST-2", "GSM8K": "GSM8K"}
+    taxes = re.findall(r"([\w-]+) [\d.]+% -> [\d.]+% \((\w+)\)", line.split("alignment tax")[1])
+    assert [t[0] for t in taxes] == list(labels)
+    for name, written in taxes:
+        before, after, _ = numbers[labels[name]]
+        assert alignment_tax(before, after) == written, name
+    over = numbers["over-refusal, XSTest safe prompts"][1].value
+    assert indiscriminate_refusal(True, over) == ("Caveat" in report["claims"])
+
+
+def test_the_alignment_budget(report):
+    line = claim(report, "Alignment budget")
+    numbers = alignment_numbers(report)
+    asr, system = numbers["ASR, no system prompt"], numbers["ASR, safety system prompt"]
+    finding = alignment_budget(asr[2], asr[1], took(report).held)
+    assert re.search(r"\(full\), (\w+);", line).group(1) == finding.comparison
+    assert verdict(line) == finding.verdict == Verdict.HELD
+    written = re.search(r"with the safety system prompt [\d.]+% vs [\d.]+% \((\w+), not part", line).group(1)
+    assert compare(system[2], system[1]) == written == "higher"
+
+
+def pruning_numbers(report: dict) -> tuple[dict[str, Rate], dict[str, float]]:
+    """Section 2's table (``| dense | 0 (0.0%) | 25.0% | 73.0% | 6.09 | 6.2% | ...``; the ASR n
+    from the line ``n: ASR 64, ...`` below it): ASR and perplexity per pruned model."""
+    body = section(report, "2. Pruning")
+    n = int(re.search(r"n: ASR (\d+)", body).group(1))
+    rows = table(body, "| model | units pruned |")
+    names = {"dense": "dense", "− SCU": "minus_SCU", "− UCU": "minus_UCU", "− RU": "minus_RU"}
+    named = {names.get(label, "minus_random" if label.startswith("− random") else label): cells
+             for label, cells in rows.items()}
+    return ({k: rate(c[4], n) for k, c in named.items()}, {k: float(c[3]) for k, c in named.items()})
+
+
+def test_safety_critical_units_carry_the_refusal(report):
+    asr, _ = pruning_numbers(report)
+    line = claim(report, "SCU carry the refusal")
+    finding = safety_units_carry_refusal(asr["dense"], asr["minus_SCU"], asr["minus_random"], took(report).held)
+    assert re.search(r"without SCU \((\w+)\)", line).group(1) == finding.comparison == "higher"
+    assert finding.control == "higher"
+    assert verdict(line) == finding.verdict == Verdict.HELD
+
+
+def test_redundant_units(report):
+    _, perplexity = pruning_numbers(report)
+    line = claim(report, "RU are redundant")
+    assert f"perplexity within {PERPLEXITY_RATIO - 1:.0%} of dense" in line
+    finding = redundant_units_are_cheap(perplexity["dense"], perplexity["minus_RU"])
+    assert verdict(line) == finding.verdict == Verdict.NOT_HELD
+
+
+def attack_numbers(report: dict) -> tuple[Rate, dict[str, dict[str, Rate]]]:
+    """Section 3's table (``| no protection | 51.6% | 14.1% | ...``, one column per attack; n
+    from ``initial (aligned) ASR 6.2%, n = 64``): the initial ASR and protection -> attack -> ASR."""
+    body = section(report, "3. Fine-tuning attacks")
+    n = int(re.search(r"initial \(aligned\) ASR [\d.]+%, n = (\d+)", body).group(1))
+    header = next(line for line in body.splitlines() if line.startswith("| protection |"))
+    attacks = [cell.strip().split(" ")[0] for cell in header.strip("|").split("|")[1:-1]]
+    rows = table(body, "| protection |")
+    asr = {label: dict(zip(attacks, (rate(c, n) for c in cells[:-1]))) for label, cells in rows.items()}
+    return asr.pop("initial (aligned)")[attacks[0]], asr
+
+
+@pytest.mark.parametrize("name, label", [("SCU + top 6% CU", "freeze SCU + top 6% CU"),
+                                         ("SCU + all CU", "freeze SCU + all CU")])
+def test_freezing_protects(report, name, label):
+    initial, asr = attack_numbers(report)
+    unprotected, control = asr["no protection"], asr["freeze as many random units (control)"]
+    finding = freezing_protects(initial, {a: AttackRates(unprotected[a], asr[label][a], control[a])
+                                          for a in unprotected})
+    line = claim(report, f"Freezing {name} protects")
+    assert verdict(line) == finding.verdict
+    counts = re.search(r"of the (\d+) attacks that raised ASR without protection, ASR is lower with the freeze in "
+                       r"(\d+) \(", line).groups()
+    assert counts == (str(len(finding.testable)), str(len(finding.protected)))
+    written = re.findall(r"(\w+): [\d.]+% vs [\d.]+% unprotected, (\w+); vs the random control (\w+)"
+                         r"( \(the attack did not raise ASR\))?", line)
+    assert [(o.attack, o.vs_unprotected, o.vs_control, not o.raised) for o in finding.outcomes] == [
+        (a, vs, vc, bool(did_not)) for a, vs, vc, did_not in written]
+
+
+def test_the_freezing_verdicts_are_those_written(report):
+    assert verdict(claim(report, "Freezing SCU + top 6% CU")) == Verdict.NOT_HELD
+    assert verdict(claim(report, "Freezing SCU + all CU")) == Verdict.PARTLY
+
+
+def test_attribute_transfer(report):
+    """Section 4's matrices (cells ``0.64 (529)``: the count in brackets)."""
+    body = section(report, "4. Attribute transfer")
+    matrices = []
+    for part in body.split("| before \\ after |")[1:]:
+        rows = table("| before \\ after |" + part, "| before \\ after |")
+        matrices.append([[int(re.search(r"\((\d+)\)", c).group(1)) for c in rows[k]] for k in KINDS])
+    aligned, attacked = (kind_transfer(m, KINDS.index("SCU")) for m in matrices)
+    line = claim(report, "Attribute transfer")
+    assert f"{aligned.kept} of {aligned.of} SCU of the unaligned model are SCU after alignment" in line
+    assert f"{attacked.kept} of {attacked.of} SCU of the aligned model stay SCU" in line
+    assert f"units keeping their kind: {aligned.kept_share:.0%} (alignment), {attacked.kept_share:.0%} (fine-tuning)" \
+        in line
+    assert VERDICT.search(line) is None  # reported, no verdict
+
+
+def test_probing(report):
+    """The per-layer distances are not in the report; the mean gaps are, in the summary line."""
+    line = claim(report, "Aligned models steer toward refusal")
+    gaps = re.search(r"mean gap ([+-][\d.]+)\) and .* \(([+-][\d.]+)\);", line).groups()
+    aligned, unaligned = (float(g) for g in gaps)
+    assert verdict(line) == steers_toward_refusal(aligned, unaligned).verdict == Verdict.NOT_HELD
+    rows = table(section(report, "5. Reasoning-direction probing"), "| model | continuation |")  # refusal rows
+    assert re.search(r"in (\d+/\d+) layers for the aligned model", line).group(1) == rows["aligned"][-1]
+
+
+def test_every_verdict_of_the_report_is_covered(report):
+    """The verdicts of the summary, in order, are the ones the tests above reproduce."""
+    written = [verdict(line) for line in report["claims"].values() if VERDICT.search(line)]
+    assert written == [Verdict.HELD, Verdict.HELD, Verdict.NOT_HELD, Verdict.NOT_HELD, Verdict.PARTLY,
+                       Verdict.NOT_HELD]
+
+
+# ---------------------------------------------------------------------------------------------
+# Each verdict flips where its number crosses the rule
+
+
+def test_compare_flips_at_two_standard_errors():
+    # against a rate of 0 (standard error ~0) at n = 100, x differs when x > 2 sqrt(x (1 - x) / 100),
+    # i.e. x > 4 / 104 = 0.03846...
+    zero = Rate(0.0, 100)
+    assert compare(Rate(0.0384, 100), zero) == Comparison.SIMILAR
+    assert compare(Rate(0.0385, 100), zero) == Comparison.HIGHER
+    assert compare(zero, Rate(0.0385, 100)) == Comparison.LOWER
+    # two non-zero rates: 0.63 vs 0.5 is 0.13 <= 2 * 0.0695 apart; 0.64 vs 0.5 is 0.14 > 2 * 0.0693
+    half = Rate(0.5, 100)
+    assert compare(Rate(0.63, 100), half) == Comparison.SIMILAR
+    assert compare(Rate(0.64, 100), half) == Comparison.HIGHER
+    assert compare(Rate(0.36, 100), half) == Comparison.LOWER
+    # exactly at two standard errors is still similar
+    edge = 2 * math.hypot(standard_error(Rate(0.5, 100)), standard_error(Rate(0.5, 100)))
+    assert compare(Rate(0.5, 100), Rate(0.5, 100)) == Comparison.SIMILAR and edge == pytest.approx(0.1414, abs=1e-4)
+    # more samples, smaller errors: the same gap differs
+    assert compare(Rate(0.63, 1000), Rate(0.5, 1000)) == Comparison.HIGHER
+
+
+def test_alignment_took_flips():
+    unaligned = Rate(0.0385, 100)
+    assert alignment_took(unaligned, Rate(0.0, 100)).verdict == Verdict.HELD
+    assert alignment_took(Rate(0.0384, 100), Rate(0.0, 100)).verdict == Verdict.NOT_HELD
+    assert alignment_took(Rate(0.0, 100), unaligned).comparison == Comparison.HIGHER
+
+
+def test_the_caveat_flips_at_its_share_of_safe_prompts_refused():
+    assert indiscriminate_refusal(True, OVERREFUSAL_CAVEAT)
+    assert not indiscriminate_refusal(True, OVERREFUSAL_CAVEAT - 0.01)
+    assert not indiscriminate_refusal(False, 1.0)
+    assert not indiscriminate_refusal(True, None)
+
+
+def test_alignment_budget_flips():
+    full = Rate(0.5, 100)
+    assert alignment_budget(Rate(0.63, 100), full, True).verdict == Verdict.HELD  # similar
+    assert alignment_budget(Rate(0.36, 100), full, True).verdict == Verdict.HELD  # lower
+    assert alignment_budget(Rate(0.64, 100), full, True).verdict == Verdict.NOT_HELD  # higher
+    untested = alignment_budget(Rate(0.64, 100), full, False)
+    assert untested.verdict == Verdict.NOT_TESTABLE and untested.reason == NOT_ALIGNED
+    assert untested.comparison == Comparison.HIGHER
+
+
+def test_safety_units_flip_against_dense_and_against_the_control():
+    dense, control = Rate(0.5, 100), Rate(0.5, 100)
+    assert safety_units_carry_refusal(dense, Rate(0.64, 100), control, True).verdict == Verdict.HELD
+    assert safety_units_carry_refusal(dense, Rate(0.63, 100), control, True).verdict == Verdict.NOT_HELD
+    finding = safety_units_carry_refusal(dense, Rate(0.64, 100), Rate(0.51, 100), True)
+    assert finding.verdict == Verdict.NOT_HELD and (finding.comparison, finding.control) == ("higher", "similar")
+    assert safety_units_carry_refusal(dense, Rate(1.0, 100), control, False).verdict == Verdict.NOT_TESTABLE
+
+
+def test_redundant_units_flip_at_the_perplexity_ratio():
+    assert redundant_units_are_cheap(10.0, 10.0 * PERPLEXITY_RATIO).verdict == Verdict.HELD
+    assert redundant_units_are_cheap(10.0, 10.0 * PERPLEXITY_RATIO + 1e-6).verdict == Verdict.NOT_HELD
+    assert redundant_units_are_cheap(10.0, 9.0).verdict == Verdict.HELD
+
+
+def test_freezing_flips_with_each_attack():
+    initial = Rate(0.5, 100)
+    raised, not_raised = Rate(0.64, 100), Rate(0.63, 100)  # against the initial 0.5
+    lowered, kept = Rate(0.5, 100), Rate(0.51, 100)  # against 0.64
+    control = Rate(0.64, 100)
+
+    def finding(*attacks):
+        return freezing_protects(initial, {f"a{i}": AttackRates(u, f, control) for i, (u, f) in enumerate(attacks)})
+
+    assert finding((raised, lowered), (raised, lowered)).verdict == Verdict.HELD
+    assert finding((raised, lowered), (raised, kept)).verdict == Verdict.PARTLY
+    assert finding((raised, kept), (raised, kept)).verdict == Verdict.NOT_HELD
+    # an attack that did not raise ASR tests nothing, whatever the freeze did
+    assert finding((raised, lowered), (not_raised, kept)).verdict == Verdict.HELD
+    none = finding((not_raised, Rate(0.0, 100)))
+    assert none.verdict == Verdict.NOT_TESTABLE and none.reason == NO_ATTACK_RAISED_ASR
+    assert none.outcomes[0].vs_unprotected == Comparison.LOWER and not none.outcomes[0].raised
+    result = finding((raised, lowered), (raised, kept))
+    assert [(o.attack, o.raised, o.vs_unprotected, o.vs_control) for o in result.outcomes] == [
+        ("a0", True, "lower", "lower"), ("a1", True, "similar", "similar")]
+    assert len(result.testable) == 2 and [o.attack for o in result.protected] == ["a0"]
+    # without the random control run
+    assert freezing_protects(initial, {"a": AttackRates(raised, lowered)}).outcomes[0].vs_control is None
+
+
+def test_kind_transfer_counts():
+    m = [[3, 1, 0, 0], [0, 5, 0, 0], [0, 0, 10, 0], [1, 0, 0, 4]]
+    t = kind_transfer(m, 0)
+    assert (t.kept, t.of) == (3, 4) and t.kept_share == pytest.approx(22 / 24)
+
+
+def test_reasoning_direction_and_its_verdict_flip():
+    # 3 layers, 2 probed lengths; the last column is read: gaps 0.2, -0.1, 0.2
+    refusal = [[0.9, 0.1], [0.9, 0.4], [0.9, 0.2]]
+    compliance = [[0.0, 0.3], [0.0, 0.3], [0.0, 0.4]]
+    d = reasoning_direction(refusal, compliance)
+    assert (d.closer, d.layers) == (2, 3) and d.mean_gap == pytest.approx(0.1)
+    assert steers_toward_refusal(0.1, 0.09).verdict == Verdict.HELD
+    assert steers_toward_refusal(0.1, 0.1).verdict == Verdict.NOT_HELD  # not more than the unaligned model
+    assert steers_toward_refusal(0.0, -0.5).verdict == Verdict.NOT_HELD  # not toward refusal at all
+    assert steers_toward_refusal(1e-9, -0.5).verdict == Verdict.HELD
