@@ -2,6 +2,9 @@
 
 Row functions (``*_rows``) take a batch of records and return one JSON-able dict per record,
 so experiments can stream them to disk and resume; ``summarise_*`` turn rows into metrics.
+``tasks`` is the registry of evaluation tasks by name (``tasks.TASKS``, ``tasks.get``): each
+chooses its records (``harmful_records``, ``perplexity_records``), writes their rows resumably
+and returns its metrics.
 """
 
 from ssah_jax.evaluation.judge import REFUSAL_PHRASES, is_refusal
@@ -16,6 +19,7 @@ from ssah_jax.evaluation.safety import (
     summarise_sweep,
     sweep_settings,
 )
+from ssah_jax.evaluation.tasks import harmful_records, perplexity_records
 from ssah_jax.evaluation.utility import (
     final_number,
     gsm8k_rows,
@@ -34,9 +38,11 @@ __all__ = [
     "choice_logprobs",
     "final_number",
     "gsm8k_rows",
+    "harmful_records",
     "is_refusal",
     "mmlu_prompt",
     "multiple_choice_rows",
+    "perplexity_records",
     "perplexity_rows",
     "prefill_prefix",
     "setting_name",

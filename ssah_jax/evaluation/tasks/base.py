@@ -1,0 +1,81 @@
+"""What every evaluation task shares: its signature, the resumable row files, and how a task
+takes its records from a kit dataset (the first ``limit``, or ``limit`` spread over the set).
+
+A task is ``task(model, tokenizer, config, *, data_dir, store) -> entries``: ``config`` is an
+evaluation config (``configs/evaluate.py``, or the ``evaluation`` section of a larger one),
+``store`` the run's row files. It loads its records at once and returns its metrics entries,
+in the order they are written: metric name -> a function that computes that metric (writing
+its rows through ``store``). The caller calls only the functions of metrics it does not hold
+yet, so a resumed run recomputes nothing that is done.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from ml_collections import ConfigDict
+from tqdm.auto import tqdm
+
+from ssah_jax import runs
+from ssah_jax.data import Record, load_local
+
+Entries = dict[str, Callable[[], dict]]  # metric name -> computes it (a dict of numbers)
+RowFn = Callable[[Sequence[Record], int], list[dict]]  # (records, offset of the first) -> one row each
+
+
+class RowStore:
+    """The row files of a run, ``<directory>/<name>.jsonl``: one JSON row per record, appended
+    a chunk at a time, so a killed run resumes after its last written chunk."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.directory / f"{name}.jsonl"
+
+    def rows(self, name: str, records: Sequence[Record], fn: RowFn, chunk: int) -> list[dict]:
+        """Rows for ``records``, computed ``chunk`` at a time by ``fn(records, offset)`` and
+        appended to ``<name>.jsonl``; rows already there are reused (a torn last line is
+        dropped). Rows of other prompts there are a WorkdirError."""
+        path = self.path(name)
+        done = runs.read_jsonl(path)
+        if [r["prompt"] for r in done] != [r.prompt for r in records[: len(done)]] or len(done) > len(records):
+            raise runs.WorkdirError(f"{path} holds rows of other prompts (the data changed?); rerun with --overwrite "
+                                    "to start afresh, or use a new --workdir")
+        path.write_text("".join(json.dumps(r) + "\n" for r in done))  # drops a torn last line
+        with open(path, "a") as f, tqdm(total=len(records), initial=len(done), desc=name, unit="ex") as bar:
+            for start in range(len(done), len(records), chunk):
+                new = fn(records[start : start + chunk], start)
+                for row in new:
+                    f.write(json.dumps(row) + "\n")
+                f.flush()
+                done.extend(new)
+                bar.update(len(new))
+        return done
+
+
+class Task(Protocol):
+    def __call__(self, model: Any, tokenizer: Any, config: ConfigDict, *, data_dir: str | None,
+                 store: RowStore) -> Entries: ...
+
+
+def load_records(data_dir: str | None, name: str, split: str | None = None, on_error: str = "raise") -> list[Record]:
+    """A kit dataset's records (``data_dir`` empty or None: the default kit); logs skipped rows."""
+    return load_local(name, split, data_dir or None, on_error)[0]
+
+
+def first(records: list[Record], limit: int) -> list[Record]:
+    """The first ``limit`` records (0: all)."""
+    return records[:limit] if limit else records
+
+
+def spread(records: list[Record], limit: int) -> list[Record]:
+    """``limit`` records evenly spaced over the set (0: all; MMLU: every subject is represented)."""
+    if not limit or limit >= len(records):
+        return records
+    step = len(records) / limit
+    return [records[int(i * step)] for i in range(limit)]

@@ -1,0 +1,109 @@
+"""The evaluation task registry: its names are exactly what ``evaluate`` accepts, an unknown
+name is a one-line error naming the config key, rows resume, and tasks run in registry order."""
+
+import copy
+import json
+
+import pytest
+
+from configs.evaluate import get_config
+from experiments import evaluate
+from ssah_jax import runs
+from ssah_jax.data import Record
+from ssah_jax.evaluation import tasks
+from ssah_jax.runs import ConfigError, WorkdirError
+
+
+def test_the_registry_lists_exactly_the_tasks_validate_accepts():
+    config = get_config("quick")
+    assert tuple(config.tasks) == tuple(tasks.TASKS)  # the default runs every task, in registry order
+    for name in tasks.TASKS:
+        one = copy.deepcopy(config)
+        one.tasks = (name,)
+        evaluate.validate(one)
+    for name in ("bogus", "asr_system", "prefill_5", "sweep_t1_p0.9_k0"):  # metric / row names are not tasks
+        one = copy.deepcopy(config)
+        one.tasks = (name,)
+        with pytest.raises(ConfigError, match="config.tasks"):
+            evaluate.validate(one)
+
+
+def test_an_unknown_task_names_the_config_key_and_the_known_tasks(tmp_path):
+    with pytest.raises(ConfigError, match=r"^config\.tasks: unknown evaluation task 'bogus' \(tasks: asr, prefill"):
+        tasks.get("bogus")
+    with pytest.raises(ConfigError, match=r"^config\.evaluation\.tasks: unknown evaluation task 'mmlu5'"):
+        tasks.chosen(("asr", "mmlu5"), "config.evaluation.tasks")
+    config = get_config("quick")
+    config.tasks = ("perplexity", "bogus")  # evaluate_model refuses it before running anything
+    with pytest.raises(ConfigError, match="config.tasks: unknown evaluation task 'bogus'"):
+        evaluate.evaluate_model(None, None, config, tmp_path, data_dir=None, description="x")
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_chosen_tasks_come_in_registry_order():
+    assert list(tasks.chosen(("perplexity", "mmlu", "asr", "mmlu"))) == ["asr", "mmlu", "perplexity"]
+
+
+def test_row_store_computes_chunks_and_resumes_after_a_torn_line(tmp_path):
+    records = [Record(f"p{i}") for i in range(5)]
+    calls = []
+
+    def fn(batch, start):
+        calls.append((start, len(batch)))
+        return [{"prompt": r.prompt, "offset": start} for r in batch]
+
+    store = tasks.RowStore(tmp_path / "rows")
+    rows = store.rows("t", records, fn, chunk=2)
+    assert calls == [(0, 2), (2, 2), (4, 1)] and [r["offset"] for r in rows] == [0, 0, 2, 2, 4]
+    lines = store.path("t").read_text().splitlines()
+    store.path("t").write_text("\n".join(lines[:3]) + "\n" + lines[3][:5])  # killed while writing row 4
+    calls.clear()
+    resumed = store.rows("t", records, fn, chunk=2)  # the rows written are kept, the rest computed from row 3
+    assert calls == [(3, 2)] and resumed[:3] == rows[:3]
+    assert [r["prompt"] for r in resumed] == [r.prompt for r in records]
+    assert runs.read_jsonl(store.path("t")) == resumed
+    with pytest.raises(WorkdirError, match="rows of other prompts"):
+        store.rows("t", [Record("other")] + records[1:], fn, chunk=2)
+
+
+def test_evaluate_model_keeps_done_metrics_and_writes_each_new_one(tmp_path, monkeypatch):
+    """A task's entries are computed only when metrics.json lacks them, in the order given."""
+    computed = []
+
+    def fake_asr(model, tokenizer, config, *, data_dir, store):
+        def entry(name):
+            def compute():
+                computed.append(name)
+                rows = store.rows(name, [Record("a"), Record("b")], lambda b, s: [
+                    {"prompt": r.prompt, "refused": r.prompt == "a"} for r in b], 1)
+                return {"asr": sum(not r["refused"] for r in rows) / len(rows), "n": len(rows)}
+            return compute
+        return {f"asr_{s}": entry(f"asr_{s}") for s in config.harmful.settings}
+
+    monkeypatch.setitem(tasks.TASKS, "asr", fake_asr)
+    config = get_config("quick")
+    config.tasks = ("asr",)
+    (tmp_path / "metrics.json").write_text(json.dumps({"asr_no_system": {"asr": 0.25, "n": 4, "seconds": 1.0}}))
+    metrics = evaluate.evaluate_model(None, None, config, tmp_path, data_dir=None, description="x")
+    assert computed == ["asr_system"]
+    assert metrics["asr_no_system"]["asr"] == 0.25 and metrics["asr_system"]["asr"] == 0.5
+    assert "seconds" in metrics["asr_system"]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert len((tmp_path / "rows" / "asr_system.jsonl").read_text().splitlines()) == 2
+    assert "| 50.0% | 2 |" in (tmp_path / "report.md").read_text()
+
+
+def test_the_data_recipes_are_the_library_functions_and_keep_their_rules():
+    assert evaluate.harmful_records is tasks.harmful_records
+    assert evaluate.perplexity_records is tasks.perplexity_records
+    config = get_config("quick")
+    config.harmful.dataset, config.harmful.exclude = "advbench:20", "advbench:5"
+    advbench = tasks.harmful_records(get_config("quick"), None)
+    assert [r.prompt for r in tasks.harmful_records(config, None)] == [r.prompt for r in advbench[5:25]]
+    config.harmful.dataset = "no_such_set"
+    with pytest.raises(ConfigError, match=r"config.harmful \(dataset='no_such_set'"):
+        tasks.harmful_records(config, None)
+    everything = tasks.perplexity_records(config, None, 0)
+    assert tasks.perplexity_records(config, None, 3) == everything[-3:]
+    assert len(tasks.perplexity_records(config, None)) == config.perplexity.limit
+    assert all(r.response for r in everything)
