@@ -33,7 +33,6 @@ from ssah_jax.evaluation import tasks
 
 # Re-exported for the experiments that still import them from here (prune, reproduce); the
 # recipes live in ssah_jax.evaluation.tasks.
-from ssah_jax.evaluation.tasks import harmful_records, perplexity_records  # noqa: F401
 
 # Keys that only affect speed or logging: none. ``batch_size`` determines the answers of the
 # sampled tasks (a batch is sampled with the seed ``seed + its first index``, its rows share it).

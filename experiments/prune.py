@@ -27,7 +27,7 @@ from ssah_jax.attribution import KINDS, SCORERS, TOKENS, calibration_scores, cla
 from ssah_jax.attribution.kinds import NORMALISATIONS, RANKINGS
 from ssah_jax.checkpoints import load_model
 from ssah_jax.data import check_kit_dataset, load_local, with_responses
-from ssah_jax.masking import MODULES, prune
+from ssah_jax.masking import MODULES, prune_units
 
 VARIANTS = ("dense", "minus_SCU", "minus_UCU", "minus_RU", "minus_random")
 # Keys that only affect speed or logging (every other key determines the results, so a workdir
@@ -96,7 +96,7 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     results = {}
     for name in [v for v in VARIANTS if v in config.variants]:
         print(f"== {name} ==")
-        variant = model if name == "dense" else nnx.merge(graphdef, prune(state, masks[name], model.config))
+        variant = model if name == "dense" else nnx.merge(graphdef, prune_units(state, masks[name], model.config))
         pruned = 0 if name == "dense" else int(sum(masks[name][m].sum() for m in MODULES))
         results[name] = evaluate.evaluate_model(
             variant, tokenizer, config.evaluation, out / "variants" / name, data_dir=config.data_dir,
@@ -149,7 +149,7 @@ def render_report(config: ConfigDict, umap, results: dict, out: Path, plot: Path
         f"{a.safety.limit or 'all'} `{a.safety.dataset}` (safety) and {a.utility.limit or 'all'} `{a.utility.dataset}` "
         f"(utility) samples; kinds ranked {config.kinds.ranking}ly on {config.kinds.normalise}-normalised scores. "
         f"Pruning zeroes a unit's column of o_proj / down_proj and its rows of v / gate / up "
-        f"(`ssah_jax.masking.prune`). Evaluation: greedy decoding, {e.max_new_tokens} new tokens, keyword judge "
+        f"(`ssah_jax.masking.prune_units`). Evaluation: greedy decoding, {e.max_new_tokens} new tokens, keyword judge "
         f"(ASR = share of `{e.harmful.dataset}` prompts not refused"
         + (f", without the prompts of `{e.harmful.exclude}`" if e.harmful.exclude else "") + ").", "",
         "| model | units pruned | " + " | ".join(c[2] for c in columns) + " |",

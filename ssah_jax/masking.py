@@ -180,7 +180,7 @@ def freeze_masks(
     return jax.tree_util.tree_map_with_path(mask, units)
 
 
-def prune(params: Any, units: dict[str, Any], config: ModelConfig) -> Any:
+def prune_units(params: Any, units: dict[str, Any], config: ModelConfig) -> Any:
     """Zeroes the selected units: their column of ``B`` (``o_proj`` / ``down_proj``) and the
     matching rows of ``A`` (``gate_proj`` and ``up_proj``; ``v_proj`` channels whose every
     reading unit is selected). Pure: returns new params shaped like ``params``."""

@@ -93,9 +93,7 @@ def test_evaluate_model_keeps_done_metrics_and_writes_each_new_one(tmp_path, mon
     assert "| 50.0% | 2 |" in (tmp_path / "report.md").read_text()
 
 
-def test_the_data_recipes_are_the_library_functions_and_keep_their_rules():
-    assert evaluate.harmful_records is tasks.harmful_records
-    assert evaluate.perplexity_records is tasks.perplexity_records
+def test_the_data_recipes_keep_their_rules():
     config = get_config("quick")
     config.harmful.dataset, config.harmful.exclude = "advbench:20", "advbench:5"
     advbench = tasks.harmful_records(get_config("quick"), None)

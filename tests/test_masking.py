@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from ssah_jax.checkpoints import load_weights
-from ssah_jax.masking import parameter_masks, prune, v_channels
+from ssah_jax.masking import parameter_masks, prune_units, v_channels
 from tests import tiny
 
 torch = pytest.importorskip("torch")
@@ -22,7 +22,7 @@ def pruned_pair(tmp_path, units):
     reference.save_pretrained(tmp_path / "hf")
     model = load_weights(tmp_path / "hf")
     graphdef, state = nnx.split(model)
-    return nnx.merge(graphdef, prune(state, units, model.config)), reference
+    return nnx.merge(graphdef, prune_units(state, units, model.config)), reference
 
 
 def no_units(layers=2):

@@ -128,7 +128,7 @@ def test_presets_hold_out_every_trained_prompt_and_validate(preset):
     assert reproduce.training_overlap(config) == {"evaluation": 0, "table": 0, "attack": 0}
     # the held-out sets are not empty, and the attack set is a subset of the main one
     main = {r.prompt for r in reproduce.heldout_prompts(config)}
-    from experiments.evaluate import harmful_records
+    from ssah_jax.evaluation import harmful_records
 
     attack = {r.prompt for r in harmful_records(config.attack.evaluation, None)}
     assert attack and attack <= main

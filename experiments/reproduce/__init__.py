@@ -28,12 +28,11 @@ from ml_collections import ConfigDict
 from experiments import evaluate, finetune, prune
 from ssah_jax import runs
 from ssah_jax import stages as stages_lib
-from ssah_jax.attribution import KINDS, UnitMap, classify, transition_matrix
+from ssah_jax.attribution import KINDS, UnitMap, classify, load_scores, transition_matrix
 from ssah_jax.checkpoints import load_model
 from ssah_jax.data import Record, load_mixture, prompt_key
-from ssah_jax.evaluation import answer_rows, perplexity_rows, summarise_perplexity
-from ssah_jax.masking import GROUPS, MODULES
-from ssah_jax.masking import prune as prune_units
+from ssah_jax.evaluation import answer_rows, harmful_records, perplexity_records, perplexity_rows, summarise_perplexity
+from ssah_jax.masking import GROUPS, MODULES, prune_units
 from ssah_jax.probing import direction_distances
 
 STAGES = ("units_unaligned", "align_full", "align_ru", "eval_unaligned", "eval_aligned", "eval_ru",
@@ -360,7 +359,7 @@ def _run_evaluate(config: ConfigDict, directory: Path) -> None:
 
 def heldout_prompts(config: ConfigDict) -> list[Record]:
     """The held-out harmful prompts of ``config.evaluation`` (the ASR set)."""
-    return evaluate.harmful_records(config.evaluation, config.data_dir or None)
+    return harmful_records(config.evaluation, config.data_dir or None)
 
 
 def training_overlap(config: ConfigDict) -> dict[str, int]:
@@ -368,7 +367,7 @@ def training_overlap(config: ConfigDict) -> dict[str, int]:
     stages that evaluate the aligned model on a set record its count (``overlap.json``)."""
     trained = training_prompts(align_config(config, None))
     sets = {"evaluation": config.evaluation, "table": config.table, "attack": config.attack.evaluation}
-    return {name: sum(prompt_key(r.prompt) in trained for r in evaluate.harmful_records(s, config.data_dir or None))
+    return {name: sum(prompt_key(r.prompt) in trained for r in harmful_records(s, config.data_dir or None))
             for name, s in sets.items()}
 
 
@@ -386,7 +385,7 @@ def _then_overlap(body: Callable[[ConfigDict, Path], Any], section: Callable[[Co
     def run_(given: ConfigDict, directory: Path) -> None:
         body(given, directory)
         trained = training_prompts(ConfigDict(runs.read_json(Path(given.model).parent / "config.json")))
-        heldout = evaluate.harmful_records(section(given), given.data_dir or None)
+        heldout = harmful_records(section(given), given.data_dir or None)
         result = {"prompts": len(heldout), "in_training_data": sum(prompt_key(r.prompt) in trained for r in heldout)}
         (directory / "overlap.json").write_text(json.dumps(result, indent=2) + "\n")
     return run_
@@ -411,7 +410,7 @@ def find_layer_block(config: ConfigDict, directory: Path) -> None:
     prompts = [Record(p) for p in list(unique)[: config.layers.prompts]]
     kw = dict(max_new_tokens=config.layers.max_new_tokens, batch_size=config.batch_size)
 
-    benign = evaluate.perplexity_records(config, config.data_dir or None, config.layers.perplexity_samples)
+    benign = perplexity_records(config, config.data_dir or None, config.layers.perplexity_samples)
 
     def measure(m) -> dict[str, float]:
         refused = [row["refused"] for row in answer_rows(m, tokenizer, prompts, **kw)]
@@ -485,11 +484,7 @@ def run_attack(config: ConfigDict, directory: Path) -> None:
 
 
 def _scores(directory: Path) -> tuple[dict, dict]:
-    out = []
-    for which in ("safety", "utility"):
-        with np.load(directory / "scores" / f"{which}.npz") as data:
-            out.append({m: data[m] for m in MODULES})
-    return out[0], out[1]
+    return load_scores(directory / "scores" / "safety.npz"), load_scores(directory / "scores" / "utility.npz")
 
 
 def kind_transfer(config: ConfigDict, directory: Path) -> None:
@@ -510,7 +505,7 @@ def kind_transfer(config: ConfigDict, directory: Path) -> None:
 def probe(config: ConfigDict, directory: Path) -> None:
     """Reasoning-direction distances of the three models (``config``: a probing_config)."""
     p = config.probing
-    queries = [r.prompt for r in evaluate.harmful_records(config, config.data_dir or None)[: p.prompts]]
+    queries = [r.prompt for r in harmful_records(config, config.data_dir or None)[: p.prompts]]
     continuations = {"refusal": p.refusal, "compliance": p.compliance}
     result = {"prompts": len(queries), "max_tokens": p.max_tokens, "continuations": continuations, "models": {}}
     for name in ("unaligned", "aligned", "aligned_ru"):

@@ -32,7 +32,7 @@ def sst2_prompt(record: Record) -> str:
     return f"Review: {record.prompt}\nSentiment (positive or negative):"
 
 
-TASKS = {
+MULTIPLE_CHOICE = {
     # name: (prompt builder, choices of a record as continuations)
     "mmlu": (mmlu_prompt, lambda r: [f" {letter}" for letter in LETTERS[: len(r.choices)]]),
     "sst2": (sst2_prompt, lambda r: [f" {c}" for c in r.choices]),
@@ -43,7 +43,7 @@ def multiple_choice_rows(
     model: CausalLM, tokenizer: Any, records: Sequence[Record], task: str, *, batch_size: int = 8
 ) -> list[dict]:
     """One row per record: the predicted choice (highest log-likelihood) and whether it is right."""
-    prompt_fn, choices_fn = TASKS[task]
+    prompt_fn, choices_fn = MULTIPLE_CHOICE[task]
     scores = choice_logprobs(model, tokenizer, [prompt_fn(r) for r in records],
                              [choices_fn(r) for r in records], batch_size=batch_size)
     return [
