@@ -31,9 +31,6 @@ from ssah_jax.checkpoints import load_model
 from ssah_jax.data import check_kit_dataset, parse_mixture
 from ssah_jax.evaluation import tasks
 
-# Re-exported for the experiments that still import them from here (prune, reproduce); the
-# recipes live in ssah_jax.evaluation.tasks.
-
 # Keys that only affect speed or logging: none. ``batch_size`` determines the answers of the
 # sampled tasks (a batch is sampled with the seed ``seed + its first index``, its rows share it).
 EXCLUDED: tuple[str, ...] = ()

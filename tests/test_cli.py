@@ -24,13 +24,13 @@ ENV = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", cli.TRACEBA
 LIBRARY_LOG = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d\d|WARNING:|\S+Warning: )")
 
 
-def _cli(*args, env=None):
+def run_cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "ssah_jax.cli", *args], capture_output=True, text=True, cwd=REPO,
                           env=env or ENV, timeout=600)
 
 
 def _generate(workdir, *overrides, env=None):
-    return _cli("generate", "--config=configs/generate.py:quick", f"--workdir={workdir}", *overrides, env=env)
+    return run_cli("generate", "--config=configs/generate.py:quick", f"--workdir={workdir}", *overrides, env=env)
 
 
 def error_line(result) -> str:
@@ -46,7 +46,7 @@ def error_line(result) -> str:
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
 def test_help_lists_every_experiment_with_its_presets_and_exits_0(flag):
-    result = _cli(flag)
+    result = run_cli(flag)
     assert result.returncode == 0, result.stderr
     names = cli.experiments()
     assert {"generate", "evaluate", "prune", "finetune", "reproduce"} <= set(names)
@@ -61,25 +61,25 @@ def test_help_lists_every_experiment_with_its_presets_and_exits_0(flag):
 
 
 def test_experiment_help_shows_its_config_keys_with_their_values():
-    result = _cli("generate", "--help")
+    result = run_cli("generate", "--help")
     assert result.returncode == 0, result.stderr
     assert "  max_new_tokens = 128\n" in result.stdout and "  temperature = 0.0\n" in result.stdout
-    quick = _cli("generate", "--config=configs/generate.py:quick", "-h")
+    quick = run_cli("generate", "--config=configs/generate.py:quick", "-h")
     assert quick.returncode == 0 and "  max_new_tokens = 16\n" in quick.stdout
-    nested = _cli("finetune", "--help")
+    nested = run_cli("finetune", "--help")
     assert nested.returncode == 0 and "  optimizer.learning_rate = 2e-05\n" in nested.stdout
     assert "every key but log_every, eval_every" in nested.stdout  # what a resumed run may change
 
 
 def test_unknown_experiment_is_named(tmp_path):
-    line = error_line(_cli("nonsense", "--config=configs/generate.py:quick", f"--workdir={tmp_path}"))
+    line = error_line(run_cli("nonsense", "--config=configs/generate.py:quick", f"--workdir={tmp_path}"))
     assert "unknown experiment 'nonsense'" in line and "generate" in line
 
 
 def test_unknown_config_key_is_named_plainly(tmp_path):
     line = error_line(_generate(tmp_path / "run", "--config.bogus_key=1"))
     assert "unknown config key config.bogus_key " in line and "\\" not in line and "\"'" not in line
-    nested = error_line(_cli("evaluate", "--config=configs/evaluate.py:quick", f"--workdir={tmp_path / 'run'}",
+    nested = error_line(run_cli("evaluate", "--config=configs/evaluate.py:quick", f"--workdir={tmp_path / 'run'}",
                              "--config.harmful.bogus=1"))
     assert "unknown config key config.harmful.bogus " in nested
     assert not (tmp_path / "run").exists()
@@ -89,9 +89,9 @@ def test_config_errors_are_one_line_and_make_no_workdir(tmp_path):
     workdir = tmp_path / "run"
     assert error_line(_generate(workdir, "--config.top_p=1.5")) == "ssah-jax: config.top_p=1.5: must be in (0, 1]"
     assert "could not convert string to float: 'abc'" in error_line(_generate(workdir, "--config.top_p=abc"))
-    preset = error_line(_cli("generate", "--config=configs/generate.py:nope", f"--workdir={workdir}"))
+    preset = error_line(run_cli("generate", "--config=configs/generate.py:nope", f"--workdir={workdir}"))
     assert "unknown preset 'nope'" in preset
-    assert "--workdir is required" in error_line(_cli("generate", "--config=configs/generate.py:quick"))
+    assert "--workdir is required" in error_line(run_cli("generate", "--config=configs/generate.py:quick"))
     assert not workdir.exists()
 
 
@@ -100,11 +100,12 @@ def test_bad_config_files_are_one_line(tmp_path):
     syntax.write_text("def get_config(:\n")
     no_function.write_text("X = 1\n")
     workdir = tmp_path / "run"
-    assert f"{syntax}:1: invalid syntax" in error_line(_cli("generate", f"--config={syntax}", f"--workdir={workdir}"))
-    assert "defines no get_config" in error_line(_cli("generate", f"--config={no_function}", f"--workdir={workdir}"))
-    preset = error_line(_cli("generate", "--config=configs/generate.py:nope", f"--workdir={workdir}"))
+    line = error_line(run_cli("generate", f"--config={syntax}", f"--workdir={workdir}"))
+    assert f"{syntax}:1: invalid syntax" in line
+    assert "defines no get_config" in error_line(run_cli("generate", f"--config={no_function}", f"--workdir={workdir}"))
+    preset = error_line(run_cli("generate", "--config=configs/generate.py:nope", f"--workdir={workdir}"))
     assert preset.startswith("ssah-jax: --config=configs/generate.py:nope: unknown preset 'nope'")  # no "ValueError:"
-    other = error_line(_cli("generate", "--config=configs/prune.py:quick", f"--workdir={workdir}"))
+    other = error_line(run_cli("generate", "--config=configs/prune.py:quick", f"--workdir={workdir}"))
     assert "not a generate config" in other and "config.max_new_tokens" in other
     assert not workdir.exists()
 
@@ -168,7 +169,7 @@ def test_a_model_path_that_does_not_exist_is_no_such_file(tmp_path):
 def test_missing_data_is_one_line(tmp_path, tiny_chat_model):
     empty = tmp_path / "data"
     empty.mkdir()
-    line = error_line(_cli("evaluate", "--config=configs/evaluate.py:quick", f"--workdir={tmp_path / 'run'}",
+    line = error_line(run_cli("evaluate", "--config=configs/evaluate.py:quick", f"--workdir={tmp_path / 'run'}",
                            f"--config.model={tiny_chat_model}", "--config.tasks=perplexity",
                            f"--config.data_dir={empty}"))
     assert "alpaca_libre" in line and str(empty) in line and "not found" in line

@@ -1,5 +1,6 @@
 """Data kit registry, malformed rows, TFDS / hub sources, loss masks, batching."""
 
+import copy
 import json
 
 import numpy as np
@@ -154,6 +155,22 @@ def test_roles_on_the_demo_chat_template(demo_tokenizer):
     prompt = encode_prompt(tok, "Hi there", system_prompt="Be safe.")
     n = len(prompt.ids)
     assert example.ids[:n].tolist() == prompt.ids.tolist() and example.roles[:n].tolist() == prompt.roles.tolist()
+
+
+@pytest.mark.parametrize("prompt, system", [("a", None), ("user", None), ("Hugging Face", None),
+                                            ("assistant", "system")])
+def test_roles_never_take_template_text_for_the_prompt(demo_tokenizer, prompt, system):
+    roles = _by_role(demo_tokenizer, encode_prompt(demo_tokenizer, prompt, system_prompt=system))
+    assert roles["USER"] == prompt and roles.get("SYSTEM") == system
+    assert roles["HEADER"] == "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_roles_under_a_template_that_trims(demo_tokenizer):
+    tok = copy.deepcopy(demo_tokenizer)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    roles = _by_role(tok, encode_prompt(tok, "  hi there ", system_prompt=" Be safe. "))
+    assert (roles["USER"], roles["SYSTEM"]) == ("hi there", "Be safe.")
 
 
 def test_system_prompt_and_truncation(demo_tokenizer):

@@ -14,6 +14,7 @@ from ml_collections import ConfigDict
 
 from experiments import reproduce
 from experiments.reproduce import report as report_module
+from experiments.reproduce.subruns import FROZEN
 from ssah_jax.runs import ConfigError, config_from_file, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def test_frozen_parameters_stay_bit_identical_in_every_run(pipeline):
         m = json.loads(path.read_text())
         assert m["frozen_unchanged"], path
         variant = path.parent.name
-        assert (m["frozen_elements"] > 0) == (variant in reproduce.FROZEN), path
+        assert (m["frozen_elements"] > 0) == (variant in FROZEN), path
     # checkpoints are dropped once a run finished; only the transfer attack's export is kept
     assert not list(workdir.glob("**/checkpoints"))
     kept = [p.parent.parent.relative_to(workdir).as_posix() for p in workdir.glob("attacks/*/*/export/config.json")]

@@ -13,7 +13,7 @@ from ml_collections import ConfigDict
 from experiments import evaluate, finetune, generate, prune, reproduce
 from ssah_jax import runs
 from ssah_jax.runs import ConfigError, WorkdirError, config_from_file
-from tests.test_cli import _cli, error_line
+from tests.test_cli import error_line, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,17 +139,17 @@ def test_finetune_refuses_a_changed_key_resumes_an_unchanged_run_and_overwrites(
                f"--config.model={tiny_chat_model}", "--config.steps=2", "--config.checkpoint_every=2",
                "--config.eval_every=0", "--config.data.limit=8", "--config.data.heldout=2",
                "--config.data.max_length=64", "--config.optimizer.warmup_steps=1"]
-    first = _cli(*command)
+    first = run_cli(*command)
     assert first.returncode == 0, first.stderr[-3000:]
 
-    line = error_line(_cli(*command, "--config.optimizer.learning_rate=0.001"))
+    line = error_line(run_cli(*command, "--config.optimizer.learning_rate=0.001"))
     assert "config.optimizer.learning_rate: 2e-05 -> 0.001" in line
-    resumed = _cli(*command, "--config.log_every=2")  # logging only: the run resumes
+    resumed = run_cli(*command, "--config.log_every=2")  # logging only: the run resumes
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from the checkpoint of step 2" in resumed.stdout
     assert json.loads((workdir / "metrics.json").read_text())["train"]["steps_run"] == 0
 
-    fresh = _cli(*command, "--config.optimizer.learning_rate=0.001", "--overwrite")
+    fresh = run_cli(*command, "--config.optimizer.learning_rate=0.001", "--overwrite")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     train = json.loads((workdir / "metrics.json").read_text())["train"]
     assert train["resumed_from"] == 0 and train["steps_run"] == 2

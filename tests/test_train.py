@@ -335,7 +335,7 @@ def test_setup_training_freezes_what_the_setting_says_and_the_step_keeps_it():
     with jax.set_mesh(mesh), use_rules():
         full_ft = setup_training(model, mesh, Freeze(), opt)
         layer0 = setup_training(model, mesh, Freeze(layers=[0], description="layer 0"), opt, accum_steps=2)
-        adapters = setup_training(model, mesh, Freeze(lora=LoraConfig(2, 4.0, ("q_proj",)), description="LoRA"), opt)
+        adapters = setup_training(model, mesh, Freeze(lora=LoraConfig(2, 4.0, ("q_proj",))), opt)
         state = layer0.state
         before = layer0.frozen_checksum(state)
         for seed in range(2):
@@ -348,7 +348,8 @@ def test_setup_training_freezes_what_the_setting_says_and_the_step_keeps_it():
     assert layer0.frozen_elements == per_layer and layer0.total_elements == full_ft.total_elements
     assert not any(jax.tree.leaves(changed["layers"][0])) and any(jax.tree.leaves(changed["layers"][1]))
     assert adapters.frozen_elements == 0 and adapters.total_elements == lora.count(adapters.state.params)
-    assert adapters.description == f"LoRA ({adapters.total_elements:,} adapter parameters; the base model is frozen)"
+    assert adapters.description == (f"LoRA rank 2, alpha 4.0 on q_proj ({adapters.total_elements:,} adapter "
+                                    "parameters; the base model is frozen)")
 
 
 def test_freeze_setting_refuses_contradictions():

@@ -3,8 +3,9 @@
 ``calibration_scores`` encodes the records (chat template, response-only masks), batches them,
 streams them through a scorer (:func:`~ssah_jax.attribution.unit_scores`) and writes
 ``<name>.npz`` (the scores, last and atomically: its presence means they are complete) and
-``<name>.json`` (the set's size, truncation, tokens, time and prompts) into a directory. A
-second call with the same directory reads the cached scores back.
+``<name>.json`` (the settings, the set's size, truncation, tokens, time and prompts) into a
+directory. A second call with the same directory reads the cached scores back, and refuses them
+when they were computed with other settings or prompts.
 """
 
 from __future__ import annotations
@@ -48,7 +49,15 @@ def calibration_scores(
     """Scores of every unit of ``model`` on ``records`` (``{module: [layers, units]}``), kept in
     ``directory/<name>.npz``; ``dataset`` names the set in the ``.json`` beside it."""
     path = Path(directory) / f"{name}.npz"
+    settings = {"dataset": dataset, "scorer": scorer, "tokens": tokens, "max_length": max_length,
+                "prompts": sorted({r.prompt for r in records})}
     if path.exists():
+        info = path.with_suffix(".json")
+        kept = json.loads(info.read_text()) if info.exists() else {}
+        changed = sorted(k for k, v in settings.items() if k in kept and kept[k] != v)
+        if changed:
+            raise ValueError(f"{path}: scores of other settings ({', '.join(changed)} differ); "
+                             "remove the file or use another directory")
         print(f"{name} scores: computed in an earlier run, kept ({path})")
         return load_scores(path)
     examples, stats = encode_records(tokenizer, records, max_length=max_length)
@@ -61,10 +70,10 @@ def calibration_scores(
     seconds = time.perf_counter() - start
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps({
-        "dataset": dataset, "samples": len(examples), "truncated": stats.truncated,
-        "dropped": stats.dropped, "tokens": sum(len(e.ids) for e in examples),
+        "dataset": dataset, "scorer": scorer, "tokens": tokens, "max_length": max_length, "samples": len(examples),
+        "truncated": stats.truncated, "dropped": stats.dropped, "token_count": sum(len(e.ids) for e in examples),
         "response_tokens": sum(int(e.loss_mask.sum()) for e in examples), "seconds": round(seconds, 1),
-        "prompts": sorted({r.prompt for r in records}),
+        "prompts": settings["prompts"],
     }, indent=2) + "\n")
     partial = path.with_suffix(".partial")
     with open(partial, "wb") as f:

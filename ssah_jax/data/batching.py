@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Sequence
 
 import grain
@@ -36,8 +37,8 @@ def padded_length(longest: int, buckets: Sequence[int] | int) -> int:
     padded to, so few shapes are compiled. ``buckets``: the smallest of these lengths that holds
     it (:func:`bucket_lengths`; training and scoring batches), or an int ``m``: the next multiple
     of ``m`` (prompts of generation and probing, continuations of log-likelihood scoring)."""
-    if isinstance(buckets, int):
-        return buckets * math.ceil(longest / buckets)
+    if isinstance(buckets, numbers.Integral):
+        return int(buckets) * math.ceil(longest / int(buckets))
     fitting = [b for b in buckets if b >= longest]
     if not fitting:
         raise ValueError(f"an example of {longest} tokens exceeds the largest bucket {max(buckets)}")

@@ -1,8 +1,9 @@
 """The one chat encoder: the tokenizer's own chat template, with a role per token and, for
 training examples, a response-only loss mask.
 
-Every consumer encodes conversations here (training, generation, probing, evaluation), so a
-prompt has the same ids everywhere. A token's :class:`Role` says which part of the rendered
+Every consumer of chat conversations encodes them here (training, generation, probing, the
+generated and perplexity tasks of evaluation), so a prompt has the same ids everywhere (the
+multiple-choice tasks score raw text). A token's :class:`Role` says which part of the rendered
 conversation it comes from: the system prompt, the user's prompt, the template's own tokens
 (BOS, turn markers), the assistant header (everything from the end of the user's turn to where
 the answer starts), or the answer. A training example's loss mask covers the assistant's
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +32,7 @@ class Role(enum.IntEnum):
     TEMPLATE = 1  # BOS, turn markers and separators the template adds around the content
     SYSTEM = 2
     USER = 3
-    HEADER = 4  # from the end of the user's turn to where the answer starts
+    HEADER = 4  # from the end of the user's prompt to where the answer starts
     RESPONSE = 5  # the answer (in a prompt: the answer prefix, if any)
 
 
@@ -78,24 +81,53 @@ def messages(record: Record, system_prompt: str | None = None, *, with_response:
     return out
 
 
-def _roles(text: str, offsets: np.ndarray, parts: Sequence[tuple[Role, str]], answer: tuple[int, int],
-           where: str) -> np.ndarray:
-    """Roles of the tokens at ``offsets`` of ``text``: ``parts`` are the prompt's contents, found
-    in this order; ``answer`` is the answer's character span; the assistant header runs from the
-    end of the user's prompt to the answer; the rest is template."""
-    spans, pos, header_start = [], 0, answer[0]
-    for role, content in parts:
-        if not content:
+# Stand-ins for the contents when the template is rendered to locate them (private-use characters
+# no prompt or template contains).
+_MARKS = {Role.SYSTEM: "\ue000system\ue001", Role.USER: "\ue000user\ue001"}
+
+
+def _content_spans(tokenizer: Any, record: Record, system_prompt: str | None, head: str,
+                   where: str) -> list[tuple[Role, int, int]]:
+    """Character spans of the system prompt and the user's prompt in ``head`` (the rendered
+    prompt with its generation prompt), from a rendering with stand-ins for them: the contents
+    sit where the stand-ins do, so text of the template that looks like a prompt is never taken
+    for it. A template may trim a content. If ``head`` cannot be rebuilt from the stand-in
+    rendering, the contents are not located (a warning; their tokens count as template)."""
+    system = record.system if record.system is not None else system_prompt
+    contents = {Role.SYSTEM: system, Role.USER: record.prompt}
+    marked = Record(prompt=_MARKS[Role.USER], system=None if system is None else _MARKS[Role.SYSTEM])
+    template = tokenizer.apply_chat_template(messages(marked, with_response=False), add_generation_prompt=True,
+                                             tokenize=False)
+    pieces = re.split("(" + "|".join(map(re.escape, _MARKS.values())) + ")", template)
+    roles = {mark: role for role, mark in _MARKS.items()}
+    spans, pos = [], 0
+    for i, piece in enumerate(pieces):
+        if piece not in roles:
+            if not head.startswith(piece, pos):
+                break
+            pos += len(piece)
             continue
-        start = text.find(content, pos)
-        if start < 0:
-            raise ValueError(f"{where}: the chat template altered the {role.name.lower()} text")
-        pos = start + len(content)
-        spans.append((role, start, pos))
-        if role == Role.USER:
-            header_start = pos
+        content, following = contents[roles[piece]], pieces[i + 1]
+        fits = [c for c in (content, content.strip()) if head.startswith(c + following, pos)]
+        if not fits:
+            break
+        spans.append((roles[piece], pos, pos + len(fits[0])))
+        pos += len(fits[0])
+    else:
+        if pos == len(head):
+            return spans
+    warnings.warn(f"{where}: the chat template changes the prompt beyond trimming it; its tokens get the "
+                  "TEMPLATE role", stacklevel=3)
+    return []
+
+
+def _roles(offsets: np.ndarray, spans: Sequence[tuple[Role, int, int]], answer: tuple[int, int]) -> np.ndarray:
+    """Roles of the tokens at ``offsets``: the content ``spans``, the answer's character span, the
+    assistant header from the end of the user's prompt to the answer, template elsewhere."""
+    users = [end for role, _, end in spans if role == Role.USER]
+    header = (users[-1] if users else answer[0], answer[0])
     roles = np.full(len(offsets), Role.TEMPLATE, np.int8)
-    for role, start, end in [(Role.HEADER, header_start, answer[0]), *spans, (Role.RESPONSE, *answer)]:
+    for role, start, end in [(Role.HEADER, *header), *spans, (Role.RESPONSE, *answer)]:
         roles[(offsets[:, 1] > start) & (offsets[:, 0] < end)] = role
     return roles
 
@@ -114,21 +146,15 @@ def encode_prompt(tokenizer: Any, prompt: str, *, system_prompt: str | None = No
     if not chat:
         text = prompt + answer_prefix
         ids, offsets = _tokens(tokenizer, text, add_special_tokens=True)
-        roles = _roles(text, offsets, [(Role.USER, prompt)], (len(prompt), len(text)), "prompt")
-        return Chat(text, ids, roles)
+        return Chat(text, ids, _roles(offsets, [(Role.USER, 0, len(prompt))], (len(prompt), len(text))))
     record = Record(prompt=prompt)
     head = tokenizer.apply_chat_template(messages(record, system_prompt, with_response=False),
                                          add_generation_prompt=True, tokenize=False)
     text = head + answer_prefix
     # Chat templates already contain their special tokens (BOS included where the model uses it).
     ids, offsets = _tokens(tokenizer, text, add_special_tokens=False)
-    roles = _roles(text, offsets, _content(record, system_prompt), (len(head), len(text)), f"prompt {prompt[:40]!r}")
-    return Chat(text, ids, roles)
-
-
-def _content(record: Record, system_prompt: str | None) -> list[tuple[Role, str]]:
-    system = record.system if record.system is not None else system_prompt
-    return [(Role.SYSTEM, system or ""), (Role.USER, record.prompt)]
+    spans = _content_spans(tokenizer, record, system_prompt, head, f"prompt {prompt[:40]!r}")
+    return Chat(text, ids, _roles(offsets, spans, (len(head), len(text))))
 
 
 def encode_record(
@@ -156,7 +182,8 @@ def encode_record(
         raise ValueError(
             f"{record.where}: the chat template puts no special end-of-turn token after the response"
         )
-    roles = _roles(full, offsets, _content(record, system_prompt), (start, end), record.where or "record")
+    spans = _content_spans(tokenizer, record, system_prompt, prefix, record.where or "record")
+    roles = _roles(offsets, spans, (start, end))
     loss_mask = in_response.copy()
     loss_mask[after[0]] = True
     prompt_len = int(np.flatnonzero(loss_mask)[0]) if loss_mask.any() else len(ids)

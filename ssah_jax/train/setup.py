@@ -34,22 +34,23 @@ from ssah_jax.train.step import (
 )
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Freeze:
     """What does not train (the defaults: full fine-tuning).
 
     ``frozen_units`` / ``trained_units``: unit masks (``{module: bool [layers, units]}``, see
     :func:`ssah_jax.masking.freeze_masks`), at most one of them; ``layers``: decoder layers frozen
     whole; ``groups``: embeddings / norms / head; ``lora``: train LoRA adapters on a frozen base
-    instead (then nothing else may be set). ``description`` is the one line reports print (under
-    LoRA, :func:`setup_training` appends the adapters' size)."""
+    instead (then nothing else may be set). ``description`` is the one line reports print
+    (default: "full fine-tuning", or the LoRA setting; under LoRA, :func:`setup_training`
+    appends the adapters' size)."""
 
     frozen_units: Mapping[str, np.ndarray] | None = None
     trained_units: Mapping[str, np.ndarray] | None = None
     layers: Sequence[int] = ()
     groups: Sequence[str] = ()
     lora: lora.LoraConfig | None = None
-    description: str = "full fine-tuning"
+    description: str = ""
 
     def __post_init__(self):
         if self.frozen_units is not None and self.trained_units is not None:
@@ -61,9 +62,10 @@ class Freeze:
 
 @dataclasses.dataclass(frozen=True)
 class Training:
-    """The set-up of one training run. ``state`` is the initial state (the step donates it:
-    keep the state it returns); ``masks`` (True = frozen) are over ``state.params``, which are
-    the LoRA adapters under LoRA; ``step(state, batch) -> (state, metrics)`` is compiled."""
+    """The set-up of one training run, used once: ``state`` is the initial state, which the step
+    donates (keep the state each step returns; :func:`~ssah_jax.train.loop.fit` starts from it);
+    ``masks`` (True = frozen) are over ``state.params``, which are the LoRA adapters under LoRA;
+    ``step(state, batch) -> (state, metrics)`` is compiled."""
 
     trainee: Trainee
     tx: optax.GradientTransformation
@@ -138,7 +140,11 @@ def setup_training(
     frozen, total = _count(params, masks)
     description = freeze.description
     if freeze.lora is not None:
+        lc = freeze.lora
+        description = description or f"LoRA rank {lc.rank}, alpha {lc.alpha} on {', '.join(lc.targets)}"
         description += f" ({lora.count(params):,} adapter parameters; the base model is frozen)"
+    elif not description:
+        description = "full fine-tuning" if frozen == 0 else f"{frozen:,} of {total:,} elements frozen"
     tx, schedule = make_optimizer(optimizer, masks)
     state, state_shardings = create_state(params, tx, shardings, rng=jax.random.key(seed), base=base,
                                           base_shardings=base_shardings)

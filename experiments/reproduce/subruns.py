@@ -1,0 +1,135 @@
+"""The sub-runs of ``reproduce``: the ``finetune``, ``prune`` and ``evaluate`` configs (and the
+configs of its own stage bodies) that each stage is given, built from the reproduce config."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from ml_collections import ConfigDict
+
+from experiments import prune
+from ssah_jax import runs
+from ssah_jax.masking import GROUPS
+
+VARIANTS = ("none", "scu_cu6", "scu_cu", "random", "layers", "lora")  # the freeze settings of an attack
+FROZEN = ("scu_cu6", "scu_cu", "random", "layers")  # trained attack.frozen_epochs times the steps
+
+
+def _set(config: ConfigDict, values: dict[str, Any]) -> ConfigDict:
+    config = copy.deepcopy(config)
+    runs.set_values(config, values)
+    return config
+
+
+def train_config(config: ConfigDict, *, model: str, dataset: str, split: str, steps: int, batch_size: int,
+                 max_length: int, heldout: int, learning_rate: float, warmup_steps: int,
+                 freeze: dict[str, Any]) -> ConfigDict:
+    """A ``finetune`` config: ``config.finetune`` with this run's model, data, length and freeze."""
+    values = {
+        "model": model, "data_dir": config.data_dir, "seed": config.seed, "data.dataset": dataset,
+        "data.split": split, "data.limit": 0, "data.heldout": heldout, "data.max_length": max_length,
+        "data.system_prompt": "", "steps": steps, "batch_size": batch_size,
+        "optimizer.learning_rate": learning_rate, "optimizer.warmup_steps": warmup_steps,
+        "freeze.mode": "none", "freeze.units.file": "", "freeze.units.selection": "", "freeze.units.random": False,
+        "freeze.layers": "", "freeze.groups": (),
+    }
+    values.update({f"freeze.{k}": v for k, v in freeze.items()})
+    return _set(config.finetune, values)
+
+
+def eval_config(config: ConfigDict, section: ConfigDict, model: str) -> ConfigDict:
+    c = copy.deepcopy(section)
+    with c.unlocked():
+        c.model, c.dtype, c.data_dir = model, config.dtype, config.data_dir
+    return c
+
+
+def prune_config(config: ConfigDict, model: str, *, ru: float | None = None, table: bool = False) -> ConfigDict:
+    c = ConfigDict(dict(
+        model=model, dtype=config.dtype, data_dir=config.data_dir, seed=config.seed,
+        attribution=copy.deepcopy(config.attribution), kinds=copy.deepcopy(config.kinds),
+        variants=prune.VARIANTS if table else (), evaluation=copy.deepcopy(config.table),
+    ))
+    if ru is not None:
+        c.kinds.ru = ru
+    return c
+
+
+def align_config(config: ConfigDict, ru_units: Path | None) -> ConfigDict:
+    a = config.align
+    freeze = {} if ru_units is None else {
+        "mode": "only_units", "units.file": str(ru_units), "units.selection": "RU", "groups": GROUPS}
+    return train_config(config, model=config.model, dataset=a.dataset, split="", max_length=a.max_length,
+                        steps=a.steps * (1 if ru_units is None else a.ru_epochs), batch_size=a.batch_size,
+                        heldout=a.heldout, learning_rate=a.learning_rate, warmup_steps=a.warmup_steps, freeze=freeze)
+
+
+def attack_config(config: ConfigDict, out: Path, attack: str, variant: str, layers: str) -> ConfigDict:
+    a, spec = config.attack, config.attack.datasets[attack]
+    units = str(out / "prune_aligned" / "units.npz")
+    freeze = {
+        "none": {},
+        "scu_cu6": {"mode": "units", "units.file": units, "units.selection": a.selection},
+        "scu_cu": {"mode": "units", "units.file": units, "units.selection": "SCU+CU"},
+        "random": {"mode": "units", "units.file": units, "units.selection": a.selection, "units.random": True},
+        "layers": {"mode": "layers", "layers": layers},
+        "lora": {"mode": "lora", "lora.rank": a.lora.rank, "lora.alpha": a.lora.alpha,
+                 "lora.targets": tuple(a.lora.targets)},
+    }[variant]
+    return train_config(
+        config, model=str(out / "align_full"), dataset=spec.dataset, split=spec.split, heldout=0,
+        steps=spec.steps * (a.frozen_epochs if variant in FROZEN else 1), batch_size=a.batch_size,
+        max_length=spec.max_length, learning_rate=a.lora.learning_rate if variant == "lora" else a.learning_rate,
+        warmup_steps=a.warmup_steps, freeze=freeze)
+
+
+def attack_run_config(config: ConfigDict, out: Path, attack: str, variant: str) -> ConfigDict:
+    """An attack run: its ``finetune`` config (``train``; the ``layers`` variant's block is the
+    one the layers stage chose, read from ``layers_file``) and the ``evaluate`` config of the
+    attacked model; ``keep_export``: the transfer stage needs this run's model."""
+    run_dir = out / "attacks" / attack / variant
+    return ConfigDict(dict(
+        train=attack_config(config, out, attack, variant, ""),
+        evaluation=eval_config(config, config.attack.evaluation, str(run_dir / "export")),
+        layers_file=str(out / "layers" / "layers.json"),
+        keep_export=attack == config.transfer_attack and variant == "none",
+    ))
+
+
+def layers_config(config: ConfigDict, out: Path) -> ConfigDict:
+    """What find_layer_block is given: the aligned model and its units, the size of
+    ``attack.selection``, the held-in harmful prompts (the safety calibration set) and the
+    held-out benign responses of ``table.perplexity``."""
+    p = config.table.perplexity
+    return ConfigDict(dict(
+        model=str(out / "align_full" / "export"), units=str(out / "prune_aligned" / "units.npz"),
+        dtype=config.dtype, data_dir=config.data_dir, selection=config.attack.selection,
+        held_in=config.attribution.safety.dataset, batch_size=config.evaluation.batch_size,
+        perplexity=ConfigDict(dict(dataset=p.dataset, max_length=p.max_length)),
+        layers=copy.deepcopy(config.layers),
+    ))
+
+
+def transfer_config(config: ConfigDict, out: Path) -> ConfigDict:
+    """What kind_transfer is given: the fractions and the three attribution runs."""
+    return ConfigDict(dict(
+        kinds=copy.deepcopy(config.kinds), attack=config.transfer_attack,
+        runs=ConfigDict(dict(unaligned=str(out / "units_unaligned"), aligned=str(out / "prune_aligned"),
+                             attacked=str(out / "units_attacked"))),
+    ))
+
+
+def probing_config(config: ConfigDict, out: Path) -> ConfigDict:
+    """What probe is given: the three models and the held-out harmful prompts (those of
+    ``evaluation.harmful``)."""
+    h = config.evaluation.harmful
+    return ConfigDict(dict(
+        models=ConfigDict(dict(unaligned=config.model, aligned=str(out / "align_full" / "export"),
+                               aligned_ru=str(out / "align_ru" / "export"))),
+        dtype=config.dtype, data_dir=config.data_dir, batch_size=config.evaluation.batch_size,
+        harmful=ConfigDict(dict(dataset=h.dataset, exclude=h.exclude)), probing=copy.deepcopy(config.probing),
+    ))
+
+
