@@ -3,6 +3,7 @@
     python scripts/benchmark.py generate [--batch 8] [--new-tokens 128] [--repeats 3]
     python scripts/benchmark.py attribution [--batch 8] [--samples 64] [--repeats 3]
     python scripts/benchmark.py train [--batch 4] [--length 256] [--repeats 3]
+    python scripts/benchmark.py signals [--batch 8] [--new-tokens 128] [--repeats 3]
 
 ``generate``: batched greedy decoding of the demo model (same GGUF, same chat prompts, both
 forced to produce exactly ``--new-tokens`` tokens per row); prints tokens/s for ours and for
@@ -21,6 +22,11 @@ random tokens, every token a target): our compiled train step
 against transformers + torch (forward with labels, backward, ``clip_grad_norm_``,
 ``torch.optim.AdamW``). One warm-up step each (ours compiles there), then the median of
 ``--repeats`` steps.
+
+``signals``: the safety signal's strategic decoding (``ssah_jax.signals``) under each
+schedule against plain decoding of the same demo model, prompts and length (greedy, every row
+the full ``--new-tokens``, a threshold that never fires so every run decodes the same number of
+tokens); prints tokens/s and each schedule's time relative to plain decoding.
 
 ``--profile`` (generate, train): also runs one call of ours under the JAX profiler and prints
 the XLA ops that took the most time (for generate, use fewer ``--new-tokens``: the profiler
@@ -331,6 +337,61 @@ def bench_train(args) -> dict:
     }
 
 
+def bench_signals(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from ssah_jax.checkpoints import demo_gguf_path, load_model
+    from ssah_jax.data import encode_prompt, left_pad
+    from ssah_jax.generation import generate_tokens
+    from ssah_jax.signals import SCHEDULES, SafetySignal, StrategicDecoding, decode_inputs
+
+    path = demo_gguf_path()
+    model, tokenizer = load_model(str(path), runs.DTYPES[args.dtype])
+    prompts = (PROMPTS * (args.batch // len(PROMPTS) + 1))[: args.batch]
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    graphdef, state = nnx.split(model)
+    pad = jnp.int32(tokenizer.pad_token_id)
+    no_stop = jnp.asarray([-1], jnp.int32)  # every row runs the full length
+    common = (jax.random.key(0), jnp.float32(1e-6), jnp.int32(0), jnp.float32(1.0), no_stop, pad)
+    longest = max(len(c.ids) for c in encoded) + 1  # as long as the rows with [CLS]
+    ids, mask = left_pad([c.ids.tolist() for c in encoded], longest, tokenizer.pad_token_id)
+
+    def plain():
+        return np.asarray(generate_tokens(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), *common,
+                                          max_new_tokens=args.new_tokens, sample=False))
+
+    signal = SafetySignal.init(model.config, rng=jax.random.key(0))  # untrained: its cost, not its verdicts
+    refusal = jnp.asarray(tokenizer("Sorry", add_special_tokens=False)["input_ids"], jnp.int32)
+    s_ids, s_mask, s_state = decode_inputs(signal, encoded, batch_size=args.batch, bucket=1,
+                                           pad_id=tokenizer.pad_token_id, max_new_tokens=args.new_tokens,
+                                           refusal_ids=refusal)
+
+    def with_signal(schedule):
+        policy = StrategicDecoding(signal.head, s_ids.shape[1], threshold=2.0, schedule=schedule)  # never fires
+        return lambda: np.asarray(generate_tokens(graphdef, state, s_ids, s_mask, *common, s_state,
+                                                  max_new_tokens=args.new_tokens, sample=False, policy=policy))
+
+    runs_ = {"plain": plain, **{schedule: with_signal(schedule) for schedule in SCHEDULES}}
+    seconds = {}
+    for name, fn in runs_.items():
+        fn()  # compiles
+        seconds[name] = _timed(fn, args.repeats)
+    tokens = args.batch * args.new_tokens
+    return {
+        "benchmark": "signals",
+        "model": path.name,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "new_tokens": args.new_tokens,
+        "tokens_per_s": {name: tokens / s for name, s in seconds.items()},
+        "time_vs_plain": {name: s / seconds["plain"] for name, s in seconds.items()},
+        "machine": runs.describe_machine(),
+    }
+
+
 def summary(result: dict) -> list[str]:
     lines = _summary(result)
     if "ours_op_profile" in result:
@@ -342,6 +403,10 @@ def summary(result: dict) -> list[str]:
 
 
 def _summary(result: dict) -> list[str]:
+    if result["benchmark"] == "signals":
+        return [f"{name:10s} {tps:8.1f} tokens/s  {result['time_vs_plain'][name]:.2f}x plain decoding's time"
+                for name, tps in result["tokens_per_s"].items()] + [
+            f"({result['batch']} x {result['new_tokens']} new tokens, {result['dtype']}, greedy; {result['machine']})"]
     if result["benchmark"] == "train":
         return [
             f"ours:         {result['ours_step_s']:8.3f} s/step (first step, with compilation: "
@@ -375,7 +440,7 @@ def _summary(result: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["generate", "attribution", "train"])
+    parser.add_argument("what", choices=["generate", "attribution", "train", "signals"])
     parser.add_argument("--batch", type=int, default=None, help="rows (default: 8; train: 4)")
     parser.add_argument("--length", type=int, default=256, help="train: tokens per row")
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -387,7 +452,9 @@ def main() -> None:
                         help="generate, train: also profile one call of ours and print its top XLA ops")
     args = parser.parse_args()
     args.batch = args.batch or (4 if args.what == "train" else 8)
-    result = {"generate": bench_generate, "attribution": bench_attribution, "train": bench_train}[args.what](args)
+    benches = {"generate": bench_generate, "attribution": bench_attribution, "train": bench_train,
+               "signals": bench_signals}
+    result = benches[args.what](args)
     print("\n".join(summary(result)))
     print(json.dumps(result, indent=2))
     if args.out:

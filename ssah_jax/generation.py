@@ -77,10 +77,21 @@ class DecodePolicy(Protocol):
     """Decides, per step and row, the token actually emitted. ``__call__(model, state, chosen)``
     gets the sampled (or greedy) tokens ``chosen`` ``[B]`` for ``state.step`` and returns
     ``(tokens [B], new policy state)``; it may run the model (e.g. an extra query against
-    ``state.cache`` that does not write it). Policies are hashable (frozen dataclasses); their
-    arrays live in their state, which ``generate_tokens`` takes as ``policy_state``."""
+    ``state.cache`` that does not write it). ``prefill(model, input_ids, kv_mask, cache,
+    policy_state) -> (decoder output, policy state)`` runs the prompt into the cache
+    (:func:`prefill` by default: a policy may change the prompt's embeddings or mask, as the
+    safety signal's ``[CLS]`` does). Policies are hashable (frozen dataclasses); their arrays
+    live in their state, which ``generate_tokens`` takes as ``policy_state``."""
 
     def __call__(self, model: CausalLM, state: DecodeState, chosen: jax.Array) -> tuple[jax.Array, Any]: ...
+
+    def prefill(self, model: CausalLM, input_ids: jax.Array, kv_mask: jax.Array, cache: KVCache,
+                policy_state: Any) -> tuple[Any, Any]: ...
+
+
+def prefill(model: CausalLM, input_ids: jax.Array, kv_mask: jax.Array, cache: KVCache, policy_state: Any):
+    """The default prefill of a decode policy: the prompt through the model into the cache."""
+    return model.forward(input_ids, kv_mask, cache=cache), policy_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +100,8 @@ class Sample:
 
     def __call__(self, model, state, chosen):
         return chosen, state.policy
+
+    prefill = staticmethod(prefill)
 
 
 class Forced(NamedTuple):
@@ -114,8 +127,10 @@ class ForceTokens:
         column = jnp.take_along_axis(forced.tokens, jnp.clip(j, 0, forced.tokens.shape[1] - 1)[:, None], axis=1)
         return jnp.where(active, column[:, 0], chosen), forced
 
+    prefill = staticmethod(prefill)
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sample", "policy"))
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sample", "policy", "return_policy_state"))
 def generate_tokens(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -132,12 +147,14 @@ def generate_tokens(
     max_new_tokens: int,
     sample: bool,
     policy: DecodePolicy = Sample(),
-) -> jax.Array:
+    return_policy_state: bool = False,
+) -> jax.Array | tuple[jax.Array, Any]:
     """Pure generation core: ``[B, S]`` left-padded prompts -> ``[B, max_new_tokens]`` tokens.
 
-    One prefill, then a compiled ``while_loop`` over a :class:`DecodeState`: each step samples
+    One prefill (the policy's), then a compiled ``while_loop`` over a :class:`DecodeState`: each step samples
     a token per row, lets ``policy`` (with ``policy_state``) decide what is emitted, and feeds
-    it back. After a row's stop token the row holds ``pad_id``.
+    it back. After a row's stop token the row holds ``pad_id``. With ``return_policy_state``,
+    returns ``(tokens, the policy's final state)``.
     """
     model = nnx.merge(graphdef, state)
     batch, prompt_len = input_ids.shape
@@ -159,7 +176,7 @@ def generate_tokens(
         return decode._replace(step=decode.step + 1, tokens=tokens, done=decode.done | jnp.isin(token, stop_ids),
                                rng=rng, policy=policy_state)
 
-    out = model.forward(input_ids, kv_mask, cache=cache)
+    out, policy_state = policy.prefill(model, input_ids, kv_mask, cache, policy_state)
     start = DecodeState(jnp.zeros((), jnp.int32), out.cache, kv_mask,
                         jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch,), bool), rng,
                         policy_state)
@@ -174,7 +191,8 @@ def generate_tokens(
         out = model.forward(last, kv_mask, cache=decode.cache)
         return emit(decode._replace(cache=out.cache, kv_mask=kv_mask), out.hidden)
 
-    return jax.lax.while_loop(cond, body, first).tokens
+    last = jax.lax.while_loop(cond, body, first)
+    return (last.tokens, last.policy) if return_policy_state else last.tokens
 
 
 def generate_ids(

@@ -45,3 +45,13 @@ def test_matmul_floor_multiplies_every_matrix_once(bench_script, tmp_path, tied)
     # input embedding is a lookup, not a product.
     assert result["matrices"] == 7 * model.config.num_layers + 1
     assert result["matmul_floor_ms_per_step"] > 0
+
+
+def test_signals_benchmark_runs_every_schedule_against_plain_decoding(bench_script):
+    import argparse
+
+    args = argparse.Namespace(batch=2, new_tokens=3, repeats=1, dtype="float32")
+    result = bench_script.bench_signals(args)
+    assert set(result["tokens_per_s"]) == {"plain", "each", "first", "periodic", "annealing"}
+    assert result["time_vs_plain"]["plain"] == 1.0
+    assert len(bench_script.summary(result)) == 6

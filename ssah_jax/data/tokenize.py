@@ -49,11 +49,14 @@ class Chat:
 @dataclasses.dataclass(frozen=True)
 class Example:
     """``ids`` int32 ``[n]``; ``loss_mask`` bool ``[n]``: token ``t`` is a training target
-    (predicted from the logits at ``t - 1``); ``roles`` int8 ``[n]`` (:class:`Role`)."""
+    (predicted from the logits at ``t - 1``); ``roles`` int8 ``[n]`` (:class:`Role`); ``label``:
+    the example's class for a classifier trained alongside (the safety signal: 1 malicious, 0
+    benign; set it with ``dataclasses.replace``)."""
 
     ids: np.ndarray
     loss_mask: np.ndarray
     roles: np.ndarray
+    label: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

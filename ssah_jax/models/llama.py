@@ -295,6 +295,7 @@ class CausalLM(nnx.Module):
         mask: jax.Array | None = None,
         cache: KVCache | None = None,
         write_cache: bool = True,
+        embeddings: jax.Array | None = None,
         output_hidden_states: bool = False,
         output_unit_inputs: bool = False,
     ) -> DecoderOutput:
@@ -315,6 +316,9 @@ class CausalLM(nnx.Module):
             is returned as given, neither written nor advanced (default positions continue
             from ``cache.index``). The ``[CLS]`` re-classification of the safety signal and
             scoring several continuations of one cached context are such queries.
+          embeddings: optional input embeddings ``[B, S, hidden]`` used instead of looking up
+            ``input_ids`` (which then only give the shape): a row that is no token of the
+            vocabulary, such as the safety signal's ``[CLS]``, enters here.
           output_hidden_states: also return every layer's output.
           output_unit_inputs: also return every layer's :class:`UnitInputs` (the activations
             the SSAH scores are computed from).
@@ -348,7 +352,11 @@ class CausalLM(nnx.Module):
         elif mask.shape != (b, s, kv_len + s * extra):
             raise ValueError(f"mask has shape {mask.shape}, expected {(b, s, kv_len + s * extra)}")
 
-        x = constrain(self.embed(input_ids), ("act_batch", "act_len", "act_embed"))
+        if embeddings is None:
+            embeddings = self.embed(input_ids)
+        elif embeddings.shape != (b, s, self.config.hidden_size):
+            raise ValueError(f"embeddings has shape {embeddings.shape}, expected {(b, s, self.config.hidden_size)}")
+        x = constrain(embeddings.astype(self.dtype), ("act_batch", "act_len", "act_embed"))
         hidden_states = [x]
         new_cache, unit_inputs = [], []
         for i, layer in enumerate(self.layers):

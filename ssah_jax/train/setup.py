@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ssah_jax.masking import freeze_masks
 from ssah_jax.models import CausalLM
@@ -83,8 +84,12 @@ class Training:
         return compile_eval_step(self.trainee, self.shardings)
 
     def final_params(self, state: TrainState) -> Any:
-        """The full parameter dict of ``state`` (LoRA merged into the base), float32 master weights."""
-        return state.params if self.trainee.lora is None else lora.merge(state.base, state.params, self.trainee.lora)
+        """The full parameter dict of ``state`` (LoRA merged into the base; the extra parameters
+        under their names), float32 master weights."""
+        if self.trainee.lora is None:
+            return state.params
+        adapters = {k: v for k, v in state.params.items() if k not in self.trainee.extra}
+        return {**lora.merge(state.base, adapters, self.trainee.lora), **self.trainee.extras(state.params)}
 
     def frozen_checksum(self, state: TrainState) -> int:
         """:func:`frozen_checksum` of ``state``'s parameters under the freeze masks."""
@@ -120,11 +125,14 @@ def setup_training(
     compute_dtype: Any = jnp.float32,
     accum_steps: int = 1,
     objective: Objective = ResponseLoss(),
+    extra: Mapping[str, Any] | None = None,
 ) -> Training:
     """Everything a training loop needs for ``model`` (its float32 weights are the master
     weights) on ``mesh``: freeze masks, the masked optimizer, the sharded initial state (LoRA
     adapters initialised from ``seed``, which also seeds the state's rng) and the compiled step
-    in ``compute_dtype`` with ``accum_steps`` micro-batches."""
+    in ``compute_dtype`` with ``accum_steps`` micro-batches. ``extra``: trained parameters
+    outside the model's layout by top-level name (``{"signal": signal.params}``), replicated,
+    never frozen, given to ``objective.sums`` by name."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     shardings = model_shardings(model, mesh)
     base = base_shardings = None
@@ -137,17 +145,23 @@ def setup_training(
         masks = freeze_masks(params, model.config, frozen_units=freeze.frozen_units,
                              trained_units=freeze.trained_units, frozen_layers=tuple(freeze.layers),
                              frozen_groups=tuple(freeze.groups))
+    if extra:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        params = {**params, **extra}
+        shardings = {**shardings, **jax.tree.map(lambda _: replicated, dict(extra))}
+        masks = {**masks, **jax.tree.map(lambda _: False, dict(extra))}
     frozen, total = _count(params, masks)
     description = freeze.description
     if freeze.lora is not None:
         lc = freeze.lora
         description = description or f"LoRA rank {lc.rank}, alpha {lc.alpha} on {', '.join(lc.targets)}"
-        description += f" ({lora.count(params):,} adapter parameters; the base model is frozen)"
+        adapters = {k: v for k, v in params.items() if k not in (extra or {})}
+        description += f" ({lora.count(adapters):,} adapter parameters; the base model is frozen)"
     elif not description:
         description = "full fine-tuning" if frozen == 0 else f"{frozen:,} of {total:,} elements frozen"
     tx, schedule = make_optimizer(optimizer, masks)
     state, state_shardings = create_state(params, tx, shardings, rng=jax.random.key(seed), base=base,
                                           base_shardings=base_shardings)
-    trainee = Trainee.of(model, compute_dtype, freeze.lora, objective)
+    trainee = Trainee.of(model, compute_dtype, freeze.lora, objective, tuple(extra or ()))
     step = compile_train_step(trainee, tx, schedule, state_shardings, accum_steps=accum_steps)
     return Training(trainee, tx, schedule, state, state_shardings, masks, step, description, frozen, total)

@@ -61,7 +61,7 @@ class Objective(Protocol):
 
     def counts(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]: ...
 
-    def sums(self, model: CausalLM, batch: dict[str, jax.Array]) -> dict[str, jax.Array]: ...
+    def sums(self, model: CausalLM, batch: dict[str, jax.Array], **extra: Any) -> dict[str, jax.Array]: ...
 
 
 def _response_tokens(batch: dict[str, jax.Array]) -> jax.Array:
@@ -84,28 +84,35 @@ class ResponseLoss:
 
 @dataclasses.dataclass(frozen=True)
 class Trainee:
-    """What the step runs: the model's graph in the compute dtype (static), LoRA if any, and
-    the objective."""
+    """What the step runs: the model's graph in the compute dtype (static), LoRA if any, the
+    objective, and ``extra``: the top-level names of trained parameters outside the model's
+    layout (a safety signal's ``"signal"``), which the objective receives by name."""
 
     graphdef: nnx.GraphDef
     compute_dtype: Any = jnp.float32
     lora: lora.LoraConfig | None = None
     objective: Objective = ResponseLoss()
+    extra: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, model: CausalLM, compute_dtype=jnp.float32, lora_config: lora.LoraConfig | None = None,
-           objective: Objective = ResponseLoss()) -> Trainee:
+           objective: Objective = ResponseLoss(), extra: tuple[str, ...] = ()) -> Trainee:
         abstract = nnx.eval_shape(
             lambda: CausalLM(model.config, dtype=compute_dtype, param_dtype=compute_dtype, rngs=nnx.Rngs(0)))
-        return cls(nnx.graphdef(abstract), compute_dtype, lora_config, objective)
+        return cls(nnx.graphdef(abstract), compute_dtype, lora_config, objective, tuple(extra))
 
     def weights(self, params: Any, base: Any) -> Any:
-        """The full parameter dict in the compute dtype (LoRA merged in)."""
-        full = params if self.lora is None else lora.merge(base, params, self.lora)
+        """The model's full parameter dict in the compute dtype (LoRA merged in, extras left out)."""
+        own = {k: v for k, v in params.items() if k not in self.extra}
+        full = own if self.lora is None else lora.merge(base, own, self.lora)
         return jax.tree.map(lambda w: w.astype(self.compute_dtype), full)
 
     def model(self, params: Any, base: Any = None) -> CausalLM:
         return nnx.merge(self.graphdef, self.weights(params, base))
+
+    def extras(self, params: Any) -> dict[str, Any]:
+        """The parameters outside the model's layout, by name (float32 master copies)."""
+        return {k: params[k] for k in self.extra}
 
 
 def objective_scale(trainee: Trainee, counts: dict[str, jax.Array]) -> jax.Array:
@@ -122,7 +129,7 @@ def objective_value(trainee: Trainee, counts: dict[str, jax.Array], scale: jax.A
     The step divides the summed gradients by ``scale`` once: the first term enters with the
     factor ``scale / counts = 1`` exactly, so a one-term objective is differentiated as its raw
     sum, the same arithmetic whatever other terms an objective adds."""
-    sums = trainee.objective.sums(trainee.model(params, base), batch)
+    sums = trainee.objective.sums(trainee.model(params, base), batch, **trainee.extras(params))
     value = sum(w * sums[t] * (scale / jnp.maximum(counts[t], 1.0)) for t, w in trainee.objective.weights if w)
     return jnp.asarray(value, jnp.float32), sums
 
@@ -329,7 +336,8 @@ def compile_eval_step(trainee: Trainee, shardings: TrainState):
     mesh = jax.tree.leaves(shardings)[0].mesh
 
     def fn(state, batch):
-        return trainee.objective.sums(trainee.model(state.params, state.base), batch), trainee.objective.counts(batch)
+        sums = trainee.objective.sums(trainee.model(state.params, state.base), batch, **trainee.extras(state.params))
+        return sums, trainee.objective.counts(batch)
 
     return jax.jit(fn, in_shardings=(shardings, batch_sharding(mesh)),
                    out_shardings=NamedSharding(mesh, PartitionSpec()))

@@ -1,0 +1,33 @@
+"""The explicit safety signal (Li & Kim, "Safety Alignment Can Be Not Superficial With Explicit
+Safety Signals", ICML 2025): a ``[CLS]`` classifier trained into the model (``signal``) and
+its training objective ``L_lm + lambda * L_cls`` (``objective``), and generation that keeps
+re-deciding whether to refuse (``decoding``: strategic attention and decoding)."""
+
+from ssah_jax.signals.decoding import (
+    REFUSAL_PREFIX,
+    SCHEDULES,
+    SignalState,
+    StrategicDecoding,
+    decode_inputs,
+    generate,
+)
+from ssah_jax.signals.objective import SignalLoss
+from ssah_jax.signals.signal import (
+    FILE,
+    HEADS,
+    PHASES,
+    SafetySignal,
+    classify,
+    forward,
+    head_logit,
+    load,
+    mask,
+    prepend_cls,
+    save,
+)
+
+__all__ = [
+    "FILE", "HEADS", "PHASES", "REFUSAL_PREFIX", "SCHEDULES", "SafetySignal", "SignalLoss", "SignalState",
+    "StrategicDecoding", "classify", "decode_inputs", "forward", "generate", "head_logit", "load", "mask",
+    "prepend_cls", "save",
+]

@@ -1,0 +1,225 @@
+"""Strategic attention and strategic decoding of the explicit safety signal, inside the compiled
+decode loop (a :class:`~ssah_jax.generation.DecodePolicy`; no host round trip per token).
+
+The prompt is prefilled with ``[CLS]`` at slot 0 of the cache under the ``"sft"`` mask (the
+answer attends to it). At step 0 the first check is the prefill's own ``[CLS]`` state (what
+:func:`~ssah_jax.signals.classify` computes). Later checks, at the steps the schedule picks, run
+``[CLS]`` as one extra query against the cache (``write_cache=False``: the cache and the answer
+are untouched) with a mask of what it may see (DESIGN 2.4, SIGNALS.md):
+
+- rule 1: the first check was malicious: the query and the first ``r1`` answer tokens;
+- rule 2: otherwise, the latest ``r2`` answer tokens;
+- rule 3: after a benign-to-malicious transition at answer length ``S``: answer tokens
+  ``S - r2 .. S + r3``; a benign check rolls back to rule 2;
+- rule 4: padding, BOS and template tokens are never seen (answer tokens are the prompt's
+  answer prefix, role ``RESPONSE``, and the generated tokens).
+
+Decoding: a malicious first check forces the refusal prefix from step 0; after ``tau``
+consecutive malicious checks, from that step. A row gets the prefix at most once.
+
+Schedules (which steps check): ``each`` (every step), ``first`` (step 0 only), ``periodic``
+(every ``period`` steps), ``annealing`` (ours, as the paper publishes none: the interval
+between checks grows by one every ``period`` steps, so every step for the first ``2 * period``
+steps, then every 2nd, 3rd, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ssah_jax.data import Chat, Role, encode_prompt, left_pad, padded_length
+from ssah_jax.generation import DecodeState, generate_tokens, stop_token_ids
+from ssah_jax.models import CausalLM
+from ssah_jax.signals.signal import SafetySignal, head_logit, mask
+
+SCHEDULES = ("each", "first", "periodic", "annealing")
+REFUSAL_PREFIX = "Sorry, I can't fulfill your request because"
+
+
+class SignalState(NamedTuple):
+    """The policy's arrays: the signal's parameters, the prompt's roles ``[B, prompt_len]``
+    (slot 0, ``[CLS]``, as ``PADDING``), each check's p ``[B, T]`` (NaN where none), the first
+    check's verdict, the answer length at the last transition (-1: none), the count of
+    consecutive malicious checks, the step the prefix was inserted (-1: never) and the prefix's
+    tokens ``[K]``."""
+
+    params: Any
+    roles: jax.Array
+    checks: jax.Array
+    first_malicious: jax.Array
+    transition: jax.Array
+    consecutive: jax.Array
+    inserted: jax.Array
+    prefix: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategicDecoding:
+    """The decode policy (hashable; its arrays live in a :class:`SignalState`)."""
+
+    head: str
+    prompt_len: int
+    threshold: float = 0.5
+    schedule: str = "each"
+    period: int = 10
+    r1: int = 10
+    r2: int = 10
+    r3: int = 10
+    tau: int = 3
+
+    def checks_at(self, step: jax.Array) -> jax.Array:
+        if self.schedule == "each":
+            return jnp.ones((), bool)
+        if self.schedule == "first":
+            return step == 0
+        if self.schedule == "periodic":
+            return step % self.period == 0
+        return step % (step // self.period + 1) == 0  # annealing: the interval grows every `period` steps
+
+    def prefill(self, model: CausalLM, input_ids, kv_mask, cache, state: SignalState):
+        b, s = input_ids.shape
+        full = mask(kv_mask[:, :s], state.roles, "sft")
+        full = jnp.concatenate([full, jnp.zeros((b, s, kv_mask.shape[1] - s), bool)], axis=2)
+        embeddings = model.embed(input_ids).at[:, 0].set(state.params["cls"].astype(model.dtype))
+        out = model.forward(input_ids, kv_mask, cache=cache, mask=full, embeddings=embeddings)
+        p = jax.nn.sigmoid(head_logit(SafetySignal(state.params, self.head), out.hidden[:, 0]))
+        return out, state._replace(checks=state.checks.at[:, 0].set(p))
+
+    def __call__(self, model: CausalLM, decode: DecodeState, chosen: jax.Array):
+        state: SignalState = decode.policy
+        s = decode.step
+        b, kv_len = decode.kv_mask.shape
+
+        future = jnp.zeros((b, kv_len - self.prompt_len), bool)
+        query = jnp.concatenate([(state.roles == Role.USER) | (state.roles == Role.SYSTEM), future], axis=1)
+        prefilled = jnp.concatenate([state.roles == Role.RESPONSE, future], axis=1)  # the answer prefix
+
+        def recheck(_):
+            # Answer slots so far: the prompt's answer prefix and the tokens generated before s.
+            slot = jnp.arange(kv_len)[None]
+            answer = prefilled | ((slot >= self.prompt_len) & (slot < self.prompt_len + s))
+            rank = jnp.cumsum(answer, axis=1)
+            total = rank[:, -1:]
+            rule2 = answer & (rank > total - self.r2)
+            rule1 = query | (answer & (rank <= self.r1))
+            t = state.transition[:, None]
+            rule3 = answer & (rank > t - self.r2) & (rank <= t + self.r3)
+            sees = jnp.where(state.first_malicious[:, None], rule1, jnp.where(t >= 0, rule3, rule2))
+            sees = jnp.concatenate([sees, jnp.ones((b, 1), bool)], axis=1)[:, None, :]
+            cls = jnp.broadcast_to(state.params["cls"].astype(model.dtype), (b, 1, model.config.hidden_size))
+            out = model.forward(jnp.zeros((b, 1), jnp.int32), decode.kv_mask, cache=decode.cache, write_cache=False,
+                                positions=jnp.zeros((b, 1), jnp.int32), mask=sees, embeddings=cls)
+            return jax.nn.sigmoid(head_logit(SafetySignal(state.params, self.head), out.hidden[:, 0]))
+
+        check = self.checks_at(s)
+        p = jax.lax.cond(check & (s > 0), recheck, lambda _: state.checks[:, 0], None)
+        p = jnp.where(check, p, jnp.nan)
+        malicious = check & (p > self.threshold)
+        benign = check & ~(p > self.threshold)
+        first_malicious = jnp.where(s == 0, malicious, state.first_malicious)
+        answer_len = jnp.sum(prefilled, axis=1) + s
+        transition = jnp.where(malicious & (state.consecutive == 0) & (s > 0) & (state.transition < 0),
+                               answer_len, jnp.where(benign, -1, state.transition))
+        consecutive = jnp.where(malicious, state.consecutive + 1, jnp.where(benign, 0, state.consecutive))
+        trigger = (state.inserted < 0) & ((malicious & (s == 0)) | (consecutive >= self.tau))
+        inserted = jnp.where(trigger, s, state.inserted)
+        j = s - inserted
+        k = state.prefix.shape[0]
+        forcing = (inserted >= 0) & (j < k)
+        token = jnp.where(forcing, state.prefix[jnp.clip(j, 0, k - 1)], chosen)
+        checks = jax.lax.dynamic_update_slice_in_dim(state.checks, p[:, None], s, axis=1)
+        return token, state._replace(checks=checks, first_malicious=first_malicious, transition=transition,
+                                     consecutive=consecutive, inserted=inserted)
+
+
+def decode_inputs(signal: SafetySignal, chunk: Sequence[Chat], *, batch_size: int, bucket: int, pad_id: int,
+                  max_new_tokens: int, refusal_ids: jax.Array) -> tuple[jax.Array, jax.Array, SignalState]:
+    """``(input_ids, prompt_mask, initial SignalState)`` of a batch of encoded prompts: each row
+    ``[CLS]`` (slot 0), left padding, the prompt; rows beyond ``chunk`` are empty."""
+    rows = [c.ids.tolist() for c in chunk] + [[]] * (batch_size - len(chunk))
+    length = padded_length(1 + max(len(r) for r in rows), bucket)
+    body, body_mask = left_pad(rows, length - 1, pad_id)
+    body_roles, _ = left_pad([c.roles.tolist() for c in chunk] + [[]] * (batch_size - len(chunk)), length - 1,
+                             int(Role.PADDING))
+    column = np.zeros((batch_size, 1), np.int32)
+    ids, attn = np.concatenate([column, body], 1), np.concatenate([column + 1, body_mask], 1)
+    b = batch_size
+    state = SignalState(
+        signal.params, jnp.asarray(np.concatenate([column, body_roles], 1)),
+        jnp.full((b, max_new_tokens), jnp.nan, jnp.float32), jnp.zeros((b,), bool), jnp.full((b,), -1, jnp.int32),
+        jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32), jnp.asarray(refusal_ids, jnp.int32))
+    return jnp.asarray(ids), jnp.asarray(attn), state
+
+
+def generate(
+    model: CausalLM,
+    signal: SafetySignal,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 128,
+    threshold: float = 0.5,
+    schedule: str = "each",
+    period: int = 10,
+    r1: int = 10,
+    r2: int = 10,
+    r3: int = 10,
+    tau: int = 3,
+    refusal_prefix: str = REFUSAL_PREFIX,
+    system_prompt: str | None = None,
+    answer_prefix: str | Sequence[str] | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 8,
+    bucket: int = 64,
+) -> list[dict[str, Any]]:
+    """Answers with the safety signal deciding, as the answer grows, whether to refuse.
+
+    Returns per prompt ``{"text", "checks": [(step, p), ...], "inserted": step or None}``
+    (``text`` includes the answer prefix, as :func:`ssah_jax.generation.generate`'s does)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if max_new_tokens < 1 or period < 1 or tau < 1 or min(r1, r2, r3) < 0:
+        raise ValueError("max_new_tokens, period and tau must be >= 1 and r1, r2, r3 >= 0")
+    prefixes = ([answer_prefix or ""] * len(prompts) if answer_prefix is None or isinstance(answer_prefix, str)
+                else list(answer_prefix))
+    if len(prefixes) != len(prompts):
+        raise ValueError(f"{len(prefixes)} answer prefixes for {len(prompts)} prompts")
+    encoded = [encode_prompt(tokenizer, p, system_prompt=system_prompt, answer_prefix=a)
+               for p, a in zip(prompts, prefixes)]
+    prefix_ids = jnp.asarray(tokenizer(refusal_prefix, add_special_tokens=False)["input_ids"], jnp.int32)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    stops = stop_token_ids(model, tokenizer)
+    graphdef, state = nnx.split(model)
+    rng = jax.random.key(seed)
+    results: list[dict[str, Any]] = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        ids, attn, policy_state = decode_inputs(signal, chunk, batch_size=batch_size, bucket=bucket, pad_id=pad_id,
+                                                max_new_tokens=max_new_tokens, refusal_ids=prefix_ids)
+        policy = StrategicDecoding(signal.head, ids.shape[1], threshold, schedule, period, r1, r2, r3, tau)
+        rng, sub = jax.random.split(rng)
+        tokens, final = generate_tokens(
+            graphdef, state, ids, attn, sub, jnp.float32(max(temperature, 1e-6)),
+            jnp.int32(top_k), jnp.float32(top_p), jnp.asarray(stops, jnp.int32), jnp.int32(pad_id), policy_state,
+            max_new_tokens=max_new_tokens, sample=temperature > 0, policy=policy, return_policy_state=True)
+        tokens, checks, inserted = np.asarray(tokens), np.asarray(final.checks), np.asarray(final.inserted)
+        for i, prefix in enumerate(prefixes[start : start + len(chunk)]):
+            row = tokens[i]
+            hits = np.flatnonzero(np.isin(row, stops))
+            row = row[: hits[0]] if hits.size else row
+            steps = np.flatnonzero(~np.isnan(checks[i][: max(len(row), 1)]))
+            results.append({"text": prefix + tokenizer.decode(row, skip_special_tokens=True),
+                            "checks": [(int(t), float(checks[i, t])) for t in steps],
+                            "inserted": None if inserted[i] < 0 else int(inserted[i])})
+    return results
+

@@ -1,0 +1,188 @@
+"""The explicit safety signal (Li & Kim, ICML 2025): a ``[CLS]`` position at index 0 of every
+row, with its own learned embedding, and a head on its final hidden state giving p(malicious).
+
+Pure functions over a :class:`SafetySignal` pytree and a :class:`~ssah_jax.models.CausalLM`.
+The model's vocabulary and LM head are unchanged: ``[CLS]`` enters as an embedding row
+(``CausalLM.forward(embeddings=...)``), so it can never be sampled, tied embeddings or not.
+
+Who sees whom (``mask``), for a row ``[CLS] t_1 ... t_n`` (index 0 is ``[CLS]``):
+
+- ``"pretrain"`` (signal pre-training on labelled text): ``[CLS]`` attends to every real token;
+  no token attends to ``[CLS]``.
+- ``"sft"`` (alignment, classification, generation): ``[CLS]`` attends to itself and the query
+  (the system prompt and the user's prompt, :class:`~ssah_jax.data.Role` ``SYSTEM`` / ``USER``);
+  the prompt's tokens do not attend to it; the answer side (the assistant header and what
+  follows) does.
+
+Every other pair follows the causal + padding mask. Because the prompt never sees ``[CLS]``,
+the prompt's own computation is that of the model without the signal (rotary positions are
+relative, so the shift by one slot changes nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ssah_jax.data import Role, encode_prompt, left_pad, padded_length
+from ssah_jax.models import CausalLM, ModelConfig, default_mask
+
+HEADS = ("linear", "mlp")
+PHASES = ("pretrain", "sft")
+FILE = "signal.safetensors"  # beside the model's own files
+
+
+@flax.struct.dataclass
+class SafetySignal:
+    """``params``: ``{"cls": [hidden], "head": {...}}`` (float32); ``head``: ``"linear"``
+    (``w [hidden]``, ``b``) or ``"mlp"`` (``w1 [hidden, hidden]``, ``b1``, then ``w``, ``b``)."""
+
+    params: dict[str, Any]
+    head: str = flax.struct.field(pytree_node=False, default="linear")
+
+    @classmethod
+    def init(cls, config: ModelConfig, head: str = "linear", *, rng: jax.Array) -> SafetySignal:
+        """A fresh signal for a model of ``config``: the ``[CLS]`` embedding drawn like the
+        model's token embeddings (normal, std 0.02), the head's output layer small and its bias 0."""
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        h = config.hidden_size
+        k_cls, k1, k2 = jax.random.split(rng, 3)
+        params = {"cls": 0.02 * jax.random.normal(k_cls, (h,), jnp.float32)}
+        if head == "linear":
+            params["head"] = {"w": 0.02 * jax.random.normal(k1, (h,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
+        else:
+            params["head"] = {"w1": jax.random.normal(k1, (h, h), jnp.float32) / np.sqrt(h),
+                              "b1": jnp.zeros((h,), jnp.float32),
+                              "w": 0.02 * jax.random.normal(k2, (h,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
+        return cls(params, head)
+
+
+def head_logit(signal: SafetySignal, hidden: jax.Array) -> jax.Array:
+    """The classifier's logit (log-odds of malicious), float32 ``[...]``, from ``[CLS]``'s final
+    (normed) hidden state ``[..., hidden]``."""
+    p = signal.params["head"]
+    x = hidden.astype(jnp.float32)
+    if signal.head == "mlp":
+        x = jax.nn.gelu(x @ p["w1"] + p["b1"])
+    return x @ p["w"] + p["b"]
+
+
+def prepend_cls(input_ids: jax.Array, attention_mask: jax.Array, roles: jax.Array
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rows with a ``[CLS]`` slot at index 0 (id 0, a real slot, role ``PADDING`` — roles only
+    describe tokens; the slot is recognised by its index)."""
+    b = input_ids.shape[0]
+    zeros = jnp.zeros((b, 1), input_ids.dtype)
+    return (jnp.concatenate([zeros, input_ids], 1), jnp.concatenate([jnp.ones((b, 1), attention_mask.dtype),
+                                                                      attention_mask], 1),
+            jnp.concatenate([jnp.zeros((b, 1), roles.dtype), roles], 1))
+
+
+def mask(attention_mask: jax.Array, roles: jax.Array, phase: str = "sft") -> jax.Array:
+    """The boolean attention mask ``[B, L, L]`` of rows with ``[CLS]`` at index 0 (see the
+    module docstring); ``attention_mask`` and ``roles`` ``[B, L]`` include the ``[CLS]`` slot."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    length = attention_mask.shape[1]
+    real = attention_mask.astype(bool)
+    base = default_mask(attention_mask, length, 0)  # causal + padding
+    is_cls = jnp.arange(length) == 0
+    if phase == "pretrain":
+        cls_row = real
+        sees_cls = jnp.zeros_like(real)
+    else:
+        query = (roles == Role.SYSTEM) | (roles == Role.USER)
+        cls_row = (query | is_cls[None]) & real
+        answer_side = jnp.cumsum((roles == Role.HEADER) | (roles == Role.RESPONSE), axis=1) > 0
+        sees_cls = answer_side & real
+    base = jnp.where(is_cls[None, :, None], cls_row[:, None, :], base)  # row 0: what [CLS] sees
+    return jnp.where(is_cls[None, None, :] & ~is_cls[None, :, None], sees_cls[:, :, None], base)  # column 0
+
+
+def forward(model: CausalLM, signal: SafetySignal, input_ids: jax.Array, attention_mask: jax.Array,
+            roles: jax.Array, phase: str = "sft"):
+    """The decoder over rows with ``[CLS]`` prepended: ``(decoder output over [B, 1 + L],
+    logits of malicious [B])``. ``input_ids``, ``attention_mask``, ``roles`` ``[B, L]`` are
+    without the slot (as :mod:`ssah_jax.data` batches them)."""
+    ids, attn, roles = prepend_cls(input_ids, attention_mask, roles)
+    embeddings = model.embed(ids)
+    embeddings = embeddings.at[:, 0].set(signal.params["cls"].astype(embeddings.dtype))
+    out = model.forward(ids, attn, mask=mask(attn, roles, phase), embeddings=embeddings)
+    return out, head_logit(signal, out.hidden[:, 0])
+
+
+@nnx.jit
+def _probabilities(model, signal, ids, attention_mask, roles):
+    return jax.nn.sigmoid(forward(model, signal, ids, attention_mask, roles)[1])
+
+
+def classify(model: CausalLM, signal: SafetySignal, tokenizer: Any, prompts: Sequence[str], *,
+             system_prompt: str | None = None, batch_size: int = 8, bucket: int = 64) -> np.ndarray:
+    """p(malicious) of each prompt (float32 ``[n]``): the chat-rendered prompt (as generation
+    sees it) with ``[CLS]`` in front, one full forward under the ``"sft"`` mask."""
+    encoded = [encode_prompt(tokenizer, p, system_prompt=system_prompt) for p in prompts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = []
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        length = padded_length(max(len(c.ids) for c in chunk), bucket)
+        rows = [c.ids.tolist() for c in chunk] + [[]] * (batch_size - len(chunk))
+        ids, attn = left_pad(rows, length, pad)
+        roles, _ = left_pad([c.roles.tolist() for c in chunk] + [[]] * (batch_size - len(chunk)), length,
+                            int(Role.PADDING))
+        p = _probabilities(model, signal, jnp.asarray(ids), jnp.asarray(attn), jnp.asarray(roles))
+        out.append(np.asarray(p)[: len(chunk)])
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0,), np.float32)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = np.asarray(v, np.float32)
+    return out
+
+
+def save(signal: SafetySignal, directory: str | Path) -> Path:
+    """Writes ``directory/signal.safetensors`` (no pickles; the head kind in its metadata),
+    beside a model's own files."""
+    from safetensors.numpy import save_file
+
+    path = Path(directory) / FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(_flat(jax.device_get(signal.params)), str(path), metadata={"head": signal.head, "format": "ssah_jax"})
+    return path
+
+
+def load(directory: str | Path, config: ModelConfig | None = None) -> SafetySignal:
+    """The signal saved by :func:`save` in ``directory``; with ``config``, checked against the
+    model's hidden size."""
+    from safetensors import safe_open
+
+    path = Path(directory) / FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no safety signal here (ssah_jax.signals.save writes it)")
+    with safe_open(str(path), "np") as f:
+        head = (f.metadata() or {}).get("head", "")
+        flat = {k: f.get_tensor(k) for k in f.keys()}
+    if head not in HEADS:
+        raise ValueError(f"{path}: unknown head {head!r} in the metadata (expected one of {HEADS})")
+    params: dict[str, Any] = {"head": {}}
+    for key, value in flat.items():
+        *parents, name = key.split(".")
+        (params["head"] if parents == ["head"] else params)[name] = jnp.asarray(value)
+    if config is not None and params["cls"].shape != (config.hidden_size,):
+        raise ValueError(f"{path}: a signal for hidden size {params['cls'].shape[0]}, the model has "
+                         f"{config.hidden_size}")
+    return SafetySignal(params, head)
+

@@ -1,0 +1,193 @@
+"""The explicit safety signal's core: the [CLS] masks (hand-checked), the prompt's computation
+untouched by [CLS], classification independent of padding and of what follows the query, and
+the signal file."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from ssah_jax import signals
+from ssah_jax.checkpoints import load_model, save_hf
+from ssah_jax.data import Record, Role, encode_prompt, encode_records, load_local, with_responses
+from ssah_jax.data.batching import pad_batch
+from ssah_jax.sharding import make_mesh, shard_batch, use_rules
+from ssah_jax.signals import SignalLoss
+from ssah_jax.train import Freeze, OptimizerConfig, setup_training
+
+T, S, U, H, R, P = Role.TEMPLATE, Role.SYSTEM, Role.USER, Role.HEADER, Role.RESPONSE, Role.PADDING
+
+
+def test_masks_of_both_phases_on_a_hand_checked_row():
+    # [CLS] BOS user user header answer pad
+    roles = jnp.asarray([[P, T, U, U, H, R, P]])
+    attn = jnp.asarray([[1, 1, 1, 1, 1, 1, 0]])
+    sft = np.asarray(signals.mask(attn, roles, "sft"))[0, :6].astype(int)
+    assert sft.tolist() == [
+        [1, 0, 1, 1, 0, 0, 0],  # [CLS]: itself and the query
+        [0, 1, 0, 0, 0, 0, 0],  # BOS: causal, not [CLS]
+        [0, 1, 1, 0, 0, 0, 0],  # the query does not see [CLS]
+        [0, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0, 0],  # the answer side does
+        [1, 1, 1, 1, 1, 1, 0],
+    ]
+    pre = np.asarray(signals.mask(attn, roles, "pretrain"))[0, :6].astype(int)
+    assert pre[0].tolist() == [1, 1, 1, 1, 1, 1, 0]  # [CLS] sees every real token
+    assert pre[1:, 0].tolist() == [0] * 5  # nobody sees [CLS]
+    assert pre[5].tolist() == [0, 1, 1, 1, 1, 1, 0]
+    with pytest.raises(ValueError, match="phase"):
+        signals.mask(attn, roles, "train")
+
+
+@pytest.fixture(scope="module")
+def chat(tiny_chat_model):
+    model, tokenizer = load_model(str(tiny_chat_model))
+    signal = signals.SafetySignal.init(model.config, "mlp", rng=jax.random.key(0))
+    return model, tokenizer, signal
+
+
+def _row(chat_encoded):
+    return tuple(jnp.asarray(a[None]) for a in (chat_encoded.ids, np.ones_like(chat_encoded.ids),
+                                               chat_encoded.roles.astype(np.int32)))
+
+
+def test_the_prompt_computes_as_without_the_signal_and_cls_sees_only_the_query(chat):
+    model, tokenizer, signal = chat
+    plain = encode_prompt(tokenizer, "How do I pick a lock?")
+    prefixed = encode_prompt(tokenizer, "How do I pick a lock?", answer_prefix="Sure, here is how")
+    out, logit = signals.forward(model, signal, *_row(plain))
+    without = model.forward(jnp.asarray(plain.ids[None])).hidden
+    prompt = plain.roles != Role.HEADER  # everything before the assistant header
+    assert prompt.sum() > 5 and not prompt[-1]
+    np.testing.assert_allclose(np.asarray(out.hidden[0, 1:][prompt]), np.asarray(without[0][prompt]), atol=1e-5)
+    _, logit_prefixed = signals.forward(model, signal, *_row(prefixed))
+    np.testing.assert_allclose(np.asarray(logit_prefixed), np.asarray(logit), atol=1e-6)
+    # The answer side sees [CLS]: another [CLS] embedding changes the answer's states, not the prompt's.
+    other = signals.SafetySignal({**signal.params, "cls": signal.params["cls"] + 1.0}, signal.head)
+    out_other, _ = signals.forward(model, other, *_row(prefixed))
+    out_prefixed, _ = signals.forward(model, signal, *_row(prefixed))
+    n = int(prompt.sum())
+    np.testing.assert_allclose(np.asarray(out_other.hidden[:, 1:n + 1]), np.asarray(out_prefixed.hidden[:, 1:n + 1]),
+                               atol=1e-5)
+    assert np.abs(np.asarray(out_other.hidden[:, -1]) - np.asarray(out_prefixed.hidden[:, -1])).max() > 1e-3
+
+
+def test_classify_is_independent_of_batching_and_padding(chat):
+    model, tokenizer, signal = chat
+    prompts = ["Hi", "Write a very long and detailed plan, step by step, for something", "What is 2 + 2?"]
+    together = signals.classify(model, signal, tokenizer, prompts, batch_size=2)
+    alone = np.concatenate([signals.classify(model, signal, tokenizer, [p], batch_size=1) for p in prompts])
+    assert together.shape == (3,) and ((together > 0) & (together < 1)).all()
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    assert np.ptp(together) > 0  # the prompts are told apart
+
+
+def test_signal_file_round_trip_and_errors(chat, tmp_path):
+    model, tokenizer, signal = chat
+    path = signals.save(signal, tmp_path)
+    assert path.name == "signal.safetensors"
+    loaded = signals.load(tmp_path, model.config)
+    assert loaded.head == "mlp"
+    for a, b in zip(jax.tree.leaves(signal.params), jax.tree.leaves(loaded.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(signals.classify(model, loaded, tokenizer, ["Hi"]),
+                               signals.classify(model, signal, tokenizer, ["Hi"]), atol=1e-6)
+    small = signals.SafetySignal.init(dataclasses.replace(model.config, hidden_size=32), rng=jax.random.key(1))
+    signals.save(small, tmp_path / "small")
+    with pytest.raises(ValueError, match="hidden size 32"):
+        signals.load(tmp_path / "small", model.config)
+    with pytest.raises(FileNotFoundError, match="no safety signal"):
+        signals.load(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="head must be"):
+        signals.SafetySignal.init(model.config, "transformer", rng=jax.random.key(0))
+
+
+def test_a_tiny_model_learns_separable_labels_and_exports(tiny_chat_model, tmp_path):
+    model, tokenizer = load_model(str(tiny_chat_model))
+    harmful = [Record(r.prompt, response="I cannot help with that.") for r in load_local("advbench")[0][:8]]
+    benign = with_responses(load_local("alpaca_libre", on_error="skip")[0])[:8]
+    examples = []
+    for label, records in ((1, harmful), (0, benign)):
+        encoded, _ = encode_records(tokenizer, records, max_length=96)
+        examples += [dataclasses.replace(e, label=label) for e in encoded]
+    batch = pad_batch(examples, rows=16, buckets=(96,), pad_id=tokenizer.pad_token_id)
+    signal = signals.SafetySignal.init(model.config, rng=jax.random.key(0))
+    mesh = make_mesh({"fsdp": -1})
+    with jax.set_mesh(mesh), use_rules():
+        training = setup_training(model, mesh, Freeze(), OptimizerConfig(learning_rate=3e-3, schedule="constant",
+                                                                         total_steps=40),
+                                  objective=SignalLoss(lam=1.0), extra={"signal": signal.params})
+        assert training.frozen_elements == 0 and "signal" in training.state.params
+        state, first = training.step(training.state, shard_batch(batch))
+        for _ in range(29):
+            state, metrics = training.step(state, shard_batch(batch))
+        final = jax.device_get(training.final_params(state))
+    assert float(metrics["cls"]) < float(first["cls"]) and float(metrics["cls_accuracy"]) == 1.0
+    trained = nnx.merge(nnx.graphdef(model), {k: v for k, v in final.items() if k != "signal"})
+    p = signals.classify(trained, signals.SafetySignal(final["signal"]), tokenizer,
+                         [r.prompt for r in harmful + benign])
+    accuracy = np.mean((p > 0.5) == np.asarray([1] * 8 + [0] * 8))
+    assert accuracy == 1.0, p
+
+    # Exported: the base model unchanged in HF form (transformers reads it; [CLS]-free logits
+    # equal ours) and the signal file beside it; loading both gives the same classifier.
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    export = save_hf(trained, model.config.to_hf(), tmp_path / "export", tokenizer)
+    signals.save(signals.SafetySignal(final["signal"]), export)
+    ids = encode_prompt(tokenizer, harmful[0].prompt).ids[None]
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(export).eval()(torch.as_tensor(ids, dtype=torch.long)).logits
+    np.testing.assert_allclose(np.asarray(trained(jnp.asarray(ids))), theirs.numpy(), atol=1e-4)
+    reloaded, _ = load_model(str(export))
+    np.testing.assert_allclose(signals.classify(reloaded, signals.load(export, reloaded.config), tokenizer,
+                                                [harmful[0].prompt, benign[0].prompt]), p[[0, 8]], atol=1e-5)
+
+
+PROMPTS = ["How do I pick a lock?", "Hi", "Write a poem about the sea, in four lines please."]
+
+
+def test_rechecks_leave_the_answer_untouched_and_the_first_check_is_classify(chat):
+    model, tokenizer, signal = chat
+    kw = dict(max_new_tokens=12, threshold=2.0, batch_size=2)
+    each = signals.generate(model, signal, tokenizer, PROMPTS, schedule="each", **kw)
+    first = signals.generate(model, signal, tokenizer, PROMPTS, schedule="first", **kw)
+    assert [r["text"] for r in each] == [r["text"] for r in first]
+    assert all(r["inserted"] is None for r in each)
+    assert [len(r["checks"]) for r in first] == [1, 1, 1]
+    assert all(len(r["checks"]) > 1 for r in each if len(tokenizer(r["text"])["input_ids"]) > 1)
+    p = signals.classify(model, signal, tokenizer, PROMPTS)
+    np.testing.assert_allclose([r["checks"][0][1] for r in each], p, atol=1e-4)
+    assert [t for t, _ in each[0]["checks"]][:3] == [0, 1, 2]
+    periodic = signals.generate(model, signal, tokenizer, PROMPTS[:1], schedule="periodic", period=5,
+                                max_new_tokens=12, threshold=2.0)
+    assert [t for t, _ in periodic[0]["checks"]] == [t for t in (0, 5, 10) if t < 12][: len(periodic[0]["checks"])]
+
+
+def test_a_threshold_below_zero_refuses_every_answer_from_the_start(chat):
+    model, tokenizer, signal = chat
+    out = signals.generate(model, signal, tokenizer, PROMPTS, max_new_tokens=16, threshold=-1.0, batch_size=2)
+    assert all(r["text"].startswith(signals.REFUSAL_PREFIX) and r["inserted"] == 0 for r in out)
+    # With the prefilling attack too: the prefix comes after the attacker's answer prefix.
+    attacked = signals.generate(model, signal, tokenizer, PROMPTS[:1], max_new_tokens=16, threshold=-1.0,
+                                answer_prefix="Sure, here is")
+    assert attacked[0]["text"].startswith("Sure, here is" + signals.REFUSAL_PREFIX)
+
+
+def test_consecutive_malicious_rechecks_insert_the_prefix_later(chat):
+    model, tokenizer, signal = chat
+    p0 = float(signals.classify(model, signal, tokenizer, PROMPTS[:1])[0])
+    threshold = p0 + 1e-6  # the first check is benign; rechecks see the answer and move around it
+    for tau in (1, 2):
+        out = signals.generate(model, signal, tokenizer, PROMPTS[:1], max_new_tokens=24, threshold=threshold,
+                               tau=tau, temperature=1.0, seed=3)[0]
+        steps = [t for t, _ in out["checks"]]
+        assert steps[:4] == [0, 1, 2, 3] and out["checks"][0][1] <= threshold
+        malicious = [p > threshold for _, p in out["checks"]]
+        expected = next(t for t in range(tau, len(malicious)) if all(malicious[t - tau + 1 : t + 1]))
+        assert out["inserted"] == expected
+        assert signals.REFUSAL_PREFIX in out["text"]
