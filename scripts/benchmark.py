@@ -26,7 +26,8 @@ against transformers + torch (forward with labels, backward, ``clip_grad_norm_``
 ``signals``: the safety signal's strategic decoding (``ssah_jax.signals``) under each
 schedule against plain decoding of the same demo model, prompts and length (greedy, every row
 the full ``--new-tokens``, a threshold that never fires so every run decodes the same number of
-tokens); prints tokens/s and each schedule's time relative to plain decoding.
+tokens); the variants run round-robin ``--repeats`` times (medians), so a slow spell of the
+machine hits all of them; prints tokens/s and each schedule's time relative to plain decoding.
 
 ``--profile`` (generate, train): also runs one call of ours under the JAX profiler and prints
 the XLA ops that took the most time (for generate, use fewer ``--new-tokens``: the profiler
@@ -375,10 +376,13 @@ def bench_signals(args) -> dict:
                                                   max_new_tokens=args.new_tokens, sample=False, policy=policy))
 
     runs_ = {"plain": plain, **{schedule: with_signal(schedule) for schedule in SCHEDULES}}
-    seconds = {}
-    for name, fn in runs_.items():
+    for fn in runs_.values():
         fn()  # compiles
-        seconds[name] = _timed(fn, args.repeats)
+    times: dict[str, list[float]] = {name: [] for name in runs_}
+    for _ in range(args.repeats):  # round-robin, so a slow spell of the machine hits every variant
+        for name, fn in runs_.items():
+            times[name].append(_timed(fn, 1))
+    seconds = {name: statistics.median(t) for name, t in times.items()}
     tokens = args.batch * args.new_tokens
     return {
         "benchmark": "signals",

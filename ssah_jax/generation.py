@@ -176,7 +176,7 @@ def generate_tokens(
         return decode._replace(step=decode.step + 1, tokens=tokens, done=decode.done | jnp.isin(token, stop_ids),
                                rng=rng, policy=policy_state)
 
-    out, policy_state = policy.prefill(model, input_ids, kv_mask, cache, policy_state)
+    out, policy_state = getattr(policy, "prefill", prefill)(model, input_ids, kv_mask, cache, policy_state)
     start = DecodeState(jnp.zeros((), jnp.int32), out.cache, kv_mask,
                         jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch,), bool), rng,
                         policy_state)

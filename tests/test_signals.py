@@ -14,6 +14,7 @@ from ssah_jax import signals
 from ssah_jax.checkpoints import load_model, save_hf
 from ssah_jax.data import Record, Role, encode_prompt, encode_records, load_local, with_responses
 from ssah_jax.data.batching import pad_batch
+from ssah_jax.generation import generate_tokens
 from ssah_jax.sharding import make_mesh, shard_batch, use_rules
 from ssah_jax.signals import SignalLoss
 from ssah_jax.train import Freeze, OptimizerConfig, setup_training
@@ -125,9 +126,10 @@ def test_a_tiny_model_learns_separable_labels_and_exports(tiny_chat_model, tmp_p
         for _ in range(29):
             state, metrics = training.step(state, shard_batch(batch))
         final = jax.device_get(training.final_params(state))
+        learned = signals.SafetySignal(jax.device_get(training.final_extras(state))["signal"])
     assert float(metrics["cls"]) < float(first["cls"]) and float(metrics["cls_accuracy"]) == 1.0
-    trained = nnx.merge(nnx.graphdef(model), {k: v for k, v in final.items() if k != "signal"})
-    p = signals.classify(trained, signals.SafetySignal(final["signal"]), tokenizer,
+    trained = nnx.merge(nnx.graphdef(model), final)
+    p = signals.classify(trained, learned, tokenizer,
                          [r.prompt for r in harmful + benign])
     accuracy = np.mean((p > 0.5) == np.asarray([1] * 8 + [0] * 8))
     assert accuracy == 1.0, p
@@ -138,7 +140,7 @@ def test_a_tiny_model_learns_separable_labels_and_exports(tiny_chat_model, tmp_p
     from transformers import AutoModelForCausalLM
 
     export = save_hf(trained, model.config.to_hf(), tmp_path / "export", tokenizer)
-    signals.save(signals.SafetySignal(final["signal"]), export)
+    signals.save(learned, export)
     ids = encode_prompt(tokenizer, harmful[0].prompt).ids[None]
     with torch.no_grad():
         theirs = AutoModelForCausalLM.from_pretrained(export).eval()(torch.as_tensor(ids, dtype=torch.long)).logits
@@ -164,8 +166,43 @@ def test_rechecks_leave_the_answer_untouched_and_the_first_check_is_classify(cha
     np.testing.assert_allclose([r["checks"][0][1] for r in each], p, atol=1e-4)
     assert [t for t, _ in each[0]["checks"]][:3] == [0, 1, 2]
     periodic = signals.generate(model, signal, tokenizer, PROMPTS[:1], schedule="periodic", period=5,
-                                max_new_tokens=12, threshold=2.0)
-    assert [t for t, _ in periodic[0]["checks"]] == [t for t in (0, 5, 10) if t < 12][: len(periodic[0]["checks"])]
+                                max_new_tokens=12, threshold=2.0)[0]
+    assert len(periodic["checks"]) >= 2 and [t for t, _ in periodic["checks"]] == [0, 5, 10][: len(periodic["checks"])]
+    annealing = signals.generate(model, signal, tokenizer, PROMPTS[:1], schedule="annealing", period=5,
+                                 max_new_tokens=30, threshold=2.0)[0]
+    expected = [0, 1, 2, 3, 4, 5, 7, 9, 11, 14, 17, 21, 26]  # s -> s + s // 5 + 1
+    steps = [t for t, _ in annealing["checks"]]
+    assert len(steps) >= 8 and steps == expected[: len(steps)]
+
+
+def test_a_recheck_sees_exactly_what_rule_2_allows(chat):
+    """The p of a recheck equals a full forward in which an appended [CLS] (position 0) sees
+    only the latest r2 answer tokens and itself, everything else computed as generation did."""
+    model, tokenizer, signal = chat
+    r2, step, new = 3, 5, 8
+    encoded = [encode_prompt(tokenizer, PROMPTS[1])]
+    refusal = jnp.asarray([5, 6], jnp.int32)
+    ids, attn, state = signals.decode_inputs(signal, encoded, batch_size=1, bucket=1, pad_id=0, max_new_tokens=new,
+                                             refusal_ids=refusal)
+    policy = signals.StrategicDecoding(signal.head, ids.shape[1], threshold=2.0, schedule="each", r2=r2)
+    graphdef, params = nnx.split(model)
+    tokens, final = generate_tokens(graphdef, params, ids, attn, jax.random.key(0), jnp.float32(1e-6), jnp.int32(0),
+                                    jnp.float32(1.0), jnp.asarray([-1], jnp.int32), jnp.int32(0), state,
+                                    max_new_tokens=new, sample=False, policy=policy, return_policy_state=True)
+    prompt_len = ids.shape[1]
+    full = jnp.concatenate([ids, tokens[:, :step], jnp.zeros((1, 1), jnp.int32)], axis=1)
+    n = full.shape[1]
+    m = np.tril(np.ones((n, n), bool))
+    m[:prompt_len, :prompt_len] = np.asarray(signals.mask(attn, state.roles, "sft"))[0]
+    m[-1] = False
+    m[-1, prompt_len + step - r2 : prompt_len + step] = True  # the latest r2 answer tokens
+    m[-1, -1] = True
+    m[:-1, -1] = False
+    positions = np.concatenate([np.arange(n - 1), [0]])[None]
+    embeddings = model.embed(full).at[:, 0].set(signal.params["cls"]).at[:, -1].set(signal.params["cls"])
+    out = model.forward(full, mask=jnp.asarray(m[None]), positions=jnp.asarray(positions), embeddings=embeddings)
+    expected = jax.nn.sigmoid(signals.head_logit(signal, out.hidden[:, -1]))
+    np.testing.assert_allclose(np.asarray(final.checks)[0, step], np.asarray(expected)[0], atol=1e-5)
 
 
 def test_a_threshold_below_zero_refuses_every_answer_from_the_start(chat):

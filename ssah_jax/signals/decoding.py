@@ -18,9 +18,10 @@ Decoding: a malicious first check forces the refusal prefix from step 0; after `
 consecutive malicious checks, from that step. A row gets the prefix at most once.
 
 Schedules (which steps check): ``each`` (every step), ``first`` (step 0 only), ``periodic``
-(every ``period`` steps), ``annealing`` (ours, as the paper publishes none: the interval
-between checks grows by one every ``period`` steps, so every step for the first ``2 * period``
-steps, then every 2nd, 3rd, ...).
+(every ``period`` steps), ``annealing`` (ours, as the paper publishes none: after a check at
+step ``s`` the next is at ``s + s // period + 1``, so every step for the first ``period`` steps,
+then every 2nd step, then every 3rd, ...). A finished row is not checked; a check whose p is
+NaN counts as malicious.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from flax import nnx
 from ssah_jax.data import Chat, Role, encode_prompt, left_pad, padded_length
 from ssah_jax.generation import DecodeState, generate_tokens, stop_token_ids
 from ssah_jax.models import CausalLM
-from ssah_jax.signals.signal import SafetySignal, head_logit, mask
+from ssah_jax.signals.signal import SafetySignal, check_query, head_logit, mask
 
 SCHEDULES = ("each", "first", "periodic", "annealing")
 REFUSAL_PREFIX = "Sorry, I can't fulfill your request because"
@@ -58,6 +59,7 @@ class SignalState(NamedTuple):
     consecutive: jax.Array
     inserted: jax.Array
     prefix: jax.Array
+    next_check: jax.Array  # the step of the next scheduled check (scalar)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,14 +76,15 @@ class StrategicDecoding:
     r3: int = 10
     tau: int = 3
 
-    def checks_at(self, step: jax.Array) -> jax.Array:
+    def interval(self, step: jax.Array) -> jax.Array:
+        """Steps from a check at ``step`` to the next one."""
         if self.schedule == "each":
-            return jnp.ones((), bool)
+            return jnp.ones((), jnp.int32)
         if self.schedule == "first":
-            return step == 0
+            return jnp.asarray(2**30, jnp.int32)
         if self.schedule == "periodic":
-            return step % self.period == 0
-        return step % (step // self.period + 1) == 0  # annealing: the interval grows every `period` steps
+            return jnp.asarray(self.period, jnp.int32)
+        return step // self.period + 1  # annealing: the interval grows by one every `period` steps
 
     def prefill(self, model: CausalLM, input_ids, kv_mask, cache, state: SignalState):
         b, s = input_ids.shape
@@ -110,7 +113,7 @@ class StrategicDecoding:
             rule2 = answer & (rank > total - self.r2)
             rule1 = query | (answer & (rank <= self.r1))
             t = state.transition[:, None]
-            rule3 = answer & (rank > t - self.r2) & (rank <= t + self.r3)
+            rule3 = answer & (rank >= t - self.r2) & (rank <= t + self.r3)
             sees = jnp.where(state.first_malicious[:, None], rule1, jnp.where(t >= 0, rule3, rule2))
             sees = jnp.concatenate([sees, jnp.ones((b, 1), bool)], axis=1)[:, None, :]
             cls = jnp.broadcast_to(state.params["cls"].astype(model.dtype), (b, 1, model.config.hidden_size))
@@ -118,25 +121,27 @@ class StrategicDecoding:
                                 positions=jnp.zeros((b, 1), jnp.int32), mask=sees, embeddings=cls)
             return jax.nn.sigmoid(head_logit(SafetySignal(state.params, self.head), out.hidden[:, 0]))
 
-        check = self.checks_at(s)
-        p = jax.lax.cond(check & (s > 0), recheck, lambda _: state.checks[:, 0], None)
+        scheduled = s == state.next_check
+        p = jax.lax.cond(scheduled & (s > 0), recheck, lambda _: state.checks[:, 0], None)
+        check = scheduled & ~decode.done  # a finished row is not checked
         p = jnp.where(check, p, jnp.nan)
-        malicious = check & (p > self.threshold)
-        benign = check & ~(p > self.threshold)
+        malicious = check & ~(p <= self.threshold)  # a NaN verdict fails closed
+        benign = check & (p <= self.threshold)
         first_malicious = jnp.where(s == 0, malicious, state.first_malicious)
         answer_len = jnp.sum(prefilled, axis=1) + s
         transition = jnp.where(malicious & (state.consecutive == 0) & (s > 0) & (state.transition < 0),
                                answer_len, jnp.where(benign, -1, state.transition))
         consecutive = jnp.where(malicious, state.consecutive + 1, jnp.where(benign, 0, state.consecutive))
-        trigger = (state.inserted < 0) & ((malicious & (s == 0)) | (consecutive >= self.tau))
+        trigger = (state.inserted < 0) & ~decode.done & ((malicious & (s == 0)) | (consecutive >= self.tau))
         inserted = jnp.where(trigger, s, state.inserted)
         j = s - inserted
         k = state.prefix.shape[0]
         forcing = (inserted >= 0) & (j < k)
         token = jnp.where(forcing, state.prefix[jnp.clip(j, 0, k - 1)], chosen)
         checks = jax.lax.dynamic_update_slice_in_dim(state.checks, p[:, None], s, axis=1)
+        next_check = jnp.where(scheduled, s + self.interval(s), state.next_check)
         return token, state._replace(checks=checks, first_malicious=first_malicious, transition=transition,
-                                     consecutive=consecutive, inserted=inserted)
+                                     consecutive=consecutive, inserted=inserted, next_check=next_check)
 
 
 def decode_inputs(signal: SafetySignal, chunk: Sequence[Chat], *, batch_size: int, bucket: int, pad_id: int,
@@ -154,7 +159,8 @@ def decode_inputs(signal: SafetySignal, chunk: Sequence[Chat], *, batch_size: in
     state = SignalState(
         signal.params, jnp.asarray(np.concatenate([column, body_roles], 1)),
         jnp.full((b, max_new_tokens), jnp.nan, jnp.float32), jnp.zeros((b,), bool), jnp.full((b,), -1, jnp.int32),
-        jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32), jnp.asarray(refusal_ids, jnp.int32))
+        jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32), jnp.asarray(refusal_ids, jnp.int32),
+        jnp.zeros((), jnp.int32))
     return jnp.asarray(ids), jnp.asarray(attn), state
 
 
@@ -196,6 +202,7 @@ def generate(
         raise ValueError(f"{len(prefixes)} answer prefixes for {len(prompts)} prompts")
     encoded = [encode_prompt(tokenizer, p, system_prompt=system_prompt, answer_prefix=a)
                for p, a in zip(prompts, prefixes)]
+    check_query(encoded, prompts)
     prefix_ids = jnp.asarray(tokenizer(refusal_prefix, add_special_tokens=False)["input_ids"], jnp.int32)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(model, tokenizer)
@@ -220,6 +227,6 @@ def generate(
             steps = np.flatnonzero(~np.isnan(checks[i][: max(len(row), 1)]))
             results.append({"text": prefix + tokenizer.decode(row, skip_special_tokens=True),
                             "checks": [(int(t), float(checks[i, t])) for t in steps],
-                            "inserted": None if inserted[i] < 0 else int(inserted[i])})
+                            "inserted": None if not 0 <= inserted[i] < max(len(row), 1) else int(inserted[i])})
     return results
 

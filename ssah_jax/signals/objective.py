@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from ssah_jax.models import CausalLM
-from ssah_jax.signals.signal import HEADS, PHASES, SafetySignal, forward
+from ssah_jax.signals.signal import PHASES, SafetySignal, forward
 
 
 def _targets(batch: dict[str, jax.Array]) -> jax.Array:
@@ -32,16 +32,15 @@ def _rows(batch: dict[str, jax.Array]) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class SignalLoss:
     """``nll + lam * cls`` (terms ``nll``, ``cls``; ``cls_accuracy`` is a metric). ``lam``: 0.1
-    (the paper's alignment default; 0.01 the alternative and the pre-training value); ``head``:
-    the signal's head kind; ``phase``: ``"sft"`` or ``"pretrain"``."""
+    (the paper's alignment default; 0.01 the alternative and the pre-training value); ``phase``:
+    ``"sft"`` or ``"pretrain"``. The head kind is read from the signal's parameters."""
 
     lam: float = 0.1
-    head: str = "linear"
     phase: str = "sft"
 
     def __post_init__(self):
-        if self.head not in HEADS or self.phase not in PHASES:
-            raise ValueError(f"SignalLoss: head must be one of {HEADS} and phase one of {PHASES}")
+        if self.phase not in PHASES:
+            raise ValueError(f"SignalLoss: phase must be one of {PHASES}, got {self.phase!r}")
 
     @property
     def weights(self) -> tuple[tuple[str, float], ...]:
@@ -52,7 +51,8 @@ class SignalLoss:
         return {"nll": jnp.sum(_targets(batch)), "cls": rows, "cls_accuracy": rows}
 
     def sums(self, model: CausalLM, batch: dict[str, jax.Array], *, signal: Any) -> dict[str, jax.Array]:
-        out, logit = forward(model, SafetySignal(signal, self.head), batch["input_ids"], batch["attention_mask"],
+        head = "mlp" if "w1" in signal["head"] else "linear"
+        out, logit = forward(model, SafetySignal(signal, head), batch["input_ids"], batch["attention_mask"],
                              batch["roles"], self.phase)
         logits = model.logits(out.hidden[:, 1:-1])  # the tokens' predictions; [CLS]'s own is not one
         ids = batch["input_ids"]

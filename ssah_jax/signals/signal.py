@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ssah_jax.data import Role, encode_prompt, left_pad, padded_length
+from ssah_jax.data import Chat, Role, encode_prompt, left_pad, padded_length
 from ssah_jax.models import CausalLM, ModelConfig, default_mask
 
 HEADS = ("linear", "mlp")
@@ -119,6 +119,15 @@ def forward(model: CausalLM, signal: SafetySignal, input_ids: jax.Array, attenti
     return out, head_logit(signal, out.hidden[:, 0])
 
 
+def check_query(encoded: Sequence[Chat], prompts: Sequence[str]) -> None:
+    """Refuses a prompt with no query token for ``[CLS]`` to see (an empty prompt, or a chat
+    template whose prompt the encoder could not locate): its signal would be blind."""
+    for chat, prompt in zip(encoded, prompts):
+        if not ((chat.roles == Role.USER) | (chat.roles == Role.SYSTEM)).any():
+            raise ValueError(f"prompt {prompt[:40]!r}: no query token the [CLS] signal can see (empty, or the chat "
+                             "template hides it from the encoder)")
+
+
 @nnx.jit
 def _probabilities(model, signal, ids, attention_mask, roles):
     return jax.nn.sigmoid(forward(model, signal, ids, attention_mask, roles)[1])
@@ -129,6 +138,7 @@ def classify(model: CausalLM, signal: SafetySignal, tokenizer: Any, prompts: Seq
     """p(malicious) of each prompt (float32 ``[n]``): the chat-rendered prompt (as generation
     sees it) with ``[CLS]`` in front, one full forward under the ``"sft"`` mask."""
     encoded = [encode_prompt(tokenizer, p, system_prompt=system_prompt) for p in prompts]
+    check_query(encoded, prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = []
     for start in range(0, len(encoded), batch_size):

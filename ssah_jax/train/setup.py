@@ -84,12 +84,14 @@ class Training:
         return compile_eval_step(self.trainee, self.shardings)
 
     def final_params(self, state: TrainState) -> Any:
-        """The full parameter dict of ``state`` (LoRA merged into the base; the extra parameters
-        under their names), float32 master weights."""
-        if self.trainee.lora is None:
-            return state.params
-        adapters = {k: v for k, v in state.params.items() if k not in self.trainee.extra}
-        return {**lora.merge(state.base, adapters, self.trainee.lora), **self.trainee.extras(state.params)}
+        """The model's full parameter dict of ``state`` (LoRA merged into the base; without the
+        extra parameters, which :meth:`final_extras` gives), float32 master weights."""
+        own = {k: v for k, v in state.params.items() if k not in self.trainee.extra}
+        return own if self.trainee.lora is None else lora.merge(state.base, own, self.trainee.lora)
+
+    def final_extras(self, state: TrainState) -> dict[str, Any]:
+        """The extra parameters of ``state`` by name (``{"signal": ...}``)."""
+        return self.trainee.extras(state.params)
 
     def frozen_checksum(self, state: TrainState) -> int:
         """:func:`frozen_checksum` of ``state``'s parameters under the freeze masks."""
@@ -146,6 +148,9 @@ def setup_training(
                              trained_units=freeze.trained_units, frozen_layers=tuple(freeze.layers),
                              frozen_groups=tuple(freeze.groups))
     if extra:
+        clash = sorted(set(extra) & set(params))
+        if clash:
+            raise ValueError(f"setup_training: extra parameters {clash} would replace the model's own")
         replicated = NamedSharding(mesh, PartitionSpec())
         params = {**params, **extra}
         shardings = {**shardings, **jax.tree.map(lambda _: replicated, dict(extra))}
