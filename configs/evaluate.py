@@ -43,15 +43,20 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c.seed = 0
     c.system_prompt = ""  # the "with system prompt" setting; empty: Llama-2-chat's default
     # dataset: a dataset or a mixture "name:count,..."; exclude: datasets whose prompts are
-    # removed from it (what the model was trained on); settings: no_system and / or system
+    # removed from it and from the prefill and sweep prompts (what the model was trained on);
+    # settings: no_system and / or system
     c.harmful = ConfigDict(dict(dataset="advbench", exclude="", limit=100, settings=("no_system", "system")))
-    c.prefill = ConfigDict(dict(dataset="advbench", limit=50, tokens=5))
+    c.prefill = ConfigDict(dict(dataset="advbench", limit=50, tokens=(5,)))  # tokens: one or more k
     c.sweep = ConfigDict(dict(dataset="advbench", limit=50, temperatures=(0.7, 1.0), top_ps=(0.9,), top_ks=(0,)))
     c.overrefusal = ConfigDict(dict(limit=0))
     c.mmlu = ConfigDict(dict(limit=500))
     c.sst2 = ConfigDict(dict(limit=0))
     c.gsm8k = ConfigDict(dict(limit=50, max_new_tokens=256))
     c.perplexity = ConfigDict(dict(dataset="alpaca_libre", limit=200, max_length=512))
+    # The explicit safety signal (``ssah_jax.signals``): file = the directory of a trained
+    # signal.safetensors (a finetune run's export with signal.head set), "" = none. Answers then
+    # come from strategic decoding under these settings; log-likelihood tasks score the model.
+    c.signal = ConfigDict(dict(file="", threshold=0.5, schedule="each", period=10, r1=10, r2=10, r3=10, tau=3))
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} for configs/evaluate.py (presets: {', '.join(PRESETS)})")
     set_values(c, PRESETS[preset])

@@ -62,6 +62,16 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
         groups=(),  # embeddings / norms / head to freeze
         lora=ConfigDict(dict(rank=8, alpha=16.0, targets=("q_proj", "v_proj"))),  # raise the learning rate
     ))
+    # The explicit safety signal (Li & Kim 2025): "" (none) | linear | mlp head on a [CLS] slot,
+    # trained with L_sft + lam * L_cls; malicious: the data.dataset components labelled 1
+    c.signal = ConfigDict(dict(head="", lam=0.1, malicious=("bianchi_safety", "safety_refusals_short")))
+    # Deep-alignment augmentation (Qi et al. 2024): the last `count` records of a harmful
+    # question -> answer dataset, each answer cut after k ~ U[1, max_tokens] tokens and turned
+    # into the refusal (only the refusal is learned); "" = none
+    c.augment = ConfigDict(dict(
+        dataset="", count=100, max_tokens=40,
+        refusal="I'm sorry, but I cannot continue with this. I can't help with requests that could cause harm.",
+    ))
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: the remaining devices (FSDP by default)
     c.log_every = 5
     c.eval_every = 20  # held-out loss (also before the first and after the last step)

@@ -26,7 +26,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from ssah_jax import runs
+from ssah_jax import runs, signals
 from ssah_jax.checkpoints import load_model
 from ssah_jax.data import check_kit_dataset, parse_mixture
 from ssah_jax.evaluation import tasks
@@ -50,7 +50,7 @@ def validate(config: ConfigDict, prefix: str = "") -> None:
     check("max_new_tokens", lambda v: v >= 1, "must be >= 1")
     for task in ("harmful", "prefill", "sweep", "overrefusal", "mmlu", "sst2", "gsm8k", "perplexity"):
         check(f"{task}.limit", lambda v: v >= 0, "must be >= 0 (0 = all)")
-    check("prefill.tokens", lambda v: v >= 1, "must be >= 1")
+    check("prefill.tokens", lambda v: len(v) > 0 and all(k >= 1 for k in v), "must be a non-empty list of k >= 1")
     check("gsm8k.max_new_tokens", lambda v: v >= 1, "must be >= 1")
     check("perplexity.max_length", lambda v: v >= 16, "must be >= 16")
     check("sweep.temperatures", lambda v: len(v) > 0 and all(t > 0 for t in v),
@@ -61,6 +61,17 @@ def validate(config: ConfigDict, prefix: str = "") -> None:
     runs.check_parses(config, prefix + "harmful.exclude", parse_mixture, optional=True)
     for task in ("prefill", "sweep", "perplexity"):
         runs.check_parses(config, f"{prefix}{task}.dataset", check_kit_dataset)
+    section = config
+    for part in filter(None, prefix.split(".")):
+        section = section[part]
+    if "signal" in section and section.signal.file:
+        check("signal.file", lambda v: (Path(v) / signals.FILE).exists() or Path(v).name == signals.FILE,
+              f"must be a directory holding {signals.FILE} (or the file itself)")
+        check("signal.schedule", lambda v: v in signals.SCHEDULES, f"must be one of {signals.SCHEDULES}")
+        for key in ("period", "tau"):
+            check(f"signal.{key}", lambda v: v >= 1, "must be >= 1")
+        for key in ("r1", "r2", "r3"):
+            check(f"signal.{key}", lambda v: v >= 0, "must be >= 0")
 
 
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
@@ -68,11 +79,25 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
     out = runs.prepare_workdir(workdir, config, EXCLUDED, overwrite=overwrite)
     model, tokenizer = load_model(config.model, runs.dtype(config))
-    evaluate_model(model, tokenizer, config, out, data_dir=config.data_dir,
-                   description=f"Model `{config.model}` ({config.dtype})")
+    description = f"Model `{config.model}` ({config.dtype})"
+    if config.signal.file:
+        model = with_signal(model, config.signal)
+        s = config.signal
+        description += (f" with its safety signal `{s.file}` (strategic decoding: schedule {s.schedule}, threshold "
+                        f"{s.threshold}, r1/r2/r3 {s.r1}/{s.r2}/{s.r3}, tau {s.tau}; log-likelihood tasks score the "
+                        "model without it)")
+    evaluate_model(model, tokenizer, config, out, data_dir=config.data_dir, description=description)
     print(f"Metrics: {out / 'metrics.json'}")
     print(f"Report: {out / 'report.md'}")
     return out / "report.md"
+
+
+def with_signal(model: Any, settings: ConfigDict) -> signals.SignalModel:
+    """``model`` deployed with the safety signal of ``settings.file`` under ``settings``' decoding."""
+    path = Path(settings.file)
+    signal = signals.load(path.parent if path.name == signals.FILE else path, model.config)
+    return signals.SignalModel(model, signal, threshold=settings.threshold, schedule=settings.schedule,
+                               period=settings.period, r1=settings.r1, r2=settings.r2, r3=settings.r3, tau=settings.tau)
 
 
 def evaluate_model(model: Any, tokenizer: Any, config: ConfigDict, out: Path, *, data_dir: str | None,

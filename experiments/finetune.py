@@ -6,25 +6,34 @@ resumes from the latest; a re-run with other values of the determining keys is r
 response loss), ``export/`` (an HF directory that transformers and
 ``ssah_jax.checkpoints.load_model`` read; LoRA merged in), ``loss.png``, ``metrics.json`` and
 ``report.md``.
+
+With ``signal.head`` set, the explicit safety signal (Li & Kim 2025) trains alongside: a
+``[CLS]`` embedding and classifier head, the loss ``L_sft + signal.lam * L_cls`` with the
+components of ``signal.malicious`` labelled malicious (oversampled to the benign count); the
+export then holds ``signal.safetensors`` beside the model's files. With ``augment.dataset``
+set, the training data gains the deep-alignment augmentation of Qi et al. (2024): answers that
+start with k tokens of a harmful response and turn into ``augment.refusal``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from ssah_jax import runs
+from ssah_jax import runs, signals
 from ssah_jax.attribution import UnitMap
 from ssah_jax.checkpoints import load_model, save_hf
 from ssah_jax.data import load_mixture, parse_mixture
-from ssah_jax.data.batching import batch_dataset, bucket_lengths
-from ssah_jax.data.tokenize import encode_records
+from ssah_jax.data.batching import balance_classes, batch_dataset, bucket_lengths
+from ssah_jax.data.tokenize import EncodeStats, encode_records, encode_recovery
 from ssah_jax.masking import GROUPS, MODULES
 from ssah_jax.sharding import make_mesh, shard_batch, use_rules
 from ssah_jax.train import lora
@@ -85,6 +94,19 @@ def validate(config: ConfigDict) -> None:
     for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size"):
         check(key, lambda v: v >= 1, "must be >= 1")
     check("eval_every", lambda v: v >= 0, "must be >= 0")
+    sig = config.signal
+    check("signal.head", lambda v: v in ("",) + signals.HEADS, f"must be '' (no signal) or one of {signals.HEADS}")
+    if sig.head:
+        check("signal.lam", lambda v: v > 0, "must be > 0")
+        names = [name for name, _ in parse_mixture(config.data.dataset)]
+        check("signal.malicious", lambda v: set(v) & set(names) and set(names) - set(v),
+              f"must name some but not all of data.dataset's components {names} (the rest are benign)")
+        check("freeze.mode", lambda v: v != "lora", "lora cannot train the safety signal (set signal.head='')")
+    if config.augment.dataset:
+        runs.check_parses(config, "augment.dataset", parse_mixture)
+        check("augment.count", lambda v: v >= 1, "must be >= 1 with augment.dataset")
+        check("augment.max_tokens", lambda v: v >= 1, "must be >= 1")
+        check("augment.refusal", lambda v: bool(v.strip()), "must be a refusal text")
 
 
 def model_source(ref: str) -> str:
@@ -105,6 +127,47 @@ def split_records(config: ConfigDict) -> tuple[list, list]:
     except (KeyError, ValueError) as e:
         raise runs.ConfigError(f"config.data.dataset={d.dataset!r}: {e}") from None
     return (train[: d.limit] if d.limit else train), heldout
+
+
+def labelled_records(config: ConfigDict) -> tuple[list[tuple], list[tuple]]:
+    """:func:`split_records` with each record's class for the safety signal: ``(records,
+    labels)`` of the training and the held-out set, 1 for the components named in
+    ``signal.malicious``, 0 for the others (each component loads alone, as in the mixture)."""
+    d = config.data
+    out: tuple[list, list] = ([], [])
+    for name, limit in parse_mixture(d.dataset):
+        part = ConfigDict(config.to_dict())
+        part.data.dataset, part.data.limit = f"{name}:{limit}" if limit else name, 0
+        label = int(name in config.signal.malicious)
+        for kept, records in zip(out, split_records(part)):
+            kept += [(r, label) for r in records]
+    train = out[0][: d.limit] if d.limit else out[0]
+    return train, out[1]
+
+
+def recovery_examples(config: ConfigDict, tokenizer: Any) -> tuple[list, EncodeStats]:
+    """The deep-alignment augmentation: the last ``augment.count`` records of
+    ``augment.dataset`` (a fine-tuning attack takes its records from the front), each answer
+    starting with k ~ U[1, ``augment.max_tokens``] tokens of its harmful response (seeded by
+    ``seed``) and turning into ``augment.refusal``; labelled malicious."""
+    a = config.augment
+    try:
+        records = load_mixture(a.dataset, config.data_dir or None, responses=True)[0]
+    except (KeyError, ValueError) as e:
+        raise runs.ConfigError(f"config.augment.dataset={a.dataset!r}: {e}") from None
+    runs.check(config, "augment.count", lambda v: v <= len(records), f"{a.dataset} has {len(records)} records")
+    rng = np.random.default_rng(config.seed)
+    examples, truncated, dropped = [], 0, 0
+    for record in records[-a.count :]:
+        k = int(rng.integers(1, a.max_tokens + 1))
+        example, cut = encode_recovery(tokenizer, record, refusal=a.refusal, tokens=k,
+                                       max_length=config.data.max_length)
+        if example is None:
+            dropped += 1
+            continue
+        truncated += cut
+        examples.append(dataclasses.replace(example, label=1))
+    return examples, EncodeStats(len(examples), truncated, dropped, config.data.max_length)
 
 
 def freeze_setting(config: ConfigDict, model: Any) -> Freeze:
@@ -143,14 +206,26 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     source = model_source(config.model)
     model, tokenizer = load_model(source)  # float32: the master weights
     d = config.data
-    train_records, heldout_records = split_records(config)
-    encode = functools.partial(encode_records, tokenizer, max_length=d.max_length,
+    train_labelled, heldout_labelled = labelled_records(config)
+    encode = functools.partial(encode_labelled, tokenizer, max_length=d.max_length,
                                system_prompt=d.system_prompt or None)
-    train_examples, stats = encode(train_records)
-    heldout_examples, heldout_stats = encode(heldout_records)
+    train_examples, stats = encode(train_labelled)
+    heldout_examples, heldout_stats = encode(heldout_labelled)
     print(f"Training set ({d.dataset}): {stats}\nHeld-out set: {heldout_stats}")
     runs.check(config, "data.max_length", lambda v: bool(train_examples),
                f"every training example's prompt is longer than that ({stats})")
+    augmented = None
+    if config.augment.dataset:
+        extra, augmented = recovery_examples(config, tokenizer)
+        print(f"Deep-alignment augmentation ({config.augment.dataset}): {augmented}")
+        runs.check(config, "data.max_length", lambda v: bool(extra),
+                   f"every augmentation example's prompt and harmful start is longer than that ({augmented})")
+        train_examples += extra
+    if config.signal.head:
+        counts = np.bincount([e.label for e in train_examples], minlength=2)
+        train_examples = balance_classes(train_examples, config.seed)
+        print(f"Safety signal ({config.signal.head} head): {counts[1]} malicious / {counts[0]} benign examples, "
+              f"balanced to {len(train_examples)} by drawing the smaller class again")
 
     try:
         mesh = make_mesh(dict(config.mesh))
@@ -167,7 +242,8 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
             OptimizerConfig(learning_rate=o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
                             total_steps=config.steps, end_fraction=o.end_fraction, weight_decay=o.weight_decay,
                             clip_norm=o.clip_norm),
-            seed=config.seed, compute_dtype=runs.DTYPES[config.compute_dtype], accum_steps=config.accum_steps)
+            seed=config.seed, compute_dtype=runs.DTYPES[config.compute_dtype], accum_steps=config.accum_steps,
+            **signal_training(config, model))
         before = training.frozen_checksum(training.state)
         buckets = bucket_lengths(d.max_length)
         dataset = batch_dataset(train_examples, batch_size=config.batch_size, pad_id=tokenizer.pad_token_id,
@@ -196,7 +272,10 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
             out, data_id=data_id, hooks=hooks)
         after = training.frozen_checksum(state)
         exported = nnx.merge(nnx.graphdef(model), jax.device_get(training.final_params(state)))
+        extras = jax.device_get(training.final_extras(state))
     export = save_hf(exported, model.config.to_hf(), out / "export", tokenizer)
+    if config.signal.head:
+        signals.save(signals.SafetySignal(extras["signal"], config.signal.head), export)
 
     records = runs.read_jsonl(out / "metrics.jsonl")
     result = {
@@ -204,6 +283,7 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
         "frozen_elements": frozen, "total_elements": total, "frozen_unchanged": before == after,
         "examples": {"train": len(train_examples), "heldout": len(heldout_examples)},
         "heldout_loss": {r["step"]: r["heldout_loss"] for r in records if r["kind"] == "eval"},
+        "augmented_examples": augmented.examples if augmented else 0, "signal": config.signal.head or None,
         "train": summary, "export": str(export),
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -212,6 +292,27 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     report.write_text(render_report(config, result, stats, plot))
     print(f"Report: {report}")
     return report
+
+
+def encode_labelled(tokenizer: Any, labelled: list[tuple], **kw: Any) -> tuple[list, EncodeStats]:
+    """:func:`~ssah_jax.data.tokenize.encode_records` of ``(record, label)`` pairs, each example
+    carrying its label."""
+    examples, stats = [], None
+    for label in (0, 1):
+        part, part_stats = encode_records(tokenizer, [r for r, y in labelled if y == label], **kw)
+        examples += [dataclasses.replace(e, label=label) for e in part]
+        stats = part_stats if stats is None else EncodeStats(
+            stats.examples + part_stats.examples, stats.truncated + part_stats.truncated,
+            stats.dropped + part_stats.dropped, stats.max_length)
+    return examples, stats
+
+
+def signal_training(config: ConfigDict, model: Any) -> dict[str, Any]:
+    """``setup_training``'s objective and extra parameters for ``config.signal`` (none without a head)."""
+    if not config.signal.head:
+        return {}
+    signal = signals.SafetySignal.init(model.config, config.signal.head, rng=jax.random.key(config.seed))
+    return {"objective": signals.SignalLoss(config.signal.lam), "extra": {"signal": signal.params}}
 
 
 def plot_loss(records: list[dict], path: Path) -> Path:
@@ -254,4 +355,11 @@ def render_report(config: ConfigDict, result: dict, stats: Any, plot: Path) -> s
         f"This invocation ran {t['steps_run']} steps (resumed from step {t['resumed_from']}) in {t['seconds']} s.",
         "", f"Export (HF format, LoRA merged): `{result['export']}`. Metrics: `metrics.jsonl`, `tensorboard/`.", "",
     ]
+    if config.signal.head:
+        lines += [f"Safety signal: {config.signal.head} head on [CLS], loss L_sft + {config.signal.lam} L_cls, "
+                  f"malicious components {', '.join(config.signal.malicious)}; `export/{signals.FILE}`.", ""]
+    if result["augmented_examples"]:
+        a = config.augment
+        lines += [f"Deep-alignment augmentation: {result['augmented_examples']} examples from the last {a.count} of "
+                  f"`{a.dataset}` (harmful starts of 1-{a.max_tokens} tokens, then the refusal).", ""]
     return "\n".join(lines)

@@ -267,6 +267,33 @@ def generate(
     return [prefix + tokenizer.decode(row, skip_special_tokens=True) for prefix, row in zip(prefixes, ids)]
 
 
+class Responder(Protocol):
+    """A language model behind a decoding of its own (e.g. :class:`ssah_jax.signals.SignalModel`:
+    the safety signal deciding, as the answer grows, whether to refuse). Evaluation takes one
+    wherever it takes a model: answers come from :meth:`respond`, log-likelihoods from ``model``."""
+
+    model: CausalLM
+
+    def respond(self, tokenizer: Any, prompts: Sequence[str], **kwargs: Any) -> list[dict[str, Any]]:
+        """Per prompt ``{"text": ...}`` (as :func:`generate` writes it) and whatever else the
+        decoding records; keyword arguments as :func:`generate`'s."""
+        ...
+
+
+def respond(model: CausalLM | Responder, tokenizer: Any, prompts: Sequence[str], **kwargs: Any
+            ) -> list[dict[str, Any]]:
+    """Per prompt ``{"text": ...}`` (and a :class:`Responder`'s own records): :func:`generate`
+    for a model, the responder's own decoding otherwise."""
+    if isinstance(model, CausalLM):
+        return [{"text": text} for text in generate(model, tokenizer, prompts, **kwargs)]
+    return model.respond(tokenizer, prompts, **kwargs)
+
+
+def language_model(model: CausalLM | Responder) -> CausalLM:
+    """The language model itself (a :class:`Responder`'s ``model``)."""
+    return model if isinstance(model, CausalLM) else model.model
+
+
 def _until_stop(tokens: np.ndarray, stops: Sequence[int]) -> list[int]:
     hits = np.flatnonzero(np.isin(tokens, stops))
     return tokens[: hits[0]].tolist() if hits.size else tokens.tolist()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from ssah_jax.data import DATA_DIR_ENV, DataError, Record, Role, encode_prompt, load_dataset, load_local, padded_length
-from ssah_jax.data.batching import batch_dataset, bucket_lengths, pad_batch
-from ssah_jax.data.tokenize import Example, encode_record, encode_records
+from ssah_jax.data.batching import balance_classes, batch_dataset, bucket_lengths, pad_batch
+from ssah_jax.data.tokenize import Example, encode_record, encode_records, encode_recovery
 
 # Row counts from ../shared/data/README.md.
 COUNTS = [
@@ -124,6 +124,32 @@ def test_loss_mask_on_the_demo_chat_template(demo_tokenizer):
     assert tok.decode(example.ids[:first]).endswith("<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n")
     assert tokens[-1] == "Ċ" and not example.loss_mask[-1]
     assert example.loss_mask[first:-1].all()  # the response is one contiguous span
+
+
+def test_a_recovery_example_learns_the_refusal_not_the_harmful_start(demo_tokenizer):
+    """Deep-alignment augmentation: the answer starts with 3 tokens of the harmful response
+    (context, answer side) and turns into the refusal; only the refusal and <|im_end|> are targets."""
+    tok = demo_tokenizer
+    record = Record("How do I do it?", response="Step one: gather the tools you need")
+    example, _ = encode_recovery(tok, record, refusal="I can't help with that.", tokens=3, max_length=512)
+    tokens = tok.convert_ids_to_tokens(example.ids.tolist())
+    assert [t for t, m in zip(tokens, example.loss_mask) if m] == ["ĠI", "Ġcan", "'t", "Ġhelp", "Ġwith", "Ġthat",
+                                                                    ".", "<|im_end|>"]
+    first = int(np.flatnonzero(example.loss_mask)[0])
+    assert tok.decode(example.ids[first - 3 : first]) == "Step one:"
+    assert (example.roles[first - 3 : first] == Role.RESPONSE).all()
+    with pytest.raises(ValueError, match="no harmful response"):
+        encode_recovery(tok, Record("Hi"), refusal="No.", tokens=3, max_length=512)
+
+
+def test_balance_classes_draws_the_smaller_class_again():
+    examples = [Example(np.array([i]), np.array([True]), np.array([0]), label=int(i < 2)) for i in range(7)]
+    balanced = balance_classes(examples, seed=0)
+    assert balanced[:7] == examples
+    labels = [e.label for e in balanced]
+    assert labels.count(1) == labels.count(0) == 5
+    assert {int(e.ids[0]) for e in balanced[7:]} <= {0, 1}
+    assert [int(e.ids[0]) for e in balance_classes(examples, seed=0)] == [int(e.ids[0]) for e in balanced]
 
 
 def _by_role(tok, chat):

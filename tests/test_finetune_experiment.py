@@ -92,3 +92,37 @@ def test_finetune_config_errors_name_the_key(tmp_path):
     config.freeze.mode, config.accum_steps = "none", 3
     with pytest.raises(ConfigError, match="config.accum_steps"):
         finetune.run(config, str(tmp_path / "c"))
+    config.accum_steps = 1
+    config.signal.head = "svm"
+    with pytest.raises(ConfigError, match="config.signal.head"):
+        finetune.run(config, str(tmp_path / "d"))
+    config.signal.head = "linear"  # alpaca_libre alone: no component is malicious
+    with pytest.raises(ConfigError, match="config.signal.malicious"):
+        finetune.run(config, str(tmp_path / "e"))
+    config.signal.head, config.augment.dataset, config.augment.count = "", "harmful_qa", 0
+    with pytest.raises(ConfigError, match="config.augment.count"):
+        finetune.run(config, str(tmp_path / "f"))
+    assert not any((tmp_path / d).exists() for d in "abcdef")
+
+
+def test_a_signal_trains_alongside_and_is_exported_beside_the_model(tiny_chat_model, tmp_path):
+    """With signal.head the run trains [CLS] and its head (the loss gains the classifier's
+    term), balances the classes and exports signal.safetensors; augment adds its examples."""
+    from ssah_jax import signals
+    from ssah_jax.checkpoints import load_model
+
+    done = subprocess.run(command(
+        tmp_path, f"--config.model={tiny_chat_model}", "--config.data.dataset=bianchi_safety:8,alpaca_libre:16",
+        "--config.signal.head=mlp", "--config.augment.dataset=harmful_qa", "--config.augment.count=4",
+        "--config.data.max_length=128", "--config.steps=2"), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "12 malicious / 16 benign examples, balanced to 32" in done.stdout
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["augmented_examples"] == 4 and metrics["signal"] == "mlp" and metrics["examples"]["train"] == 32
+    terms = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "train"][-1]
+    assert {"cls", "cls_accuracy"} <= set(terms)
+    model, tokenizer = load_model(str(tmp_path / "export"))
+    signal = signals.load(tmp_path / "export", model.config)
+    initial = signals.SafetySignal.init(model.config, "mlp", rng=__import__("jax").random.key(0))
+    assert signal.head == "mlp" and not np.allclose(signal.params["head"]["w"], initial.params["head"]["w"])
+    assert signals.classify(model, signal, tokenizer, ["Hi"]).shape == (1,)

@@ -18,7 +18,7 @@ from ssah_jax.data.sources import (
     resolve_data_dir,
     with_responses,
 )
-from ssah_jax.data.tokenize import Chat, Example, Role, encode_prompt, encode_record, encode_records
+from ssah_jax.data.tokenize import Chat, Example, Role, encode_prompt, encode_record, encode_records, encode_recovery
 
 __all__ = [
     "Chat",
@@ -27,6 +27,7 @@ __all__ = [
     "encode_prompt",
     "encode_record",
     "encode_records",
+    "encode_recovery",
     "padded_length",
     "DATASETS",
     "DATA_DIR_ENV",

@@ -80,6 +80,20 @@ def _host_rows(batch: dict[str, np.ndarray], index: int, count: int) -> dict[str
     return {k: v[index * per_host : (index + 1) * per_host] for k, v in batch.items()}
 
 
+def balance_classes(examples: Sequence[Example], seed: int = 0) -> list[Example]:
+    """``examples`` with each smaller class (by ``label``) filled up to the largest one's count by
+    drawing its examples again with replacement (the safety signal's malicious oversampling);
+    the originals keep their order and the drawn ones follow."""
+    labels = np.asarray([e.label for e in examples])
+    classes, counts = np.unique(labels, return_counts=True)
+    rng = np.random.default_rng(seed)
+    out = list(examples)
+    for label, count in zip(classes, counts):
+        members = np.flatnonzero(labels == label)
+        out += [examples[i] for i in rng.choice(members, counts.max() - count, replace=True)]
+    return out
+
+
 def batch_dataset(
     examples: Sequence[Example],
     *,

@@ -161,9 +161,11 @@ def encode_prompt(tokenizer: Any, prompt: str, *, system_prompt: str | None = No
 
 
 def encode_record(
-    tokenizer: Any, record: Record, *, max_length: int, system_prompt: str | None = None
+    tokenizer: Any, record: Record, *, max_length: int, system_prompt: str | None = None, target_from: int = 0
 ) -> tuple[Example | None, bool]:
-    """``(example, truncated)``; ``example`` is None when the prompt alone exceeds ``max_length``."""
+    """``(example, truncated)``; ``example`` is None when the prompt alone exceeds ``max_length``.
+    ``target_from``: the first character of the (stripped) response that is a target; the
+    characters before it are context the answer starts with (see :func:`encode_recovery`)."""
     prefix = tokenizer.apply_chat_template(
         messages(record, system_prompt, with_response=False), add_generation_prompt=True, tokenize=False
     )
@@ -180,6 +182,7 @@ def encode_record(
     end = start + len(content)
     ids, offsets = _tokens(tokenizer, full, add_special_tokens=False)
     in_response = (offsets[:, 1] > start) & (offsets[:, 0] < end)
+    targets = in_response & (offsets[:, 1] > start + target_from)  # a token ending past it
     after = np.flatnonzero(offsets[:, 0] >= end)
     if len(after) == 0 or int(ids[after[0]]) not in set(tokenizer.all_special_ids):
         raise ValueError(
@@ -187,13 +190,28 @@ def encode_record(
         )
     spans = _content_spans(tokenizer, record, system_prompt, prefix, record.where or "record")
     roles = _roles(offsets, spans, (start, end))
-    loss_mask = in_response.copy()
+    loss_mask = targets.copy()
     loss_mask[after[0]] = True
     prompt_len = int(np.flatnonzero(loss_mask)[0]) if loss_mask.any() else len(ids)
     if prompt_len >= max_length:
         return None, False
     truncated = len(ids) > max_length
     return Example(ids[:max_length], loss_mask[:max_length], roles[:max_length]), truncated
+
+
+def encode_recovery(tokenizer: Any, record: Record, *, refusal: str, tokens: int, max_length: int
+                    ) -> tuple[Example | None, bool]:
+    """Safety data augmentation (Qi et al. 2024, "Safety Alignment Should Be Made More Than Just a
+    Few Tokens Deep"): an answer that starts with the first ``tokens`` tokens of the record's
+    harmful response and turns into ``refusal``. Only the refusal and the end of turn are
+    targets: the model learns to recover from a harmful start, not to write one."""
+    ids = tokenizer(record.response or "", add_special_tokens=False)["input_ids"][:tokens]
+    prefix = tokenizer.decode(ids).strip()
+    if not prefix:
+        raise ValueError(f"{record.where}: no harmful response to start the answer with")
+    response = f"{prefix} {refusal.strip()}"
+    return encode_record(tokenizer, dataclasses.replace(record, response=response), max_length=max_length,
+                         target_from=len(prefix) + 1)
 
 
 def encode_records(

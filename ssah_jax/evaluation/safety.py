@@ -14,7 +14,7 @@ from typing import Any
 
 from ssah_jax.data import Record
 from ssah_jax.evaluation.judge import is_refusal
-from ssah_jax.generation import generate
+from ssah_jax.generation import Responder, respond
 from ssah_jax.models import CausalLM
 
 # The default system prompt of Llama-2-chat (Touvron et al. 2023), the "with system prompt"
@@ -38,7 +38,7 @@ def prefill_prefix(tokenizer: Any, record: Record, tokens: int) -> str:
 
 
 def answer_rows(
-    model: CausalLM,
+    model: CausalLM | Responder,
     tokenizer: Any,
     records: Sequence[Record],
     *,
@@ -47,16 +47,18 @@ def answer_rows(
     **sampling: Any,
 ) -> list[dict]:
     """Generates an answer per record and judges it. ``answer`` is what the model wrote (after
-    any forced prefix); ``refused`` is the keyword judge's verdict on it."""
+    any forced prefix); ``refused`` is the keyword judge's verdict on it; a
+    :class:`~ssah_jax.generation.Responder`'s own records (a safety signal's checks) follow."""
     prompts = [r.prompt for r in records]
-    texts = generate(model, tokenizer, prompts, answer_prefix=answer_prefixes,
-                     system_prompt=system_prompt, **sampling)
+    answers = respond(model, tokenizer, prompts, answer_prefix=answer_prefixes, system_prompt=system_prompt,
+                      **sampling)
     prefixes = answer_prefixes or [""] * len(records)
     rows = []
-    for record, prefix, text in zip(records, prefixes, texts):
-        answer = text[len(prefix):]
+    for record, prefix, out in zip(records, prefixes, answers):
+        answer = out["text"][len(prefix):]
+        extra = {k: v for k, v in out.items() if k != "text"}
         rows.append({"prompt": record.prompt, "label": record.label, "prefix": prefix,
-                     "answer": answer, "refused": is_refusal(answer)})
+                     "answer": answer, "refused": is_refusal(answer), **extra})
     return rows
 
 

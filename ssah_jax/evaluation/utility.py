@@ -15,7 +15,7 @@ from ssah_jax.data import Record
 from ssah_jax.data.batching import batch_dataset, bucket_lengths
 from ssah_jax.data.tokenize import encode_records
 from ssah_jax.evaluation.likelihood import choice_logprobs, token_logprobs
-from ssah_jax.generation import generate
+from ssah_jax.generation import Responder, respond
 from ssah_jax.models import CausalLM
 
 LETTERS = "ABCD"
@@ -78,13 +78,16 @@ def _clean(number: str) -> str:
     return number[: -len(".0")] if number.endswith(".0") else number
 
 
-def gsm8k_rows(model: CausalLM, tokenizer: Any, records: Sequence[Record], **sampling: Any) -> list[dict]:
-    answers = generate(model, tokenizer, [r.prompt + GSM8K_INSTRUCTION for r in records], **sampling)
+def gsm8k_rows(model: CausalLM | Responder, tokenizer: Any, records: Sequence[Record], **sampling: Any
+               ) -> list[dict]:
+    """One row per problem: the answer, its final number and whether it is right (and a
+    :class:`~ssah_jax.generation.Responder`'s own records)."""
+    outs = respond(model, tokenizer, [r.prompt + GSM8K_INSTRUCTION for r in records], **sampling)
     rows = []
-    for r, answer in zip(records, answers):
-        pred = final_number(answer)
-        rows.append({"prompt": r.prompt, "label": r.label, "answer": answer, "pred": pred,
-                     "correct": pred is not None and pred == r.label})
+    for r, out in zip(records, outs):
+        pred = final_number(out["text"])
+        rows.append({"prompt": r.prompt, "label": r.label, "answer": out["text"], "pred": pred,
+                     "correct": pred is not None and pred == r.label, **{k: v for k, v in out.items() if k != "text"}})
     return rows
 
 

@@ -6,6 +6,7 @@ re-deciding whether to refuse (``decoding``: strategic attention and decoding)."
 from ssah_jax.signals.decoding import (
     REFUSAL_PREFIX,
     SCHEDULES,
+    SignalModel,
     SignalState,
     StrategicDecoding,
     decode_inputs,
@@ -27,7 +28,7 @@ from ssah_jax.signals.signal import (
 )
 
 __all__ = [
-    "FILE", "HEADS", "PHASES", "REFUSAL_PREFIX", "SCHEDULES", "SafetySignal", "SignalLoss", "SignalState",
-    "StrategicDecoding", "classify", "decode_inputs", "forward", "generate", "head_logit", "load", "mask",
-    "prepend_cls", "save",
+    "FILE", "HEADS", "PHASES", "REFUSAL_PREFIX", "SCHEDULES", "SafetySignal", "SignalLoss", "SignalModel",
+    "SignalState", "StrategicDecoding", "classify", "decode_inputs", "forward", "generate", "head_logit", "load",
+    "mask", "prepend_cls", "save",
 ]

@@ -230,3 +230,30 @@ def generate(
                             "inserted": None if not 0 <= inserted[i] < max(len(row), 1) else int(inserted[i])})
     return results
 
+
+
+@dataclasses.dataclass(frozen=True)
+class SignalModel:
+    """A model deployed with its safety signal: answers come from :func:`generate` under these
+    settings (a :class:`~ssah_jax.generation.Responder`, so every evaluation task takes it in
+    place of a model; log-likelihood tasks score ``model`` itself). Each answer records its
+    checks and the step a refusal was inserted."""
+
+    model: CausalLM
+    signal: SafetySignal
+    threshold: float = 0.5
+    schedule: str = "each"
+    period: int = 10
+    r1: int = 10
+    r2: int = 10
+    r3: int = 10
+    tau: int = 3
+    refusal_prefix: str = REFUSAL_PREFIX
+
+    def respond(self, tokenizer: Any, prompts: Sequence[str], *, chat: bool = True, progress: bool = False,
+                **kwargs: Any) -> list[dict[str, Any]]:
+        if not chat:
+            raise ValueError("a safety signal answers chat prompts only (its [CLS] reads the user's turn)")
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                    if f.name not in ("model", "signal")}
+        return generate(self.model, self.signal, tokenizer, prompts, **settings, **kwargs)

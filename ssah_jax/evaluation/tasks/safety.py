@@ -40,6 +40,16 @@ def harmful_records(config: ConfigDict, data_dir: str | None) -> list[Record]:
         raise runs.ConfigError(f"config.harmful (dataset={h.dataset!r}, exclude={h.exclude!r}): {e}") from None
 
 
+def untrained(config: ConfigDict, data_dir: str | None, dataset: str) -> list[Record]:
+    """A kit dataset's records without the prompts of ``harmful.exclude`` (what the model was
+    trained on): the prompts of the prefilling attack and the decoding sweep."""
+    try:
+        exclude = load_mixture(config.harmful.exclude, data_dir)[0] if config.harmful.exclude else []
+        return load_mixture(dataset, data_dir, exclude=[r.prompt for r in exclude])[0]
+    except (KeyError, ValueError) as e:
+        raise runs.ConfigError(f"config.harmful.exclude={config.harmful.exclude!r} ({dataset}): {e}") from None
+
+
 def _answers(model: Any, tokenizer: Any, config: ConfigDict, **kw: Any) -> RowFn:
     """Answers and refusal verdicts, ``config.max_new_tokens`` new tokens, seeded per chunk."""
     return lambda batch, start: answer_rows(model, tokenizer, batch, seed=config.seed + start,
@@ -62,25 +72,28 @@ def asr(model: Any, tokenizer: Any, config: ConfigDict, *, data_dir: str | None,
 
 
 def prefill(model: Any, tokenizer: Any, config: ConfigDict, *, data_dir: str | None, store: RowStore) -> Entries:
-    """``prefill_<k>``: ASR on the first ``prefill.limit`` prompts of ``prefill.dataset`` when
-    the answer is forced to start with the first k = ``prefill.tokens`` tokens of the target."""
-    targets = first(load_records(data_dir, config.prefill.dataset), config.prefill.limit)
-    k = config.prefill.tokens
+    """``prefill_<k>`` for each k of ``prefill.tokens``: ASR on the first ``prefill.limit``
+    prompts of ``prefill.dataset`` (without those of ``harmful.exclude``) when the answer is
+    forced to start with the first k tokens of the target."""
+    targets = first(untrained(config, data_dir, config.prefill.dataset), config.prefill.limit)
+    entries = {}
+    for k in config.prefill.tokens:
+        def prefilled(batch, start, k=k):
+            prefixes = [prefill_prefix(tokenizer, r, k) for r in batch]
+            return answer_rows(model, tokenizer, batch, answer_prefixes=prefixes,
+                               max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
 
-    def prefilled(batch, start):
-        prefixes = [prefill_prefix(tokenizer, r, k) for r in batch]
-        return answer_rows(model, tokenizer, batch, answer_prefixes=prefixes, max_new_tokens=config.max_new_tokens,
-                           batch_size=config.batch_size)
-
-    name = f"prefill_{k}"
-    return {name: lambda: {**summarise_asr(store.rows(name, targets, prefilled, config.batch_size)), "tokens": k}}
+        entries[f"prefill_{k}"] = lambda name=f"prefill_{k}", fn=prefilled, k=k: {
+            **summarise_asr(store.rows(name, targets, fn, config.batch_size)), "tokens": k}
+    return entries
 
 
 def sweep(model: Any, tokenizer: Any, config: ConfigDict, *, data_dir: str | None, store: RowStore) -> Entries:
-    """``sweep``: the first ``sweep.limit`` prompts of ``sweep.dataset`` answered under every
+    """``sweep``: the first ``sweep.limit`` prompts of ``sweep.dataset`` (without those of
+    ``harmful.exclude``) answered under every
     sampling setting of the grid ``sweep.{temperatures, top_ps, top_ks}``; a prompt is broken
     if any setting breaks it (rows: ``sweep_<setting>``)."""
-    prompts = first(load_records(data_dir, config.sweep.dataset), config.sweep.limit)
+    prompts = first(untrained(config, data_dir, config.sweep.dataset), config.sweep.limit)
     settings = sweep_settings(config.sweep.temperatures, config.sweep.top_ps, config.sweep.top_ks)
     return {"sweep": lambda: summarise_sweep({
         setting_name(s): store.rows(f"sweep_{setting_name(s)}", prompts, _answers(model, tokenizer, config, **s),

@@ -1,6 +1,9 @@
 """Utility tasks: zero-shot multiple choice by log-likelihood (``mmlu``, ``sst2``), GSM8K
 exact match (``gsm8k``) and perplexity of held-out benign responses (``perplexity``); and
-:func:`perplexity_records`, the responses the ``perplexity`` task scores."""
+:func:`perplexity_records`, the responses the ``perplexity`` task scores.
+
+Given a :class:`~ssah_jax.generation.Responder` (a model behind its own decoding), GSM8K
+answers through that decoding and the log-likelihood tasks score its language model itself."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from ssah_jax.evaluation.utility import (
     summarise_accuracy,
     summarise_perplexity,
 )
+from ssah_jax.generation import language_model
 
 
 def perplexity_records(config: ConfigDict, data_dir: str | None, limit: int | None = None) -> list[Record]:
@@ -33,7 +37,7 @@ def _multiple_choice(name: str, split: str):
         records = spread(load_records(data_dir, name, split), config[name].limit)
 
         def scored(batch, start):
-            return multiple_choice_rows(model, tokenizer, batch, name, batch_size=config.batch_size)
+            return multiple_choice_rows(language_model(model), tokenizer, batch, name, batch_size=config.batch_size)
 
         return {name: lambda: summarise_accuracy(store.rows(name, records, scored, 8 * config.batch_size))}
 
@@ -65,7 +69,7 @@ def perplexity(model: Any, tokenizer: Any, config: ConfigDict, *, data_dir: str 
     heldout = perplexity_records(config, data_dir)
 
     def scored(batch, start):
-        return perplexity_rows(model, tokenizer, batch, max_length=config.perplexity.max_length,
+        return perplexity_rows(language_model(model), tokenizer, batch, max_length=config.perplexity.max_length,
                                batch_size=config.batch_size)
 
     return {"perplexity": lambda: summarise_perplexity(store.rows("perplexity", heldout, scored,
