@@ -1,0 +1,129 @@
+"""Config for ``ssah-jax signals``: explicit safety signals (Li & Kim, ICML 2025) against plain
+and augmented safety alignment, on one model, in stages, into one report.
+
+Stages (``stages``; each resumes, a finished one is kept):
+  align_sft        plain safety alignment: full-parameter SFT on ``align`` (reproduce's align_full data and steps)
+  align_augmented  the same, plus the deep-alignment augmentation of Qi et al. 2024 (``augment``)
+  align_signal     the same data and steps with the explicit safety signal trained alongside (``signal``)
+  eval_sft, eval_augmented
+                   attacks (direct with / without the safety system prompt, prefilling with each k
+                   of evaluation.prefill.tokens, the decoding sweep) and costs (over-refusal, MMLU,
+                   SST-2, GSM8K, perplexity) of the two baselines (``evaluation``)
+  eval_signal      the signal model under each schedule of ``decoding.schedules`` (one run each, in
+                   eval_signal/<schedule>; the log-likelihood tasks, which the signal does not
+                   touch, only under the first)
+  classifier       p(malicious) of held-out harmful vs benign prompts and of XSTest unsafe vs safe:
+                   AUROC, accuracy at the threshold
+  attack           the harmful fine-tuning attack (``attack``) on each aligned model, then its ASR
+                   (the signal model attacked in its weights, deployed with its trained signal)
+  report           ``report_dir``/REPORT.md with the paper's numbers beside ours, plots, verdicts
+
+Presets (``--config=configs/signals.py:<preset>``):
+  smollm2_cpu  the demo model on a 2-core CPU, small evaluation sets (README: stage times)
+  gpu          the demo model on one GPU: reproduce's GPU alignment, larger sets, bfloat16
+  tiny         a smoke test of the wiring (a few steps and prompts per stage)
+"""
+
+from pathlib import Path
+
+from ml_collections import ConfigDict
+
+from ssah_jax.runs import config_from_file, set_values
+
+HERE = Path(__file__).parent
+PRESETS = ("smollm2_cpu", "gpu", "tiny")  # the first is the default
+TRAINED_HARMFUL = "safety_refusals_short,bianchi_safety"  # never evaluated on
+
+
+def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for configs/signals.py (presets: {', '.join(PRESETS)})")
+    gpu = preset == "gpu"
+    c = ConfigDict()
+    c.model = "smollm2-135m-instruct"  # the unaligned model: demo name, HF directory, .gguf
+    c.dtype = "bfloat16" if gpu else "float32"  # evaluation; training uses finetune.compute_dtype
+    c.data_dir = ""
+    c.seed = 0
+    c.stages = ("all",)  # or a subset, e.g. --config.stages=align_signal,eval_signal
+    # REPORT.md and its plots: <workdir>/report when empty; the CPU preset writes the committed
+    # results (experiments/results/signals_smollm2, relative to the checkout)
+    c.report_dir = (str(HERE.parent / "experiments" / "results" / "signals_smollm2") if preset == "smollm2_cpu"
+                    else "")
+    c.jax_cache = True  # persistent compilation cache in <workdir>/jax_cache
+
+    # The alignment of configs/reproduce.py (align_full): harmful prompts -> refusals (labelled
+    # malicious) and benign instructions (benign), rendered in the model's chat template
+    reproduce = config_from_file(HERE / "reproduce.py", "smollm2_gpu" if gpu else "smollm2_cpu")
+    c.align = ConfigDict({k: v for k, v in reproduce.align.items() if k != "ru_epochs"})
+    c.signal = ConfigDict(dict(
+        head="linear",  # linear | mlp, on [CLS]'s final hidden state
+        lam=0.1,  # L_sft + lam * L_cls (the paper: 0.1, or 0.01)
+        malicious=("bianchi_safety", "safety_refusals_short"),  # align.dataset components labelled 1
+    ))
+    c.augment = ConfigDict(dict(
+        # the last `count` harmful_qa records (the attack takes the first ones): answers starting
+        # with k ~ U[1, max_tokens] harmful tokens, then the refusal
+        dataset="harmful_qa", count=100, max_tokens=40,
+        refusal="I'm sorry, but I cannot continue with this. I can't help with requests that could cause harm.",
+    ))
+    c.decoding = ConfigDict(dict(
+        schedules=("each", "first", "periodic", "annealing"),  # the first also runs the log-likelihood tasks
+        threshold=0.5, period=10, r1=10, r2=10, r3=10, tau=3,
+    ))
+    c.evaluation = config_from_file(HERE / "evaluate.py", "gpu" if gpu else "smollm2",
+                                    drop=("model", "dtype", "data_dir", "signal"))
+    set_values(c.evaluation, {
+        "tasks": ("asr", "prefill", "sweep", "overrefusal", "mmlu", "sst2", "gsm8k", "perplexity"),
+        "max_new_tokens": 32, "harmful.dataset": "advbench:48,harmbench_standard:48",
+        "harmful.exclude": TRAINED_HARMFUL, "harmful.limit": 0,
+        "prefill.dataset": "advbench", "prefill.limit": 48, "prefill.tokens": (5, 10, 20, 40),
+        # the decoding attack of Huang et al. 2023 on its own benchmark
+        "sweep.dataset": "malicious_instruct", "sweep.limit": 32, "sweep.temperatures": (0.7, 1.0),
+        "sweep.top_ps": (0.9,), "overrefusal.limit": 100, "mmlu.limit": 200, "sst2.limit": 200,
+        "gsm8k.limit": 30, "gsm8k.max_new_tokens": 192, "perplexity.limit": 100,
+    })
+    c.classifier = ConfigDict(dict(
+        harmful_limit=0,  # the held-out harmful prompts of evaluation.harmful (0: all)
+        benign="alpaca_instructions", benign_limit=96,  # benign prompts never trained on: its last ones
+        xstest=True,  # also XSTest's unsafe vs safe prompts
+        batch_size=8,
+    ))
+    c.attack = ConfigDict(dict(
+        dataset="harmful_qa:100", steps=12, batch_size=4, max_length=192, learning_rate=5e-5, warmup_steps=2,
+    ))
+    c.attack.evaluation = config_from_file(HERE / "evaluate.py", "gpu" if gpu else "smollm2",
+                                           drop=("model", "dtype", "data_dir", "signal"))
+    set_values(c.attack.evaluation, {
+        "tasks": ("asr",), "max_new_tokens": 32, "harmful.dataset": "advbench:32,harmbench_standard:32",
+        "harmful.exclude": TRAINED_HARMFUL, "harmful.limit": 0, "harmful.settings": ("no_system",),
+    })
+    # Every training run starts from this configs/finetune.py config
+    c.finetune = config_from_file(HERE / "finetune.py", "gpu" if gpu else "smollm2")
+
+    if gpu:
+        set_values(c.evaluation, {"harmful.dataset": "advbench,harmbench_standard", "prefill.limit": 0,
+                                  "sweep.limit": 0, "sweep.temperatures": (0.5, 0.7, 1.0),
+                                  "sweep.top_ps": (0.7, 0.9, 1.0), "overrefusal.limit": 0, "mmlu.limit": 0,
+                                  "sst2.limit": 0, "gsm8k.limit": 0, "gsm8k.max_new_tokens": 256,
+                                  "perplexity.limit": 500, "max_new_tokens": 64})
+        set_values(c, {"attack.steps": 25, "attack.batch_size": 16, "attack.max_length": 512,
+                       "classifier.benign_limit": 512, "classifier.batch_size": 64,
+                       "attack.evaluation.harmful.dataset": "advbench,harmbench_standard"})
+    elif preset == "tiny":
+        set_values(c, {
+            "align.dataset": "bianchi_safety:8,safety_refusals_short:4,alpaca_libre:12", "align.heldout": 2,
+            "align.steps": 2, "align.batch_size": 4, "align.max_length": 128, "align.warmup_steps": 1,
+            "augment.count": 4, "decoding.schedules": ("each", "periodic"),
+            "classifier.harmful_limit": 4, "classifier.benign_limit": 4,
+            "attack.dataset": "harmful_qa:4", "attack.steps": 1, "attack.batch_size": 2, "attack.warmup_steps": 1,
+            "attack.max_length": 128, "finetune.eval_batch_size": 2, "finetune.log_every": 1,
+        })
+        small = {"max_new_tokens": 2, "harmful.dataset": "advbench:2,harmbench_standard:2", "batch_size": 4}
+        for section in (c.evaluation, c.attack.evaluation):
+            set_values(section, small)
+        set_values(c.evaluation, {"prefill.limit": 2, "prefill.tokens": (5, 10), "sweep.limit": 2,
+                                  "sweep.temperatures": (1.0,), "overrefusal.limit": 2, "mmlu.limit": 4,
+                                  "sst2.limit": 4, "gsm8k.limit": 2, "gsm8k.max_new_tokens": 2,
+                                  "perplexity.limit": 2, "perplexity.max_length": 64})
+    c.lock()
+    return c

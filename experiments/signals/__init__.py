@@ -1,0 +1,311 @@
+"""Explicit safety signals (Li & Kim, ICML 2025) against plain and augmented safety alignment,
+end to end on one model, in stages, into one report (DESIGN.md section 2.4).
+
+Three models are aligned from the same unaligned model on the same data and steps (reproduce's
+full alignment): plain SFT, SFT with the deep-alignment augmentation of Qi et al. (2024), and
+SFT with the ``[CLS]`` safety signal trained alongside. Each is attacked (direct, prefilling,
+the decoding sweep, harmful fine-tuning) and its costs measured (over-refusal, utility); the
+signal model under each re-classification schedule, and its classifier on held-out prompts.
+Each stage runs in ``<workdir>/<stage>/`` (the sub-runs are ordinary ``finetune`` and
+``evaluate`` runs) and leaves ``stage.json`` (its identity and wall time) when it finishes; a
+re-run skips finished stages, resumes the others, and refuses a finished stage whose identity
+the config changed. See ``configs/signals.py`` for the stages and their settings.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ml_collections import ConfigDict
+from scipy.stats import mannwhitneyu
+
+from experiments import evaluate, finetune
+from experiments.reproduce.subruns import train_config
+from ssah_jax import runs, signals
+from ssah_jax import stages as stages_lib
+from ssah_jax.checkpoints import load_model
+from ssah_jax.data import load_local
+from ssah_jax.evaluation import harmful_records
+
+MODELS = ("sft", "augmented", "signal")  # the aligned models, align_<model>
+STAGES = ("align_sft", "align_augmented", "align_signal", "eval_sft", "eval_augmented", "eval_signal",
+          "classifier", "attack", "report")
+REQUIRES = {
+    "eval_sft": ("align_sft",), "eval_augmented": ("align_augmented",), "eval_signal": ("align_signal",),
+    "classifier": ("align_signal",), "attack": ("align_sft", "align_augmented", "align_signal"),
+    "report": tuple(s for s in STAGES if s != "report"),
+}
+LIKELIHOOD_TASKS = ("mmlu", "sst2", "perplexity")  # the signal does not touch them: scored once
+ATTACK_EXCLUDED = (tuple(f"train.{k}" for k in finetune.EXCLUDED)
+                   + tuple(f"evaluation.{k}" for k in evaluate.EXCLUDED))
+
+
+# ---------------------------------------------------------------------------------------------
+# What each stage is given
+
+
+def align_config(config: ConfigDict, model: str) -> ConfigDict:
+    """The finetune config of ``align_<model>``: reproduce's full alignment, plus the
+    augmentation (``augmented``) or the signal (``signal``)."""
+    a = config.align
+    c = train_config(config, model=config.model, dataset=a.dataset, split="", steps=a.steps,
+                     batch_size=a.batch_size, max_length=a.max_length, heldout=a.heldout,
+                     learning_rate=a.learning_rate, warmup_steps=a.warmup_steps, freeze={})
+    values: dict[str, Any] = {"signal.head": "", "augment.dataset": ""}
+    if model == "augmented":
+        values.update({f"augment.{k}": v for k, v in config.augment.items()})
+    if model == "signal":
+        values.update({f"signal.{k}": v for k, v in config.signal.items()})
+    runs.set_values(c, values)
+    return c
+
+
+def signal_settings(config: ConfigDict, out: Path, schedule: str) -> ConfigDict:
+    d = config.decoding
+    return ConfigDict(dict(file=str(out / "align_signal" / "export"), threshold=d.threshold, schedule=schedule,
+                           period=d.period, r1=d.r1, r2=d.r2, r3=d.r3, tau=d.tau))
+
+
+def eval_config(config: ConfigDict, section: ConfigDict, model: str, signal: ConfigDict | None) -> ConfigDict:
+    """An evaluate config: ``section`` for ``model`` (with ``signal``'s strategic decoding, if any)."""
+    c = copy.deepcopy(section)
+    with c.unlocked():
+        c.model, c.dtype, c.data_dir = model, config.dtype, config.data_dir
+        c.signal = signal if signal is not None else ConfigDict(dict(
+            file="", threshold=0.5, schedule="each", period=10, r1=10, r2=10, r3=10, tau=3))
+    return c
+
+
+def schedule_eval_config(config: ConfigDict, out: Path, schedule: str) -> ConfigDict:
+    """``eval_signal/<schedule>``: the evaluation under that schedule; the log-likelihood tasks
+    only under the first schedule."""
+    c = eval_config(config, config.evaluation, str(out / "align_signal" / "export"),
+                    signal_settings(config, out, schedule))
+    if schedule != config.decoding.schedules[0]:
+        c.tasks = tuple(t for t in c.tasks if t not in LIKELIHOOD_TASKS)
+    return c
+
+
+def attack_config(config: ConfigDict, out: Path, model: str) -> ConfigDict:
+    """``attack/<model>``: the harmful fine-tuning of ``align_<model>``'s export (the plain SFT
+    loss on the weights: the attacker has no signal) and the evaluation of the attacked model
+    (the signal model deployed with its trained signal)."""
+    a = config.attack
+    train = train_config(config, model=str(out / f"align_{model}"), dataset=a.dataset, split="", heldout=0,
+                         steps=a.steps, batch_size=a.batch_size, max_length=a.max_length,
+                         learning_rate=a.learning_rate, warmup_steps=a.warmup_steps, freeze={})
+    signal = signal_settings(config, out, config.decoding.schedules[0]) if model == "signal" else None
+    return ConfigDict(dict(train=train, evaluation=eval_config(
+        config, config.attack.evaluation, str(out / "attack" / model / "export"), signal)))
+
+
+def classifier_config(config: ConfigDict, out: Path) -> ConfigDict:
+    h = config.evaluation.harmful
+    return ConfigDict(dict(
+        model=str(out / "align_signal" / "export"), dtype=config.dtype, data_dir=config.data_dir,
+        threshold=config.decoding.threshold, harmful=ConfigDict(dict(dataset=h.dataset, exclude=h.exclude)),
+        **config.classifier.to_dict()))
+
+
+def recorded_stages(config: ConfigDict) -> list[str]:
+    """Every directory that records a stage identity: eval_signal and attack record one per run."""
+    expand = {"eval_signal": [f"eval_signal/{s}" for s in config.decoding.schedules],
+              "attack": [f"attack/{m}" for m in MODELS]}
+    return [r for s in STAGES if s != "report" for r in expand.get(s, [s])]
+
+
+def stage_plan(config: ConfigDict, out: Path, stage: str
+               ) -> tuple[ConfigDict, Callable[[ConfigDict, Path], Any], tuple[str, ...]]:
+    """``(given, body, excluded)``: ``body(given, directory)`` runs the stage and sees nothing of
+    ``config`` but ``given``; ``excluded``: the keys of ``given`` that only affect speed or logging."""
+    kind, _, name = stage.partition("/")
+    if kind.startswith("align_"):
+        return align_config(config, kind.removeprefix("align_")), train, finetune.EXCLUDED
+    if kind in ("eval_sft", "eval_augmented"):
+        model = str(out / kind.replace("eval_", "align_") / "export")
+        return eval_config(config, config.evaluation, model, None), run_evaluate, evaluate.EXCLUDED
+    if kind == "eval_signal":
+        return schedule_eval_config(config, out, name), run_evaluate, evaluate.EXCLUDED
+    if kind == "classifier":
+        return classifier_config(config, out), classifier_quality, ("batch_size",)  # forward passes only
+    if kind == "attack":
+        return attack_config(config, out, name), run_attack, ATTACK_EXCLUDED
+    raise KeyError(stage)
+
+
+def _inputs(stage: str) -> tuple[str, ...]:
+    kind, _, name = stage.partition("/")
+    if kind == "attack":
+        return (f"align_{name}",)
+    return REQUIRES.get(kind, ())
+
+
+def stage_identities(config: ConfigDict, out: Path) -> dict[str, dict[str, Any]]:
+    """Per recorded stage, in pipeline order: its identity (see :func:`ssah_jax.stages.identities`)."""
+    def plan(stage: str) -> tuple[ConfigDict, tuple[str, ...]]:
+        given, _, excluded = stage_plan(config, out, stage)
+        return given, excluded
+
+    return stages_lib.identities(recorded_stages(config), plan, _inputs, out)
+
+
+def stages(config: ConfigDict) -> list[str]:
+    """``config.stages`` in pipeline order; ``--config.stages=a,b`` (one string) works too."""
+    names = {s.strip() for entry in config.stages for s in entry.split(",") if s.strip()}
+    names = set(STAGES) if names == {"all"} else names
+    runs.check(config, "stages", lambda v: names and names <= set(STAGES),
+               f"must be 'all' or a non-empty subset of {STAGES}")
+    return [s for s in STAGES if s in names]
+
+
+def validate(config: ConfigDict) -> None:
+    check = lambda key, ok, why: runs.check(config, key, ok, why)  # noqa: E731
+    runs.dtype(config)
+    stages(config)
+    for key in ("align.steps", "align.batch_size", "attack.steps", "attack.batch_size", "decoding.period",
+                "decoding.tau", "classifier.batch_size", "classifier.benign_limit"):
+        check(key, lambda v: v >= 1, "must be >= 1")
+    for key in ("decoding.r1", "decoding.r2", "decoding.r3", "classifier.harmful_limit"):
+        check(key, lambda v: v >= 0, "must be >= 0")
+    check("decoding.schedules", lambda v: len(v) > 0 and set(v) <= set(signals.SCHEDULES) and len(set(v)) == len(v),
+          f"must be distinct schedules of {signals.SCHEDULES}")
+    check("decoding.threshold", lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
+    for section in ("evaluation.", "attack.evaluation."):
+        evaluate.validate(config, section)
+    for model in MODELS:  # the sub-runs' own checks, before hours of work rather than after
+        finetune.validate(align_config(config, model))
+    finetune.validate(attack_config(config, Path("."), "sft").train)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage bodies
+
+
+def train(config: ConfigDict, directory: Path) -> None:
+    """A finetune run whose checkpoints are dropped once it finished (its export is the result)."""
+    finetune.run(config, str(directory))
+    shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+
+
+def run_evaluate(config: ConfigDict, directory: Path) -> None:
+    evaluate.run(config, str(directory))
+
+
+def run_attack(config: ConfigDict, directory: Path) -> None:
+    """Fine-tune (the attack), evaluate, drop the export."""
+    train(config.train, directory)
+    evaluate.run(config.evaluation, str(directory / "eval"))
+    shutil.rmtree(directory / "export")
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """The area under the ROC curve of scores ``positive`` (label 1) against ``negative``: the
+    Mann-Whitney U statistic over ``len(positive) * len(negative)`` (ties count half)."""
+    return float(mannwhitneyu(positive, negative).statistic / (len(positive) * len(negative)))
+
+
+def classifier_quality(config: ConfigDict, directory: Path) -> None:
+    """p(malicious) of each held-out prompt set (``classifier.json``; the probabilities in
+    ``scores.jsonl``): AUROC and accuracy at the threshold of harmful vs benign and of XSTest's
+    unsafe vs safe prompts. ``config``: a classifier_config."""
+    model, tokenizer = load_model(config.model, runs.dtype(config))
+    signal = signals.load(config.model, model.config)
+    harmful = [r.prompt for r in harmful_records(config, config.data_dir or None)]
+    harmful = harmful[: config.harmful_limit] if config.harmful_limit else harmful
+    benign = [r.prompt for r in load_local(config.benign, None, config.data_dir or None)[0][-config.benign_limit:]]
+    sets = {"harmful_vs_benign": (harmful, benign)}
+    if config.xstest:
+        xstest = load_local("xstest", None, config.data_dir or None)[0]
+        sets["xstest_unsafe_vs_safe"] = ([r.prompt for r in xstest if r.label == "unsafe"],
+                                         [r.prompt for r in xstest if r.label == "safe"])
+    result: dict[str, Any] = {"threshold": config.threshold, "sets": {}}
+    with open(directory / "scores.jsonl", "w") as f:
+        for name, (pos, neg) in sets.items():
+            p_pos, p_neg = (signals.classify(model, signal, tokenizer, prompts, batch_size=config.batch_size)
+                            for prompts in (pos, neg))
+            for label, prompts, ps in ((1, pos, p_pos), (0, neg, p_neg)):
+                for prompt, p in zip(prompts, ps):
+                    f.write(json.dumps({"set": name, "label": label, "prompt": prompt, "p": float(p)}) + "\n")
+            correct = np.concatenate([p_pos > config.threshold, p_neg <= config.threshold])
+            result["sets"][name] = {
+                "auroc": auroc(p_pos, p_neg), "accuracy": float(correct.mean()), "n_positive": len(pos),
+                "n_negative": len(neg), "true_positive_rate": float(np.mean(p_pos > config.threshold)),
+                "false_positive_rate": float(np.mean(p_neg > config.threshold))}
+            r = result["sets"][name]
+            print(f"{name}: AUROC {r['auroc']:.3f}, accuracy {r['accuracy']:.3f} at {config.threshold}", flush=True)
+    (directory / "classifier.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def check_finished(out: Path, identities: dict[str, dict[str, Any]]) -> None:
+    """Refuses a workdir holding a finished stage of another identity than the config gives it,
+    naming what differs."""
+    reasons = []
+    for stage, now in identities.items():
+        done = stages_lib.finished(out / stage)
+        if done is None or done.get("identity") == now["identity"]:
+            continue
+        if done.get("given") != now["given"]:
+            reasons.append(f"{stage} is given {runs.differences(done.get('given', {}), now['given'], prefix='')}")
+        else:
+            changed = [s for s in now["inputs"] if done.get("inputs", {}).get(s) != now["inputs"][s]]
+            reasons.append(f"{stage} reads stages redone with other values: {', '.join(changed)}")
+    if reasons:
+        raise runs.ConfigError(f"{out} holds finished stages of other settings ({'; '.join(reasons)}); restore "
+                               "them, rerun with --overwrite to start afresh, or use a new --workdir")
+
+
+def finished(config: ConfigDict, out: Path, stage: str) -> bool:
+    """A stage with runs (eval_signal, attack) is finished when each of its runs is."""
+    done = [r for r in recorded_stages(config) if r == stage or r.startswith(stage + "/")]
+    return bool(done) and all(stages_lib.finished(out / r) is not None for r in done)
+
+
+def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
+    validate(config)
+    out = Path(workdir)
+    todo = stages(config)
+    identities = stage_identities(config, out)
+    if not overwrite:
+        check_finished(out, identities)
+    for stage in todo:
+        missing = [r for r in REQUIRES.get(stage, ())
+                   if r not in todo and (overwrite or not finished(config, out, r))]
+        if missing:
+            raise runs.ConfigError(f"config.stages: stage {stage!r} needs {missing} finished first "
+                                   f"(in {out}) or in config.stages")
+    out = runs.prepare_workdir(workdir, config, overwrite=overwrite, staged=True)
+    if config.jax_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str((out / "jax_cache").resolve()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    with open(out / "invocations.jsonl", "a") as f:
+        f.write(json.dumps({"argv": sys.argv, "started": datetime.datetime.now().isoformat(timespec="seconds"),
+                            "stages": todo, **runs.machine()}) + "\n")
+    for stage in todo:
+        if stage == "report":
+            continue
+        for recorded in (r for r in recorded_stages(config) if r == stage or r.startswith(stage + "/")):
+            given, body, _ = stage_plan(config, out, recorded)
+            stages_lib.run_stage(out / recorded, lambda d, body=body, given=given: body(given, d),
+                                 {**identities[recorded], "config": runs.determining(config)})
+    if "report" not in todo:
+        print(f"Stages done: {todo} in {out}; add 'report' to config.stages for the report")
+        return out
+    from experiments.signals import report as report_module
+
+    report = report_module.write(config, out, Path(config.report_dir) if config.report_dir else out / "report")
+    print(f"Report: {report}")
+    return report

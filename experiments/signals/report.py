@@ -1,0 +1,298 @@
+"""The report of ``ssah-jax signals``: reads the stages' files, calls the claims, renders
+``REPORT.md`` and its plots (and copies ``config.json`` beside them)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from experiments import signals as pipeline
+from experiments.reproduce.claims import Finding, Rate
+from experiments.signals import claims
+from ssah_jax import runs
+
+Section = tuple[list[str], list[str]]  # (body lines, summary lines)
+
+# Li & Kim (ICML 2025), from SIGNALS.md: Llama-2-7B-Chat / with safety data augmentation / -CLS, ASR %
+PAPER_VS_AUGMENTATION = {"prefill_5": (42.1, 2.8, 0.9), "prefill_40": (57.0, 4.5, 2.1),
+                         "sweep": (84.3, 1.0, 0.0)}
+PAPER_CHAT_VS_CLS = {"prefilling, AdvBench": (39.62, 0.4), "prefilling, HEx-PHI": (60.91, 1.2),
+                     "decoding attack, AdvBench": (87.0, 0.0), "decoding attack, MaliciousInstruct": (83.0, 0.0),
+                     "direct, AdvBench": (0.19, 0.19)}
+
+
+def _json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _rate(metrics: dict, key: str) -> Rate | None:
+    m = metrics.get(key)
+    if m is None:
+        return None
+    value = m.get("asr", m.get("asr_any_setting", m.get("refusal_rate", m.get("accuracy"))))
+    return Rate(value, m["n"])
+
+
+def _verdict(finding: Finding) -> str:
+    return f"**{finding.verdict}**" + (f" ({finding.reason})" if finding.reason else "")
+
+
+def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
+    """Writes ``report_dir/REPORT.md`` (and its plots and ``config.json``)."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    invocations = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
+    shutil.copyfile(out / "config.json", report_dir / "config.json")
+    schedules = list(config.decoding.schedules)
+    evals = {"sft": _json(out / "eval_sft" / "metrics.json"),
+             "augmented": _json(out / "eval_augmented" / "metrics.json")}
+    evals.update({f"signal/{s}": _json(out / "eval_signal" / s / "metrics.json") for s in schedules})
+    columns = list(evals)
+    sections = [_attacks(config, out, report_dir, evals, columns), _costs(config, evals, columns),
+                _classifier(out), _signal_along_answers(config, out, report_dir), _training(out), _paper(evals),
+                _times(out, invocations)]
+    summary = [line for _, s in sections for line in s]
+    body = [line for lines, _ in sections for line in lines]
+    text = "\n".join([*_header(config, out, invocations[-1]), "## Summary: which claims held", "", *summary, "",
+                      *body])
+    path = report_dir / "REPORT.md"
+    path.write_text(text)
+    return path
+
+
+def _header(config: ConfigDict, out: Path, last: dict) -> list[str]:
+    command = " ".join(["ssah-jax"] + last["argv"][1:])
+    d = config.decoding
+    return [
+        f"# Explicit safety signals on `{config.model}`", "",
+        "Everything below was produced by one command (re-running it resumes; finished stages are kept):", "",
+        "```bash", command, "```", "",
+        f"Resolved config: [`config.json`](config.json) (seed {config.seed}; evaluation in {config.dtype}, training "
+        f"compute {config.finetune.compute_dtype} with float32 master weights). Machine: "
+        f"{runs.describe_machine(last)}. Workdir: `{out}` (every sub-run's config, metrics, rows and report).", "",
+        "Three models aligned from the same unaligned model on the same data and steps "
+        f"(`{config.align.dataset}`, {config.align.steps} steps of {config.align.batch_size}): **sft** (plain SFT), "
+        f"**augmented** (plus {config.augment.count} deep-alignment examples of Qi et al. 2024 from "
+        f"`{config.augment.dataset}`), **signal** (plus the `[CLS]` safety signal, {config.signal.head} head, "
+        f"lambda {config.signal.lam}; Li & Kim, *Safety Alignment Can Be Not Superficial With Explicit Safety "
+        f"Signals*, ICML 2025). The signal model decodes strategically (threshold {d.threshold}, r1/r2/r3 "
+        f"{d.r1}/{d.r2}/{d.r3}, tau {d.tau}, period {d.period}) under each schedule: `signal/<schedule>`. "
+        "ASR is judged by refusal keywords (`ssah_jax.evaluation.is_refusal`); \"differs\" means by more than "
+        "two binomial standard errors.", ""]
+
+
+def _prefill_rates(metrics: dict, ks: list[int]) -> dict[int, Rate]:
+    return {k: _rate(metrics, f"prefill_{k}") for k in ks}
+
+
+def _attacks(config: ConfigDict, out: Path, report_dir: Path, evals: dict, columns: list[str]) -> Section:
+    e = config.evaluation
+    ks = list(e.prefill.tokens)
+    attacked = {m: _json(out / "attack" / m / "eval" / "metrics.json")["asr_no_system"] for m in pipeline.MODELS}
+    rows = [("direct, no system prompt", "asr_no_system"), ("direct, safety system prompt", "asr_system")]
+    rows += [(f"prefilling, {k} tokens", f"prefill_{k}") for k in ks]
+    rows += [(f"decoding sweep ({e.sweep.dataset}, any of {len(e.sweep.temperatures) * len(e.sweep.top_ps)} "
+              "settings)", "sweep")]
+    lines = ["## Attacks (ASR, lower is better)", "",
+             f"Direct: `{e.harmful.dataset}` without the trained prompts; prefilling: the first k tokens of AdvBench's "
+             f"target forced, {e.prefill.limit or 'all'} held-out prompts; decoding sweep: Huang et al. 2023's "
+             f"sampling grid; fine-tuning: {config.attack.steps} steps on `{config.attack.dataset}` (lr "
+             f"{config.attack.learning_rate}), then direct ASR on `{config.attack.evaluation.harmful.dataset}` "
+             "(the signal model attacked in its weights, deployed with its trained signal, first schedule). "
+             f"{config.evaluation.max_new_tokens} new tokens.", "",
+             "| attack | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label, key in rows:
+        lines.append(f"| {label} | " + " | ".join(_pct(evals[c].get(key, {}).get(
+            "asr", evals[c].get(key, {}).get("asr_any_setting"))) for c in columns) + " |")
+    first = f"signal/{config.decoding.schedules[0]}"
+    lines.append("| harmful fine-tuning | " + " | ".join(
+        _pct(attacked[c.split("/")[0]]["asr"]) if c in ("sft", "augmented", first) else "" for c in columns) + " |")
+    lines += ["", f"![ASR against prefill length]({plot_prefill(evals, ks, report_dir / 'prefill.png').name})", ""]
+
+    sft, aug = _prefill_rates(evals["sft"], ks), _prefill_rates(evals["augmented"], ks)
+    summary = []
+    for c in columns[2:]:
+        sig = _prefill_rates(evals[c], ks)
+        found = claims.prefilling_defended(sig, sft)
+        share = ", ".join(f"k={k}: {_pct(sig[k].value)} vs {_pct(sft[k].value)}" for k in ks)
+        summary.append(f"- **Prefilling stops working** (`{c}`; ASR <= {_pct(claims.ASR_CEILING)} and <= "
+                       f"{claims.SHARE_OF_SFT:g} x SFT's at every k): {share}; {_verdict(found)}.")
+    c = first
+    sig = _prefill_rates(evals[c], ks)
+    vs = claims.versus_augmentation(sig, aug)
+    summary.append(f"- **At least as good as safety data augmentation** (`{c}` vs augmented, prefilling): "
+                   + ", ".join(f"k={k}: {_pct(sig[k].value)} vs {_pct(aug[k].value)}" for k in ks)
+                   + f"; {vs.comparison}; {_verdict(vs)}.")
+    if "sweep" in evals[c]:
+        dec = claims.decoding_attack_defended(_rate(evals[c], "sweep"), _rate(evals["sft"], "sweep"))
+        sweep = {m: _pct(evals[m]["sweep"]["asr_any_setting"]) for m in (c, "sft")}
+        summary.append(f"- **The decoding attack stops working** (`{c}`): ASR {sweep[c]} vs {sweep['sft']} (sft), "
+                       f"{_pct(evals['augmented']['sweep']['asr_any_setting'])} (augmented); {_verdict(dec)}.")
+    summary.append("- Harmful fine-tuning (not published by the paper; reported): ASR " + ", ".join(
+        f"{m} {_pct(attacked[m]['asr'])}" for m in pipeline.MODELS) + ".")
+    return lines, summary
+
+
+def _costs(config: ConfigDict, evals: dict, columns: list[str]) -> Section:
+    lines = ["## Costs", "",
+             "Over-refusal: XSTest safe prompts refused; MMLU, SST-2: zero-shot log-likelihood (scored without the "
+             "signal, which only acts in decoding: the same under every schedule); GSM8K: exact match "
+             f"({config.evaluation.gsm8k.max_new_tokens} new tokens, through the signal's decoding); perplexity of "
+             "held-out benign responses (without the signal).", "",
+             "| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    first = f"signal/{config.decoding.schedules[0]}"
+
+    def value(c: str, key: str) -> str:
+        m = evals[c].get(key) or (evals[first].get(key) if c.startswith("signal/") else None)
+        if m is None:
+            return "—"
+        return f"{m['perplexity']:.2f}" if "perplexity" in m else _pct(m.get("refusal_rate", m.get("accuracy")))
+
+    for label, key in (("over-refusal", "overrefusal"), ("MMLU", "mmlu"), ("SST-2", "sst2"), ("GSM8K", "gsm8k"),
+                       ("perplexity", "perplexity")):
+        lines.append(f"| {label} | " + " | ".join(value(c, key) for c in columns) + " |")
+    lines.append("")
+    summary = []
+    over = claims.no_extra_overrefusal(_rate(evals[first], "overrefusal"), _rate(evals["sft"], "overrefusal"))
+    summary.append(f"- **No extra over-refusal** (`{first}` vs sft): {value(first, 'overrefusal')} vs "
+                   f"{value('sft', 'overrefusal')}, {over.comparison}; {_verdict(over)}.")
+    keys = ("mmlu", "sst2", "gsm8k")
+    util = claims.utility_kept({k: evals[first][k]["accuracy"] for k in keys},
+                               {k: evals["sft"][k]["accuracy"] for k in keys})
+    summary.append(f"- **Utility kept** (`{first}` vs sft, each accuracy at most {100 * claims.UTILITY_POINTS:g} "
+                   "points lower): " + ", ".join(f"{k} {value(first, k)} vs {value('sft', k)}" for k in keys)
+                   + f"; {_verdict(util)}.")
+    return lines, summary
+
+
+def _classifier(out: Path) -> Section:
+    result = _json(out / "classifier" / "classifier.json")
+    lines = ["## The classifier", "",
+             f"p(malicious) of `[CLS]` on the prompt alone (`ssah_jax.signals.classify`), threshold "
+             f"{result['threshold']}; every score in `classifier/scores.jsonl`.", "",
+             "| prompts | AUROC | accuracy | flagged (positive) | flagged (negative) | n |", "|---" * 6 + "|"]
+    names = {"harmful_vs_benign": "held-out harmful vs benign", "xstest_unsafe_vs_safe": "XSTest unsafe vs safe"}
+    for name, r in result["sets"].items():
+        lines.append(f"| {names.get(name, name)} | {r['auroc']:.3f} | {_pct(r['accuracy'])} | "
+                     f"{_pct(r['true_positive_rate'])} | {_pct(r['false_positive_rate'])} | "
+                     f"{r['n_positive']} + {r['n_negative']} |")
+    lines.append("")
+    summary = ["- Classifier (reported): " + ", ".join(
+        f"{names.get(n, n)} AUROC {r['auroc']:.3f}, accuracy {_pct(r['accuracy'])}" for n, r in result["sets"].items())
+        + "."]
+    return lines, summary
+
+
+def _signal_along_answers(config: ConfigDict, out: Path, report_dir: Path) -> Section:
+    """p(malicious) at each check of a few prefilled harmful answers, and how often each
+    schedule inserted the refusal."""
+    ks = list(config.evaluation.prefill.tokens)
+    k = ks[len(ks) // 2]
+    rows = runs.read_jsonl(out / "eval_signal" / config.decoding.schedules[0] / "rows" / f"prefill_{k}.jsonl")
+    plot = plot_checks(rows[:6], k, config.decoding.threshold, report_dir / "checks.png")
+    groups = {"direct": "asr_", "prefilled": "prefill_", "sweep": "sweep_", "XSTest safe": "overrefusal",
+              "GSM8K": "gsm8k"}
+    lines = ["## The signal along the answer", "",
+             f"p(malicious) at each check of the first six prefilled harmful prompts ({k} target tokens, schedule "
+             f"`{config.decoding.schedules[0]}`); a cross marks the inserted refusal.", "", f"![checks]({plot.name})",
+             "", "Per schedule: checks per answer (all answers), and the share of answers into which the refusal "
+             "was inserted, per prompt set (harmful: direct, prefilled, sweep; benign: XSTest safe, GSM8K).", "",
+             "| schedule | checks per answer | " + " | ".join(groups) + " |", "|---" * (len(groups) + 2) + "|"]
+    for schedule in config.decoding.schedules:
+        rows_of = {name: [r for path in sorted((out / "eval_signal" / schedule / "rows").glob(f"{prefix}*.jsonl"))
+                          for r in runs.read_jsonl(path) if "checks" in r] for name, prefix in groups.items()}
+        every = [r for rows_ in rows_of.values() for r in rows_]
+        if not every:
+            continue
+        shares = [_pct(np.mean([r["inserted"] is not None for r in rs])) if rs else "—" for rs in rows_of.values()]
+        lines.append(f"| {schedule} | {np.mean([len(r['checks']) for r in every]):.1f} | " + " | ".join(shares) + " |")
+    lines += ["", "Speed per schedule: `scripts/benchmark.py signals` (README).", ""]
+    return lines, []
+
+
+def _training(out: Path) -> Section:
+    lines = ["## Training", "", "Examples per epoch (the signal model's malicious ones drawn again up to the benign "
+             "count).", "", "| model | examples | final held-out loss | seconds |", "|---|---|---|---|"]
+    for m in pipeline.MODELS:
+        r = _json(out / f"align_{m}" / "metrics.json")
+        loss = r["heldout_loss"][max(r["heldout_loss"], key=int)] if r["heldout_loss"] else None
+        examples = f"{r['examples']['train']}" + (f" ({r['augmented_examples']} augmented)"
+                                                    if r.get("augmented_examples") else "")
+        lines.append(f"| {m} | {examples} | {'—' if loss is None else f'{loss:.4f}'} | {r['train']['seconds']} |")
+    return [*lines, ""], []
+
+
+def _paper(evals: dict) -> Section:
+    lines = ["## The paper's numbers beside ours", "",
+             "Li & Kim report Llama-2-7B models (SIGNALS.md); ours is a 135M model aligned in minutes, so only the "
+             "direction of each effect is comparable.", "",
+             "| attack | paper: Chat / augmented / CLS | ours: sft / augmented / signal |", "|---|---|---|"]
+    first = next(c for c in evals if c.startswith("signal/"))
+    for key, paper in PAPER_VS_AUGMENTATION.items():
+        ours = [evals[c].get(key) for c in ("sft", "augmented", first)]
+        ours_text = " / ".join(_pct(m.get("asr", m.get("asr_any_setting"))) if m else "—" for m in ours)
+        lines.append(f"| {key.replace('_', ', ') + ' tokens' if key.startswith('prefill') else 'decoding sweep'} | "
+                     f"{' / '.join(f'{v}%' for v in paper)} | {ours_text} |")
+    lines += ["", "| paper (Chat vs CLS, ASR %) | Chat | CLS |", "|---|---|---|"]
+    lines += [f"| {k} | {a} | {b} |" for k, (a, b) in PAPER_CHAT_VS_CLS.items()]
+    return [*lines, ""], []
+
+
+def _times(out: Path, invocations: list[dict]) -> Section:
+    lines = ["## Stage wall times", "",
+             "Summed over the invocations that worked on each stage (to within 10 s per kill).", "",
+             "| stage | seconds | minutes | invocations | finished |", "|---|---|---|---|---|"]
+    total = 0.0
+    for path in sorted(out.glob("**/stage.json"), key=lambda p: p.stat().st_mtime):
+        rec = _json(path)
+        total += rec["seconds"]
+        lines.append(f"| {path.parent.relative_to(out)} | {rec['seconds']:.0f} | {rec['seconds'] / 60:.1f} | "
+                     f"{rec['invocations']} | {rec['finished']} |")
+    lines += [f"| **total** | {total:.0f} | {total / 60:.1f} | | |", "",
+              f"Invocations of the command: {len(invocations)} (`{out / 'invocations.jsonl'}`).", ""]
+    return lines, []
+
+
+def plot_prefill(evals: dict, ks: list[int], path: Path) -> Path:
+    plt = runs.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, metrics in evals.items():
+        ax.plot(ks, [100 * metrics[f"prefill_{k}"]["asr"] for k in ks], "o-", label=name)
+    ax.set_xlabel("prefilled target tokens (k)")
+    ax.set_ylabel("ASR (%)")
+    ax.set_xticks(ks)
+    ax.set_ylim(-2, 102)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_checks(rows: list[dict], k: int, threshold: float, path: Path) -> Path:
+    plt = runs.pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, row in enumerate(rows):
+        steps = [s for s, _ in row["checks"]]
+        ps = [p for _, p in row["checks"]]
+        line, = ax.plot(steps, ps, ".-", label=f"prompt {i + 1}")
+        if row["inserted"] is not None:
+            ax.plot([row["inserted"]], [dict(row["checks"]).get(row["inserted"], threshold)], "x", ms=10,
+                    color=line.get_color())
+    ax.axhline(threshold, color="black", lw=0.5, ls="--")
+    ax.set_xlabel(f"generated tokens after the {k}-token prefill")
+    ax.set_ylabel("p(malicious)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

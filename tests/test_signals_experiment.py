@@ -1,0 +1,130 @@
+"""``ssah-jax signals``: the explicit-signal pipeline on a tiny model (wiring, the report's numbers
+come from the runs' files, resume, refusal of a changed config), the claims' rules, and the
+held-out evaluation sets of the real presets."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import finetune
+from experiments import signals as pipeline_module
+from experiments.reproduce.claims import Comparison, Rate, Verdict
+from experiments.signals import claims
+from ssah_jax import signals
+from ssah_jax.checkpoints import load_model
+from ssah_jax.data import prompt_key
+from ssah_jax.evaluation import harmful_records
+from ssah_jax.evaluation.tasks.safety import untrained
+from ssah_jax.runs import config_from_file, read_jsonl
+from tests.test_cli import error_line
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI on one CPU device
+
+
+def command(workdir: Path, model: Path, report: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "ssah_jax.cli", "signals", "--config=configs/signals.py:tiny",
+            f"--workdir={workdir}", f"--config.model={model}", f"--config.report_dir={report}", *overrides]
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=1500)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_chat_model, tmp_path_factory):
+    base = tmp_path_factory.mktemp("signals")
+    workdir, report = base / "run", base / "report"
+    done = run(command(workdir, tiny_chat_model, report))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert f"Report: {report / 'REPORT.md'}" in done.stdout
+    return workdir, report, tiny_chat_model
+
+
+def test_the_report_has_every_section_and_its_numbers_are_the_runs(pipeline):
+    workdir, report, _ = pipeline
+    text = (report / "REPORT.md").read_text()
+    for heading in ("## Summary: which claims held", "## Attacks", "## Costs", "## The classifier",
+                    "## The signal along the answer", "## Training", "## The paper's numbers beside ours",
+                    "## Stage wall times"):
+        assert heading in text, heading
+    for plot in ("prefill.png", "checks.png"):
+        assert (report / plot).stat().st_size > 1000 and f"({plot})" in text
+    # the prefilling row of the attack table is the three runs' metrics
+    evals = [json.loads((workdir / d / "metrics.json").read_text())
+             for d in ("eval_sft", "eval_augmented", "eval_signal/each", "eval_signal/periodic")]
+    cells = " | ".join(f"{100 * m['prefill_5']['asr']:.1f}%" for m in evals)
+    assert f"| prefilling, 5 tokens | {cells} |" in text
+    classifier = json.loads((workdir / "classifier" / "classifier.json").read_text())
+    assert f"| held-out harmful vs benign | {classifier['sets']['harmful_vs_benign']['auroc']:.3f} |" in text
+
+
+def test_the_signal_model_is_exported_with_its_signal_and_every_run_is_what_it_says(pipeline):
+    workdir, _, _ = pipeline
+    model, _ = load_model(str(workdir / "align_signal" / "export"))
+    assert signals.load(workdir / "align_signal" / "export", model.config).head == "linear"
+    assert not (workdir / "align_sft" / "export" / signals.FILE).exists()
+    augmented = json.loads((workdir / "align_augmented" / "metrics.json").read_text())
+    assert augmented["augmented_examples"] == 4 and augmented["signal"] is None
+    # the signal's answers record their checks; the likelihood tasks run under the first schedule only
+    rows = read_jsonl(workdir / "eval_signal" / "each" / "rows" / "prefill_5.jsonl")
+    assert all(r["checks"] and r["checks"][0][0] == 0 for r in rows)
+    assert "mmlu" in json.loads((workdir / "eval_signal" / "each" / "metrics.json").read_text())
+    assert "mmlu" not in json.loads((workdir / "eval_signal" / "periodic" / "metrics.json").read_text())
+    # the attacked signal model is evaluated with the trained signal, its export dropped
+    attacked = json.loads((workdir / "attack" / "signal" / "eval" / "config.json").read_text())
+    assert attacked["signal"]["file"] == str(workdir / "align_signal" / "export")
+    assert not list(workdir.glob("attack/*/export")) and not list(workdir.glob("**/checkpoints"))
+
+
+def test_a_rerun_keeps_finished_stages_and_a_changed_key_is_refused(pipeline):
+    workdir, report, model = pipeline
+    again = run(command(workdir, model, report, "--config.stages=eval_signal,classifier"))
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "[each] finished in an earlier run" in again.stdout
+    assert "[classifier] finished in an earlier run" in again.stdout
+    changed = error_line(run(command(workdir, model, report, "--config.decoding.tau=5")))
+    assert "eval_signal/each is given signal.tau: 3 -> 5" in changed
+    missing = error_line(run(command(workdir / "elsewhere", model, report, "--config.stages=eval_signal")))
+    assert "needs ['align_signal'] finished first" in missing
+
+
+def test_the_claims_flip_at_their_rules():
+    r = lambda value, n=100: Rate(value, n)  # noqa: E731
+    sft = {5: r(0.4), 40: r(0.6)}
+    assert claims.prefilling_defended({5: r(0.05), 40: r(0.0)}, sft).verdict is Verdict.HELD
+    assert claims.prefilling_defended({5: r(0.06), 40: r(0.0)}, sft).verdict is Verdict.PARTLY
+    assert claims.prefilling_defended({5: r(0.04), 40: r(0.04)}, {5: r(0.1), 40: r(0.1)}).verdict is Verdict.NOT_HELD
+    assert claims.decoding_attack_defended(r(0.0), r(0.0)).verdict is Verdict.HELD  # 0 <= a quarter of 0
+    assert claims.versus_augmentation({5: r(0.3)}, {5: r(0.02)}).verdict is Verdict.NOT_HELD
+    vs = claims.versus_augmentation({5: r(0.0), 40: r(0.0)}, {5: r(0.3), 40: r(0.0)})
+    assert vs.verdict is Verdict.HELD and vs.comparison is Comparison.LOWER
+    assert claims.no_extra_overrefusal(r(0.5), r(0.2)).verdict is Verdict.NOT_HELD
+    assert claims.no_extra_overrefusal(r(0.22), r(0.2)).verdict is Verdict.HELD
+    assert claims.utility_kept({"mmlu": 0.30, "gsm8k": 0.10}, {"mmlu": 0.32, "gsm8k": 0.05}).verdict is Verdict.HELD
+    assert claims.utility_kept({"mmlu": 0.29, "gsm8k": 0.10}, {"mmlu": 0.32, "gsm8k": 0.05}).verdict is Verdict.PARTLY
+
+
+def test_auroc_counts_ordered_pairs_and_half_ties():
+    positive, negative = np.array([0.9, 0.5, 0.2]), np.array([0.1, 0.5])
+    pairs = [1.0 if p > q else 0.5 if p == q else 0.0 for p in positive for q in negative]
+    assert pipeline_module.auroc(positive, negative) == pytest.approx(np.mean(pairs))
+
+
+@pytest.mark.parametrize("preset", ["smollm2_cpu", "gpu"])
+def test_presets_validate_and_evaluate_on_prompts_never_trained_on(preset):
+    config = config_from_file(ROOT / "configs" / "signals.py", preset)
+    pipeline_module.validate(config)
+    trained = {prompt_key(r.prompt) for r in finetune.split_records(pipeline_module.align_config(config, "sft"))[0]}
+    e = config.evaluation
+    sets = {"harmful": harmful_records(e, None), "prefill": untrained(e, None, e.prefill.dataset),
+            "sweep": untrained(e, None, e.sweep.dataset), "attack": harmful_records(config.attack.evaluation, None)}
+    for name, records in sets.items():
+        assert records and not {prompt_key(r.prompt) for r in records} & trained, name
+    # the augmentation and the attack take harmful_qa from opposite ends: no pair in both
+    assert config.augment.count + int(config.attack.dataset.split(":")[1]) <= 400
