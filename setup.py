@@ -33,6 +33,7 @@ setup(
         "tqdm>=4.66,<5",
         "matplotlib>=3.8,<4",  # report plots (PNG)
         "tensorboardX>=2.6,<3",  # TensorBoard events of training runs (no TensorFlow needed)
+        "scipy>=1.11,<2",  # rank statistics (the signal classifier's AUROC); jax requires it too
     ],
     extras_require={
         # torch is only a reference implementation for parity tests and benchmarks.

@@ -94,7 +94,8 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
     c.attack.evaluation = config_from_file(HERE / "evaluate.py", "gpu" if gpu else "smollm2",
                                            drop=("model", "dtype", "data_dir", "signal"))
     set_values(c.attack.evaluation, {
-        "tasks": ("asr",), "max_new_tokens": 32, "harmful.dataset": "advbench:32,harmbench_standard:32",
+        # AdvBench only: harmful_qa (the attack's data) holds 199 of HarmBench's 200 standard behaviours
+        "tasks": ("asr",), "max_new_tokens": 32, "harmful.dataset": "advbench:64",
         "harmful.exclude": TRAINED_HARMFUL, "harmful.limit": 0, "harmful.settings": ("no_system",),
     })
     # Every training run starts from this configs/finetune.py config
@@ -108,7 +109,7 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
                                   "perplexity.limit": 500, "max_new_tokens": 64})
         set_values(c, {"attack.steps": 25, "attack.batch_size": 16, "attack.max_length": 512,
                        "classifier.benign_limit": 512, "classifier.batch_size": 64,
-                       "attack.evaluation.harmful.dataset": "advbench,harmbench_standard"})
+                       "attack.evaluation.harmful.dataset": "advbench"})
     elif preset == "tiny":
         set_values(c, {
             "align.dataset": "bianchi_safety:8,safety_refusals_short:4,alpaca_libre:12", "align.heldout": 2,
@@ -121,6 +122,7 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
         small = {"max_new_tokens": 2, "harmful.dataset": "advbench:2,harmbench_standard:2", "batch_size": 4}
         for section in (c.evaluation, c.attack.evaluation):
             set_values(section, small)
+        c.attack.evaluation.harmful.dataset = "advbench:4"
         set_values(c.evaluation, {"prefill.limit": 2, "prefill.tokens": (5, 10), "sweep.limit": 2,
                                   "sweep.temperatures": (1.0,), "overrefusal.limit": 2, "mmlu.limit": 4,
                                   "sst2.limit": 4, "gsm8k.limit": 2, "gsm8k.max_new_tokens": 2,

@@ -50,7 +50,8 @@ def validate(config: ConfigDict, prefix: str = "") -> None:
     check("max_new_tokens", lambda v: v >= 1, "must be >= 1")
     for task in ("harmful", "prefill", "sweep", "overrefusal", "mmlu", "sst2", "gsm8k", "perplexity"):
         check(f"{task}.limit", lambda v: v >= 0, "must be >= 0 (0 = all)")
-    check("prefill.tokens", lambda v: len(v) > 0 and all(k >= 1 for k in v), "must be a non-empty list of k >= 1")
+    check("prefill.tokens", lambda v: isinstance(v, tuple | list) and len(v) > 0 and all(k >= 1 for k in v),
+          'must be a non-empty list of k >= 1, e.g. "(5,)"')
     check("gsm8k.max_new_tokens", lambda v: v >= 1, "must be >= 1")
     check("perplexity.max_length", lambda v: v >= 16, "must be >= 16")
     check("sweep.temperatures", lambda v: len(v) > 0 and all(t > 0 for t in v),

@@ -99,7 +99,7 @@ def validate(config: ConfigDict) -> None:
     if sig.head:
         check("signal.lam", lambda v: v > 0, "must be > 0")
         names = [name for name, _ in parse_mixture(config.data.dataset)]
-        check("signal.malicious", lambda v: set(v) & set(names) and set(names) - set(v),
+        check("signal.malicious", lambda v: set(v) <= set(names) and set(v) and set(names) - set(v),
               f"must name some but not all of data.dataset's components {names} (the rest are benign)")
         check("freeze.mode", lambda v: v != "lora", "lora cannot train the safety signal (set signal.head='')")
     if config.augment.dataset:
@@ -129,27 +129,32 @@ def split_records(config: ConfigDict) -> tuple[list, list]:
     return (train[: d.limit] if d.limit else train), heldout
 
 
-def labelled_records(config: ConfigDict) -> tuple[list[tuple], list[tuple]]:
-    """:func:`split_records` with each record's class for the safety signal: ``(records,
-    labels)`` of the training and the held-out set, 1 for the components named in
-    ``signal.malicious``, 0 for the others (each component loads alone, as in the mixture)."""
+def labelled_records(config: ConfigDict) -> tuple[tuple[list, list[int]], tuple[list, list[int]]]:
+    """:func:`split_records` (the same records in the same order) with each record's class for
+    the safety signal: ``((train records, labels), (held-out records, labels))``, 1 for the
+    components named in ``signal.malicious``, 0 for the others; all 0 without a signal."""
     d = config.data
-    out: tuple[list, list] = ([], [])
-    for name, limit in parse_mixture(d.dataset):
+    train: list = []
+    heldout: list = []
+    for name, limit in parse_mixture(d.dataset):  # each component alone, as in the mixture
         part = ConfigDict(config.to_dict())
         part.data.dataset, part.data.limit = f"{name}:{limit}" if limit else name, 0
-        label = int(name in config.signal.malicious)
-        for kept, records in zip(out, split_records(part)):
+        label = int(bool(config.signal.head) and name in config.signal.malicious)
+        for kept, records in zip((train, heldout), split_records(part)):
             kept += [(r, label) for r in records]
-    train = out[0][: d.limit] if d.limit else out[0]
-    return train, out[1]
+    train = train[: d.limit] if d.limit else train
+
+    def unzip(pairs: list) -> tuple[list, list[int]]:
+        return [r for r, _ in pairs], [y for _, y in pairs]
+
+    return unzip(train), unzip(heldout)
 
 
 def recovery_examples(config: ConfigDict, tokenizer: Any) -> tuple[list, EncodeStats]:
     """The deep-alignment augmentation: the last ``augment.count`` records of
     ``augment.dataset`` (a fine-tuning attack takes its records from the front), each answer
     starting with k ~ U[1, ``augment.max_tokens``] tokens of its harmful response (seeded by
-    ``seed``) and turning into ``augment.refusal``; labelled malicious."""
+    ``seed``) and turning into ``augment.refusal``; labelled malicious when a signal trains."""
     a = config.augment
     try:
         records = load_mixture(a.dataset, config.data_dir or None, responses=True)[0]
@@ -166,7 +171,7 @@ def recovery_examples(config: ConfigDict, tokenizer: Any) -> tuple[list, EncodeS
             dropped += 1
             continue
         truncated += cut
-        examples.append(dataclasses.replace(example, label=1))
+        examples.append(dataclasses.replace(example, label=int(bool(config.signal.head))))
     return examples, EncodeStats(len(examples), truncated, dropped, config.data.max_length)
 
 
@@ -206,11 +211,11 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     source = model_source(config.model)
     model, tokenizer = load_model(source)  # float32: the master weights
     d = config.data
-    train_labelled, heldout_labelled = labelled_records(config)
-    encode = functools.partial(encode_labelled, tokenizer, max_length=d.max_length,
+    encode = functools.partial(encode_records, tokenizer, max_length=d.max_length,
                                system_prompt=d.system_prompt or None)
-    train_examples, stats = encode(train_labelled)
-    heldout_examples, heldout_stats = encode(heldout_labelled)
+    (train_records, train_labels), (heldout_records, heldout_labels) = labelled_records(config)
+    train_examples, stats = encode(train_records, labels=train_labels)
+    heldout_examples, heldout_stats = encode(heldout_records, labels=heldout_labels)
     print(f"Training set ({d.dataset}): {stats}\nHeld-out set: {heldout_stats}")
     runs.check(config, "data.max_length", lambda v: bool(train_examples),
                f"every training example's prompt is longer than that ({stats})")
@@ -292,19 +297,6 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     report.write_text(render_report(config, result, stats, plot))
     print(f"Report: {report}")
     return report
-
-
-def encode_labelled(tokenizer: Any, labelled: list[tuple], **kw: Any) -> tuple[list, EncodeStats]:
-    """:func:`~ssah_jax.data.tokenize.encode_records` of ``(record, label)`` pairs, each example
-    carrying its label."""
-    examples, stats = [], None
-    for label in (0, 1):
-        part, part_stats = encode_records(tokenizer, [r for r, y in labelled if y == label], **kw)
-        examples += [dataclasses.replace(e, label=label) for e in part]
-        stats = part_stats if stats is None else EncodeStats(
-            stats.examples + part_stats.examples, stats.truncated + part_stats.truncated,
-            stats.dropped + part_stats.dropped, stats.max_length)
-    return examples, stats
 
 
 def signal_training(config: ConfigDict, model: Any) -> dict[str, Any]:

@@ -99,8 +99,15 @@ def test_the_data_recipes_keep_their_rules():
     advbench = tasks.harmful_records(get_config("quick"), None)
     assert [r.prompt for r in tasks.harmful_records(config, None)] == [r.prompt for r in advbench[5:25]]
     config.harmful.dataset = "no_such_set"
-    with pytest.raises(ConfigError, match=r"config.harmful \(dataset='no_such_set'"):
+    with pytest.raises(ConfigError, match=r"config.harmful.dataset='no_such_set'"):
         tasks.harmful_records(config, None)
+    config.harmful.dataset, config.harmful.exclude = "advbench", "no_such_set"
+    with pytest.raises(ConfigError, match=r"config.harmful.exclude='no_such_set'"):
+        tasks.harmful_records(config, None)
+    # the prefilling and sweep prompts lose the trained prompts too
+    config.harmful.exclude = "advbench:5"
+    prefill = tasks.safety.untrained(config, None, "advbench:10", "prefill.dataset")
+    assert [r.prompt for r in prefill] == [r.prompt for r in advbench[5:15]]
     everything = tasks.perplexity_records(config, None, 0)
     assert tasks.perplexity_records(config, None, 3) == everything[-3:]
     assert len(tasks.perplexity_records(config, None)) == config.perplexity.limit

@@ -99,6 +99,9 @@ def test_finetune_config_errors_name_the_key(tmp_path):
     config.signal.head = "linear"  # alpaca_libre alone: no component is malicious
     with pytest.raises(ConfigError, match="config.signal.malicious"):
         finetune.run(config, str(tmp_path / "e"))
+    config.data.dataset, config.signal.malicious = "bianchi_safety:8,alpaca_libre:8", ("bianchi_safty",)  # a typo
+    with pytest.raises(ConfigError, match="config.signal.malicious"):
+        finetune.run(config, str(tmp_path / "e"))
     config.signal.head, config.augment.dataset, config.augment.count = "", "harmful_qa", 0
     with pytest.raises(ConfigError, match="config.augment.count"):
         finetune.run(config, str(tmp_path / "f"))
@@ -113,7 +116,8 @@ def test_a_signal_trains_alongside_and_is_exported_beside_the_model(tiny_chat_mo
 
     done = subprocess.run(command(
         tmp_path, f"--config.model={tiny_chat_model}", "--config.data.dataset=bianchi_safety:8,alpaca_libre:16",
-        "--config.signal.head=mlp", "--config.augment.dataset=harmful_qa", "--config.augment.count=4",
+        "--config.signal.head=mlp", "--config.signal.malicious=('bianchi_safety',)",
+        "--config.augment.dataset=harmful_qa", "--config.augment.count=4",
         "--config.data.max_length=128", "--config.steps=2"), cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "12 malicious / 16 benign examples, balanced to 32" in done.stdout

@@ -17,7 +17,7 @@ from experiments.reproduce.claims import Comparison, Rate, Verdict
 from experiments.signals import claims
 from ssah_jax import signals
 from ssah_jax.checkpoints import load_model
-from ssah_jax.data import prompt_key
+from ssah_jax.data import load_mixture, prompt_key
 from ssah_jax.evaluation import harmful_records
 from ssah_jax.evaluation.tasks.safety import untrained
 from ssah_jax.runs import config_from_file, read_jsonl
@@ -100,7 +100,9 @@ def test_the_claims_flip_at_their_rules():
     assert claims.prefilling_defended({5: r(0.05), 40: r(0.0)}, sft).verdict is Verdict.HELD
     assert claims.prefilling_defended({5: r(0.06), 40: r(0.0)}, sft).verdict is Verdict.PARTLY
     assert claims.prefilling_defended({5: r(0.04), 40: r(0.04)}, {5: r(0.1), 40: r(0.1)}).verdict is Verdict.NOT_HELD
-    assert claims.decoding_attack_defended(r(0.0), r(0.0)).verdict is Verdict.HELD  # 0 <= a quarter of 0
+    assert claims.decoding_attack_defended(r(0.0), r(0.5)).verdict is Verdict.HELD
+    assert claims.decoding_attack_defended(r(0.0), r(0.04)).verdict is Verdict.NOT_TESTABLE  # SFT resists it
+    assert claims.prefilling_defended({5: r(0.0)}, {5: r(0.05)}).verdict is Verdict.NOT_TESTABLE
     assert claims.versus_augmentation({5: r(0.3)}, {5: r(0.02)}).verdict is Verdict.NOT_HELD
     vs = claims.versus_augmentation({5: r(0.0), 40: r(0.0)}, {5: r(0.3), 40: r(0.0)})
     assert vs.verdict is Verdict.HELD and vs.comparison is Comparison.LOWER
@@ -122,9 +124,13 @@ def test_presets_validate_and_evaluate_on_prompts_never_trained_on(preset):
     pipeline_module.validate(config)
     trained = {prompt_key(r.prompt) for r in finetune.split_records(pipeline_module.align_config(config, "sft"))[0]}
     e = config.evaluation
-    sets = {"harmful": harmful_records(e, None), "prefill": untrained(e, None, e.prefill.dataset),
-            "sweep": untrained(e, None, e.sweep.dataset), "attack": harmful_records(config.attack.evaluation, None)}
+    sets = {"harmful": harmful_records(e, None), "prefill": untrained(e, None, e.prefill.dataset, "prefill.dataset"),
+            "sweep": untrained(e, None, e.sweep.dataset, "sweep.dataset"),
+            "attack": harmful_records(config.attack.evaluation, None)}
     for name, records in sets.items():
         assert records and not {prompt_key(r.prompt) for r in records} & trained, name
+    # the attacked models are not evaluated on the attack's own prompts
+    attacked = {prompt_key(r.prompt) for r in load_mixture(config.attack.dataset)[0]}
+    assert not {prompt_key(r.prompt) for r in sets["attack"]} & attacked
     # the augmentation and the attack take harmful_qa from opposite ends: no pair in both
     assert config.augment.count + int(config.attack.dataset.split(":")[1]) <= 400

@@ -32,7 +32,7 @@ from experiments.reproduce.subruns import train_config
 from ssah_jax import runs, signals
 from ssah_jax import stages as stages_lib
 from ssah_jax.checkpoints import load_model
-from ssah_jax.data import load_local
+from ssah_jax.data import check_kit_dataset, load_local
 from ssah_jax.evaluation import harmful_records
 
 MODELS = ("sft", "augmented", "signal")  # the aligned models, align_<model>
@@ -43,7 +43,8 @@ REQUIRES = {
     "classifier": ("align_signal",), "attack": ("align_sft", "align_augmented", "align_signal"),
     "report": tuple(s for s in STAGES if s != "report"),
 }
-LIKELIHOOD_TASKS = ("mmlu", "sst2", "perplexity")  # the signal does not touch them: scored once
+LIKELIHOOD_TASKS = ("mmlu", "sst2", "perplexity")  # scored once: no schedule touches them
+REPORT_TASKS = ("asr", "prefill", "sweep", "overrefusal", "mmlu", "sst2", "gsm8k", "perplexity")
 ATTACK_EXCLUDED = (tuple(f"train.{k}" for k in finetune.EXCLUDED)
                    + tuple(f"evaluation.{k}" for k in evaluate.EXCLUDED))
 
@@ -178,8 +179,13 @@ def validate(config: ConfigDict) -> None:
     check("decoding.schedules", lambda v: len(v) > 0 and set(v) <= set(signals.SCHEDULES) and len(set(v)) == len(v),
           f"must be distinct schedules of {signals.SCHEDULES}")
     check("decoding.threshold", lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
+    runs.check_parses(config, "classifier.benign", check_kit_dataset)
     for section in ("evaluation.", "attack.evaluation."):
         evaluate.validate(config, section)
+    check("evaluation.tasks", lambda v: set(v) == set(REPORT_TASKS), f"must be all of {REPORT_TASKS} (the report's)")
+    check("evaluation.harmful.settings", lambda v: "no_system" in v, "must include no_system (the report's)")
+    check("attack.evaluation.tasks", lambda v: "asr" in v, "must include asr (the report's)")
+    check("attack.evaluation.harmful.settings", lambda v: "no_system" in v, "must include no_system (the report's)")
     for model in MODELS:  # the sub-runs' own checks, before hours of work rather than after
         finetune.validate(align_config(config, model))
     finetune.validate(attack_config(config, Path("."), "sft").train)

@@ -99,12 +99,13 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path, evals: dict, colum
     attacked = {m: _json(out / "attack" / m / "eval" / "metrics.json")["asr_no_system"] for m in pipeline.MODELS}
     rows = [("direct, no system prompt", "asr_no_system"), ("direct, safety system prompt", "asr_system")]
     rows += [(f"prefilling, {k} tokens", f"prefill_{k}") for k in ks]
-    rows += [(f"decoding sweep ({e.sweep.dataset}, any of {len(e.sweep.temperatures) * len(e.sweep.top_ps)} "
-              "settings)", "sweep")]
+    settings = len(e.sweep.temperatures) * len(e.sweep.top_ps) * len(e.sweep.top_ks)
+    rows += [(f"decoding sweep ({e.sweep.dataset}, any of {settings} settings)", "sweep")]
     lines = ["## Attacks (ASR, lower is better)", "",
-             f"Direct: `{e.harmful.dataset}` without the trained prompts; prefilling: the first k tokens of AdvBench's "
-             f"target forced, {e.prefill.limit or 'all'} held-out prompts; decoding sweep: Huang et al. 2023's "
-             f"sampling grid; fine-tuning: {config.attack.steps} steps on `{config.attack.dataset}` (lr "
+             f"Direct: `{e.harmful.dataset}` without the trained prompts; prefilling: the first k tokens of "
+             f"`{e.prefill.dataset}`'s target forced, {e.prefill.limit or 'all'} held-out prompts; decoding sweep: "
+             f"Huang et al. 2023's sampling grid; fine-tuning: {config.attack.steps} steps on "
+             f"`{config.attack.dataset}` (lr "
              f"{config.attack.learning_rate}), then direct ASR on `{config.attack.evaluation.harmful.dataset}` "
              "(the signal model attacked in its weights, deployed with its trained signal, first schedule). "
              f"{config.evaluation.max_new_tokens} new tokens.", "",
@@ -143,10 +144,13 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path, evals: dict, colum
 
 def _costs(config: ConfigDict, evals: dict, columns: list[str]) -> Section:
     lines = ["## Costs", "",
-             "Over-refusal: XSTest safe prompts refused; MMLU, SST-2: zero-shot log-likelihood (scored without the "
-             "signal, which only acts in decoding: the same under every schedule); GSM8K: exact match "
-             f"({config.evaluation.gsm8k.max_new_tokens} new tokens, through the signal's decoding); perplexity of "
-             "held-out benign responses (without the signal).", "",
+             "Over-refusal: XSTest safe prompts refused; GSM8K: exact match "
+             f"({config.evaluation.gsm8k.max_new_tokens} new tokens), both through the signal's decoding. MMLU, "
+             "SST-2: zero-shot log-likelihood of single-token choices, read at the prompt's last token, which does "
+             "not attend to `[CLS]`: the signal model's scores are exactly its language model's (one column for "
+             "every schedule). Perplexity of held-out benign responses: of the language model *without* `[CLS]`; "
+             "the deployed model's answer tokens attend to it, so for the signal model this is an approximation.",
+             "",
              "| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     first = f"signal/{config.decoding.schedules[0]}"
 
@@ -168,7 +172,8 @@ def _costs(config: ConfigDict, evals: dict, columns: list[str]) -> Section:
     util = claims.utility_kept({k: evals[first][k]["accuracy"] for k in keys},
                                {k: evals["sft"][k]["accuracy"] for k in keys})
     summary.append(f"- **Utility kept** (`{first}` vs sft, each accuracy at most {100 * claims.UTILITY_POINTS:g} "
-                   "points lower): " + ", ".join(f"{k} {value(first, k)} vs {value('sft', k)}" for k in keys)
+                   "points lower): " + ", ".join(f"{k} {value(first, k)} vs {value('sft', k)} (n = "
+                                                 f"{evals['sft'][k]['n']})" for k in keys)
                    + f"; {_verdict(util)}.")
     return lines, summary
 
@@ -220,13 +225,15 @@ def _signal_along_answers(config: ConfigDict, out: Path, report_dir: Path) -> Se
 
 def _training(out: Path) -> Section:
     lines = ["## Training", "", "Examples per epoch (the signal model's malicious ones drawn again up to the benign "
-             "count).", "", "| model | examples | final held-out loss | seconds |", "|---|---|---|---|"]
+             "count); wall time from the stage record.", "",
+             "| model | examples | final held-out loss | minutes |", "|---|---|---|---|"]
     for m in pipeline.MODELS:
         r = _json(out / f"align_{m}" / "metrics.json")
+        minutes = _json(out / f"align_{m}" / "stage.json")["seconds"] / 60
         loss = r["heldout_loss"][max(r["heldout_loss"], key=int)] if r["heldout_loss"] else None
         examples = f"{r['examples']['train']}" + (f" ({r['augmented_examples']} augmented)"
                                                     if r.get("augmented_examples") else "")
-        lines.append(f"| {m} | {examples} | {'—' if loss is None else f'{loss:.4f}'} | {r['train']['seconds']} |")
+        lines.append(f"| {m} | {examples} | {'—' if loss is None else f'{loss:.4f}'} | {minutes:.1f} |")
     return [*lines, ""], []
 
 

@@ -215,15 +215,17 @@ def encode_recovery(tokenizer: Any, record: Record, *, refusal: str, tokens: int
 
 
 def encode_records(
-    tokenizer: Any, records: Sequence[Record], *, max_length: int, system_prompt: str | None = None
+    tokenizer: Any, records: Sequence[Record], *, max_length: int, system_prompt: str | None = None,
+    labels: Sequence[int] | None = None,
 ) -> tuple[list[Example], EncodeStats]:
-    """Encodes every record; the stats say how many were truncated or dropped."""
+    """Encodes every record, in order (``labels``: each record's class, on its example); the
+    stats say how many were truncated or dropped."""
     examples, truncated, dropped = [], 0, 0
-    for record in records:
+    for i, record in enumerate(records):
         example, cut = encode_record(tokenizer, record, max_length=max_length, system_prompt=system_prompt)
         if example is None:
             dropped += 1
             continue
         truncated += cut
-        examples.append(example)
+        examples.append(example if labels is None else dataclasses.replace(example, label=int(labels[i])))
     return examples, EncodeStats(len(examples), truncated, dropped, max_length)

@@ -32,22 +32,22 @@ def harmful_records(config: ConfigDict, data_dir: str | None) -> list[Record]:
     """The ASR prompts: ``harmful.dataset`` (a dataset or a mixture ``"name:count,..."``)
     without the prompts of ``harmful.exclude`` (datasets a model was trained on). A dataset
     that does not load is a ConfigError naming ``config.harmful``."""
-    h = config.harmful
-    try:
-        exclude = load_mixture(h.exclude, data_dir)[0] if h.exclude else []
-        return load_mixture(h.dataset, data_dir, exclude=[r.prompt for r in exclude])[0]
-    except (KeyError, ValueError) as e:
-        raise runs.ConfigError(f"config.harmful (dataset={h.dataset!r}, exclude={h.exclude!r}): {e}") from None
+    return untrained(config, data_dir, config.harmful.dataset, "harmful.dataset")
 
 
-def untrained(config: ConfigDict, data_dir: str | None, dataset: str) -> list[Record]:
-    """A kit dataset's records without the prompts of ``harmful.exclude`` (what the model was
-    trained on): the prompts of the prefilling attack and the decoding sweep."""
+def untrained(config: ConfigDict, data_dir: str | None, dataset: str, key: str) -> list[Record]:
+    """The records of ``dataset`` (a dataset or a mixture, the value of ``config.<key>``)
+    without the prompts of ``harmful.exclude`` (what the model was trained on): the harmful
+    prompts, and those of the prefilling attack and the decoding sweep."""
+    exclude = config.harmful.exclude
     try:
-        exclude = load_mixture(config.harmful.exclude, data_dir)[0] if config.harmful.exclude else []
-        return load_mixture(dataset, data_dir, exclude=[r.prompt for r in exclude])[0]
+        excluded = [r.prompt for r in load_mixture(exclude, data_dir)[0]] if exclude else []
     except (KeyError, ValueError) as e:
-        raise runs.ConfigError(f"config.harmful.exclude={config.harmful.exclude!r} ({dataset}): {e}") from None
+        raise runs.ConfigError(f"config.harmful.exclude={exclude!r}: {e}") from None
+    try:
+        return load_mixture(dataset, data_dir, exclude=excluded)[0]
+    except (KeyError, ValueError) as e:
+        raise runs.ConfigError(f"config.{key}={dataset!r}: {e}") from None
 
 
 def _answers(model: Any, tokenizer: Any, config: ConfigDict, **kw: Any) -> RowFn:
@@ -75,7 +75,7 @@ def prefill(model: Any, tokenizer: Any, config: ConfigDict, *, data_dir: str | N
     """``prefill_<k>`` for each k of ``prefill.tokens``: ASR on the first ``prefill.limit``
     prompts of ``prefill.dataset`` (without those of ``harmful.exclude``) when the answer is
     forced to start with the first k tokens of the target."""
-    targets = first(untrained(config, data_dir, config.prefill.dataset), config.prefill.limit)
+    targets = first(untrained(config, data_dir, config.prefill.dataset, "prefill.dataset"), config.prefill.limit)
     entries = {}
     for k in config.prefill.tokens:
         def prefilled(batch, start, k=k):
@@ -93,7 +93,7 @@ def sweep(model: Any, tokenizer: Any, config: ConfigDict, *, data_dir: str | Non
     ``harmful.exclude``) answered under every
     sampling setting of the grid ``sweep.{temperatures, top_ps, top_ks}``; a prompt is broken
     if any setting breaks it (rows: ``sweep_<setting>``)."""
-    prompts = first(untrained(config, data_dir, config.sweep.dataset), config.sweep.limit)
+    prompts = first(untrained(config, data_dir, config.sweep.dataset, "sweep.dataset"), config.sweep.limit)
     settings = sweep_settings(config.sweep.temperatures, config.sweep.top_ps, config.sweep.top_ks)
     return {"sweep": lambda: summarise_sweep({
         setting_name(s): store.rows(f"sweep_{setting_name(s)}", prompts, _answers(model, tokenizer, config, **s),
