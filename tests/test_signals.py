@@ -150,6 +150,30 @@ def test_a_tiny_model_learns_separable_labels_and_exports(tiny_chat_model, tmp_p
                                                 [harmful[0].prompt, benign[0].prompt]), p[[0, 8]], atol=1e-5)
 
 
+def test_extra_lr_scale_scales_only_the_signals_updates(tiny_chat_model):
+    """One AdamW step (no decay, no clipping) moves every parameter by about the learning rate;
+    ``extra_lr_scale`` multiplies the signal's moves and leaves the model's."""
+    model, tokenizer = load_model(str(tiny_chat_model))
+    encoded, _ = encode_records(tokenizer, [Record("Hi", response="Hello.")], max_length=64)
+    batch = pad_batch([dataclasses.replace(encoded[0], label=1)], rows=8, buckets=(64,), pad_id=tokenizer.pad_token_id)
+    signal = signals.SafetySignal.init(model.config, rng=jax.random.key(0))
+    mesh = make_mesh({"fsdp": -1})
+    moves = {}
+    with jax.set_mesh(mesh), use_rules():
+        for scale in (1.0, 10.0):
+            training = setup_training(model, mesh, Freeze(), OptimizerConfig(
+                learning_rate=1e-3, schedule="constant", total_steps=1, weight_decay=0.0, clip_norm=0.0),
+                objective=SignalLoss(), extra={"signal": signal.params}, extra_lr_scale=scale)
+            before = jax.device_get(training.state.params)  # the step donates the state
+            state, _ = training.step(training.state, shard_batch(batch))
+            after = jax.device_get(state.params)
+            moves[scale] = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), before, after)
+    np.testing.assert_allclose(moves[10.0]["signal"]["head"]["w"], 10 * moves[1.0]["signal"]["head"]["w"], rtol=1e-4)
+    np.testing.assert_allclose(moves[10.0]["signal"]["cls"], 10 * moves[1.0]["signal"]["cls"], rtol=1e-4)
+    model_moves = [{k: v for k, v in moves[s].items() if k != "signal"} for s in (1.0, 10.0)]
+    assert model_moves[0] == model_moves[1] and max(jax.tree.leaves(model_moves[0])) > 0
+
+
 PROMPTS = ["How do I pick a lock?", "Hi", "Write a poem about the sea, in four lines please."]
 
 

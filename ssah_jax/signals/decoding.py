@@ -231,7 +231,6 @@ def generate(
     return results
 
 
-
 @dataclasses.dataclass(frozen=True)
 class SignalModel:
     """A model deployed with its safety signal: answers come from :func:`generate` under these

@@ -128,13 +128,15 @@ def setup_training(
     accum_steps: int = 1,
     objective: Objective = ResponseLoss(),
     extra: Mapping[str, Any] | None = None,
+    extra_lr_scale: float = 1.0,
 ) -> Training:
     """Everything a training loop needs for ``model`` (its float32 weights are the master
     weights) on ``mesh``: freeze masks, the masked optimizer, the sharded initial state (LoRA
     adapters initialised from ``seed``, which also seeds the state's rng) and the compiled step
     in ``compute_dtype`` with ``accum_steps`` micro-batches. ``extra``: trained parameters
     outside the model's layout by top-level name (``{"signal": signal.params}``), replicated,
-    never frozen, given to ``objective.sums`` by name."""
+    never frozen, given to ``objective.sums`` by name; their updates are scaled by
+    ``extra_lr_scale`` (a freshly initialised head may learn faster than the weights under it)."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     shardings = model_shardings(model, mesh)
     base = base_shardings = None
@@ -165,6 +167,9 @@ def setup_training(
     elif not description:
         description = "full fine-tuning" if frozen == 0 else f"{frozen:,} of {total:,} elements frozen"
     tx, schedule = make_optimizer(optimizer, masks)
+    if extra and extra_lr_scale != 1.0:
+        tx = optax.chain(tx, optax.masked(optax.scale(extra_lr_scale),
+                                          lambda p: {k: jax.tree.map(lambda _: k in extra, v) for k, v in p.items()}))
     state, state_shardings = create_state(params, tx, shardings, rng=jax.random.key(seed), base=base,
                                           base_shardings=base_shardings)
     trainee = Trainee.of(model, compute_dtype, freeze.lora, objective, tuple(extra or ()))
