@@ -211,22 +211,34 @@ def _signal_along_answers(config: ConfigDict, out: Path, report_dir: Path) -> Se
              "", "Per schedule: checks per answer (all answers), and the share of answers into which the refusal "
              "was inserted, per prompt set (harmful: direct, prefilled, sweep; benign: XSTest safe, GSM8K).", "",
              "| schedule | checks per answer | " + " | ".join(groups) + " |", "|---" * (len(groups) + 2) + "|"]
+    summary = []
     for schedule in config.decoding.schedules:
         rows_of = {name: [r for path in sorted((out / "eval_signal" / schedule / "rows").glob(f"{prefix}*.jsonl"))
                           for r in runs.read_jsonl(path) if "checks" in r] for name, prefix in groups.items()}
         every = [r for rows_ in rows_of.values() for r in rows_]
         if not every:
             continue
-        shares = [_pct(np.mean([r["inserted"] is not None for r in rs])) if rs else "—" for rs in rows_of.values()]
-        lines.append(f"| {schedule} | {np.mean([len(r['checks']) for r in every]):.1f} | " + " | ".join(shares) + " |")
+        share = {name: np.mean([r["inserted"] is not None for r in rs]) if rs else None for name, rs in rows_of.items()}
+        lines.append(f"| {schedule} | {np.mean([len(r['checks']) for r in every]):.1f} | "
+                     + " | ".join(_pct(v) for v in share.values()) + " |")
+        benign = [r for name in ("XSTest safe", "GSM8K") for r in rows_of[name]]
+        inserted = float(np.mean([r["inserted"] is not None for r in benign])) if benign else 0.0
+        if schedule == config.decoding.schedules[0] and claims.indiscriminate_insertion(inserted):
+            auroc = _json(out / "classifier" / "classifier.json")["sets"]["harmful_vs_benign"]["auroc"]
+            summary.append(
+                f"- **Caveat**: under `{schedule}` the signal inserts its refusal into {_pct(inserted)} of benign "
+                f"answers (XSTest safe {_pct(share['XSTest safe'])}, GSM8K {_pct(share['GSM8K'])}; the classifier's "
+                f"AUROC on held-out harmful vs benign prompts is {auroc:.3f}), so the signal model's low ASR is "
+                "largely refusing everything, not detecting harm; the verdicts above are about ASR alone.")
     lines += ["", "Speed per schedule: `scripts/benchmark.py signals` (README).", ""]
-    return lines, []
+    return lines, summary
 
 
 def _training(out: Path) -> Section:
     lines = ["## Training", "", "Examples per epoch (the signal model's malicious ones drawn again up to the benign "
              "count); wall time from the stage record.", "",
              "| model | examples | final held-out loss | minutes |", "|---|---|---|---|"]
+    tail = [r for r in runs.read_jsonl(out / "align_signal" / "metrics.jsonl") if r["kind"] == "train"][-5:]
     for m in pipeline.MODELS:
         r = _json(out / f"align_{m}" / "metrics.json")
         minutes = _json(out / f"align_{m}" / "stage.json")["seconds"] / 60
@@ -234,7 +246,12 @@ def _training(out: Path) -> Section:
         examples = f"{r['examples']['train']}" + (f" ({r['augmented_examples']} augmented)"
                                                     if r.get("augmented_examples") else "")
         lines.append(f"| {m} | {examples} | {'—' if loss is None else f'{loss:.4f}'} | {minutes:.1f} |")
-    return [*lines, ""], []
+    bce, accuracy = np.mean([r["cls"] for r in tail]), np.mean([r["cls_accuracy"] for r in tail])
+    lines += ["", f"The signal's classifier at the end of training (the last {len(tail)} logged steps): BCE {bce:.3f} "
+              f"(chance: 0.693), training-batch accuracy {_pct(accuracy)}; the head trained at the model's learning "
+              "rate.", ""]
+    return lines, [f"- The classifier's training (reported): final BCE {bce:.3f} (chance 0.693), batch accuracy "
+                   f"{_pct(accuracy)}."]
 
 
 def _paper(evals: dict) -> Section:
