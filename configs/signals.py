@@ -10,8 +10,8 @@ Stages (``stages``; each resumes, a finished one is kept):
                    of evaluation.prefill.tokens, the decoding sweep) and costs (over-refusal, MMLU,
                    SST-2, GSM8K, perplexity) of the two baselines (``evaluation``)
   eval_signal      the signal model under each schedule of ``decoding.schedules`` (one run each, in
-                   eval_signal/<schedule>; the log-likelihood tasks, which the signal does not
-                   touch, only under the first)
+                   eval_signal/<schedule>; the log-likelihood tasks, which no schedule changes,
+                   only under the first)
   classifier       p(malicious) of held-out harmful vs benign prompts and of XSTest unsafe vs safe:
                    AUROC, accuracy at the threshold
   attack           the harmful fine-tuning attack (``attack``) on each aligned model, then its ASR
