@@ -248,6 +248,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
         _fail(str(e))
 
 
+def split_lists(config: Any) -> None:
+    """A list-valued key given as one comma-separated string (``--config.tasks=asr,prefill``
+    parses as ``("asr,prefill",)``) becomes the list it names, in place; ``"(asr,prefill)"``
+    is already one."""
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            split_lists(value)
+        elif isinstance(value, tuple) and len(value) == 1 and isinstance(value[0], str) and "," in value[0]:
+            config[key] = tuple(part.strip() for part in value[0].split(",") if part.strip())
+
+
 def _fail(message: str) -> None:
     print("ssah-jax: " + _LINES.sub(" ", message).strip(), file=sys.stderr)
     sys.exit(2)
@@ -274,6 +285,7 @@ def _main(argv: list[str]) -> None:
             _fail(f"--config={_config_spec(sys.argv[1:]) or ''}: not a {name} config (it lacks "
                   f"{', '.join('config.' + k for k in missing[:5])}{', ...' if len(missing) > 5 else ''}); "
                   f"use configs/{name}.py")
+    split_lists(_CONFIG.value)
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file operation at INFO
     module = importlib.import_module(f"experiments.{name}")
     workdir = Path(_WORKDIR.value)

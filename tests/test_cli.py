@@ -93,6 +93,10 @@ def test_config_errors_are_one_line_and_make_no_workdir(tmp_path):
     assert "unknown preset 'nope'" in preset
     assert "--workdir is required" in error_line(run_cli("generate", "--config=configs/generate.py:quick"))
     assert not workdir.exists()
+    # a list-valued key given as a comma-separated string is the list it names
+    listed = error_line(run_cli("evaluate", "--config=configs/evaluate.py:quick", f"--workdir={workdir}",
+                                "--config.tasks=asr, bogus"))
+    assert "config.tasks=('asr', 'bogus'): must be a non-empty subset" in listed
 
 
 def test_bad_config_files_are_one_line(tmp_path):
