@@ -97,8 +97,7 @@ def with_signal(model: Any, settings: ConfigDict) -> signals.SignalModel:
     """``model`` deployed with the safety signal of ``settings.file`` under ``settings``' decoding."""
     path = Path(settings.file)
     signal = signals.load(path.parent if path.name == signals.FILE else path, model.config)
-    return signals.SignalModel(model, signal, threshold=settings.threshold, schedule=settings.schedule,
-                               period=settings.period, r1=settings.r1, r2=settings.r2, r3=settings.r3, tau=settings.tau)
+    return signals.SignalModel(model, signal, **{k: v for k, v in settings.items() if k != "file"})
 
 
 def evaluate_model(model: Any, tokenizer: Any, config: ConfigDict, out: Path, *, data_dir: str | None,

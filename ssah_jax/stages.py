@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -120,3 +121,36 @@ class StageTimer:
         self._stop.set()
         self._thread.join()
         self._save()
+
+
+def selected(config: ConfigDict, names: tuple[str, ...]) -> list[str]:
+    """``config.stages`` (``all``, or stage names; ``"a,b"`` in one string works too) in the
+    pipeline order ``names``; anything else is a ConfigError naming ``config.stages``."""
+    chosen = {s.strip() for entry in config.stages for s in entry.split(",") if s.strip()}
+    chosen = set(names) if chosen == {"all"} else chosen
+    runs.check(config, "stages", lambda v: chosen and chosen <= set(names),
+               f"must be 'all' or a non-empty subset of {names}")
+    return [s for s in names if s in chosen]
+
+
+def open_pipeline(config: ConfigDict, workdir: str | Path, todo: list[str], requires: dict[str, tuple[str, ...]],
+                  done: Callable[[str], bool], *, overwrite: bool) -> Path:
+    """Starts an invocation of a staged pipeline in ``workdir``: refuses a stage of ``todo``
+    whose prerequisites (``requires``) are neither scheduled nor ``done``, prepares the workdir,
+    points jax's persistent compilation cache into it (``config.jax_cache``) and appends the
+    invocation (argv, stages, machine) to ``invocations.jsonl``."""
+    for stage in todo:
+        missing = [r for r in requires.get(stage, ()) if r not in todo and (overwrite or not done(r))]
+        if missing:
+            raise runs.ConfigError(f"config.stages: stage {stage!r} needs {missing} finished first "
+                                   f"(in {workdir}) or in config.stages")
+    out = runs.prepare_workdir(workdir, config, overwrite=overwrite, staged=True)
+    if config.jax_cache:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str((out / "jax_cache").resolve()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+    with open(out / "invocations.jsonl", "a") as f:
+        f.write(json.dumps({"argv": sys.argv, "started": datetime.datetime.now().isoformat(timespec="seconds"),
+                            "stages": todo, **runs.machine()}) + "\n")
+    return out

@@ -13,10 +13,8 @@ for the stages and their settings.
 from __future__ import annotations
 
 import copy
-import datetime
 import json
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,12 +124,8 @@ def stage_identities(config: ConfigDict, out: Path) -> dict[str, dict[str, Any]]
 
 
 def stages(config: ConfigDict) -> list[str]:
-    """``config.stages`` in pipeline order; ``--config.stages=a,b`` (one string) works too."""
-    names = {s.strip() for entry in config.stages for s in entry.split(",") if s.strip()}
-    names = set(STAGES) if names == {"all"} else names
-    runs.check(config, "stages", lambda v: names and names <= set(STAGES),
-               f"must be 'all' or a non-empty subset of {STAGES}")
-    return [s for s in STAGES if s in names]
+    """``config.stages`` in pipeline order (see :func:`ssah_jax.stages.selected`)."""
+    return stages_lib.selected(config, STAGES)
 
 
 def validate(config: ConfigDict) -> None:
@@ -415,21 +409,8 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     identities = stage_identities(config, out)
     if not overwrite:
         check_finished(config, out, identities)  # every finished stage, scheduled or not
-    for stage in todo:
-        missing = [r for r in REQUIRES.get(stage, ())
-                   if r not in todo and (overwrite or not finished(config, out, r))]
-        if missing:
-            raise runs.ConfigError(f"config.stages: stage {stage!r} needs {missing} finished first "
-                                   f"(in {out}) or in config.stages")
-    out = runs.prepare_workdir(workdir, config, overwrite=overwrite, staged=True)
-    if config.jax_cache:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", str((out / "jax_cache").resolve()))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-    with open(out / "invocations.jsonl", "a") as f:
-        f.write(json.dumps({"argv": sys.argv, "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                            "stages": todo, **runs.machine()}) + "\n")
+    out = stages_lib.open_pipeline(config, workdir, todo, REQUIRES, lambda r: finished(config, Path(workdir), r),
+                                   overwrite=overwrite)
     for stage in todo:
         if stage == "attacks":
             run_attacks(config, out, identities)  # its runs are stages of their own
