@@ -98,6 +98,7 @@ def validate(config: ConfigDict) -> None:
     check("signal.head", lambda v: v in ("",) + signals.HEADS, f"must be '' (no signal) or one of {signals.HEADS}")
     if sig.head:
         check("signal.lam", lambda v: v > 0, "must be > 0")
+        check("signal.lr_scale", lambda v: v > 0, "must be > 0")
         names = [name for name, _ in parse_mixture(config.data.dataset)]
         check("signal.malicious", lambda v: set(v) <= set(names) and set(v) and set(names) - set(v),
               f"must name some but not all of data.dataset's components {names} (the rest are benign)")
@@ -304,7 +305,8 @@ def signal_training(config: ConfigDict, model: Any) -> dict[str, Any]:
     if not config.signal.head:
         return {}
     signal = signals.SafetySignal.init(model.config, config.signal.head, rng=jax.random.key(config.seed))
-    return {"objective": signals.SignalLoss(config.signal.lam), "extra": {"signal": signal.params}}
+    return {"objective": signals.SignalLoss(config.signal.lam), "extra": {"signal": signal.params},
+            "extra_lr_scale": config.signal.lr_scale}
 
 
 def plot_loss(records: list[dict], path: Path) -> Path:
@@ -348,7 +350,8 @@ def render_report(config: ConfigDict, result: dict, stats: Any, plot: Path) -> s
         "", f"Export (HF format, LoRA merged): `{result['export']}`. Metrics: `metrics.jsonl`, `tensorboard/`.", "",
     ]
     if config.signal.head:
-        lines += [f"Safety signal: {config.signal.head} head on [CLS], loss L_sft + {config.signal.lam} L_cls, "
+        lines += [f"Safety signal: {config.signal.head} head on [CLS], loss L_sft + {config.signal.lam} L_cls "
+                  f"(its updates scaled {config.signal.lr_scale}x), "
                   f"malicious components {', '.join(config.signal.malicious)}; `export/{signals.FILE}`.", ""]
     if result["augmented_examples"]:
         a = config.augment

@@ -76,22 +76,28 @@ class DecodeState(NamedTuple):
 class DecodePolicy(Protocol):
     """Decides, per step and row, the token actually emitted. ``__call__(model, state, chosen)``
     gets the sampled (or greedy) tokens ``chosen`` ``[B]`` for ``state.step`` and returns
-    ``(tokens [B], new policy state)``; it may run the model (e.g. an extra query against
-    ``state.cache`` that does not write it). ``prefill(model, input_ids, kv_mask, cache,
-    policy_state) -> (decoder output, policy state)`` runs the prompt into the cache
-    (:func:`prefill` by default: a policy may change the prompt's embeddings or mask, as the
-    safety signal's ``[CLS]`` does). Policies are hashable (frozen dataclasses); their arrays
-    live in their state, which ``generate_tokens`` takes as ``policy_state``."""
+    ``(tokens [B], new policy state)``. Two optional hooks run the model for it:
+    ``prefill(model, input_ids, kv_mask, cache, policy_state) -> (decoder output, policy
+    state)`` runs the prompt into the cache (:func:`prefill` by default), and ``step(model,
+    state, last) -> (decoder output, policy state)`` feeds the last emitted tokens ``[B, 1]``
+    (:func:`step` by default; ``state.kv_mask`` already marks their slot). A hook may change
+    the embeddings or the mask, or add query rows of its own to the same forward (the safety
+    signal's ``[CLS]`` check rides along with the step's token that way), as long as it returns
+    the token's hidden state ``[B, 1, hidden]`` and the cache advanced by the token's one slot.
+    Policies are hashable (frozen dataclasses); their arrays live in their
+    state, which ``generate_tokens`` takes as ``policy_state``."""
 
     def __call__(self, model: CausalLM, state: DecodeState, chosen: jax.Array) -> tuple[jax.Array, Any]: ...
-
-    def prefill(self, model: CausalLM, input_ids: jax.Array, kv_mask: jax.Array, cache: KVCache,
-                policy_state: Any) -> tuple[Any, Any]: ...
 
 
 def prefill(model: CausalLM, input_ids: jax.Array, kv_mask: jax.Array, cache: KVCache, policy_state: Any):
     """The default prefill of a decode policy: the prompt through the model into the cache."""
     return model.forward(input_ids, kv_mask, cache=cache), policy_state
+
+
+def step(model: CausalLM, state: DecodeState, last: jax.Array):
+    """The default step of a decode policy: the last emitted tokens through the model into the cache."""
+    return model.forward(last, state.kv_mask, cache=state.cache), state.policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +106,6 @@ class Sample:
 
     def __call__(self, model, state, chosen):
         return chosen, state.policy
-
-    prefill = staticmethod(prefill)
 
 
 class Forced(NamedTuple):
@@ -126,8 +130,6 @@ class ForceTokens:
         active = (forced.start >= 0) & (j >= 0) & (j < forced.length)
         column = jnp.take_along_axis(forced.tokens, jnp.clip(j, 0, forced.tokens.shape[1] - 1)[:, None], axis=1)
         return jnp.where(active, column[:, 0], chosen), forced
-
-    prefill = staticmethod(prefill)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sample", "policy", "return_policy_state"))
@@ -188,8 +190,8 @@ def generate_tokens(
     def body(decode: DecodeState) -> DecodeState:
         kv_mask = decode.kv_mask.at[:, prompt_len + decode.step - 1].set(1)
         last = jax.lax.dynamic_slice_in_dim(decode.tokens, decode.step - 1, 1, axis=1)
-        out = model.forward(last, kv_mask, cache=decode.cache)
-        return emit(decode._replace(cache=out.cache, kv_mask=kv_mask), out.hidden)
+        out, policy_state = getattr(policy, "step", step)(model, decode._replace(kv_mask=kv_mask), last)
+        return emit(decode._replace(cache=out.cache, kv_mask=kv_mask, policy=policy_state), out.hidden)
 
     last = jax.lax.while_loop(cond, body, first)
     return (last.tokens, last.policy) if return_policy_state else last.tokens

@@ -64,17 +64,29 @@ class WorkdirError(ValueError):
     """The workdir cannot be used: it is a file, holds a damaged file, or results of other inputs."""
 
 
+# Keys added to a config after results were recorded, each with the value that gives the results
+# of before. At that value a key stays out of a run's identity, so adding it refuses no existing
+# workdir. Matched on the dotted key's tail: sub-runs nest configs (``train.signal.lr_scale``).
+ADDED_KEYS: dict[str, Any] = {"signal.lr_scale": 1.0}
+
+
+def _added_at_old_value(key: str, value: Any) -> bool:
+    return any((key == k or key.endswith("." + k)) and value == v for k, v in ADDED_KEYS.items())
+
+
 def determining(config: ConfigDict, excluded: tuple[str, ...] = ()) -> dict[str, Any]:
     """The values that determine a run's outputs: every leaf of ``config`` as a dotted key
     (``"optimizer.learning_rate"``), JSON-typed (tuples as lists), without the keys ``excluded``
-    (an excluded section drops every key under it). Each experiment names its excluded keys
-    once, the ones that only affect speed or logging; an excluded key the config does not have
-    is an error, so a renamed key cannot silently become determining."""
+    (an excluded section drops every key under it) and without a key of :data:`ADDED_KEYS` at
+    its old value. Each experiment names its excluded keys once, the ones that only affect speed
+    or logging; an excluded key the config does not have is an error, so a renamed key cannot
+    silently become determining."""
     flat = _flatten(json.loads(config.to_json_best_effort()))
     unknown = [e for e in excluded if not any(k == e or k.startswith(e + ".") for k in flat)]
     if unknown:
         raise KeyError(f"excluded keys {unknown} are not keys of the config")
-    return {k: v for k, v in flat.items() if not any(k == e or k.startswith(e + ".") for e in excluded)}
+    return {k: v for k, v in flat.items()
+            if not any(k == e or k.startswith(e + ".") for e in excluded) and not _added_at_old_value(k, v)}
 
 
 def fingerprint(values: Any) -> str:

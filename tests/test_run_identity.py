@@ -32,6 +32,20 @@ def test_determining_values_are_the_config_leaves_but_the_excluded_ones():
     assert runs.fingerprint({"a": 1, "b": [1]}) != runs.fingerprint({"a": 2, "b": [1]})
 
 
+def test_a_key_added_later_keeps_older_identities_at_its_old_value():
+    """signal.lr_scale came after finetune runs existed: at 1.0 (what they trained with) it is
+    not part of an identity, also nested in a sub-run's config; at another value it is."""
+    old = ConfigDict(dict(steps=3, signal=ConfigDict(dict(head="linear", lam=0.1))))
+    new = copy.deepcopy(old)
+    with new.unlocked():
+        new.signal.lr_scale = 1.0
+    assert runs.determining(new) == runs.determining(old)
+    nested_old, nested_new = ConfigDict(dict(train=old)), ConfigDict(dict(train=copy.deepcopy(new)))
+    assert runs.determining(nested_new) == runs.determining(nested_old)
+    new.signal.lr_scale = 30.0
+    assert runs.differences(runs.determining(old), runs.determining(new)) == "config.signal.lr_scale: (absent) -> 30.0"
+
+
 @pytest.mark.parametrize("module, name", [(generate, "generate"), (evaluate, "evaluate"), (prune, "prune"),
                                           (finetune, "finetune"), (reproduce, "reproduce")])
 def test_every_preset_has_the_keys_its_experiment_excludes(module, name):

@@ -4,8 +4,9 @@ decode loop (a :class:`~ssah_jax.generation.DecodePolicy`; no host round trip pe
 The prompt is prefilled with ``[CLS]`` at slot 0 of the cache under the ``"sft"`` mask (the
 answer attends to it). At step 0 the first check is the prefill's own ``[CLS]`` state (what
 :func:`~ssah_jax.signals.classify` computes). Later checks, at the steps the schedule picks, run
-``[CLS]`` as one extra query against the cache (``write_cache=False``: the cache and the answer
-are untouched) with a mask of what it may see (DESIGN 2.4, SIGNALS.md):
+``[CLS]`` as a second query of the step's own forward (one pass over the weights for both; its
+keys / values go to a slot no token uses yet, overwritten by the next token, so the cache's real
+slots and the answer are untouched) with a mask of what it may see (DESIGN 2.4, SIGNALS.md):
 
 - rule 1: the first check was malicious: the query and the first ``r1`` answer tokens;
 - rule 2: otherwise, the latest ``r2`` answer tokens;
@@ -37,7 +38,7 @@ from flax import nnx
 
 from ssah_jax.data import Chat, Role, encode_prompt, left_pad, padded_length
 from ssah_jax.generation import DecodeState, generate_tokens, stop_token_ids
-from ssah_jax.models import CausalLM
+from ssah_jax.models import CausalLM, default_mask
 from ssah_jax.signals.signal import SafetySignal, check_query, head_logit, mask
 
 SCHEDULES = ("each", "first", "periodic", "annealing")
@@ -48,8 +49,8 @@ class SignalState(NamedTuple):
     """The policy's arrays: the signal's parameters, the prompt's roles ``[B, prompt_len]``
     (slot 0, ``[CLS]``, as ``PADDING``), each check's p ``[B, T]`` (NaN where none), the first
     check's verdict, the answer length at the last transition (-1: none), the count of
-    consecutive malicious checks, the step the prefix was inserted (-1: never) and the prefix's
-    tokens ``[K]``."""
+    consecutive malicious checks, the step the prefix was inserted (-1: never), the prefix's
+    tokens ``[K]``, the next check's step and the p computed by the latest forward."""
 
     params: Any
     roles: jax.Array
@@ -60,6 +61,7 @@ class SignalState(NamedTuple):
     inserted: jax.Array
     prefix: jax.Array
     next_check: jax.Array  # the step of the next scheduled check (scalar)
+    pending: jax.Array  # [B] p of the check the latest forward ran (NaN: none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,43 +94,69 @@ class StrategicDecoding:
         full = jnp.concatenate([full, jnp.zeros((b, s, kv_mask.shape[1] - s), bool)], axis=2)
         embeddings = model.embed(input_ids).at[:, 0].set(state.params["cls"].astype(model.dtype))
         out = model.forward(input_ids, kv_mask, cache=cache, mask=full, embeddings=embeddings)
-        p = jax.nn.sigmoid(head_logit(SafetySignal(state.params, self.head), out.hidden[:, 0]))
-        return out, state._replace(checks=state.checks.at[:, 0].set(p))
+        return out, state._replace(pending=self._p(state, out.hidden[:, 0]))
+
+    def step(self, model: CausalLM, decode: DecodeState, last: jax.Array):
+        """Feeds the last tokens; at a scheduled check, ``[CLS]`` rides along as a second query
+        of the same forward (one pass over the weights), seeing what rules 1-4 allow and
+        itself. Its keys / values land in the slot after the token's, which is not yet a real
+        slot and which the next token overwrites: the cache's real slots, and so the answer,
+        are untouched."""
+        state: SignalState = decode.policy
+
+        def plain(_):
+            out = model.forward(last, decode.kv_mask, cache=decode.cache)
+            return out, jnp.full(last.shape[:1], jnp.nan, jnp.float32)
+
+        def with_check(_):
+            b, kv_len = decode.kv_mask.shape
+            slot = decode.cache.index  # the token's slot; [CLS] goes in the next
+            sees = self._sees(state, decode) | (jnp.arange(kv_len) == slot + 1)[None]
+            rows = jnp.stack([default_mask(decode.kv_mask, 1, slot)[:, 0], sees], axis=1)
+            positions = jnp.stack([jnp.sum(decode.kv_mask, axis=1, dtype=jnp.int32) - 1,
+                                   jnp.zeros((b,), jnp.int32)], axis=1)  # [CLS] sits at position 0
+            cls = jnp.broadcast_to(state.params["cls"].astype(model.dtype), (b, 1, model.config.hidden_size))
+            embeddings = jnp.concatenate([model.embed(last), cls], axis=1)
+            out = model.forward(jnp.concatenate([last, jnp.zeros_like(last)], axis=1), decode.kv_mask,
+                                cache=decode.cache, positions=positions, mask=rows, embeddings=embeddings)
+            cache = out.cache._replace(index=slot + 1)
+            return out._replace(hidden=out.hidden[:, :1], cache=cache), self._p(state, out.hidden[:, 1])
+
+        out, p = jax.lax.cond(decode.step == state.next_check, with_check, plain, None)
+        return out, state._replace(pending=p)
+
+    def _p(self, state: SignalState, hidden: jax.Array) -> jax.Array:
+        return jax.nn.sigmoid(head_logit(SafetySignal(state.params, self.head), hidden))
+
+    def _sees(self, state: SignalState, decode: DecodeState) -> jax.Array:
+        """What ``[CLS]`` sees at a check of step ``decode.step`` (rules 1-4), ``[B, kv_len]``:
+        the answer slots so far are the prompt's answer prefix and the tokens generated before
+        the step."""
+        b, kv_len = decode.kv_mask.shape
+        future = jnp.zeros((b, kv_len - self.prompt_len), bool)
+        query = jnp.concatenate([(state.roles == Role.USER) | (state.roles == Role.SYSTEM), future], axis=1)
+        prefilled = jnp.concatenate([state.roles == Role.RESPONSE, future], axis=1)
+        slot = jnp.arange(kv_len)[None]
+        answer = prefilled | ((slot >= self.prompt_len) & (slot < self.prompt_len + decode.step))
+        rank = jnp.cumsum(answer, axis=1)
+        total = rank[:, -1:]
+        rule2 = answer & (rank > total - self.r2)
+        rule1 = query | (answer & (rank <= self.r1))
+        t = state.transition[:, None]
+        rule3 = answer & (rank >= t - self.r2) & (rank <= t + self.r3)
+        return jnp.where(state.first_malicious[:, None], rule1, jnp.where(t >= 0, rule3, rule2))
 
     def __call__(self, model: CausalLM, decode: DecodeState, chosen: jax.Array):
         state: SignalState = decode.policy
         s = decode.step
-        b, kv_len = decode.kv_mask.shape
-
-        future = jnp.zeros((b, kv_len - self.prompt_len), bool)
-        query = jnp.concatenate([(state.roles == Role.USER) | (state.roles == Role.SYSTEM), future], axis=1)
-        prefilled = jnp.concatenate([state.roles == Role.RESPONSE, future], axis=1)  # the answer prefix
-
-        def recheck(_):
-            # Answer slots so far: the prompt's answer prefix and the tokens generated before s.
-            slot = jnp.arange(kv_len)[None]
-            answer = prefilled | ((slot >= self.prompt_len) & (slot < self.prompt_len + s))
-            rank = jnp.cumsum(answer, axis=1)
-            total = rank[:, -1:]
-            rule2 = answer & (rank > total - self.r2)
-            rule1 = query | (answer & (rank <= self.r1))
-            t = state.transition[:, None]
-            rule3 = answer & (rank >= t - self.r2) & (rank <= t + self.r3)
-            sees = jnp.where(state.first_malicious[:, None], rule1, jnp.where(t >= 0, rule3, rule2))
-            sees = jnp.concatenate([sees, jnp.ones((b, 1), bool)], axis=1)[:, None, :]
-            cls = jnp.broadcast_to(state.params["cls"].astype(model.dtype), (b, 1, model.config.hidden_size))
-            out = model.forward(jnp.zeros((b, 1), jnp.int32), decode.kv_mask, cache=decode.cache, write_cache=False,
-                                positions=jnp.zeros((b, 1), jnp.int32), mask=sees, embeddings=cls)
-            return jax.nn.sigmoid(head_logit(SafetySignal(state.params, self.head), out.hidden[:, 0]))
-
+        answer_len = jnp.sum(state.roles == Role.RESPONSE, axis=1) + s  # the prompt's answer prefix, then s tokens
         scheduled = s == state.next_check
-        p = jax.lax.cond(scheduled & (s > 0), recheck, lambda _: state.checks[:, 0], None)
+        p = state.pending
         check = scheduled & ~decode.done  # a finished row is not checked
         p = jnp.where(check, p, jnp.nan)
         malicious = check & ~(p <= self.threshold)  # a NaN verdict fails closed
         benign = check & (p <= self.threshold)
         first_malicious = jnp.where(s == 0, malicious, state.first_malicious)
-        answer_len = jnp.sum(prefilled, axis=1) + s
         transition = jnp.where(malicious & (state.consecutive == 0) & (s > 0) & (state.transition < 0),
                                answer_len, jnp.where(benign, -1, state.transition))
         consecutive = jnp.where(malicious, state.consecutive + 1, jnp.where(benign, 0, state.consecutive))
@@ -160,7 +188,7 @@ def decode_inputs(signal: SafetySignal, chunk: Sequence[Chat], *, batch_size: in
         signal.params, jnp.asarray(np.concatenate([column, body_roles], 1)),
         jnp.full((b, max_new_tokens), jnp.nan, jnp.float32), jnp.zeros((b,), bool), jnp.full((b,), -1, jnp.int32),
         jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32), jnp.asarray(refusal_ids, jnp.int32),
-        jnp.zeros((), jnp.int32))
+        jnp.zeros((), jnp.int32), jnp.full((b,), jnp.nan, jnp.float32))
     return jnp.asarray(ids), jnp.asarray(attn), state
 
 
