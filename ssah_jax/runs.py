@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -258,6 +259,21 @@ def set_values(config: ConfigDict, values: dict[str, Any]) -> None:
         if leaf not in target:
             raise KeyError(f"preset sets unknown config key {key!r}")
         target[leaf] = value
+
+
+def code_version() -> str | None:
+    """The commit of the checkout ssah_jax runs from (``"<short sha>+local changes"`` when
+    tracked files differ from it); None outside a git checkout (an installed wheel)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True,  # noqa: E731
+                                        check=True, timeout=10).stdout.strip()
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:  # e.g. a venv inside a checkout
+            return None
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + ("+local changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def machine() -> dict[str, Any]:

@@ -138,7 +138,7 @@ def open_pipeline(config: ConfigDict, workdir: str | Path, todo: list[str], requ
     """Starts an invocation of a staged pipeline in ``workdir``: refuses a stage of ``todo``
     whose prerequisites (``requires``) are neither scheduled nor ``done``, prepares the workdir,
     points jax's persistent compilation cache into it (``config.jax_cache``) and appends the
-    invocation (argv, stages, machine) to ``invocations.jsonl``."""
+    invocation (argv, stages, the code's commit, machine) to ``invocations.jsonl``."""
     for stage in todo:
         missing = [r for r in requires.get(stage, ()) if r not in todo and (overwrite or not done(r))]
         if missing:
@@ -152,5 +152,5 @@ def open_pipeline(config: ConfigDict, workdir: str | Path, todo: list[str], requ
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
     with open(out / "invocations.jsonl", "a") as f:
         f.write(json.dumps({"argv": sys.argv, "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                            "stages": todo, **runs.machine()}) + "\n")
+                            "stages": todo, "code": runs.code_version(), **runs.machine()}) + "\n")
     return out

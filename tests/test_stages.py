@@ -1,6 +1,7 @@
 """The stage machinery: identities that reach downstream stages, resume and timing across kills."""
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -44,3 +45,31 @@ def test_a_stage_resumed_after_a_kill_counts_the_time_of_every_invocation(tmp_pa
     record = json.loads((stage / "stage.json").read_text())
     assert record["invocations"] == 2 and 0.5 <= record["seconds"] < 5
     assert not (stage / "elapsed.json").exists()
+
+
+def test_an_invocation_records_the_commit_of_the_code_it_ran(tmp_path):
+    """The commit a checkout's run executed (a report over several invocations says which code
+    made which stage); None for a copy of the code outside its git checkout."""
+    import shutil
+    import subprocess
+
+    from ssah_jax import runs
+
+    root = Path(runs.__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("ssah_jax is not running from a git checkout")
+    assert runs.code_version().split("+")[0] == head.stdout.strip()
+    config = ConfigDict(dict(stages=("all",), jax_cache=False))
+    out = stages.open_pipeline(config, tmp_path / "w", ["a"], {}, lambda s: False, overwrite=False)
+    record = json.loads((out / "invocations.jsonl").read_text().splitlines()[-1])
+    assert record["code"] == runs.code_version() and record["stages"] == ["a"]
+    copy = tmp_path / "inside" / "repo"  # a copy inside another git checkout is not that checkout
+    (copy / "ssah_jax").mkdir(parents=True)
+    shutil.copy(root / "ssah_jax" / "runs.py", copy / "ssah_jax" / "runs.py")
+    subprocess.run(["git", "init", "-q", str(tmp_path / "inside")], check=True)
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('r', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.code_version())")
+    result = subprocess.run([sys.executable, "-c", code, str(copy / "ssah_jax" / "runs.py")], capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip() == "None"

@@ -281,8 +281,10 @@ def _times(out: Path, invocations: list[dict]) -> Section:
         lines.append(f"| {path.parent.relative_to(out)} | {rec['seconds']:.0f} | {rec['seconds'] / 60:.1f} | "
                      f"{rec['invocations']} | {rec['finished']} |")
     lines += [f"| **total** | {total:.0f} | {total / 60:.1f} | | |", "",
-              f"Invocations of the command: {len(invocations)} (`{out / 'invocations.jsonl'}`).", ""]
-    return lines, []
+              f"Invocations of the command (`{out / 'invocations.jsonl'}`):", "",
+              "| started | stages | code |", "|---|---|---|"]
+    lines += [f"| {i['started']} | {', '.join(i['stages'])} | {i.get('code') or 'not recorded'} |" for i in invocations]
+    return lines + [""], []
 
 
 def plot_prefill(evals: dict, ks: list[int], path: Path) -> Path:
