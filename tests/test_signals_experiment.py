@@ -118,6 +118,14 @@ def test_auroc_counts_ordered_pairs_and_half_ties():
     assert pipeline_module.auroc(positive, negative) == pytest.approx(np.mean(pairs))
 
 
+def test_first_and_later_checks_are_counted_apart():
+    from experiments.signals.report import flagged_checks
+
+    rows = [{"checks": [(0, 0.2), (1, 0.9), (2, 0.4)]}, {"checks": [(0, 0.7), (1, 0.8)]}, {"checks": []}]
+    assert flagged_checks(rows, 0.5) == (0.5, pytest.approx(2 / 3))
+    assert flagged_checks([{"checks": [(0, 0.2)]}], 0.5) == (0.0, None)
+
+
 @pytest.mark.parametrize("preset", ["smollm2_cpu", "gpu"])
 def test_presets_validate_and_evaluate_on_prompts_never_trained_on(preset):
     config = config_from_file(ROOT / "configs" / "signals.py", preset)

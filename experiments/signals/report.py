@@ -57,7 +57,7 @@ def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
     evals.update({f"signal/{s}": _json(out / "eval_signal" / s / "metrics.json") for s in schedules})
     columns = list(evals)
     sections = [_attacks(config, out, report_dir, evals, columns), _costs(config, evals, columns),
-                _classifier(out), _signal_along_answers(config, out, report_dir), _training(out), _paper(evals),
+                _classifier(out), _signal_along_answers(config, out, report_dir), _training(config, out), _paper(evals),
                 _times(out, invocations)]
     summary = [line for _, s in sections for line in s]
     body = [line for lines, _ in sections for line in lines]
@@ -69,7 +69,8 @@ def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
 
 
 def _header(config: ConfigDict, out: Path, last: dict) -> list[str]:
-    command = " ".join(["ssah-jax"] + last["argv"][1:])
+    # the command without a stage selection: re-running it computes every stage
+    command = " ".join(["ssah-jax"] + [a for a in last["argv"][1:] if not a.startswith("--config.stages")])
     d = config.decoding
     return [
         f"# Explicit safety signals on `{config.model}`", "",
@@ -82,8 +83,9 @@ def _header(config: ConfigDict, out: Path, last: dict) -> list[str]:
         f"(`{config.align.dataset}`, {config.align.steps} steps of {config.align.batch_size}): **sft** (plain SFT), "
         f"**augmented** (plus {config.augment.count} deep-alignment examples of Qi et al. 2024 from "
         f"`{config.augment.dataset}`), **signal** (plus the `[CLS]` safety signal, {config.signal.head} head, "
-        f"lambda {config.signal.lam}; Li & Kim, *Safety Alignment Can Be Not Superficial With Explicit Safety "
-        f"Signals*, ICML 2025). The signal model decodes strategically (threshold {d.threshold}, r1/r2/r3 "
+        f"lambda {config.signal.lam}, its updates scaled {config.signal.lr_scale}x; Li & Kim, *Safety Alignment "
+        "Can Be Not Superficial With Explicit Safety Signals*, ICML 2025). The signal model decodes "
+        f"strategically (threshold {d.threshold}, r1/r2/r3 "
         f"{d.r1}/{d.r2}/{d.r3}, tau {d.tau}, period {d.period}) under each schedule: `signal/<schedule>`. "
         "ASR is judged by refusal keywords (`ssah_jax.evaluation.is_refusal`); \"differs\" means by more than "
         "two binomial standard errors.", ""]
@@ -211,7 +213,7 @@ def _signal_along_answers(config: ConfigDict, out: Path, report_dir: Path) -> Se
              "", "Per schedule: checks per answer (all answers), and the share of answers into which the refusal "
              "was inserted, per prompt set (harmful: direct, prefilled, sweep; benign: XSTest safe, GSM8K).", "",
              "| schedule | checks per answer | " + " | ".join(groups) + " |", "|---" * (len(groups) + 2) + "|"]
-    summary = []
+    summary, after = [], []
     for schedule in config.decoding.schedules:
         rows_of = {name: [r for path in sorted((out / "eval_signal" / schedule / "rows").glob(f"{prefix}*.jsonl"))
                           for r in runs.read_jsonl(path) if "checks" in r] for name, prefix in groups.items()}
@@ -221,20 +223,39 @@ def _signal_along_answers(config: ConfigDict, out: Path, report_dir: Path) -> Se
         share = {name: np.mean([r["inserted"] is not None for r in rs]) if rs else None for name, rs in rows_of.items()}
         lines.append(f"| {schedule} | {np.mean([len(r['checks']) for r in every]):.1f} | "
                      + " | ".join(_pct(v) for v in share.values()) + " |")
+        if schedule != config.decoding.schedules[0]:
+            continue
         benign = [r for name in ("XSTest safe", "GSM8K") for r in rows_of[name]]
         inserted = float(np.mean([r["inserted"] is not None for r in benign])) if benign else 0.0
-        if schedule == config.decoding.schedules[0] and claims.indiscriminate_insertion(inserted):
+        flagged = {name: flagged_checks(rows_of[name], config.decoding.threshold) for name in ("XSTest safe", "GSM8K")}
+        where = (f"on benign answers under `{schedule}` the first check, which sees the prompt as in training, flags "
+                 + ", ".join(f"{_pct(first)} ({name})" for name, (first, _) in flagged.items())
+                 + "; the later checks, which see answer tokens, flag "
+                 + ", ".join(f"{_pct(later)} ({name})" for name, (_, later) in flagged.items()))
+        after.append(f"{where[0].upper()}{where[1:]}.")
+        if claims.indiscriminate_insertion(inserted):
             auroc = _json(out / "classifier" / "classifier.json")["sets"]["harmful_vs_benign"]["auroc"]
             summary.append(
                 f"- **Caveat**: under `{schedule}` the signal inserts its refusal into {_pct(inserted)} of benign "
-                f"answers (XSTest safe {_pct(share['XSTest safe'])}, GSM8K {_pct(share['GSM8K'])}; the classifier's "
-                f"AUROC on held-out harmful vs benign prompts is {auroc:.3f}), so the signal model's low ASR is "
-                "largely refusing everything, not detecting harm; the verdicts above are about ASR alone.")
-    lines += ["", "Speed per schedule: `scripts/benchmark.py signals` (README).", ""]
+                f"answers (XSTest safe {_pct(share['XSTest safe'])}, GSM8K {_pct(share['GSM8K'])}), so the signal "
+                "model's low ASR is largely refusing everything, not detecting harm; the verdicts above are about "
+                f"ASR alone. The classifier's AUROC on held-out harmful vs benign prompts is {auroc:.3f}; {where} "
+                "(the alignment phase trains [CLS] on prompts only; the paper's optional pre-training phase on "
+                "labelled text, not run here, is what shows it other text).")
+    lines += ["", *after, "", "Speed per schedule: `scripts/benchmark.py signals` (README).", ""]
     return lines, summary
 
 
-def _training(out: Path) -> Section:
+def flagged_checks(rows: list[dict], threshold: float) -> tuple[float | None, float | None]:
+    """The shares of first checks and of later checks over ``rows`` whose p is above
+    ``threshold`` (None where there are none)."""
+    first = [r["checks"][0][1] for r in rows if r["checks"]]
+    later = [p for r in rows for _, p in r["checks"][1:]]
+    share = lambda ps: float(np.mean(np.asarray(ps) > threshold)) if ps else None  # noqa: E731
+    return share(first), share(later)
+
+
+def _training(config: ConfigDict, out: Path) -> Section:
     lines = ["## Training", "", "Examples per epoch (the signal model's malicious ones drawn again up to the benign "
              "count); wall time from the stage record.", "",
              "| model | examples | final held-out loss | minutes |", "|---|---|---|---|"]
@@ -248,8 +269,8 @@ def _training(out: Path) -> Section:
         lines.append(f"| {m} | {examples} | {'—' if loss is None else f'{loss:.4f}'} | {minutes:.1f} |")
     bce, accuracy = np.mean([r["cls"] for r in tail]), np.mean([r["cls_accuracy"] for r in tail])
     lines += ["", f"The signal's classifier at the end of training (the last {len(tail)} logged steps): BCE {bce:.3f} "
-              f"(chance: 0.693), training-batch accuracy {_pct(accuracy)}; the head trained at the model's learning "
-              "rate.", ""]
+              f"(chance: 0.693), training-batch accuracy {_pct(accuracy)}; the `[CLS]` embedding and the head "
+              f"trained at {config.signal.lr_scale}x the model's learning rate.", ""]
     return lines, [f"- The classifier's training (reported): final BCE {bce:.3f} (chance 0.693), batch accuracy "
                    f"{_pct(accuracy)}."]
 
