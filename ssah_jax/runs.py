@@ -262,8 +262,9 @@ def set_values(config: ConfigDict, values: dict[str, Any]) -> None:
 
 
 def code_version() -> str | None:
-    """The commit of the checkout ssah_jax runs from (``"<short sha>+local changes"`` when
-    tracked files differ from it); None outside a git checkout (an installed wheel)."""
+    """The commit of the checkout ssah_jax runs from (``"<short sha>+local changes"`` when its
+    tracked code or configs differ from it; results may); None outside a git checkout (an
+    installed wheel)."""
     root = Path(__file__).resolve().parents[1]
     try:
         git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True,  # noqa: E731
@@ -271,7 +272,8 @@ def code_version() -> str | None:
         if Path(git("rev-parse", "--show-toplevel")).resolve() != root:  # e.g. a venv inside a checkout
             return None
         commit = git("rev-parse", "--short", "HEAD")
-        return commit + ("+local changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+        code = ("ssah_jax", "experiments", "configs", "scripts", ":!experiments/results")  # not the results
+        return commit + ("+local changes" if git("status", "--porcelain", "--untracked-files=no", "--", *code) else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
