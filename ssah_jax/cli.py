@@ -149,7 +149,7 @@ def load_config(spec: str) -> ConfigDict:
 
 
 def experiment_help(name: str, args: list[str]) -> str:
-    from ssah_jax.runs import determining, get
+    from ssah_jax.runs import get, leaves
 
     _, doc, presets = _describe(name)
     spec = _config_spec(args)
@@ -165,7 +165,7 @@ def experiment_help(name: str, args: list[str]) -> str:
              USAGE.replace("<experiment>", name, 1).replace("configs/<experiment>.py", f"configs/{name}.py"),
              f"presets: {_presets(presets)}", "", f"{path}: {_module_parts(Path(path))[0]}", "",
              f"Config keys and values of --config={spec}{'' if ':' in spec else ' (its default preset)'}:"]
-    lines += [f"  {key} = {get(config, key)!r}" for key in determining(config)]  # every key, in file order
+    lines += [f"  {key} = {get(config, key)!r}" for key in leaves(config)]  # every key, in file order
     if excluded is None:
         lines += ["", "Each stage records the identity of what it is given; a re-run that changes it is refused."]
     elif excluded:

@@ -78,9 +78,9 @@ class DecodePolicy(Protocol):
     gets the sampled (or greedy) tokens ``chosen`` ``[B]`` for ``state.step`` and returns
     ``(tokens [B], new policy state)``. Two optional hooks run the model for it:
     ``prefill(model, input_ids, kv_mask, cache, policy_state) -> (decoder output, policy
-    state)`` runs the prompt into the cache (:func:`prefill` by default), and ``step(model,
+    state)`` runs the prompt into the cache (:func:`prefill` by default), and ``feed(model,
     state, last) -> (decoder output, policy state)`` feeds the last emitted tokens ``[B, 1]``
-    (:func:`step` by default; ``state.kv_mask`` already marks their slot). A hook may change
+    (:func:`feed` by default; ``state.kv_mask`` already marks their slot). A hook may change
     the embeddings or the mask, or add query rows of its own to the same forward (the safety
     signal's ``[CLS]`` check rides along with the step's token that way), as long as it returns
     the token's hidden state ``[B, 1, hidden]`` and the cache advanced by the token's one slot.
@@ -95,8 +95,8 @@ def prefill(model: CausalLM, input_ids: jax.Array, kv_mask: jax.Array, cache: KV
     return model.forward(input_ids, kv_mask, cache=cache), policy_state
 
 
-def step(model: CausalLM, state: DecodeState, last: jax.Array):
-    """The default step of a decode policy: the last emitted tokens through the model into the cache."""
+def feed(model: CausalLM, state: DecodeState, last: jax.Array):
+    """The default feed of a decode policy: the last emitted tokens through the model into the cache."""
     return model.forward(last, state.kv_mask, cache=state.cache), state.policy
 
 
@@ -160,6 +160,8 @@ def generate_tokens(
     """
     model = nnx.merge(graphdef, state)
     batch, prompt_len = input_ids.shape
+    # One slot more than the fed tokens need (the last token is never fed): a policy's feed may
+    # put a query row of its own in the slot after the token's (the safety signal's check).
     cache = KVCache.init(model.config, batch, prompt_len + max_new_tokens, model.dtype)
     kv_mask = jnp.zeros((batch, prompt_len + max_new_tokens), jnp.int32)
     kv_mask = kv_mask.at[:, :prompt_len].set(prompt_mask)
@@ -190,7 +192,7 @@ def generate_tokens(
     def body(decode: DecodeState) -> DecodeState:
         kv_mask = decode.kv_mask.at[:, prompt_len + decode.step - 1].set(1)
         last = jax.lax.dynamic_slice_in_dim(decode.tokens, decode.step - 1, 1, axis=1)
-        out, policy_state = getattr(policy, "step", step)(model, decode._replace(kv_mask=kv_mask), last)
+        out, policy_state = getattr(policy, "feed", feed)(model, decode._replace(kv_mask=kv_mask), last)
         return emit(decode._replace(cache=out.cache, kv_mask=kv_mask, policy=policy_state), out.hidden)
 
     last = jax.lax.while_loop(cond, body, first)

@@ -67,12 +67,19 @@ class WorkdirError(ValueError):
 
 # Keys added to a config after results were recorded, each with the value that gives the results
 # of before. At that value a key stays out of a run's identity, so adding it refuses no existing
-# workdir. Matched on the dotted key's tail: sub-runs nest configs (``train.signal.lr_scale``).
+# workdir. Matched on the dotted key's tail, as sub-runs nest configs (``train.signal.lr_scale``
+# is finetune's key inside an attack stage): a tail must name one key of one experiment's config
+# wherever it appears (tests/test_run_identity.py checks every preset).
 ADDED_KEYS: dict[str, Any] = {"signal.lr_scale": 1.0}
 
 
 def _added_at_old_value(key: str, value: Any) -> bool:
     return any((key == k or key.endswith("." + k)) and value == v for k, v in ADDED_KEYS.items())
+
+
+def leaves(config: ConfigDict) -> dict[str, Any]:
+    """Every leaf of ``config`` as a dotted key, JSON-typed (tuples as lists), in file order."""
+    return _flatten(json.loads(config.to_json_best_effort()))
 
 
 def determining(config: ConfigDict, excluded: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -82,7 +89,7 @@ def determining(config: ConfigDict, excluded: tuple[str, ...] = ()) -> dict[str,
     its old value. Each experiment names its excluded keys once, the ones that only affect speed
     or logging; an excluded key the config does not have is an error, so a renamed key cannot
     silently become determining."""
-    flat = _flatten(json.loads(config.to_json_best_effort()))
+    flat = leaves(config)
     unknown = [e for e in excluded if not any(k == e or k.startswith(e + ".") for k in flat)]
     if unknown:
         raise KeyError(f"excluded keys {unknown} are not keys of the config")
@@ -163,7 +170,8 @@ def _recorded(workdir: Path, excluded: tuple[str, ...]) -> dict[str, Any] | None
         return read_json(workdir / IDENTITY).get("determining")
     if (workdir / "config.json").exists():
         flat = _flatten(read_json(workdir / "config.json"))
-        return {k: v for k, v in flat.items() if not any(k == e or k.startswith(e + ".") for e in excluded)}
+        return {k: v for k, v in flat.items()
+                if not any(k == e or k.startswith(e + ".") for e in excluded) and not _added_at_old_value(k, v)}
     return None
 
 
@@ -263,8 +271,8 @@ def set_values(config: ConfigDict, values: dict[str, Any]) -> None:
 
 def code_version() -> str | None:
     """The commit of the checkout ssah_jax runs from (``"<short sha>+local changes"`` when its
-    tracked code or configs differ from it; results may); None outside a git checkout (an
-    installed wheel)."""
+    code, configs or setup.py differ from it, new files included; results may); None outside
+    a git checkout (an installed wheel)."""
     root = Path(__file__).resolve().parents[1]
     try:
         git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True,  # noqa: E731
@@ -272,8 +280,8 @@ def code_version() -> str | None:
         if Path(git("rev-parse", "--show-toplevel")).resolve() != root:  # e.g. a venv inside a checkout
             return None
         commit = git("rev-parse", "--short", "HEAD")
-        code = ("ssah_jax", "experiments", "configs", "scripts", ":!experiments/results")  # not the results
-        return commit + ("+local changes" if git("status", "--porcelain", "--untracked-files=no", "--", *code) else "")
+        code = ("ssah_jax", "experiments", "configs", "scripts", "setup.py", ":!experiments/results")  # not results
+        return commit + ("+local changes" if git("status", "--porcelain", "--", *code) else "")
     except (OSError, subprocess.SubprocessError):
         return None
 

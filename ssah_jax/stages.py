@@ -67,7 +67,8 @@ def portable(value: Any, prefix: str) -> Any:
 
 def run_stage(directory: Path, fn: Callable[[Path], Any], record: dict[str, Any]) -> None:
     """Runs ``fn(directory)`` unless the stage finished before; then writes ``stage.json``: its
-    wall time, invocations and ``record`` (its identity)."""
+    wall time, invocations, the code they ran (:func:`ssah_jax.runs.code_version`, one entry
+    per distinct version) and ``record`` (its identity)."""
     directory = Path(directory)
     done = finished(directory)
     if done is not None:
@@ -78,7 +79,7 @@ def run_stage(directory: Path, fn: Callable[[Path], Any], record: dict[str, Any]
     with StageTimer(directory) as timer:
         fn(directory)  # its results are the files it writes
     (directory / RECORD).write_text(json.dumps({
-        "seconds": round(timer.seconds, 1), "invocations": timer.invocations,
+        "seconds": round(timer.seconds, 1), "invocations": timer.invocations, "code": timer.codes,
         "finished": datetime.datetime.now().isoformat(timespec="seconds"), **record}, indent=2) + "\n")
     (directory / StageTimer.FILE).unlink()
 
@@ -97,6 +98,8 @@ class StageTimer:
         self.path, self.every = Path(directory) / self.FILE, every
         earlier = runs.read_json(self.path) if self.path.exists() else {"seconds": 0.0, "invocations": 0}
         self.earlier, self.invocations = earlier["seconds"], earlier["invocations"] + 1
+        now = runs.code_version()
+        self.codes = earlier.get("codes", []) + ([now] if now not in earlier.get("codes", []) else [])
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
@@ -105,7 +108,8 @@ class StageTimer:
         return self.earlier + time.perf_counter() - self._start
 
     def _save(self) -> None:
-        self.path.write_text(json.dumps({"seconds": round(self.seconds, 1), "invocations": self.invocations}))
+        self.path.write_text(json.dumps({"seconds": round(self.seconds, 1), "invocations": self.invocations,
+                                         "codes": self.codes}))
 
     def _beat(self) -> None:
         while not self._stop.wait(self.every):
@@ -121,6 +125,28 @@ class StageTimer:
         self._stop.set()
         self._thread.join()
         self._save()
+
+
+def times_table(records: list[tuple[str, dict[str, Any]]], invocations: list[dict[str, Any]], log: Path) -> list[str]:
+    """A report's stage table (markdown lines): per ``(stage, stage.json record)`` its wall time,
+    invocations, finish and code; the total; then the invocations of ``log`` with their code,
+    and a warning when the stages came from different code."""
+    lines = ["| stage | seconds | minutes | invocations | finished | code |", "|---|---|---|---|---|---|"]
+    total = 0.0
+    shown = lambda codes: ", ".join(c or "not a checkout" for c in codes) if codes else "not recorded"  # noqa: E731
+    for stage, rec in records:
+        total += rec["seconds"]
+        lines.append(f"| {stage} | {rec['seconds']:.0f} | {rec['seconds'] / 60:.1f} | {rec['invocations']} | "
+                     f"{rec['finished']} | {shown(rec.get('code'))} |")
+    lines += [f"| **total** | {total:.0f} | {total / 60:.1f} | | | |", "", f"Invocations of the command (`{log}`):", "",
+              "| started | stages | code |", "|---|---|---|"]
+    lines += [f"| {i['started']} | {', '.join(i['stages'])} | {i.get('code') or 'not recorded'} |" for i in invocations]
+    versions = {shown(rec.get("code")) for _, rec in records}
+    if len(versions) > 1:
+        lines += ["", f"**Note**: the stages ran on different code ({'; '.join(sorted(versions))}). A finished stage "
+                  "is kept while its config identity holds, whatever the code: check that the commits in between "
+                  "change nothing a kept stage computes."]
+    return lines + [""]
 
 
 def selected(config: ConfigDict, names: tuple[str, ...]) -> list[str]:

@@ -130,3 +130,16 @@ def test_a_signal_trains_alongside_and_is_exported_beside_the_model(tiny_chat_mo
     initial = signals.SafetySignal.init(model.config, "mlp", rng=__import__("jax").random.key(0))
     assert signal.head == "mlp" and not np.allclose(signal.params["head"]["w"], initial.params["head"]["w"])
     assert signals.classify(model, signal, tokenizer, ["Hi"]).shape == (1,)
+
+
+def test_signal_lr_scale_reaches_the_optimizer(tiny_chat_model):
+    from ml_collections import ConfigDict
+
+    from ssah_jax.checkpoints import load_model
+
+    model, _ = load_model(str(tiny_chat_model))
+    config = ConfigDict(dict(seed=0, signal=ConfigDict(dict(head="linear", lam=0.1, lr_scale=5.0))))
+    training = finetune.signal_training(config, model)
+    assert training["extra_lr_scale"] == 5.0 and set(training["extra"]) == {"signal"}
+    config.signal.head = ""
+    assert finetune.signal_training(config, model) == {}

@@ -146,3 +146,30 @@ def test_forcing_from_the_first_step_is_prefilling(tiny_llama):
     prefilled = _run(model, np.concatenate([ids, prefix], 1), np.ones((1, 10), np.int32), 5, stop_ids=(-1,))
     np.testing.assert_array_equal(got[0, :4], prefix[0])
     np.testing.assert_array_equal(got[0, 4:], prefilled[0])
+
+
+def test_a_policy_feeds_each_step_through_its_own_hook(tiny_llama):
+    """A policy's ``feed`` runs every step's forward after the first (here: the default feed,
+    counted in the policy state), and what it returns is what decoding continues from."""
+    import dataclasses
+
+    from ssah_jax.generation import Sample, feed
+
+    @dataclasses.dataclass(frozen=True)
+    class Counting(Sample):
+        def __call__(self, model, state, chosen):
+            return chosen, state.policy
+
+        def feed(self, model, state, last):
+            out, count = feed(model, state, last)
+            return out, count + 1
+
+    model = load_weights(tiny_llama)
+    ids, mask = tiny.random_batch(128, batch=2, seq=6, left_pad=(0, 2))
+    graphdef, state = nnx.split(model)
+    args = (graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), jnp.float32(1e-6), jnp.int32(0),
+            jnp.float32(1.0), jnp.asarray([-1], jnp.int32), jnp.int32(0))
+    tokens, count = generate_tokens(*args, jnp.int32(0), max_new_tokens=7, sample=False, policy=Counting(),
+                                    return_policy_state=True)
+    np.testing.assert_array_equal(tokens, _run(model, ids, mask, 7, stop_ids=(-1,)))
+    assert int(count) == 6  # the first token comes from the prefill

@@ -46,6 +46,21 @@ def test_a_key_added_later_keeps_older_identities_at_its_old_value():
     assert runs.differences(runs.determining(old), runs.determining(new)) == "config.signal.lr_scale: (absent) -> 30.0"
 
 
+def test_every_added_key_names_finetunes_key_wherever_a_preset_has_it():
+    """A key of runs.ADDED_KEYS is matched on its tail: in every preset of every config file, a
+    key with that tail must be finetune's (inside a section that has finetune's signal keys)."""
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        spec = importlib.util.spec_from_file_location(f"_presets_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for which in getattr(module, "PRESETS", (None,)):
+            flat = runs.leaves(module.get_config(which) if which else module.get_config())
+            for tail in runs.ADDED_KEYS:
+                for key in [k for k in flat if k == tail or k.endswith("." + tail)]:
+                    section = key[: -len(tail)]
+                    assert f"{section}signal.malicious" in flat, f"{path.name}:{which}: {key}"
+
+
 @pytest.mark.parametrize("module, name", [(generate, "generate"), (evaluate, "evaluate"), (prune, "prune"),
                                           (finetune, "finetune"), (reproduce, "reproduce")])
 def test_every_preset_has_the_keys_its_experiment_excludes(module, name):

@@ -199,11 +199,12 @@ def test_rechecks_leave_the_answer_untouched_and_the_first_check_is_classify(cha
     assert len(steps) >= 8 and steps == expected[: len(steps)]
 
 
-def test_a_recheck_sees_exactly_what_rule_2_allows(chat):
+@pytest.mark.parametrize("step", [5, 7])  # 7: the last step, [CLS] in the cache's last slot
+def test_a_recheck_sees_exactly_what_rule_2_allows(chat, step):
     """The p of a recheck equals a full forward in which an appended [CLS] (position 0) sees
     only the latest r2 answer tokens and itself, everything else computed as generation did."""
     model, tokenizer, signal = chat
-    r2, step, new = 3, 5, 8
+    r2, new = 3, 8
     encoded = [encode_prompt(tokenizer, PROMPTS[1])]
     refusal = jnp.asarray([5, 6], jnp.int32)
     ids, attn, state = signals.decode_inputs(signal, encoded, batch_size=1, bucket=1, pad_id=0, max_new_tokens=new,

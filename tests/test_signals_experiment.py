@@ -121,9 +121,12 @@ def test_auroc_counts_ordered_pairs_and_half_ties():
 def test_first_and_later_checks_are_counted_apart():
     from experiments.signals.report import flagged_checks
 
-    rows = [{"checks": [(0, 0.2), (1, 0.9), (2, 0.4)]}, {"checks": [(0, 0.7), (1, 0.8)]}, {"checks": []}]
+    # the check at 3 inserts the refusal (it saw answer tokens); the one at 4 sees the refusal
+    rows = [{"checks": [(0, 0.2), (1, 0.9), (2, 0.4), (3, 0.9), (4, 0.9)], "inserted": 3},
+            {"checks": [(0, 0.7), (1, 0.8)], "inserted": 0},  # malicious first: rule 1, not counted later
+            {"checks": [], "inserted": None}]
     assert flagged_checks(rows, 0.5) == (0.5, pytest.approx(2 / 3))
-    assert flagged_checks([{"checks": [(0, 0.2)]}], 0.5) == (0.0, None)
+    assert flagged_checks([{"checks": [(0, 0.2)], "inserted": None}], 0.5) == (0.0, None)
 
 
 @pytest.mark.parametrize("preset", ["smollm2_cpu", "gpu"])

@@ -73,3 +73,26 @@ def test_an_invocation_records_the_commit_of_the_code_it_ran(tmp_path):
     result = subprocess.run([sys.executable, "-c", code, str(copy / "ssah_jax" / "runs.py")], capture_output=True,
                             text=True, check=True)
     assert result.stdout.strip() == "None"
+
+
+def test_stage_records_carry_their_code_and_the_table_warns_when_it_differs(tmp_path, monkeypatch):
+    from ssah_jax import runs
+
+    versions = iter(["abc1234", "def5678"])
+    monkeypatch.setattr(runs, "code_version", lambda: next(versions))
+    stage = tmp_path / "s"
+
+    def killed(directory):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stages.run_stage(stage, killed, {})
+    stages.run_stage(stage, lambda directory: None, {})  # resumed by newer code
+    record = json.loads((stage / "stage.json").read_text())
+    assert record["code"] == ["abc1234", "def5678"]
+    same = {"seconds": 60.0, "invocations": 1, "finished": "t", "code": ["abc1234"]}
+    lines = stages.times_table([("a", same), ("b", same)], [], tmp_path / "inv.jsonl")
+    assert "| a | 60 | 1.0 | 1 | t | abc1234 |" in lines and not any("different code" in x for x in lines)
+    lines = stages.times_table([("a", same), ("b", record), ("c", {**same, "code": None})], [], tmp_path / "i")
+    warning = next(x for x in lines if "different code" in x)
+    assert "abc1234, def5678" in warning and "not recorded" in warning

@@ -16,6 +16,7 @@ from experiments import prune, reproduce
 from experiments.reproduce import claims
 from experiments.reproduce.claims import Rate
 from ssah_jax import runs
+from ssah_jax import stages as stages_lib
 from ssah_jax.attribution import KINDS
 
 # Paper numbers (Li & Kim, SSAH), for the rows where the paper has them.
@@ -346,17 +347,9 @@ def _times(out: Path, invocations: list[dict]) -> Section:
     """The wall time of every stage, summed over the invocations that worked on it."""
     lines = ["## Stage wall times", "",
              "Wall time of each stage on the machine named above, summed over the invocations that worked "
-             "on it (a stage resumed after a kill counts every invocation, to within 10 s per kill).", "",
-             "| stage | seconds | minutes | invocations | finished |", "|---|---|---|---|---|"]
-    total_s = 0.0
-    for stage, path in stage_records(out):
-        rec = _json(path)
-        total_s += rec["seconds"]
-        lines.append(f"| {stage} | {rec['seconds']:.0f} | {rec['seconds'] / 60:.1f} | {rec['invocations']} "
-                     f"| {rec['finished']} |")
-    lines += [f"| **total** | {total_s:.0f} | {total_s / 60:.1f} | | |", "",
-              f"Invocations of the command: {len(invocations)} (`{out / 'invocations.jsonl'}`).", ""]
-    return lines, []
+             "on it (a stage resumed after a kill counts every invocation, to within 10 s per kill).", ""]
+    records = [(stage, _json(path)) for stage, path in stage_records(out)]
+    return lines + stages_lib.times_table(records, invocations, out / "invocations.jsonl"), []
 
 
 def _verdict(finding: claims.Finding | claims.FreezingFinding) -> str:

@@ -15,6 +15,7 @@ from experiments import signals as pipeline
 from experiments.reproduce.claims import Finding, Rate
 from experiments.signals import claims
 from ssah_jax import runs
+from ssah_jax import stages as stages_lib
 
 Section = tuple[list[str], list[str]]  # (body lines, summary lines)
 
@@ -230,7 +231,8 @@ def _signal_along_answers(config: ConfigDict, out: Path, report_dir: Path) -> Se
         flagged = {name: flagged_checks(rows_of[name], config.decoding.threshold) for name in ("XSTest safe", "GSM8K")}
         where = (f"on benign answers under `{schedule}` the first check, which sees the prompt as in training, flags "
                  + ", ".join(f"{_pct(first)} ({name})" for name, (first, _) in flagged.items())
-                 + "; the later checks, which see answer tokens, flag "
+                 + "; in answers whose first check was benign, the later checks up to an insertion, which see "
+                 "only the latest answer tokens, flag "
                  + ", ".join(f"{_pct(later)} ({name})" for name, (_, later) in flagged.items()))
         after.append(f"{where[0].upper()}{where[1:]}.")
         if claims.indiscriminate_insertion(inserted):
@@ -247,10 +249,13 @@ def _signal_along_answers(config: ConfigDict, out: Path, report_dir: Path) -> Se
 
 
 def flagged_checks(rows: list[dict], threshold: float) -> tuple[float | None, float | None]:
-    """The shares of first checks and of later checks over ``rows`` whose p is above
-    ``threshold`` (None where there are none)."""
+    """The share of first checks over ``rows`` whose p is above ``threshold``, and the share of
+    later checks doing so in answers whose first check was benign, up to the one that inserted
+    the refusal (checks that see the latest answer tokens only, rule 2, none of the refusal);
+    None where there are none."""
     first = [r["checks"][0][1] for r in rows if r["checks"]]
-    later = [p for r in rows for _, p in r["checks"][1:]]
+    later = [p for r in rows if r["checks"] and r["checks"][0][1] <= threshold
+             for t, p in r["checks"][1:] if r["inserted"] is None or t <= r["inserted"]]
     share = lambda ps: float(np.mean(np.asarray(ps) > threshold)) if ps else None  # noqa: E731
     return share(first), share(later)
 
@@ -293,19 +298,10 @@ def _paper(evals: dict) -> Section:
 
 def _times(out: Path, invocations: list[dict]) -> Section:
     lines = ["## Stage wall times", "",
-             "Summed over the invocations that worked on each stage (to within 10 s per kill).", "",
-             "| stage | seconds | minutes | invocations | finished |", "|---|---|---|---|---|"]
-    total = 0.0
-    for path in sorted(out.glob("**/stage.json"), key=lambda p: p.stat().st_mtime):
-        rec = _json(path)
-        total += rec["seconds"]
-        lines.append(f"| {path.parent.relative_to(out)} | {rec['seconds']:.0f} | {rec['seconds'] / 60:.1f} | "
-                     f"{rec['invocations']} | {rec['finished']} |")
-    lines += [f"| **total** | {total:.0f} | {total / 60:.1f} | | |", "",
-              f"Invocations of the command (`{out / 'invocations.jsonl'}`):", "",
-              "| started | stages | code |", "|---|---|---|"]
-    lines += [f"| {i['started']} | {', '.join(i['stages'])} | {i.get('code') or 'not recorded'} |" for i in invocations]
-    return lines + [""], []
+             "Summed over the invocations that worked on each stage (to within 10 s per kill).", ""]
+    records = [(str(p.parent.relative_to(out)), _json(p))
+               for p in sorted(out.glob("**/stage.json"), key=lambda p: p.stat().st_mtime)]
+    return lines + stages_lib.times_table(records, invocations, out / "invocations.jsonl"), []
 
 
 def plot_prefill(evals: dict, ks: list[int], path: Path) -> Path:

@@ -314,8 +314,10 @@ class CausalLM(nnx.Module):
           write_cache: with a cache, False runs the new tokens as *extra queries*: they attend
             to the cache's slots and then to each other (causally, by default), and the cache
             is returned as given, neither written nor advanced (default positions continue
-            from ``cache.index``). The ``[CLS]`` re-classification of the safety signal and
-            scoring several continuations of one cached context are such queries.
+            from ``cache.index``). A public seam for queries that must leave the
+            cache as it is, e.g. scoring several continuations of one cached context (the
+            safety signal's check instead rides in the step's own forward; see
+            :mod:`ssah_jax.signals.decoding`).
           embeddings: optional input embeddings ``[B, S, hidden]`` used instead of looking up
             ``input_ids`` (which then only give the shape): a row that is no token of the
             vocabulary, such as the safety signal's ``[CLS]``, enters here.

@@ -61,7 +61,7 @@ class SignalState(NamedTuple):
     inserted: jax.Array
     prefix: jax.Array
     next_check: jax.Array  # the step of the next scheduled check (scalar)
-    pending: jax.Array  # [B] p of the check the latest forward ran (NaN: none)
+    pending: jax.Array  # [B] p of the check the prefill / this step's feed ran, NaN once __call__ used it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +96,7 @@ class StrategicDecoding:
         out = model.forward(input_ids, kv_mask, cache=cache, mask=full, embeddings=embeddings)
         return out, state._replace(pending=self._p(state, out.hidden[:, 0]))
 
-    def step(self, model: CausalLM, decode: DecodeState, last: jax.Array):
+    def feed(self, model: CausalLM, decode: DecodeState, last: jax.Array):
         """Feeds the last tokens; at a scheduled check, ``[CLS]`` rides along as a second query
         of the same forward (one pass over the weights), seeing what rules 1-4 allow and
         itself. Its keys / values land in the slot after the token's, which is not yet a real
@@ -151,7 +151,7 @@ class StrategicDecoding:
         s = decode.step
         answer_len = jnp.sum(state.roles == Role.RESPONSE, axis=1) + s  # the prompt's answer prefix, then s tokens
         scheduled = s == state.next_check
-        p = state.pending
+        p = state.pending  # computed by this step's feed (or the prefill) under the same schedule
         check = scheduled & ~decode.done  # a finished row is not checked
         p = jnp.where(check, p, jnp.nan)
         malicious = check & ~(p <= self.threshold)  # a NaN verdict fails closed
@@ -169,7 +169,8 @@ class StrategicDecoding:
         checks = jax.lax.dynamic_update_slice_in_dim(state.checks, p[:, None], s, axis=1)
         next_check = jnp.where(scheduled, s + self.interval(s), state.next_check)
         return token, state._replace(checks=checks, first_malicious=first_malicious, transition=transition,
-                                     consecutive=consecutive, inserted=inserted, next_check=next_check)
+                                     consecutive=consecutive, inserted=inserted, next_check=next_check,
+                                     pending=jnp.full_like(p, jnp.nan))  # used: a stale read would fail closed
 
 
 def decode_inputs(signal: SafetySignal, chunk: Sequence[Chat], *, batch_size: int, bucket: int, pad_id: int,
