@@ -4,6 +4,7 @@
     python scripts/benchmark.py attribution [--batch 8] [--samples 64] [--repeats 3]
     python scripts/benchmark.py train [--batch 4] [--length 256] [--repeats 3]
     python scripts/benchmark.py signals [--batch 8] [--new-tokens 128] [--repeats 3]
+    python scripts/benchmark.py mfu [--size 1b|tiny] [--batch 8] [--length 2048] [--decode-batch 64]
 
 ``generate``: batched greedy decoding of the demo model (same GGUF, same chat prompts, both
 forced to produce exactly ``--new-tokens`` tokens per row); prints tokens/s for ours and for
@@ -28,6 +29,15 @@ schedule against plain decoding of the same demo model, prompts and length (gree
 the full ``--new-tokens``, a threshold that never fires so every run decodes the same number of
 tokens); the variants run round-robin ``--repeats`` times (medians), so a slow spell of the
 machine hits all of them; prints tokens/s and each schedule's time relative to plain decoding.
+
+``mfu``: ours alone, for accelerators. The compiled full fine-tuning step (bf16 compute, fp32
+master weights, AdamW, FSDP over every device) of a Llama-3.2-1B-shaped decoder with random
+weights (``--size 1b``; ``tiny`` on a CPU, where it tests the script): tokens/s, the model's
+FLOPs per token (6 per matrix weight plus PaLM's attention term; XLA's own count of the step
+beside it) and MFU against the device's bf16 peak (``PEAK_BF16_FLOPS`` by device kind, or
+``--peak-tflops``); then greedy bf16 decoding of ``--decode-batch`` random 64-token prompts
+for ``--new-tokens`` tokens against the bandwidth floor (every weight read once per step at
+the measured read bandwidth).
 
 ``--profile`` (generate, train): also runs one call of ours under the JAX profiler and prints
 the XLA ops that took the most time (for generate, use fewer ``--new-tokens``: the profiler
@@ -406,7 +416,146 @@ def summary(result: dict) -> list[str]:
     return lines
 
 
+# Dense bf16 peak of a device (FLOP/s), by jax's device_kind; from the makers' data sheets
+# (NVIDIA H100 / H200 SXM: 989 TFLOP/s without sparsity; A100: 312; Google Cloud TPU pages).
+PEAK_BF16_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6 lite": 918e12,
+}
+# A Llama-3.2-1B-shaped decoder (random weights) for accelerators, and a small one for CPUs.
+MFU_SIZES = {
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,
+               num_kv_heads=8, head_dim=64, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
+                 num_kv_heads=2, head_dim=64, tie_word_embeddings=True),
+}
+
+
+def train_flops_per_token(config, length: int) -> float:
+    """Model FLOPs of one trained token (forward + backward = 3 x forward): 6 per weight of every
+    matrix product (the projections and the LM head; the embedding lookup is none), plus the
+    attention products, 12 x layers x length x query width, counted in full as in PaLM's MFU
+    (Chowdhery et al. 2022, appendix B)."""
+    c = config
+    attention = c.hidden_size * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)  # q, o; k, v
+    per_layer = attention + 3 * c.hidden_size * c.intermediate_size
+    matrices = c.num_layers * per_layer + c.vocab_size * c.hidden_size
+    return 6.0 * matrices + 12.0 * c.num_layers * length * c.num_heads * c.head_dim
+
+
+def bench_mfu(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from ssah_jax.data import left_pad
+    from ssah_jax.generation import generate_tokens
+    from ssah_jax.models import CausalLM, ModelConfig
+    from ssah_jax.sharding import make_mesh, shard_batch, use_rules
+    from ssah_jax.train import Freeze, OptimizerConfig, setup_training
+
+    size = args.size or ("tiny" if jax.default_backend() == "cpu" else "1b")
+    config = ModelConfig(**MFU_SIZES[size])
+    args.length = args.length or (2048 if size == "1b" else 128)
+    kind = jax.devices()[0].device_kind
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else PEAK_BF16_FLOPS.get(kind)
+    rng = np.random.default_rng(0)
+    mesh = make_mesh({"fsdp": -1})
+    devices = mesh.size
+    if args.batch % devices or args.decode_batch % devices:
+        raise SystemExit(f"benchmark.py mfu: --batch ({args.batch}) and --decode-batch ({args.decode_batch}) must "
+                         f"split over the {devices} devices")
+    with jax.set_mesh(mesh), use_rules():
+        model = CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+        parameters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        training = setup_training(model, mesh, Freeze(), OptimizerConfig(
+            learning_rate=1e-5, schedule="constant", clip_norm=1.0, total_steps=args.repeats + 2),
+            compute_dtype=jnp.bfloat16)
+        ids = rng.integers(3, config.vocab_size, (args.batch, args.length)).astype(np.int32)
+        ones = np.ones_like(ids)
+        batch = shard_batch({"input_ids": ids, "attention_mask": ones, "loss_mask": ones})
+        compiled = training.step.lower(training.state, batch).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        box = [training.state]  # the step donates its input state
+
+        def train_step():
+            box[0], metrics = compiled(box[0], batch)
+            jax.block_until_ready(metrics)
+
+        train_step()
+        step_s = _timed(train_step, args.repeats)
+        box.clear()
+        del training, model  # the train step donated the model's arrays
+        flops_token = train_flops_per_token(config, args.length)
+        tokens_s = args.batch * args.length / step_s
+        # Decoding: a bf16 model, args.decode_batch rows of a random 64-token prompt, every row
+        # the full --new-tokens (no stop token), against the floor of reading every weight once
+        # per step at the measured bandwidth.
+        model = CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+        prompts = rng.integers(3, config.vocab_size, (args.decode_batch, 64)).astype(np.int32)
+        prompt_ids, prompt_mask = left_pad(prompts.tolist(), 64, 0)
+        graphdef, state = nnx.split(model)
+
+        def decode():
+            out = generate_tokens(graphdef, state, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask),
+                                  jax.random.key(0), jnp.float32(1e-6), jnp.int32(0), jnp.float32(1.0),
+                                  jnp.asarray([-1], jnp.int32), jnp.int32(0), max_new_tokens=args.new_tokens,
+                                  sample=False)
+            out.block_until_ready()
+
+        decode()
+        decode_s = _timed(decode, args.repeats)
+        floor = memory_floor(model, args.decode_batch)
+    achieved = flops_token * tokens_s / devices
+    decode_tokens_s = args.decode_batch * args.new_tokens / decode_s
+    return {
+        "benchmark": "mfu",
+        "size": size,
+        "parameters": int(parameters),
+        "batch": args.batch,
+        "length": args.length,
+        "devices": devices,
+        "device_kind": kind,
+        "train_step_s": step_s,
+        "train_tokens_per_s": tokens_s,
+        "model_flops_per_token": flops_token,
+        # XLA counts the FLOPs of one device's partition of the step
+        "xla_flops_per_token": (float(cost["flops"]) * devices / (args.batch * args.length)
+                                if cost and "flops" in cost else None),
+        "achieved_tflops_per_device": achieved / 1e12,
+        "peak_tflops_per_device": None if peak is None else peak / 1e12,
+        "mfu": None if peak is None else achieved / peak,
+        "decode_batch": args.decode_batch,
+        "new_tokens": args.new_tokens,
+        "decode_tokens_per_s": decode_tokens_s,
+        "decode_floor_tokens_per_s": floor["max_tokens_per_s_at_floor"],
+        "decode_fraction_of_floor": decode_tokens_s / floor["max_tokens_per_s_at_floor"],
+        "measured_read_bandwidth_gb_s": floor["measured_read_bandwidth_gb_s"],
+        "machine": runs.describe_machine(),
+    }
+
+
 def _summary(result: dict) -> list[str]:
+    if result["benchmark"] == "mfu":
+        mfu = ("MFU unknown (no peak for this device: pass --peak-tflops)" if result["mfu"] is None
+               else f"MFU {100 * result['mfu']:.1f}% of {result['peak_tflops_per_device']:.0f} TFLOP/s")
+        xla = result["xla_flops_per_token"]
+        return [
+            f"train:  {result['train_tokens_per_s']:10.1f} tokens/s ({result['size']}: "
+            f"{result['parameters'] / 1e6:.0f}M parameters, batch {result['batch']} x {result['length']}, bf16 "
+            f"compute, fp32 master weights, {result['devices']} x {result['device_kind']})",
+            f"        {result['model_flops_per_token'] / 1e9:.4f} GFLOP per token (model; XLA counts "
+            f"{'?' if xla is None else f'{xla / 1e9:.4f}'}), {result['achieved_tflops_per_device']:.2f} TFLOP/s "
+            f"per device, {mfu}",
+            f"decode: {result['decode_tokens_per_s']:10.1f} tokens/s at batch {result['decode_batch']} "
+            f"({result['new_tokens']} new tokens, bf16) = {100 * result['decode_fraction_of_floor']:.1f}% of the "
+            f"bandwidth floor ({result['decode_floor_tokens_per_s']:.1f} tokens/s: every weight read once per step "
+            f"at {result['measured_read_bandwidth_gb_s']:.1f} GB/s measured)",
+            f"({result['machine']})",
+        ]
     if result["benchmark"] == "signals":
         return [f"{name:10s} {tps:8.1f} tokens/s  {result['time_vs_plain'][name]:.2f}x plain decoding's time"
                 for name, tps in result["tokens_per_s"].items()] + [
@@ -444,20 +593,26 @@ def _summary(result: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["generate", "attribution", "train", "signals"])
+    parser.add_argument("what", choices=["generate", "attribution", "train", "signals", "mfu"])
     parser.add_argument("--batch", type=int, default=None, help="rows (default: 8; train: 4)")
-    parser.add_argument("--length", type=int, default=256, help="train: tokens per row")
+    parser.add_argument("--length", type=int, default=None, help="train, mfu: tokens per row (train: 256; mfu: "
+                        "2048 for 1b, 128 for tiny)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--samples", type=int, default=64, help="attribution: calibration samples")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--size", choices=sorted(MFU_SIZES), help="mfu: the model (default: 1b, tiny on a CPU)")
+    parser.add_argument("--decode-batch", type=int, default=64, help="mfu: rows of the decoding measurement")
+    parser.add_argument("--peak-tflops", type=float, help="mfu: the device's bf16 peak, if not in the table")
     parser.add_argument("--out", help="also write the result as JSON here")
     parser.add_argument("--profile", action="store_true",
                         help="generate, train: also profile one call of ours and print its top XLA ops")
     args = parser.parse_args()
-    args.batch = args.batch or (4 if args.what == "train" else 8)
+    args.batch = args.batch or {"train": 4, "mfu": 8}.get(args.what, 8)
+    if args.what == "train":
+        args.length = args.length or 256
     benches = {"generate": bench_generate, "attribution": bench_attribution, "train": bench_train,
-               "signals": bench_signals}
+               "signals": bench_signals, "mfu": bench_mfu}
     result = benches[args.what](args)
     print("\n".join(summary(result)))
     print(json.dumps(result, indent=2))

@@ -55,3 +55,24 @@ def test_signals_benchmark_runs_every_schedule_against_plain_decoding(bench_scri
     assert set(result["tokens_per_s"]) == {"plain", "each", "first", "periodic", "annealing"}
     assert result["time_vs_plain"]["plain"] == 1.0
     assert len(bench_script.summary(result)) == 6
+
+
+def test_mfu_benchmark_counts_the_flops_xla_counts(bench_script):
+    """The model FLOPs per trained token (6 per matrix weight + PaLM's attention term) are
+    within 15% of what XLA counts in the compiled train step (which adds the elementwise ops);
+    MFU is achieved / peak; decoding is set against its bandwidth floor."""
+    import argparse
+
+    rows = jax.device_count()  # FSDP over every device (8 fake CPU devices in the suite)
+    args = argparse.Namespace(size="tiny", batch=rows, length=64, repeats=1, decode_batch=rows, new_tokens=4,
+                              peak_tflops=2.0)
+    result = bench_script.bench_mfu(args)
+    assert 1.0 <= result["xla_flops_per_token"] / result["model_flops_per_token"] <= 1.15
+    assert result["mfu"] == pytest.approx(result["achieved_tflops_per_device"] / 2.0)
+    assert result["achieved_tflops_per_device"] == pytest.approx(
+        result["model_flops_per_token"] * result["train_tokens_per_s"] / result["devices"] / 1e12)
+    assert 0 < result["decode_fraction_of_floor"] and len(bench_script.summary(result)) == 4
+    # 16 layers of Llama-3.2-1B's shape: 1.24e9 weights, 6 FLOPs each, plus attention at 2048 tokens
+    config = __import__("ssah_jax.models", fromlist=["ModelConfig"]).ModelConfig(**bench_script.MFU_SIZES["1b"])
+    assert bench_script.train_flops_per_token(config, 2048) == pytest.approx(6 * 1.2358e9 + 12 * 16 * 2048 * 2048,
+                                                                             rel=1e-3)
