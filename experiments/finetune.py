@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -298,6 +299,13 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     report.write_text(render_report(config, result, stats, plot))
     print(f"Report: {report}")
     return report
+
+
+def run_for_export(config: ConfigDict, directory: Path) -> None:
+    """A pipeline stage's training: a run whose checkpoints are dropped once it finished (its
+    export is the result)."""
+    run(config, str(directory))
+    shutil.rmtree(directory / "checkpoints", ignore_errors=True)
 
 
 def signal_training(config: ConfigDict, model: Any) -> dict[str, Any]:

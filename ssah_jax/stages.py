@@ -11,6 +11,7 @@ keeps its identities.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import os
@@ -63,6 +64,58 @@ def portable(value: Any, prefix: str) -> Any:
     if isinstance(value, list):
         return [portable(v, prefix) for v in value]
     return value
+
+
+def check_finished(config: ConfigDict, out: Path, identities: dict[str, dict[str, Any]],
+                   identities_of: Callable[[ConfigDict], dict[str, dict[str, Any]]],
+                   legacy: Callable[[str, dict[str, Any]], list[str]] | None = None) -> None:
+    """Refuses a workdir holding a finished stage (scheduled or not) of another identity than
+    ``config`` gives it (``identities``), naming the config keys whose old values would give it
+    back, e.g. ``config.attack.learning_rate: 5e-05 -> 0.001 (stages attacks/aoa/none, ...)``.
+    ``identities_of(config)``: the stage identities of a config (to try each changed key's old
+    value); ``legacy(stage, record)``: the differences of a record from before stage identities."""
+    changed: dict[str, list[str]] = {}  # a difference -> the stages it explains
+    for stage, now in identities.items():
+        done = finished(out / stage)
+        if done is None or done.get("identity") == now["identity"]:
+            continue
+        reasons = (legacy(stage, done) if "identity" not in done and legacy else
+                   _explain(config, stage, done, now, identities_of))
+        for difference in reasons:
+            changed.setdefault(difference, []).append(stage)
+    if changed:
+        def names(stages: list[str]) -> str:
+            return ", ".join(stages[:4]) + (f" and {len(stages) - 4} more" if len(stages) > 4 else "")
+
+        raise runs.ConfigError(
+            f"{out} holds stages finished with other config values: "
+            + "; ".join(f"{d} (stages {names(stages)})" for d, stages in changed.items())
+            + ". Restore them, delete those stages' directories to redo them, rerun with --overwrite to start "
+            "afresh, or use a new --workdir")
+
+
+def _explain(config: ConfigDict, stage: str, done: dict, now: dict,
+             identities_of: Callable[[ConfigDict], dict[str, dict[str, Any]]]) -> list[str]:
+    """Why ``stage``'s identity changed since ``done``: each changed config key that reaches the
+    stage (its old value changes the stage's identity; ``config.k: old -> new``); else how what
+    it is given, or the identity of a stage it reads, changed."""
+    old, new = done.get("config", {}), runs.determining(config)
+    reasons = []
+    for key in sorted(k for k in old.keys() & new.keys() if old[k] != new[k]):
+        try:
+            reverted = copy.deepcopy(config)
+            runs.set_values(reverted, {key: old[key]})
+            again = identities_of(reverted)[stage]["identity"]
+        except (KeyError, TypeError, ValueError):
+            continue
+        if again != now["identity"]:  # the key reaches this stage
+            reasons.append(runs.differences({key: old[key]}, {key: new[key]}))
+    if reasons:
+        return reasons
+    if done.get("given") != now["given"]:
+        return [f"{stage} is given {runs.differences(done.get('given', {}), now['given'], prefix='')}"]
+    return [f"{stage} reads stages redone with other values: "
+            + ", ".join(s for s in now["inputs"] if done.get("inputs", {}).get(s) != now["inputs"][s])]
 
 
 def run_stage(directory: Path, fn: Callable[[Path], Any], record: dict[str, Any]) -> None:

@@ -89,7 +89,8 @@ def test_a_rerun_keeps_finished_stages_and_a_changed_key_is_refused(pipeline):
     assert "[each] finished in an earlier run" in again.stdout
     assert "[classifier] finished in an earlier run" in again.stdout
     changed = error_line(run(command(workdir, model, report, "--config.decoding.tau=5")))
-    assert "eval_signal/each is given signal.tau: 3 -> 5" in changed
+    # named as the config key whose old value gives the stages back, as in reproduce
+    assert "config.decoding.tau: 3 -> 5 (stages eval_signal/each, eval_signal/periodic, attack/signal)" in changed
     missing = error_line(run(command(workdir / "elsewhere", model, report, "--config.stages=eval_signal")))
     assert "needs ['align_signal'] finished first" in missing
 

@@ -69,7 +69,7 @@ def stage_plan(config: ConfigDict, out: Path, stage: str
     ``given``; ``excluded``: the keys of ``given`` that only affect speed or logging."""
     aligned = str(out / "align_full" / "export")
     prune_run = (_run_prune, prune.EXCLUDED)
-    train_run = (_train, finetune.EXCLUDED)
+    train_run = (finetune.run_for_export, finetune.EXCLUDED)
     eval_run = (_run_evaluate, evaluate.EXCLUDED)
     if stage.startswith("attacks/") and stage != "attacks/initial":
         _, attack, variant = stage.split("/")
@@ -161,31 +161,14 @@ def validate(config: ConfigDict) -> None:
 
 
 def check_finished(config: ConfigDict, out: Path, identities: dict[str, dict[str, Any]]) -> None:
-    """Refuses a workdir holding a finished stage (scheduled or not) of another identity than
-    the config gives it, naming the config keys whose old values would give it back, e.g.
-    ``config.attack.learning_rate: 5e-05 -> 0.001 (stages attacks/aoa/none, ...)``."""
-    changed: dict[str, list[str]] = {}  # a difference -> the stages it explains
-    for stage, now in identities.items():
-        done = stages_lib.finished(out / stage)
-        if done is None:
-            continue
-        if "identity" not in done:  # recorded before stage identities: the keys it recorded
-            old = done["config"]
-            new = {k: _legacy_value(config, k) for k in old}
-            for difference in filter(None, runs.differences(old, new).split(", ")):
-                changed.setdefault(difference, []).append(stage)
-        elif done["identity"] != now["identity"]:
-            for difference in _explain(config, out, stage, done, now):
-                changed.setdefault(difference, []).append(stage)
-    if changed:
-        def stages(names: list[str]) -> str:
-            return ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    """Refuses a workdir holding a finished stage of another identity than the config gives it
+    (see :func:`ssah_jax.stages.check_finished`); a record from before stage identities is
+    compared on the keys it recorded."""
+    def legacy(stage: str, done: dict[str, Any]) -> list[str]:
+        old = done["config"]
+        return list(filter(None, runs.differences(old, {k: _legacy_value(config, k) for k in old}).split(", ")))
 
-        raise runs.ConfigError(
-            f"{out} holds stages finished with other config values: "
-            + "; ".join(f"{d} (stages {stages(names)})" for d, names in changed.items())
-            + ". Restore them, delete those stages' directories to redo them, rerun with --overwrite to start "
-            "afresh, or use a new --workdir")
+    stages_lib.check_finished(config, out, identities, lambda c: stage_identities(c, out), legacy)
 
 
 def _legacy_value(config: ConfigDict, key: str) -> Any:
@@ -196,40 +179,11 @@ def _legacy_value(config: ConfigDict, key: str) -> Any:
     return json.loads(value.to_json_best_effort() if isinstance(value, ConfigDict) else json.dumps(value))
 
 
-def _explain(config: ConfigDict, out: Path, stage: str, done: dict, now: dict) -> list[str]:
-    """Why ``stage``'s identity changed since ``done``: each config key whose value when it
-    finished gives back its identity (``config.k: old -> new``); else how what it is given, or
-    the identity of a stage it reads, changed."""
-    old, new = done["config"], runs.determining(config)
-    reasons = []
-    for key in sorted(k for k in old.keys() & new.keys() if old[k] != new[k]):
-        try:
-            reverted = copy.deepcopy(config)
-            runs.set_values(reverted, {key: old[key]})
-            again = stage_identities(reverted, out)[stage]["identity"]
-        except (KeyError, TypeError, ValueError):
-            continue
-        if again != now["identity"]:
-            reasons.append(runs.differences({key: old[key]}, {key: new[key]}))
-    if not reasons:
-        reasons = [f"{stage} is given {runs.differences(done['given'], now['given'], prefix='')}"
-                   if done["given"] != now["given"] else
-                   f"{stage} reads stages redone with other values: "
-                   + ", ".join(s for s in now["inputs"] if done["inputs"].get(s) != now["inputs"][s])]
-    return reasons
-
-
 def _run_stage(config: ConfigDict, out: Path, stage: str, identities: dict[str, dict[str, Any]]) -> None:
     given, body, _ = stage_plan(config, out, stage)
     # the whole config too: a later refusal names the keys whose values then give the identity back
     stages_lib.run_stage(out / stage, lambda d: body(given, d),
                          {**identities[stage], "config": runs.determining(config)})
-
-
-def _train(config: ConfigDict, directory: Path) -> None:
-    """A finetune run whose checkpoints are dropped once it finished (its export is the result)."""
-    finetune.run(config, str(directory))
-    shutil.rmtree(directory / "checkpoints", ignore_errors=True)
 
 
 def _run_prune(config: ConfigDict, directory: Path) -> None:
@@ -360,7 +314,7 @@ def run_attack(config: ConfigDict, directory: Path) -> None:
     if train.freeze.mode == "layers":
         train = copy.deepcopy(train)
         train.freeze.layers = json.loads(Path(config.layers_file).read_text())["chosen"]
-    _train(train, directory)
+    finetune.run_for_export(train, directory)
     evaluate.run(config.evaluation, str(directory / "eval"))
     if not config.keep_export:
         shutil.rmtree(directory / "export")  # 0.5 GB each; the transfer stage needs only one

@@ -127,7 +127,7 @@ def stage_plan(config: ConfigDict, out: Path, stage: str
     ``config`` but ``given``; ``excluded``: the keys of ``given`` that only affect speed or logging."""
     kind, _, name = stage.partition("/")
     if kind.startswith("align_"):
-        return align_config(config, kind.removeprefix("align_")), train, finetune.EXCLUDED
+        return align_config(config, kind.removeprefix("align_")), finetune.run_for_export, finetune.EXCLUDED
     if kind in ("eval_sft", "eval_augmented"):
         model = str(out / kind.replace("eval_", "align_") / "export")
         return eval_config(config, config.evaluation, model, None), run_evaluate, evaluate.EXCLUDED
@@ -189,19 +189,13 @@ def validate(config: ConfigDict) -> None:
 # Stage bodies
 
 
-def train(config: ConfigDict, directory: Path) -> None:
-    """A finetune run whose checkpoints are dropped once it finished (its export is the result)."""
-    finetune.run(config, str(directory))
-    shutil.rmtree(directory / "checkpoints", ignore_errors=True)
-
-
 def run_evaluate(config: ConfigDict, directory: Path) -> None:
     evaluate.run(config, str(directory))
 
 
 def run_attack(config: ConfigDict, directory: Path) -> None:
     """Fine-tune (the attack), evaluate, drop the export."""
-    train(config.train, directory)
+    finetune.run_for_export(config.train, directory)
     evaluate.run(config.evaluation, str(directory / "eval"))
     shutil.rmtree(directory / "export")
 
@@ -248,24 +242,6 @@ def classifier_quality(config: ConfigDict, directory: Path) -> None:
 # The pipeline
 
 
-def check_finished(out: Path, identities: dict[str, dict[str, Any]]) -> None:
-    """Refuses a workdir holding a finished stage of another identity than the config gives it,
-    naming what differs."""
-    reasons = []
-    for stage, now in identities.items():
-        done = stages_lib.finished(out / stage)
-        if done is None or done.get("identity") == now["identity"]:
-            continue
-        if done.get("given") != now["given"]:
-            reasons.append(f"{stage} is given {runs.differences(done.get('given', {}), now['given'], prefix='')}")
-        else:
-            changed = [s for s in now["inputs"] if done.get("inputs", {}).get(s) != now["inputs"][s]]
-            reasons.append(f"{stage} reads stages redone with other values: {', '.join(changed)}")
-    if reasons:
-        raise runs.ConfigError(f"{out} holds finished stages of other settings ({'; '.join(reasons)}); restore "
-                               "them, rerun with --overwrite to start afresh, or use a new --workdir")
-
-
 def finished(config: ConfigDict, out: Path, stage: str) -> bool:
     """A stage with runs (eval_signal, attack) is finished when each of its runs is."""
     done = [r for r in recorded_stages(config) if r == stage or r.startswith(stage + "/")]
@@ -278,7 +254,7 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     todo = stages(config)
     identities = stage_identities(config, out)
     if not overwrite:
-        check_finished(out, identities)
+        stages_lib.check_finished(config, out, identities, lambda c: stage_identities(c, out))
     out = stages_lib.open_pipeline(config, workdir, todo, REQUIRES, lambda r: finished(config, Path(workdir), r),
                                    overwrite=overwrite)
     for stage in todo:
