@@ -93,6 +93,10 @@ def determining(config: ConfigDict, excluded: tuple[str, ...] = ()) -> dict[str,
     unknown = [e for e in excluded if not any(k == e or k.startswith(e + ".") for k in flat)]
     if unknown:
         raise KeyError(f"excluded keys {unknown} are not keys of the config")
+    return _determining(flat, excluded)
+
+
+def _determining(flat: dict[str, Any], excluded: tuple[str, ...]) -> dict[str, Any]:
     return {k: v for k, v in flat.items()
             if not any(k == e or k.startswith(e + ".") for e in excluded) and not _added_at_old_value(k, v)}
 
@@ -169,9 +173,7 @@ def _recorded(workdir: Path, excluded: tuple[str, ...]) -> dict[str, Any] | None
     if (workdir / IDENTITY).exists():
         return read_json(workdir / IDENTITY).get("determining")
     if (workdir / "config.json").exists():
-        flat = _flatten(read_json(workdir / "config.json"))
-        return {k: v for k, v in flat.items()
-                if not any(k == e or k.startswith(e + ".") for e in excluded) and not _added_at_old_value(k, v)}
+        return _determining(_flatten(read_json(workdir / "config.json")), excluded)
     return None
 
 

@@ -38,6 +38,7 @@ from flax import nnx
 
 from ssah_jax.data import Chat, Role, encode_prompt, left_pad, padded_length
 from ssah_jax.generation import DecodeState, generate_tokens, stop_token_ids
+from ssah_jax.generation import feed as default_feed
 from ssah_jax.models import CausalLM, default_mask
 from ssah_jax.signals.signal import SafetySignal, check_query, head_logit, mask
 
@@ -105,8 +106,7 @@ class StrategicDecoding:
         state: SignalState = decode.policy
 
         def plain(_):
-            out = model.forward(last, decode.kv_mask, cache=decode.cache)
-            return out, jnp.full(last.shape[:1], jnp.nan, jnp.float32)
+            return default_feed(model, decode, last)[0], jnp.full(last.shape[:1], jnp.nan, jnp.float32)
 
         def with_check(_):
             b, kv_len = decode.kv_mask.shape
