@@ -39,6 +39,9 @@ setup(
         # torch is only a reference implementation for parity tests and benchmarks.
         # Hugging Face hub datasets as a data source (``load_dataset("hf:<repo>:<split>")``).
         "hub": ["datasets>=4,<6"],
+        # Accelerators: JAX with libtpu (TPU VMs, scripts/launch_tpu_pod.sh), or with CUDA 12.
+        "tpu": ["jax[tpu]>=0.10.0,<0.13"],
+        "cuda12": ["jax[cuda12]>=0.10.0,<0.13"],
         "test": [
             "datasets>=4,<6",
             "pytest>=8,<10",

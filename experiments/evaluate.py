@@ -26,7 +26,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from ssah_jax import runs, signals
+from ssah_jax import hosts, runs, signals
 from ssah_jax.checkpoints import load_model
 from ssah_jax.data import check_kit_dataset, parse_mixture
 from ssah_jax.evaluation import tasks
@@ -118,9 +118,11 @@ def evaluate_model(model: Any, tokenizer: Any, config: ConfigDict, out: Path, *,
             result = compute()
             result["seconds"] = round(time.perf_counter() - start, 1)
             metrics[name] = result
-            metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
-
-    (out / "report.md").write_text(render_report(config, metrics, description))
+            if hosts.is_main():
+                metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    if hosts.is_main():
+        (out / "report.md").write_text(render_report(config, metrics, description))
+    hosts.sync("evaluation written")
     return metrics
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from ssah_jax import runs, signals
+from ssah_jax import hosts, runs, signals
 from ssah_jax.attribution import UnitMap
 from ssah_jax.checkpoints import load_model, save_hf
 from ssah_jax.data import load_mixture, parse_mixture
@@ -278,8 +278,11 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
                        keep_checkpoints=config.keep_checkpoints),
             out, data_id=data_id, hooks=hooks)
         after = training.frozen_checksum(state)
-        exported = nnx.merge(nnx.graphdef(model), jax.device_get(training.final_params(state)))
-        extras = jax.device_get(training.final_extras(state))
+        exported = nnx.merge(nnx.graphdef(model), hosts.fetch(training.final_params(state)))
+        extras = hosts.fetch(training.final_extras(state))
+    if not hosts.is_main():  # process 0 writes the export and the report
+        hosts.sync("finetune written")
+        return out / "report.md"
     export = save_hf(exported, model.config.to_hf(), out / "export", tokenizer)
     if config.signal.head:
         signals.save(signals.SafetySignal(extras["signal"], config.signal.head), export)
@@ -297,6 +300,7 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     plot = plot_loss(records, out / "loss.png")
     report = out / "report.md"
     report.write_text(render_report(config, result, stats, plot))
+    hosts.sync("finetune written")
     print(f"Report: {report}")
     return report
 
@@ -305,7 +309,8 @@ def run_for_export(config: ConfigDict, directory: Path) -> None:
     """A pipeline stage's training: a run whose checkpoints are dropped once it finished (its
     export is the result)."""
     run(config, str(directory))
-    shutil.rmtree(directory / "checkpoints", ignore_errors=True)
+    if hosts.is_main():
+        shutil.rmtree(directory / "checkpoints", ignore_errors=True)
 
 
 def signal_training(config: ConfigDict, model: Any) -> dict[str, Any]:

@@ -7,13 +7,14 @@ workdir of another config is refused (``runs.prepare_workdir``).
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from ssah_jax import runs
+from ssah_jax import hosts, runs
 from ssah_jax.checkpoints import load_model
 from ssah_jax.generation import generate
 
@@ -61,7 +62,9 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     if [r["prompt"] for r in done] != prompts[: len(done)]:
         raise runs.WorkdirError(f"{generations} holds answers to other prompts (config.prompts_file changed?); "
                                 "rerun with --overwrite to start afresh, or use a new --workdir")
-    generations.write_text("".join(json.dumps(r) + "\n" for r in done))  # drops a torn last line
+    main = hosts.is_main()
+    if main:
+        generations.write_text("".join(json.dumps(r) + "\n" for r in done))  # drops a torn last line
     model, tokenizer = load_model(config.model, runs.dtype(config))
     kwargs = dict(
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
@@ -70,16 +73,20 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     )
     resumed = len(done)
     start = time.perf_counter()
-    with open(generations, "a") as f, tqdm(total=len(prompts), initial=len(done), desc="generate") as bar:
-        for i in range(len(done), len(prompts), config.batch_size):
-            batch = prompts[i : i + config.batch_size]
+    step = config.batch_size * hosts.count()  # each host answers one batch of every round
+    with open(generations if main else os.devnull, "a") as f, \
+            tqdm(total=len(prompts), initial=len(done), desc="generate", disable=not main) as bar:
+        for i in range(len(done), len(prompts), step):
+            mine = hosts.my_block(len(prompts[i : i + step]), config.batch_size)
+            batch = prompts[i : i + step][mine]
             # One seed per batch, so a resumed run samples what an uninterrupted one would.
-            answers = generate(model, tokenizer, batch, seed=config.seed + i, **kwargs)
-            for prompt, answer in zip(batch, answers):
-                f.write(json.dumps({"prompt": prompt, "answer": answer}) + "\n")
-                done.append({"prompt": prompt, "answer": answer})
+            answers = generate(model, tokenizer, batch, seed=config.seed + i + mine.start, **kwargs) if batch else []
+            new = hosts.gather([{"prompt": p, "answer": a} for p, a in zip(batch, answers)])
+            for row in new:
+                f.write(json.dumps(row) + "\n")
+            done.extend(new)
             f.flush()
-            bar.update(len(batch))
+            bar.update(len(new))
     seconds = time.perf_counter() - start
     report = out / "report.md"
     lines = [
@@ -91,6 +98,8 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     ]
     for r in done:
         lines += [f"## {r['prompt']}", "", r["answer"], ""]
-    report.write_text("\n".join(lines))
+    if main:
+        report.write_text("\n".join(lines))
+    hosts.sync("generations written")
     print(f"Report: {report}")
     return report

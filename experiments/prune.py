@@ -22,7 +22,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from experiments import evaluate
-from ssah_jax import runs
+from ssah_jax import hosts, runs
 from ssah_jax.attribution import KINDS, SCORERS, TOKENS, calibration_scores, classify
 from ssah_jax.attribution.kinds import NORMALISATIONS, RANKINGS
 from ssah_jax.checkpoints import load_model
@@ -104,13 +104,17 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
         results[name]["pruned_units"] = pruned
         del variant
 
-    plot = plot_kinds(umap, out / "kinds_per_layer.png")
+    plot = out / "kinds_per_layer.png"
+    if hosts.is_main():
+        plot_kinds(umap, plot)
     if not results:
         print(f"Unit map: {npz} (no pruned variants evaluated: config.variants is empty)")
         return npz
     report = out / "report.md"
-    report.write_text(render_report(config, umap, results, out, plot))
-    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    if hosts.is_main():
+        report.write_text(render_report(config, umap, results, out, plot))
+        (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    hosts.sync("prune written")
     print(f"Report: {report}")
     return report
 

@@ -30,13 +30,18 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config: pa
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for outputs; re-running in it resumes.")
 _OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Clear the workdir of an earlier run first and start afresh.")
 _TRACEBACK = flags.DEFINE_boolean("traceback", False, "Show the full traceback of an error (or SSAH_TRACEBACK=1).")
+_MULTIHOST = flags.DEFINE_boolean("multihost", False, "Join the other processes of a multi-host run (jax.distributed; "
+                                  "the cluster is detected unless the next three flags are given).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0 .. num_processes - 1.")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # beside experiments/ in the checkout
 HELP = ("-h", "--help")
 TRACEBACK_ENV = "SSAH_TRACEBACK"
 _LINES = re.compile(r"\s*\n\s*")  # a message's line breaks, collapsed to one space
 USAGE = ("usage: ssah-jax <experiment> --config=configs/<experiment>.py[:<preset>] --workdir=DIR "
-         "[--config.<key>=<value> ...] [--overwrite] [--traceback]")
+         "[--config.<key>=<value> ...] [--overwrite] [--traceback] [--multihost ...]")
 FLAGS_HELP = """\
 flags:
   --config=FILE[:PRESET]  the experiment's config file and preset (default: the file's first preset)
@@ -45,6 +50,11 @@ flags:
                           that changes a key the results depend on is refused, naming the key
   --overwrite             clear DIR (the workdir of an earlier run) and start afresh
   --traceback             show the full traceback of an error (also: SSAH_TRACEBACK=1)
+  --multihost             one process of a multi-host run (a TPU pod slice, a multi-node GPU job):
+                          every host runs the same command; JAX detects the cluster (Cloud TPU VM,
+                          SLURM, Open MPI, Kubernetes) or takes --coordinator_address=HOST:PORT
+                          --num_processes=N --process_id=I (giving these implies --multihost).
+                          Process 0 writes the files; the workdir must be one every host sees
 
 Errors print one line "ssah-jax: <what>" and exit with status 2."""
 
@@ -264,6 +274,34 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _join_hosts() -> None:
+    """``--multihost``: joins the run's other processes; their output but errors is silenced
+    (process 0 reports)."""
+    given = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if not _MULTIHOST.value and all(v is None for v in given):
+        return
+    from ssah_jax import hosts
+
+    named = {"--coordinator_address": _COORDINATOR.value, "--num_processes": _NUM_PROCESSES.value,
+             "--process_id": _PROCESS_ID.value}
+    if any(v is not None for v in given) and any(v is None for v in given):
+        _fail(f"--multihost: {', '.join(k for k, v in named.items() if v is None)} must be given too "
+              "(all three, or none to detect the cluster)")
+    if _NUM_PROCESSES.value is not None and not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+        _fail(f"--process_id={_PROCESS_ID.value}: must be in 0 .. {_NUM_PROCESSES.value - 1} (--num_processes)")
+    try:
+        hosts.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                         process_id=_PROCESS_ID.value)
+    except (ValueError, RuntimeError) as e:  # no cluster to detect; the coordinator did not answer
+        hint = "" if _COORDINATOR.value else (" (no Cloud TPU, SLURM, Open MPI or Kubernetes cluster detected: give "
+                                              "--coordinator_address, --num_processes and --process_id)")
+        _fail(f"--multihost: {str(e).rstrip('.')}{hint}")
+    if not hosts.is_main():
+        sys.stdout.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # also what the runtime prints
+        logging.set_verbosity(logging.ERROR)
+
+
 def _main(argv: list[str]) -> None:
     names = experiments()
     positional = argv[1:]
@@ -287,6 +325,7 @@ def _main(argv: list[str]) -> None:
                   f"use configs/{name}.py")
     split_lists(_CONFIG.value)
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file operation at INFO
+    _join_hosts()
     module = importlib.import_module(f"experiments.{name}")
     workdir = Path(_WORKDIR.value)
     made = _first_missing(workdir)
@@ -296,9 +335,10 @@ def _main(argv: list[str]) -> None:
         print(f"\nssah-jax: interrupted; the same command resumes in {workdir}", file=sys.stderr)
         sys.exit(130)
     except expected_errors() as e:
+        from ssah_jax import hosts
         from ssah_jax.runs import holds_results
 
-        if made is not None and made.is_dir() and not holds_results(made):
+        if hosts.is_main() and made is not None and made.is_dir() and not holds_results(made):
             shutil.rmtree(made)  # made by this invocation, before it produced anything
         if _TRACEBACK.value or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             raise

@@ -16,6 +16,8 @@ from typing import Any
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 
+from ssah_jax import hosts
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -149,7 +151,7 @@ def prepare_workdir(workdir: str | Path, config: ConfigDict, excluded: tuple[str
             break
     values = None if staged else determining(config, excluded)
     if overwrite:
-        _clear(workdir, config)
+        _check_clearable(workdir, config)
     elif not _same_experiment(workdir, config):
         raise WorkdirError(f"{workdir} holds a run of another experiment (its config.json has other keys); "
                            "use a new --workdir")
@@ -159,11 +161,16 @@ def prepare_workdir(workdir: str | Path, config: ConfigDict, excluded: tuple[str
             raise ConfigError(f"{workdir} holds a run with other values of determining config keys: "
                               f"{differences(recorded, values)}; restore them, rerun with --overwrite to start "
                               "afresh in it, or use a new --workdir")
-    workdir.mkdir(parents=True, exist_ok=True)
-    identity = ({"staged": "each stage records its own identity in <stage>/stage.json"} if values is None else
-                {"hash": fingerprint(values), "excluded": list(excluded), "determining": values})
-    (workdir / IDENTITY).write_text(json.dumps(identity, indent=2, ensure_ascii=False) + "\n")
-    (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    hosts.sync("workdir checked")  # every process checked the workdir before process 0 changes it
+    if hosts.is_main():
+        if overwrite:
+            _clear(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        identity = ({"staged": "each stage records its own identity in <stage>/stage.json"} if values is None else
+                    {"hash": fingerprint(values), "excluded": list(excluded), "determining": values})
+        (workdir / IDENTITY).write_text(json.dumps(identity, indent=2, ensure_ascii=False) + "\n")
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    hosts.sync("workdir ready")
     return workdir
 
 
@@ -188,13 +195,19 @@ def _same_experiment(workdir: Path, config: ConfigDict) -> bool:
         return False
 
 
-def _clear(workdir: Path, config: ConfigDict) -> None:
-    """Empties the workdir of an earlier run (``--overwrite``); refuses any other directory."""
+def _check_clearable(workdir: Path, config: ConfigDict) -> None:
+    """``--overwrite`` empties only the workdir of an earlier run of this experiment."""
     if not workdir.exists() or not any(workdir.iterdir()):
         return
     if not (workdir / "config.json").exists() or not _same_experiment(workdir, config):
         raise WorkdirError(f"--overwrite: {workdir} does not look like a workdir of this experiment (no config.json "
                            "of its config keys); not clearing it")
+
+
+def _clear(workdir: Path) -> None:
+    """Empties a workdir (``--overwrite``, after :func:`_check_clearable`)."""
+    if not workdir.exists() or not any(workdir.iterdir()):
+        return
     for entry in workdir.iterdir():
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
@@ -293,15 +306,17 @@ def machine() -> dict[str, Any]:
     import jax
 
     return {"machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count(),
-            "jax": jax.__version__, "devices": [str(d.device_kind) for d in jax.devices()]}
+            "jax": jax.__version__, "devices": [str(d.device_kind) for d in jax.devices()],
+            "processes": jax.process_count()}
 
 
 def describe_machine(m: dict[str, Any] | None = None) -> str:
     """``m`` (a recorded ``machine()``; this machine by default) in one line, for reports and
     benchmark output."""
     m = m or machine()
+    processes = f" in {m['processes']} processes" if m.get("processes", 1) > 1 else ""
     return (f"{m['processor']} ({m['machine']}), {m['cpus']} cores, jax {m['jax']} on "
-            f"{len(m['devices'])} x {m['devices'][0]}")
+            f"{len(m['devices'])} x {m['devices'][0]}{processes}")
 
 
 def _cpu_name() -> str:

@@ -24,7 +24,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from ssah_jax import runs
+from ssah_jax import hosts, runs
 
 RECORD = "stage.json"
 
@@ -131,10 +131,12 @@ def run_stage(directory: Path, fn: Callable[[Path], Any], record: dict[str, Any]
     directory.mkdir(parents=True, exist_ok=True)
     with StageTimer(directory) as timer:
         fn(directory)  # its results are the files it writes
-    (directory / RECORD).write_text(json.dumps({
-        "seconds": round(timer.seconds, 1), "invocations": timer.invocations, "code": timer.codes,
-        "finished": datetime.datetime.now().isoformat(timespec="seconds"), **record}, indent=2) + "\n")
-    (directory / StageTimer.FILE).unlink()
+    if hosts.is_main():
+        (directory / RECORD).write_text(json.dumps({
+            "seconds": round(timer.seconds, 1), "invocations": timer.invocations, "code": timer.codes,
+            "finished": datetime.datetime.now().isoformat(timespec="seconds"), **record}, indent=2) + "\n")
+        (directory / StageTimer.FILE).unlink()
+    hosts.sync(f"stage {directory.name} finished")  # its files are complete for every process
 
 
 class StageTimer:
@@ -161,6 +163,8 @@ class StageTimer:
         return self.earlier + time.perf_counter() - self._start
 
     def _save(self) -> None:
+        if not hosts.is_main():
+            return
         self.path.write_text(json.dumps({"seconds": round(self.seconds, 1), "invocations": self.invocations,
                                          "codes": self.codes}))
 
@@ -229,7 +233,8 @@ def open_pipeline(config: ConfigDict, workdir: str | Path, todo: list[str], requ
 
         jax.config.update("jax_compilation_cache_dir", str((out / "jax_cache").resolve()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-    with open(out / "invocations.jsonl", "a") as f:
-        f.write(json.dumps({"argv": sys.argv, "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                            "stages": todo, "code": runs.code_version(), **runs.machine()}) + "\n")
+    if hosts.is_main():
+        with open(out / "invocations.jsonl", "a") as f:
+            f.write(json.dumps({"argv": sys.argv, "started": datetime.datetime.now().isoformat(timespec="seconds"),
+                                "stages": todo, "code": runs.code_version(), **runs.machine()}) + "\n")
     return out

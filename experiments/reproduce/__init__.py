@@ -35,7 +35,7 @@ from experiments.reproduce.subruns import (
     prune_config,
     transfer_config,
 )
-from ssah_jax import runs
+from ssah_jax import hosts, runs
 from ssah_jax import stages as stages_lib
 from ssah_jax.attribution import KINDS, UnitMap, classify, load_scores, transition_matrix
 from ssah_jax.checkpoints import load_model
@@ -224,7 +224,8 @@ def _then_overlap(body: Callable[[ConfigDict, Path], Any], section: Callable[[Co
         trained = training_prompts(ConfigDict(runs.read_json(Path(given.model).parent / "config.json")))
         heldout = harmful_records(section(given), given.data_dir or None)
         result = {"prompts": len(heldout), "in_training_data": sum(prompt_key(r.prompt) in trained for r in heldout)}
-        (directory / "overlap.json").write_text(json.dumps(result, indent=2) + "\n")
+        if hosts.is_main():
+            (directory / "overlap.json").write_text(json.dumps(result, indent=2) + "\n")
     return run_
 
 
@@ -274,7 +275,8 @@ def find_layer_block(config: ConfigDict, directory: Path) -> None:
               "max_perplexity_ratio": config.layers.max_perplexity_ratio,
               "dense_refusal_rate": dense["refusal_rate"], "dense_perplexity": dense["perplexity"],
               "blocks": blocks, "chosen": chosen["layers"]}
-    (directory / "layers.json").write_text(json.dumps(result, indent=2) + "\n")
+    if hosts.is_main():
+        (directory / "layers.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def choose_block(blocks: list[dict], dense_perplexity: float, max_ratio: float) -> dict:
@@ -316,7 +318,7 @@ def run_attack(config: ConfigDict, directory: Path) -> None:
         train.freeze.layers = json.loads(Path(config.layers_file).read_text())["chosen"]
     finetune.run_for_export(train, directory)
     evaluate.run(config.evaluation, str(directory / "eval"))
-    if not config.keep_export:
+    if not config.keep_export and hosts.is_main():
         shutil.rmtree(directory / "export")  # 0.5 GB each; the transfer stage needs only one
 
 
@@ -335,8 +337,9 @@ def kind_transfer(config: ConfigDict, directory: Path) -> None:
               "attack": config.attack,
               "alignment": transition_matrix(maps["unaligned"], maps["aligned"]).tolist(),
               "fine_tuning": transition_matrix(maps["aligned"], maps["attacked"]).tolist()}
-    (directory / "transfer.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_transfer(result, directory / "transfer.png")
+    if hosts.is_main():
+        (directory / "transfer.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot_transfer(result, directory / "transfer.png")
 
 
 def probe(config: ConfigDict, directory: Path) -> None:
@@ -352,8 +355,9 @@ def probe(config: ConfigDict, directory: Path) -> None:
         # mean over queries: [layers, max_tokens]
         result["models"][name] = {c: d[c].mean(axis=0).tolist() for c in continuations}
         del model
-    (directory / "probing.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_probing(result, directory / "probing.png")
+    if hosts.is_main():
+        (directory / "probing.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot_probing(result, directory / "probing.png")
 
 
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
@@ -375,7 +379,11 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
         return out
     from experiments.reproduce import report as report_module
 
-    report = report_module.write(config, out, Path(config.report_dir) if config.report_dir else out / "report")
+    report = Path(config.report_dir) if config.report_dir else out / "report"
+    if hosts.is_main():  # the report only reads the stages' files
+        report = report_module.write(config, out, report)
+    else:
+        report = report / "REPORT.md"
     print(f"Report: {report}")
     return report
 

@@ -27,7 +27,7 @@ from scipy.stats import mannwhitneyu
 
 from experiments import evaluate, finetune
 from experiments.reproduce.subruns import train_config
-from ssah_jax import runs, signals
+from ssah_jax import hosts, runs, signals
 from ssah_jax import stages as stages_lib
 from ssah_jax.checkpoints import load_model
 from ssah_jax.data import check_kit_dataset, load_local
@@ -197,7 +197,8 @@ def run_attack(config: ConfigDict, directory: Path) -> None:
     """Fine-tune (the attack), evaluate, drop the export."""
     finetune.run_for_export(config.train, directory)
     evaluate.run(config.evaluation, str(directory / "eval"))
-    shutil.rmtree(directory / "export")
+    if hosts.is_main():
+        shutil.rmtree(directory / "export")
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -221,21 +222,22 @@ def classifier_quality(config: ConfigDict, directory: Path) -> None:
         sets["xstest_unsafe_vs_safe"] = ([r.prompt for r in xstest if r.label == "unsafe"],
                                          [r.prompt for r in xstest if r.label == "safe"])
     result: dict[str, Any] = {"threshold": config.threshold, "sets": {}}
-    with open(directory / "scores.jsonl", "w") as f:
-        for name, (pos, neg) in sets.items():
-            p_pos, p_neg = (signals.classify(model, signal, tokenizer, prompts, batch_size=config.batch_size)
-                            for prompts in (pos, neg))
-            for label, prompts, ps in ((1, pos, p_pos), (0, neg, p_neg)):
-                for prompt, p in zip(prompts, ps):
-                    f.write(json.dumps({"set": name, "label": label, "prompt": prompt, "p": float(p)}) + "\n")
-            correct = np.concatenate([p_pos > config.threshold, p_neg <= config.threshold])
-            result["sets"][name] = {
-                "auroc": auroc(p_pos, p_neg), "accuracy": float(correct.mean()), "n_positive": len(pos),
-                "n_negative": len(neg), "true_positive_rate": float(np.mean(p_pos > config.threshold)),
-                "false_positive_rate": float(np.mean(p_neg > config.threshold))}
-            r = result["sets"][name]
-            print(f"{name}: AUROC {r['auroc']:.3f}, accuracy {r['accuracy']:.3f} at {config.threshold}", flush=True)
-    (directory / "classifier.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = []
+    for name, (pos, neg) in sets.items():
+        p_pos, p_neg = (signals.classify(model, signal, tokenizer, prompts, batch_size=config.batch_size)
+                        for prompts in (pos, neg))
+        for label, prompts, ps in ((1, pos, p_pos), (0, neg, p_neg)):
+            rows += [{"set": name, "label": label, "prompt": prompt, "p": float(p)} for prompt, p in zip(prompts, ps)]
+        correct = np.concatenate([p_pos > config.threshold, p_neg <= config.threshold])
+        result["sets"][name] = {
+            "auroc": auroc(p_pos, p_neg), "accuracy": float(correct.mean()), "n_positive": len(pos),
+            "n_negative": len(neg), "true_positive_rate": float(np.mean(p_pos > config.threshold)),
+            "false_positive_rate": float(np.mean(p_neg > config.threshold))}
+        r = result["sets"][name]
+        print(f"{name}: AUROC {r['auroc']:.3f}, accuracy {r['accuracy']:.3f} at {config.threshold}", flush=True)
+    if hosts.is_main():
+        (directory / "scores.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        (directory / "classifier.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +271,10 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
         return out
     from experiments.signals import report as report_module
 
-    report = report_module.write(config, out, Path(config.report_dir) if config.report_dir else out / "report")
+    report = Path(config.report_dir) if config.report_dir else out / "report"
+    if hosts.is_main():  # the report only reads the stages' files
+        report = report_module.write(config, out, report)
+    else:
+        report = report / "REPORT.md"
     print(f"Report: {report}")
     return report

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from ssah_jax import hosts
 from ssah_jax.attribution.scorers import unit_scores
 from ssah_jax.data import Record
 from ssah_jax.data.batching import batch_dataset, bucket_lengths
@@ -62,12 +63,16 @@ def calibration_scores(
         return load_scores(path)
     examples, stats = encode_records(tokenizer, records, max_length=max_length)
     print(f"{name} calibration set ({dataset or 'records'}): {stats}")
+    # Every batch on every host: the model is whole on each (a multi-host run scores on each).
     batches = batch_dataset(examples, batch_size=batch_size, pad_id=tokenizer.pad_token_id,
-                            buckets=bucket_lengths(max_length), shuffle=False)
+                            buckets=bucket_lengths(max_length), shuffle=False, process_index=0, process_count=1)
     start = time.perf_counter()
-    result = unit_scores(model, tqdm(batches, desc=f"{name} scores ({scorer})", unit="batch"), scorer, tokens)
+    result = unit_scores(model, tqdm(batches, desc=f"{name} scores ({scorer})", unit="batch",
+                                     disable=not hosts.is_main()), scorer, tokens)
     result = {m: np.asarray(v) for m, v in result.items()}
     seconds = time.perf_counter() - start
+    if not hosts.is_main():  # process 0 keeps them
+        return result
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps({
         "dataset": dataset, "scorer": scorer, "tokens": tokens, "max_length": max_length, "samples": len(examples),

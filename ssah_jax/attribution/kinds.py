@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ssah_jax import hosts
 from ssah_jax.models import MODULES, CausalLM
 
 KINDS = ("SCU", "UCU", "CU", "RU")
@@ -178,8 +179,9 @@ class UnitMap:
         arrays = {f"mask/{k}/{m}": self.masks[k][m] for k in KINDS for m in MODULES}
         arrays |= {f"score/{s}/{m}": self.scores[s][m] for s in self.scores for m in MODULES}
         npz, summary = path.with_suffix(".npz"), path.with_suffix(".json")
-        np.savez_compressed(npz, **arrays)
-        summary.write_text(json.dumps(self.summary(), indent=2) + "\n")
+        if hosts.is_main():  # in a multi-host run every process holds the same map
+            np.savez_compressed(npz, **arrays)
+            summary.write_text(json.dumps(self.summary(), indent=2) + "\n")
         return npz, summary
 
     @classmethod

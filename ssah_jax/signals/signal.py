@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ssah_jax import hosts
 from ssah_jax.data import Chat, Role, encode_prompt, left_pad, padded_length
 from ssah_jax.models import CausalLM, ModelConfig, default_mask
 
@@ -169,6 +170,8 @@ def save(signal: SafetySignal, directory: str | Path) -> Path:
     from safetensors.numpy import save_file
 
     path = Path(directory) / FILE
+    if not hosts.is_main():  # in a multi-host run process 0 writes it
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(_flat(jax.device_get(signal.params)), str(path), metadata={"head": signal.head, "format": "ssah_jax"})
     return path

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 from tqdm.auto import tqdm
 
+from ssah_jax import hosts
 from ssah_jax.checkpoints.manager import TrainCheckpoints
 from ssah_jax.checkpoints.params import CheckpointError
 from ssah_jax.sharding import shard_batch
@@ -78,7 +79,7 @@ def fit(
     if start == 0:
         run_hooks(0, state)
     began, metrics = time.perf_counter(), {}
-    with tqdm(total=config.steps, initial=start, desc="train", unit="step") as bar:
+    with tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not hosts.is_main()) as bar:
         for step in range(start, config.steps):
             state, metrics = step_fn(state, shard_batch(dataset[step]))
             done = step + 1

@@ -1,5 +1,6 @@
 """Run metrics: one JSON line per record (``metrics.jsonl``) and TensorBoard events
-(``tensorboard/``). Resuming from step ``s`` drops what a killed run logged after ``s``."""
+(``tensorboard/``). Resuming from step ``s`` drops what a killed run logged after ``s``. In a
+multi-host run only process 0 writes them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ssah_jax import hosts
 from ssah_jax.runs import read_jsonl
 
 
@@ -15,6 +17,9 @@ class MetricWriter:
     def __init__(self, workdir: str | Path, *, resume_step: int = 0):
         workdir = Path(workdir)
         self.path = workdir / "metrics.jsonl"
+        self.tensorboard = None
+        if not hosts.is_main():
+            return
         kept = [r for r in read_jsonl(self.path) if r["step"] <= resume_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         from tensorboardX import SummaryWriter
@@ -25,6 +30,8 @@ class MetricWriter:
 
     def write(self, step: int, metrics: dict[str, Any], prefix: str) -> None:
         """Logs ``metrics`` (numbers) as ``<prefix>/<name>`` at ``step``."""
+        if self.tensorboard is None:
+            return
         values = {k: float(v) for k, v in metrics.items()}
         with open(self.path, "a") as f:
             f.write(json.dumps({"step": int(step), "kind": prefix, **values}) + "\n")
@@ -33,4 +40,5 @@ class MetricWriter:
                 self.tensorboard.add_scalar(f"{prefix}/{name}", value, int(step))
 
     def close(self) -> None:
-        self.tensorboard.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()

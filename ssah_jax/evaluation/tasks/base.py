@@ -12,6 +12,7 @@ yet, so a resumed run recomputes nothing that is done.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from ssah_jax import runs
+from ssah_jax import hosts, runs
 from ssah_jax.data import Record, load_local
 
 Entries = dict[str, Callable[[], dict]]  # metric name -> computes it (a dict of numbers)
@@ -40,16 +41,24 @@ class RowStore:
     def rows(self, name: str, records: Sequence[Record], fn: RowFn, chunk: int) -> list[dict]:
         """Rows for ``records``, computed ``chunk`` at a time by ``fn(records, offset)`` and
         appended to ``<name>.jsonl``; rows already there are reused (a torn last line is
-        dropped). Rows of other prompts there are a WorkdirError."""
+        dropped). Rows of other prompts there are a WorkdirError.
+
+        In a multi-host run each host computes ``chunk`` rows of every ``chunk x hosts`` on its
+        own devices, every process gets all the rows, and process 0 writes them."""
         path = self.path(name)
         done = runs.read_jsonl(path)
         if [r["prompt"] for r in done] != [r.prompt for r in records[: len(done)]] or len(done) > len(records):
             raise runs.WorkdirError(f"{path} holds rows of other prompts (the data changed?); rerun with --overwrite "
                                     "to start afresh, or use a new --workdir")
-        path.write_text("".join(json.dumps(r) + "\n" for r in done))  # drops a torn last line
-        with open(path, "a") as f, tqdm(total=len(records), initial=len(done), desc=name, unit="ex") as bar:
-            for start in range(len(done), len(records), chunk):
-                new = fn(records[start : start + chunk], start)
+        main = hosts.is_main()
+        if main:
+            path.write_text("".join(json.dumps(r) + "\n" for r in done))  # drops a torn last line
+        with open(path if main else os.devnull, "a") as f, \
+                tqdm(total=len(records), initial=len(done), desc=name, unit="ex", disable=not main) as bar:
+            for start in range(len(done), len(records), chunk * hosts.count()):
+                part = records[start : start + chunk * hosts.count()]
+                mine = hosts.my_block(len(part), chunk)
+                new = hosts.gather(fn(part[mine], start + mine.start) if mine.stop > mine.start else [])
                 for row in new:
                     f.write(json.dumps(row) + "\n")
                 f.flush()
