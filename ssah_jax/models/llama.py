@@ -121,7 +121,8 @@ class KVCache(NamedTuple):
 
 
 def attend(q: jax.Array, k, v, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q ``[B, S, H, D]``; k, v ``[B, K, T, D]`` with ``H = K * G``,
+    """Grouped-query attention of decoding and extra queries (training and prefill use
+    :func:`sequence_attention`). q ``[B, S, H, D]``; k, v ``[B, K, T, D]`` with ``H = K * G``,
     or tuples of such blocks (``[B, K, T_i, D]``, read as one sequence of ``T = sum T_i`` keys
     without concatenating them: how extra queries see a KV cache plus their own keys);
     mask ``[B, S, T]`` boolean. Returns ``[B, S, H, D]``.
@@ -147,6 +148,21 @@ def attend(q: jax.Array, k, v, mask: jax.Array) -> jax.Array:
     return out.reshape(b, kv_heads, s, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, s, h, d)
 
 
+def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attention of training and prefill by ``jax.nn.dot_product_attention``. q ``[B, S, H, D]``;
+    k, v ``[B, T, K, D]`` (sequence-major, ``H = K * G``: grouped-query attention is native);
+    mask ``[B, S, T]`` boolean, passed as is (our explicit masks are honoured). Returns
+    ``[B, S, H, D]``.
+
+    ``implementation=None`` leaves the choice to JAX: in jax 0.10 that is always the XLA kernel
+    (logits and softmax in float32; a row with no visible key gets a uniform finite mix, as in
+    :func:`attend`). cuDNN's fused kernel is opt-in there (``implementation="cudnn"``: GPU
+    only, bf16 / fp16 inputs and the shapes cuDNN supports, and a fully masked row is then not
+    guaranteed finite), so it is not forced here.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=None)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with rotary embeddings and an optional KV cache."""
 
@@ -170,17 +186,23 @@ class Attention(nnx.Module):
         k = self.k_proj(x).reshape(b, s, c.num_kv_heads, c.head_dim)
         v = self.v_proj(x).reshape(b, s, c.num_kv_heads, c.head_dim)
         q = constrain(apply_rope(q, positions, c.rope), ("act_batch", "act_len", "act_heads", "act_head_dim"))
-        k = apply_rope(k, positions, c.rope).transpose(0, 2, 1, 3)  # [B, K, S, D]
-        v = v.transpose(0, 2, 1, 3)
-        if cache is not None and not write_cache:
-            k, v = (cache.k.astype(q.dtype), k), (cache.v.astype(q.dtype), v)
-        elif cache is not None:
+        k = apply_rope(k, positions, c.rope)
+        if cache is None:  # training, scoring: the fused kernel on [B, S, K, D] as projected
+            out = sequence_attention(q, k, v, mask)
+        elif not write_cache:  # extra queries: the cache, then themselves, without concatenating
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
+            out = attend(q, (cache.k.astype(q.dtype), k), (cache.v.astype(q.dtype), v), mask)
+        else:
             start = (0, 0, cache_index, 0)
-            k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
-            v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+            k = jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), start)
+            v = jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), start)
             cache = LayerCache(k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        return attend(q, k, v, mask).reshape(b, s, c.num_heads * c.head_dim), cache
+            if s == 1:  # decoding: grouped-query attention reads the head-major cache in place
+                out = attend(q, k, v, mask)
+            else:  # prefill: one transpose of the cache per call, then the fused kernel
+                out = sequence_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+        return out.reshape(b, s, c.num_heads * c.head_dim), cache
 
     def __call__(self, x, positions, mask, cache: LayerCache | None, cache_index, write_cache: bool = True):
         out, cache = self.unit_inputs(x, positions, mask, cache, cache_index, write_cache)
