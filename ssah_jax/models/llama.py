@@ -425,7 +425,6 @@ class CausalLM(nnx.Module):
     def _unrolled(self, step, x, cache, write_cache, output_hidden_states, output_unit_inputs):
         """The layers one after the other: ``(x, cache layers, hidden states, unit inputs)``."""
         del write_cache  # each layer's step knows it
-        step = checkpointed(step, self.layout.remat, in_scan=False)
         if cache is None:
             caches = [None] * self.config.num_layers
         elif cache.stacked:
@@ -436,7 +435,8 @@ class CausalLM(nnx.Module):
         new_cache, unit_inputs = [], []
         for layer, layer_cache in zip(self.layers, caches):
             graphdef, state = nnx.split(layer)
-            x, layer_cache, inputs = step(graphdef, state, x, layer_cache)
+            layer_step = checkpointed(functools.partial(step, graphdef), self.layout.remat, in_scan=False)
+            x, layer_cache, inputs = layer_step(state, x, layer_cache)
             new_cache.append(layer_cache)
             hidden_states.append(x)
             unit_inputs.append(inputs)
