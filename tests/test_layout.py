@@ -233,3 +233,16 @@ def test_a_llama2_7b_shaped_scanned_model_builds_abstractly():
     assert params["layers"]["input_norm"]["scale"].shape == (32, 4096)
     count = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     assert count == 6_738_415_616  # Llama-2-7B
+
+
+@pytest.mark.parametrize("scorer", ["wifv", "wanda", "snip"])
+def test_unit_scores_of_a_scanned_model_are_the_unrolled_scores(pair, scorer):
+    from ssah_jax.attribution import unit_scores
+
+    unrolled, scanned = pair
+    ids, mask = tiny.random_batch(128, batch=3, seq=10, left_pad=(0, 3, 5))
+    batch = {"input_ids": ids, "attention_mask": mask, "loss_mask": mask}
+    expected, got = unit_scores(unrolled, [batch], scorer), unit_scores(scanned, [batch], scorer)
+    for module in expected:
+        np.testing.assert_allclose(np.asarray(got[module]), np.asarray(expected[module]), rtol=1e-5,
+                                   atol=1e-6 * float(np.abs(np.asarray(expected[module])).max()))
