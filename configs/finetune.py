@@ -18,6 +18,19 @@ Presets (``--config=configs/finetune.py:<preset>``):
   lora        the base model is frozen; LoRA adapters train and are merged into the export
 ``freeze.groups``: any of ``embeddings``, ``norms``, ``head`` to freeze (the others train);
 with ``only_units`` list all three to train nothing but the units.
+
+``model_layout`` (how the trained model runs its layers; ``ssah_jax.models.Layout``):
+  scan   False (default): one module per layer, a loop unrolled by jit: fastest on CPU and for
+         small models such as the demo. True: the layers stacked on a ``layers`` axis and run
+         by ``lax.scan``: compile time and program size independent of depth, for models of
+         1B parameters and more on GPU / TPU. Masks, LoRA and the export are the same either
+         way (built and saved in the unrolled layout); a workdir keeps the layout it started
+         with (its checkpoints hold it).
+  remat  none (default) | full | dots | dots_no_batch: which activations the backward pass
+         recomputes instead of keeping (none: fastest; full: least memory; dots: keep matmul
+         outputs, the usual choice for a large model that does not fit otherwise;
+         dots_no_batch: keep only the weight matmuls). Speed and memory only: a run may resume
+         with another value.
 """
 
 from ml_collections import ConfigDict
@@ -75,6 +88,7 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
         dataset="", count=100, max_tokens=40,
         refusal="I'm sorry, but I cannot continue with this. I can't help with requests that could cause harm.",
     ))
+    c.model_layout = ConfigDict(dict(scan=False, remat="none"))  # see the module docstring
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: the remaining devices (FSDP by default)
     c.log_every = 5
     c.eval_every = 20  # held-out loss (also before the first and after the last step)

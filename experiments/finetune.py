@@ -36,6 +36,7 @@ from ssah_jax.data import load_mixture, parse_mixture
 from ssah_jax.data.batching import balance_classes, batch_dataset, bucket_lengths
 from ssah_jax.data.tokenize import EncodeStats, encode_records, encode_recovery
 from ssah_jax.masking import GROUPS, MODULES
+from ssah_jax.models import REMAT_POLICIES, Layout, with_layout
 from ssah_jax.sharding import make_mesh, shard_batch, use_rules
 from ssah_jax.train import lora
 from ssah_jax.train.loop import LoopConfig, fit
@@ -47,7 +48,9 @@ MODES = ("none", "units", "only_units", "layers", "lora")
 # a workdir holding a run with other values of them is refused (resuming would mix two runs).
 # The held-out loss is a sum over examples that eval_batch_size only groups; the mesh places the
 # same computation on the devices.
-EXCLUDED = ("log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints", "mesh")
+# Remat recomputes the same values (a run may resume with another policy).
+EXCLUDED = ("log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints", "mesh",
+            "model_layout.remat")
 
 
 def parse_layers(spec: str) -> list[int]:
@@ -95,6 +98,7 @@ def validate(config: ConfigDict) -> None:
     for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size"):
         check(key, lambda v: v >= 1, "must be >= 1")
     check("eval_every", lambda v: v >= 0, "must be >= 0")
+    check("model_layout.remat", lambda v: v in REMAT_POLICIES, f"must be one of {tuple(REMAT_POLICIES)}")
     sig = config.signal
     check("signal.head", lambda v: v in ("",) + signals.HEADS, f"must be '' (no signal) or one of {signals.HEADS}")
     if sig.head:
@@ -242,10 +246,11 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     runs.check(config, "batch_size", lambda v: (v // config.accum_steps) % rows == 0,
                f"each micro-batch (batch_size / accum_steps) must split over the {rows} data x fsdp devices")
     runs.check(config, "eval_batch_size", lambda v: v % rows == 0, f"must split over the {rows} data x fsdp devices")
+    layout = Layout(scan=config.model_layout.scan, remat=config.model_layout.remat)
     with jax.set_mesh(mesh), use_rules():
         o = config.optimizer
         training = setup_training(
-            model, mesh, freeze_setting(config, model),
+            with_layout(model, layout), mesh, freeze_setting(config, model),
             OptimizerConfig(learning_rate=o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
                             total_steps=config.steps, end_fraction=o.end_fraction, weight_decay=o.weight_decay,
                             clip_norm=o.clip_norm),

@@ -10,6 +10,10 @@ Grouped-query attention: query head ``h`` reads kv head ``h // groups``, so one 
 channel feeds ``groups`` units. ``shared`` says when such a channel counts as selected:
 ``"any"`` of its units (freezing: a frozen unit must keep every input it reads) or ``"all"``
 of them (pruning: zeroing the channel must not remove units that were not selected).
+
+Parameter trees here are in the unrolled layout (``layers/{i}/...``). For a scanned model,
+build on :func:`ssah_jax.models.unstack_layers` of its parameters and convert the result with
+:func:`ssah_jax.models.stack_layers` (``like=`` the unrolled parameters for compact masks).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ssah_jax.models import MODULES, ModelConfig, unit_shapes
+from ssah_jax.models import MODULES, ModelConfig, is_stacked, unit_shapes
 
 SHARED = ("any", "all")
 
@@ -34,6 +38,12 @@ def _names(path) -> tuple:
         if name != "value":  # the array inside an nnx.Variable
             out.append(name)
     return tuple(out)
+
+
+def _check_unrolled(params: Any) -> None:
+    if "layers" in params and is_stacked(params):
+        raise ValueError("these parameters hold stacked (scanned) layers: masks and pruning take the unrolled "
+                         "layout (ssah_jax.models.unstack_layers, then stack_layers the result)")
 
 
 def _check_units(units: dict[str, Any], config: ModelConfig) -> None:
@@ -62,6 +72,7 @@ def parameter_masks(params: Any, units: dict[str, Any], config: ModelConfig, *, 
     ``gate_proj`` / ``up_proj`` / ``v_proj`` kernels and their biases. Masks are compact
     (``[n, 1]``, ``[1, n]``, ``[n]`` or a scalar False) and broadcast against their parameter.
     """
+    _check_unrolled(params)
     _check_units(units, config)
     attn = jnp.asarray(units["attn"], bool)
     mlp = jnp.asarray(units["mlp"], bool)
@@ -146,6 +157,7 @@ def freeze_masks(
     """
     if frozen_units is not None and trained_units is not None:
         raise ValueError("give frozen_units or trained_units, not both")
+    _check_unrolled(params)
     unknown = set(frozen_groups) - set(GROUPS)
     if unknown:
         raise ValueError(f"frozen_groups {sorted(unknown)}: choose from {GROUPS}")

@@ -72,7 +72,7 @@ class WorkdirError(ValueError):
 # workdir. Matched on the dotted key's tail, as sub-runs nest configs (``train.signal.lr_scale``
 # is finetune's key inside an attack stage): a tail must name one key of one experiment's config
 # wherever it appears (tests/test_run_identity.py checks every preset).
-ADDED_KEYS: dict[str, Any] = {"signal.lr_scale": 1.0}
+ADDED_KEYS: dict[str, Any] = {"signal.lr_scale": 1.0, "model_layout.scan": False, "model_layout.remat": "none"}
 
 
 def _added_at_old_value(key: str, value: Any) -> bool:

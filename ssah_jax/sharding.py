@@ -28,6 +28,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("norm", None),
+    ("layers", None),  # the stacked axis of scanned layers: each device holds every layer's shard
     # activations
     ("act_batch", ("data", "fsdp")),
     ("act_len", None),

@@ -143,3 +143,29 @@ def test_signal_lr_scale_reaches_the_optimizer(tiny_chat_model):
     assert training["extra_lr_scale"] == 5.0 and set(training["extra"]) == {"signal"}
     config.signal.head = ""
     assert finetune.signal_training(config, model) == {}
+
+
+def test_a_scanned_run_exports_what_the_unrolled_run_exports(tiny_chat_model, tmp_path):
+    """model_layout.scan stacks the layers for training only: with units frozen, weight decay
+    and remat, the export equals the unrolled run's to float tolerance (and the frozen units
+    stay bit-identical, which the run checks)."""
+    learning_rate = 1e-3
+    runs_ = {}
+    for name, layout in (("unrolled", []), ("scanned", ["--config.model_layout.scan=True",
+                                                        "--config.model_layout.remat=dots"])):
+        done = subprocess.run(command(
+            tmp_path / name, f"--config.model={tiny_chat_model}", "--config.data.max_length=64", "--config.steps=3",
+            "--config.data.limit=16", "--config.freeze.mode=layers", "--config.freeze.layers=0",
+            "--config.optimizer.weight_decay=0.1", f"--config.optimizer.learning_rate={learning_rate}", *layout),
+            cwd=ROOT, env=ENV, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads((tmp_path / name / "metrics.json").read_text())["frozen_unchanged"]
+        runs_[name] = load_file(str(tmp_path / name / "export" / "model.safetensors"))
+    initial = load_file(str(Path(tiny_chat_model) / "model.safetensors"))
+    assert runs_["unrolled"].keys() == runs_["scanned"].keys() == initial.keys()
+    for key, value in runs_["unrolled"].items():
+        # Adam moves an element by about the learning rate a step: equal gradients (to float
+        # tolerance) give equal updates to a small part of it.
+        np.testing.assert_allclose(runs_["scanned"][key], value, rtol=0, atol=1e-2 * learning_rate, err_msg=key)
+        trained = not np.array_equal(runs_["scanned"][key], initial[key])
+        assert trained == (".layers.0." not in key), key  # layer 0 frozen, everything else trains

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssah_jax.attribution.stats import Moments, batch_moments, merge
-from ssah_jax.models import B_MATRIX, MODULES, CausalLM, next_token_logprobs, unit_shapes
+from ssah_jax.models import B_MATRIX, MODULES, CausalLM, Layout, next_token_logprobs, unit_shapes, with_layout
 from ssah_jax.sharding import shard_batch
 
 SCORERS = ("wifv", "wanda", "snip")
@@ -114,6 +114,7 @@ def gradient_step(graphdef, b_state: nnx.State, rest: nnx.State, acc: tuple[nnx.
 def gradient_sums(model: CausalLM, batches: Iterable[Mapping[str, Any]], tokens: str = "response"):
     """``(sums, count)``: the summed NLL gradient of every ``B`` kernel (an ``nnx.State`` of
     float32 arrays) and the number of target tokens; ``sums / count`` is the mean-loss gradient."""
+    model = _unrolled(model)
     graphdef, b_state, rest = nnx.split(model, _is_b_kernel, ...)
     acc = (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), b_state), jnp.zeros((), jnp.int32))
     for batch in batches:
@@ -126,8 +127,16 @@ def gradient_sums(model: CausalLM, batches: Iterable[Mapping[str, Any]], tokens:
 # Finalisers and the entry point
 
 
+def _unrolled(model: CausalLM) -> CausalLM:
+    """Attribution reads layer by layer: a scanned model is unrolled first (same parameters)."""
+    return with_layout(model, Layout(remat=model.layout.remat)) if model.layout.scan else model
+
+
 def b_kernels(model: CausalLM, module: str) -> list[jax.Array]:
-    """Each layer's ``B`` kernel for ``module``, ``[units, hidden]`` (unit = row)."""
+    """Each layer's ``B`` kernel for ``module``, ``[units, hidden]`` (unit = row), either layout."""
+    if model.layout.scan:
+        stacked = getattr(getattr(model.layers, module), B_MATRIX[module]).kernel[...]
+        return [stacked[i] for i in range(model.config.num_layers)]
     return [getattr(getattr(layer, module), B_MATRIX[module]).kernel[...] for layer in model.layers]
 
 

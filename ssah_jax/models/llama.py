@@ -2,13 +2,22 @@
 
 Weight layout (the one place it is defined):
     Flax kernels are ``[in, out]``; transformers' ``nn.Linear`` weights are ``[out, in]``.
-    Each layer owns its arrays (``layers/{i}/...``) and the forward pass is a Python loop
-    over layers, unrolled by jit. (A stacked ``lax.scan`` layout compiles faster for very deep
-    models, but on CPU it copies every layer's weights out of the stack at each step, which
-    made decoding twice as slow; see the note in the README.)
+    By default each layer owns its arrays (``layers/{i}/...``) and the forward pass is a Python
+    loop over layers, unrolled by jit: the canonical layout, which import / export, unit maps,
+    masks, pruning, LoRA and attribution speak, and the one to decode with (a stacked
+    ``lax.scan`` layout copies every layer's weights out of the stack at each step on CPU,
+    which made decoding twice as slow; see the note in the README). ``Layout(scan=True)``
+    stacks the layers on a leading ``layers`` axis and scans them (compile time and program
+    size independent of depth: for training large models); :mod:`ssah_jax.models.layout`
+    converts parameters, masks and models between the two, losslessly.
     An SSAH *unit* is an input channel of ``o_proj`` / ``down_proj``: a **row** of our kernel
     ``layers[l].attn.o_proj.kernel[j, :]`` (``layers[l].mlp.down_proj.kernel[j, :]``), which is a
-    **column** of the HF matrix ``o_proj.weight[:, j]`` (``down_proj.weight[:, j]``).
+    **column** of the HF matrix ``o_proj.weight[:, j]`` (``down_proj.weight[:, j]``); in the
+    stacked layout, ``layers.attn.o_proj.kernel[l, j, :]``.
+
+Attention: training and prefill run ``jax.nn.dot_product_attention`` (:func:`sequence_attention`)
+with our explicit masks; decoding and extra queries run the grouped-query :func:`attend` on the
+head-major KV cache.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from ssah_jax.models.config import ModelConfig, RopeConfig
+from ssah_jax.models.layout import Layout, checkpointed, stack_layers, stack_trees, unstack_layers
 from ssah_jax.sharding import constrain
 
 Dtype = Any
@@ -102,18 +112,27 @@ class LayerCache(NamedTuple):
 
 
 class KVCache(NamedTuple):
-    """KV cache: one LayerCache per layer; ``index`` = slots already written (int32 scalar)."""
+    """KV cache: one LayerCache per layer, or one stacked LayerCache ``[layers, B, K, T, D]``
+    (what a scanned model runs on; it also takes the per-layer form, at the price of stacking
+    and unstacking it in every call); ``index`` = slots already written (int32 scalar)."""
 
-    layers: tuple[LayerCache, ...]
+    layers: tuple[LayerCache, ...] | LayerCache
     index: jax.Array
 
     @property
+    def stacked(self) -> bool:
+        return isinstance(self.layers, LayerCache)
+
+    @property
     def length(self) -> int:
-        return self.layers[0].k.shape[2]
+        return (self.layers if self.stacked else self.layers[0]).k.shape[-2]
 
     @classmethod
-    def init(cls, config: ModelConfig, batch: int, length: int, dtype: Dtype) -> KVCache:
+    def init(cls, config: ModelConfig, batch: int, length: int, dtype: Dtype, *, stacked: bool = False) -> KVCache:
         shape = (batch, config.num_kv_heads, length, config.head_dim)
+        if stacked:
+            full = (config.num_layers, *shape)
+            return cls(LayerCache(jnp.zeros(full, dtype), jnp.zeros(full, dtype)), jnp.zeros((), jnp.int32))
         layers = tuple(
             LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)
         )
@@ -121,7 +140,8 @@ class KVCache(NamedTuple):
 
 
 def attend(q: jax.Array, k, v, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q ``[B, S, H, D]``; k, v ``[B, K, T, D]`` with ``H = K * G``,
+    """Grouped-query attention of decoding and extra queries (training and prefill use
+    :func:`sequence_attention`). q ``[B, S, H, D]``; k, v ``[B, K, T, D]`` with ``H = K * G``,
     or tuples of such blocks (``[B, K, T_i, D]``, read as one sequence of ``T = sum T_i`` keys
     without concatenating them: how extra queries see a KV cache plus their own keys);
     mask ``[B, S, T]`` boolean. Returns ``[B, S, H, D]``.
@@ -147,6 +167,21 @@ def attend(q: jax.Array, k, v, mask: jax.Array) -> jax.Array:
     return out.reshape(b, kv_heads, s, groups, d).transpose(0, 2, 1, 3, 4).reshape(b, s, h, d)
 
 
+def sequence_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attention of training and prefill by ``jax.nn.dot_product_attention``. q ``[B, S, H, D]``;
+    k, v ``[B, T, K, D]`` (sequence-major, ``H = K * G``: grouped-query attention is native);
+    mask ``[B, S, T]`` boolean, passed as is (our explicit masks are honoured). Returns
+    ``[B, S, H, D]``.
+
+    ``implementation=None`` leaves the choice to JAX: in jax 0.10 that is always the XLA kernel
+    (logits and softmax in float32; a row with no visible key gets a uniform finite mix, as in
+    :func:`attend`). cuDNN's fused kernel is opt-in there (``implementation="cudnn"``: GPU
+    only, bf16 / fp16 inputs and the shapes cuDNN supports, and a fully masked row is then not
+    guaranteed finite), so it is not forced here.
+    """
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=None)
+
+
 class Attention(nnx.Module):
     """Grouped-query attention with rotary embeddings and an optional KV cache."""
 
@@ -170,17 +205,23 @@ class Attention(nnx.Module):
         k = self.k_proj(x).reshape(b, s, c.num_kv_heads, c.head_dim)
         v = self.v_proj(x).reshape(b, s, c.num_kv_heads, c.head_dim)
         q = constrain(apply_rope(q, positions, c.rope), ("act_batch", "act_len", "act_heads", "act_head_dim"))
-        k = apply_rope(k, positions, c.rope).transpose(0, 2, 1, 3)  # [B, K, S, D]
-        v = v.transpose(0, 2, 1, 3)
-        if cache is not None and not write_cache:
-            k, v = (cache.k.astype(q.dtype), k), (cache.v.astype(q.dtype), v)
-        elif cache is not None:
+        k = apply_rope(k, positions, c.rope)
+        if cache is None:  # training, scoring: the fused kernel on [B, S, K, D] as projected
+            out = sequence_attention(q, k, v, mask)
+        elif not write_cache:  # extra queries: the cache, then themselves, without concatenating
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
+            out = attend(q, (cache.k.astype(q.dtype), k), (cache.v.astype(q.dtype), v), mask)
+        else:
             start = (0, 0, cache_index, 0)
-            k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
-            v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+            k = jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), start)
+            v = jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), start)
             cache = LayerCache(k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        return attend(q, k, v, mask).reshape(b, s, c.num_heads * c.head_dim), cache
+            if s == 1:  # decoding: grouped-query attention reads the head-major cache in place
+                out = attend(q, k, v, mask)
+            else:  # prefill: one transpose of the cache per call, then the fused kernel
+                out = sequence_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+        return out.reshape(b, s, c.num_heads * c.head_dim), cache
 
     def __call__(self, x, positions, mask, cache: LayerCache | None, cache_index, write_cache: bool = True):
         out, cache = self.unit_inputs(x, positions, mask, cache, cache_index, write_cache)
@@ -254,6 +295,12 @@ class CausalLM(nnx.Module):
     ``model(input_ids, attention_mask=None)`` returns float32 logits ``[batch, seq, vocab]``.
     ``attention_mask`` is ``[batch, kv_len]`` with 1 for real tokens (left or right padding);
     positions are counted over real tokens only.
+
+    ``layout`` (:class:`~ssah_jax.models.Layout`): the unrolled layers (default; ``layers[i]``
+    is a :class:`Block`) or one stacked :class:`Block` whose arrays carry a leading ``layers``
+    axis, run by ``jax.lax.scan``; and the remat policy of each layer. Both layouts are
+    initialised alike from ``rngs`` (the stacked one is :func:`stack_layers` of the unrolled
+    one) and :func:`with_layout` converts a model between them.
     """
 
     def __init__(
@@ -262,10 +309,12 @@ class CausalLM(nnx.Module):
         *,
         dtype: Dtype = jnp.float32,
         param_dtype: Dtype = jnp.float32,
+        layout: Layout = Layout(),
         rngs: nnx.Rngs,
     ):
         self.config = config
         self.dtype = dtype
+        self.layout = layout
         self.embed = nnx.Embed(
             config.vocab_size,
             config.hidden_size,
@@ -275,9 +324,12 @@ class CausalLM(nnx.Module):
             embedding_metadata=_meta("vocab", "embed"),
             rngs=rngs,
         )
-        self.layers = nnx.List(
-            [Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(config.num_layers)]
-        )
+        blocks = [Block(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(config.num_layers)]
+        if layout.scan:
+            graphdef = nnx.graphdef(blocks[0])
+            self.layers = nnx.merge(graphdef, stack_trees([nnx.state(b) for b in blocks]))
+        else:
+            self.layers = nnx.List(blocks)
         self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.lm_head = (
             None
@@ -359,18 +411,60 @@ class CausalLM(nnx.Module):
         elif embeddings.shape != (b, s, self.config.hidden_size):
             raise ValueError(f"embeddings has shape {embeddings.shape}, expected {(b, s, self.config.hidden_size)}")
         x = constrain(embeddings.astype(self.dtype), ("act_batch", "act_len", "act_embed"))
+
+        def step(graphdef, state, x, layer_cache):
+            return nnx.merge(graphdef, state)(x, positions, mask, layer_cache, index, write_cache)
+
+        run = self._scanned if self.layout.scan else self._unrolled
+        x, new_cache, hidden_states, unit_inputs = run(step, x, cache, write_cache, output_hidden_states,
+                                                       output_unit_inputs)
+        if cache is not None and write_cache:
+            cache = KVCache(new_cache, index + s)
+        return DecoderOutput(self.final_norm(x), cache, hidden_states, unit_inputs)
+
+    def _unrolled(self, step, x, cache, write_cache, output_hidden_states, output_unit_inputs):
+        """The layers one after the other: ``(x, cache layers, hidden states, unit inputs)``."""
+        del write_cache  # each layer's step knows it
+        if cache is None:
+            caches = [None] * self.config.num_layers
+        elif cache.stacked:
+            caches = [LayerCache(cache.layers.k[i], cache.layers.v[i]) for i in range(self.config.num_layers)]
+        else:
+            caches = cache.layers
         hidden_states = [x]
         new_cache, unit_inputs = [], []
-        for i, layer in enumerate(self.layers):
-            x, layer_cache, inputs = layer(x, positions, mask, None if cache is None else cache.layers[i], index,
-                                           write_cache)
+        for layer, layer_cache in zip(self.layers, caches):
+            graphdef, state = nnx.split(layer)
+            layer_step = checkpointed(functools.partial(step, graphdef), self.layout.remat, in_scan=False)
+            x, layer_cache, inputs = layer_step(state, x, layer_cache)
             new_cache.append(layer_cache)
             hidden_states.append(x)
             unit_inputs.append(inputs)
-        if cache is not None and write_cache:
-            cache = KVCache(tuple(new_cache), index + s)
-        stacked = jnp.stack(hidden_states) if output_hidden_states else None
-        return DecoderOutput(self.final_norm(x), cache, stacked, tuple(unit_inputs) if output_unit_inputs else None)
+        return (x, _stack_cache(new_cache) if cache is not None and cache.stacked else tuple(new_cache),
+                jnp.stack(hidden_states) if output_hidden_states else None,
+                tuple(unit_inputs) if output_unit_inputs else None)
+
+    def _scanned(self, step, x, cache, write_cache, output_hidden_states, output_unit_inputs):
+        """The stacked layers under ``jax.lax.scan``, the same outputs as :meth:`_unrolled`."""
+        graphdef, state = nnx.split(self.layers)
+        writes = cache is not None and write_cache
+        layer_step = checkpointed(functools.partial(step, graphdef), self.layout.remat, in_scan=True)
+
+        def body(x, xs):
+            layer_state, layer_cache = xs
+            x, layer_cache, inputs = layer_step(layer_state, x, layer_cache)
+            # Only what the caller asked for leaves the loop (each output is [L, ...]).
+            return x, (layer_cache if writes else None, x if output_hidden_states else None,
+                       inputs if output_unit_inputs else None)
+
+        caches = None if cache is None else cache.layers if cache.stacked else _stack_cache(cache.layers)
+        last, (new_cache, hidden, inputs) = jax.lax.scan(body, x, (state, caches))
+        if writes and not cache.stacked:
+            new_cache = tuple(LayerCache(new_cache.k[i], new_cache.v[i]) for i in range(self.config.num_layers))
+        hidden_states = jnp.concatenate([x[None], hidden]) if output_hidden_states else None
+        unit_inputs = (tuple(UnitInputs(inputs.attn[i], inputs.mlp[i]) for i in range(self.config.num_layers))
+                       if output_unit_inputs else None)
+        return last, new_cache, hidden_states, unit_inputs
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM head: ``[..., hidden] -> [..., vocab] float32``."""
@@ -386,6 +480,27 @@ class CausalLM(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, *, mask=None) -> jax.Array:
         return self.logits(self.forward(input_ids, attention_mask, mask=mask).hidden)
+
+
+def _stack_cache(layers) -> LayerCache:
+    return LayerCache(jnp.stack([c.k for c in layers]), jnp.stack([c.v for c in layers]))
+
+
+def with_layout(model: CausalLM, layout: Layout) -> CausalLM:
+    """``model`` in ``layout``: the same parameters (bit for bit) stacked or unstacked as the
+    layout needs, and its remat policy (``model`` itself when it is in ``layout`` already).
+    ``model`` itself is left as it is."""
+    if model.layout == layout:
+        return model
+    param_dtype = model.embed.embedding.get_value().dtype
+    target = nnx.eval_shape(lambda: CausalLM(model.config, dtype=model.dtype, param_dtype=param_dtype,
+                                             layout=layout, rngs=nnx.Rngs(0)))
+    state = nnx.to_pure_dict(nnx.state(model))
+    if model.layout.scan and not layout.scan:
+        state = unstack_layers(state)
+    elif layout.scan and not model.layout.scan:
+        state = stack_layers(state)
+    return nnx.merge(nnx.graphdef(target), state)
 
 
 def next_token_logprobs(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:

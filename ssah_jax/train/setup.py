@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ssah_jax.masking import freeze_masks
-from ssah_jax.models import CausalLM
+from ssah_jax.models import CausalLM, is_stacked, stack_layers, unstack_layers
 from ssah_jax.train import lora
 from ssah_jax.train.step import (
     Objective,
@@ -84,10 +84,12 @@ class Training:
         return compile_eval_step(self.trainee, self.shardings)
 
     def final_params(self, state: TrainState) -> Any:
-        """The model's full parameter dict of ``state`` (LoRA merged into the base; without the
-        extra parameters, which :meth:`final_extras` gives), float32 master weights."""
+        """The model's full parameter dict of ``state`` in the unrolled layout, whatever layout
+        trained (LoRA merged into the base; without the extra parameters, which
+        :meth:`final_extras` gives), float32 master weights: what an export saves."""
         own = {k: v for k, v in state.params.items() if k not in self.trainee.extra}
-        return own if self.trainee.lora is None else lora.merge(state.base, own, self.trainee.lora)
+        full = own if self.trainee.lora is None else lora.merge(state.base, own, self.trainee.lora)
+        return unstack_layers(full) if is_stacked(full) else full
 
     def final_extras(self, state: TrainState) -> dict[str, Any]:
         """The extra parameters of ``state`` by name (``{"signal": ...}``)."""
@@ -136,19 +138,27 @@ def setup_training(
     in ``compute_dtype`` with ``accum_steps`` micro-batches. ``extra``: trained parameters
     outside the model's layout by top-level name (``{"signal": signal.params}``), replicated,
     never frozen, given to ``objective.sums`` by name; their updates are scaled by
-    ``extra_lr_scale`` (a freshly initialised head may learn faster than the weights under it)."""
+    ``extra_lr_scale`` (a freshly initialised head may learn faster than the weights under it).
+
+    ``model`` may be in either layout (:class:`~ssah_jax.models.Layout`); the state, masks and
+    step follow it. Freeze masks and LoRA adapters are built in the unrolled layout and
+    stacked for a scanned model, so that a unit, a layer or a seed means the same in both."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    scanned = model.layout.scan
+    unrolled = jax.eval_shape(unstack_layers, params) if scanned else params  # shapes suffice
     shardings = model_shardings(model, mesh)
     base = base_shardings = None
     if freeze.lora is not None:
         base, base_shardings = params, shardings
-        params = lora.init(jax.random.key(seed), base, freeze.lora)
+        params = lora.init(jax.random.key(seed), unrolled, freeze.lora)
+        params = stack_layers(params) if scanned else params
         shardings = lora.shardings(params, base_shardings, freeze.lora)
         masks = jax.tree.map(lambda _: False, params)
     else:
-        masks = freeze_masks(params, model.config, frozen_units=freeze.frozen_units,
+        masks = freeze_masks(unrolled, model.config, frozen_units=freeze.frozen_units,
                              trained_units=freeze.trained_units, frozen_layers=tuple(freeze.layers),
                              frozen_groups=tuple(freeze.groups))
+        masks = stack_layers(masks, like=unrolled) if scanned else masks
     if extra:
         clash = sorted(set(extra) & set(params))
         if clash:

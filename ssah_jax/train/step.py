@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import flax
@@ -27,7 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ssah_jax.masking import FreezeState, freeze, frozen_masks_of, zero_frozen_gradients
-from ssah_jax.models import CausalLM, next_token_logprobs
+from ssah_jax.models import CausalLM, is_stacked, next_token_logprobs
 from ssah_jax.sharding import active_rules, logical_to_spec, param_shardings
 from ssah_jax.train import lora
 
@@ -84,7 +85,7 @@ class ResponseLoss:
 
 @dataclasses.dataclass(frozen=True)
 class Trainee:
-    """What the step runs: the model's graph in the compute dtype (static), LoRA if any, the
+    """What the step runs: the model's graph in the compute dtype and layout (static), LoRA if any, the
     objective, and ``extra``: the top-level names of trained parameters outside the model's
     layout (a safety signal's ``"signal"``), which the objective receives by name."""
 
@@ -97,8 +98,8 @@ class Trainee:
     @classmethod
     def of(cls, model: CausalLM, compute_dtype=jnp.float32, lora_config: lora.LoraConfig | None = None,
            objective: Objective = ResponseLoss(), extra: tuple[str, ...] = ()) -> Trainee:
-        abstract = nnx.eval_shape(
-            lambda: CausalLM(model.config, dtype=compute_dtype, param_dtype=compute_dtype, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(lambda: CausalLM(model.config, dtype=compute_dtype, param_dtype=compute_dtype,
+                                                   layout=model.layout, rngs=nnx.Rngs(0)))
         return cls(nnx.graphdef(abstract), compute_dtype, lora_config, objective, tuple(extra))
 
     def weights(self, params: Any, base: Any) -> Any:
@@ -166,7 +167,15 @@ def learning_rate_schedule(c: OptimizerConfig) -> optax.Schedule:
 
 
 def _decay_mask(params: Any) -> Any:
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Matrices decay, norms and biases do not, in either layout (a stacked ``layers`` axis is
+    not a matrix dimension)."""
+    stacked = isinstance(params, Mapping) and "layers" in params and is_stacked(params)
+
+    def decays(path, p):
+        per_layer = stacked and getattr(path[0], "key", None) == "layers"
+        return p.ndim - per_layer >= 2
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(c: OptimizerConfig, masks: Any) -> tuple[optax.GradientTransformation, optax.Schedule]:
