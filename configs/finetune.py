@@ -6,6 +6,12 @@ Presets (``--config=configs/finetune.py:<preset>``):
            held-out response loss on 64 examples every 20 steps, full fine-tuning
   quick    a smoke test: 6 steps of batch 4 (128 tokens), 8 held-out examples
   gpu      one GPU: bfloat16 compute (float32 master weights), batch 32, 1,000 steps
+  llama2_7b_8gpu, llama3_8b_8gpu    the papers' models (Llama-2-7B-Chat, Llama-3-8B-Instruct: the
+           hub id, or set ``model`` to your HF directory) on one 8 x 80 GB GPU host: 1,000 steps of
+           8 x 2048 tokens, bfloat16 compute, FSDP over the 8 GPUs, scanned layers, remat ``dots``
+  llama2_7b_v5e16, llama3_8b_v5e16  the same on a TPU v5e-16 slice (16 chips of 16 GB, 4 hosts:
+           scripts/launch_tpu_pod.sh): 16 x 2048 tokens, FSDP over the 16 chips, remat ``full``
+           (the settings ``ssah-jax plan`` says fit; README: the plans)
 
 ``freeze.mode``:
   none        every parameter trains
@@ -37,6 +43,13 @@ from ml_collections import ConfigDict
 
 from ssah_jax.runs import set_values
 
+LLAMA2_7B, LLAMA3_8B = "meta-llama/Llama-2-7b-chat-hf", "meta-llama/Meta-Llama-3-8B-Instruct"
+_LARGE = {"steps": 1000, "compute_dtype": "bfloat16", "data.heldout": 256, "data.max_length": 2048,
+          "optimizer.warmup_steps": 50, "log_every": 10, "eval_every": 200, "checkpoint_every": 200,
+          "model_layout.scan": True}
+_8GPU = {**_LARGE, "batch_size": 8, "eval_batch_size": 8, "model_layout.remat": "dots"}
+_V5E16 = {**_LARGE, "batch_size": 16, "eval_batch_size": 16, "model_layout.remat": "full"}
+
 # name -> the keys it sets; the first is the default
 PRESETS = {
     "smollm2": {},
@@ -45,6 +58,10 @@ PRESETS = {
     "gpu": {"steps": 1000, "batch_size": 32, "compute_dtype": "bfloat16", "data.heldout": 256,
             "data.max_length": 512, "optimizer.warmup_steps": 50, "log_every": 10, "eval_every": 200,
             "eval_batch_size": 32, "checkpoint_every": 200},
+    "llama2_7b_8gpu": {**_8GPU, "model": LLAMA2_7B},
+    "llama3_8b_8gpu": {**_8GPU, "model": LLAMA3_8B},
+    "llama2_7b_v5e16": {**_V5E16, "model": LLAMA2_7B},
+    "llama3_8b_v5e16": {**_V5E16, "model": LLAMA3_8B},
 }
 
 

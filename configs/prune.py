@@ -10,6 +10,9 @@ Presets (``--config=configs/prune.py:<preset>``):
   quick    a smoke test on a handful of examples (minutes)
   gpu      one GPU, bfloat16: 512 + 512 calibration samples, full ASR / MMLU / SST-2 sets,
            GSM8K (the 7B setting of the paper: set ``model`` to a Llama-2-7B-Chat directory)
+  llama2_7b_8gpu, llama3_8b_8gpu, llama2_7b_v5e16, llama3_8b_v5e16
+           ``gpu`` on the papers' models (the hub id, or set ``model`` to your HF directory); the
+           v5e presets score and decode 16 at a time (a 16 GB chip holds the bf16 weights)
 
 Fractions default to the paper's Llama-2-7B-Chat values (SCU 1.3%, UCU 13.3%, RU 14.8%).
 ``evaluation`` is an ``ssah-jax evaluate`` config (see configs/evaluate.py) without its model
@@ -22,7 +25,8 @@ from ml_collections import ConfigDict
 
 from ssah_jax.runs import config_from_file, set_values
 
-PRESETS = ("smollm2", "quick", "gpu")  # the first is the default
+PRESETS = ("smollm2", "quick", "gpu", "llama2_7b_8gpu", "llama3_8b_8gpu", "llama2_7b_v5e16",
+           "llama3_8b_v5e16")  # the first is the default
 
 
 def get_config(preset: str = "smollm2") -> ConfigDict:
@@ -45,7 +49,8 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     # the models evaluated; empty: the unit map only (no table)
     c.variants = ("dense", "minus_SCU", "minus_UCU", "minus_RU", "minus_random")
     c.kinds = ConfigDict(dict(scu=0.013, ucu=0.133, ru=0.148, ranking="global", normalise="layer_mean"))
-    c.evaluation = config_from_file(Path(__file__).with_name("evaluate.py"), "gpu" if preset == "gpu" else "smollm2",
+    gpu = preset == "gpu" or preset.startswith("llama")
+    c.evaluation = config_from_file(Path(__file__).with_name("evaluate.py"), "gpu" if gpu else "smollm2",
                                     drop=("model", "dtype", "data_dir"))
     c.evaluation.tasks = ("asr", "mmlu", "sst2", "perplexity")
     if preset == "smollm2":
@@ -64,5 +69,9 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
             "dtype": "bfloat16", "attribution.batch_size": 32, "attribution.safety.limit": 512,
             "attribution.utility.limit": 512, "evaluation.tasks": ("asr", "mmlu", "sst2", "gsm8k", "perplexity"),
         })
+    if preset.startswith("llama"):
+        c.model = config_from_file(Path(__file__).with_name("finetune.py"), preset).model
+    if preset.endswith("_v5e16"):
+        set_values(c, {"attribution.batch_size": 16, "evaluation.batch_size": 16})
     c.lock()
     return c

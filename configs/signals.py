@@ -22,6 +22,11 @@ Presets (``--config=configs/signals.py:<preset>``):
   smollm2_cpu  the demo model on a 2-core CPU, small evaluation sets (README: stage times)
   gpu          the demo model on one GPU: reproduce's GPU alignment, larger sets, bfloat16
   tiny         a smoke test of the wiring (a few steps and prompts per stage)
+  llama2_7b_8gpu, llama3_8b_8gpu, llama2_7b_v5e16, llama3_8b_v5e16
+               the papers' models (Llama-2-7B-Chat, Llama-3-8B-Instruct: the hub id, or set ``model``
+               to your HF directory) with the GPU sets, on one 8 x 80 GB GPU host or a TPU v5e-16
+               slice; training as configs/finetune.py's preset of the same name (``ssah-jax plan``
+               shows each bill)
 """
 
 from pathlib import Path
@@ -31,14 +36,16 @@ from ml_collections import ConfigDict
 from ssah_jax.runs import config_from_file, set_values
 
 HERE = Path(__file__).parent
-PRESETS = ("smollm2_cpu", "gpu", "tiny")  # the first is the default
+PRESETS = ("smollm2_cpu", "gpu", "tiny", "llama2_7b_8gpu", "llama3_8b_8gpu", "llama2_7b_v5e16",
+           "llama3_8b_v5e16")  # the first is the default
 TRAINED_HARMFUL = "safety_refusals_short,bianchi_safety"  # never evaluated on
 
 
 def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} for configs/signals.py (presets: {', '.join(PRESETS)})")
-    gpu = preset == "gpu"
+    large = preset.startswith("llama")  # configs/finetune.py's preset of the same name trains
+    gpu = preset == "gpu" or large
     c = ConfigDict()
     c.model = "smollm2-135m-instruct"  # the unaligned model: demo name, HF directory, .gguf
     c.dtype = "bfloat16" if gpu else "float32"  # evaluation; training uses finetune.compute_dtype
@@ -53,7 +60,7 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
 
     # The alignment of configs/reproduce.py (align_full): harmful prompts -> refusals (labelled
     # malicious) and benign instructions (benign), rendered in the model's chat template
-    reproduce = config_from_file(HERE / "reproduce.py", "smollm2_gpu" if gpu else "smollm2_cpu")
+    reproduce = config_from_file(HERE / "reproduce.py", preset if large else "smollm2_gpu" if gpu else "smollm2_cpu")
     c.align = ConfigDict({k: v for k, v in reproduce.align.items() if k != "ru_epochs"})
     c.signal = ConfigDict(dict(
         head="linear",  # linear | mlp, on [CLS]'s final hidden state
@@ -103,7 +110,9 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
         "harmful.exclude": TRAINED_HARMFUL, "harmful.limit": 0, "harmful.settings": ("no_system",),
     })
     # Every training run starts from this configs/finetune.py config
-    c.finetune = config_from_file(HERE / "finetune.py", "gpu" if gpu else "smollm2")
+    c.finetune = config_from_file(HERE / "finetune.py", preset if large else "gpu" if gpu else "smollm2")
+    if large:
+        c.model = c.finetune.model
 
     if gpu:
         set_values(c.evaluation, {"harmful.dataset": "advbench,harmbench_standard", "prefill.limit": 0,
@@ -131,5 +140,8 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
                                   "sweep.temperatures": (1.0,), "overrefusal.limit": 2, "mmlu.limit": 4,
                                   "sst2.limit": 4, "gsm8k.limit": 2, "gsm8k.max_new_tokens": 2,
                                   "perplexity.limit": 2, "perplexity.max_length": 64})
+    if preset.endswith("_v5e16"):  # a 16 GB chip holds the bf16 weights and a KV cache of 16 prompts
+        for section in (c.evaluation, c.attack.evaluation, c.classifier):
+            section.batch_size = 16
     c.lock()
     return c

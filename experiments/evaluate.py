@@ -93,6 +93,13 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     return out / "report.md"
 
 
+def plan_configs(config: ConfigDict) -> list[Any]:
+    """What ``ssah-jax plan`` compiles: the decoding of a batch of prompts."""
+    from ssah_jax.planning import Item
+
+    return [Item("evaluate", "generate", config.model, config)]
+
+
 def with_signal(model: Any, settings: ConfigDict) -> signals.SignalModel:
     """``model`` deployed with the safety signal of ``settings.file`` under ``settings``' decoding."""
     path = Path(settings.file)

@@ -310,6 +310,13 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     return report
 
 
+def plan_configs(config: ConfigDict) -> list[Any]:
+    """What ``ssah-jax plan`` compiles: this training."""
+    from ssah_jax.planning import Item
+
+    return [Item("finetune", "train", config.model, config)]
+
+
 def run_for_export(config: ConfigDict, directory: Path) -> None:
     """A pipeline stage's training: a run whose checkpoints are dropped once it finished (its
     export is the result)."""

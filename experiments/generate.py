@@ -51,6 +51,13 @@ def validate(config: ConfigDict) -> None:
     runs.dtype(config)
 
 
+def plan_configs(config: ConfigDict) -> list:
+    """What ``ssah-jax plan`` compiles: the decoding of a batch of prompts."""
+    from ssah_jax.planning import Item
+
+    return [Item("generate", "generate", config.model, config)]
+
+
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
     prompts = read_prompts(config.prompts_file) if config.prompts_file else list(config.prompts)

@@ -72,6 +72,15 @@ def scores(config: ConfigDict, model: Any, tokenizer: Any, out: Path, which: str
                               dataset=a[which].dataset)
 
 
+def plan_configs(config: ConfigDict) -> list[Any]:
+    """What ``ssah-jax plan`` compiles: the variants' evaluation (decoding a batch of prompts)."""
+    from ssah_jax.planning import Item
+
+    evaluation = ConfigDict(config.evaluation.to_dict())
+    evaluation.dtype = config.dtype
+    return [Item("evaluation", "generate", config.model, evaluation)]
+
+
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
     out = runs.prepare_workdir(workdir, config, EXCLUDED, overwrite=overwrite)

@@ -5,6 +5,7 @@
     python scripts/benchmark.py train [--batch 4] [--length 256] [--repeats 3]
     python scripts/benchmark.py signals [--batch 8] [--new-tokens 128] [--repeats 3]
     python scripts/benchmark.py mfu [--size 1b|tiny] [--batch 8] [--length 2048] [--decode-batch 64]
+                                    [--layout scan|unrolled] [--remat dots]
 
 ``generate``: batched greedy decoding of the demo model (same GGUF, same chat prompts, both
 forced to produce exactly ``--new-tokens`` tokens per row); prints tokens/s for ours and for
@@ -31,9 +32,10 @@ tokens); the variants run round-robin ``--repeats`` times (medians), so a slow s
 machine hits all of them; prints tokens/s and each schedule's time relative to plain decoding.
 
 ``mfu``: ours alone, for accelerators. The compiled full fine-tuning step (bf16 compute, fp32
-master weights, AdamW, FSDP over every device) of a Llama-3.2-1B-shaped decoder with random
+master weights, AdamW, FSDP over every device, ``--layout`` scanned layers and ``--remat`` dots
+by default) of a Llama-3.2-1B-shaped decoder with random
 weights (``--size 1b``; ``tiny`` on a CPU, where it tests the script): tokens/s, the model's
-FLOPs per token (6 per matrix weight plus PaLM's attention term; XLA's own count of the step
+FLOPs per token (6 per matrix weight plus PaLM's attention term; XLA's own count of an unrolled step
 beside it) and MFU against the device's bf16 peak (``PEAK_BF16_FLOPS`` by device kind, or
 ``--peak-tflops``); then greedy bf16 decoding of ``--decode-batch`` random 64-token prompts
 for ``--new-tokens`` tokens against the bandwidth floor (every weight read once per step at
@@ -452,10 +454,11 @@ def bench_mfu(args) -> dict:
 
     from ssah_jax.data import left_pad
     from ssah_jax.generation import generate_tokens
-    from ssah_jax.models import CausalLM, ModelConfig
+    from ssah_jax.models import CausalLM, Layout, ModelConfig
     from ssah_jax.sharding import make_mesh, shard_batch, use_rules
     from ssah_jax.train import Freeze, OptimizerConfig, setup_training
 
+    layout = Layout(scan=getattr(args, "layout", "scan") == "scan", remat=getattr(args, "remat", "dots"))
     size = args.size or ("tiny" if jax.default_backend() == "cpu" else "1b")
     config = ModelConfig(**MFU_SIZES[size])
     args.length = args.length or (2048 if size == "1b" else 128)
@@ -468,7 +471,7 @@ def bench_mfu(args) -> dict:
         raise SystemExit(f"benchmark.py mfu: --batch ({args.batch}) and --decode-batch ({args.decode_batch}) must "
                          f"split over the {devices} devices")
     with jax.set_mesh(mesh), use_rules():
-        model = CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+        model = CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.float32, layout=layout, rngs=nnx.Rngs(0))
         parameters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
         training = setup_training(model, mesh, Freeze(), OptimizerConfig(
             learning_rate=1e-5, schedule="constant", clip_norm=1.0, total_steps=args.repeats + 2),
@@ -517,14 +520,16 @@ def bench_mfu(args) -> dict:
         "parameters": int(parameters),
         "batch": args.batch,
         "length": args.length,
+        "layout": f"{'scanned' if layout.scan else 'unrolled'} layers, remat {layout.remat}",
         "devices": devices,
         "device_kind": kind,
         "train_step_s": step_s,
         "train_tokens_per_s": tokens_s,
         "model_flops_per_token": flops_token,
-        # XLA counts the FLOPs of one device's partition of the step
+        # XLA counts the FLOPs of one device's partition of the step, and a scan's body once
+        # (so only an unrolled step's count is comparable)
         "xla_flops_per_token": (float(cost["flops"]) * devices / (args.batch * args.length)
-                                if cost and "flops" in cost else None),
+                                if cost and "flops" in cost and not layout.scan else None),
         "achieved_tflops_per_device": achieved / 1e12,
         "peak_tflops_per_device": None if peak is None else peak / 1e12,
         "mfu": None if peak is None else achieved / peak,
@@ -546,9 +551,10 @@ def _summary(result: dict) -> list[str]:
         return [
             f"train:  {result['train_tokens_per_s']:10.1f} tokens/s ({result['size']}: "
             f"{result['parameters'] / 1e6:.0f}M parameters, batch {result['batch']} x {result['length']}, bf16 "
-            f"compute, fp32 master weights, {result['devices']} x {result['device_kind']})",
+            f"compute, fp32 master weights, {result['layout']}, {result['devices']} x {result['device_kind']})",
             f"        {result['model_flops_per_token'] / 1e9:.4f} GFLOP per token (model; XLA counts "
-            f"{'?' if xla is None else f'{xla / 1e9:.4f}'}), {result['achieved_tflops_per_device']:.2f} TFLOP/s "
+            f"{'? (--layout unrolled to see it)' if xla is None else f'{xla / 1e9:.4f}'}), "
+            f"{result['achieved_tflops_per_device']:.2f} TFLOP/s "
             f"per device, {mfu}",
             f"decode: {result['decode_tokens_per_s']:10.1f} tokens/s at batch {result['decode_batch']} "
             f"({result['new_tokens']} new tokens, bf16) = {100 * result['decode_fraction_of_floor']:.1f}% of the "
@@ -603,6 +609,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--size", choices=sorted(MFU_SIZES), help="mfu: the model (default: 1b, tiny on a CPU)")
     parser.add_argument("--decode-batch", type=int, default=64, help="mfu: rows of the decoding measurement")
+    parser.add_argument("--layout", choices=["scan", "unrolled"], default="scan", help="mfu: the train step's layers")
+    parser.add_argument("--remat", default="dots", help="mfu: the train step's remat policy (none, full, dots, ...)")
     parser.add_argument("--peak-tflops", type=float, help="mfu: the device's bf16 peak, if not in the table")
     parser.add_argument("--out", help="also write the result as JSON here")
     parser.add_argument("--profile", action="store_true",

@@ -35,6 +35,10 @@ _MULTIHOST = flags.DEFINE_boolean("multihost", False, "Join the other processes 
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0 .. num_processes - 1.")
+_DEVICES = flags.DEFINE_integer("devices", 8, "plan: how many devices (fake CPU ones) the run would have.")
+_MEMORY_GB = flags.DEFINE_float("memory_gb", None, "plan: GiB of memory per device (default: the TPU's, else 80).")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "plan: a TPU topology to compile for, e.g. v5e:4x4 (needs libtpu).")
+_PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 256, "plan: prompt length of the decoding plans.")
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # beside experiments/ in the checkout
 HELP = ("-h", "--help")
@@ -42,6 +46,19 @@ TRACEBACK_ENV = "SSAH_TRACEBACK"
 _LINES = re.compile(r"\s*\n\s*")  # a message's line breaks, collapsed to one space
 USAGE = ("usage: ssah-jax <experiment> --config=configs/<experiment>.py[:<preset>] --workdir=DIR "
          "[--config.<key>=<value> ...] [--overwrite] [--traceback] [--multihost ...]")
+PLAN_USAGE = ("usage: ssah-jax plan --config=configs/<experiment>.py[:<preset>] [--config.<key>=<value> ...] "
+              "[--devices=8] [--memory_gb=GiB] [--topology=v5e:4x4] [--prompt_tokens=256]")
+PLAN_HELP = f"""{PLAN_USAGE}
+
+The memory bill of an experiment before it runs: its trainings (the step, with the config's
+batch, length, dtype, mesh, layout and remat) and its evaluation's decoding (batch_size
+prompts of --prompt_tokens, max_new_tokens more) are compiled from abstract weights (no
+weights read, no device used) for --devices fake CPU devices, or for a TPU topology ahead of
+time (--topology, with libtpu: pip install -e '.[tpu]'). Each bill (parameters, optimizer
+state, activations and temporaries per device) is set against --memory_gb (default: the TPU's
+HBM, else 80 GiB: an H100 / A100) with "fits" or "DOES NOT FIT", and then the first setting of
+remat, the scanned layout or micro-batches that fits. The model's architecture comes from its
+config.json or GGUF metadata (the papers' hub models are known offline)."""
 FLAGS_HELP = """\
 flags:
   --config=FILE[:PRESET]  the experiment's config file and preset (default: the file's first preset)
@@ -130,7 +147,8 @@ def overview() -> str:
     for name in experiments():
         summary, _, presets = _describe(name)
         lines += [f"  {name:10} {summary}", f"  {'':10} presets: {_presets(presets)}"]
-    return "\n".join(lines + ["", FLAGS_HELP])
+    return "\n".join(lines + ["", "ssah-jax plan --config=<an experiment's config>: its memory bill per device "
+                                   "(`ssah-jax plan --help`)", "", FLAGS_HELP])
 
 
 def _config_spec(args: list[str]) -> str | None:
@@ -345,6 +363,42 @@ def _main(argv: list[str]) -> None:
         _fail(one_line(e))
 
 
+def experiment_of(spec: str, config: ConfigDict) -> str:
+    """The experiment a config belongs to: its file's name, else the one with its keys."""
+    stem = Path(spec.partition(":")[0]).stem
+    if stem in experiments():
+        return stem
+    for name in experiments():
+        own = CONFIGS / f"{name}.py"
+        if own.is_file() and set(load_config(str(own)).keys()) == set(config.keys()):
+            return name
+    raise _Exit(f"--config={spec}: not the config of an experiment ({', '.join(experiments())})")
+
+
+def _plan_main(argv: list[str]) -> None:
+    if argv[1:] != ["plan"]:
+        _fail(f"ssah-jax plan takes no other arguments, got {argv[2:]}; {PLAN_USAGE}")
+    if _CONFIG.value is None:
+        _fail(f"--config is required; {PLAN_USAGE}")
+    spec = _config_spec(sys.argv[1:]) or ""
+    try:
+        name = experiment_of(spec, _CONFIG.value)
+    except _Exit as e:
+        _fail(str(e))
+    split_lists(_CONFIG.value)
+    logging.set_verbosity(logging.ERROR)
+    from ssah_jax import planning
+
+    try:
+        lines = planning.plan(name, _CONFIG.value, count=_DEVICES.value, memory_gb=_MEMORY_GB.value,
+                              topology=_TOPOLOGY.value, prompt_tokens=_PROMPT_TOKENS.value)
+    except expected_errors() as e:
+        if _TRACEBACK.value or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        _fail(one_line(e))
+    print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> None:
     # transformers' "PyTorch was not found" advice: the toolkit never needs its torch models.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
@@ -358,6 +412,12 @@ def main(argv: list[str] | None = None) -> None:
     if first in HELP or first == "help":
         print(overview())
         sys.exit(0)
+    if first == "plan":
+        if any(a in HELP for a in args):
+            print(PLAN_HELP)
+            sys.exit(0)
+        app.run(_plan_main, argv=argv, flags_parser=_parse_flags)
+        return
     if not first.startswith("-") and first not in names:
         _fail(f"unknown experiment {first!r} (experiments: {', '.join(names)})")
     if any(a in HELP for a in args):

@@ -360,6 +360,18 @@ def probe(config: ConfigDict, directory: Path) -> None:
         plot_probing(result, directory / "probing.png")
 
 
+def plan_configs(config: ConfigDict) -> list[Any]:
+    """What ``ssah-jax plan`` compiles: the full alignment, the first attack (unprotected) and
+    the evaluation's decoding (every model has ``config.model``'s architecture)."""
+    from ssah_jax.planning import Item
+
+    attack = next(iter(config.attack.datasets))
+    return [Item("align_full", "train", config.model, align_config(config, None), "finetune."),
+            Item(f"attacks/{attack}/none", "train", config.model,
+                 attack_config(config, Path("<workdir>"), attack, "none", ""), "finetune."),
+            Item("eval_aligned", "generate", config.model, eval_config(config, config.evaluation, config.model))]
+
+
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
     out = Path(workdir)

@@ -250,6 +250,17 @@ def finished(config: ConfigDict, out: Path, stage: str) -> bool:
     return bool(done) and all(stages_lib.finished(out / r) is not None for r in done)
 
 
+def plan_configs(config: ConfigDict) -> list[Any]:
+    """What ``ssah-jax plan`` compiles: the signal's alignment, its fine-tuning attack and the
+    evaluation's decoding (every model has ``config.model``'s architecture)."""
+    from ssah_jax.planning import Item
+
+    return [Item("align_signal", "train", config.model, align_config(config, "signal"), "finetune."),
+            Item("attack/signal", "train", config.model, attack_config(config, Path("<workdir>"), "signal").train,
+                 "finetune."),
+            Item("eval_signal", "generate", config.model, eval_config(config, config.evaluation, config.model, None))]
+
+
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
     out = Path(workdir)

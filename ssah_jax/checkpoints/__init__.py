@@ -22,17 +22,19 @@ from ssah_jax.checkpoints.gguf import gguf_config, gguf_tokenizer, load_gguf_mod
 from ssah_jax.checkpoints.hf import load_hf_model, resolve_hf_dir, save_hf
 from ssah_jax.checkpoints.params import CheckpointError
 from ssah_jax.checkpoints.registry import DEMO_NAME, MODELS, demo_gguf_path, model_path
-from ssah_jax.models import CausalLM
+from ssah_jax.models import CausalLM, ModelConfig
 from ssah_jax.sharding import DEFAULT_RULES, logical_to_spec
 
 __all__ = [
     "CheckpointError",
     "DEMO_NAME",
+    "ARCHITECTURES",
     "MODELS",
     "demo_gguf_path",
     "load_model",
     "load_tokenizer",
     "load_weights",
+    "model_config",
     "model_path",
     "resolve",
     "save_hf",
@@ -82,6 +84,44 @@ def resolve(ref: str | os.PathLike) -> Path:
         known = f" (registered models: {', '.join(MODELS)})" if "/" not in name else ""
         raise FileNotFoundError(f"{name}: no such file or directory{known}")
     return resolve_hf_dir(name)
+
+
+# The architectures (transformers config values) of the papers' models, for memory plans where
+# the hub is out of reach: facts of each repository's config.json.
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "meta-llama/Llama-2-7b-chat-hf": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    "meta-llama/Meta-Llama-3-8B-Instruct": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        rope_theta=500000.0, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128009),
+}
+
+
+def model_config(ref: str | os.PathLike) -> ModelConfig:
+    """The architecture of the model ``ref`` names, without reading its weights: a registered
+    model's or a ``.gguf`` file's metadata, an HF directory's ``config.json``, or a hub repo's
+    (downloaded alone; offline, the papers' models of :data:`ARCHITECTURES`)."""
+    from transformers import AutoConfig
+
+    name = str(ref)
+    path = Path(name).expanduser()
+    if name in MODELS or path.suffix == ".gguf":
+        return ModelConfig.from_hf(gguf_config(open_gguf(resolve(name))))
+    if path.exists() or _path_like(name):
+        source = str(resolve(path))
+    else:
+        source = name
+    try:
+        return ModelConfig.from_hf(AutoConfig.from_pretrained(source))
+    except (ValueError, OSError) as e:
+        if name in ARCHITECTURES:
+            values = dict(ARCHITECTURES[name])
+            return ModelConfig.from_hf(AutoConfig.for_model(values.pop("model_type"), **values))
+        reason = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{source}: no transformers config to read ({reason})") from e
 
 
 def load_weights(

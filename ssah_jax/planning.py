@@ -1,0 +1,160 @@
+"""``ssah-jax plan --config=configs/<experiment>.py:<preset>``: the memory bill of an experiment
+before launching it.
+
+Each experiment names what it runs (``plan_configs(config)``: its trainings and its
+evaluation's decoding); each is compiled for the devices the run would have (N fake CPU devices
+by default, or a TPU topology ahead of time with ``libtpu``) from abstract weights
+(:mod:`ssah_jax.train.plan`), and its per-device bill is printed against the device's memory,
+with "fits" or "does not fit" and, when it does not, the first of remat, the scanned layout and
+more micro-batches that makes it fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from typing import Any
+
+import jax
+
+from ssah_jax import runs
+
+# Bytes of HBM per chip, by JAX's device kind (TPU topologies compiled without the chips).
+TPU_MEMORY_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32}
+DEFAULT_MEMORY_GIB = 80  # an 80 GB H100 / A100, when the devices are fake CPU ones
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One thing an experiment runs: ``kind`` "train" (``config`` a finetune config; its keys
+    are ``keys + <key>`` on the command line) or "generate" (``config`` with ``model``, ``dtype``,
+    ``batch_size``, ``max_new_tokens``: an evaluate or generate config). ``model``: the model
+    whose architecture it runs."""
+
+    label: str
+    kind: str
+    model: str
+    config: Any
+    keys: str = ""
+
+
+def devices(count: int, topology: str | None) -> list[Any]:
+    """``count`` fake CPU devices, or the chips of a TPU ``topology`` (e.g. ``v5e:4x4``,
+    ``v4:2x2x2``) without the hardware (``libtpu`` compiles for it)."""
+    if topology:
+        try:
+            import libtpu  # noqa: F401
+        except ImportError:
+            raise runs.ConfigError(f"--topology={topology}: needs libtpu (pip install -e '.[tpu]')") from None
+        from jax.experimental import topologies
+
+        # libtpu looks for a TPU VM's environment; a plan compiles for chips it does not have.
+        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        try:
+            return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+        except Exception as e:  # an unknown topology name: libtpu's message
+            raise runs.ConfigError(f"--topology={topology}: {' '.join(str(e).split())[:300]}") from None
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # the CPU backend is already up (a library caller): use what it has
+        pass
+    found = jax.devices("cpu")
+    if len(found) != count:
+        raise runs.ConfigError(f"--devices={count}: the CPU backend has {len(found)} devices (XLA_FLAGS "
+                               "--xla_force_host_platform_device_count sets it otherwise)")
+    return found
+
+
+def capacity_bytes(device: Any, memory_gb: float | None) -> int:
+    if memory_gb is None:
+        memory_gb = TPU_MEMORY_GIB.get(device.device_kind, DEFAULT_MEMORY_GIB)
+    return int(memory_gb * 1024**3)
+
+
+def plan(name: str, config: Any, *, count: int = 8, memory_gb: float | None = None, topology: str | None = None,
+         prompt_tokens: int = 256) -> list[str]:
+    """The plan's lines for experiment ``name`` under ``config``."""
+    from experiments import finetune
+    from ssah_jax.checkpoints import model_config
+    from ssah_jax.models import Layout
+    from ssah_jax.sharding import make_mesh
+    from ssah_jax.train import lora as lora_lib
+    from ssah_jax.train.plan import plan_generation, plan_train_step
+    from ssah_jax.train.step import OptimizerConfig
+
+    module = importlib.import_module(f"experiments.{name}")
+    if not hasattr(module, "plan_configs"):
+        raise runs.ConfigError(f"ssah-jax plan: the {name} experiment names nothing to plan (no plan_configs)")
+    found = devices(count, topology)
+    capacity = capacity_bytes(found[0], memory_gb)
+    architectures: dict[str, Any] = {}
+    lines = [f"ssah-jax plan: {name} on {len(found)} x {found[0].device_kind} "
+             f"({capacity / 1024**3:.0f} GiB each{'' if memory_gb else ', --memory_gb to change'})", ""]
+    for item in module.plan_configs(config):
+        source = finetune.model_source(item.model)
+        if source not in architectures:
+            architectures[source] = model_config(source)
+        arch = architectures[source]
+        c = item.config
+        if item.kind == "generate":
+            bill = plan_generation(arch, batch_size=c.batch_size, prompt_tokens=prompt_tokens,
+                                   max_new_tokens=c.max_new_tokens, dtype=runs.DTYPES[c.dtype], device=found[0],
+                                   capacity=capacity)
+            lines += [f"[{item.label}] model {item.model}", *bill.lines(), ""]
+            continue
+        try:
+            mesh = make_mesh(dict(c.mesh), devices=found)
+        except ValueError as e:
+            raise runs.ConfigError(f"config.{item.keys}mesh={dict(c.mesh)}: {e}") from None
+        rows = mesh.shape["data"] * mesh.shape["fsdp"]
+        if c.batch_size % c.accum_steps or (c.batch_size // c.accum_steps) % rows:
+            raise runs.ConfigError(
+                f"[{item.label}] a micro-batch of {c.batch_size} / {c.accum_steps} (batch_size / accum_steps) does "
+                f"not split over the {rows} data x fsdp devices of {len(found)}, as the run would refuse")
+        lcfg = (lora_lib.LoraConfig(c.freeze.lora.rank, c.freeze.lora.alpha, tuple(c.freeze.lora.targets))
+                if c.freeze.mode == "lora" else None)
+
+        def train_bill(layout: Layout, accum_steps: int):
+            return plan_train_step(arch, mesh, batch_size=c.batch_size, length=c.data.max_length,
+                                   optimizer=OptimizerConfig(weight_decay=c.optimizer.weight_decay,
+                                                             clip_norm=c.optimizer.clip_norm),
+                                   compute_dtype=runs.DTYPES[c.compute_dtype], accum_steps=accum_steps,
+                                   layout=layout, lora=lcfg, capacity=capacity)
+
+        layout = Layout(scan=c.model_layout.scan, remat=c.model_layout.remat)
+        bill = train_bill(layout, c.accum_steps)
+        lines += [f"[{item.label}] model {item.model}; mesh {dict(mesh.shape)}", *bill.lines()]
+        if not bill.fits:
+            lines.append("  " + _what_fits(train_bill, layout, c, mesh, item.keys))
+        lines.append("")
+    return lines
+
+
+def _what_fits(train_bill, layout, c, mesh, keys: str) -> str:
+    """The first change, in order, that makes the step fit: remat ``dots``, remat ``full``, the
+    scanned layout with full remat, then twice the micro-batches, again and again, while they
+    still split over the data x fsdp devices."""
+    from ssah_jax.models import Layout
+
+    def flags(candidate: Layout, accum_steps: int) -> str:
+        changed = {"model_layout.scan": (layout.scan, candidate.scan),
+                   "model_layout.remat": (layout.remat, candidate.remat), "accum_steps": (c.accum_steps, accum_steps)}
+        return " ".join(f"--config.{keys}{k}={new}" for k, (old, new) in changed.items() if old != new)
+
+    lighter = {"none": ("dots", "full"), "dots": ("full",), "dots_no_batch": ("full",)}.get(layout.remat, ())
+    tries = [(Layout(layout.scan, remat), c.accum_steps) for remat in lighter]
+    best = Layout(True, "full")
+    if layout != best:
+        tries.append((best, c.accum_steps))
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    accum = c.accum_steps * 2
+    while c.batch_size % accum == 0 and (c.batch_size // accum) % rows == 0:
+        tries.append((best, accum))
+        accum *= 2
+    for candidate, accum_steps in tries:
+        bill = train_bill(candidate, accum_steps)
+        if bill.fits:
+            return f"fits with {flags(candidate, accum_steps)} ({bill.total / 1024**3:.3f} GiB)"
+    return (f"no remat, scan or micro-batch setting makes it fit: shard over more devices (config.{keys}mesh) "
+            "or shorten the sequences")
