@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import os
 from typing import Any
 
 import jax
@@ -49,8 +48,6 @@ def devices(count: int, topology: str | None) -> list[Any]:
             raise runs.ConfigError(f"--topology={topology}: needs libtpu (pip install -e '.[tpu]')") from None
         from jax.experimental import topologies
 
-        # libtpu looks for a TPU VM's environment; a plan compiles for chips it does not have.
-        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
         try:
             return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
         except Exception as e:  # an unknown topology name: libtpu's message
