@@ -10,9 +10,10 @@ Presets (``--config=configs/prune.py:<preset>``):
   quick    a smoke test on a handful of examples (minutes)
   gpu      one GPU, bfloat16: 512 + 512 calibration samples, full ASR / MMLU / SST-2 sets,
            GSM8K (the 7B setting of the paper: set ``model`` to a Llama-2-7B-Chat directory)
-  llama2_7b_8gpu, llama3_8b_8gpu, llama2_7b_v5e16, llama3_8b_v5e16
+  llama2_7b_8gpu, llama3_8b_8gpu, llama2_7b_v5e16
            ``gpu`` on the papers' models (the hub id, or set ``model`` to your HF directory); the
-           v5e presets score and decode 16 at a time (a 16 GB chip holds the bf16 weights)
+           v5e preset scores and decodes 8 at a time (a 16 GB chip holds Llama-2-7B's bf16
+           weights; Llama-3-8B's leave no room)
 
 Fractions default to the paper's Llama-2-7B-Chat values (SCU 1.3%, UCU 13.3%, RU 14.8%).
 ``evaluation`` is an ``ssah-jax evaluate`` config (see configs/evaluate.py) without its model
@@ -25,8 +26,8 @@ from ml_collections import ConfigDict
 
 from ssah_jax.runs import config_from_file, set_values
 
-PRESETS = ("smollm2", "quick", "gpu", "llama2_7b_8gpu", "llama3_8b_8gpu", "llama2_7b_v5e16",
-           "llama3_8b_v5e16")  # the first is the default
+# the first is the default
+PRESETS = ("smollm2", "quick", "gpu", "llama2_7b_8gpu", "llama3_8b_8gpu", "llama2_7b_v5e16")
 
 
 def get_config(preset: str = "smollm2") -> ConfigDict:
@@ -72,6 +73,6 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     if preset.startswith("llama"):
         c.model = config_from_file(Path(__file__).with_name("finetune.py"), preset).model
     if preset.endswith("_v5e16"):
-        set_values(c, {"attribution.batch_size": 16, "evaluation.batch_size": 16})
+        set_values(c, {"attribution.batch_size": 8, "evaluation.batch_size": 8})
     c.lock()
     return c

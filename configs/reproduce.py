@@ -22,11 +22,12 @@ Presets (``--config=configs/reproduce.py:<preset>``):
   smollm2_cpu  the demo model on a 2-core CPU (README: stage times), small sets throughout
   smollm2_gpu  the demo model on one GPU: larger alignment, attacks and evaluation sets
   tiny         a smoke test of the pipeline's wiring (a few steps and prompts per stage)
-  llama2_7b_8gpu, llama3_8b_8gpu, llama2_7b_v5e16, llama3_8b_v5e16
+  llama2_7b_8gpu, llama3_8b_8gpu, llama2_7b_v5e16
                the papers' models (Llama-2-7B-Chat, Llama-3-8B-Instruct: the hub id, or set ``model``
                to your HF directory) with the GPU sets, on one 8 x 80 GB GPU host or a TPU v5e-16
                slice; training as configs/finetune.py's preset of the same name (``ssah-jax plan``
-               shows each bill)
+               shows each bill). Evaluation decodes with the whole bf16 model on each chip, which
+               a 16 GB v5e chip holds for Llama-2-7B (8 prompts at a time) but not for Llama-3-8B
 
 Sub-configs (``evaluation``, ``table``, ``attack.evaluation`` are ``configs/evaluate.py``
 configs; ``attribution`` is ``configs/prune.py``'s) take the usual keys, e.g.
@@ -43,8 +44,8 @@ HERE = Path(__file__).parent
 # Held-out harmful prompts: AdvBench without any prompt of the alignment data, plus HarmBench's
 # standard behaviours (no prompt of either is trained on).
 TRAINED_HARMFUL = "safety_refusals_short,bianchi_safety"
-PRESETS = ("smollm2_cpu", "smollm2_gpu", "tiny", "llama2_7b_8gpu", "llama3_8b_8gpu", "llama2_7b_v5e16",
-           "llama3_8b_v5e16")  # the first is the default
+# the first is the default
+PRESETS = ("smollm2_cpu", "smollm2_gpu", "tiny", "llama2_7b_8gpu", "llama3_8b_8gpu", "llama2_7b_v5e16")
 
 
 def _evaluation(preset: str, values: dict) -> ConfigDict:
@@ -150,11 +151,6 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
         set_values(c.evaluation, {"overrefusal.limit": 0, "mmlu.limit": 0, "sst2.limit": 0, "gsm8k.limit": 0,
                                   "gsm8k.max_new_tokens": 256, "perplexity.limit": 500, "max_new_tokens": 64})
         set_values(c.table, {"mmlu.limit": 1000, "sst2.limit": 0, "perplexity.limit": 200})
-    if large:
-        c.model = c.finetune.model
-    if preset.endswith("_v5e16"):  # a 16 GB chip holds the bf16 weights and a KV cache of 16 prompts
-        for section in (c.evaluation, c.table, c.attack.evaluation):
-            section.batch_size = 16
     elif preset == "tiny":
         set_values(c, {
             "attribution.safety.limit": 8, "attribution.utility.limit": 8, "attribution.max_length": 64,
@@ -176,5 +172,10 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
         set_values(c.evaluation, {"overrefusal.limit": 2, "mmlu.limit": 4, "sst2.limit": 4, "gsm8k.limit": 2,
                                   "gsm8k.max_new_tokens": 2, "perplexity.limit": 2, "perplexity.max_length": 64})
         set_values(c.table, {"mmlu.limit": 4, "sst2.limit": 4, "perplexity.limit": 2, "perplexity.max_length": 64})
+    if large:
+        c.model = c.finetune.model
+    if preset.endswith("_v5e16"):  # a 16 GB chip holds the bf16 weights and a KV cache of 8 prompts
+        for section in (c.evaluation, c.table, c.attack.evaluation):
+            section.batch_size = 8
     c.lock()
     return c

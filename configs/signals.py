@@ -22,11 +22,12 @@ Presets (``--config=configs/signals.py:<preset>``):
   smollm2_cpu  the demo model on a 2-core CPU, small evaluation sets (README: stage times)
   gpu          the demo model on one GPU: reproduce's GPU alignment, larger sets, bfloat16
   tiny         a smoke test of the wiring (a few steps and prompts per stage)
-  llama2_7b_8gpu, llama3_8b_8gpu, llama2_7b_v5e16, llama3_8b_v5e16
+  llama2_7b_8gpu, llama3_8b_8gpu, llama2_7b_v5e16
                the papers' models (Llama-2-7B-Chat, Llama-3-8B-Instruct: the hub id, or set ``model``
                to your HF directory) with the GPU sets, on one 8 x 80 GB GPU host or a TPU v5e-16
                slice; training as configs/finetune.py's preset of the same name (``ssah-jax plan``
-               shows each bill)
+               shows each bill). Evaluation decodes with the whole bf16 model on each chip, which
+               a 16 GB v5e chip holds for Llama-2-7B (8 prompts at a time) but not for Llama-3-8B
 """
 
 from pathlib import Path
@@ -36,8 +37,8 @@ from ml_collections import ConfigDict
 from ssah_jax.runs import config_from_file, set_values
 
 HERE = Path(__file__).parent
-PRESETS = ("smollm2_cpu", "gpu", "tiny", "llama2_7b_8gpu", "llama3_8b_8gpu", "llama2_7b_v5e16",
-           "llama3_8b_v5e16")  # the first is the default
+# the first is the default
+PRESETS = ("smollm2_cpu", "gpu", "tiny", "llama2_7b_8gpu", "llama3_8b_8gpu", "llama2_7b_v5e16")
 TRAINED_HARMFUL = "safety_refusals_short,bianchi_safety"  # never evaluated on
 
 
@@ -140,8 +141,8 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
                                   "sweep.temperatures": (1.0,), "overrefusal.limit": 2, "mmlu.limit": 4,
                                   "sst2.limit": 4, "gsm8k.limit": 2, "gsm8k.max_new_tokens": 2,
                                   "perplexity.limit": 2, "perplexity.max_length": 64})
-    if preset.endswith("_v5e16"):  # a 16 GB chip holds the bf16 weights and a KV cache of 16 prompts
+    if preset.endswith("_v5e16"):  # a 16 GB chip holds the bf16 weights and a KV cache of 8 prompts
         for section in (c.evaluation, c.attack.evaluation, c.classifier):
-            section.batch_size = 16
+            section.batch_size = 8
     c.lock()
     return c

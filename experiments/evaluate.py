@@ -116,6 +116,7 @@ def evaluate_model(model: Any, tokenizer: Any, config: ConfigDict, out: Path, *,
     store = tasks.RowStore(out / "rows")
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    hosts.sync("metrics read")  # by every process, before process 0 rewrites them
     for task in tasks.chosen(config.tasks).values():
         for name, compute in task(model, tokenizer, config, data_dir=data_dir, store=store).items():
             if name in metrics:

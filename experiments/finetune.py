@@ -214,8 +214,17 @@ def freeze_setting(config: ConfigDict, model: Any) -> Freeze:
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
     out = runs.prepare_workdir(workdir, config, EXCLUDED, overwrite=overwrite)
+    try:
+        mesh = make_mesh(dict(config.mesh))
+    except ValueError as e:
+        raise runs.ConfigError(f"config.mesh={dict(config.mesh)}: {e}") from None
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    runs.check(config, "batch_size", lambda v: (v // config.accum_steps) % rows == 0,
+               f"each micro-batch (batch_size / accum_steps) must split over the {rows} data x fsdp devices")
+    runs.check(config, "eval_batch_size", lambda v: v % rows == 0, f"must split over the {rows} data x fsdp devices")
     source = model_source(config.model)
-    model, tokenizer = load_model(source)  # float32: the master weights
+    # float32 master weights, each placed on the mesh as it is read (a 7B model fits no one device)
+    model, tokenizer = load_model(source, mesh=mesh)
     d = config.data
     encode = functools.partial(encode_records, tokenizer, max_length=d.max_length,
                                system_prompt=d.system_prompt or None)
@@ -238,24 +247,19 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
         print(f"Safety signal ({config.signal.head} head): {counts[1]} malicious / {counts[0]} benign examples, "
               f"balanced to {len(train_examples)} by drawing the smaller class again")
 
-    try:
-        mesh = make_mesh(dict(config.mesh))
-    except ValueError as e:
-        raise runs.ConfigError(f"config.mesh={dict(config.mesh)}: {e}") from None
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    runs.check(config, "batch_size", lambda v: (v // config.accum_steps) % rows == 0,
-               f"each micro-batch (batch_size / accum_steps) must split over the {rows} data x fsdp devices")
-    runs.check(config, "eval_batch_size", lambda v: v % rows == 0, f"must split over the {rows} data x fsdp devices")
     layout = Layout(scan=config.model_layout.scan, remat=config.model_layout.remat)
     with jax.set_mesh(mesh), use_rules():
         o = config.optimizer
+        freeze, extra = freeze_setting(config, model), signal_training(config, model)
+        unrolled, model_config = nnx.graphdef(model), model.config  # what the export is made of
+        model = with_layout(model, layout)  # (the unrolled arrays go with their last reference)
         training = setup_training(
-            with_layout(model, layout), mesh, freeze_setting(config, model),
+            model, mesh, freeze,
             OptimizerConfig(learning_rate=o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
                             total_steps=config.steps, end_fraction=o.end_fraction, weight_decay=o.weight_decay,
                             clip_norm=o.clip_norm),
             seed=config.seed, compute_dtype=runs.DTYPES[config.compute_dtype], accum_steps=config.accum_steps,
-            **signal_training(config, model))
+            **extra)
         before = training.frozen_checksum(training.state)
         buckets = bucket_lengths(d.max_length)
         dataset = batch_dataset(train_examples, batch_size=config.batch_size, pad_id=tokenizer.pad_token_id,
@@ -283,12 +287,12 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
                        keep_checkpoints=config.keep_checkpoints),
             out, data_id=data_id, hooks=hooks)
         after = training.frozen_checksum(state)
-        exported = nnx.merge(nnx.graphdef(model), hosts.fetch(training.final_params(state)))
+        exported = nnx.merge(unrolled, hosts.fetch(training.final_params(state)))
         extras = hosts.fetch(training.final_extras(state))
     if not hosts.is_main():  # process 0 writes the export and the report
         hosts.sync("finetune written")
         return out / "report.md"
-    export = save_hf(exported, model.config.to_hf(), out / "export", tokenizer)
+    export = save_hf(exported, model_config.to_hf(), out / "export", tokenizer)
     if config.signal.head:
         signals.save(signals.SafetySignal(extras["signal"], config.signal.head), export)
 

@@ -7,15 +7,15 @@ workdir of another config is refused (``runs.prepare_workdir``).
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from ml_collections import ConfigDict
-from tqdm.auto import tqdm
 
 from ssah_jax import hosts, runs
 from ssah_jax.checkpoints import load_model
+from ssah_jax.data import Record
+from ssah_jax.evaluation.tasks import RowStore
 from ssah_jax.generation import generate
 
 # Keys that only affect speed or logging: none. ``batch_size`` determines the answers: a batch
@@ -64,36 +64,23 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     if not prompts:
         raise runs.ConfigError("config.prompts / config.prompts_file: no prompts to answer")
     out = runs.prepare_workdir(workdir, config, EXCLUDED, overwrite=overwrite)
-    generations = out / "generations.jsonl"
-    done = runs.read_jsonl(generations)
-    if [r["prompt"] for r in done] != prompts[: len(done)]:
-        raise runs.WorkdirError(f"{generations} holds answers to other prompts (config.prompts_file changed?); "
-                                "rerun with --overwrite to start afresh, or use a new --workdir")
-    main = hosts.is_main()
-    if main:
-        generations.write_text("".join(json.dumps(r) + "\n" for r in done))  # drops a torn last line
+    store = RowStore(out)  # generations.jsonl: resumable, dealt out to the hosts of a multi-host run
+    resumed = len(runs.read_jsonl(store.path("generations")))
     model, tokenizer = load_model(config.model, runs.dtype(config))
     kwargs = dict(
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
         top_p=config.top_p, system_prompt=config.system_prompt or None,
         answer_prefix=config.answer_prefix or None, batch_size=config.batch_size,
     )
-    resumed = len(done)
+
+    def answer(records: list[Record], offset: int) -> list[dict]:
+        # One seed per batch, so a resumed run samples what an uninterrupted one would.
+        prompts = [r.prompt for r in records]
+        return [{"prompt": p, "answer": a} for p, a in
+                zip(prompts, generate(model, tokenizer, prompts, seed=config.seed + offset, **kwargs))]
+
     start = time.perf_counter()
-    step = config.batch_size * hosts.count()  # each host answers one batch of every round
-    with open(generations if main else os.devnull, "a") as f, \
-            tqdm(total=len(prompts), initial=len(done), desc="generate", disable=not main) as bar:
-        for i in range(len(done), len(prompts), step):
-            mine = hosts.my_block(len(prompts[i : i + step]), config.batch_size)
-            batch = prompts[i : i + step][mine]
-            # One seed per batch, so a resumed run samples what an uninterrupted one would.
-            answers = generate(model, tokenizer, batch, seed=config.seed + i + mine.start, **kwargs) if batch else []
-            new = hosts.gather([{"prompt": p, "answer": a} for p, a in zip(batch, answers)])
-            for row in new:
-                f.write(json.dumps(row) + "\n")
-            done.extend(new)
-            f.flush()
-            bar.update(len(new))
+    done = store.rows("generations", [Record(p) for p in prompts], answer, config.batch_size)
     seconds = time.perf_counter() - start
     report = out / "report.md"
     lines = [
@@ -105,7 +92,7 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     ]
     for r in done:
         lines += [f"## {r['prompt']}", "", r["answer"], ""]
-    if main:
+    if hosts.is_main():
         report.write_text("\n".join(lines))
     hosts.sync("generations written")
     print(f"Report: {report}")

@@ -9,8 +9,8 @@
 #   --type          accelerator type of a new slice (default v5litepod-16: 4 hosts x 4 chips)
 #   --runtime       TPU VM software version of a new slice (default v2-alpha-tpuv5-lite; v4: tpu-ubuntu2204-base)
 #   --spot          create a spot (preemptible) slice; a preempted run resumes when launched again
-#   --bucket        mount gs://BUCKET at /mnt/BUCKET on every worker (gcsfuse): put --workdir there, since
-#                   every host must see the same workdir
+#   --bucket        mount gs://BUCKET at /mnt/BUCKET on every worker (gcsfuse, no metadata cache): put --workdir
+#                   there, since every host must see the same workdir (an NFS / Filestore mount works too)
 #   --data          a directory of the data kit to copy to every worker (as ../shared/data beside the checkout)
 #   --dry-run       print the gcloud commands instead of running them
 #
@@ -38,7 +38,9 @@ done
 [[ -n "$name" && -n "$zone" ]] || { echo "launch_tpu_pod.sh: --name and --zone are required" >&2; exit 2; }
 [[ $# -gt 0 && "$1" == "ssah-jax" ]] || { echo "launch_tpu_pod.sh: give the command after --, starting with ssah-jax" >&2; exit 2; }
 [[ -z "$data" || -d "$data" ]] || { echo "launch_tpu_pod.sh: --data=$data: no such directory" >&2; exit 2; }
-command=$(printf '%q ' "$@")"--multihost"
+# As python3 -m (a user-level pip install puts the ssah-jax script where a non-interactive ssh
+# does not look).
+command="python3 -m ssah_jax.cli "$(printf '%q ' "${@:2}")"--multihost"
 
 run() {  # prints, and runs unless --dry-run
   echo "+ $*"
@@ -62,7 +64,9 @@ if [[ -n "$data" ]]; then
   setup+=" && rm -rf ~/shared/data && mkdir -p ~/shared && mv ~/data ~/shared/data"
 fi
 if [[ -n "$bucket" ]]; then
-  setup+=" && sudo mkdir -p /mnt/$bucket && (mountpoint -q /mnt/$bucket || sudo gcsfuse --implicit-dirs -o allow_other $bucket /mnt/$bucket)"
+  # No metadata cache: a file process 0 wrote must be there for every host right after the barrier.
+  setup+=" && sudo mkdir -p /mnt/$bucket && (mountpoint -q /mnt/$bucket || sudo gcsfuse --implicit-dirs"
+  setup+=" --metadata-cache-ttl-secs=0 -o allow_other $bucket /mnt/$bucket)"
 fi
 run "${tpu[@]}" ssh "$name" --zone="$zone" --worker=all --command="$setup"
 run "${tpu[@]}" ssh "$name" --zone="$zone" --worker=all --command="cd ~/ssah_jax && $command"

@@ -36,7 +36,7 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: hos
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index, 0 .. num_processes - 1.")
 _DEVICES = flags.DEFINE_integer("devices", 8, "plan: how many devices (fake CPU ones) the run would have.")
-_MEMORY_GB = flags.DEFINE_float("memory_gb", None, "plan: GiB of memory per device (default: the TPU's, else 80).")
+_MEMORY_GB = flags.DEFINE_float("memory_gb", None, "plan: GiB of memory per device (default: the TPU's, else 60).")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "plan: a TPU topology to compile for, e.g. v5e:4x4 (needs libtpu).")
 _PROMPT_TOKENS = flags.DEFINE_integer("prompt_tokens", 256, "plan: prompt length of the decoding plans.")
 
@@ -56,7 +56,8 @@ prompts of --prompt_tokens, max_new_tokens more) are compiled from abstract weig
 weights read, no device used) for --devices fake CPU devices, or for a TPU topology ahead of
 time (--topology, with libtpu: pip install -e '.[tpu]'). Each bill (parameters, optimizer
 state, activations and temporaries per device) is set against --memory_gb (default: the TPU's
-HBM, else 80 GiB: an H100 / A100) with "fits" or "DOES NOT FIT", and then the first setting of
+HBM, else 60 GiB: the 75% of an 80 GB H100 / A100 that JAX's GPU allocator takes by default,
+XLA_PYTHON_CLIENT_MEM_FRACTION) with "fits" or "DOES NOT FIT", and then the first setting of
 remat, the scanned layout or micro-batches that fits. The model's architecture comes from its
 config.json or GGUF metadata (the papers' hub models are known offline)."""
 FLAGS_HELP = """\
@@ -287,6 +288,11 @@ def split_lists(config: Any) -> None:
             config[key] = tuple(part.strip() for part in value[0].split(",") if part.strip())
 
 
+def traceback_wanted() -> bool:
+    """``--traceback`` or ``SSAH_TRACEBACK=1``: an expected error shows its traceback."""
+    return _TRACEBACK.value or os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
 def _fail(message: str) -> None:
     print("ssah-jax: " + _LINES.sub(" ", message).strip(), file=sys.stderr)
     sys.exit(2)
@@ -329,6 +335,7 @@ def _main(argv: list[str]) -> None:
     name = positional[0]
     if name not in names:
         _fail(f"unknown experiment {name!r} (experiments: {', '.join(names)})")
+    _refuse_flags(PLAN_FLAGS, f"ssah-jax {name} (ssah-jax plan takes it)")
     if _CONFIG.value is None:
         presets = _describe(name)[2] or ["<preset>"]
         _fail(f"--config is required, e.g. --config=configs/{name}.py:{presets[0]}")
@@ -358,7 +365,7 @@ def _main(argv: list[str]) -> None:
 
         if hosts.is_main() and made is not None and made.is_dir() and not holds_results(made):
             shutil.rmtree(made)  # made by this invocation, before it produced anything
-        if _TRACEBACK.value or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        if traceback_wanted():
             raise
         _fail(one_line(e))
 
@@ -375,9 +382,20 @@ def experiment_of(spec: str, config: ConfigDict) -> str:
     raise _Exit(f"--config={spec}: not the config of an experiment ({', '.join(experiments())})")
 
 
+PLAN_FLAGS = ("devices", "memory_gb", "topology", "prompt_tokens")
+RUN_FLAGS = ("workdir", "overwrite", "multihost", "coordinator_address", "num_processes", "process_id")
+
+
+def _refuse_flags(names: tuple[str, ...], command: str) -> None:
+    given = [f"--{n}" for n in names if flags.FLAGS[n].present]
+    if given:
+        _fail(f"{', '.join(given)}: not a flag of {command}")
+
+
 def _plan_main(argv: list[str]) -> None:
     if argv[1:] != ["plan"]:
         _fail(f"ssah-jax plan takes no other arguments, got {argv[2:]}; {PLAN_USAGE}")
+    _refuse_flags(RUN_FLAGS, "ssah-jax plan (it runs nothing)")
     if _CONFIG.value is None:
         _fail(f"--config is required; {PLAN_USAGE}")
     spec = _config_spec(sys.argv[1:]) or ""
@@ -393,7 +411,7 @@ def _plan_main(argv: list[str]) -> None:
         lines = planning.plan(name, _CONFIG.value, count=_DEVICES.value, memory_gb=_MEMORY_GB.value,
                               topology=_TOPOLOGY.value, prompt_tokens=_PROMPT_TOKENS.value)
     except expected_errors() as e:
-        if _TRACEBACK.value or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        if traceback_wanted():
             raise
         _fail(one_line(e))
     print("\n".join(lines))

@@ -4,10 +4,12 @@ single machine.
 Every process runs the same command. Training is one SPMD program over the global mesh: each
 host feeds its own rows of the global batch (:mod:`ssah_jax.data.batching`) and orbax writes
 checkpoints collectively. Evaluation and generation split their prompts over the hosts, each
-decoding its share on its own devices, and :func:`gather` hands every process all the rows, so
-what follows runs unchanged. Files other than checkpoints (run records, metrics, rows,
-reports, plots, exports) are written by process 0 alone (:func:`is_main`); the workdir must be
-on a filesystem every host sees (e.g. NFS, or a GCS FUSE mount on a TPU VM).
+decoding its share with a whole copy of the model on its first device, and :func:`gather` hands
+every process all the rows, so what follows runs unchanged. Files other than checkpoints (run
+records, metrics, rows, reports, plots, exports) are written by process 0 alone
+(:func:`is_main`), and the others wait at a barrier (:func:`sync`) before they read one; the
+workdir must be on a filesystem every host sees (NFS, or a GCS FUSE mount without a metadata
+cache on a TPU VM).
 
 On one process every function here is the trivial one (no initialisation, no collectives).
 """

@@ -19,9 +19,11 @@ import jax
 
 from ssah_jax import runs
 
-# Bytes of HBM per chip, by JAX's device kind (TPU topologies compiled without the chips).
+# GiB of HBM per chip, by JAX's device kind (TPU topologies compiled without the chips).
 TPU_MEMORY_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32}
-DEFAULT_MEMORY_GIB = 80  # an 80 GB H100 / A100, when the devices are fake CPU ones
+# Fake CPU devices stand for an 80 GB H100 / A100, of which JAX's GPU allocator takes 75% by
+# default (XLA_PYTHON_CLIENT_MEM_FRACTION=.75): 60 GiB.
+DEFAULT_MEMORY_GIB = 60
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,11 +85,13 @@ def plan(name: str, config: Any, *, count: int = 8, memory_gb: float | None = No
     module = importlib.import_module(f"experiments.{name}")
     if not hasattr(module, "plan_configs"):
         raise runs.ConfigError(f"ssah-jax plan: the {name} experiment names nothing to plan (no plan_configs)")
+    module.validate(config)  # a bad value is the one-line error the run would give
     found = devices(count, topology)
     capacity = capacity_bytes(found[0], memory_gb)
     architectures: dict[str, Any] = {}
+    usable = "" if memory_gb or topology else ": JAX's default 75% of an 80 GB GPU"
     lines = [f"ssah-jax plan: {name} on {len(found)} x {found[0].device_kind} "
-             f"({capacity / 1024**3:.0f} GiB each{'' if memory_gb else ', --memory_gb to change'})", ""]
+             f"({capacity / 1024**3:.0f} GiB each{usable}{'' if memory_gb else '; --memory_gb to change'})", ""]
     for item in module.plan_configs(config):
         source = finetune.model_source(item.model)
         if source not in architectures:

@@ -151,7 +151,9 @@ class StageTimer:
 
     def __init__(self, directory: Path, every: float = 10.0):
         self.path, self.every = Path(directory) / self.FILE, every
-        earlier = runs.read_json(self.path) if self.path.exists() else {"seconds": 0.0, "invocations": 0}
+        # Process 0 alone keeps the count (the others would read it while it is being rewritten).
+        earlier = (runs.read_json(self.path) if self.path.exists() and hosts.is_main()
+                   else {"seconds": 0.0, "invocations": 0})
         self.earlier, self.invocations = earlier["seconds"], earlier["invocations"] + 1
         now = runs.code_version()
         self.codes = earlier.get("codes", []) + ([now] if now not in earlier.get("codes", []) else [])

@@ -138,7 +138,8 @@ def test_tpu_pod_launcher_runs_one_command_on_every_worker():
     assert lines[0].startswith("+ gcloud compute tpus tpu-vm create pod --zone=us-central2-b --accelerator-type=v4-32")
     assert all("--worker=all" in line for line in lines[1:]) and len(lines) == 4
     assert "gcsfuse" in lines[2] and "[tpu]" in lines[2]
-    assert lines[3].endswith("--command=cd ~/ssah_jax && ssah-jax finetune --config=configs/finetune.py:gpu "
-                             "--workdir=/mnt/b/run --config.data.dataset=a:1\\,b:2 --multihost")
+    assert lines[3].endswith("--command=cd ~/ssah_jax && python3 -m ssah_jax.cli finetune "
+                             "--config=configs/finetune.py:gpu --workdir=/mnt/b/run --config.data.dataset=a:1\\,b:2 "
+                             "--multihost")
     missing = subprocess.run(["bash", script, "--zone=z", "--", "ssah-jax"], capture_output=True, text=True)
     assert missing.returncode == 2 and "--name and --zone are required" in missing.stderr

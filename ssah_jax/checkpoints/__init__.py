@@ -28,7 +28,7 @@ from ssah_jax.sharding import DEFAULT_RULES, logical_to_spec
 __all__ = [
     "CheckpointError",
     "DEMO_NAME",
-    "ARCHITECTURES",
+    "HUB_ARCHITECTURES",
     "MODELS",
     "demo_gguf_path",
     "load_model",
@@ -88,7 +88,7 @@ def resolve(ref: str | os.PathLike) -> Path:
 
 # The architectures (transformers config values) of the papers' models, for memory plans where
 # the hub is out of reach: facts of each repository's config.json.
-ARCHITECTURES: dict[str, dict[str, Any]] = {
+HUB_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "meta-llama/Llama-2-7b-chat-hf": dict(
         model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
@@ -101,9 +101,10 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 
 
 def model_config(ref: str | os.PathLike) -> ModelConfig:
-    """The architecture of the model ``ref`` names, without reading its weights: a registered
-    model's or a ``.gguf`` file's metadata, an HF directory's ``config.json``, or a hub repo's
-    (downloaded alone; offline, the papers' models of :data:`ARCHITECTURES`)."""
+    """The architecture of the model ``ref`` names, without reading its weights: a ``.gguf``
+    file's metadata (a registered model's GGUF is fetched if it is not at hand), an HF
+    directory's ``config.json``, or a hub repo's (fetched alone; offline, the papers' models of
+    :data:`HUB_ARCHITECTURES`)."""
     from transformers import AutoConfig
 
     name = str(ref)
@@ -117,8 +118,8 @@ def model_config(ref: str | os.PathLike) -> ModelConfig:
     try:
         return ModelConfig.from_hf(AutoConfig.from_pretrained(source))
     except (ValueError, OSError) as e:
-        if name in ARCHITECTURES:
-            values = dict(ARCHITECTURES[name])
+        if name in HUB_ARCHITECTURES:
+            values = dict(HUB_ARCHITECTURES[name])
             return ModelConfig.from_hf(AutoConfig.for_model(values.pop("model_type"), **values))
         reason = " ".join(str(e).split())[:300]
         raise CheckpointError(f"{source}: no transformers config to read ({reason})") from e

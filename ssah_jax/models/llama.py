@@ -206,7 +206,7 @@ class Attention(nnx.Module):
         v = self.v_proj(x).reshape(b, s, c.num_kv_heads, c.head_dim)
         q = constrain(apply_rope(q, positions, c.rope), ("act_batch", "act_len", "act_heads", "act_head_dim"))
         k = apply_rope(k, positions, c.rope)
-        if cache is None:  # training, scoring: the fused kernel on [B, S, K, D] as projected
+        if cache is None:  # training, scoring: jax.nn.dot_product_attention on [B, S, K, D] as projected
             out = sequence_attention(q, k, v, mask)
         elif not write_cache:  # extra queries: the cache, then themselves, without concatenating
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, D]
@@ -219,7 +219,7 @@ class Attention(nnx.Module):
             k, v = k.astype(q.dtype), v.astype(q.dtype)
             if s == 1:  # decoding: grouped-query attention reads the head-major cache in place
                 out = attend(q, k, v, mask)
-            else:  # prefill: one transpose of the cache per call, then the fused kernel
+            else:  # prefill: one transpose of the cache per call, then jax.nn.dot_product_attention
                 out = sequence_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
         return out.reshape(b, s, c.num_heads * c.head_dim), cache
 

@@ -51,6 +51,7 @@ class RowStore:
             raise runs.WorkdirError(f"{path} holds rows of other prompts (the data changed?); rerun with --overwrite "
                                     "to start afresh, or use a new --workdir")
         main = hosts.is_main()
+        hosts.sync(f"{name} rows read")  # every process read them before process 0 rewrites them
         if main:
             path.write_text("".join(json.dumps(r) + "\n" for r in done))  # drops a torn last line
         with open(path if main else os.devnull, "a") as f, \
