@@ -26,8 +26,9 @@ Presets (``--config=configs/reproduce.py:<preset>``):
                the papers' models (Llama-2-7B-Chat, Llama-3-8B-Instruct: the hub id, or set ``model``
                to your HF directory) with the GPU sets, on one 8 x 80 GB GPU host or a TPU v5e-16
                slice; training as configs/finetune.py's preset of the same name (``ssah-jax plan``
-               shows each bill). Evaluation decodes with the whole bf16 model on each chip, which
-               a 16 GB v5e chip holds for Llama-2-7B (8 prompts at a time) but not for Llama-3-8B
+               shows each bill). Evaluation decodes with the whole bf16 model on one device per
+               host, which a 16 GB v5e chip holds for Llama-2-7B (8 prompts at a time) but not for
+               Llama-3-8B
 
 Sub-configs (``evaluation``, ``table``, ``attack.evaluation`` are ``configs/evaluate.py``
 configs; ``attribution`` is ``configs/prune.py``'s) take the usual keys, e.g.

@@ -23,11 +23,7 @@ Presets (``--config=configs/signals.py:<preset>``):
   gpu          the demo model on one GPU: reproduce's GPU alignment, larger sets, bfloat16
   tiny         a smoke test of the wiring (a few steps and prompts per stage)
   llama2_7b_8gpu, llama3_8b_8gpu, llama2_7b_v5e16
-               the papers' models (Llama-2-7B-Chat, Llama-3-8B-Instruct: the hub id, or set ``model``
-               to your HF directory) with the GPU sets, on one 8 x 80 GB GPU host or a TPU v5e-16
-               slice; training as configs/finetune.py's preset of the same name (``ssah-jax plan``
-               shows each bill). Evaluation decodes with the whole bf16 model on each chip, which
-               a 16 GB v5e chip holds for Llama-2-7B (8 prompts at a time) but not for Llama-3-8B
+               the papers' models at full size, as configs/reproduce.py's presets of these names
 """
 
 from pathlib import Path

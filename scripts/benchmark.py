@@ -458,7 +458,7 @@ def bench_mfu(args) -> dict:
     from ssah_jax.sharding import make_mesh, shard_batch, use_rules
     from ssah_jax.train import Freeze, OptimizerConfig, setup_training
 
-    layout = Layout(scan=getattr(args, "layout", "scan") == "scan", remat=getattr(args, "remat", "dots"))
+    layout = Layout(scan=args.layout == "scan", remat=args.remat)
     size = args.size or ("tiny" if jax.default_backend() == "cpu" else "1b")
     config = ModelConfig(**MFU_SIZES[size])
     args.length = args.length or (2048 if size == "1b" else 128)

@@ -89,6 +89,7 @@ def plan(name: str, config: Any, *, count: int = 8, memory_gb: float | None = No
     found = devices(count, topology)
     capacity = capacity_bytes(found[0], memory_gb)
     architectures: dict[str, Any] = {}
+    bills: dict[tuple, Any] = {}
     usable = "" if memory_gb or topology else ": JAX's default 75% of an 80 GB GPU"
     lines = [f"ssah-jax plan: {name} on {len(found)} x {found[0].device_kind} "
              f"({capacity / 1024**3:.0f} GiB each{usable}{'' if memory_gb else '; --memory_gb to change'})", ""]
@@ -117,11 +118,16 @@ def plan(name: str, config: Any, *, count: int = 8, memory_gb: float | None = No
                 if c.freeze.mode == "lora" else None)
 
         def train_bill(layout: Layout, accum_steps: int):
-            return plan_train_step(arch, mesh, batch_size=c.batch_size, length=c.data.max_length,
-                                   optimizer=OptimizerConfig(weight_decay=c.optimizer.weight_decay,
-                                                             clip_norm=c.optimizer.clip_norm),
-                                   compute_dtype=runs.DTYPES[c.compute_dtype], accum_steps=accum_steps,
-                                   layout=layout, lora=lcfg, capacity=capacity)
+            # Trainings of one shape (a pipeline's alignment and attacks often are) compile once.
+            key = (source, c.batch_size, c.data.max_length, c.optimizer.weight_decay, c.optimizer.clip_norm,
+                   c.compute_dtype, accum_steps, layout, lcfg, tuple(mesh.shape.items()))
+            if key not in bills:
+                bills[key] = plan_train_step(
+                    arch, mesh, batch_size=c.batch_size, length=c.data.max_length,
+                    optimizer=OptimizerConfig(weight_decay=c.optimizer.weight_decay, clip_norm=c.optimizer.clip_norm),
+                    compute_dtype=runs.DTYPES[c.compute_dtype], accum_steps=accum_steps, layout=layout, lora=lcfg,
+                    capacity=capacity)
+            return bills[key]
 
         layout = Layout(scan=c.model_layout.scan, remat=c.model_layout.remat)
         bill = train_bill(layout, c.accum_steps)
