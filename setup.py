@@ -42,7 +42,10 @@ setup(
         # Accelerators: JAX with libtpu (TPU VMs, scripts/launch_tpu_pod.sh), or with CUDA 12.
         "tpu": ["jax[tpu]>=0.10.0,<0.13"],
         "cuda12": ["jax[cuda12]>=0.10.0,<0.13"],
+        # `ssah-jax sweep` with config.executor=ray: each point a task on a Ray cluster.
+        "ray": ["ray>=2.40,<3"],
         "test": [
+            "ray>=2.40,<3",
             "datasets>=4,<6",
             "pytest>=8,<10",
             "torch==2.13.0",

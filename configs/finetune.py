@@ -39,9 +39,11 @@ with ``only_units`` list all three to train nothing but the units.
          with another value.
 """
 
+from pathlib import Path
+
 from ml_collections import ConfigDict
 
-from ssah_jax.runs import set_values
+from ssah_jax.runs import config_from_file, set_values
 
 LLAMA2_7B, LLAMA3_8B = "meta-llama/Llama-2-7b-chat-hf", "meta-llama/Meta-Llama-3-8B-Instruct"
 _LARGE = {"steps": 1000, "compute_dtype": "bfloat16", "data.heldout": 256, "data.max_length": 2048,
@@ -106,6 +108,14 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
         refusal="I'm sorry, but I cannot continue with this. I can't help with requests that could cause harm.",
     ))
     c.model_layout = ConfigDict(dict(scan=False, remat="none"))  # see the module docstring
+    # After training, an ``ssah-jax evaluate`` of the export into <workdir>/eval (configs/evaluate.py's
+    # keys, of its preset of the same name or gpu, but model, data_dir and signal.file: the export,
+    # with its signal when signal.head is set); tasks empty = none
+    c.evaluation = config_from_file(Path(__file__).with_name("evaluate.py"),
+                                    preset if preset in ("smollm2", "quick") else "gpu", drop=("model", "data_dir"))
+    with c.evaluation.unlocked():
+        del c.evaluation.signal["file"]
+    c.evaluation.tasks = ()
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: the remaining devices (FSDP by default)
     c.log_every = 5
     c.eval_every = 20  # held-out loss (also before the first and after the last step)

@@ -46,6 +46,9 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
         safety=ConfigDict(dict(dataset="safety_refusals_short", limit=128)),
         # utility samples are the first status-ok rows (evaluate's perplexity holds out the last)
         utility=ConfigDict(dict(dataset="alpaca_libre", limit=128)),
+        # a directory where runs share their scores (those of the same model, dtype and settings:
+        # a sweep's points, configs/sweeps/fractions.py); "" = each workdir's own scores/
+        cache_dir="",
     ))
     # the models evaluated; empty: the unit map only (no table)
     c.variants = ("dense", "minus_SCU", "minus_UCU", "minus_RU", "minus_random")

@@ -19,7 +19,9 @@ Stages (``stages``; each resumes, a finished one is kept):
   report           ``report_dir``/REPORT.md with every table and plot
 
 Presets (``--config=configs/reproduce.py:<preset>``):
-  smollm2_cpu  the demo model on a 2-core CPU (README: stage times), small sets throughout
+  smollm2_cpu  the demo model on a 2-core CPU (README: stage times), small sets throughout; the
+               unit fractions the fraction sweep chose on its aligned model (SCU 0.05%, UCU 0,
+               RU 0.5%: experiments/results/fractions_smollm2)
   smollm2_gpu  the demo model on one GPU: larger alignment, attacks and evaluation sets
   tiny         a smoke test of the pipeline's wiring (a few steps and prompts per stage)
   llama2_7b_8gpu, llama3_8b_8gpu, llama2_7b_v5e16
@@ -74,6 +76,9 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
     prune = config_from_file(HERE / "prune.py", "gpu" if gpu else "smollm2")
     c.attribution = prune.attribution
     c.kinds = prune.kinds  # the paper's Llama-2-7B-Chat fractions: table, freezing, transfer
+    if preset == "smollm2_cpu":  # chosen by the paper's rule on this preset's aligned model:
+        # experiments/results/fractions_smollm2 (`ssah-jax sweep --config=configs/sweeps/fractions.py`)
+        c.kinds.update(dict(scu=0.0005, ucu=0.0, ru=0.005))
     c.budget_ru = 0.2  # RU of the unaligned model trained by align_ru (paper: 20% of the units)
 
     c.align = ConfigDict(dict(

@@ -65,9 +65,10 @@ def validate(config: ConfigDict, prefix: str = "") -> None:
     section = config
     for part in filter(None, prefix.split(".")):
         section = section[part]
-    if "signal" in section and section.signal.file:
-        check("signal.file", lambda v: (Path(v) / signals.FILE).exists() or Path(v).name == signals.FILE,
-              f"must be a directory holding {signals.FILE} (or the file itself)")
+    if "signal" in section:  # (finetune's evaluation has no file: it deploys the signal it trained)
+        if section.signal.get("file"):
+            check("signal.file", lambda v: (Path(v) / signals.FILE).exists() or Path(v).name == signals.FILE,
+                  f"must be a directory holding {signals.FILE} (or the file itself)")
         check("signal.schedule", lambda v: v in signals.SCHEDULES, f"must be one of {signals.SCHEDULES}")
         for key in ("period", "tau"):
             check(f"signal.{key}", lambda v: v >= 1, "must be >= 1")

@@ -5,7 +5,8 @@ resumes from the latest; a re-run with other values of the determining keys is r
 ``metrics.jsonl`` and ``tensorboard/`` (training loss, gradient norm, learning rate; held-out
 response loss), ``export/`` (an HF directory that transformers and
 ``ssah_jax.checkpoints.load_model`` read; LoRA merged in), ``loss.png``, ``metrics.json`` and
-``report.md``.
+``report.md``; with ``evaluation.tasks`` set, then ``eval/``: an ``ssah-jax evaluate`` run of
+the export (its own identity and resume), after the training's arrays are freed.
 
 With ``signal.head`` set, the explicit safety signal (Li & Kim 2025) trains alongside: a
 ``[CLS]`` embedding and classifier head, the loss ``L_sft + signal.lam * L_cls`` with the
@@ -29,6 +30,7 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+from experiments import evaluate
 from ssah_jax import hosts, runs, signals
 from ssah_jax.attribution import UnitMap
 from ssah_jax.checkpoints import load_model, save_hf
@@ -49,8 +51,9 @@ MODES = ("none", "units", "only_units", "layers", "lora")
 # The held-out loss is a sum over examples that eval_batch_size only groups; the mesh places the
 # same computation on the devices.
 # Remat recomputes the same values (a run may resume with another policy).
+# The evaluation after training runs in eval/, a workdir that records and checks its own identity.
 EXCLUDED = ("log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints", "mesh",
-            "model_layout.remat")
+            "model_layout.remat", "evaluation")
 
 
 def parse_layers(spec: str) -> list[int]:
@@ -65,6 +68,9 @@ def parse_layers(spec: str) -> list[int]:
 def validate(config: ConfigDict) -> None:
     check = functools.partial(runs.check, config)
     runs.dtype(config, "compute_dtype")
+    if config.evaluation.tasks:
+        runs.check(config, "evaluation.dtype", lambda v: v in runs.DTYPES, f"must be one of {sorted(runs.DTYPES)}")
+        evaluate.validate(config, "evaluation.")
     check("steps", lambda v: v >= 1, "must be >= 1")
     check("batch_size", lambda v: v >= 1, "must be >= 1")
     check("accum_steps", lambda v: v >= 1 and config.batch_size % v == 0, "must divide batch_size")
@@ -212,6 +218,16 @@ def freeze_setting(config: ConfigDict, model: Any) -> Freeze:
 
 
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
+    out = train(config, workdir, overwrite=overwrite)  # (its arrays on the devices went with it)
+    if config.evaluation.tasks:
+        evaluate.run(evaluation_config(config, out), str(out / "eval"))
+    print(f"Report: {out / 'report.md'}" + (f" (evaluation: {out / 'eval' / 'report.md'})"
+                                            if config.evaluation.tasks else ""))
+    return out / "report.md"
+
+
+def train(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
+    """The training, its export, metrics and report; returns the workdir."""
     validate(config)
     out = runs.prepare_workdir(workdir, config, EXCLUDED, overwrite=overwrite)
     try:
@@ -266,13 +282,13 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
                                 buckets=buckets, seed=config.seed, epochs=None)
         hooks = []
         if heldout_examples:
-            evaluate = training.eval_step()
+            eval_step = training.eval_step()
             heldout = batch_dataset(heldout_examples, batch_size=config.eval_batch_size,
                                     pad_id=tokenizer.pad_token_id, buckets=buckets, shuffle=False)
 
             def heldout_loss(step, state):
                 sums, counts = jax.tree.map(lambda *xs: sum(map(float, xs)),
-                                            *[evaluate(state, shard_batch(b)) for b in heldout])
+                                            *[eval_step(state, shard_batch(b)) for b in heldout])
                 return {"heldout_loss": sums["nll"] / max(counts["nll"], 1.0)}
 
             hooks.append(heldout_loss)
@@ -289,36 +305,43 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
         after = training.frozen_checksum(state)
         exported = nnx.merge(unrolled, hosts.fetch(training.final_params(state)))
         extras = hosts.fetch(training.final_extras(state))
-    if not hosts.is_main():  # process 0 writes the export and the report
-        hosts.sync("finetune written")
-        return out / "report.md"
-    export = save_hf(exported, model_config.to_hf(), out / "export", tokenizer)
-    if config.signal.head:
-        signals.save(signals.SafetySignal(extras["signal"], config.signal.head), export)
-
-    records = runs.read_jsonl(out / "metrics.jsonl")
-    result = {
-        "source": source, "description": training.description, "trained_elements": total - frozen,
-        "frozen_elements": frozen, "total_elements": total, "frozen_unchanged": before == after,
-        "examples": {"train": len(train_examples), "heldout": len(heldout_examples)},
-        "heldout_loss": {r["step"]: r["heldout_loss"] for r in records if r["kind"] == "eval"},
-        "augmented_examples": augmented.examples if augmented else 0, "signal": config.signal.head or None,
-        "train": summary, "export": str(export),
-    }
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot = plot_loss(records, out / "loss.png")
-    report = out / "report.md"
-    report.write_text(render_report(config, result, stats, plot))
+    if hosts.is_main():  # process 0 writes the export and the report
+        export = save_hf(exported, model_config.to_hf(), out / "export", tokenizer)
+        if config.signal.head:
+            signals.save(signals.SafetySignal(extras["signal"], config.signal.head), export)
+        records = runs.read_jsonl(out / "metrics.jsonl")
+        result = {
+            "source": source, "description": training.description, "trained_elements": total - frozen,
+            "frozen_elements": frozen, "total_elements": total, "frozen_unchanged": before == after,
+            "examples": {"train": len(train_examples), "heldout": len(heldout_examples)},
+            "heldout_loss": {r["step"]: r["heldout_loss"] for r in records if r["kind"] == "eval"},
+            "augmented_examples": augmented.examples if augmented else 0, "signal": config.signal.head or None,
+            "train": summary, "export": str(export),
+        }
+        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot = plot_loss(records, out / "loss.png")
+        (out / "report.md").write_text(render_report(config, result, stats, plot))
     hosts.sync("finetune written")
-    print(f"Report: {report}")
-    return report
+    return out
+
+
+def evaluation_config(config: ConfigDict, out: Path) -> ConfigDict:
+    """The ``ssah-jax evaluate`` config of the evaluation after training: the export (with its
+    trained signal, if any) under ``config.evaluation``."""
+    e = ConfigDict(config.evaluation.to_dict())
+    e.model, e.data_dir = str(out / "export"), config.data_dir
+    e.signal.file = str(out / "export") if config.signal.head else ""
+    return e
 
 
 def plan_configs(config: ConfigDict) -> list[Any]:
-    """What ``ssah-jax plan`` compiles: this training."""
+    """What ``ssah-jax plan`` compiles: this training, and the evaluation's decoding after it."""
     from ssah_jax.planning import Item
 
-    return [Item("finetune", "train", config.model, config)]
+    items = [Item("finetune", "train", config.model, config)]
+    if config.evaluation.tasks:
+        items.append(Item("evaluation", "generate", config.model, ConfigDict(config.evaluation.to_dict())))
+    return items
 
 
 def run_for_export(config: ConfigDict, directory: Path) -> None:

@@ -14,6 +14,8 @@ with other values of the determining keys is refused, see ``runs.prepare_workdir
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from ml_collections import ConfigDict
 
 from experiments import evaluate
 from ssah_jax import hosts, runs
-from ssah_jax.attribution import KINDS, SCORERS, TOKENS, calibration_scores, classify
+from ssah_jax.attribution import KINDS, SCORERS, TOKENS, calibration_scores, classify, model_identity
 from ssah_jax.attribution.kinds import NORMALISATIONS, RANKINGS
 from ssah_jax.checkpoints import load_model
 from ssah_jax.data import check_kit_dataset, load_local, with_responses
@@ -32,8 +34,9 @@ from ssah_jax.masking import MODULES, prune_units
 VARIANTS = ("dense", "minus_SCU", "minus_UCU", "minus_RU", "minus_random")
 # Keys that only affect speed or logging (every other key determines the results, so a workdir
 # holding results of other values of them is refused): the scores are sums over the calibration
-# examples, which the batch size only groups. (evaluation.batch_size is determining, see evaluate.)
-EXCLUDED = ("attribution.batch_size",)
+# examples, which the batch size only groups; a score cache holds the same scores as the workdir.
+# (evaluation.batch_size is determining, see evaluate.)
+EXCLUDED = ("attribution.batch_size", "attribution.cache_dir")
 
 
 def validate(config: ConfigDict) -> None:
@@ -65,11 +68,36 @@ def calibration_records(config: ConfigDict, which: str) -> list:
 
 
 def scores(config: ConfigDict, model: Any, tokenizer: Any, out: Path, which: str) -> dict[str, np.ndarray]:
-    """Scores on one calibration set, computed once and kept in ``scores/<which>.npz``."""
+    """Scores on one calibration set, computed once and kept in ``scores/<which>.npz``; with
+    ``attribution.cache_dir``, also shared with other runs through it (kept under a hash of the
+    model's weights, dtype and every attribution setting, so runs of other settings never mix)."""
     a = config.attribution
-    return calibration_scores(model, tokenizer, calibration_records(config, which), out / "scores", which,
-                              scorer=a.scorer, tokens=a.tokens, max_length=a.max_length, batch_size=a.batch_size,
-                              dataset=a[which].dataset)
+    local = out / "scores"
+    cache = None
+    if a.cache_dir:
+        settings = {k: v for k, v in runs.leaves(a).items() if k not in ("batch_size", "cache_dir")}
+        key = runs.fingerprint({"model": model_identity(model), "source": config.model, "dtype": config.dtype,
+                                "attribution": settings, "data_dir": config.data_dir})[:16]
+        cache = Path(a.cache_dir) / key
+        if (cache / f"{which}.npz").exists() and not (local / f"{which}.npz").exists() and hosts.is_main():
+            _copy_scores(cache, local, which)
+        hosts.sync(f"{which} scores cached")
+    result = calibration_scores(model, tokenizer, calibration_records(config, which), local, which,
+                                scorer=a.scorer, tokens=a.tokens, max_length=a.max_length, batch_size=a.batch_size,
+                                dataset=a[which].dataset)
+    if cache is not None and not (cache / f"{which}.npz").exists() and hosts.is_main():
+        _copy_scores(local, cache, which)
+    return result
+
+
+def _copy_scores(source: Path, destination: Path, which: str) -> None:
+    """``<which>.json`` then ``<which>.npz`` (each atomically; the npz last: its presence means
+    complete), so parallel runs sharing a cache never read half a file."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in (f"{which}.json", f"{which}.npz"):
+        partial = destination / f"{name}.{os.getpid()}.partial"
+        shutil.copy2(source / name, partial)
+        partial.replace(destination / name)
 
 
 def plan_configs(config: ConfigDict) -> list[Any]:

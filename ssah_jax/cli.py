@@ -20,6 +20,7 @@ import pkgutil
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,31 @@ HBM, else 60 GiB: the 75% of an 80 GB H100 / A100 that JAX's GPU allocator takes
 XLA_PYTHON_CLIENT_MEM_FRACTION) with "fits" or "DOES NOT FIT", and then the first setting of
 remat, the scanned layout or micro-batches that fits. The model's architecture comes from its
 config.json or GGUF metadata (the papers' hub models are known offline)."""
+SWEEP_USAGE = ("usage: ssah-jax sweep --config=configs/sweeps/<name>.py[:<preset>] --workdir=DIR "
+               "[--config.<key>=<value> ...] [--overwrite] [--traceback]")
+SWEEP_HELP = f"""{SWEEP_USAGE}
+
+A grid of experiment runs. The sweep config names an experiment, its base config and preset,
+fixed overrides (config.set), the points (config.points: a list of key=value overrides, times
+the product of config.grid, times config.seeds) and the metrics to collect; each point is the
+ordinary `ssah-jax <experiment>` command in DIR/runs/<point>/ (its log: DIR/logs/<point>.log).
+Re-running the command skips finished points and resumes the others (each point resumes like
+its experiment); a point that fails is recorded with its error, and a crash is retried
+config.retries times. At the end: DIR/sweep.csv (one row per point), DIR/report.md (mean and
+spread over seeds, a plot per swept key, the choices of config.select) and DIR/selected.json.
+
+Executors (--config.executor):
+  local  this machine, config.parallel points at a time (the GPUs dealt out between them)
+  ray    each point a Ray task (config.ray: address "" starts a local cluster, "auto" or
+         host:port joins one; num_cpus / num_gpus / tpus per point); pip install -e '.[ray]'
+  print  prints one shell command per point still to run, on stdout alone (SLURM arrays,
+         xpk, or scripts/launch_tpu_pod.sh for a point that needs a pod slice); once they
+         have run, the same command tabulates them (a point that ran to its end is finished,
+         however it was run)
+
+Shipped sweeps (configs/sweeps/): fractions (the SSAH fraction rule on prune), protection
+(fine-tuning attack x protection x seed on finetune), signal (the safety signal's lambda x
+schedule x threshold on finetune); `ssah-jax sweep --config=<file> --help` shows a config."""
 FLAGS_HELP = """\
 flags:
   --config=FILE[:PRESET]  the experiment's config file and preset (default: the file's first preset)
@@ -149,7 +175,9 @@ def overview() -> str:
         summary, _, presets = _describe(name)
         lines += [f"  {name:10} {summary}", f"  {'':10} presets: {_presets(presets)}"]
     return "\n".join(lines + ["", "ssah-jax plan --config=<an experiment's config>: its memory bill per device "
-                                   "(`ssah-jax plan --help`)", "", FLAGS_HELP])
+                                   "(`ssah-jax plan --help`)",
+                               "ssah-jax sweep --config=configs/sweeps/<name>.py:<preset> --workdir=DIR: a grid of "
+                               "runs (`ssah-jax sweep --help`)", "", FLAGS_HELP])
 
 
 def _config_spec(args: list[str]) -> str | None:
@@ -279,8 +307,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def split_lists(config: Any) -> None:
     """A list-valued key given as one comma-separated string (``--config.tasks=asr,prefill``
-    parses as ``("asr,prefill",)``) becomes the list it names, in place; ``"(asr,prefill)"``
-    is already one."""
+    parses as ``("asr,prefill",)``) becomes the list it names, in place; a Python literal
+    (``"('asr', 'prefill')"``, ``"(5, 10)"``) already is one."""
     for key, value in config.items():
         if hasattr(value, "items"):
             split_lists(value)
@@ -354,8 +382,12 @@ def _main(argv: list[str]) -> None:
     module = importlib.import_module(f"experiments.{name}")
     workdir = Path(_WORKDIR.value)
     made = _first_missing(workdir)
+    start = time.time()
     try:
         module.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+        from ssah_jax.runs import mark_finished
+
+        mark_finished(workdir, sys.argv, time.time() - start)
     except KeyboardInterrupt:
         print(f"\nssah-jax: interrupted; the same command resumes in {workdir}", file=sys.stderr)
         sys.exit(130)
@@ -417,10 +449,58 @@ def _plan_main(argv: list[str]) -> None:
     print("\n".join(lines))
 
 
+SWEEP_REFUSED = ("multihost", "coordinator_address", "num_processes", "process_id")
+
+
+def sweep_config_help(spec: str) -> str:
+    from ssah_jax.runs import get, leaves
+
+    config = load_config(spec)
+    path = spec.partition(":")[0]
+    lines = [SWEEP_USAGE, "", f"{path}: {_module_parts(Path(path))[0]}", "",
+             f"presets: {_presets(_module_parts(Path(path))[1])}", "", f"Config keys and values of --config={spec}:"]
+    return "\n".join(lines + [f"  {key} = {get(config, key)!r}" for key in leaves(config)])
+
+
+def _sweep_main(argv: list[str]) -> None:
+    if argv[1:] != ["sweep"]:
+        _fail(f"ssah-jax sweep takes no other arguments, got {argv[2:]}; {SWEEP_USAGE}")
+    _refuse_flags(PLAN_FLAGS, "ssah-jax sweep (ssah-jax plan takes it)")
+    _refuse_flags(SWEEP_REFUSED, "ssah-jax sweep (a point that needs several hosts: config.executor=print "
+                  "and scripts/launch_tpu_pod.sh)")
+    if _CONFIG.value is None:
+        _fail(f"--config is required, e.g. --config=configs/sweeps/fractions.py:tiny; {SWEEP_USAGE}")
+    if not _WORKDIR.value:
+        _fail("--workdir is required")
+    split_lists(_CONFIG.value)
+    logging.set_verbosity(logging.WARNING)
+    from ssah_jax import sweeps
+
+    workdir = Path(_WORKDIR.value)
+    made = _first_missing(workdir)
+    try:
+        sweeps.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value, argv=sys.argv)
+    except KeyboardInterrupt:
+        print(f"\nssah-jax: interrupted; the same command resumes the sweep in {workdir}", file=sys.stderr)
+        sys.exit(130)
+    except expected_errors() as e:
+        from ssah_jax.runs import holds_results
+
+        if made is not None and made.is_dir() and not holds_results(made):
+            shutil.rmtree(made)
+        if traceback_wanted():
+            raise
+        _fail(one_line(e))
+
+
 def main(argv: list[str] | None = None) -> None:
     # transformers' "PyTorch was not found" advice: the toolkit never needs its torch models.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     argv = list(sys.argv if argv is None else argv)
+    if os.environ.get("SSAH_SWEEP_PARENT"):  # sweeps.PARENT_ENV: a point of a sweep ends with the sweep
+        from ssah_jax.sweeps import follow_parent
+
+        follow_parent()
     args = argv[1:]
     names = experiments()
     first = args[0] if args else None
@@ -430,6 +510,19 @@ def main(argv: list[str] | None = None) -> None:
     if first in HELP or first == "help":
         print(overview())
         sys.exit(0)
+    if first == "sweep":
+        if any(a in HELP for a in args):
+            spec = _config_spec(args)
+            if spec is None:
+                print(SWEEP_HELP)
+            else:
+                try:
+                    print(sweep_config_help(spec))
+                except _Exit as e:
+                    _fail(str(e))
+            sys.exit(0)
+        app.run(_sweep_main, argv=argv, flags_parser=_parse_flags)
+        return
     if first == "plan":
         if any(a in HELP for a in args):
             print(PLAN_HELP)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import importlib.util
 import json
@@ -73,6 +74,10 @@ class WorkdirError(ValueError):
 # is finetune's key inside an attack stage): a tail must name one key of one experiment's config
 # wherever it appears (tests/test_run_identity.py checks every preset).
 ADDED_KEYS: dict[str, Any] = {"signal.lr_scale": 1.0, "model_layout.scan": False, "model_layout.remat": "none"}
+
+# Top-level sections an experiment's config gained after results were recorded (finetune's
+# model_layout; its evaluation, excluded from its identity): a workdir without them is resumed.
+ADDED_SECTIONS = ("model_layout", "evaluation")
 
 
 def _added_at_old_value(key: str, value: Any) -> bool:
@@ -186,13 +191,15 @@ def _recorded(workdir: Path, excluded: tuple[str, ...]) -> dict[str, Any] | None
 
 def _same_experiment(workdir: Path, config: ConfigDict) -> bool:
     """Whether ``workdir`` is new, or holds a config.json with the top-level keys of ``config``
-    (an HF model's config.json, or another experiment's, has other keys)."""
+    (an HF model's config.json, or another experiment's, has other keys), but for sections
+    added later (:data:`ADDED_SECTIONS`)."""
     if not (workdir / "config.json").exists():
         return not (workdir / IDENTITY).exists()
     try:
-        return set(json.loads((workdir / "config.json").read_text())) == set(config.keys())
+        recorded = set(json.loads((workdir / "config.json").read_text()))
     except (OSError, json.JSONDecodeError, TypeError):
         return False
+    return recorded <= set(config.keys()) and not set(config.keys()) - recorded - set(ADDED_SECTIONS)
 
 
 def _check_clearable(workdir: Path, config: ConfigDict) -> None:
@@ -214,6 +221,29 @@ def _clear(workdir: Path) -> None:
         else:
             entry.unlink()
     print(f"--overwrite: cleared {workdir}")
+
+
+FINISHED = "finished.json"  # written when an ssah-jax command ran to its end in the workdir
+
+
+def mark_finished(workdir: str | Path, argv: list[str], seconds: float) -> None:
+    """Records in ``workdir/finished.json`` that a command finished there (what a sweep checks,
+    however the command was run)."""
+    if hosts.is_main():
+        partial = Path(workdir, FINISHED + ".partial")
+        partial.write_text(json.dumps({
+            "argv": argv, "seconds": round(seconds, 1), "code": code_version(),
+            "finished": datetime.datetime.now().isoformat(timespec="seconds")}, indent=2) + "\n")
+        partial.replace(Path(workdir, FINISHED))
+
+
+def read_finished(workdir: str | Path) -> dict[str, Any] | None:
+    """The record of :func:`mark_finished` (None without one)."""
+    try:
+        record = json.loads(Path(workdir, FINISHED).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("argv"), list) else None
 
 
 def holds_results(workdir: Path) -> bool:
