@@ -718,11 +718,15 @@ def plot_key(config: ConfigDict, rows: list[dict[str, Any]], key: str, path: Pat
                    s=14, alpha=0.6)
         means = [(x[v], _mean_sd([r[m] for r in of if r[key] == v and r[m] is not None])[0])
                  for v in order if any(r[key] == v and r[m] is not None for r in of)]
-        ax.plot([a for a, _ in means], [b for _, b in means], "-o", markersize=3)
+        # the mean per value: a line through numbers, a bar mark per category
+        ax.plot([a for a, _ in means], [b for _, b in means], "-o" if numeric else "_", markersize=3 if numeric else 16)
         ax.set_xlabel(key)
         ax.set_title(m)
         if spread:  # values over decades (a learning rate, lambda)
             ax.set_xscale("log")
+        ys = [r[m] for r in of if r[m] is not None]
+        if min(ys) > 0 and max(ys) >= 100 * min(ys):  # e.g. the perplexity of a broken model
+            ax.set_yscale("log")
         if not numeric:
             ax.set_xticks(range(len(order)), [_readable(v) for v in order], rotation=30, ha="right", fontsize=7)
     fig.tight_layout()

@@ -1,6 +1,7 @@
 """`ssah-jax sweep`: points, commands, the fraction rule, results, executors, kill and resume."""
 
 import csv
+import fcntl
 import json
 import os
 import signal
@@ -101,6 +102,14 @@ def test_print_executor_prints_one_command_per_unfinished_point_and_nothing_else
     again = cli(*args)
     assert again.returncode == 0 and len(again.stdout.splitlines()) == 3 and "dense" not in again.stdout
     assert [r["status"] for r in rows_of(tmp_path / "s" / "sweep.csv")] == ["ok", "pending", "pending", "pending"]
+    # a run of other overrides in a point's workdir does not finish the point (its workdir decides)
+    runs.mark_finished(tmp_path / "s" / "runs" / "dense", lines[0].split(" ") + ["--config.seed=3"], 12.0)
+    assert len(cli(*args).stdout.splitlines()) == 4
+    # one sweep command at a time in a workdir
+    with open(tmp_path / "s" / "sweep.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        locked = cli(*args)
+    assert locked.returncode == 2 and "another ssah-jax sweep is running in it" in locked.stderr
 
 
 def test_sweep_command_errors_are_one_line(tmp_path):
