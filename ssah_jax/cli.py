@@ -271,7 +271,8 @@ def _unknown_key(args: list[str], name: str, error: BaseException) -> str:
     if not unknown:  # the parser's own words, without its quoting
         unknown = [str(error.args[0] if error.args else error).strip("'\"").removeprefix("Unknown command line flag ")
                    .strip("'\"").removeprefix("config.")]
-    where = f" ({spec.partition(':')[0]} has no such key; `ssah-jax {name} --help` lists them)" if spec else ""
+    listing = f"ssah-jax sweep --config={spec} --help" if name == "sweep" else f"ssah-jax {name} --help"
+    where = f" ({spec.partition(':')[0]} has no such key; `{listing}` lists them)" if spec else ""
     return f"unknown config key {', '.join('config.' + k for k in unknown)}{where}"
 
 

@@ -480,11 +480,11 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False, argv: Sequ
     """Runs the points of a sweep config that have not finished, then writes the table and the
     report; returns the report's path. With the ``print`` executor, stdout gets the commands
     alone (everything else goes to stderr)."""
+    validate(config)
     commands = sys.stdout
     with contextlib.ExitStack() as stack:
         if config.executor == "print":
             stack.enter_context(contextlib.redirect_stdout(sys.stderr))
-        validate(config)
         points = expand(config)
         excluded = tuple(k for k in config.keys() if k not in DETERMINING)
         out = runs.prepare_workdir(workdir, config, excluded, overwrite=overwrite).resolve()

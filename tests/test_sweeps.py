@@ -118,6 +118,8 @@ def test_sweep_command_errors_are_one_line(tmp_path):
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "config.grid" in bad.stderr, bad.stderr
     flag = cli("sweep", "--config=configs/sweeps/fractions.py:tiny", f"--workdir={tmp_path / 'a'}", "--multihost")
     assert flag.returncode == 2 and "--multihost: not a flag of ssah-jax sweep" in flag.stderr
+    other = cli("sweep", "--config=configs/prune.py:quick", f"--workdir={tmp_path / 'a'}")
+    assert other.returncode == 2 and "ssah-jax: not a sweep config (it lacks config.base" in other.stderr
     missing = cli("sweep", "--config=configs/sweeps/fractions.py:tiny")
     assert missing.returncode == 2 and "--workdir is required" in missing.stderr
     executor = cli("sweep", "--config=configs/sweeps/fractions.py:tiny", f"--workdir={tmp_path / 'a'}",
