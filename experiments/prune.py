@@ -67,18 +67,26 @@ def calibration_records(config: ConfigDict, which: str) -> list:
     return records[: spec.limit] if spec.limit else records
 
 
-def scores(config: ConfigDict, model: Any, tokenizer: Any, out: Path, which: str) -> dict[str, np.ndarray]:
-    """Scores on one calibration set, computed once and kept in ``scores/<which>.npz``; with
-    ``attribution.cache_dir``, also shared with other runs through it (kept under a hash of the
-    model's weights, dtype and every attribution setting, so runs of other settings never mix)."""
+def score_cache(config: ConfigDict, model: Any) -> Path | None:
+    """``attribution.cache_dir``'s directory for this model's scores: under a hash of its weights'
+    fingerprint, its source, dtype, the data and every attribution setting, so runs of other
+    settings never mix (None without a cache)."""
+    a = config.attribution
+    if not a.cache_dir:
+        return None
+    settings = {k: v for k, v in runs.leaves(a).items() if k not in ("batch_size", "cache_dir")}
+    return Path(a.cache_dir) / runs.fingerprint({"model": model_identity(model), "source": config.model,
+                                                 "dtype": config.dtype, "attribution": settings,
+                                                 "data_dir": config.data_dir})[:16]
+
+
+def scores(config: ConfigDict, model: Any, tokenizer: Any, out: Path, which: str,
+           cache: Path | None = None) -> dict[str, np.ndarray]:
+    """Scores on one calibration set, computed once and kept in ``scores/<which>.npz``; shared
+    with other runs through ``cache`` (:func:`score_cache`) when given."""
     a = config.attribution
     local = out / "scores"
-    cache = None
-    if a.cache_dir:
-        settings = {k: v for k, v in runs.leaves(a).items() if k not in ("batch_size", "cache_dir")}
-        key = runs.fingerprint({"model": model_identity(model), "source": config.model, "dtype": config.dtype,
-                                "attribution": settings, "data_dir": config.data_dir})[:16]
-        cache = Path(a.cache_dir) / key
+    if cache is not None:
         if (cache / f"{which}.npz").exists() and not (local / f"{which}.npz").exists() and hosts.is_main():
             _copy_scores(cache, local, which)
         hosts.sync(f"{which} scores cached")
@@ -114,8 +122,9 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     out = runs.prepare_workdir(workdir, config, EXCLUDED, overwrite=overwrite)
     model, tokenizer = load_model(config.model, runs.dtype(config))
 
-    safety = scores(config, model, tokenizer, out, "safety")
-    utility = scores(config, model, tokenizer, out, "utility")
+    cache = score_cache(config, model)
+    safety = scores(config, model, tokenizer, out, "safety", cache)
+    utility = scores(config, model, tokenizer, out, "utility", cache)
     k = config.kinds
     a = config.attribution
     umap = classify(safety, utility, {"SCU": k.scu, "UCU": k.ucu, "RU": k.ru}, ranking=k.ranking,

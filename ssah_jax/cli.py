@@ -16,7 +16,6 @@ from __future__ import annotations
 import ast
 import importlib
 import os
-import pkgutil
 import re
 import shutil
 import sys
@@ -110,7 +109,7 @@ class _Exit(Exception):
 def experiments() -> list[str]:
     import experiments as package
 
-    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+    return package.names()
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:
@@ -381,14 +380,23 @@ def _main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint file operation at INFO
     _join_hosts()
     module = importlib.import_module(f"experiments.{name}")
-    workdir = Path(_WORKDIR.value)
-    made = _first_missing(workdir)
     start = time.time()
-    try:
-        module.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+
+    def run() -> None:
         from ssah_jax.runs import mark_finished
 
-        mark_finished(workdir, sys.argv, time.time() - start)
+        module.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
+        mark_finished(_WORKDIR.value, sys.argv, time.time() - start)
+
+    _in_workdir(run, Path(_WORKDIR.value))
+
+
+def _in_workdir(run: Any, workdir: Path) -> None:
+    """``run()``, whose expected errors are one line (removing a workdir it made and left
+    without results) and whose Ctrl-C says how to resume."""
+    made = _first_missing(workdir)
+    try:
+        run()
     except KeyboardInterrupt:
         print(f"\nssah-jax: interrupted; the same command resumes in {workdir}", file=sys.stderr)
         sys.exit(130)
@@ -477,21 +485,8 @@ def _sweep_main(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)
     from ssah_jax import sweeps
 
-    workdir = Path(_WORKDIR.value)
-    made = _first_missing(workdir)
-    try:
-        sweeps.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value, argv=sys.argv)
-    except KeyboardInterrupt:
-        print(f"\nssah-jax: interrupted; the same command resumes the sweep in {workdir}", file=sys.stderr)
-        sys.exit(130)
-    except expected_errors() as e:
-        from ssah_jax.runs import holds_results
-
-        if made is not None and made.is_dir() and not holds_results(made):
-            shutil.rmtree(made)
-        if traceback_wanted():
-            raise
-        _fail(one_line(e))
+    _in_workdir(lambda: sweeps.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value, argv=sys.argv),
+                Path(_WORKDIR.value))
 
 
 def main(argv: list[str] | None = None) -> None:

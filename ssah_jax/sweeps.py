@@ -38,11 +38,11 @@ import itertools
 import json
 import math
 import os
-import pkgutil
 import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -52,6 +52,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+import experiments
 from ssah_jax import runs
 from ssah_jax.attribution import sweep_fraction
 
@@ -137,16 +138,6 @@ def point_name(label: str, overrides: Sequence[tuple[str, str]]) -> str:
     return name
 
 
-def _leaves(section: ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for key, value in section.items():
-        if isinstance(value, ConfigDict):
-            out += _leaves(value, f"{prefix}{key}.")
-        else:
-            out.append((prefix + key, value))
-    return out
-
-
 def base_spec(config: ConfigDict) -> tuple[str, Path, str]:
     """(``base`` as the points' commands give it, its file, its preset): a relative path is
     looked up in the working directory, then in the checkout."""
@@ -158,17 +149,13 @@ def base_spec(config: ConfigDict) -> tuple[str, Path, str]:
     raise runs.ConfigError(f"config.base={config.base!r}: {path}: no such file (looked in {Path.cwd()} and {ROOT})")
 
 
-def _has_key(config: ConfigDict, key: str) -> bool:
-    target: Any = config
-    for part in key.split("."):
-        if not isinstance(target, ConfigDict) or part not in target:
-            return False
-        target = target[part]
-    return not isinstance(target, ConfigDict)
+def _leaves(section: ConfigDict) -> dict[str, Any]:
+    """The dotted keys of ``set`` / ``grid`` and their values (an empty section has none)."""
+    return {k: v for k, v in runs.leaves(section).items() if v != {}}
 
 
 def fixed_overrides(config: ConfigDict) -> list[tuple[str, str]]:
-    return [(k, command_value(v)) for k, v in _leaves(config.set)]
+    return [(k, command_value(v)) for k, v in _leaves(config.set).items()]
 
 
 def expand(config: ConfigDict, base: ConfigDict | None = None) -> list[Point]:
@@ -186,18 +173,19 @@ def expand(config: ConfigDict, base: ConfigDict | None = None) -> list[Point]:
             pairs.append((key.strip(), value))
         listed.append((label, tuple(pairs)))
     axes = []
-    for key, values in _leaves(config.grid):
+    for key, values in _leaves(config.grid).items():
         if not isinstance(values, tuple | list) or not values:
             raise runs.ConfigError(f"config.grid.{key}={values!r}: must be a non-empty tuple of values")
         axes.append([(key, command_value(v)) for v in values])
     seeds = [[("seed", str(s))] for s in config.seeds] or [[]]
     if base is not None:
-        where = ([(f"config.set.{k}", k) for k, _ in _leaves(config.set)]
+        known = runs.leaves(base)
+        where = ([(f"config.set.{k}", k) for k in _leaves(config.set)]
                  + [(f"config.points[{i}]", k) for i, (_, pairs) in enumerate(listed) for k, _ in pairs]
-                 + [(f"config.grid.{k}", k) for k, _ in _leaves(config.grid)]
+                 + [(f"config.grid.{k}", k) for k in _leaves(config.grid)]
                  + ([("config.seeds", "seed")] if config.seeds else []))
         for location, key in where:
-            if not _has_key(base, key):
+            if key not in known:
                 raise runs.ConfigError(f"{location}: {config.base} has no config key {key!r}")
     points, names = [], set()
     for (label, pairs), combo, seed in itertools.product(listed or [("", ())], itertools.product(*axes), seeds):
@@ -222,19 +210,13 @@ def arguments(config: ConfigDict, point: Point, workdir: Path) -> list[str]:
 # Config checks
 
 
-def experiments() -> list[str]:
-    import experiments as package
-
-    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
-
-
 def validate(config: ConfigDict) -> ConfigDict:
     """Checks a sweep config; returns the experiment's base config."""
     missing = [k for k in sweep_config("", "").keys() if k not in config]
     if missing:
         raise runs.ConfigError(f"not a sweep config (it lacks {', '.join('config.' + k for k in missing[:4])}); "
                                "use one of configs/sweeps/")
-    runs.check(config, "experiment", lambda v: v in experiments(), f"must be one of {experiments()}")
+    runs.check(config, "experiment", lambda v: v in experiments.names(), f"must be one of {experiments.names()}")
     runs.check(config, "executor", lambda v: v in EXECUTORS, f"must be one of {EXECUTORS}")
     runs.check(config, "parallel", lambda v: v >= 1, "must be >= 1")
     runs.check(config, "retries", lambda v: v >= 0, "must be >= 0")
@@ -320,12 +302,15 @@ def _start(args: list[str], cwd: str, log: Path, env: dict[str, str] | None) -> 
                                 env={**os.environ, **(env or {}), PARENT_ENV: str(os.getpid())})
 
 
+def _result(code: int | None, start: float, log: Path) -> dict[str, Any]:
+    return {"exit": code, "seconds": round(time.time() - start, 1), "error": "" if code == 0 else error_line(log)}
+
+
 def run_point(argv: list[str], cwd: str, log: str) -> dict[str, Any]:
     """Runs one point's ``ssah-jax`` arguments to their end: ``{"exit", "seconds", "error"}``
     (a Ray task: on the worker, with the worker's Python)."""
     start = time.time()
-    code = _start(argv, cwd, Path(log), None).wait()
-    return {"exit": code, "seconds": round(time.time() - start, 1), "error": "" if code == 0 else error_line(Path(log))}
+    return _result(_start(argv, cwd, Path(log), None).wait(), start, Path(log))
 
 
 def _gpus() -> list[str]:
@@ -380,8 +365,7 @@ class LocalExecutor:
                 if code is not None:
                     del self.running[point]
                     self.free.append(env)
-                    done.append((point, {"exit": code, "seconds": round(time.time() - start, 1),
-                                         "error": "" if code == 0 else error_line(log)}))
+                    done.append((point, _result(code, start, log)))
             if done:
                 return done
             time.sleep(0.5)
@@ -598,10 +582,7 @@ def swept_keys(points: list[Point]) -> list[str]:
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float | None]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def _fmt(x: float | None) -> str:
@@ -622,7 +603,7 @@ def select(config: ConfigDict, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
     def mean(of: list[dict[str, Any]], label: str) -> float | None:
         values = [r[label] for r in of if r["status"] == "ok" and r[label] is not None]
-        return sum(values) / len(values) if values else None
+        return statistics.fmean(values) if values else None
 
     chosen = {}
     for name, rule in config.select.items():
@@ -682,6 +663,8 @@ def write_results(config: ConfigDict, out: Path, points: list[Point], argv: Sequ
     varying = [k for k in keys if len({r.get(k, "") for r in rows}) > 1]
     constant = [(k, rows[0][k]) for k in keys if k not in varying]
     plotted = (["label"] if len({r["label"] for r in rows}) > 1 else []) + [k for k in varying if k != "seed"]
+    for stale in out.glob("plot_*.png"):  # of keys an earlier version of the sweep swept
+        stale.unlink()
     plots = [plot_key(config, rows, key, out / f"plot_{_UNSAFE.sub('-', key)}.png") for key in plotted
              if len({r.get(key) for r in rows if r.get(key) not in (None, "")}) > 1]
     report = out / "report.md"

@@ -261,7 +261,9 @@ def test_a_killed_sweep_resumes_and_ray_gives_the_same_table(tmp_path, tiny_chat
     assert [r["status"] for r in table] == ["ok"] * 4
     assert all(0 <= float(r["asr"]) <= 1 and float(r["perplexity"]) > 1 for r in table)
     assert (local / "report.md").read_text().count("## Selected:") == 2 and (local / "selected.json").exists()
-    assert len(list((local / "scores").iterdir())) == 1  # one set of scores, shared by the points
+    assert len(list((local / "scores").iterdir())) == 1  # one set of scores, shared by the points:
+    logs = [(local / "logs" / f"{row['point']}.log").read_text() for row in table]
+    assert sum("safety scores: computed in an earlier run, kept" in log for log in logs) >= 3  # all but the first
 
     pytest.importorskip("ray")
     on_ray = tmp_path / "ray"
@@ -317,6 +319,10 @@ def test_the_protection_and_signal_sweeps_run_two_at_a_time(tmp_path, tiny_chat_
     trained = {r["label"]: int(float(r["trained"])) for r in protection}
     assert trained["alpaca_libre-scu_cu6"] < trained["alpaca_libre-none"]  # the protection froze units
     signal_rows = rows_of(tmp_path / "signal" / "sweep.csv")
+    for row in signal_rows:  # each evaluated with its own trained signal, under the point's schedule
+        report = (tmp_path / "signal" / "runs" / row["point"] / "eval" / "report.md").read_text()
+        assert f"with its safety signal `{tmp_path / 'signal' / 'runs' / row['point'] / 'export'}`" in report
+        assert f"schedule {row['evaluation.signal.schedule']}" in report
     assert {r["evaluation.signal.schedule"] for r in signal_rows} == {"each", "periodic"}
     assert os.path.exists(tmp_path / "signal" / "plot_signal.lam.png")
 
