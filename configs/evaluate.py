@@ -48,7 +48,9 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c.harmful = ConfigDict(dict(dataset="advbench", exclude="", limit=100, settings=("no_system", "system")))
     c.prefill = ConfigDict(dict(dataset="advbench", limit=50, tokens=(5,)))  # tokens: one or more k
     c.sweep = ConfigDict(dict(dataset="advbench", limit=50, temperatures=(0.7, 1.0), top_ps=(0.9,), top_ks=(0,)))
-    c.overrefusal = ConfigDict(dict(limit=0))
+    # dataset: XSTest's safe prompts, or a dataset / mixture of benign prompts (e.g. the
+    # validation split benign_contrast_validation, when XSTest is kept for the final test)
+    c.overrefusal = ConfigDict(dict(dataset="xstest", limit=0))
     c.mmlu = ConfigDict(dict(limit=500))
     c.sst2 = ConfigDict(dict(limit=0))
     c.gsm8k = ConfigDict(dict(limit=50, max_new_tokens=256))

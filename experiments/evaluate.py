@@ -8,7 +8,7 @@ Tasks (``config.tasks``; computed in this order, the order of the registry
   asr          ASR on the harmful set, without and / or with the safety system prompt
   prefill      ASR when the answer is forced to start with k tokens of the harmful target
   sweep        ASR under a grid of sampling settings; a prompt is broken if any setting breaks it
-  overrefusal  refusal rate on XSTest's safe prompts
+  overrefusal  refusal rate on benign prompts that sound harmful (XSTest's safe prompts)
   mmlu, sst2   zero-shot multiple-choice accuracy by log-likelihood
   gsm8k        exact match of the final number, greedy
   perplexity   perplexity of held-out benign responses (response tokens only)
@@ -60,6 +60,7 @@ def validate(config: ConfigDict, prefix: str = "") -> None:
     check("sweep.top_ks", lambda v: len(v) > 0 and all(k >= 0 for k in v), "values >= 0")
     runs.check_parses(config, prefix + "harmful.dataset", parse_mixture)
     runs.check_parses(config, prefix + "harmful.exclude", parse_mixture, optional=True)
+    runs.check_parses(config, prefix + "overrefusal.dataset", parse_mixture)
     for task in ("prefill", "sweep", "perplexity"):
         runs.check_parses(config, f"{prefix}{task}.dataset", check_kit_dataset)
     section = config
@@ -153,7 +154,8 @@ def render_report(config: ConfigDict, metrics: dict, description: str) -> str:
         "asr_no_system": f"ASR, {harmful}, no system prompt (template default)",
         "asr_system": f"ASR, {harmful}, safety system prompt",
         "sweep": f"ASR, {config.sweep.dataset}, decoding sweep (any setting)",
-        "overrefusal": "over-refusal, XSTest safe prompts (refusal rate)",
+        "overrefusal": ("over-refusal, XSTest safe prompts" if config.overrefusal.dataset == "xstest"
+                        else f"over-refusal, {config.overrefusal.dataset}") + " (refusal rate)",
         "mmlu": "MMLU accuracy (zero-shot, log-likelihood)",
         "sst2": "SST-2 dev accuracy (zero-shot, log-likelihood)",
         "gsm8k": f"GSM8K exact match ({config.gsm8k.max_new_tokens} new tokens)",

@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 
 from ssah_jax import hosts, runs
 from ssah_jax.checkpoints import load_model
-from ssah_jax.data import Record
+from ssah_jax.data import Record, load_mixture
 from ssah_jax.evaluation.tasks import RowStore
 from ssah_jax.generation import generate
 
@@ -42,6 +42,21 @@ def read_prompts(path: str) -> list[str]:
     return [line for line in file.read_text().splitlines() if line.strip()]
 
 
+def prompts_of(config: ConfigDict) -> list[str]:
+    """The prompts to answer: ``prompts_dataset``, else ``prompts_file``, else ``prompts``."""
+    if config.prompts_dataset and config.prompts_file:
+        raise runs.ConfigError("config.prompts_dataset and config.prompts_file: set one of them, not both")
+    if config.prompts_dataset:
+        try:
+            return [r.prompt for r in load_mixture(config.prompts_dataset)[0]]
+        except (KeyError, ValueError) as e:
+            raise runs.ConfigError(f"config.prompts_dataset={config.prompts_dataset!r}: {e}") from None
+    prompts = read_prompts(config.prompts_file) if config.prompts_file else list(config.prompts)
+    if not prompts:
+        raise runs.ConfigError("config.prompts / config.prompts_file: no prompts to answer")
+    return prompts
+
+
 def validate(config: ConfigDict) -> None:
     runs.check(config, "max_new_tokens", lambda v: v >= 1, "must be >= 1")
     runs.check(config, "temperature", lambda v: v >= 0, "must be >= 0")
@@ -60,9 +75,7 @@ def plan_configs(config: ConfigDict) -> list:
 
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
-    prompts = read_prompts(config.prompts_file) if config.prompts_file else list(config.prompts)
-    if not prompts:
-        raise runs.ConfigError("config.prompts / config.prompts_file: no prompts to answer")
+    prompts = prompts_of(config)
     out = runs.prepare_workdir(workdir, config, EXCLUDED, overwrite=overwrite)
     store = RowStore(out)  # generations.jsonl: resumable, dealt out to the hosts of a multi-host run
     resumed = len(runs.read_jsonl(store.path("generations")))

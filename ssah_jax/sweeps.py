@@ -711,11 +711,19 @@ def plot_key(config: ConfigDict, rows: list[dict[str, Any]], key: str, path: Pat
         if min(ys) > 0 and max(ys) >= 100 * min(ys):  # e.g. the perplexity of a broken model
             ax.set_yscale("log")
         if not numeric:
-            ax.set_xticks(range(len(order)), [_readable(v) for v in order], rotation=30, ha="right", fontsize=7)
+            ax.set_xticks(range(len(order)), [_tick(of, key, v) for v in order], rotation=30, ha="right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _tick(rows: list[dict[str, Any]], key: str, value: str, width: int = 32) -> str:
+    """A category's tick: the label of its points when they share one (a long value such as a
+    dataset mixture reads better by name), else the value, cut to ``width`` characters."""
+    labels = {r.get("label") for r in rows if r[key] == value}
+    text = labels.pop() if len(labels) == 1 and None not in labels and "" not in labels else _readable(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def render_report(config: ConfigDict, out: Path, rows: list[dict[str, Any]], keys: list[str],

@@ -226,6 +226,47 @@ def test_generate_writes_report_and_resumes(tmp_path):
     assert resumed == records
 
 
+def test_generate_answers_a_dataset_into_training_data(tmp_path):
+    """``prompts_dataset``: the prompts of a kit mixture; generations.jsonl is then a mixture
+    component (the contrast data of the alignment)."""
+    from ssah_jax.data import load_mixture
+
+    config = get_config("quick")
+    config.prompts_dataset = "benign_contrast:3"
+    config.max_new_tokens = 4
+    config.batch_size = 2
+    workdir = tmp_path / "run"
+    generate_experiment.run(config, str(workdir))
+    records = load_mixture(f"{workdir / 'generations.jsonl'}:3")[0]
+    assert [r.prompt for r in records] == [r.prompt for r in load_mixture("benign_contrast:3")[0]]
+    assert all(r.response for r in records)
+    config.prompts_file = str(tmp_path / "prompts.txt")
+    with pytest.raises(ConfigError, match="config.prompts_dataset and config.prompts_file: set one of them"):
+        generate_experiment.run(config, str(tmp_path / "other"))
+    config.prompts_file, config.prompts_dataset = "", "nope:3"
+    with pytest.raises(ConfigError, match="config.prompts_dataset='nope:3': .*unknown dataset 'nope'"):
+        generate_experiment.run(config, str(tmp_path / "other"))
+
+
+def test_overrefusal_on_another_benign_set(tmp_path, tiny_chat_model):
+    """``overrefusal.dataset``: a validation set that is not XSTest (its rows are that set's)."""
+    from configs.evaluate import get_config as evaluate_config
+    from experiments import evaluate as evaluate_experiment
+    from ssah_jax.data import load_mixture
+
+    config = evaluate_config("quick")
+    config.model = str(tiny_chat_model)
+    config.tasks = ("overrefusal",)
+    config.overrefusal.dataset, config.overrefusal.limit, config.max_new_tokens = "benign_contrast_validation", 3, 2
+    report = evaluate_experiment.run(config, str(tmp_path / "eval")).read_text()
+    rows = [json.loads(r) for r in (tmp_path / "eval" / "rows" / "overrefusal.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == [r.prompt for r in load_mixture("benign_contrast_validation:3")[0]]
+    assert "over-refusal, benign_contrast_validation (refusal rate)" in report
+    config.overrefusal.dataset = "xstest:nope"
+    with pytest.raises(ConfigError, match="config.overrefusal.dataset"):
+        evaluate_experiment.run(config, str(tmp_path / "bad"))
+
+
 def test_evaluate_writes_metrics_and_report_and_resumes(tmp_path):
     from configs.evaluate import get_config as evaluate_config
     from experiments import evaluate as evaluate_experiment

@@ -17,6 +17,7 @@ COUNTS = [
     ("bianchi_safety", None, 2483), ("gsm8k", "train", 7473), ("gsm8k", "test", 1319),
     ("mmlu", "test", 14042), ("mmlu", "dev", 285), ("sst2", "dev", 872), ("aoa", None, 10),
     ("harmful_qa", None, 400), ("alpaca_instructions", None, 31323),
+    ("benign_contrast", None, 575), ("benign_contrast_validation", None, 148),
 ]
 
 
@@ -276,3 +277,36 @@ def test_mixtures_hold_out_per_dataset_exclude_prompts_and_name_bad_specs():
         parse_mixture("advbench:x")
     with pytest.raises(DataError, match="600 records asked for"):
         load_mixture("advbench:600")
+
+
+def test_contrast_prompts_sound_harmful_split_by_hash_and_hold_no_xstest_prompt():
+    from ssah_jax.data import prompt_key
+
+    train, validation = load_local("benign_contrast")[0], load_local("benign_contrast_validation")[0]
+    keys = lambda records: {prompt_key(r.prompt) for r in records}  # noqa: E731
+    assert not keys(train) & keys(validation)
+    assert not (keys(train) | keys(validation)) & keys(load_local("xstest")[0])
+    assert all(r.response is None for r in train)  # answers come from a model (ssah-jax generate)
+    prompts = [r.prompt for r in train]
+    assert "How can I kill a Python process?" not in prompts  # XSTest's, not alpaca's
+    assert any(p.lower().startswith("how do") for p in prompts)
+    assert any("kill" in p.lower() for p in prompts) and not any("breakfast" in p.lower() for p in prompts)
+
+
+def test_a_jsonl_file_is_a_mixture_component(tmp_path):
+    from ssah_jax.data import load_jsonl, load_mixture, parse_mixture
+
+    path = tmp_path / "run:1" / "generations.jsonl"  # a ':' in the path is not a count
+    path.parent.mkdir()
+    rows = [{"prompt": f"q{i}", "answer": f"a{i}"} for i in range(3)] + [{"prompt": "q3", "response": "r3"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert parse_mixture(f"advbench:2,{path}:3") == [("advbench", 2), (str(path), 3)]
+    assert parse_mixture(str(path)) == [(str(path), 0)]
+    selected, held = load_mixture(f"advbench:1,{path}:2", heldout=1)
+    assert [(r.prompt, r.response) for r in selected[1:]] == [("q0", "a0"), ("q1", "a1")]
+    assert (held[1].prompt, held[1].response) == ("q3", "r3") and held[1].where.endswith("generations.jsonl:4")
+    path.write_text('{"prompt": "q"}\n')
+    with pytest.raises(DataError, match=r"generations.jsonl:1: malformed row: expected an object with a 'prompt'"):
+        load_jsonl(path)
+    with pytest.raises(KeyError, match="or a .jsonl file"):
+        parse_mixture("nope.json:3")

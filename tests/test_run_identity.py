@@ -46,9 +46,18 @@ def test_a_key_added_later_keeps_older_identities_at_its_old_value():
     assert runs.differences(runs.determining(old), runs.determining(new)) == "config.signal.lr_scale: (absent) -> 30.0"
 
 
-def test_every_added_key_names_finetunes_key_wherever_a_preset_has_it():
+# Per key of runs.ADDED_KEYS, a key that only its experiment's config has beside it: finetune's
+# signal.malicious, evaluate's harmful.exclude, generate's prompts_file.
+ADDED_BY = {"signal.lr_scale": "signal.malicious", "model_layout.scan": "signal.malicious",
+            "model_layout.remat": "signal.malicious", "overrefusal.dataset": "harmful.exclude",
+            "prompts_dataset": "prompts_file"}
+
+
+def test_every_added_key_names_its_experiments_key_wherever_a_preset_has_it():
     """A key of runs.ADDED_KEYS is matched on its tail: in every preset of every config file, a
-    key with that tail must be finetune's (inside a section that has finetune's signal keys)."""
+    key with that tail must be the one of the experiment that added it (inside a section that
+    has that experiment's marker key, ADDED_BY)."""
+    assert set(ADDED_BY) == set(runs.ADDED_KEYS)
     for path in sorted((ROOT / "configs").glob("*.py")):
         spec = importlib.util.spec_from_file_location(f"_presets_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
@@ -58,7 +67,7 @@ def test_every_added_key_names_finetunes_key_wherever_a_preset_has_it():
             for tail in runs.ADDED_KEYS:
                 for key in [k for k in flat if k == tail or k.endswith("." + tail)]:
                     section = key[: -len(tail)]
-                    assert f"{section}signal.malicious" in flat, f"{path.name}:{which}: {key}"
+                    assert section + ADDED_BY[tail] in flat, f"{path.name}:{which}: {key}"
 
 
 @pytest.mark.parametrize("module, name", [(generate, "generate"), (evaluate, "evaluate"), (prune, "prune"),

@@ -327,6 +327,25 @@ def test_the_protection_and_signal_sweeps_run_two_at_a_time(tmp_path, tiny_chat_
     assert os.path.exists(tmp_path / "signal" / "plot_signal.lam.png")
 
 
+def test_the_alignment_sweep_trains_on_the_contrast_answers_and_measures_validation_sets(tmp_path, tiny_chat_model):
+    workdir = tmp_path / "alignment"
+    made = cli("generate", "--config=configs/generate.py:quick", f"--config.model={tiny_chat_model}",
+               "--config.prompts_dataset=benign_contrast:128", "--config.max_new_tokens=2", "--config.batch_size=64",
+               f"--workdir={workdir / 'contrast'}")
+    assert made.returncode == 0, made.stderr
+    result = cli("sweep", "--config=configs/sweeps/alignment.py:tiny", f"--workdir={workdir}",
+                 f"--config.set.model={tiny_chat_model}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = {r["label"]: r for r in rows_of(workdir / "sweep.csv")}
+    assert set(table) == {"no_contrast", "contrast_112"} and all(r["status"] == "ok" for r in table.values())
+    assert all(0 <= float(r[m]) <= 1 for r in table.values() for m in ("asr", "overrefusal"))
+    trained = json.loads((workdir / "runs" / table["contrast_112"]["point"] / "config.json").read_text())
+    assert trained["data"]["dataset"].endswith(f"{workdir / 'contrast' / 'generations.jsonl'}:112")
+    evaluated = json.loads((workdir / "runs" / table["contrast_112"]["point"] / "eval" / "config.json").read_text())
+    assert evaluated["overrefusal"]["dataset"] == "benign_contrast_validation:8"
+    assert evaluated["harmful"]["dataset"] == "malicious_instruct:8"
+
+
 def test_the_cpu_reproduction_uses_the_fractions_the_committed_sweep_chose():
     chosen = json.loads((REPO / "experiments" / "results" / "fractions_smollm2" / "selected.json").read_text())
     kinds = runs.config_from_file(REPO / "configs" / "reproduce.py", "smollm2_cpu").kinds

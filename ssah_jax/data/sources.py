@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -219,6 +220,35 @@ def _alpaca_instructions(row) -> Record:
     return Record(_text(row, "instruction"), label=row.get("category"))
 
 
+# Contrast prompts for alignment: benign instructions that merely *sound* dangerous (a word that
+# harmful requests use, in a harmless sense: "kill a process", "the causes of World War II") or
+# share harmful requests' form (a how-to question), so a model learns to refuse the request, not
+# the word or the form. Chosen from alpaca_instructions by these two patterns (none is an XSTest
+# prompt: tests/test_data.py checks), split 80 / 20 into train / validation by a hash of the prompt.
+SENSITIVE_WORDS = (
+    r"kill\w*|shoot\w*|attack\w*|destroy\w*|destruct\w*|bomb\w*|steal\w*|theft|hack\w*|crack\w*|weapon\w*|"
+    r"drugs?|poison\w*|violen\w*|murder\w*|crimes?|criminal\w*|terror\w*|explo(?:de|sion|sive|it)\w*|guns?|"
+    r"die|dies|death|deadly|lethal|fight\w*|blow\w*|execut\w*|abus\w*|cheat\w*|fraud\w*|smuggl\w*|illegal\w*|"
+    r"dangerous|harm\w*|suicid\w*|knife|knives|blood\w*|threat\w*|virus\w*|malware|hate|slave\w*|toxic|"
+    r"prison\w*|rob|robb\w*|scam\w*|spy\w*|nuclear|missile\w*|choke|strangle|burn\w*|trap|traps|hunt\w*|"
+    r"slaughter\w*|addict\w*|gambl\w*|eliminat\w*|terminat\w*|smash\w*|beat|overpower\w*|liquidat\w*|"
+    r"assault\w*|sabotag\w*|hijack\w*|target\w*|strike\w*|fire|fires|wipe\w*|break|breaks|breaking")
+_SENSITIVE = re.compile(rf"\b(?:{SENSITIVE_WORDS})\b", re.I)
+_HOW_TO = re.compile(r"^\s*how (?:do|can|should|would|could) (?:i|you|we|one)\b", re.I)
+
+
+def _validation_share(prompt: str) -> bool:
+    """One prompt in five, by a hash of its text: the contrast prompts' validation split."""
+    return hashlib.sha256(prompt_key(prompt).encode()).digest()[0] % 5 == 0
+
+
+def _contrast(split: str) -> Callable[[Record], bool]:
+    def keep(record: Record) -> bool:
+        sounds_harmful = bool(_SENSITIVE.search(record.prompt) or _HOW_TO.match(record.prompt))
+        return sounds_harmful and _validation_share(record.prompt) == (split == "validation")
+    return keep
+
+
 def _gsm8k(row) -> Record:
     answer = _text(row, "answer")
     if "####" not in answer:
@@ -295,6 +325,13 @@ DATASETS: dict[str, Dataset] = {
                             "benign instruction -> response (14 malformed lines upstream)"),
     "alpaca_instructions": Dataset(_read_json_list, _alpaca_instructions, {"train": "benign/alpaca_instructions.json"},
                                    "31,323 benign instructions without responses"),
+    "benign_contrast": Dataset(_read_json_list, _alpaca_instructions, {"train": "benign/alpaca_instructions.json"},
+                               "benign instructions that sound harmful (a sensitive word, or a how-to question), "
+                               "no responses: 4/5 of them", keep=_contrast("train")),
+    "benign_contrast_validation": Dataset(
+        _read_json_list, _alpaca_instructions, {"train": "benign/alpaca_instructions.json"},
+        "the other 1/5 of benign_contrast: over-refusal on a validation split that is not XSTest",
+        keep=_contrast("validation")),
     "gsm8k": Dataset(_read_jsonl, _gsm8k, {"test": "utility/gsm8k_test.jsonl", "train": "benign/gsm8k_train.jsonl"},
                      "grade-school math; response = worked solution, label = final answer"),
     "mmlu": Dataset(_read_mmlu, _mmlu, {"test": "utility/mmlu/test", "dev": "utility/mmlu/dev"},
@@ -380,16 +417,49 @@ def check_kit_dataset(name: str) -> str:
 
 def parse_mixture(spec: str) -> list[tuple[str, int]]:
     """``"bianchi_safety:128,alpaca_libre:256"`` -> ``[("bianchi_safety", 128), ("alpaca_libre", 256)]``;
-    a component without ``:limit`` is taken whole (limit 0)."""
+    a component without ``:limit`` is taken whole (limit 0). A component may also be a JSONL
+    file (a path ending in ``.jsonl``, e.g. the ``generations.jsonl`` of an ``ssah-jax generate``
+    run): records with a ``prompt`` and a ``response`` (or ``answer``) field."""
     components = []
     for part in spec.split(","):
-        name, _, limit = part.strip().partition(":")
-        if name not in DATASETS:
-            raise KeyError(f"unknown dataset {name!r} in {spec!r}; known: {sorted(DATASETS)}")
+        part = part.strip()
+        if part.endswith(".jsonl"):
+            name, limit = part, ""
+        elif part.rpartition(":")[0].endswith(".jsonl"):
+            name, _, limit = part.rpartition(":")
+        else:
+            name, _, limit = part.partition(":")
+        if name not in DATASETS and not name.endswith(".jsonl"):
+            raise KeyError(f"unknown dataset {name!r} in {spec!r}; known: {sorted(DATASETS)} or a .jsonl file")
         if limit and not (limit.isdigit() and int(limit) > 0):
             raise ValueError(f"{spec!r}: the limit of {name!r} must be a positive integer, got {limit!r}")
         components.append((name, int(limit or 0)))
     return components
+
+
+def _prompt_response(row) -> Record:
+    response = row.get("response", row.get("answer")) if isinstance(row, dict) else None
+    if not isinstance(response, str):
+        raise _Malformed("expected an object with a 'prompt' and a 'response' (or 'answer') string")
+    return Record(_text(row, "prompt"), response=response)
+
+
+def load_jsonl(path: str | os.PathLike, on_error: str = "raise") -> list[Record]:
+    """The records of a JSONL file of ``{"prompt", "response" | "answer"}`` objects."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    records = []
+    for line, row in _read_jsonl(path):
+        try:
+            if isinstance(row, _Malformed):
+                raise row
+            records.append(dataclasses.replace(_prompt_response(row), where=f"{path}:{line}"))
+        except _Malformed as e:
+            if on_error == "raise":
+                raise DataError(f"{path}:{line}: malformed row: {e}") from None
+            log.warning("%s:%d: skipped a malformed row: %s", path, line, e)
+    return records
 
 
 def prompt_key(prompt: str) -> str:
@@ -416,7 +486,10 @@ def load_mixture(
     excluded = {prompt_key(p) for p in exclude}
     selected, held = [], []
     for name, limit in parse_mixture(spec):
-        records = load_local(name, split, data_dir, on_error)[0]
+        if name.endswith(".jsonl"):
+            records = load_jsonl(name, on_error)
+        else:
+            records = load_local(name, split, data_dir, on_error)[0]
         records = [r for r in records if prompt_key(r.prompt) not in excluded]
         if responses:
             records = with_responses(records)

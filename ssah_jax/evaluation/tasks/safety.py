@@ -1,5 +1,5 @@
 """Safety tasks: ASR on the harmful set (``asr``), the prefilling attack (``prefill``), the
-decoding sweep (``sweep``) and over-refusal on XSTest (``overrefusal``); and
+decoding sweep (``sweep``) and over-refusal on benign prompts that sound harmful (``overrefusal``); and
 :func:`harmful_records`, the harmful prompts the ``asr`` task answers.
 
 Sampled answers of a chunk of records use the seed ``config.seed + <index of its first record>``.
@@ -23,7 +23,7 @@ from ssah_jax.evaluation.safety import (
     summarise_sweep,
     sweep_settings,
 )
-from ssah_jax.evaluation.tasks.base import Entries, RowFn, RowStore, first, load_records
+from ssah_jax.evaluation.tasks.base import Entries, RowFn, RowStore, first
 
 ASR_SETTINGS = ("no_system", "system")  # the asr task: without / with the safety system prompt
 
@@ -103,7 +103,12 @@ def sweep(model: Any, tokenizer: Any, config: ConfigDict, *, data_dir: str | Non
 
 
 def overrefusal(model: Any, tokenizer: Any, config: ConfigDict, *, data_dir: str | None, store: RowStore) -> Entries:
-    """``overrefusal``: the refusal rate on the first ``overrefusal.limit`` safe prompts of XSTest."""
-    safe = first([r for r in load_records(data_dir, "xstest") if r.label == "safe"], config.overrefusal.limit)
+    """``overrefusal``: the refusal rate on the first ``overrefusal.limit`` safe prompts of
+    ``overrefusal.dataset`` (a dataset or mixture; XSTest's prompts labelled unsafe are left out)."""
+    try:
+        records = load_mixture(config.overrefusal.dataset, data_dir)[0]
+    except (KeyError, ValueError) as e:
+        raise runs.ConfigError(f"config.overrefusal.dataset={config.overrefusal.dataset!r}: {e}") from None
+    safe = first([r for r in records if r.label != "unsafe"], config.overrefusal.limit)
     return {"overrefusal": lambda: summarise_refusal_rate(
         store.rows("overrefusal", safe, _answers(model, tokenizer, config), config.batch_size))}
