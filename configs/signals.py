@@ -2,6 +2,8 @@
 and augmented safety alignment, on one model, in stages, into one report.
 
 Stages (``stages``; each resumes, a finished one is kept):
+  contrast         the unaligned model's answers to benign prompts that sound harmful (reproduce's
+                   contrast stage, ``contrast``): the ``contrast`` component of ``align.dataset``
   align_sft        plain safety alignment: full-parameter SFT on ``align`` (reproduce's align_full data and steps)
   align_augmented  the same, plus the deep-alignment augmentation of Qi et al. 2024 (``augment``)
   align_signal     the same data and steps with the explicit safety signal trained alongside (``signal``)
@@ -14,8 +16,9 @@ Stages (``stages``; each resumes, a finished one is kept):
                    only under the first)
   classifier       p(malicious) of held-out harmful vs benign prompts and of XSTest unsafe vs safe:
                    AUROC, accuracy at the threshold
-  attack           the harmful fine-tuning attack (``attack``) on each aligned model, then its ASR
-                   (the signal model attacked in its weights, deployed with its trained signal)
+  attack           reproduce's fine-tuning attacks (``attack.datasets``, each once per seed of
+                   ``attack.seeds``) on each aligned model, then its ASR (the signal model attacked
+                   in its weights, deployed with its trained signal): attack/<model>/<attack>/seed<k>
   report           ``report_dir``/REPORT.md with the paper's numbers beside ours, plots, verdicts
 
 Presets (``--config=configs/signals.py:<preset>``):
@@ -35,7 +38,9 @@ from ssah_jax.runs import config_from_file, set_values
 HERE = Path(__file__).parent
 # the first is the default
 PRESETS = ("smollm2_cpu", "gpu", "tiny", "llama2_7b_8gpu", "llama3_8b_8gpu", "llama2_7b_v5e16")
-TRAINED_HARMFUL = "safety_refusals_short,bianchi_safety"  # never evaluated on
+# never evaluated on: the alignment's and the harmful attack's prompts (configs/reproduce.py's)
+TRAINED_HARMFUL = "safety_refusals_short,bianchi_safety,harmful_qa:100"
+HELDOUT_HARMFUL = "advbench:100,harmbench_standard:100"  # 200 prompts, as configs/reproduce.py's
 
 
 def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
@@ -57,8 +62,10 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
 
     # The alignment of configs/reproduce.py (align_full): harmful prompts -> refusals (labelled
     # malicious) and benign instructions (benign), rendered in the model's chat template
-    reproduce = config_from_file(HERE / "reproduce.py", preset if large else "smollm2_gpu" if gpu else "smollm2_cpu")
+    reproduce = config_from_file(HERE / "reproduce.py", preset if large else "smollm2_gpu" if gpu else
+                                 "tiny" if preset == "tiny" else "smollm2_cpu")
     c.align = ConfigDict({k: v for k, v in reproduce.align.items() if k != "ru_epochs"})
+    c.contrast = reproduce.contrast
     c.signal = ConfigDict(dict(
         head="linear",  # linear | mlp, on [CLS]'s final hidden state
         lam=0.1,  # L_sft + lam * L_cls (the paper: 0.1, or 0.01)
@@ -82,11 +89,13 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
                                     drop=("model", "dtype", "data_dir", "signal"))
     set_values(c.evaluation, {
         "tasks": ("asr", "prefill", "sweep", "overrefusal", "mmlu", "sst2", "gsm8k", "perplexity"),
-        "max_new_tokens": 32, "harmful.dataset": "advbench:48,harmbench_standard:48",
+        "max_new_tokens": 32, "harmful.dataset": HELDOUT_HARMFUL,
         "harmful.exclude": TRAINED_HARMFUL, "harmful.limit": 0,
-        "prefill.dataset": "advbench", "prefill.limit": 48, "prefill.tokens": (5, 10, 20, 40),
-        # the decoding attack of Huang et al. 2023 on its own benchmark
-        "sweep.dataset": "malicious_instruct", "sweep.limit": 32, "sweep.temperatures": (0.7, 1.0),
+        # every held-out AdvBench prompt (its targets are the prefixes): 159
+        "prefill.dataset": "advbench", "prefill.limit": 0, "prefill.tokens": (5, 10, 20, 40),
+        # the decoding attack of Huang et al. 2023 on the held-out set (its own benchmark,
+        # MaliciousInstruct, chose the alignment recipe: a validation set)
+        "sweep.dataset": HELDOUT_HARMFUL, "sweep.limit": 0, "sweep.temperatures": (0.7, 1.0),
         "sweep.top_ps": (0.9,), "overrefusal.limit": 100, "mmlu.limit": 200, "sst2.limit": 200,
         "gsm8k.limit": 30, "gsm8k.max_new_tokens": 192, "perplexity.limit": 100,
     })
@@ -96,16 +105,14 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
         xstest=True,  # also XSTest's unsafe vs safe prompts
         batch_size=8,
     ))
-    c.attack = ConfigDict(dict(
-        dataset="harmful_qa:100", steps=12, batch_size=4, max_length=192, learning_rate=5e-5, warmup_steps=2,
-    ))
-    c.attack.evaluation = config_from_file(HERE / "evaluate.py", "gpu" if gpu else "smollm2",
-                                           drop=("model", "dtype", "data_dir", "signal"))
-    set_values(c.attack.evaluation, {
-        # AdvBench only: harmful_qa (the attack's data) holds 199 of HarmBench's 200 standard behaviours
-        "tasks": ("asr",), "max_new_tokens": 32, "harmful.dataset": "advbench:64",
-        "harmful.exclude": TRAINED_HARMFUL, "harmful.limit": 0, "harmful.settings": ("no_system",),
-    })
+    # reproduce's fine-tuning attacks, seeds and their evaluation (the same attacks on every method:
+    # ``ssah-jax compare`` sets these models beside reproduce's protections)
+    r = reproduce.attack
+    c.attack = ConfigDict(dict(datasets=r.datasets, seeds=r.seeds, batch_size=r.batch_size,
+                               learning_rate=r.learning_rate, warmup_steps=r.warmup_steps))
+    c.attack.evaluation = r.evaluation
+    with c.attack.evaluation.unlocked():
+        del c.attack.evaluation["signal"]  # each attack run's evaluation sets its own
     # Every training run starts from this configs/finetune.py config
     c.finetune = config_from_file(HERE / "finetune.py", preset if large else "gpu" if gpu else "smollm2")
     if large:
@@ -117,22 +124,17 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
                                   "sweep.top_ps": (0.7, 0.9, 1.0), "overrefusal.limit": 0, "mmlu.limit": 0,
                                   "sst2.limit": 0, "gsm8k.limit": 0, "gsm8k.max_new_tokens": 256,
                                   "perplexity.limit": 500, "max_new_tokens": 64})
-        set_values(c, {"attack.steps": 25, "attack.batch_size": 16, "attack.max_length": 512,
-                       "classifier.benign_limit": 512, "classifier.batch_size": 64,
-                       "attack.evaluation.harmful.dataset": "advbench"})
+        set_values(c, {"classifier.benign_limit": 512, "classifier.batch_size": 64,
+                       "evaluation.sweep.dataset": "advbench,harmbench_standard"})
     elif preset == "tiny":
         set_values(c, {
-            "align.dataset": "bianchi_safety:8,safety_refusals_short:4,alpaca_libre:12", "align.heldout": 2,
-            "align.steps": 2, "align.batch_size": 4, "align.max_length": 128, "align.warmup_steps": 1,
-            "augment.count": 4, "decoding.schedules": ("each", "periodic"),
-            "classifier.harmful_limit": 4, "classifier.benign_limit": 4,
-            "attack.dataset": "harmful_qa:4", "attack.steps": 1, "attack.batch_size": 2, "attack.warmup_steps": 1,
-            "attack.max_length": 128, "finetune.eval_batch_size": 2, "finetune.log_every": 1,
+            "align.max_length": 128, "augment.count": 4, "decoding.schedules": ("each", "periodic"),
+            "classifier.harmful_limit": 4, "classifier.benign_limit": 4, "attack.seeds": (0,),
+            "finetune.eval_batch_size": 2, "finetune.log_every": 1,
         })
         small = {"max_new_tokens": 2, "harmful.dataset": "advbench:2,harmbench_standard:2", "batch_size": 4}
         for section in (c.evaluation, c.attack.evaluation):
             set_values(section, small)
-        c.attack.evaluation.harmful.dataset = "advbench:4"
         set_values(c.evaluation, {"prefill.limit": 2, "prefill.tokens": (5, 10), "sweep.limit": 2,
                                   "sweep.temperatures": (1.0,), "overrefusal.limit": 2, "mmlu.limit": 4,
                                   "sst2.limit": 4, "gsm8k.limit": 2, "gsm8k.max_new_tokens": 2,

@@ -61,7 +61,8 @@ def validate(config: ConfigDict, prefix: str = "") -> None:
     runs.check_parses(config, prefix + "harmful.dataset", parse_mixture)
     runs.check_parses(config, prefix + "harmful.exclude", parse_mixture, optional=True)
     runs.check_parses(config, prefix + "overrefusal.dataset", parse_mixture)
-    for task in ("prefill", "sweep", "perplexity"):
+    runs.check_parses(config, prefix + "sweep.dataset", parse_mixture)
+    for task in ("prefill", "perplexity"):
         runs.check_parses(config, f"{prefix}{task}.dataset", check_kit_dataset)
     section = config
     for part in filter(None, prefix.split(".")):

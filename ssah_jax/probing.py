@@ -7,7 +7,9 @@ compliance ("Sure, here is how ..."). An aligned model's query state already lea
 refusal: the distance to the refusal continuation is the smaller one.
 
 One forward pass per (query, continuation) gives every ``k`` at once: the model is causal, so
-the hidden state at position ``len(Q) - 1 + k`` is the state after ``Q + c[:k]``.
+the hidden state at position ``len(Q) - 1 + k`` is the state after ``Q + c[:k]``. Several
+phrasings of each kind are averaged, each over its appended positions
+(:func:`summarise_directions`), so neither one phrasing nor one token decides the measure.
 """
 
 from __future__ import annotations
@@ -75,4 +77,28 @@ def direction_distances(
                            max_tokens=max_tokens)
             rows.append(np.asarray(d)[: len(chunk)])
         out[name] = np.concatenate(rows)
+    return out
+
+
+def mean_over_positions(distances: np.ndarray) -> np.ndarray:
+    """``[..., K]`` distances after 1..K appended tokens -> ``[..., K]`` whose entry ``k - 1`` is
+    their mean over the first ``k`` positions: no single appended token (whose identity alone
+    can move the state) dominates the measure at any length."""
+    d = np.asarray(distances, np.float64)
+    return np.cumsum(d, axis=-1) / np.arange(1, d.shape[-1] + 1)
+
+
+def summarise_directions(distances: Mapping[str, np.ndarray], kinds: Mapping[str, str]) -> dict[str, np.ndarray]:
+    """``distances`` of :func:`direction_distances` (continuation name -> ``[Q, layers, K]``)
+    summarised per kind of continuation (``kinds``: name -> ``"refusal"`` or ``"compliance"``):
+    ``<kind>`` is the mean over its phrasings of :func:`mean_over_positions` (``[Q, layers, K]``),
+    and ``gap`` the per-query d(compliance) - d(refusal) at K, averaged over layers (``[Q]``;
+    positive: the query state is closer to the refusal)."""
+    out = {}
+    for kind in ("refusal", "compliance"):
+        names = [n for n, k in kinds.items() if k == kind]
+        if not names:
+            raise ValueError(f"no {kind} continuation among {sorted(kinds)}")
+        out[kind] = np.mean([mean_over_positions(distances[n]) for n in names], axis=0)
+    out["gap"] = (out["compliance"][..., -1] - out["refusal"][..., -1]).mean(axis=-1)
     return out

@@ -56,9 +56,11 @@ def identities(names: Iterable[str], plan: Callable[[str], tuple[ConfigDict, tup
 
 
 def portable(value: Any, prefix: str) -> Any:
-    """``value`` with every string starting with ``prefix`` (the workdir) written ``<workdir>/...``."""
+    """``value`` with every path in the workdir (a string, or a component of a comma-separated
+    mixture, starting with ``prefix``) written ``<workdir>/...``."""
     if isinstance(value, str):
-        return "<workdir>" + os.sep + value[len(prefix):] if value.startswith(prefix) else value
+        return ",".join("<workdir>" + os.sep + part[len(prefix):] if part.startswith(prefix) else part
+                        for part in value.split(","))
     if isinstance(value, dict):
         return {k: portable(v, prefix) for k, v in value.items()}
     if isinstance(value, list):

@@ -2,7 +2,6 @@
 the committed ``experiments/results/smollm2/REPORT.md`` follows from the numbers in its tables,
 and each verdict flips where its number crosses the rule."""
 
-import math
 import re
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from experiments.reproduce.claims import (
     PERPLEXITY_RATIO,
     AttackRates,
     Comparison,
+    Mean,
     Rate,
     Verdict,
     alignment_budget,
@@ -27,7 +27,6 @@ from experiments.reproduce.claims import (
     reasoning_direction,
     redundant_units_are_cheap,
     safety_units_carry_refusal,
-    standard_error,
     steers_toward_refusal,
 )
 from ssah_jax.attribution import KINDS
@@ -203,13 +202,22 @@ def test_attribute_transfer(report):
 
 
 def test_probing(report):
-    """The per-layer distances are not in the report; the mean gaps are, in the summary line."""
+    """The per-query gaps are not in the report; their means and intervals are, in the summary
+    line. A report of the earlier rule (one phrasing, mean gaps without intervals) is checked
+    with degenerate intervals, which is that rule."""
     line = claim(report, "Aligned models steer toward refusal")
-    gaps = re.search(r"mean gap ([+-][\d.]+)\) and .* \(([+-][\d.]+)\);", line).groups()
-    aligned, unaligned = (float(g) for g in gaps)
-    assert verdict(line) == steers_toward_refusal(aligned, unaligned).verdict == Verdict.NOT_HELD
     rows = table(section(report, "5. Reasoning-direction probing"), "| model | continuation |")  # refusal rows
-    assert re.search(r"in (\d+/\d+) layers for the aligned model", line).group(1) == rows["aligned"][-1]
+    number = r"([+-][\d.]+)"
+    found = re.search(rf"by {number} \[{number}, {number}\] .* by {number} \[{number}, {number}\]", line)
+    if found:
+        v = [float(g) for g in found.groups()]
+        gap, gain = Mean(*v[:3]), Mean(*v[3:])
+        assert re.search(r"refusal: (\d+/\d+) aligned", line).group(1) == rows["aligned"][-1]
+    else:
+        aligned, unaligned = (float(g) for g in re.search(rf"mean gap {number}\) and .* \({number}\);", line).groups())
+        gap, gain = Mean(aligned, aligned, aligned), Mean(aligned - unaligned, aligned - unaligned, aligned - unaligned)
+        assert re.search(r"in (\d+/\d+) layers for the aligned model", line).group(1) == rows["aligned"][-1]
+    assert verdict(line) == steers_toward_refusal(gap, gain).verdict
 
 
 def test_every_verdict_of_the_report_is_covered(report):
@@ -223,29 +231,27 @@ def test_every_verdict_of_the_report_is_covered(report):
 # Each verdict flips where its number crosses the rule
 
 
-def test_compare_flips_at_two_standard_errors():
-    # against a rate of 0 (standard error ~0) at n = 100, x differs when x > 2 sqrt(x (1 - x) / 100),
-    # i.e. x > 4 / 104 = 0.03846...
+def test_compare_flips_where_the_interval_of_the_difference_excludes_zero():
+    # Newcombe's interval of the difference (from the Wilson intervals): against 0 of 100, 5 of
+    # 100 differ and 4 do not (the normal approximation would call 4 of 100 different)
     zero = Rate(0.0, 100)
-    assert compare(Rate(0.0384, 100), zero) == Comparison.SIMILAR
-    assert compare(Rate(0.0385, 100), zero) == Comparison.HIGHER
-    assert compare(zero, Rate(0.0385, 100)) == Comparison.LOWER
-    # two non-zero rates: 0.63 vs 0.5 is 0.13 <= 2 * 0.0695 apart; 0.64 vs 0.5 is 0.14 > 2 * 0.0693
+    assert compare(Rate(0.04, 100), zero) == Comparison.SIMILAR
+    assert compare(Rate(0.05, 100), zero) == Comparison.HIGHER
+    assert compare(zero, Rate(0.05, 100)) == Comparison.LOWER
+    # two non-zero rates: 63 vs 50 of 100 do not differ, 64 do; 36 is lower, 37 is not
     half = Rate(0.5, 100)
     assert compare(Rate(0.63, 100), half) == Comparison.SIMILAR
     assert compare(Rate(0.64, 100), half) == Comparison.HIGHER
     assert compare(Rate(0.36, 100), half) == Comparison.LOWER
-    # exactly at two standard errors is still similar
-    edge = 2 * math.hypot(standard_error(Rate(0.5, 100)), standard_error(Rate(0.5, 100)))
-    assert compare(Rate(0.5, 100), Rate(0.5, 100)) == Comparison.SIMILAR and edge == pytest.approx(0.1414, abs=1e-4)
-    # more samples, smaller errors: the same gap differs
+    assert compare(Rate(0.37, 100), half) == Comparison.SIMILAR
+    # more samples, narrower intervals: the same gap differs
     assert compare(Rate(0.63, 1000), Rate(0.5, 1000)) == Comparison.HIGHER
 
 
 def test_alignment_took_flips():
-    unaligned = Rate(0.0385, 100)
+    unaligned = Rate(0.05, 100)
     assert alignment_took(unaligned, Rate(0.0, 100)).verdict == Verdict.HELD
-    assert alignment_took(Rate(0.0384, 100), Rate(0.0, 100)).verdict == Verdict.NOT_HELD
+    assert alignment_took(Rate(0.04, 100), Rate(0.0, 100)).verdict == Verdict.NOT_HELD
     assert alignment_took(Rate(0.0, 100), unaligned).comparison == Comparison.HIGHER
 
 
@@ -318,7 +324,8 @@ def test_reasoning_direction_and_its_verdict_flip():
     compliance = [[0.0, 0.3], [0.0, 0.3], [0.0, 0.4]]
     d = reasoning_direction(refusal, compliance)
     assert (d.closer, d.layers) == (2, 3) and d.mean_gap == pytest.approx(0.1)
-    assert steers_toward_refusal(0.1, 0.09).verdict == Verdict.HELD
-    assert steers_toward_refusal(0.1, 0.1).verdict == Verdict.NOT_HELD  # not more than the unaligned model
-    assert steers_toward_refusal(0.0, -0.5).verdict == Verdict.NOT_HELD  # not toward refusal at all
-    assert steers_toward_refusal(1e-9, -0.5).verdict == Verdict.HELD
+    # the verdict reads the intervals' lower ends: the aligned gap's and the paired gain's
+    assert steers_toward_refusal(Mean(0.1, 0.01, 0.2), Mean(0.05, 0.001, 0.1)).verdict == Verdict.HELD
+    assert steers_toward_refusal(Mean(0.1, 0.01, 0.2), Mean(0.05, -0.001, 0.1)).verdict == Verdict.NOT_HELD
+    assert steers_toward_refusal(Mean(0.1, 0.0, 0.2), Mean(0.5, 0.4, 0.6)).verdict == Verdict.NOT_HELD
+    assert steers_toward_refusal(Mean(0.1, 1e-9, 0.2), Mean(0.5, 0.4, 0.6)).verdict == Verdict.HELD

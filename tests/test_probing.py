@@ -1,10 +1,12 @@
 """Reasoning-direction probing: the batched, padded single pass gives the distances of
-separate unpadded forwards of the query and of the query plus k continuation tokens."""
+separate unpadded forwards of the query and of the query plus k continuation tokens; the
+summary averages positions and phrasings, so one token cannot dominate it."""
 
 import numpy as np
+import pytest
 
 from ssah_jax.checkpoints import load_model
-from ssah_jax.probing import direction_distances
+from ssah_jax.probing import direction_distances, mean_over_positions, summarise_directions
 
 
 def test_distances_match_separate_forwards(tiny_chat_model):
@@ -28,3 +30,22 @@ def test_distances_match_separate_forwards(tiny_chat_model):
             after = last_states(ids + tail[:k])
             cosine = (query * after).sum(-1) / np.linalg.norm(query, axis=-1) / np.linalg.norm(after, axis=-1)
             np.testing.assert_allclose(got["refusal"][q, :, k - 1], 1 - cosine, atol=2e-5)
+
+
+def test_the_mean_over_positions_smooths_one_tokens_spike():
+    d = np.array([[0.1, 0.9, 0.1, 0.1]])  # the second token alone moves the state
+    np.testing.assert_allclose(mean_over_positions(d), [[0.1, 0.5, 1.1 / 3, 0.3]])
+
+
+def test_the_summary_averages_phrasings_and_gives_per_query_gaps():
+    # 2 queries, 2 layers, 3 lengths; two refusal and one compliance phrasing
+    r0 = np.full((2, 2, 3), 0.2)
+    r1 = np.full((2, 2, 3), 0.4)
+    c0 = np.full((2, 2, 3), 0.5)
+    c0[1] = 0.1  # the second query's state is closer to the compliance
+    s = summarise_directions({"refusal_0": r0, "refusal_1": r1, "compliance_0": c0},
+                             {"refusal_0": "refusal", "refusal_1": "refusal", "compliance_0": "compliance"})
+    np.testing.assert_allclose(s["refusal"], 0.3)
+    np.testing.assert_allclose(s["gap"], [0.2, -0.2])
+    with pytest.raises(ValueError, match="no compliance continuation"):
+        summarise_directions({"refusal_0": r0}, {"refusal_0": "refusal"})

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI on one CPU device
 
 
-def command(workdir: Path, model: Path, report: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "ssah_jax.cli", "reproduce", "--config=configs/reproduce.py:tiny",
+def command(workdir: Path, model: Path, report: Path, *overrides: str, preset: str = "tiny") -> list[str]:
+    return [sys.executable, "-m", "ssah_jax.cli", "reproduce", f"--config=configs/reproduce.py:{preset}",
             f"--workdir={workdir}", f"--config.model={model}", f"--config.report_dir={report}", *overrides]
 
 
@@ -58,11 +58,31 @@ def test_pipeline_writes_the_report_with_every_section_and_plot(pipeline):
     chosen = next(b for b in layers["blocks"] if b["layers"] == layers["chosen"])
     assert chosen["perplexity"] <= layers["max_perplexity_ratio"] * layers["dense_perplexity"]
     assert len(layers["blocks"]) == 2 - layers["size"] + 1  # every contiguous block of the 2-layer model
-    # every attack run of every protection is in the table
+    # every attack run of every protection and seed is in the table; the seeds are different runs
     config = config_from_file(ROOT / "configs" / "reproduce.py", "tiny")
     for attack in config.attack.datasets:
         for variant in config.attack.variants:
-            assert (workdir / "attacks" / attack / variant / "eval" / "metrics.json").exists()
+            for seed in config.attack.seeds:
+                assert (workdir / "attacks" / attack / variant / f"seed{seed}" / "eval" / "metrics.json").exists()
+    runs_ = [workdir / "attacks" / "harmful_qa" / "none" / f"seed{seed}" for seed in config.attack.seeds]
+    losses = [[r["loss"] for r in read_jsonl(run_ / "metrics.jsonl") if r["kind"] == "train"] for run_ in runs_]
+    assert losses[0] != losses[1]
+    assert "seeds 0, 1" in text and "the seeds' answers pooled" in text
+
+
+def test_the_alignment_trains_on_the_contrast_stage_answers(pipeline):
+    workdir, report, _ = pipeline
+    config = config_from_file(ROOT / "configs" / "reproduce.py", "tiny")
+    prompts = read_jsonl(workdir / "contrast" / "prompts.jsonl")
+    answers = read_jsonl(workdir / "contrast" / "generations.jsonl")
+    assert len(prompts) == len(answers) == 6 and [a["prompt"] for a in answers] == [p["prompt"] for p in prompts]
+    trained = json.loads((workdir / "align_full" / "config.json").read_text())["data"]["dataset"]
+    assert f"{workdir / 'contrast' / 'generations.jsonl'}:4" in trained.split(",")
+    # the alignment's identity names the contrast stage, and a moved workdir keeps it
+    record = json.loads((workdir / "align_full" / "stage.json").read_text())
+    assert "contrast" in record["inputs"]
+    assert "<workdir>/contrast/generations.jsonl:4" in record["given"]["data.dataset"]
+    assert config.contrast.prompts in (report / "REPORT.md").read_text()
 
 
 def test_the_report_of_a_workdir_without_overlap_records_says_so(pipeline, tmp_path):
@@ -92,20 +112,22 @@ def test_frozen_parameters_stay_bit_identical_in_every_run(pipeline):
     assert ru["frozen_unchanged"] and 0 < ru["trained_elements"] < 0.25 * ru["total_elements"]
     full = json.loads((workdir / "align_full" / "metrics.json").read_text())
     assert full["trained_elements"] == full["total_elements"]
-    for path in (workdir / "attacks").glob("*/*/metrics.json"):
+    paths = list((workdir / "attacks").glob("*/*/seed*/metrics.json"))
+    assert len(paths) == 2 * 6 * 2  # attacks x variants x seeds
+    for path in paths:
         m = json.loads(path.read_text())
         assert m["frozen_unchanged"], path
-        variant = path.parent.name
+        variant = path.parent.parent.name
         assert (m["frozen_elements"] > 0) == (variant in FROZEN), path
     # checkpoints are dropped once a run finished; only the transfer attack's export is kept
     assert not list(workdir.glob("**/checkpoints"))
-    kept = [p.parent.parent.relative_to(workdir).as_posix() for p in workdir.glob("attacks/*/*/export/config.json")]
-    assert kept == ["attacks/alpaca_libre/none"]
+    kept = [p.parent.parent.relative_to(workdir).as_posix() for p in workdir.glob("attacks/**/export/config.json")]
+    assert kept == ["attacks/alpaca_libre/none/seed0"]
 
 
 def test_a_rerun_stage_gives_the_same_numbers_and_changed_keys_are_refused(pipeline):
     workdir, report, model = pipeline
-    stage = workdir / "attacks" / "harmful_qa" / "none"
+    stage = workdir / "attacks" / "harmful_qa" / "none" / "seed1"
     losses = [r for r in read_jsonl(stage / "metrics.jsonl") if r["kind"] == "train"]
     answers = read_jsonl(stage / "eval" / "rows" / "asr_no_system.jsonl")
     shutil.rmtree(stage)
@@ -122,17 +144,32 @@ def test_a_rerun_stage_gives_the_same_numbers_and_changed_keys_are_refused(pipel
     assert missing.returncode != 0 and "needs ['prune_aligned', 'layers'] finished first" in missing.stderr
 
 
-@pytest.mark.parametrize("preset", ["smollm2_cpu", "smollm2_gpu"])
+def test_a_maker_aligned_model_is_studied_without_aligning_it(tiny_chat_model, tmp_path):
+    workdir, report = tmp_path / "run", tmp_path / "report"
+    done = run(command(workdir, tiny_chat_model, report, preset="tiny_maker"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert sorted(p.name for p in workdir.iterdir() if (p / "stage.json").exists() or p.name == "attacks") == [
+        "attacks", "eval_aligned", "layers", "prune_aligned"]
+    text = (report / "REPORT.md").read_text()
+    assert "## 1. The model, aligned by its makers" in text and "## 2. Pruning" in text and "## 3. Fine-tuning" in text
+    assert "## 4. Attribute transfer" not in text and "- **The model refuses** (precondition)" in text
+    # the attacks fine-tune the given model itself
+    trained = json.loads((workdir / "attacks" / "harmful_qa" / "none" / "seed0" / "config.json").read_text())
+    assert trained["model"] == str(tiny_chat_model)
+
+
+@pytest.mark.parametrize("preset", ["smollm2_cpu", "smollm2_gpu", "qwen_cpu", "qwen_gpu"])
 def test_presets_hold_out_every_trained_prompt_and_validate(preset):
     config = config_from_file(ROOT / "configs" / "reproduce.py", preset)
     reproduce.validate(config)
     assert reproduce.training_overlap(config) == {"evaluation": 0, "table": 0, "attack": 0}
-    # the held-out sets are not empty, and the attack set is a subset of the main one
-    main = {r.prompt for r in reproduce.heldout_prompts(config)}
+    # every ASR of the report is on one set of at least 200 held-out prompts
+    main = [r.prompt for r in reproduce.heldout_prompts(config)]
     from ssah_jax.evaluation import harmful_records
 
-    attack = {r.prompt for r in harmful_records(config.attack.evaluation, None)}
-    assert attack and attack <= main
+    assert len(set(main)) == len(main) >= 200
+    for section in (config.table, config.attack.evaluation):
+        assert [r.prompt for r in harmful_records(section, None)] == main
 
 
 def test_the_layer_block_is_the_least_refusing_one_that_leaves_a_working_model():

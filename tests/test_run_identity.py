@@ -211,12 +211,16 @@ def test_a_stage_identity_follows_what_the_stage_is_given_and_the_stages_it_read
     assert changed({"stages": ("report",), "report_dir": "x", "jax_cache": False, "finetune.log_every": 3,
                     "finetune.eval_batch_size": 1, "attribution.batch_size": 2}) == set()
     assert changed({"probing.prompts": 3}) == {"probing"}
-    assert changed({"transfer_attack": "gsm8k"}) == {"units_attacked", "transfer"}
+    assert changed({"transfer_attack": "harmful_qa"}) == {"units_attacked", "transfer"}
+    # the contrast answers reach the alignments and what reads them, not the unaligned model's stages
+    contrast = changed({"contrast.prompts": "benign_contrast:7"})
+    assert {"contrast", "align_full", "align_ru", "eval_aligned", "attacks/harmful_qa/none/seed1"} <= contrast
+    assert not contrast & {"units_unaligned", "eval_unaligned"}
     # a prerequisite of another config changes every stage that reads it, directly or not
     align = changed({"align.steps": 3})
     assert {"align_full", "align_ru", "eval_aligned", "eval_ru", "prune_aligned", "layers", "attacks/initial",
-            "attacks/gsm8k/none", "units_attacked", "transfer", "probing"} <= align
-    assert not align & {"units_unaligned", "eval_unaligned"}
+            "attacks/harmful_qa/none/seed0", "units_attacked", "transfer", "probing"} <= align
+    assert not align & {"contrast", "units_unaligned", "eval_unaligned"}
 
 
 def test_finished_stages_of_another_identity_are_refused_naming_the_keys(tmp_path):
@@ -231,7 +235,7 @@ def test_finished_stages_of_another_identity_are_refused_naming_the_keys(tmp_pat
     changed = copy.deepcopy(config)
     changed.attack.learning_rate = 1e-3
     with pytest.raises(ConfigError, match=r"config.attack.learning_rate: 5e-05 -> 0.001 \(stages attacks/alpaca_libre/"
-                                          r"none, attacks/alpaca_libre/scu_cu6, .* and \d+ more\)"):
+                                          r"none/seed0, attacks/alpaca_libre/scu_cu6/seed0, .* and \d+ more\)"):
         reproduce.check_finished(changed, tmp_path, reproduce.stage_identities(changed, tmp_path))
 
     # a stage recorded before stage identities is checked against the keys it recorded

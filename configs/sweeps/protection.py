@@ -14,8 +14,9 @@ The unit protections read the aligned model's unit map ``set.freeze.units.file``
 
 Presets (``ssah-jax sweep --config=configs/sweeps/protection.py:<preset> --workdir=DIR``):
   smollm2  reproduce's aligned demo model and unit map (``runs/reproduce``: set ``set.model``
-           and ``set.freeze.units.file`` for others): 4 attacks x 5 protections x 3 seeds,
-           ASR (no system prompt) on reproduce's 64 held-out attack prompts
+           and ``set.freeze.units.file`` for others): the attacks of its smollm2_cpu preset
+           (alpaca_libre, harmful_qa) x 5 protections x 3 seeds, ASR (no system prompt) on
+           reproduce's 200 held-out prompts
   tiny     1 attack x 2 protections x 2 seeds of finetune's quick preset (for tests: set
            ``set.model`` and ``set.freeze.units.file``)
 """

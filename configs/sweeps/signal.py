@@ -3,7 +3,9 @@
 its trained signal deployed (strategic decoding).
 
 Each point aligns ``set.model`` with configs/signals.py's signal recipe (reproduce's alignment
-data and steps, a linear ``[CLS]`` head, ``L_sft + lambda * L_cls``), then measures ASR without
+data and steps, a linear ``[CLS]`` head, ``L_sft + lambda * L_cls``; the contrast answers of a
+``ssah-jax signals`` run's contrast stage, ``runs/signals/contrast/generations.jsonl``: run
+``ssah-jax signals --config.stages=contrast --workdir=runs/signals`` first), then measures ASR without
 a system prompt, prefilling ASR (k = 10) and XSTest over-refusal under one schedule and
 threshold. lambda changes the training; schedule and threshold only the decoding, so the points
 of one lambda train the same model (each in its own workdir).
@@ -11,7 +13,8 @@ of one lambda train the same model (each in its own workdir).
 Presets (``ssah-jax sweep --config=configs/sweeps/signal.py:<preset> --workdir=DIR``):
   smollm2  the demo model: lambda 0.01 / 0.1 / 1 x schedules each / periodic x thresholds
            0.3 / 0.5 / 0.7 (18 points, each an alignment: a GPU job)
-  tiny     2 lambdas x 2 schedules of finetune's quick preset (for tests: set ``set.model``)
+  tiny     2 lambdas x 2 schedules of finetune's quick preset, no contrast data (for tests: set
+           ``set.model``)
 """
 
 from pathlib import Path
@@ -20,6 +23,15 @@ from ssah_jax.runs import config_from_file
 from ssah_jax.sweeps import sweep_config
 
 PRESETS = ("smollm2", "tiny")
+CONTRAST = "runs/signals/contrast/generations.jsonl"  # the contrast stage of `ssah-jax signals`
+
+
+def _dataset(spec: str, contrast: str) -> str:
+    """``spec`` (signals' align.dataset) with its ``contrast`` component read from ``contrast``
+    (dropped when empty)."""
+    parts = [p.strip() for p in spec.split(",")]
+    return ",".join(contrast + p[len("contrast"):] if p.split(":")[0] == "contrast" else p
+                    for p in parts if contrast or p.split(":")[0] != "contrast")
 
 
 def get_config(preset: str = "smollm2") -> object:
@@ -30,7 +42,8 @@ def get_config(preset: str = "smollm2") -> object:
     a, s = signals.align, signals.signal
     c = sweep_config("finetune", "configs/finetune.py:quick" if tiny else "configs/finetune.py:smollm2")
     c.set.model = "smollm2-135m-instruct"
-    c.set.data = dict(dataset=a.dataset, heldout=a.heldout, max_length=a.max_length)
+    c.set.data = dict(dataset=_dataset(a.dataset, "" if tiny else CONTRAST), heldout=a.heldout,
+                      max_length=a.max_length)
     c.set.steps, c.set.batch_size = a.steps, a.batch_size
     c.set.optimizer = dict(learning_rate=a.learning_rate, warmup_steps=a.warmup_steps)
     c.set.signal = dict(head=s.head, malicious=s.malicious, lr_scale=s.lr_scale)

@@ -23,17 +23,21 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
-from experiments import evaluate, finetune, prune
+from experiments import evaluate, finetune, generate, prune
 from experiments.reproduce.subruns import (
     VARIANTS,
     align_config,
+    aligned_model,
     attack_config,
+    attack_dir,
     attack_run_config,
+    contrast_config,
     eval_config,
     layers_config,
     probing_config,
     prune_config,
     transfer_config,
+    transfer_run,
 )
 from ssah_jax import hosts, runs
 from ssah_jax import stages as stages_lib
@@ -42,17 +46,39 @@ from ssah_jax.checkpoints import load_model
 from ssah_jax.data import Record, load_mixture, prompt_key
 from ssah_jax.evaluation import answer_rows, harmful_records, perplexity_records, perplexity_rows, summarise_perplexity
 from ssah_jax.masking import MODULES, prune_units
-from ssah_jax.probing import direction_distances
+from ssah_jax.probing import direction_distances, summarise_directions
 
-STAGES = ("units_unaligned", "align_full", "align_ru", "eval_unaligned", "eval_aligned", "eval_ru",
+STAGES = ("contrast", "units_unaligned", "align_full", "align_ru", "eval_unaligned", "eval_aligned", "eval_ru",
           "prune_aligned", "layers", "attacks", "units_attacked", "transfer", "probing", "report")
 REQUIRES = {
-    "align_ru": ("units_unaligned",), "eval_aligned": ("align_full",), "eval_ru": ("align_ru",),
+    "align_full": ("contrast",), "align_ru": ("units_unaligned", "contrast"), "eval_aligned": ("align_full",),
+    "eval_ru": ("align_ru",),
     "prune_aligned": ("align_full",), "layers": ("prune_aligned",), "attacks": ("prune_aligned", "layers"),
     "units_attacked": ("attacks",), "transfer": ("units_unaligned", "prune_aligned", "units_attacked"),
     "probing": ("align_full", "align_ru"),
     "report": tuple(s for s in STAGES if s != "report"),
 }
+
+
+# The stages that need an unaligned model (aligning it, or comparing with it): a model its makers
+# aligned (``maker_aligned``) is studied without them.
+ALIGNING = ("contrast", "units_unaligned", "align_full", "align_ru", "eval_unaligned", "eval_ru", "units_attacked",
+            "transfer", "probing")
+
+
+def pipeline(config: ConfigDict) -> tuple[str, ...]:
+    """The stages of this config, in order: all of STAGES, but ``layers`` only when an attack
+    variant freezes the block it finds, and none of ALIGNING for a maker-aligned model."""
+    return tuple(s for s in STAGES if (s != "layers" or "layers" in config.attack.variants)
+                 and not (config.maker_aligned and s in ALIGNING))
+
+
+def requires(config: ConfigDict) -> dict[str, tuple[str, ...]]:
+    """REQUIRES among the stages of :func:`pipeline`."""
+    kept = set(pipeline(config))
+    return {s: tuple(r for r in rs if r in kept) for s, rs in REQUIRES.items() if s in kept}
+
+
 # A stage's identity: the hash of what it is given (stage_plan) and of the identities of the
 # stages whose results it reads (_inputs). Its record (stage.json) keeps the identity, and a
 # finished stage of another identity is refused, so a changed key, or a redone prerequisite of
@@ -64,32 +90,35 @@ ATTACK_RUN_EXCLUDED = (tuple(f"train.{k}" for k in finetune.EXCLUDED)
 
 def stage_plan(config: ConfigDict, out: Path, stage: str
                ) -> tuple[ConfigDict, Callable[[ConfigDict, Path], Any], tuple[str, ...]]:
-    """``(given, body, excluded)`` of a stage (or an attack run, ``attacks/<attack>/<variant>``,
+    """``(given, body, excluded)`` of a stage (or an attack run, ``attacks/<attack>/<variant>/seed<k>``,
     ``attacks/initial``): ``body(given, directory)`` runs it and sees nothing of ``config`` but
     ``given``; ``excluded``: the keys of ``given`` that only affect speed or logging."""
-    aligned = str(out / "align_full" / "export")
+    aligned = aligned_model(config, out)
+    # the overlap of the held-out prompts with the alignment data, where we aligned the model
+    overlap = (lambda body, section: body) if config.maker_aligned else _then_overlap
     prune_run = (_run_prune, prune.EXCLUDED)
     train_run = (finetune.run_for_export, finetune.EXCLUDED)
     eval_run = (_run_evaluate, evaluate.EXCLUDED)
     if stage.startswith("attacks/") and stage != "attacks/initial":
-        _, attack, variant = stage.split("/")
-        return attack_run_config(config, out, attack, variant), run_attack, ATTACK_RUN_EXCLUDED
+        _, attack, variant, seed = stage.split("/")
+        return (attack_run_config(config, out, attack, variant, int(seed.removeprefix("seed"))), run_attack,
+                ATTACK_RUN_EXCLUDED)
     plans = {
+        "contrast": lambda: (contrast_config(config, out), make_contrast, generate.EXCLUDED),
         "units_unaligned": lambda: (prune_config(config, config.model, ru=config.budget_ru), *prune_run),
-        "align_full": lambda: (align_config(config, None), *train_run),
-        "align_ru": lambda: (align_config(config, out / "units_unaligned" / "units.npz"), *train_run),
+        "align_full": lambda: (align_config(config, None, out), *train_run),
+        "align_ru": lambda: (align_config(config, out / "units_unaligned" / "units.npz", out), *train_run),
         "eval_unaligned": lambda: (eval_config(config, config.evaluation, config.model), *eval_run),
         "eval_aligned": lambda: (eval_config(config, config.evaluation, aligned),
-                                 _then_overlap(_run_evaluate, lambda g: g), evaluate.EXCLUDED),
+                                 overlap(_run_evaluate, lambda g: g), evaluate.EXCLUDED),
         "eval_ru": lambda: (eval_config(config, config.evaluation, str(out / "align_ru" / "export")), *eval_run),
         "prune_aligned": lambda: (prune_config(config, aligned, table=True),
-                                  _then_overlap(_run_prune, lambda g: g.evaluation), prune.EXCLUDED),
+                                  overlap(_run_prune, lambda g: g.evaluation), prune.EXCLUDED),
         # greedy answers and log-likelihoods: the batch size only groups them
         "layers": lambda: (layers_config(config, out), find_layer_block, ("batch_size",)),
         "attacks/initial": lambda: (eval_config(config, config.attack.evaluation, aligned),
-                                    _then_overlap(_run_evaluate, lambda g: g), evaluate.EXCLUDED),
-        "units_attacked": lambda: (prune_config(
-            config, str(out / "attacks" / config.transfer_attack / "none" / "export")), *prune_run),
+                                    overlap(_run_evaluate, lambda g: g), evaluate.EXCLUDED),
+        "units_attacked": lambda: (prune_config(config, str(out / transfer_run(config) / "export")), *prune_run),
         "transfer": lambda: (transfer_config(config, out), kind_transfer, ()),
         "probing": lambda: (probing_config(config, out), probe, ("batch_size",)),  # forward passes only
     }
@@ -99,19 +128,19 @@ def stage_plan(config: ConfigDict, out: Path, stage: str
 def _inputs(config: ConfigDict, stage: str) -> tuple[str, ...]:
     """The stages (or attack runs) whose results ``stage`` reads."""
     if stage == "attacks/initial":
-        return ("align_full",)
+        return tuple(s for s in ("align_full",) if s in pipeline(config))
     if stage.startswith("attacks/"):
-        return REQUIRES["attacks"]
+        return requires(config)["attacks"]
     if stage == "units_attacked":
-        return (f"attacks/{config.transfer_attack}/none",)
-    return REQUIRES.get(stage, ())
+        return (transfer_run(config),)
+    return requires(config).get(stage, ())
 
 
 def recorded_stages(config: ConfigDict) -> list[str]:
     """Every directory that records a stage identity (``stage.json``): the stages but
     ``attacks`` (its runs record theirs) and ``report`` (rendered every time)."""
-    runs_ = ["attacks/initial"] + [f"attacks/{a}/{v}" for a, v in attack_runs(config)]
-    return [r for s in STAGES if s != "report" for r in (runs_ if s == "attacks" else [s])]
+    runs_ = ["attacks/initial"] + [attack_dir(*r) for r in attack_runs(config)]
+    return [r for s in pipeline(config) if s != "report" for r in (runs_ if s == "attacks" else [s])]
 
 
 def stage_identities(config: ConfigDict, out: Path) -> dict[str, dict[str, Any]]:
@@ -125,7 +154,7 @@ def stage_identities(config: ConfigDict, out: Path) -> dict[str, dict[str, Any]]
 
 def stages(config: ConfigDict) -> list[str]:
     """``config.stages`` in pipeline order (see :func:`ssah_jax.stages.selected`)."""
-    return stages_lib.selected(config, STAGES)
+    return stages_lib.selected(config, pipeline(config))
 
 
 def validate(config: ConfigDict) -> None:
@@ -135,24 +164,32 @@ def validate(config: ConfigDict) -> None:
     check("budget_ru", lambda v: 0 < v < 1, "must be a fraction in (0, 1)")
     for key in ("align.steps", "align.batch_size", "align.ru_epochs", "attack.batch_size",
                 "attack.frozen_epochs", "layers.prompts", "layers.max_new_tokens", "layers.perplexity_samples",
-                "probing.prompts",
                 "probing.max_tokens"):
         check(key, lambda v: v >= 1, "must be >= 1")
+    check("probing.refusals", lambda v: len(v) >= 1, "needs at least one refusal phrasing")
+    check("probing.compliances", lambda v: len(v) >= 1, "needs at least one compliance phrasing")
+    check("probing.confidence", lambda v: 0 < v < 1, "must be in (0, 1)")
+    check("probing.prompts", lambda v: v >= 2, "must be >= 2 (the verdict's intervals need two queries)")
     check("layers.size", lambda v: v >= 0, "must be >= 0 (0: as many units as attack.selection)")
     check("layers.max_perplexity_ratio", lambda v: v >= 1, "must be >= 1 (a multiple of the dense perplexity)")
     check("attack.variants", lambda v: len(v) > 0 and set(v) <= set(VARIANTS),
           f"must be a non-empty subset of {VARIANTS}")
     check("attack.datasets", lambda v: len(v) > 0, "needs at least one attack")
+    check("attack.seeds", lambda v: len(v) > 0 and len(set(v)) == len(v), "needs at least one seed, none twice")
+    if not config.maker_aligned:
+        check("align.dataset", lambda v: "contrast" in [p.split(":")[0].strip() for p in v.split(",")],
+              "needs the contrast component (the contrast stage's answers), e.g. 'alpaca_libre:168,contrast:56'")
+        generate.validate(contrast_config(config, Path(".")))
+        finetune.validate(align_config(config, Path("units.npz"), Path(".")))
     for name, spec in config.attack.datasets.items():
         check(f"attack.datasets.{name}.steps", lambda v: v >= 1, "must be >= 1")
     check("transfer_attack", lambda v: v in config.attack.datasets, "must name one of attack.datasets")
     for section in ("evaluation.", "table.", "attack.evaluation."):
         evaluate.validate(config, section)
     # The sub-runs' own checks, before hours of work rather than after.
-    finetune.validate(align_config(config, Path("units.npz")))
     for name in config.attack.datasets:
         for variant in config.attack.variants:
-            finetune.validate(attack_config(config, Path("."), name, variant, "0-1"))
+            finetune.validate(attack_config(config, Path("."), name, variant, "0-1", config.attack.seeds[0]))
     prune.validate(prune_config(config, config.model, table=True))
 
 
@@ -186,6 +223,24 @@ def _run_stage(config: ConfigDict, out: Path, stage: str, identities: dict[str, 
                          {**identities[stage], "config": runs.determining(config)})
 
 
+def make_contrast(config: ConfigDict, directory: Path) -> None:
+    """The contrast stage (``config``: a contrast_config): writes the prompts of
+    ``source.prompts`` to ``prompts.jsonl`` and answers them with the unaligned model (an
+    ``ssah-jax generate`` run in the stage directory: ``generations.jsonl``)."""
+    try:
+        records = load_mixture(config.source.prompts, config.source.data_dir or None)[0]
+    except (KeyError, ValueError) as e:
+        raise runs.ConfigError(f"config.contrast.prompts={config.source.prompts!r}: {e}") from None
+    if hosts.is_main():
+        with open(config.prompts_file, "w") as f:
+            f.writelines(json.dumps({"prompt": r.prompt}) + "\n" for r in records)
+    hosts.sync("contrast prompts written")
+    answers = copy.deepcopy(config)
+    with answers.unlocked():
+        del answers.source
+    generate.run(answers, str(directory))
+
+
 def _run_prune(config: ConfigDict, directory: Path) -> None:
     prune.run(config, str(directory))
 
@@ -200,12 +255,20 @@ def heldout_prompts(config: ConfigDict) -> list[Record]:
 
 
 def training_overlap(config: ConfigDict) -> dict[str, int]:
-    """How many prompts of each evaluation set were in the alignment data (must be 0). The
-    stages that evaluate the aligned model on a set record its count (``overlap.json``)."""
-    trained = training_prompts(align_config(config, None))
-    sets = {"evaluation": config.evaluation, "table": config.table, "attack": config.attack.evaluation}
-    return {name: sum(prompt_key(r.prompt) in trained for r in harmful_records(s, config.data_dir or None))
-            for name, s in sets.items()}
+    """How many prompts of each evaluation set were in the alignment data, or (the attacks' set)
+    in an attack's data (must be 0). The stages that evaluate the aligned model on a set record
+    its count (``overlap.json``). The contrast answers are benign prompts: not read here (they
+    are made by the contrast stage)."""
+    align = align_config(config, None, Path("."))
+    with align.unlocked():
+        align.data.dataset = ",".join(p for p in align.data.dataset.split(",") if ".jsonl" not in p)
+    trained = set() if config.maker_aligned else training_prompts(align)  # its makers' data: unknown
+    attacked = trained | {prompt_key(r.prompt) for a in config.attack.datasets
+                          for r in finetune.split_records(attack_config(config, Path("."), a, "none", "", 0))[0]}
+    sets = {"evaluation": (config.evaluation, trained), "table": (config.table, trained),
+            "attack": (config.attack.evaluation, attacked)}
+    return {name: sum(prompt_key(r.prompt) in seen for r in harmful_records(s, config.data_dir or None))
+            for name, (s, seen) in sets.items()}
 
 
 def training_prompts(train: ConfigDict) -> set[str]:
@@ -291,14 +354,16 @@ def choose_block(blocks: list[dict], dense_perplexity: float, max_ratio: float) 
     return min(intact, key=lambda b: b["refusal_rate"])
 
 
-def attack_runs(config: ConfigDict) -> list[tuple[str, str]]:
-    return [(a, v) for a in config.attack.datasets for v in config.attack.variants]
+def attack_runs(config: ConfigDict) -> list[tuple[str, str, int]]:
+    """``(attack, variant, seed)`` of every attack run, seed by seed (a first seed of every
+    protection finishes before the next seed starts)."""
+    return [(a, v, s) for s in config.attack.seeds for a in config.attack.datasets for v in config.attack.variants]
 
 
 def finished(config: ConfigDict, out: Path, stage: str) -> bool:
-    """``attacks`` is finished when each of its runs is (adding an attack reopens it)."""
+    """``attacks`` is finished when each of its runs is (adding an attack or a seed reopens it)."""
     if stage == "attacks":
-        runs_ = [out / "attacks" / "initial"] + [out / "attacks" / a / v for a, v in attack_runs(config)]
+        runs_ = [out / "attacks" / "initial"] + [out / attack_dir(*r) for r in attack_runs(config)]
         return all(stages_lib.finished(d) is not None for d in runs_)
     return stages_lib.finished(out / stage) is not None
 
@@ -306,8 +371,8 @@ def finished(config: ConfigDict, out: Path, stage: str) -> bool:
 def run_attacks(config: ConfigDict, out: Path, identities: dict[str, dict[str, Any]]) -> None:
     """The attacks stage: the aligned model's ASR before any attack, then each attack run."""
     _run_stage(config, out, "attacks/initial", identities)
-    for attack, variant in attack_runs(config):
-        _run_stage(config, out, f"attacks/{attack}/{variant}", identities)
+    for run_ in attack_runs(config):
+        _run_stage(config, out, attack_dir(*run_), identities)
 
 
 def run_attack(config: ConfigDict, directory: Path) -> None:
@@ -343,17 +408,23 @@ def kind_transfer(config: ConfigDict, directory: Path) -> None:
 
 
 def probe(config: ConfigDict, directory: Path) -> None:
-    """Reasoning-direction distances of the three models (``config``: a probing_config)."""
+    """Reasoning-direction distances of the three models (``config``: a probing_config): per
+    model, the distances to each kind of continuation (its phrasings averaged, each over its
+    appended positions) per layer and length, averaged over queries, and the per-query gaps."""
     p = config.probing
     queries = [r.prompt for r in harmful_records(config, config.data_dir or None)[: p.prompts]]
-    continuations = {"refusal": p.refusal, "compliance": p.compliance}
-    result = {"prompts": len(queries), "max_tokens": p.max_tokens, "continuations": continuations, "models": {}}
+    continuations = {f"refusal_{i}": text for i, text in enumerate(p.refusals)}
+    continuations |= {f"compliance_{i}": text for i, text in enumerate(p.compliances)}
+    kinds = {name: name.rsplit("_", 1)[0] for name in continuations}
+    result = {"prompts": len(queries), "max_tokens": p.max_tokens, "confidence": p.confidence,
+              "continuations": {"refusal": list(p.refusals), "compliance": list(p.compliances)}, "models": {}}
     for name in ("unaligned", "aligned", "aligned_ru"):
         model, tokenizer = load_model(config.models[name], runs.dtype(config))
-        d = direction_distances(model, tokenizer, queries, continuations, max_tokens=p.max_tokens,
-                                batch_size=config.batch_size)
-        # mean over queries: [layers, max_tokens]
-        result["models"][name] = {c: d[c].mean(axis=0).tolist() for c in continuations}
+        d = summarise_directions(direction_distances(model, tokenizer, queries, continuations,
+                                                     max_tokens=p.max_tokens, batch_size=config.batch_size), kinds)
+        # refusal / compliance: mean over queries, [layers, max_tokens]; gaps: one per query
+        result["models"][name] = {"refusal": d["refusal"].mean(axis=0).tolist(),
+                                  "compliance": d["compliance"].mean(axis=0).tolist(), "gaps": d["gap"].tolist()}
         del model
     if hosts.is_main():
         (directory / "probing.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -365,10 +436,10 @@ def plan_configs(config: ConfigDict) -> list[Any]:
     the evaluation's decoding (every model has ``config.model``'s architecture)."""
     from ssah_jax.planning import Item
 
-    attack = next(iter(config.attack.datasets))
-    return [Item("align_full", "train", config.model, align_config(config, None), "finetune."),
-            Item(f"attacks/{attack}/none", "train", config.model,
-                 attack_config(config, Path("<workdir>"), attack, "none", ""), "finetune."),
+    attack, seed = next(iter(config.attack.datasets)), config.attack.seeds[0]
+    return [Item("align_full", "train", config.model, align_config(config, None, Path("<workdir>")), "finetune."),
+            Item(attack_dir(attack, "none", seed), "train", config.model,
+                 attack_config(config, Path("<workdir>"), attack, "none", "", seed), "finetune."),
             Item("eval_aligned", "generate", config.model, eval_config(config, config.evaluation, config.model))]
 
 
@@ -379,8 +450,8 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     identities = stage_identities(config, out)
     if not overwrite:
         check_finished(config, out, identities)  # every finished stage, scheduled or not
-    out = stages_lib.open_pipeline(config, workdir, todo, REQUIRES, lambda r: finished(config, Path(workdir), r),
-                                   overwrite=overwrite)
+    out = stages_lib.open_pipeline(config, workdir, todo, requires(config),
+                                   lambda r: finished(config, Path(workdir), r), overwrite=overwrite)
     for stage in todo:
         if stage == "attacks":
             run_attacks(config, out, identities)  # its runs are stages of their own
@@ -436,10 +507,10 @@ def plot_probing(result: dict, path: Path) -> Path:
         r = {c: np.asarray(v) for c, v in result["models"][name].items()}  # [layers, K]
         ax = axes[0, col]
         for c, colour in (("refusal", "#2ca02c"), ("compliance", "#d62728")):
-            ax.plot(ks[1:], r[c].mean(axis=0)[1:], "o-", color=colour, label=c)
+            ax.plot(ks, r[c].mean(axis=0), "o-", color=colour, label=c)
         ax.set_title(f"{name}: mean over layers")
         ax.set_xlabel("appended tokens")
-        ax.set_ylabel("cosine distance to the query state")
+        ax.set_ylabel("mean cosine distance to the query state")
         ax.legend(fontsize="small")
         ax = axes[1, col]
         gap = r["compliance"][:, -1] - r["refusal"][:, -1]

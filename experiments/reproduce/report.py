@@ -14,10 +14,11 @@ from ml_collections import ConfigDict
 
 from experiments import prune, reproduce
 from experiments.reproduce import claims
-from experiments.reproduce.claims import Rate
+from experiments.reproduce.subruns import attack_dir
 from ssah_jax import runs
 from ssah_jax import stages as stages_lib
 from ssah_jax.attribution import KINDS
+from ssah_jax.evaluation.intervals import Rate, mean_interval
 
 # Paper numbers (Li & Kim, SSAH), for the rows where the paper has them.
 PAPER_TABLE1 = {  # Llama-2-7B-Chat: (ASR %, utility)
@@ -37,6 +38,11 @@ def _json(path: Path) -> Any:
 
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def _ci(rate: Rate | None) -> str:
+    """A rate with its Wilson 95% interval, e.g. ``13.5% [8.1, 21.8]``."""
+    return "–" if rate is None else str(rate)
 
 
 def _metric(m: dict, key: str) -> tuple[float | None, int]:
@@ -61,7 +67,7 @@ def _tax(evals: dict, key: str, label: str) -> str:
     before, after = _rate(evals["unaligned"], key), _rate(evals["aligned"], key)
     if before is None or after is None:
         return f"{label} not measured"
-    return f"{label} {_pct(before.value)} -> {_pct(after.value)} ({claims.alignment_tax(before, after)})"
+    return f"{label} {_ci(before)} -> {_ci(after)} ({claims.alignment_tax(before, after)})"
 
 
 def _copy(src: Path, dst_dir: Path, name: str) -> str:
@@ -77,11 +83,17 @@ def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
     report_dir.mkdir(parents=True, exist_ok=True)
     invocations = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
     shutil.copyfile(out / "config.json", report_dir / "config.json")
-    evals = {name: _json(out / f"eval_{name}" / "metrics.json") for name in ("unaligned", "aligned", "ru")}
-    took = _alignment_took(evals)
-    sections = [_alignment(config, out, report_dir, evals, took), _pruning(config, out, report_dir, took.held),
-                _attacks(config, out, report_dir), _transfer(out, report_dir), _probing(out, report_dir),
-                _times(out, invocations)]
+    if config.maker_aligned:  # no unaligned model: the aligned model's evaluation, then the studies
+        aligned = _json(out / "eval_aligned" / "metrics.json")
+        took = claims.refuses(_rate(aligned, "asr_no_system"))
+        sections = [_maker_aligned(config, aligned, took), _pruning(config, out, report_dir, took.held),
+                    _attacks(config, out, report_dir), _times(out, invocations)]
+    else:
+        evals = {name: _json(out / f"eval_{name}" / "metrics.json") for name in ("unaligned", "aligned", "ru")}
+        took = _alignment_took(evals)
+        sections = [_alignment(config, out, report_dir, evals, took), _pruning(config, out, report_dir, took.held),
+                    _attacks(config, out, report_dir), _transfer(out, report_dir), _probing(out, report_dir),
+                    _times(out, invocations)]
     summary = [c for _, section_claims in sections for c in section_claims]
     body = [line for section_lines, _ in sections for line in section_lines]
     text = "\n".join([*_header(config, out, invocations[-1]), "## Summary: which claims held", "", *summary, "",
@@ -102,8 +114,9 @@ def _header(config: ConfigDict, out: Path, last: dict) -> list[str]:
             f"Workdir: `{out}` (every sub-run's config, metrics, rows and report).", "",
             "Claims of the paper (Li & Kim, *Superficial Safety Alignment Hypothesis*) and what happened here are in "
             "[the summary](#summary-which-claims-held); the numbers follow. ASR is judged by refusal keywords "
-            "(`ssah_jax.evaluation.is_refusal`), greedy decoding; \"differs\" below means by more than two binomial "
-            "standard errors.", ""]
+            "(`ssah_jax.evaluation.is_refusal`), greedy decoding. Every rate is printed with its Wilson 95% interval "
+            "(`ssah_jax.evaluation.intervals`), and every comparison (higher / lower / similar) is Newcombe's 95% "
+            "interval of the difference: two rates differ only when it excludes 0, and a claim holds only then.", ""]
 
 
 def _alignment_took(evals: dict) -> claims.Finding:
@@ -137,7 +150,10 @@ def _alignment(config: ConfigDict, out: Path, report_dir: Path, evals: dict, too
     e, a = config.evaluation, config.align
     lines += ["## 1. Alignment: full SFT and RU only (paper Table 4, with safety)", "",
               f"The unaligned model was aligned by response-only SFT on `{a.dataset}` (harmful prompts with "
-              f"refusals, rendered in the model's own chat template, and benign instructions): {a.steps} steps of "
+              f"refusals, rendered in the model's own chat template, benign instructions, and `contrast`: "
+              f"`{config.contrast.prompts}` prompts that sound harmful but are not, answered by the unaligned model "
+              f"itself in the contrast stage, `contrast/generations.jsonl`; the recipe the alignment sweep chose on "
+              f"validation sets, experiments/results/alignment_smollm2): {a.steps} steps of "
               f"{a.batch_size} examples (up to {a.max_length} tokens), AdamW {a.learning_rate}, cosine. **RU only** "
               f"trained only the {_pct(config.budget_ru)} redundant units of the unaligned model (its lowest I_S + "
               f"I_U; embeddings, norms and head frozen) for {a.ru_epochs}x the steps: "
@@ -153,8 +169,8 @@ def _alignment(config: ConfigDict, out: Path, report_dir: Path, evals: dict, too
         values = [_metric(evals[m], key) for m in ("unaligned", "aligned", "ru")]
         if values[0][0] is None:
             continue
-        fmt = (lambda v: f"{v:.2f}") if key == "perplexity" else _pct
-        lines.append(f"| {label} | {values[0][1]} | " + " | ".join(fmt(v) for v, _ in values) + " |")
+        cells = [f"{v:.2f}" if key == "perplexity" else _ci(None if v is None else Rate(v, n)) for v, n in values]
+        lines.append(f"| {label} | {values[0][1]} | " + " | ".join(cells) + " |")
     heldout = {n: align[n]["heldout_loss"] for n in align}
     lines.append("| held-out alignment loss (start -> end) | | | "
                  + " | ".join(f"{_first(heldout[n]):.3f} -> {_last(heldout[n]):.3f}" for n in ("full", "ru")) + " |")
@@ -163,28 +179,68 @@ def _alignment(config: ConfigDict, out: Path, report_dir: Path, evals: dict, too
               f"![alignment loss, RU only]({_copy(out / 'align_ru' / 'loss.png', report_dir, 'align_ru_loss.png')})",
               ""]
     asr = {m: _rate(evals[m], "asr_no_system") for m in evals}
-    found.append(f"- **Alignment took** (precondition): ASR without a system prompt {_pct(asr['unaligned'].value)} "
-                 f"unaligned -> {_pct(asr['aligned'].value)} aligned ({took.comparison}); the alignment tax, "
+    lines += [_targets(evals), ""]
+    found.append(f"- **Alignment took** (precondition): ASR without a system prompt {_ci(asr['unaligned'])} "
+                 f"unaligned -> {_ci(asr['aligned'])} aligned ({took.comparison}); the alignment tax, "
                  "unaligned -> aligned: " + ", ".join(_tax(evals, key, label) for key, label in TAX) + ".")
     over = _metric(evals["aligned"], "overrefusal")[0]
     if claims.indiscriminate_refusal(took.held, over):
         found.append(
-            f"- **Caveat**: the aligned model also refuses {_pct(over)} of the safe XSTest prompts, so much of its "
+            f"- **Caveat**: the aligned model also refuses {_ci(_rate(evals['aligned'], 'overrefusal'))} of the safe "
+            "XSTest prompts, so much of its "
             "lower ASR is indiscriminate refusal rather than discrimination of harmful requests; the claims below "
             "are about the units that carry this refusal behaviour.")
     budget = claims.alignment_budget(asr["ru"], asr["aligned"], took.held)
     sys_asr = {m: _rate(evals[m], "asr_system") for m in evals}
     found.append(
-        f"- **Alignment budget (RU only reaches full alignment's safety)**: ASR {_pct(asr['ru'].value)} (RU only) vs "
-        f"{_pct(asr['aligned'].value)} (full), {budget.comparison}; " + _verdict(budget)
+        f"- **Alignment budget (RU only reaches full alignment's safety)**: ASR {_ci(asr['ru'])} (RU only) vs "
+        f"{_ci(asr['aligned'])} (full), {budget.comparison}; " + _verdict(budget)
         + ("" if sys_asr["ru"] is None or sys_asr["aligned"] is None else
-           f"; with the safety system prompt {_pct(sys_asr['ru'].value)} vs {_pct(sys_asr['aligned'].value)} "
+           f"; with the safety system prompt {_ci(sys_asr['ru'])} vs {_ci(sys_asr['aligned'])} "
            f"({claims.compare(sys_asr['ru'], sys_asr['aligned'])}, not part of the verdict)")
         + f"; over-refusal {_pct(_metric(evals['ru'], 'overrefusal')[0])} vs "
         f"{_pct(_metric(evals['aligned'], 'overrefusal')[0])}, MMLU {_pct(_metric(evals['ru'], 'mmlu')[0])} vs "
         f"{_pct(_metric(evals['aligned'], 'mmlu')[0])}, GSM8K {_pct(_metric(evals['ru'], 'gsm8k')[0])} vs "
         f"{_pct(_metric(evals['aligned'], 'gsm8k')[0])}.")
     return lines, found
+
+
+def _maker_aligned(config: ConfigDict, metrics: dict, took: claims.Finding) -> Section:
+    """Section 1 of a model its makers aligned: its evaluation (no unaligned model to compare)."""
+    e = config.evaluation
+    lines = ["## 1. The model, aligned by its makers", "",
+             f"`{config.model}` was aligned by its makers (their data is unknown), so no stage aligns it and no claim "
+             "compares it with an unaligned model (alignment budget, attribute transfer and probing are not run). "
+             f"Held-out harmful prompts: `{e.harmful.dataset}` without every prompt of `{e.harmful.exclude}`.", "",
+             "| metric | n | value |", "|---|---|---|"]
+    for key, label in (("asr_no_system", "ASR, no system prompt"), ("asr_system", "ASR, safety system prompt"),
+                       ("overrefusal", "over-refusal, XSTest safe prompts"), ("mmlu", "MMLU"), ("sst2", "SST-2"),
+                       ("gsm8k", "GSM8K"), ("perplexity", "perplexity, held-out alpaca_libre")):
+        value, n = _metric(metrics, key)
+        if value is not None:
+            lines.append(f"| {label} | {n} | {f'{value:.2f}' if key == 'perplexity' else _ci(Rate(value, n))} |")
+    lines.append("")
+    asr = _rate(metrics, "asr_no_system")
+    found = [f"- **The model refuses** (precondition): ASR without a system prompt {_ci(asr)}, rule: its interval "
+             f"below {_pct(claims.REFUSAL_CEILING)}; " + _verdict(took) + "."]
+    return lines, found
+
+
+def _targets(evals: dict) -> str:
+    """The alignment targets (claims.TARGET_*) on the held-out sets: reached, or missed by how much."""
+    parts = []
+    for key, label, ceiling in (("asr_no_system", "ASR without a system prompt", claims.TARGET_ASR),
+                                ("overrefusal", "XSTest over-refusal", claims.TARGET_OVERREFUSAL)):
+        rate = _rate(evals["aligned"], key)
+        if rate is not None:
+            parts.append(f"{label} at most {_pct(ceiling)}: {_ci(rate)}, " + claims.target(rate.value, ceiling))
+    for key, label in TAX[1:]:
+        before, after = _rate(evals["unaligned"], key), _rate(evals["aligned"], key)
+        if before is not None and after is not None:
+            parts.append(f"{label} within {100 * claims.TARGET_UTILITY:.0f} points of the unaligned model's: "
+                         f"{_pct(before.value)} -> {_pct(after.value)}, "
+                         + claims.target(before.value - after.value, claims.TARGET_UTILITY))
+    return "Targets of the aligned model (issue 20): " + "; ".join(parts) + "."
 
 
 def _pruning(config: ConfigDict, out: Path, report_dir: Path, took: bool) -> Section:
@@ -199,15 +255,16 @@ def _pruning(config: ConfigDict, out: Path, report_dir: Path, took: bool) -> Sec
               f"Units scored with {config.attribution.scorer} on {config.attribution.safety.limit} "
               f"`{config.attribution.safety.dataset}` and {config.attribution.utility.limit} "
               f"`{config.attribution.utility.dataset}` samples; fractions SCU {_pct(config.kinds.scu)}, UCU "
-              f"{_pct(config.kinds.ucu)}, RU {_pct(config.kinds.ru)} (the paper's Llama-2-7B-Chat values). ASR on "
+              f"{_pct(config.kinds.ucu)}, RU {_pct(config.kinds.ru)} (`kinds`; configs/reproduce.py says where each "
+              f"preset's come from). ASR on "
               f"`{t.harmful.dataset}` (held out), {t.max_new_tokens} new tokens.", "",
               "| model | units pruned | MMLU | SST-2 | perplexity | ASR | paper ASR | paper utility |",
               "|---|---|---|---|---|---|---|---|"]
     total = umap_summary["units"]
     for name in prune.VARIANTS:
         m = table[name]
-        cells = [_pct(_metric(m, "mmlu")[0]), _pct(_metric(m, "sst2")[0]), f"{_metric(m, 'perplexity')[0]:.2f}",
-                 _pct(_metric(m, "asr_no_system")[0])]
+        cells = [_ci(_rate(m, "mmlu")), _ci(_rate(m, "sst2")), f"{_metric(m, 'perplexity')[0]:.2f}",
+                 _ci(_rate(m, "asr_no_system"))]
         lines.append(f"| {prune.LABELS[name]} | {m['pruned_units']} ({100 * m['pruned_units'] / total:.1f}%) | "
                      + " | ".join(cells) + f" | {PAPER_TABLE1[name][0]} | {PAPER_TABLE1[name][1]} |")
     lines += ["", f"n: ASR {table['dense']['asr_no_system']['n']}, MMLU {table['dense']['mmlu']['n']}, SST-2 "
@@ -218,74 +275,89 @@ def _pruning(config: ConfigDict, out: Path, report_dir: Path, took: bool) -> Sec
     p_asr = {n: _rate(table[n], "asr_no_system") for n in prune.VARIANTS}
     scu = claims.safety_units_carry_refusal(p_asr["dense"], p_asr["minus_SCU"], p_asr["minus_random"], took)
     found.append(
-        f"- **SCU carry the refusal (pruning them breaks safety, Table 1)**: ASR {_pct(p_asr['dense'].value)} dense "
-        f"-> {_pct(p_asr['minus_SCU'].value)} without SCU ({scu.comparison}), {_pct(p_asr['minus_random'].value)} "
-        f"without as many random units; " + _verdict(scu) + ".")
+        f"- **SCU carry the refusal (pruning them breaks safety, Table 1)**: ASR {_ci(p_asr['dense'])} dense "
+        f"-> {_ci(p_asr['minus_SCU'])} without SCU ({scu.comparison}), {_ci(p_asr['minus_random'])} "
+        f"without as many random units ({scu.control}); " + _verdict(scu) + ".")
     ppl = {n: _metric(table[n], "perplexity")[0] for n in prune.VARIANTS}
     found.append(
         f"- **RU are redundant (pruning them costs little)**: perplexity {ppl['dense']:.2f} dense, "
         f"{ppl['minus_RU']:.2f} without RU, {ppl['minus_UCU']:.2f} without UCU; ASR without RU "
-        f"{_pct(p_asr['minus_RU'].value)}; " + _verdict(claims.redundant_units_are_cheap(ppl["dense"], ppl["minus_RU"]))
+        f"{_ci(p_asr['minus_RU'])}; " + _verdict(claims.redundant_units_are_cheap(ppl["dense"], ppl["minus_RU"]))
         + f" (rule: perplexity within {claims.PERPLEXITY_RATIO - 1:.0%} of dense).")
     return lines, found
 
 
 def _attacks(config: ConfigDict, out: Path, report_dir: Path) -> Section:
-    """Section 3: the fine-tuning attacks with each protection (paper Tables 2, 3)."""
+    """Section 3: the fine-tuning attacks with each protection (paper Tables 2, 3), every run
+    once per seed of ``attack.seeds``; the verdicts read the seeds' answers pooled."""
     lines: list[str] = []
     found: list[str] = []
-    layers = _json(out / "layers" / "layers.json")
-    block = next(b for b in layers["blocks"] if b["layers"] == layers["chosen"])
     ac = config.attack
-    attacks = list(ac.datasets)
-    initial = _json(out / "attacks" / "initial" / "metrics.json")["asr_no_system"]
-    results = {a_: {v: _attack_result(out / "attacks" / a_ / v) for v in ac.variants} for a_ in attacks}
+    attacks, seeds = list(ac.datasets), list(ac.seeds)
+    initial_m = _json(out / "attacks" / "initial" / "metrics.json")["asr_no_system"]
+    initial = Rate(initial_m["asr"], initial_m["n"])
+    results = {a_: {v: [_attack_result(out / attack_dir(a_, v, k)) for k in seeds] for v in ac.variants}
+               for a_ in attacks}
+    pooled = {a_: {v: Rate.pooled(Rate(r["asr"], r["n"]) for r in per) for v, per in by.items()}
+              for a_, by in results.items()}
     lines += ["## 3. Fine-tuning attacks on the aligned model (paper Tables 2, 3)", "",
               f"Each attack fine-tunes the aligned model ({ac.batch_size} examples per step, "
               f"AdamW {ac.learning_rate}; LoRA rank {ac.lora.rank} on {', '.join(ac.lora.targets)} at "
               f"{ac.lora.learning_rate}); frozen variants train {ac.frozen_epochs}x the steps, as in the paper. "
-              f"`{ac.selection}` is {layers['selection_units']} units; the random control freezes as many, drawn "
-              f"with seed {config.seed}; the layer block ({layers['size']} layers, as many units) is the one whose "
-              f"removal lowered the refusal rate most on {layers['prompts']} held-in harmful prompts among the "
-              f"blocks whose removal kept the perplexity of {layers['perplexity_samples']} held-out benign responses "
-              f"within {layers['max_perplexity_ratio']}x of the dense model's: layers {layers['chosen']} (refusal "
-              f"{_pct(block['refusal_rate'])} and perplexity {block['perplexity']:.2f} without them, "
-              f"{_pct(layers['dense_refusal_rate'])} and {layers['dense_perplexity']:.2f} dense; every block in "
-              f"`layers/layers.json`). ASR on `{ac.evaluation.harmful.dataset}` (held out), "
-              f"{ac.evaluation.max_new_tokens} new tokens, no system prompt; initial (aligned) ASR "
-              f"{_pct(initial['asr'])}, n = {initial['n']}.", "",
+              f"Every run is repeated with seeds {', '.join(map(str, seeds))} (data order, random units, LoRA "
+              f"initialisation). {_selection(config, out)} ASR on `{ac.evaluation.harmful.dataset}` without every "
+              f"prompt of `{ac.evaluation.harmful.exclude}` (held out from the alignment and from every attack), "
+              f"{ac.evaluation.max_new_tokens} new tokens, no system prompt, n = {initial.n} per run; each cell: "
+              f"the seeds' answers pooled, with its interval, then each seed's ASR.", "",
               "| protection | " + " | ".join(f"{a_} ({ac.datasets[a_].steps} steps, {ac.datasets[a_].max_length} "
                                              "tokens)" for a_ in attacks)
               + " | paper (Dolly) |", "|---|" + "---|" * (len(attacks) + 1),
-              "| initial (aligned) | " + " | ".join(_pct(initial["asr"]) for _ in attacks)
+              "| initial (aligned) | " + " | ".join(_ci(initial) for _ in attacks)
               + f" | {PAPER_TABLE2['initial']}% |"]
     for v in ac.variants:
         paper = PAPER_TABLE2.get(v)
-        lines.append(f"| {VARIANT_LABELS[v]} | " + " | ".join(_pct(results[a_][v]["asr"]) for a_ in attacks)
-                     + f" | {paper + '%' if paper else '–'} |")
-    frozen_ok = all(r["frozen_unchanged"] for per in results.values() for r in per.values())
+        lines.append(f"| {VARIANT_LABELS[v]} | " + " | ".join(
+            f"{_ci(pooled[a_][v])} ({', '.join(_pct(r['asr']) for r in results[a_][v])})" for a_ in attacks)
+            + f" | {paper + '%' if paper else '–'} |")
+    frozen_ok = all(r["frozen_unchanged"] for by in results.values() for per in by.values() for r in per)
     lines += ["", "Frozen parameters bit-identical after every attack run (checksum of their bits before and "
               f"after): {'yes' if frozen_ok else '**NO**'}. Trained parameters per run and the final training loss "
               "are in each run's `metrics.json`; the paper's column is Llama-2-7B-Chat fine-tuned on Dolly "
               "(AdvBench ASR).", "",
-              f"![attack ASR]({plot_attacks(results, initial['asr'], report_dir / 'attacks.png').name})", ""]
-    n_eval = initial["n"]  # every attack run is evaluated on the initial evaluation's prompts
+              f"![attack ASR]({plot_attacks(pooled, initial, report_dir / 'attacks.png').name})", ""]
     for name, variant in (("SCU + top 6% CU", "scu_cu6"), ("SCU + all CU", "scu_cu")):
         if variant not in ac.variants or "none" not in ac.variants:
             continue
-        rates = {a_: claims.AttackRates(
-            Rate(results[a_]["none"]["asr"], n_eval), Rate(results[a_][variant]["asr"], n_eval),
-            Rate(results[a_]["random"]["asr"], n_eval) if "random" in ac.variants else None) for a_ in attacks}
-        freezing = claims.freezing_protects(Rate(initial["asr"], n_eval), rates)
+        rates = {a_: claims.AttackRates(pooled[a_]["none"], pooled[a_][variant], pooled[a_].get("random"))
+                 for a_ in attacks}
+        freezing = claims.freezing_protects(initial, rates)
         found.append(
             f"- **Freezing {name} protects during fine-tuning (Tables 2, 3)**: of the {len(freezing.testable)} attacks "
             f"that raised ASR without protection, ASR is lower with the freeze in {len(freezing.protected)} ("
             + "; ".join(
-                f"{o.attack}: {_pct(results[o.attack][variant]['asr'])} vs {_pct(results[o.attack]['none']['asr'])} "
+                f"{o.attack}: {_ci(pooled[o.attack][variant])} vs {_ci(pooled[o.attack]['none'])} "
                 f"unprotected, {o.vs_unprotected}; vs the random control {o.vs_control or 'n/a'}"
                 + ("" if o.raised else " (the attack did not raise ASR)") for o in freezing.outcomes)
-            + "); " + _verdict(freezing) + ".")
+            + f"; {len(seeds)} seeds pooled); " + _verdict(freezing) + ".")
     return lines, found
+
+
+def _selection(config: ConfigDict, out: Path) -> str:
+    """What the freezing variants freeze: the selection, and the layer block when one was found."""
+    ac = config.attack
+    text = f"`{ac.selection}` is the freeze of `scu_cu6`; the random control freezes as many units."
+    if "layers" not in ac.variants:
+        return text
+    layers = _json(out / "layers" / "layers.json")
+    block = next(b for b in layers["blocks"] if b["layers"] == layers["chosen"])
+    return (f"`{ac.selection}` is {layers['selection_units']} units; the random control freezes as many; the "
+            f"layer block ({layers['size']} layers, as many units) is the one whose removal lowered the refusal "
+            f"rate most on {layers['prompts']} held-in harmful prompts among the blocks whose removal kept the "
+            f"perplexity of {layers['perplexity_samples']} held-out benign responses within "
+            f"{layers['max_perplexity_ratio']}x of the dense model's: layers {layers['chosen']} (refusal "
+            f"{_pct(block['refusal_rate'])} and perplexity {block['perplexity']:.2f} without them, "
+            f"{_pct(layers['dense_refusal_rate'])} and {layers['dense_perplexity']:.2f} dense; every block in "
+            "`layers/layers.json`).")
 
 
 def _transfer(out: Path, report_dir: Path) -> Section:
@@ -314,32 +386,37 @@ def _transfer(out: Path, report_dir: Path) -> Section:
 
 
 def _probing(out: Path, report_dir: Path) -> Section:
-    """Section 5: cosine distances toward a refusal and a compliance continuation (paper Figs 2-4)."""
+    """Section 5: cosine distances toward refusals and compliances (paper Figs 2-4)."""
     probing = _json(out / "probing" / "probing.json")
-    k_max = probing["max_tokens"]
+    k_max, phrasings = probing["max_tokens"], probing["continuations"]
     lines = ["## 5. Reasoning-direction probing (paper Figs 2-4)", "",
              f"{probing['prompts']} held-out harmful queries. Cosine distance between each layer's output at the end "
-             f"of the query (after the assistant header) and after 2..{k_max} tokens of a refusal "
-             f"(\"{probing['continuations']['refusal']}\") or a compliance "
-             f"(\"{probing['continuations']['compliance']}\"); mean over queries and layers. Smaller = the query "
-             "state already points that way.", "",
-             "| model | continuation | " + " | ".join(f"k={k}" for k in range(2, k_max + 1))
+             f"of the query (after the assistant header) and after each of the first k tokens of a continuation, "
+             f"averaged over those k positions (so no single token decides it) and over "
+             f"{len(phrasings['refusal'])} refusal and {len(phrasings['compliance'])} compliance phrasings "
+             "(`probing/probing.json` lists them); mean over queries and layers. Smaller = the query state already "
+             "points that way.", "",
+             "| model | continuation | " + " | ".join(f"k={k}" for k in range(1, k_max + 1))
              + " | layers with d(refusal) < d(compliance), k=" + str(k_max) + " |",
-             "|---|---|" + "---|" * k_max]
+             "|---|---|" + "---|" * (k_max + 1)]
     direction = {name: claims.reasoning_direction(r["refusal"], r["compliance"])
                  for name, r in probing["models"].items()}
     for name, r in probing["models"].items():
         for c in ("refusal", "compliance"):
             mean = np.asarray(r[c]).mean(axis=0)
             count = f"{direction[name].closer}/{direction[name].layers}" if c == "refusal" else ""
-            lines.append(f"| {name} | {c} | " + " | ".join(f"{x:.3f}" for x in mean[1:]) + f" | {count} |")
+            lines.append(f"| {name} | {c} | " + " | ".join(f"{x:.3f}" for x in mean) + f" | {count} |")
     lines += ["", f"![probing]({_copy(out / 'probing' / 'probing.png', report_dir, 'probing.png')})", ""]
-    aligned, unaligned = direction["aligned"], direction["unaligned"]
-    claim = (f"- **Aligned models steer toward refusal (probing)**: at {k_max} tokens the query state is closer to "
-             f"the refusal than to the compliance in {aligned.closer}/{aligned.layers} layers for the aligned model "
-             f"(mean gap {aligned.mean_gap:+.3f}) and {unaligned.closer}/{aligned.layers} for the unaligned one "
-             f"({unaligned.mean_gap:+.3f}); "
-             + _verdict(claims.steers_toward_refusal(aligned.mean_gap, unaligned.mean_gap)) + ".")
+    aligned, unaligned = (np.asarray(probing["models"][m]["gaps"]) for m in ("aligned", "unaligned"))
+    confidence = probing["confidence"]
+    gap, gain = (claims.Mean(*mean_interval(x, confidence)) for x in (aligned, aligned - unaligned))
+    claim = (f"- **Aligned models steer toward refusal (probing)**: at {k_max} tokens the aligned model's query "
+             f"state is closer to the refusals than to the compliances by {gap} (mean per-query gap d(compliance) - "
+             f"d(refusal) over layers, {confidence:.0%} t-interval), more than the unaligned model's by {gain} "
+             f"(paired per query); layers closer to the refusal: {direction['aligned'].closer}/"
+             f"{direction['aligned'].layers} aligned, {direction['unaligned'].closer}/{direction['unaligned'].layers} "
+             "unaligned; rule (configs/reproduce.py, fixed before the run): both intervals above 0; "
+             + _verdict(claims.steers_toward_refusal(gap, gain)) + ".")
     return lines, [claim]
 
 
@@ -377,24 +454,29 @@ def stage_records(out: Path) -> list[tuple[str, Path]]:
         if (out / stage / "stage.json").exists():
             found.append((stage, out / stage / "stage.json"))
         if stage == "attacks":
-            found += [(str(p.parent.relative_to(out)), p) for p in sorted((out / "attacks").glob("*/*/stage.json"))]
+            found += [(str(p.parent.relative_to(out)), p)
+                      for p in sorted((out / "attacks").glob("*/*/seed*/stage.json"))]
             if (out / "attacks" / "initial" / "stage.json").exists():
                 found.append(("attacks/initial", out / "attacks" / "initial" / "stage.json"))
     return found
 
 
-def plot_attacks(results: dict, initial: float, path: Path) -> Path:
+def plot_attacks(pooled: dict[str, dict[str, Rate]], initial: Rate, path: Path) -> Path:
+    """Bars: each attack's ASR per protection (seeds pooled), with Wilson 95% intervals."""
     plt = runs.pyplot()
-    attacks = list(results)
-    variants = list(next(iter(results.values())))
+    attacks = list(pooled)
+    variants = list(next(iter(pooled.values())))
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(attacks)), 4))
     width = 0.8 / len(variants)
     for i, v in enumerate(variants):
-        ax.bar(np.arange(len(attacks)) + i * width, [100 * results[a][v]["asr"] for a in attacks], width,
-               label=VARIANT_LABELS[v])
-    ax.axhline(100 * initial, color="black", ls="--", lw=1, label="aligned, before the attack")
+        rates = [pooled[a][v] for a in attacks]
+        values = np.array([100 * r.value for r in rates])
+        bounds = np.array([[100 * b for b in r.interval] for r in rates])
+        ax.bar(np.arange(len(attacks)) + i * width, values, width, label=VARIANT_LABELS[v],
+               yerr=np.stack([values - bounds[:, 0], bounds[:, 1] - values]), capsize=2)
+    ax.axhline(100 * initial.value, color="black", ls="--", lw=1, label="aligned, before the attack")
     ax.set_xticks(np.arange(len(attacks)) + 0.4 - width / 2, attacks)
-    ax.set_ylabel("ASR (%)")
+    ax.set_ylabel("ASR (%), 95% interval")
     ax.legend(fontsize="x-small", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -14,6 +14,7 @@ from ssah_jax import runs
 from ssah_jax.masking import GROUPS
 
 VARIANTS = ("none", "scu_cu6", "scu_cu", "random", "layers", "lora")  # the freeze settings of an attack
+CONTRAST = "contrast"  # the component of align.dataset that is the contrast stage's answers
 FROZEN = ("scu_cu6", "scu_cu", "random", "layers")  # trained attack.frozen_epochs times the steps
 
 
@@ -23,12 +24,23 @@ def _set(config: ConfigDict, values: dict[str, Any]) -> ConfigDict:
     return config
 
 
+def aligned_model(config: ConfigDict, out: Path, *, run: bool = False) -> str:
+    """The aligned model the studies read: ``config.model`` itself when its makers aligned it
+    (``maker_aligned``), else the full alignment's export (``run``: its finetune workdir, which
+    a finetune run continues from)."""
+    if config.maker_aligned:
+        return config.model
+    return str(out / "align_full" if run else out / "align_full" / "export")
+
+
 def train_config(config: ConfigDict, *, model: str, dataset: str, split: str, steps: int, batch_size: int,
                  max_length: int, heldout: int, learning_rate: float, warmup_steps: int,
-                 freeze: dict[str, Any]) -> ConfigDict:
-    """A ``finetune`` config: ``config.finetune`` with this run's model, data, length and freeze."""
+                 freeze: dict[str, Any], seed: int | None = None) -> ConfigDict:
+    """A ``finetune`` config: ``config.finetune`` with this run's model, data, length, freeze
+    and seed (``config.seed`` unless given)."""
     values = {
-        "model": model, "data_dir": config.data_dir, "seed": config.seed, "data.dataset": dataset,
+        "model": model, "data_dir": config.data_dir, "seed": config.seed if seed is None else seed,
+        "data.dataset": dataset,
         "data.split": split, "data.limit": 0, "data.heldout": heldout, "data.max_length": max_length,
         "data.system_prompt": "", "steps": steps, "batch_size": batch_size,
         "optimizer.learning_rate": learning_rate, "optimizer.warmup_steps": warmup_steps,
@@ -57,16 +69,41 @@ def prune_config(config: ConfigDict, model: str, *, ru: float | None = None, tab
     return c
 
 
-def align_config(config: ConfigDict, ru_units: Path | None) -> ConfigDict:
+def contrast_file(out: Path) -> Path:
+    """The contrast stage's answers (an ``ssah-jax generate`` run's ``generations.jsonl``)."""
+    return out / "contrast" / "generations.jsonl"
+
+
+def align_dataset(config: ConfigDict, out: Path) -> str:
+    """``align.dataset`` with its ``contrast`` component read from the contrast stage's answers."""
+    parts = [p.strip() for p in config.align.dataset.split(",") if p.strip()]
+    return ",".join(str(contrast_file(out)) + p[len(CONTRAST):] if p.split(":")[0] == CONTRAST else p
+                    for p in parts)
+
+
+def contrast_config(config: ConfigDict, out: Path) -> ConfigDict:
+    """What make_contrast is given: an ``ssah-jax generate`` config of the unaligned model on
+    ``<stage>/prompts.jsonl``, and ``source``: the prompts (``contrast.prompts``) it writes there."""
+    c = copy.deepcopy(config.contrast.generate)
+    with c.unlocked():
+        c.model, c.dtype, c.prompts, c.prompts_dataset = config.model, config.dtype, (), ""
+        c.prompts_file = str(out / "contrast" / "prompts.jsonl")
+        c.source = ConfigDict(dict(prompts=config.contrast.prompts, data_dir=config.data_dir))
+    return c
+
+
+def align_config(config: ConfigDict, ru_units: Path | None, out: Path) -> ConfigDict:
+    """The alignment's ``finetune`` config: full SFT, or (``ru_units``) only the RU trained."""
     a = config.align
     freeze = {} if ru_units is None else {
         "mode": "only_units", "units.file": str(ru_units), "units.selection": "RU", "groups": GROUPS}
-    return train_config(config, model=config.model, dataset=a.dataset, split="", max_length=a.max_length,
+    return train_config(config, model=config.model, dataset=align_dataset(config, out), split="",
+                        max_length=a.max_length,
                         steps=a.steps * (1 if ru_units is None else a.ru_epochs), batch_size=a.batch_size,
                         heldout=a.heldout, learning_rate=a.learning_rate, warmup_steps=a.warmup_steps, freeze=freeze)
 
 
-def attack_config(config: ConfigDict, out: Path, attack: str, variant: str, layers: str) -> ConfigDict:
+def attack_config(config: ConfigDict, out: Path, attack: str, variant: str, layers: str, seed: int) -> ConfigDict:
     a, spec = config.attack, config.attack.datasets[attack]
     units = str(out / "prune_aligned" / "units.npz")
     freeze = {
@@ -79,22 +116,33 @@ def attack_config(config: ConfigDict, out: Path, attack: str, variant: str, laye
                  "lora.targets": tuple(a.lora.targets)},
     }[variant]
     return train_config(
-        config, model=str(out / "align_full"), dataset=spec.dataset, split=spec.split, heldout=0,
+        config, model=aligned_model(config, out, run=True), dataset=spec.dataset, split=spec.split, heldout=0,
         steps=spec.steps * (a.frozen_epochs if variant in FROZEN else 1), batch_size=a.batch_size,
         max_length=spec.max_length, learning_rate=a.lora.learning_rate if variant == "lora" else a.learning_rate,
-        warmup_steps=a.warmup_steps, freeze=freeze)
+        warmup_steps=a.warmup_steps, freeze=freeze, seed=seed)
 
 
-def attack_run_config(config: ConfigDict, out: Path, attack: str, variant: str) -> ConfigDict:
+def attack_dir(attack: str, variant: str, seed: int) -> str:
+    """An attack run's directory, relative to the workdir."""
+    return f"attacks/{attack}/{variant}/seed{seed}"
+
+
+def transfer_run(config: ConfigDict) -> str:
+    """The attack run whose model the units_attacked stage re-attributes: ``transfer_attack``
+    unprotected, first seed."""
+    return attack_dir(config.transfer_attack, "none", config.attack.seeds[0])
+
+
+def attack_run_config(config: ConfigDict, out: Path, attack: str, variant: str, seed: int) -> ConfigDict:
     """An attack run: its ``finetune`` config (``train``; the ``layers`` variant's block is the
     one the layers stage chose, read from ``layers_file``) and the ``evaluate`` config of the
     attacked model; ``keep_export``: the transfer stage needs this run's model."""
-    run_dir = out / "attacks" / attack / variant
+    run = attack_dir(attack, variant, seed)
     return ConfigDict(dict(
-        train=attack_config(config, out, attack, variant, ""),
-        evaluation=eval_config(config, config.attack.evaluation, str(run_dir / "export")),
+        train=attack_config(config, out, attack, variant, "", seed),
+        evaluation=eval_config(config, config.attack.evaluation, str(out / run / "export")),
         layers_file=str(out / "layers" / "layers.json"),
-        keep_export=attack == config.transfer_attack and variant == "none",
+        keep_export=run == transfer_run(config),
     ))
 
 
@@ -104,7 +152,7 @@ def layers_config(config: ConfigDict, out: Path) -> ConfigDict:
     held-out benign responses of ``table.perplexity``."""
     p = config.table.perplexity
     return ConfigDict(dict(
-        model=str(out / "align_full" / "export"), units=str(out / "prune_aligned" / "units.npz"),
+        model=aligned_model(config, out), units=str(out / "prune_aligned" / "units.npz"),
         dtype=config.dtype, data_dir=config.data_dir, selection=config.attack.selection,
         held_in=config.attribution.safety.dataset, batch_size=config.evaluation.batch_size,
         perplexity=ConfigDict(dict(dataset=p.dataset, max_length=p.max_length)),

@@ -2,8 +2,9 @@
 end to end on one model, in stages, into one report (DESIGN.md section 2.4).
 
 Three models are aligned from the same unaligned model on the same data and steps (reproduce's
-full alignment): plain SFT, SFT with the deep-alignment augmentation of Qi et al. (2024), and
-SFT with the ``[CLS]`` safety signal trained alongside. Each is attacked (direct, prefilling,
+full alignment, its contrast data made by this pipeline's own contrast stage): plain SFT, SFT
+with the deep-alignment augmentation of Qi et al. (2024), and SFT with the ``[CLS]`` safety
+signal trained alongside. Each is attacked (direct, prefilling,
 the decoding sweep, harmful fine-tuning) and its costs measured (over-refusal, utility); the
 signal model under each re-classification schedule, and its classifier on held-out prompts.
 Each stage runs in ``<workdir>/<stage>/`` (the sub-runs are ordinary ``finetune`` and
@@ -26,7 +27,8 @@ from ml_collections import ConfigDict
 from scipy.stats import mannwhitneyu
 
 from experiments import evaluate, finetune
-from experiments.reproduce.subruns import train_config
+from experiments.reproduce import make_contrast
+from experiments.reproduce.subruns import align_dataset, contrast_config, train_config
 from ssah_jax import hosts, runs, signals
 from ssah_jax import stages as stages_lib
 from ssah_jax.checkpoints import load_model
@@ -34,9 +36,10 @@ from ssah_jax.data import check_kit_dataset, load_local
 from ssah_jax.evaluation import harmful_records
 
 MODELS = ("sft", "augmented", "signal")  # the aligned models, align_<model>
-STAGES = ("align_sft", "align_augmented", "align_signal", "eval_sft", "eval_augmented", "eval_signal",
+STAGES = ("contrast", "align_sft", "align_augmented", "align_signal", "eval_sft", "eval_augmented", "eval_signal",
           "classifier", "attack", "report")
 REQUIRES = {
+    "align_sft": ("contrast",), "align_augmented": ("contrast",), "align_signal": ("contrast",),
     "eval_sft": ("align_sft",), "eval_augmented": ("align_augmented",), "eval_signal": ("align_signal",),
     "classifier": ("align_signal",), "attack": ("align_sft", "align_augmented", "align_signal"),
     "report": tuple(s for s in STAGES if s != "report"),
@@ -51,11 +54,11 @@ ATTACK_EXCLUDED = (tuple(f"train.{k}" for k in finetune.EXCLUDED)
 # What each stage is given
 
 
-def align_config(config: ConfigDict, model: str) -> ConfigDict:
+def align_config(config: ConfigDict, model: str, out: Path) -> ConfigDict:
     """The finetune config of ``align_<model>``: reproduce's full alignment, plus the
     augmentation (``augmented``) or the signal (``signal``)."""
     a = config.align
-    c = train_config(config, model=config.model, dataset=a.dataset, split="", steps=a.steps,
+    c = train_config(config, model=config.model, dataset=align_dataset(config, out), split="", steps=a.steps,
                      batch_size=a.batch_size, max_length=a.max_length, heldout=a.heldout,
                      learning_rate=a.learning_rate, warmup_steps=a.warmup_steps, freeze={})
     values: dict[str, Any] = {"signal.head": "", "augment.dataset": ""}
@@ -93,17 +96,27 @@ def schedule_eval_config(config: ConfigDict, out: Path, schedule: str) -> Config
     return c
 
 
-def attack_config(config: ConfigDict, out: Path, model: str) -> ConfigDict:
-    """``attack/<model>``: the harmful fine-tuning of ``align_<model>``'s export (the plain SFT
-    loss on the weights: the attacker has no signal) and the evaluation of the attacked model
-    (the signal model deployed with its trained signal)."""
-    a = config.attack
-    train = train_config(config, model=str(out / f"align_{model}"), dataset=a.dataset, split="", heldout=0,
-                         steps=a.steps, batch_size=a.batch_size, max_length=a.max_length,
-                         learning_rate=a.learning_rate, warmup_steps=a.warmup_steps, freeze={})
+def attack_dir(model: str, attack: str, seed: int) -> str:
+    """An attack run's directory, relative to the workdir."""
+    return f"attack/{model}/{attack}/seed{seed}"
+
+
+def attack_config(config: ConfigDict, out: Path, model: str, attack: str, seed: int) -> ConfigDict:
+    """``attack/<model>/<attack>/seed<k>``: fine-tuning ``align_<model>``'s export on one of
+    reproduce's attacks (the plain SFT loss on the weights: the attacker has no signal) and the
+    evaluation of the attacked model (the signal model deployed with its trained signal)."""
+    a, spec = config.attack, config.attack.datasets[attack]
+    train = train_config(config, model=str(out / f"align_{model}"), dataset=spec.dataset, split=spec.split,
+                         heldout=0, steps=spec.steps, batch_size=a.batch_size, max_length=spec.max_length,
+                         learning_rate=a.learning_rate, warmup_steps=a.warmup_steps, freeze={}, seed=seed)
     signal = signal_settings(config, out, config.decoding.schedules[0]) if model == "signal" else None
     return ConfigDict(dict(train=train, evaluation=eval_config(
-        config, config.attack.evaluation, str(out / "attack" / model / "export"), signal)))
+        config, config.attack.evaluation, str(out / attack_dir(model, attack, seed) / "export"), signal)))
+
+
+def attack_runs(config: ConfigDict) -> list[tuple[str, str, int]]:
+    """``(model, attack, seed)`` of every attack run, seed by seed."""
+    return [(m, a, s) for s in config.attack.seeds for m in MODELS for a in config.attack.datasets]
 
 
 def classifier_config(config: ConfigDict, out: Path) -> ConfigDict:
@@ -117,7 +130,7 @@ def classifier_config(config: ConfigDict, out: Path) -> ConfigDict:
 def recorded_stages(config: ConfigDict) -> list[str]:
     """Every directory that records a stage identity: eval_signal and attack record one per run."""
     expand = {"eval_signal": [f"eval_signal/{s}" for s in config.decoding.schedules],
-              "attack": [f"attack/{m}" for m in MODELS]}
+              "attack": [attack_dir(*r) for r in attack_runs(config)]}
     return [r for s in STAGES if s != "report" for r in expand.get(s, [s])]
 
 
@@ -126,8 +139,10 @@ def stage_plan(config: ConfigDict, out: Path, stage: str
     """``(given, body, excluded)``: ``body(given, directory)`` runs the stage and sees nothing of
     ``config`` but ``given``; ``excluded``: the keys of ``given`` that only affect speed or logging."""
     kind, _, name = stage.partition("/")
+    if kind == "contrast":
+        return contrast_config(config, out), make_contrast, ()
     if kind.startswith("align_"):
-        return align_config(config, kind.removeprefix("align_")), finetune.run_for_export, finetune.EXCLUDED
+        return align_config(config, kind.removeprefix("align_"), out), finetune.run_for_export, finetune.EXCLUDED
     if kind in ("eval_sft", "eval_augmented"):
         model = str(out / kind.replace("eval_", "align_") / "export")
         return eval_config(config, config.evaluation, model, None), run_evaluate, evaluate.EXCLUDED
@@ -136,14 +151,15 @@ def stage_plan(config: ConfigDict, out: Path, stage: str
     if kind == "classifier":
         return classifier_config(config, out), classifier_quality, ("batch_size",)  # forward passes only
     if kind == "attack":
-        return attack_config(config, out, name), run_attack, ATTACK_EXCLUDED
+        model, attack, seed = name.split("/")
+        return attack_config(config, out, model, attack, int(seed.removeprefix("seed"))), run_attack, ATTACK_EXCLUDED
     raise KeyError(stage)
 
 
 def _inputs(stage: str) -> tuple[str, ...]:
     kind, _, name = stage.partition("/")
     if kind == "attack":
-        return (f"align_{name}",)
+        return (f"align_{name.split('/')[0]}",)
     return REQUIRES.get(kind, ())
 
 
@@ -165,7 +181,11 @@ def validate(config: ConfigDict) -> None:
     check = lambda key, ok, why: runs.check(config, key, ok, why)  # noqa: E731
     runs.dtype(config)
     stages(config)
-    for key in ("align.steps", "align.batch_size", "attack.steps", "attack.batch_size", "decoding.period",
+    check("attack.datasets", lambda v: len(v) > 0, "needs at least one attack")
+    check("attack.seeds", lambda v: len(v) > 0 and len(set(v)) == len(v), "needs at least one seed, none twice")
+    for name in config.attack.datasets:
+        check(f"attack.datasets.{name}.steps", lambda v: v >= 1, "must be >= 1")
+    for key in ("align.steps", "align.batch_size", "attack.batch_size", "decoding.period",
                 "decoding.tau", "classifier.batch_size", "classifier.benign_limit"):
         check(key, lambda v: v >= 1, "must be >= 1")
     for key in ("decoding.r1", "decoding.r2", "decoding.r3", "classifier.harmful_limit"):
@@ -181,8 +201,9 @@ def validate(config: ConfigDict) -> None:
     check("attack.evaluation.tasks", lambda v: "asr" in v, "must include asr (the report's)")
     check("attack.evaluation.harmful.settings", lambda v: "no_system" in v, "must include no_system (the report's)")
     for model in MODELS:  # the sub-runs' own checks, before hours of work rather than after
-        finetune.validate(align_config(config, model))
-    finetune.validate(attack_config(config, Path("."), "sft").train)
+        finetune.validate(align_config(config, model, Path(".")))
+    for attack in config.attack.datasets:
+        finetune.validate(attack_config(config, Path("."), "sft", attack, config.attack.seeds[0]).train)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,9 +276,12 @@ def plan_configs(config: ConfigDict) -> list[Any]:
     evaluation's decoding (every model has ``config.model``'s architecture)."""
     from ssah_jax.planning import Item
 
-    return [Item("align_signal", "train", config.model, align_config(config, "signal"), "finetune."),
-            Item("attack/signal", "train", config.model, attack_config(config, Path("<workdir>"), "signal").train,
+    first = (next(iter(config.attack.datasets)), config.attack.seeds[0])
+
+    return [Item("align_signal", "train", config.model, align_config(config, "signal", Path("<workdir>")),
                  "finetune."),
+            Item(attack_dir("signal", *first), "train", config.model,
+                 attack_config(config, Path("<workdir>"), "signal", *first).train, "finetune."),
             Item("eval_signal", "generate", config.model, eval_config(config, config.evaluation, config.model, None))]
 
 

@@ -35,6 +35,21 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
+def _ci(rate: Rate | None) -> str:
+    """A rate with its Wilson 95% interval, e.g. ``13.5% [8.1, 21.8]``."""
+    return "—" if rate is None else str(rate)
+
+
+def attacked_rates(config: ConfigDict, out: Path) -> dict[str, dict[str, dict[int, Rate]]]:
+    """ASR (no system prompt) after each fine-tuning attack run: model -> attack -> seed -> rate."""
+    def rate(run: str) -> Rate:
+        m = _json(out / run / "eval" / "metrics.json")["asr_no_system"]
+        return Rate(m["asr"], m["n"])
+
+    return {m: {a: {s: rate(pipeline.attack_dir(m, a, s)) for s in config.attack.seeds}
+                for a in config.attack.datasets} for m in pipeline.MODELS}
+
+
 def _rate(metrics: dict, key: str) -> Rate | None:
     m = metrics.get(key)
     if m is None:
@@ -88,8 +103,9 @@ def _header(config: ConfigDict, out: Path, last: dict) -> list[str]:
         "Can Be Not Superficial With Explicit Safety Signals*, ICML 2025). The signal model decodes "
         f"strategically (threshold {d.threshold}, r1/r2/r3 "
         f"{d.r1}/{d.r2}/{d.r3}, tau {d.tau}, period {d.period}) under each schedule: `signal/<schedule>`. "
-        "ASR is judged by refusal keywords (`ssah_jax.evaluation.is_refusal`); \"differs\" means by more than "
-        "two binomial standard errors.", ""]
+        "ASR is judged by refusal keywords (`ssah_jax.evaluation.is_refusal`). Every rate is printed with its "
+        "Wilson 95% interval, and a comparison (higher / lower / similar) is Newcombe's 95% interval of the "
+        "difference (`ssah_jax.evaluation.intervals`): two rates differ only when it excludes 0.", ""]
 
 
 def _prefill_rates(metrics: dict, ks: list[int]) -> dict[int, Rate]:
@@ -99,7 +115,9 @@ def _prefill_rates(metrics: dict, ks: list[int]) -> dict[int, Rate]:
 def _attacks(config: ConfigDict, out: Path, report_dir: Path, evals: dict, columns: list[str]) -> Section:
     e = config.evaluation
     ks = list(e.prefill.tokens)
-    attacked = {m: _json(out / "attack" / m / "eval" / "metrics.json")["asr_no_system"] for m in pipeline.MODELS}
+    attacked = attacked_rates(config, out)
+    pooled = {m: {a: Rate.pooled(by_seed.values()) for a, by_seed in by.items()} for m, by in attacked.items()}
+    ac = config.attack
     rows = [("direct, no system prompt", "asr_no_system"), ("direct, safety system prompt", "asr_system")]
     rows += [(f"prefilling, {k} tokens", f"prefill_{k}") for k in ks]
     settings = len(e.sweep.temperatures) * len(e.sweep.top_ps) * len(e.sweep.top_ks)
@@ -107,18 +125,19 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path, evals: dict, colum
     lines = ["## Attacks (ASR, lower is better)", "",
              f"Direct: `{e.harmful.dataset}` without the trained prompts; prefilling: the first k tokens of "
              f"`{e.prefill.dataset}`'s target forced, {e.prefill.limit or 'all'} held-out prompts; decoding sweep: "
-             f"Huang et al. 2023's sampling grid; fine-tuning: {config.attack.steps} steps on "
-             f"`{config.attack.dataset}` (lr "
-             f"{config.attack.learning_rate}), then direct ASR on `{config.attack.evaluation.harmful.dataset}` "
-             "(the signal model attacked in its weights, deployed with its trained signal, first schedule). "
-             f"{config.evaluation.max_new_tokens} new tokens.", "",
+             "Huang et al. 2023's sampling grid; fine-tuning: reproduce's attacks ("
+             + ", ".join(f"{a}: {ac.datasets[a].steps} steps on `{ac.datasets[a].dataset}`" for a in ac.datasets)
+             + f"; lr {ac.learning_rate}, seeds {', '.join(map(str, ac.seeds))}, the seeds' answers pooled), then "
+             f"direct ASR on `{ac.evaluation.harmful.dataset}` without every prompt of "
+             f"`{ac.evaluation.harmful.exclude}` (the signal model attacked in its weights, deployed with its "
+             f"trained signal, first schedule). {config.evaluation.max_new_tokens} new tokens.", "",
              "| attack | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for label, key in rows:
-        lines.append(f"| {label} | " + " | ".join(_pct(evals[c].get(key, {}).get(
-            "asr", evals[c].get(key, {}).get("asr_any_setting"))) for c in columns) + " |")
+        lines.append(f"| {label} | " + " | ".join(_ci(_rate(evals[c], key)) for c in columns) + " |")
     first = f"signal/{config.decoding.schedules[0]}"
-    lines.append("| harmful fine-tuning | " + " | ".join(
-        _pct(attacked[c.split("/")[0]]["asr"]) if c in ("sft", "augmented", first) else "" for c in columns) + " |")
+    for a in ac.datasets:
+        lines.append(f"| fine-tuning on {a} | " + " | ".join(
+            _ci(pooled[c.split("/")[0]][a]) if c in ("sft", "augmented", first) else "" for c in columns) + " |")
     lines += ["", f"![ASR against prefill length]({plot_prefill(evals, ks, report_dir / 'prefill.png').name})", ""]
 
     sft, aug = _prefill_rates(evals["sft"], ks), _prefill_rates(evals["augmented"], ks)
@@ -126,22 +145,24 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path, evals: dict, colum
     for c in columns[2:]:
         sig = _prefill_rates(evals[c], ks)
         found = claims.prefilling_defended(sig, sft)
-        share = ", ".join(f"k={k}: {_pct(sig[k].value)} vs {_pct(sft[k].value)}" for k in ks)
-        summary.append(f"- **Prefilling stops working** (`{c}`; ASR <= {_pct(claims.ASR_CEILING)} and <= "
-                       f"{claims.SHARE_OF_SFT:g} x SFT's at every k): {share}; {_verdict(found)}.")
+        share = ", ".join(f"k={k}: {_ci(sig[k])} vs {_ci(sft[k])}" for k in ks)
+        summary.append(f"- **Prefilling stops working** (`{c}`; at every k the ASR's interval at most "
+                       f"{_pct(claims.ASR_CEILING)}, lower than SFT's and at most {claims.SHARE_OF_SFT:g} x it): "
+                       f"{share}; {_verdict(found)}.")
     c = first
     sig = _prefill_rates(evals[c], ks)
     vs = claims.versus_augmentation(sig, aug)
     summary.append(f"- **At least as good as safety data augmentation** (`{c}` vs augmented, prefilling): "
-                   + ", ".join(f"k={k}: {_pct(sig[k].value)} vs {_pct(aug[k].value)}" for k in ks)
+                   + ", ".join(f"k={k}: {_ci(sig[k])} vs {_ci(aug[k])}" for k in ks)
                    + f"; {vs.comparison}; {_verdict(vs)}.")
     if "sweep" in evals[c]:
         dec = claims.decoding_attack_defended(_rate(evals[c], "sweep"), _rate(evals["sft"], "sweep"))
-        sweep = {m: _pct(evals[m]["sweep"]["asr_any_setting"]) for m in (c, "sft")}
+        sweep = {m: _ci(_rate(evals[m], "sweep")) for m in (c, "sft", "augmented")}
         summary.append(f"- **The decoding attack stops working** (`{c}`): ASR {sweep[c]} vs {sweep['sft']} (sft), "
-                       f"{_pct(evals['augmented']['sweep']['asr_any_setting'])} (augmented); {_verdict(dec)}.")
-    summary.append("- Harmful fine-tuning (not published by the paper; reported): ASR " + ", ".join(
-        f"{m} {_pct(attacked[m]['asr'])}" for m in pipeline.MODELS) + ".")
+                       f"{sweep['augmented']} (augmented); {_verdict(dec)}.")
+    for a in ac.datasets:
+        summary.append(f"- Fine-tuning on {a} (not published by the paper; reported, {len(ac.seeds)} seeds pooled): "
+                       "ASR " + ", ".join(f"{m} {_ci(pooled[m][a])}" for m in pipeline.MODELS) + ".")
     return lines, summary
 
 
@@ -161,7 +182,8 @@ def _costs(config: ConfigDict, evals: dict, columns: list[str]) -> Section:
         m = evals[c].get(key) or (evals[first].get(key) if c.startswith("signal/") else None)
         if m is None:
             return "—"
-        return f"{m['perplexity']:.2f}" if "perplexity" in m else _pct(m.get("refusal_rate", m.get("accuracy")))
+        return f"{m['perplexity']:.2f}" if "perplexity" in m else _ci(Rate(m.get("refusal_rate", m.get("accuracy")),
+                                                                               m["n"]))
 
     for label, key in (("over-refusal", "overrefusal"), ("MMLU", "mmlu"), ("SST-2", "sst2"), ("GSM8K", "gsm8k"),
                        ("perplexity", "perplexity")):
