@@ -1,0 +1,97 @@
+"""ssah-jax compare: the table and the prefilling rows are the two workdirs' numbers, each method
+set against its own pipeline's unprotected runs; workdirs that differ in what the comparison
+holds fixed, or a maker-aligned reproduce run, are refused."""
+
+import json
+from pathlib import Path
+
+import pytest
+from ml_collections import ConfigDict
+
+from experiments import compare
+from experiments.reproduce.subruns import attack_dir as reproduce_run
+from experiments.signals import attack_dir as signals_run
+from ssah_jax.evaluation.intervals import Rate
+from ssah_jax.runs import ConfigError, config_from_file
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 200  # prompts per attack run
+
+
+def as_dict(config) -> dict:
+    return json.loads(config.to_json_best_effort())
+
+
+def write(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+
+
+def workdirs(tmp_path: Path, asr: dict[str, float], **signals_changes) -> tuple[Path, Path, dict]:
+    """Finished-looking reproduce and signals workdirs of the tiny presets: every attack run of
+    each method with ASR ``asr[method]`` (every seed), signals' prefilling evaluations."""
+    rep = as_dict(config_from_file(ROOT / "configs" / "reproduce.py", "tiny"))
+    sig = as_dict(config_from_file(ROOT / "configs" / "signals.py", "tiny"))
+    # the tiny signals preset trains longer examples and attacks with one seed
+    sig["align"]["max_length"], sig["attack"]["seeds"] = rep["align"]["max_length"], rep["attack"]["seeds"]
+    for key, value in signals_changes.items():
+        section, _, leaf = key.rpartition(".")
+        node = sig
+        for part in filter(None, section.split(".")):
+            node = node[part]
+        node[leaf] = value
+    rep_dir, sig_dir = tmp_path / "reproduce", tmp_path / "signals"
+    write(rep_dir / "config.json", rep)
+    write(sig_dir / "config.json", sig)
+    for attack in rep["attack"]["datasets"]:
+        for seed in rep["attack"]["seeds"]:
+            for variant in rep["attack"]["variants"]:
+                run = rep_dir / reproduce_run(attack, variant, seed)
+                write(run / "eval" / "metrics.json", {"asr_no_system": {"asr": asr.get(variant, 0.5), "n": N}})
+                write(run / "stage.json", {"code": ["abc1234"]})
+            for model in ("sft", "augmented", "signal"):
+                run = sig_dir / signals_run(model, attack, seed)
+                write(run / "eval" / "metrics.json", {"asr_no_system": {"asr": asr.get(model, 0.5), "n": N}})
+                write(run / "stage.json", {"code": ["abc1234+local changes"]})
+    ks = sig["evaluation"]["prefill"]["tokens"]
+    first = sig["decoding"]["schedules"][0]
+    for stage, value in (("eval_sft", 0.8), ("eval_augmented", 0.4), (f"eval_signal/{first}", 0.0)):
+        write(sig_dir / stage / "metrics.json", {f"prefill_{k}": {"asr": value, "n": 159} for k in ks})
+    config = ConfigDict({"reproduce": str(rep_dir), "signals": str(sig_dir), "report_dir": ""})
+    return rep_dir, sig_dir, config
+
+
+def test_the_report_is_the_workdirs_numbers_each_against_its_own_unprotected_runs(tmp_path):
+    _, _, config = workdirs(tmp_path, {"none": 0.6, "scu_cu": 0.2, "lora": 0.6, "sft": 0.3, "signal": 0.0})
+    path = compare.run(config, str(tmp_path / "compare"))
+    text = path.read_text()
+    none, frozen, sft, signal = (Rate(v, 2 * N) for v in (0.6, 0.2, 0.3, 0.0))  # two seeds pooled
+    assert f"| no protection (reproduce) | {none} | {none} |" in text
+    assert f"| SSAH: freeze SCU + all CU | {frozen}, lower | {frozen}, lower |" in text
+    assert f"| LoRA | {none}, similar | {none}, similar |" in text
+    assert f"| explicit safety signal (Li & Kim 2025) | {signal}, lower | {signal}, lower |" in text
+    assert f"| no protection (signals: plain SFT) | {sft} | {sft} |" in text
+    assert "| safety data augmentation | 80.0%" not in text and "| safety data augmentation | 40.0%" in text
+    assert "**Note**: the runs came from different code" in text  # abc1234 and abc1234+local changes
+    numbers = json.loads((path.parent / "numbers.json").read_text())
+    assert numbers["methods"]["LoRA"]["attacks"]["harmful_qa"]["pooled"]["n"] == 2 * N
+    assert (path.parent / "compare.png").stat().st_size > 1000
+
+
+def test_workdirs_that_differ_in_what_is_held_fixed_are_refused(tmp_path):
+    _, _, config = workdirs(tmp_path, {}, **{"align.steps": 3, "attack.learning_rate": 1e-3})
+    with pytest.raises(ConfigError, match="align.steps: 2 -> 3.*attack.learning_rate"):
+        compare.run(config, str(tmp_path / "compare"))
+
+
+def test_a_maker_aligned_reproduce_run_or_a_missing_run_is_refused(tmp_path):
+    rep_dir, _, config = workdirs(tmp_path, {})
+    rep = json.loads((rep_dir / "config.json").read_text())
+    (rep_dir / "config.json").write_text(json.dumps({**rep, "maker_aligned": True}))
+    with pytest.raises(ConfigError, match="aligned by its makers"):
+        compare.run(config, str(tmp_path / "compare"))
+    (rep_dir / "config.json").write_text(json.dumps(rep))
+    missing = rep_dir / reproduce_run("harmful_qa", "lora", 1) / "eval" / "metrics.json"
+    missing.unlink()
+    with pytest.raises(FileNotFoundError, match="lora/seed1"):
+        compare.run(config, str(tmp_path / "compare"))
