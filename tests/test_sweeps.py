@@ -2,6 +2,7 @@
 
 import csv
 import fcntl
+import importlib.util
 import json
 import os
 import signal
@@ -351,3 +352,21 @@ def test_the_cpu_reproduction_uses_the_fractions_the_committed_sweep_chose():
     kinds = runs.config_from_file(REPO / "configs" / "reproduce.py", "smollm2_cpu").kinds
     assert {kind: kinds[kind.lower()] for kind in chosen} == {kind: c["value"] for kind, c in chosen.items()}
     assert set(chosen) == {"SCU", "UCU", "RU"}
+
+
+def test_the_cpu_alignment_recipe_is_the_point_the_committed_alignment_sweep_chose():
+    """reproduce's (and so signals') CPU alignment is the point configs/sweeps/alignment.py's rule
+    chose from the committed results, its contrast component the contrast stage's answers."""
+    spec = importlib.util.spec_from_file_location("_alignment_sweep", REPO / "configs" / "sweeps" / "alignment.py")
+    alignment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(alignment)
+    with open(REPO / "experiments" / "results" / "alignment_smollm2" / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    chosen = alignment.choose(rows)
+    row = next(r for r in rows if r["label"] == chosen)
+    point = alignment.get_config("smollm2")
+    align = runs.config_from_file(REPO / "configs" / "reproduce.py", "smollm2_cpu").align
+    assert align.dataset == alignment.mixtures("contrast")[chosen]
+    assert align.learning_rate == float(row["optimizer.learning_rate"])
+    assert align.steps == int(row["steps"] or point.set.steps) and align.batch_size == point.set.batch_size
+    assert runs.config_from_file(REPO / "configs" / "signals.py", "smollm2_cpu").align.dataset == align.dataset
