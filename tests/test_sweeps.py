@@ -76,7 +76,7 @@ def test_values_reach_the_run_as_the_command_line_parses_them():
     (dict(points=(("a", "seed=1"), ("a", "seed=2"))), "two points are both 'a'"),
     (dict(executor="slurm"), "config.executor='slurm': must be one of ('local', 'ray', 'print')"),
     (dict(base="configs/nope.py"), "config.base='configs/nope.py': configs/nope.py: no such file"),
-    (dict(experiment="nope"), "config.experiment='nope': must be one of ['evaluate', 'finetune'"),
+    (dict(experiment="nope"), "config.experiment='nope': must be one of ['compare', 'evaluate', 'finetune'"),
     (dict(metrics=ConfigDict(dict(asr="x.json:"))), "config.metrics.asr='x.json:': must be"),
     (dict(base="configs/finetune.py:quick"), "config.base='configs/finetune.py:quick': not a prune config"),
     (dict(points=(("a", "variants=dense"),), metrics=ConfigDict(dict(m="x")),
