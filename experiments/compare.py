@@ -20,7 +20,7 @@ from ml_collections import ConfigDict
 from experiments.reproduce.subruns import attack_dir as reproduce_run
 from experiments.signals import attack_dir as signals_run
 from ssah_jax import hosts, runs
-from ssah_jax.evaluation.intervals import Rate, compare
+from ssah_jax.evaluation.intervals import Rate, compare, percent_bars
 
 EXCLUDED: tuple[str, ...] = ()
 # What both workdirs must share (dotted config keys, or their prefixes): the same unaligned model,
@@ -158,20 +158,15 @@ def plot(result: dict, path: Path) -> Path:
     attacks, methods = result["attacks"], list(result["methods"])
     width = 0.8 / len(methods)
     for i, label in enumerate(methods):
-        rates = [result["methods"][label]["attacks"][a]["pooled"] for a in attacks]
-        values = np.array([100 * r.value for r in rates])
-        bounds = np.array([[100 * b for b in r.interval] for r in rates])
-        left.bar(np.arange(len(attacks)) + i * width, values, width, label=label,
-                 yerr=np.stack([values - bounds[:, 0], bounds[:, 1] - values]), capsize=2)
+        values, errors = percent_bars(result["methods"][label]["attacks"][a]["pooled"] for a in attacks)
+        left.bar(np.arange(len(attacks)) + i * width, values, width, label=label, yerr=errors, capsize=2)
     left.set_xticks(np.arange(len(attacks)) + 0.4 - width / 2, attacks)
     left.set_ylabel("ASR after fine-tuning (%), 95% interval")
     left.legend(fontsize="xx-small", ncol=2)
     for label, rates in result["prefill"].items():
         ks = sorted(rates)
-        values = np.array([100 * rates[k].value for k in ks])
-        bounds = np.array([[100 * b for b in rates[k].interval] for k in ks])
-        right.errorbar(ks, values, yerr=np.stack([values - bounds[:, 0], bounds[:, 1] - values]), marker="o",
-                       capsize=2, label=label.split(" (")[0])
+        values, errors = percent_bars(rates[k] for k in ks)
+        right.errorbar(ks, values, yerr=errors, marker="o", capsize=2, label=label.split(" (")[0])
     right.set_xlabel("prefilled target tokens (k)")
     right.set_ylabel("ASR (%), 95% interval")
     right.set_ylim(-2, 102)

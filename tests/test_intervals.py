@@ -44,3 +44,13 @@ def test_the_interval_of_a_mean_is_students_t():
     assert mean_interval([0.25, 0.25, 0.25]) == (0.25, 0.25, 0.25)  # no spread, no width
     with pytest.raises(ValueError, match="at least 2 values"):
         mean_interval([1.0])
+
+
+def test_percent_bars_reach_each_rates_wilson_interval():
+    from ssah_jax.evaluation.intervals import percent_bars
+
+    rates = [Rate(0.0, 100), Rate(0.5, 40)]
+    values, (below, above) = percent_bars(rates)
+    assert values == [0.0, 50.0] and below[0] == 0.0
+    for v, lo, hi, r in zip(values, below, above, rates):
+        assert (v - lo, v + hi) == pytest.approx(tuple(100 * b for b in r.interval))

@@ -18,7 +18,7 @@ from experiments.reproduce.subruns import attack_dir
 from ssah_jax import runs
 from ssah_jax import stages as stages_lib
 from ssah_jax.attribution import KINDS
-from ssah_jax.evaluation.intervals import Rate, mean_interval
+from ssah_jax.evaluation.intervals import Rate, mean_interval, percent_bars
 
 # Paper numbers (Li & Kim, SSAH), for the rows where the paper has them.
 PAPER_TABLE1 = {  # Llama-2-7B-Chat: (ASR %, utility)
@@ -469,11 +469,8 @@ def plot_attacks(pooled: dict[str, dict[str, Rate]], initial: Rate, path: Path) 
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(attacks)), 4))
     width = 0.8 / len(variants)
     for i, v in enumerate(variants):
-        rates = [pooled[a][v] for a in attacks]
-        values = np.array([100 * r.value for r in rates])
-        bounds = np.array([[100 * b for b in r.interval] for r in rates])
-        ax.bar(np.arange(len(attacks)) + i * width, values, width, label=VARIANT_LABELS[v],
-               yerr=np.stack([values - bounds[:, 0], bounds[:, 1] - values]), capsize=2)
+        values, errors = percent_bars(pooled[a][v] for a in attacks)
+        ax.bar(np.arange(len(attacks)) + i * width, values, width, label=VARIANT_LABELS[v], yerr=errors, capsize=2)
     ax.axhline(100 * initial.value, color="black", ls="--", lw=1, label="aligned, before the attack")
     ax.set_xticks(np.arange(len(attacks)) + 0.4 - width / 2, attacks)
     ax.set_ylabel("ASR (%), 95% interval")

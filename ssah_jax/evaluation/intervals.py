@@ -70,6 +70,15 @@ class Rate:
         return f"{100 * self.value:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
 
 
+def percent_bars(rates: Iterable[Rate]) -> tuple[list[float], list[list[float]]]:
+    """Plot inputs of ``rates``: their values in percent and the ``yerr`` of matplotlib (the
+    distances below and above each value to its Wilson interval, ``[2, len]``)."""
+    rates = list(rates)
+    values = [100 * r.value for r in rates]
+    return values, [[v - 100 * r.interval[0] for v, r in zip(values, rates)],
+                    [100 * r.interval[1] - v for v, r in zip(values, rates)]]
+
+
 def mean_interval(values: Iterable[float], confidence: float = CONFIDENCE) -> tuple[float, float, float]:
     """``(mean, low, high)``: Student's t interval of the mean of ``values`` (e.g. a per-query
     measure, or paired differences of two models on the same queries)."""
