@@ -16,6 +16,7 @@ from ssah_jax.runs import ConfigError, config_from_file
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 200  # prompts per attack run
+SEED_STEP = 0.1  # each seed's ASR differs, so a table of one seed's runs would not pass for the pooled one
 
 
 def as_dict(config) -> dict:
@@ -29,7 +30,7 @@ def write(path: Path, value: dict) -> None:
 
 def workdirs(tmp_path: Path, asr: dict[str, float], **signals_changes) -> tuple[Path, Path, dict]:
     """Finished-looking reproduce and signals workdirs of the tiny presets: every attack run of
-    each method with ASR ``asr[method]`` (every seed), signals' prefilling evaluations."""
+    each method with ASR ``asr[method] + SEED_STEP * seed``, signals' prefilling evaluations."""
     rep = as_dict(config_from_file(ROOT / "configs" / "reproduce.py", "tiny"))
     sig = as_dict(config_from_file(ROOT / "configs" / "signals.py", "tiny"))
     # the tiny signals preset trains longer examples and attacks with one seed
@@ -47,11 +48,13 @@ def workdirs(tmp_path: Path, asr: dict[str, float], **signals_changes) -> tuple[
         for seed in rep["attack"]["seeds"]:
             for variant in rep["attack"]["variants"]:
                 run = rep_dir / reproduce_run(attack, variant, seed)
-                write(run / "eval" / "metrics.json", {"asr_no_system": {"asr": asr.get(variant, 0.5), "n": N}})
+                write(run / "eval" / "metrics.json",
+                      {"asr_no_system": {"asr": asr.get(variant, 0.5) + SEED_STEP * seed, "n": N}})
                 write(run / "stage.json", {"code": ["abc1234"]})
             for model in ("sft", "augmented", "signal"):
                 run = sig_dir / signals_run(model, attack, seed)
-                write(run / "eval" / "metrics.json", {"asr_no_system": {"asr": asr.get(model, 0.5), "n": N}})
+                write(run / "eval" / "metrics.json",
+                      {"asr_no_system": {"asr": asr.get(model, 0.5) + SEED_STEP * seed, "n": N}})
                 write(run / "stage.json", {"code": ["abc1234+local changes"]})
     ks = sig["evaluation"]["prefill"]["tokens"]
     first = sig["decoding"]["schedules"][0]
@@ -65,7 +68,10 @@ def test_the_report_is_the_workdirs_numbers_each_against_its_own_unprotected_run
     _, _, config = workdirs(tmp_path, {"none": 0.6, "scu_cu": 0.2, "lora": 0.6, "sft": 0.3, "signal": 0.0})
     path = compare.run(config, str(tmp_path / "compare"))
     text = path.read_text()
-    none, frozen, sft, signal = (Rate(v, 2 * N) for v in (0.6, 0.2, 0.3, 0.0))  # two seeds pooled
+    seeds = config_from_file(ROOT / "configs" / "reproduce.py", "tiny").attack.seeds
+    assert len(seeds) == 2
+    # the two seeds' answers counted together: the mean of v and v + SEED_STEP
+    none, frozen, sft, signal = (Rate(v + SEED_STEP / 2, 2 * N) for v in (0.6, 0.2, 0.3, 0.0))
     assert f"| no protection (reproduce) | {none} | {none} |" in text
     assert f"| SSAH: freeze SCU + all CU | {frozen}, lower | {frozen}, lower |" in text
     assert f"| LoRA | {none}, similar | {none}, similar |" in text
@@ -75,6 +81,7 @@ def test_the_report_is_the_workdirs_numbers_each_against_its_own_unprotected_run
     assert "**Note**: the runs came from different code" in text  # abc1234 and abc1234+local changes
     numbers = json.loads((path.parent / "numbers.json").read_text())
     assert numbers["methods"]["LoRA"]["attacks"]["harmful_qa"]["pooled"]["n"] == 2 * N
+    assert [round(r["asr"], 2) for r in numbers["methods"]["LoRA"]["attacks"]["harmful_qa"]["seeds"]] == [0.6, 0.7]
     assert (path.parent / "compare.png").stat().st_size > 1000
 
 
