@@ -41,7 +41,9 @@ Presets (``--config=configs/reproduce.py:<preset>``):
   llama2_7b_8gpu, llama3_8b_8gpu, llama2_7b_v5e16
                the papers' models (Llama-2-7B-Chat, Llama-3-8B-Instruct: the hub id, or set ``model``
                to your HF directory) with the GPU sets, on one 8 x 80 GB GPU host or a TPU v5e-16
-               slice; training as configs/finetune.py's preset of the same name (``ssah-jax plan``
+               slice; aligned by their makers, as in the paper's pruning and freezing studies (its
+               alignment-budget study, Table 4, aligns a base model: set ``model`` to one and
+               ``maker_aligned=False``); training as configs/finetune.py's preset of the same name (``ssah-jax plan``
                shows each bill). Evaluation decodes with the whole bf16 model on one device per
                host, which a 16 GB v5e chip holds for Llama-2-7B (8 prompts at a time) but not for
                Llama-3-8B
@@ -86,7 +88,8 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
     # True: ``model`` was aligned by its makers; it is the aligned model, and the stages that
     # align a model or compare with an unaligned one (contrast, align_*, eval_unaligned, eval_ru,
     # units_unaligned, units_attacked, transfer, probing) are not run
-    c.maker_aligned = preset in ("qwen_cpu", "qwen_gpu", "tiny_maker")
+    # (the papers' chat models are studied as their makers aligned them, as in the paper's Tables 1-3)
+    c.maker_aligned = preset in ("qwen_cpu", "qwen_gpu", "tiny_maker") or large
     c.dtype = "bfloat16" if gpu else "float32"  # evaluation and attribution; training uses compute_dtype
     c.data_dir = ""
     c.seed = 0

@@ -158,7 +158,7 @@ def test_a_maker_aligned_model_is_studied_without_aligning_it(tiny_chat_model, t
     assert trained["model"] == str(tiny_chat_model)
 
 
-@pytest.mark.parametrize("preset", ["smollm2_cpu", "smollm2_gpu", "qwen_cpu", "qwen_gpu"])
+@pytest.mark.parametrize("preset", ["smollm2_cpu", "smollm2_gpu", "qwen_cpu", "qwen_gpu", "llama2_7b_8gpu"])
 def test_presets_hold_out_every_trained_prompt_and_validate(preset):
     config = config_from_file(ROOT / "configs" / "reproduce.py", preset)
     reproduce.validate(config)
