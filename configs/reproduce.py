@@ -69,6 +69,10 @@ HELDOUT_HARMFUL = "advbench:100,harmbench_standard:100"
 PRESETS = ("smollm2_cpu", "smollm2_gpu", "qwen_cpu", "qwen_gpu", "tiny", "tiny_maker", "llama2_7b_8gpu",
            "llama3_8b_8gpu", "llama2_7b_v5e16")
 QWEN = "qwen2.5-coder-0.5b-instruct"
+# Prompts decoded at once by the CPU presets' evaluations: on the 2-core CPU, greedy decoding
+# of the demo model turns out 1.6x the tokens per second at 32 as at evaluate.py's 8 (127.5 vs
+# 78.2 by ``python scripts/benchmark.py generate --batch 32 --new-tokens 32``, and ``--batch 8``)
+CPU_EVAL_BATCH = 32
 
 
 def _evaluation(preset: str, values: dict) -> ConfigDict:
@@ -198,6 +202,9 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
         for name in ("gsm8k", "aoa"):
             del c.attack.datasets[name]
         c.attack.variants = ("none", "scu_cu6", "scu_cu", "random", "lora")
+    if preset in ("smollm2_cpu", "qwen_cpu"):
+        for section in (c.evaluation, c.table, c.attack.evaluation):
+            section.batch_size = CPU_EVAL_BATCH
     if preset == "qwen_cpu":  # ~4x SmolLM2's compute per token: one seed, half the attack steps, no GSM8K
         c.attack.seeds = (0,)
         for name in c.attack.datasets:

@@ -126,6 +126,8 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
                                   "perplexity.limit": 500, "max_new_tokens": 64})
         set_values(c, {"classifier.benign_limit": 512, "classifier.batch_size": 64,
                        "evaluation.sweep.dataset": "advbench,harmbench_standard"})
+    elif preset == "smollm2_cpu":
+        c.evaluation.batch_size = c.attack.evaluation.batch_size  # reproduce's CPU evaluation batch
     elif preset == "tiny":
         set_values(c, {
             "align.max_length": 128, "augment.count": 4, "decoding.schedules": ("each", "periodic"),
