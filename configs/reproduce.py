@@ -247,8 +247,10 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
             c.attack.datasets[name].steps = 1
             c.attack.datasets[name].max_length = 256
         c.attack.datasets.harmful_qa.dataset = "harmful_qa:4"
-        if c.maker_aligned:  # its test covers the stages it keeps; one seed is enough
-            c.attack.seeds = (0,)
+        if c.maker_aligned:  # its test covers the stages it keeps: one attack, seed and protection
+            c.attack.seeds = (0,)  # besides the layer block's (which runs the layers stage)
+            del c.attack.datasets["alpaca_libre"]
+            c.attack.variants = ("none", "layers")
         small = {"max_new_tokens": 2, "harmful.dataset": "advbench:2,harmbench_standard:2", "batch_size": 4}
         for section in (c.evaluation, c.table, c.attack.evaluation):
             set_values(section, small)

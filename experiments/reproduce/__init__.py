@@ -181,9 +181,10 @@ def validate(config: ConfigDict) -> None:
               "needs the contrast component (the contrast stage's answers), e.g. 'alpaca_libre:168,contrast:56'")
         generate.validate(contrast_config(config, Path(".")))
         finetune.validate(align_config(config, Path("units.npz"), Path(".")))
+        # (a model its makers aligned has no unaligned model to trace its units' kinds from)
+        check("transfer_attack", lambda v: v in config.attack.datasets, "must name one of attack.datasets")
     for name, spec in config.attack.datasets.items():
         check(f"attack.datasets.{name}.steps", lambda v: v >= 1, "must be >= 1")
-    check("transfer_attack", lambda v: v in config.attack.datasets, "must name one of attack.datasets")
     for section in ("evaluation.", "table.", "attack.evaluation."):
         evaluate.validate(config, section)
     # The sub-runs' own checks, before hours of work rather than after.
