@@ -110,6 +110,9 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
     if preset == "smollm2_cpu":  # chosen by the paper's rule on this preset's aligned model:
         # experiments/results/fractions_smollm2 (`ssah-jax sweep --config=configs/sweeps/fractions.py`)
         c.kinds.update(dict(scu=0.0005, ucu=0.0, ru=0.005))
+    if preset == "qwen_cpu":  # experiments/results/fractions_qwen_coder_0.5b: no UCU or RU fraction
+        # kept ASR and perplexity within the rule's limits, so SCU + all CU is every unit
+        c.kinds.update(dict(scu=0.0025, ucu=0.0, ru=0.0))
     c.budget_ru = 0.2  # RU of the unaligned model trained by align_ru (paper: 20% of the units)
 
     c.align = ConfigDict(dict(

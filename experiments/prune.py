@@ -142,8 +142,12 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     results = {}
     for name in [v for v in VARIANTS if v in config.variants]:
         print(f"== {name} ==")
-        variant = model if name == "dense" else nnx.merge(graphdef, prune_units(state, masks[name], model.config))
         pruned = 0 if name == "dense" else int(sum(masks[name][m].sum() for m in MODULES))
+        if name != "dense" and pruned == 0 and "dense" in results:  # a kind of fraction 0: the dense model
+            print(f"{name} prunes no unit: the dense model's results")
+            results[name] = results["dense"]
+            continue
+        variant = model if name == "dense" else nnx.merge(graphdef, prune_units(state, masks[name], model.config))
         results[name] = evaluate.evaluate_model(
             variant, tokenizer, config.evaluation, out / "variants" / name, data_dir=config.data_dir,
             description=f"Model `{config.model}` ({config.dtype}), {name} ({pruned} units pruned)")

@@ -317,17 +317,19 @@ def set_values(config: ConfigDict, values: dict[str, Any]) -> None:
 
 
 def code_version() -> str | None:
-    """The commit of the checkout ssah_jax runs from (``"<short sha>+local changes"`` when its
-    code, configs or setup.py differ from it, new files included; results may); None outside
-    a git checkout (an installed wheel)."""
+    """The commit that last changed the code of the checkout ssah_jax runs from: its package,
+    experiments, configs, scripts and setup.py, not its docs, tests or results, so a commit of
+    those leaves the version of a run in progress as it was. ``"<short sha>+local changes"``
+    when that code differs from the commit (new files included); None outside a git checkout
+    (an installed wheel)."""
     root = Path(__file__).resolve().parents[1]
     try:
         git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True,  # noqa: E731
                                         check=True, timeout=10).stdout.strip()
         if Path(git("rev-parse", "--show-toplevel")).resolve() != root:  # e.g. a venv inside a checkout
             return None
-        commit = git("rev-parse", "--short", "HEAD")
-        code = ("ssah_jax", "experiments", "configs", "scripts", "setup.py", ":!experiments/results")  # not results
+        code = ("ssah_jax", "experiments", "configs", "scripts", "setup.py", ":!experiments/results")
+        commit = git("log", "-1", "--format=%h", "HEAD", "--", *code) or git("rev-parse", "--short", "HEAD")
         return commit + ("+local changes" if git("status", "--porcelain", "--", *code) else "")
     except (OSError, subprocess.SubprocessError):
         return None

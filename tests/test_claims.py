@@ -285,6 +285,7 @@ def test_redundant_units_flip_at_the_perplexity_ratio():
     assert redundant_units_are_cheap(10.0, 10.0 * PERPLEXITY_RATIO).verdict == Verdict.HELD
     assert redundant_units_are_cheap(10.0, 10.0 * PERPLEXITY_RATIO + 1e-6).verdict == Verdict.NOT_HELD
     assert redundant_units_are_cheap(10.0, 9.0).verdict == Verdict.HELD
+    assert redundant_units_are_cheap(10.0, 10.0, pruned=0).verdict == Verdict.NOT_TESTABLE  # RU fraction 0
 
 
 def test_freezing_flips_with_each_attack():

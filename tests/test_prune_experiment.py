@@ -32,6 +32,7 @@ def small_config():
 
 def test_prune_runs_end_to_end_and_resumes(tmp_path, demo, monkeypatch):
     config = small_config()
+    config.kinds.ucu = 0.0  # pruning no unit: the dense model, not evaluated again
     workdir = tmp_path / "prune"
     report = prune_experiment.run(config, str(workdir))
     text = report.read_text()
@@ -48,6 +49,8 @@ def test_prune_runs_end_to_end_and_resumes(tmp_path, demo, monkeypatch):
     metrics = json.loads((workdir / "metrics.json").read_text())
     assert metrics["minus_SCU"]["pruned_units"] == counts["SCU"] == metrics["minus_random"]["pruned_units"]
     assert metrics["dense"]["pruned_units"] == 0
+    assert counts["UCU"] == 0 and metrics["minus_UCU"] == metrics["dense"]
+    assert not (workdir / "variants" / "minus_UCU").exists()
     assert {"asr_no_system", "asr_system", "mmlu"} <= set(metrics["dense"])
 
     # Killed during the last model's evaluation: the rerun reuses the scores and the finished models.

@@ -47,32 +47,65 @@ def test_a_stage_resumed_after_a_kill_counts_the_time_of_every_invocation(tmp_pa
     assert not (stage / "elapsed.json").exists()
 
 
+def _git(repo, *args):
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _code_version_of(runs_py):
+    """code_version() of a copy of ssah_jax/runs.py, run in a fresh interpreter."""
+    import subprocess
+
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('r', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.code_version())")
+    return subprocess.run([sys.executable, "-c", code, str(runs_py)], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
 def test_an_invocation_records_the_commit_of_the_code_it_ran(tmp_path):
-    """The commit a checkout's run executed (a report over several invocations says which code
-    made which stage); None for a copy of the code outside its git checkout."""
+    """The commit that last changed the code a checkout's run executed (a report over several
+    invocations says which code made which stage); None for a copy outside its git checkout."""
     import shutil
     import subprocess
 
     from ssah_jax import runs
 
     root = Path(runs.__file__).resolve().parents[1]
-    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    if head.returncode != 0:
+    if subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
         pytest.skip("ssah_jax is not running from a git checkout")
-    assert runs.code_version().split("+")[0] == head.stdout.strip()
     config = ConfigDict(dict(stages=("all",), jax_cache=False))
     out = stages.open_pipeline(config, tmp_path / "w", ["a"], {}, lambda s: False, overwrite=False)
     record = json.loads((out / "invocations.jsonl").read_text().splitlines()[-1])
     assert record["code"] == runs.code_version() and record["stages"] == ["a"]
+
+    repo = tmp_path / "repo"  # a checkout of its own: code, then docs and tests, then a config
+    (repo / "ssah_jax").mkdir(parents=True)
+    (repo / "configs").mkdir()
+    shutil.copy(root / "ssah_jax" / "runs.py", repo / "ssah_jax" / "runs.py")
+    (repo / "configs" / "c.py").write_text("x = 1\n")
+    _git(tmp_path, "init", "-q", str(repo))
+    commit = lambda message: (_git(repo, "add", "-A"),  # noqa: E731
+                              _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message))
+    commit("code")
+    code = _git(repo, "rev-parse", "--short", "HEAD")
+    (repo / "README.md").write_text("docs\n")
+    (repo / "tests").mkdir()
+    (repo / "tests" / "test_x.py").write_text("\n")
+    (repo / "experiments" / "results").mkdir(parents=True)
+    (repo / "experiments" / "results" / "REPORT.md").write_text("results\n")
+    commit("docs, tests and results")
+    assert _code_version_of(repo / "ssah_jax" / "runs.py") == code  # the stages' code did not change
+    (repo / "configs" / "c.py").write_text("x = 2\n")
+    assert _code_version_of(repo / "ssah_jax" / "runs.py") == code + "+local changes"
+    commit("config")
+    assert _code_version_of(repo / "ssah_jax" / "runs.py") == _git(repo, "rev-parse", "--short", "HEAD") != code
+
     copy = tmp_path / "inside" / "repo"  # a copy inside another git checkout is not that checkout
     (copy / "ssah_jax").mkdir(parents=True)
     shutil.copy(root / "ssah_jax" / "runs.py", copy / "ssah_jax" / "runs.py")
-    subprocess.run(["git", "init", "-q", str(tmp_path / "inside")], check=True)
-    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('r', sys.argv[1]); "
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.code_version())")
-    result = subprocess.run([sys.executable, "-c", code, str(copy / "ssah_jax" / "runs.py")], capture_output=True,
-                            text=True, check=True)
-    assert result.stdout.strip() == "None"
+    _git(tmp_path, "init", "-q", str(tmp_path / "inside"))
+    assert _code_version_of(copy / "ssah_jax" / "runs.py") == "None"
 
 
 def test_stage_records_carry_their_code_and_the_table_warns_when_it_differs(tmp_path, monkeypatch):

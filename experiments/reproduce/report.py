@@ -282,7 +282,8 @@ def _pruning(config: ConfigDict, out: Path, report_dir: Path, took: bool) -> Sec
     found.append(
         f"- **RU are redundant (pruning them costs little)**: perplexity {ppl['dense']:.2f} dense, "
         f"{ppl['minus_RU']:.2f} without RU, {ppl['minus_UCU']:.2f} without UCU; ASR without RU "
-        f"{_ci(p_asr['minus_RU'])}; " + _verdict(claims.redundant_units_are_cheap(ppl["dense"], ppl["minus_RU"]))
+        f"{_ci(p_asr['minus_RU'])}; " + _verdict(claims.redundant_units_are_cheap(
+            ppl["dense"], ppl["minus_RU"], table["minus_RU"]["pruned_units"]))
         + f" (rule: perplexity within {claims.PERPLEXITY_RATIO - 1:.0%} of dense).")
     return lines, found
 
