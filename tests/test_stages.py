@@ -85,8 +85,11 @@ def test_an_invocation_records_the_commit_of_the_code_it_ran(tmp_path):
     shutil.copy(root / "ssah_jax" / "runs.py", repo / "ssah_jax" / "runs.py")
     (repo / "configs" / "c.py").write_text("x = 1\n")
     _git(tmp_path, "init", "-q", str(repo))
-    commit = lambda message: (_git(repo, "add", "-A"),  # noqa: E731
-                              _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message))
+
+    def commit(message):
+        _git(repo, "add", "-A")
+        _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
+
     commit("code")
     code = _git(repo, "rev-parse", "--short", "HEAD")
     (repo / "README.md").write_text("docs\n")

@@ -347,7 +347,8 @@ def test_the_alignment_sweep_trains_on_the_contrast_answers_and_measures_validat
     assert evaluated["harmful"]["dataset"] == "malicious_instruct:8"
 
 
-@pytest.mark.parametrize("preset,sweep", [("smollm2_cpu", "fractions_smollm2"), ("qwen_cpu", "fractions_qwen_coder_0.5b")])
+@pytest.mark.parametrize("preset,sweep", [("smollm2_cpu", "fractions_smollm2"),
+                                          ("qwen_cpu", "fractions_qwen_coder_0.5b")])
 def test_the_cpu_reproduction_uses_the_fractions_the_committed_sweep_chose(preset, sweep):
     chosen = json.loads((REPO / "experiments" / "results" / sweep / "selected.json").read_text())
     kinds = runs.config_from_file(REPO / "configs" / "reproduce.py", preset).kinds
