@@ -146,7 +146,7 @@ def test_redundant_units(report):
     _, perplexity = pruning_numbers(report)
     line = claim(report, "RU are redundant")
     assert f"perplexity within {PERPLEXITY_RATIO - 1:.0%} of dense" in line
-    finding = redundant_units_are_cheap(perplexity["dense"], perplexity["minus_RU"])
+    finding = redundant_units_are_cheap(perplexity["dense"], perplexity["minus_RU"], pruned=1)
     assert verdict(line) == finding.verdict == Verdict.NOT_HELD
 
 
@@ -282,9 +282,9 @@ def test_safety_units_flip_against_dense_and_against_the_control():
 
 
 def test_redundant_units_flip_at_the_perplexity_ratio():
-    assert redundant_units_are_cheap(10.0, 10.0 * PERPLEXITY_RATIO).verdict == Verdict.HELD
-    assert redundant_units_are_cheap(10.0, 10.0 * PERPLEXITY_RATIO + 1e-6).verdict == Verdict.NOT_HELD
-    assert redundant_units_are_cheap(10.0, 9.0).verdict == Verdict.HELD
+    assert redundant_units_are_cheap(10.0, 10.0 * PERPLEXITY_RATIO, pruned=100).verdict == Verdict.HELD
+    assert redundant_units_are_cheap(10.0, 10.0 * PERPLEXITY_RATIO + 1e-6, pruned=100).verdict == Verdict.NOT_HELD
+    assert redundant_units_are_cheap(10.0, 9.0, pruned=100).verdict == Verdict.HELD
     assert redundant_units_are_cheap(10.0, 10.0, pruned=0).verdict == Verdict.NOT_TESTABLE  # RU fraction 0
 
 

@@ -107,10 +107,10 @@ def safety_units_carry_refusal(dense_asr: Rate, minus_scu_asr: Rate, minus_rando
     return Finding(Verdict.HELD if ok else Verdict.NOT_HELD, vs_dense, vs_random)
 
 
-def redundant_units_are_cheap(dense_perplexity: float, minus_ru_perplexity: float, pruned: int = 1) -> Finding:
-    """Pruning the redundant units costs little: the perplexity stays within
-    ``PERPLEXITY_RATIO`` times the dense model's. Not testable when no unit was pruned (an RU
-    fraction of 0: the fraction sweep found none that pruning leaves within its limits)."""
+def redundant_units_are_cheap(dense_perplexity: float, minus_ru_perplexity: float, pruned: int) -> Finding:
+    """Pruning the redundant units (``pruned`` of them) costs little: the perplexity stays
+    within ``PERPLEXITY_RATIO`` times the dense model's. Not testable when none was pruned (an
+    RU fraction of 0: the fraction sweep found none that pruning leaves within its limits)."""
     if pruned == 0:
         return Finding(Verdict.NOT_TESTABLE, reason="the RU fraction is 0: no unit was pruned")
     ok = minus_ru_perplexity <= PERPLEXITY_RATIO * dense_perplexity
