@@ -15,6 +15,7 @@ import copy
 import datetime
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -120,14 +121,42 @@ def _explain(config: ConfigDict, stage: str, done: dict, now: dict,
             + ", ".join(s for s in now["inputs"] if done.get("inputs", {}).get(s) != now["inputs"][s])]
 
 
-def run_stage(directory: Path, fn: Callable[[Path], Any], record: dict[str, Any]) -> None:
+def finished_elsewhere(workdirs: Iterable[str | Path]) -> dict[str, Path]:
+    """The finished stages of other pipelines' workdirs, by identity: a stage whose identity is
+    among them computes what it would compute again (the same config and inputs), so
+    :func:`run_stage` copies it instead. A workdir that does not exist holds none."""
+    found: dict[str, Path] = {}
+    for workdir in workdirs:
+        for marker in sorted(Path(workdir).glob(f"**/{RECORD}")):
+            identity = runs.read_json(marker).get("identity")
+            if identity:
+                found.setdefault(identity, marker.parent)
+    return found
+
+
+def run_stage(directory: Path, fn: Callable[[Path], Any], record: dict[str, Any],
+              elsewhere: dict[str, Path] | None = None) -> None:
     """Runs ``fn(directory)`` unless the stage finished before; then writes ``stage.json``: its
     wall time, invocations, the code they ran (:func:`ssah_jax.runs.code_version`, one entry
-    per distinct version) and ``record`` (its identity)."""
+    per distinct version) and ``record`` (its identity). A stage of ``record``'s identity
+    finished in another workdir (``elsewhere``, see :func:`finished_elsewhere`) is copied
+    from there instead (its record, with ``copied_from``: the time and code are the original's)."""
     directory = Path(directory)
     done = finished(directory)
     if done is not None:
         print(f"[{directory.name}] finished in an earlier run ({done['seconds']} s), kept")
+        return
+    source = (elsewhere or {}).get(record.get("identity"))
+    if source is not None and source.resolve() != directory.resolve():
+        print(f"[{directory.name}] finished with the same identity in {source}: copied, not computed again",
+              flush=True)
+        if hosts.is_main():
+            if directory.exists():  # a partial run of the same computation: the finished one replaces it
+                shutil.rmtree(directory)
+            shutil.copytree(source, directory, ignore=shutil.ignore_patterns(RECORD))
+            (directory / RECORD).write_text(json.dumps(
+                {**runs.read_json(source / RECORD), **record, "copied_from": str(source)}, indent=2) + "\n")
+        hosts.sync(f"stage {directory.name} copied")
         return
     print(f"\n=== {directory} ===", flush=True)
     directory.mkdir(parents=True, exist_ok=True)
@@ -193,14 +222,20 @@ def times_table(records: list[tuple[str, dict[str, Any]]], invocations: list[dic
     invocations, finish and code; the total; then the invocations of ``log`` with their code,
     and a warning when the stages came from different code."""
     lines = ["| stage | seconds | minutes | invocations | finished | code |", "|---|---|---|---|---|---|"]
-    total = 0.0
+    total = copied = 0.0
     shown = lambda codes: ", ".join(c or "not a checkout" for c in codes) if codes else "not recorded"  # noqa: E731
     for stage, rec in records:
         total += rec["seconds"]
+        if rec.get("copied_from"):
+            copied += rec["seconds"]
+            stage += f" (copied from `{rec['copied_from']}`)"
         lines.append(f"| {stage} | {rec['seconds']:.0f} | {rec['seconds'] / 60:.1f} | {rec['invocations']} | "
                      f"{rec['finished']} | {shown(rec.get('code'))} |")
-    lines += [f"| **total** | {total:.0f} | {total / 60:.1f} | | | |", "", f"Invocations of the command (`{log}`):", "",
-              "| started | stages | code |", "|---|---|---|"]
+    lines.append(f"| **total** | {total:.0f} | {total / 60:.1f} | | | |")
+    if any(rec.get("copied_from") for _, rec in records):
+        lines.append(f"| **computed here** (the total without the copied stages) | {total - copied:.0f} | "
+                     f"{(total - copied) / 60:.1f} | | | |")
+    lines += ["", f"Invocations of the command (`{log}`):", "", "| started | stages | code |", "|---|---|---|"]
     lines += [f"| {i['started']} | {', '.join(i['stages'])} | {i.get('code') or 'not recorded'} |" for i in invocations]
     versions = {shown(rec.get("code")) for _, rec in records}
     if len(versions) > 1:

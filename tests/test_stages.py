@@ -47,6 +47,27 @@ def test_a_stage_resumed_after_a_kill_counts_the_time_of_every_invocation(tmp_pa
     assert not (stage / "elapsed.json").exists()
 
 
+
+def test_a_stage_finished_with_the_same_identity_in_another_workdir_is_copied_not_computed(tmp_path):
+    """config.reuse of `ssah-jax signals`: its align_sft is reproduce's align_full (same identity)."""
+    same, other = {"identity": "1" * 64}, {"identity": "2" * 64}
+    stages.run_stage(tmp_path / "reproduce" / "align_full", lambda d: (d / "weights").write_text("w"), same)
+    elsewhere = stages.finished_elsewhere([tmp_path / "reproduce", tmp_path / "missing"])
+    assert elsewhere == {same["identity"]: tmp_path / "reproduce" / "align_full"}
+
+    def never(directory):
+        raise AssertionError("computed again")
+
+    stages.run_stage(tmp_path / "signals" / "align_sft", never, {**same, "config": {"k": 1}}, elsewhere)
+    copied = json.loads((tmp_path / "signals" / "align_sft" / "stage.json").read_text())
+    assert (tmp_path / "signals" / "align_sft" / "weights").read_text() == "w"
+    assert copied["copied_from"] == str(tmp_path / "reproduce" / "align_full") and copied["config"] == {"k": 1}
+    stages.run_stage(tmp_path / "signals" / "eval", lambda d: time.sleep(0.1), other, elsewhere)  # not there: computed
+    assert "copied_from" not in json.loads((tmp_path / "signals" / "eval" / "stage.json").read_text())
+    table = "\n".join(stages.times_table([("align_sft", copied), ("eval", json.loads(
+        (tmp_path / "signals" / "eval" / "stage.json").read_text()))], [], tmp_path / "log"))
+    assert "align_sft (copied from" in table and "**computed here**" in table
+
 def _git(repo, *args):
     import subprocess
 

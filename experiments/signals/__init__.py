@@ -294,13 +294,18 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
         stages_lib.check_finished(config, out, identities, lambda c: stage_identities(c, out))
     out = stages_lib.open_pipeline(config, workdir, todo, REQUIRES, lambda r: finished(config, Path(workdir), r),
                                    overwrite=overwrite)
+    elsewhere = {}
+    if config.reuse:
+        elsewhere = stages_lib.finished_elsewhere([config.reuse])
+        print(f"config.reuse: {len(elsewhere)} finished stages in {config.reuse} "
+              f"({sum(identities[r]['identity'] in elsewhere for r in identities)} of them are stages of this run)")
     for stage in todo:
         if stage == "report":
             continue
         for recorded in (r for r in recorded_stages(config) if r == stage or r.startswith(stage + "/")):
             given, body, _ = stage_plan(config, out, recorded)
             stages_lib.run_stage(out / recorded, lambda d, body=body, given=given: body(given, d),
-                                 {**identities[recorded], "config": runs.determining(config)})
+                                 {**identities[recorded], "config": runs.determining(config)}, elsewhere)
     if "report" not in todo:
         print(f"Stages done: {todo} in {out}; add 'report' to config.stages for the report")
         return out
