@@ -124,14 +124,48 @@ def _explain(config: ConfigDict, stage: str, done: dict, now: dict,
 def finished_elsewhere(workdirs: Iterable[str | Path]) -> dict[str, Path]:
     """The finished stages of other pipelines' workdirs, by identity: a stage whose identity is
     among them computes what it would compute again (the same config and inputs), so
-    :func:`run_stage` copies it instead. A workdir that does not exist holds none."""
+    :func:`run_stage` copies it instead. A workdir that does not exist holds none; a record
+    that cannot be read (a stage being rewritten) is left out."""
     found: dict[str, Path] = {}
     for workdir in workdirs:
         for marker in sorted(Path(workdir).glob(f"**/{RECORD}")):
-            identity = runs.read_json(marker).get("identity")
+            try:
+                identity = runs.read_json(marker).get("identity")
+            except (OSError, runs.WorkdirError):
+                continue
             if identity:
                 found.setdefault(identity, marker.parent)
     return found
+
+
+def _source(directory: Path, identity: str | None, elsewhere: dict[str, Path]) -> Path | None:
+    """Process 0's choice of the finished stage to copy into ``directory`` (None: compute it),
+    on every process: the stage of ``identity`` in ``elsewhere`` if its record still says so."""
+    source = None
+    if hosts.is_main():
+        found = elsewhere.get(identity) if identity else None
+        if found is not None and found.resolve() != directory.resolve():
+            try:
+                still = (finished(found) or {}).get("identity") == identity
+            except (OSError, runs.WorkdirError):
+                still = False
+            source = found if still else None
+    chosen = hosts.gather([str(source) if source else ""])[0]
+    return Path(chosen) if chosen else None
+
+
+def _copy_stage(source: Path, directory: Path, record: dict[str, Any]) -> None:
+    """Copies the finished stage ``source`` into ``directory`` (through a temporary directory,
+    so a kill leaves no half copy; a partial run of the same computation there is replaced),
+    and writes its record: ``source``'s (time, invocations, code) with ``record`` and ``copied_from``."""
+    original = runs.read_json(source / RECORD)
+    partial = directory.with_name(directory.name + ".copying")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial, ignore=lambda d, names: [RECORD] if Path(d) == source else [])
+    (partial / RECORD).write_text(json.dumps({**original, **record, "copied_from": str(source)}, indent=2) + "\n")
+    if directory.exists():
+        shutil.rmtree(directory)
+    partial.rename(directory)
 
 
 def run_stage(directory: Path, fn: Callable[[Path], Any], record: dict[str, Any],
@@ -139,23 +173,20 @@ def run_stage(directory: Path, fn: Callable[[Path], Any], record: dict[str, Any]
     """Runs ``fn(directory)`` unless the stage finished before; then writes ``stage.json``: its
     wall time, invocations, the code they ran (:func:`ssah_jax.runs.code_version`, one entry
     per distinct version) and ``record`` (its identity). A stage of ``record``'s identity
-    finished in another workdir (``elsewhere``, see :func:`finished_elsewhere`) is copied
-    from there instead (its record, with ``copied_from``: the time and code are the original's)."""
+    finished in another workdir (``elsewhere``, see :func:`finished_elsewhere`; every process
+    passes the same) is copied from there instead: its files as they are (those naming paths
+    name the other workdir's), its record with ``copied_from`` (the time and code are the original's)."""
     directory = Path(directory)
     done = finished(directory)
     if done is not None:
         print(f"[{directory.name}] finished in an earlier run ({done['seconds']} s), kept")
         return
-    source = (elsewhere or {}).get(record.get("identity"))
-    if source is not None and source.resolve() != directory.resolve():
+    source = _source(directory, record.get("identity"), elsewhere) if elsewhere is not None else None
+    if source is not None:
         print(f"[{directory.name}] finished with the same identity in {source}: copied, not computed again",
               flush=True)
         if hosts.is_main():
-            if directory.exists():  # a partial run of the same computation: the finished one replaces it
-                shutil.rmtree(directory)
-            shutil.copytree(source, directory, ignore=shutil.ignore_patterns(RECORD))
-            (directory / RECORD).write_text(json.dumps(
-                {**runs.read_json(source / RECORD), **record, "copied_from": str(source)}, indent=2) + "\n")
+            _copy_stage(source, directory, record)
         hosts.sync(f"stage {directory.name} copied")
         return
     print(f"\n=== {directory} ===", flush=True)

@@ -37,7 +37,7 @@ def _json(path: Path) -> Any:
 
 
 def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
+    return "—" if x is None else f"{100 * x:.1f}%"
 
 
 def _metric(m: dict, key: str) -> tuple[float | None, int]:

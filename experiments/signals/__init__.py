@@ -294,11 +294,16 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
         stages_lib.check_finished(config, out, identities, lambda c: stage_identities(c, out))
     out = stages_lib.open_pipeline(config, workdir, todo, REQUIRES, lambda r: finished(config, Path(workdir), r),
                                    overwrite=overwrite)
-    elsewhere = {}
+    elsewhere = None
     if config.reuse:
         elsewhere = stages_lib.finished_elsewhere([config.reuse])
-        print(f"config.reuse: {len(elsewhere)} finished stages in {config.reuse} "
-              f"({sum(identities[r]['identity'] in elsewhere for r in identities)} of them are stages of this run)")
+        if not Path(config.reuse).is_dir():
+            print(f"config.reuse: {config.reuse} does not exist (relative to {Path.cwd()}): nothing to copy")
+        else:
+            todo_here = [r for r in identities if stages_lib.finished(out / r) is None]
+            print(f"config.reuse: of the stages still to run, "
+                  f"{sum(identities[r]['identity'] in elsewhere for r in todo_here)} are finished in {config.reuse} "
+                  f"with the same identity and will be copied")
     for stage in todo:
         if stage == "report":
             continue

@@ -285,11 +285,13 @@ def _training(config: ConfigDict, out: Path) -> Section:
     tail = [r for r in runs.read_jsonl(out / "align_signal" / "metrics.jsonl") if r["kind"] == "train"][-5:]
     for m in pipeline.MODELS:
         r = _json(out / f"align_{m}" / "metrics.json")
-        minutes = _json(out / f"align_{m}" / "stage.json")["seconds"] / 60
+        record = _json(out / f"align_{m}" / "stage.json")
+        minutes = f"{record['seconds'] / 60:.1f}" + (f" (copied from `{record['copied_from']}`)"
+                                                     if record.get("copied_from") else "")
         loss = r["heldout_loss"][max(r["heldout_loss"], key=int)] if r["heldout_loss"] else None
         examples = f"{r['examples']['train']}" + (f" ({r['augmented_examples']} augmented)"
                                                     if r.get("augmented_examples") else "")
-        lines.append(f"| {m} | {examples} | {'—' if loss is None else f'{loss:.4f}'} | {minutes:.1f} |")
+        lines.append(f"| {m} | {examples} | {'—' if loss is None else f'{loss:.4f}'} | {minutes} |")
     bce, accuracy = np.mean([r["cls"] for r in tail]), np.mean([r["cls_accuracy"] for r in tail])
     lines += ["", f"The signal's classifier at the end of training (the last {len(tail)} logged steps): BCE {bce:.3f} "
               f"(chance: 0.693), training-batch accuracy {_pct(accuracy)}; the `[CLS]` embedding and the head "
