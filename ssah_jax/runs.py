@@ -77,9 +77,9 @@ ADDED_KEYS: dict[str, Any] = {"signal.lr_scale": 1.0, "model_layout.scan": False
                               "overrefusal.dataset": "xstest", "prompts_dataset": ""}
 
 # Top-level sections an experiment's config gained after results were recorded (finetune's
-# model_layout; its evaluation, excluded from its identity; generate's prompts_dataset): a
-# workdir without them is resumed.
-ADDED_SECTIONS = ("model_layout", "evaluation", "prompts_dataset")
+# model_layout; its evaluation, excluded from its identity; generate's prompts_dataset;
+# signals' reuse): a workdir without them is resumed.
+ADDED_SECTIONS = ("model_layout", "evaluation", "prompts_dataset", "reuse")
 
 
 def _added_at_old_value(key: str, value: Any) -> bool:

@@ -15,6 +15,7 @@ import copy
 import datetime
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -120,14 +121,73 @@ def _explain(config: ConfigDict, stage: str, done: dict, now: dict,
             + ", ".join(s for s in now["inputs"] if done.get("inputs", {}).get(s) != now["inputs"][s])]
 
 
-def run_stage(directory: Path, fn: Callable[[Path], Any], record: dict[str, Any]) -> None:
+def finished_elsewhere(workdirs: Iterable[str | Path]) -> dict[str, Path]:
+    """The finished stages of other pipelines' workdirs, by identity: a stage whose identity is
+    among them computes what it would compute again (the same config and inputs), so
+    :func:`run_stage` copies it instead. A workdir that does not exist holds none; a record
+    that cannot be read (a stage being rewritten) is left out."""
+    found: dict[str, Path] = {}
+    for workdir in workdirs:
+        for marker in sorted(Path(workdir).glob(f"**/{RECORD}")):
+            try:
+                identity = runs.read_json(marker).get("identity")
+            except (OSError, runs.WorkdirError):
+                continue
+            if identity:
+                found.setdefault(identity, marker.parent)
+    return found
+
+
+def _source(directory: Path, identity: str | None, elsewhere: dict[str, Path]) -> Path | None:
+    """Process 0's choice of the finished stage to copy into ``directory`` (None: compute it),
+    on every process: the stage of ``identity`` in ``elsewhere`` if its record still says so."""
+    source = None
+    if hosts.is_main():
+        found = elsewhere.get(identity) if identity else None
+        if found is not None and found.resolve() != directory.resolve():
+            try:
+                still = (finished(found) or {}).get("identity") == identity
+            except (OSError, runs.WorkdirError):
+                still = False
+            source = found if still else None
+    chosen = hosts.gather([str(source) if source else ""])[0]
+    return Path(chosen) if chosen else None
+
+
+def _copy_stage(source: Path, directory: Path, record: dict[str, Any]) -> None:
+    """Copies the finished stage ``source`` into ``directory`` (through a temporary directory,
+    so a kill leaves no half copy; a partial run of the same computation there is replaced),
+    and writes its record: ``source``'s (time, invocations, code) with ``record`` and ``copied_from``."""
+    original = runs.read_json(source / RECORD)
+    partial = directory.with_name(directory.name + ".copying")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial, ignore=lambda d, names: [RECORD] if Path(d) == source else [])
+    (partial / RECORD).write_text(json.dumps({**original, **record, "copied_from": str(source)}, indent=2) + "\n")
+    if directory.exists():
+        shutil.rmtree(directory)
+    partial.rename(directory)
+
+
+def run_stage(directory: Path, fn: Callable[[Path], Any], record: dict[str, Any],
+              elsewhere: dict[str, Path] | None = None) -> None:
     """Runs ``fn(directory)`` unless the stage finished before; then writes ``stage.json``: its
     wall time, invocations, the code they ran (:func:`ssah_jax.runs.code_version`, one entry
-    per distinct version) and ``record`` (its identity)."""
+    per distinct version) and ``record`` (its identity). A stage of ``record``'s identity
+    finished in another workdir (``elsewhere``, see :func:`finished_elsewhere`; every process
+    passes the same) is copied from there instead: its files as they are (those naming paths
+    name the other workdir's), its record with ``copied_from`` (the time and code are the original's)."""
     directory = Path(directory)
     done = finished(directory)
     if done is not None:
         print(f"[{directory.name}] finished in an earlier run ({done['seconds']} s), kept")
+        return
+    source = _source(directory, record.get("identity"), elsewhere) if elsewhere is not None else None
+    if source is not None:
+        print(f"[{directory.name}] finished with the same identity in {source}: copied, not computed again",
+              flush=True)
+        if hosts.is_main():
+            _copy_stage(source, directory, record)
+        hosts.sync(f"stage {directory.name} copied")
         return
     print(f"\n=== {directory} ===", flush=True)
     directory.mkdir(parents=True, exist_ok=True)
@@ -193,14 +253,20 @@ def times_table(records: list[tuple[str, dict[str, Any]]], invocations: list[dic
     invocations, finish and code; the total; then the invocations of ``log`` with their code,
     and a warning when the stages came from different code."""
     lines = ["| stage | seconds | minutes | invocations | finished | code |", "|---|---|---|---|---|---|"]
-    total = 0.0
+    total = copied = 0.0
     shown = lambda codes: ", ".join(c or "not a checkout" for c in codes) if codes else "not recorded"  # noqa: E731
     for stage, rec in records:
         total += rec["seconds"]
+        if rec.get("copied_from"):
+            copied += rec["seconds"]
+            stage += f" (copied from `{rec['copied_from']}`)"
         lines.append(f"| {stage} | {rec['seconds']:.0f} | {rec['seconds'] / 60:.1f} | {rec['invocations']} | "
                      f"{rec['finished']} | {shown(rec.get('code'))} |")
-    lines += [f"| **total** | {total:.0f} | {total / 60:.1f} | | | |", "", f"Invocations of the command (`{log}`):", "",
-              "| started | stages | code |", "|---|---|---|"]
+    lines.append(f"| **total** | {total:.0f} | {total / 60:.1f} | | | |")
+    if any(rec.get("copied_from") for _, rec in records):
+        lines.append(f"| **computed here** (the total without the copied stages) | {total - copied:.0f} | "
+                     f"{(total - copied) / 60:.1f} | | | |")
+    lines += ["", f"Invocations of the command (`{log}`):", "", "| started | stages | code |", "|---|---|---|"]
     lines += [f"| {i['started']} | {', '.join(i['stages'])} | {i.get('code') or 'not recorded'} |" for i in invocations]
     versions = {shown(rec.get("code")) for _, rec in records}
     if len(versions) > 1:

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from ssah_jax.evaluation.intervals import Comparison, Rate, compare, difference, mean_interval
+from ssah_jax.evaluation.intervals import Comparison, Rate, compare, difference, mean_interval, shown
 
 
 def test_rates_carry_wilson_intervals_and_compare_by_newcombes_difference_interval():
@@ -54,3 +54,7 @@ def test_percent_bars_reach_each_rates_wilson_interval():
     assert values == [0.0, 50.0] and below[0] == 0.0
     for v, lo, hi, r in zip(values, below, above, rates):
         assert (v - lo, v + hi) == pytest.approx(tuple(100 * b for b in r.interval))
+
+
+def test_a_rate_cell_shows_the_interval_and_a_dash_when_not_measured():
+    assert shown(Rate(0.135, 200)) == "13.5% [9.4, 18.9]" and shown(None) == "—"

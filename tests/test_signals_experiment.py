@@ -170,3 +170,18 @@ def test_presets_validate_and_evaluate_on_prompts_never_trained_on(preset):
     assert not {prompt_key(r.prompt) for r in sets["attack"]} & attacked
     # the augmentation and the attack take harmful_qa from opposite ends: no pair in both
     assert config.augment.count + int(config.attack.datasets.harmful_qa.dataset.split(":")[1]) <= 400
+
+
+def test_plain_sft_is_reproduces_full_alignment_so_config_reuse_copies_it(tmp_path):
+    """The same identity (config and inputs): a signals run beside a reproduce workdir copies its
+    contrast data and align_full instead of training the same model again."""
+    from experiments import reproduce
+
+    sig = config_from_file(ROOT / "configs" / "signals.py", "smollm2_cpu")
+    rep = config_from_file(ROOT / "configs" / "reproduce.py", "smollm2_cpu")
+    assert sig.reuse == "runs/reproduce"
+    ours = pipeline_module.stage_identities(sig, tmp_path / "signals")
+    theirs = reproduce.stage_identities(rep, tmp_path / "reproduce")
+    assert ours["contrast"]["identity"] == theirs["contrast"]["identity"]
+    assert ours["align_sft"]["identity"] == theirs["align_full"]["identity"]
+    assert ours["align_augmented"]["identity"] != theirs["align_full"]["identity"]

@@ -47,6 +47,46 @@ def test_a_stage_resumed_after_a_kill_counts_the_time_of_every_invocation(tmp_pa
     assert not (stage / "elapsed.json").exists()
 
 
+def test_a_stage_finished_with_the_same_identity_in_another_workdir_is_copied_not_computed(tmp_path):
+    """config.reuse of `ssah-jax signals`: its align_sft is reproduce's align_full (same identity)."""
+    same, other = {"identity": "1" * 64}, {"identity": "2" * 64}
+    source = tmp_path / "reproduce" / "align_full"
+    stages.run_stage(source, lambda d: (d / "sub").mkdir() or (d / "sub" / "weights").write_text("w"), same)
+    elsewhere = stages.finished_elsewhere([tmp_path / "reproduce", tmp_path / "missing"])
+    assert elsewhere == {same["identity"]: source}
+
+    def never(directory):
+        raise AssertionError("computed again")
+
+    target = tmp_path / "signals" / "align_sft"
+    (target / "checkpoints").mkdir(parents=True)  # a partial run of the same computation: replaced
+    stages.run_stage(target, never, {**same, "config": {"k": 1}}, elsewhere)
+    copied = json.loads((target / "stage.json").read_text())
+    assert (target / "sub" / "weights").read_text() == "w" and not (target / "checkpoints").exists()
+    assert copied["copied_from"] == str(source) and copied["config"] == {"k": 1}
+    assert copied["identity"] == same["identity"] and copied["seconds"] == json.loads(
+        (source / "stage.json").read_text())["seconds"]
+    stages.run_stage(tmp_path / "signals" / "eval", lambda d: time.sleep(0.1), other, elsewhere)  # not there
+    computed = json.loads((tmp_path / "signals" / "eval" / "stage.json").read_text())
+    assert "copied_from" not in computed
+    table = "\n".join(stages.times_table([("align_sft", copied), ("eval", computed)], [], tmp_path / "log"))
+    assert "align_sft (copied from" in table and "**computed here**" in table
+    # the other workdir redid the stage with other values after it was indexed: computed here
+    (source / "stage.json").write_text(json.dumps({**copied, "identity": "3" * 64}))
+    ran = []
+    stages.run_stage(tmp_path / "signals2" / "align_sft", ran.append, same, elsewhere)
+    assert ran and "copied_from" not in json.loads((tmp_path / "signals2" / "align_sft" / "stage.json").read_text())
+
+
+def test_a_workdir_from_before_config_reuse_is_resumed(tmp_path):
+    from ssah_jax import runs
+
+    old = ConfigDict(dict(stages=("all",), jax_cache=False, model="m"))
+    runs.prepare_workdir(tmp_path / "w", old, staged=True)
+    new = ConfigDict(dict(stages=("all",), jax_cache=False, model="m", reuse="runs/reproduce"))
+    runs.prepare_workdir(tmp_path / "w", new, staged=True)  # not "a run of another experiment"
+
+
 def _git(repo, *args):
     import subprocess
 

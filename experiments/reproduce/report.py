@@ -18,7 +18,7 @@ from experiments.reproduce.subruns import attack_dir
 from ssah_jax import runs
 from ssah_jax import stages as stages_lib
 from ssah_jax.attribution import KINDS
-from ssah_jax.evaluation.intervals import Rate, mean_interval, percent_bars
+from ssah_jax.evaluation.intervals import Rate, mean_interval, percent_bars, shown
 
 # Paper numbers (Li & Kim, SSAH), for the rows where the paper has them.
 PAPER_TABLE1 = {  # Llama-2-7B-Chat: (ASR %, utility)
@@ -37,12 +37,7 @@ def _json(path: Path) -> Any:
 
 
 def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
-
-
-def _ci(rate: Rate | None) -> str:
-    """A rate with its Wilson 95% interval, e.g. ``13.5% [8.1, 21.8]``."""
-    return "–" if rate is None else str(rate)
+    return "—" if x is None else f"{100 * x:.1f}%"
 
 
 def _metric(m: dict, key: str) -> tuple[float | None, int]:
@@ -67,7 +62,7 @@ def _tax(evals: dict, key: str, label: str) -> str:
     before, after = _rate(evals["unaligned"], key), _rate(evals["aligned"], key)
     if before is None or after is None:
         return f"{label} not measured"
-    return f"{label} {_ci(before)} -> {_ci(after)} ({claims.alignment_tax(before, after)})"
+    return f"{label} {shown(before)} -> {shown(after)} ({claims.alignment_tax(before, after)})"
 
 
 def _copy(src: Path, dst_dir: Path, name: str) -> str:
@@ -169,7 +164,7 @@ def _alignment(config: ConfigDict, out: Path, report_dir: Path, evals: dict, too
         values = [_metric(evals[m], key) for m in ("unaligned", "aligned", "ru")]
         if values[0][0] is None:
             continue
-        cells = [f"{v:.2f}" if key == "perplexity" else _ci(None if v is None else Rate(v, n)) for v, n in values]
+        cells = [f"{v:.2f}" if key == "perplexity" else shown(None if v is None else Rate(v, n)) for v, n in values]
         lines.append(f"| {label} | {values[0][1]} | " + " | ".join(cells) + " |")
     heldout = {n: align[n]["heldout_loss"] for n in align}
     lines.append("| held-out alignment loss (start -> end) | | | "
@@ -180,23 +175,23 @@ def _alignment(config: ConfigDict, out: Path, report_dir: Path, evals: dict, too
               ""]
     asr = {m: _rate(evals[m], "asr_no_system") for m in evals}
     lines += [_targets(evals), ""]
-    found.append(f"- **Alignment took** (precondition): ASR without a system prompt {_ci(asr['unaligned'])} "
-                 f"unaligned -> {_ci(asr['aligned'])} aligned ({took.comparison}); the alignment tax, "
+    found.append(f"- **Alignment took** (precondition): ASR without a system prompt {shown(asr['unaligned'])} "
+                 f"unaligned -> {shown(asr['aligned'])} aligned ({took.comparison}); the alignment tax, "
                  "unaligned -> aligned: " + ", ".join(_tax(evals, key, label) for key, label in TAX) + ".")
     over = _metric(evals["aligned"], "overrefusal")[0]
     if claims.indiscriminate_refusal(took.held, over):
         found.append(
-            f"- **Caveat**: the aligned model also refuses {_ci(_rate(evals['aligned'], 'overrefusal'))} of the safe "
+            f"- **Caveat**: the aligned model also refuses {shown(_rate(evals['aligned'], 'overrefusal'))} of the safe "
             "XSTest prompts, so much of its "
             "lower ASR is indiscriminate refusal rather than discrimination of harmful requests; the claims below "
             "are about the units that carry this refusal behaviour.")
     budget = claims.alignment_budget(asr["ru"], asr["aligned"], took.held)
     sys_asr = {m: _rate(evals[m], "asr_system") for m in evals}
     found.append(
-        f"- **Alignment budget (RU only reaches full alignment's safety)**: ASR {_ci(asr['ru'])} (RU only) vs "
-        f"{_ci(asr['aligned'])} (full), {budget.comparison}; " + _verdict(budget)
+        f"- **Alignment budget (RU only reaches full alignment's safety)**: ASR {shown(asr['ru'])} (RU only) vs "
+        f"{shown(asr['aligned'])} (full), {budget.comparison}; " + _verdict(budget)
         + ("" if sys_asr["ru"] is None or sys_asr["aligned"] is None else
-           f"; with the safety system prompt {_ci(sys_asr['ru'])} vs {_ci(sys_asr['aligned'])} "
+           f"; with the safety system prompt {shown(sys_asr['ru'])} vs {shown(sys_asr['aligned'])} "
            f"({claims.compare(sys_asr['ru'], sys_asr['aligned'])}, not part of the verdict)")
         + f"; over-refusal {_pct(_metric(evals['ru'], 'overrefusal')[0])} vs "
         f"{_pct(_metric(evals['aligned'], 'overrefusal')[0])}, MMLU {_pct(_metric(evals['ru'], 'mmlu')[0])} vs "
@@ -218,10 +213,10 @@ def _maker_aligned(config: ConfigDict, metrics: dict, took: claims.Finding) -> S
                        ("gsm8k", "GSM8K"), ("perplexity", "perplexity, held-out alpaca_libre")):
         value, n = _metric(metrics, key)
         if value is not None:
-            lines.append(f"| {label} | {n} | {f'{value:.2f}' if key == 'perplexity' else _ci(Rate(value, n))} |")
+            lines.append(f"| {label} | {n} | {f'{value:.2f}' if key == 'perplexity' else shown(Rate(value, n))} |")
     lines.append("")
     asr = _rate(metrics, "asr_no_system")
-    found = [f"- **The model refuses** (precondition): ASR without a system prompt {_ci(asr)}, rule: its interval "
+    found = [f"- **The model refuses** (precondition): ASR without a system prompt {shown(asr)}, rule: its interval "
              f"below {_pct(claims.REFUSAL_CEILING)}; " + _verdict(took) + "."]
     return lines, found
 
@@ -233,7 +228,7 @@ def _targets(evals: dict) -> str:
                                 ("overrefusal", "XSTest over-refusal", claims.TARGET_OVERREFUSAL)):
         rate = _rate(evals["aligned"], key)
         if rate is not None:
-            parts.append(f"{label} at most {_pct(ceiling)}: {_ci(rate)}, " + claims.target(rate.value, ceiling))
+            parts.append(f"{label} at most {_pct(ceiling)}: {shown(rate)}, " + claims.target(rate.value, ceiling))
     for key, label in TAX[1:]:
         before, after = _rate(evals["unaligned"], key), _rate(evals["aligned"], key)
         if before is not None and after is not None:
@@ -263,8 +258,8 @@ def _pruning(config: ConfigDict, out: Path, report_dir: Path, took: bool) -> Sec
     total = umap_summary["units"]
     for name in prune.VARIANTS:
         m = table[name]
-        cells = [_ci(_rate(m, "mmlu")), _ci(_rate(m, "sst2")), f"{_metric(m, 'perplexity')[0]:.2f}",
-                 _ci(_rate(m, "asr_no_system"))]
+        cells = [shown(_rate(m, "mmlu")), shown(_rate(m, "sst2")), f"{_metric(m, 'perplexity')[0]:.2f}",
+                 shown(_rate(m, "asr_no_system"))]
         lines.append(f"| {prune.LABELS[name]} | {m['pruned_units']} ({100 * m['pruned_units'] / total:.1f}%) | "
                      + " | ".join(cells) + f" | {PAPER_TABLE1[name][0]} | {PAPER_TABLE1[name][1]} |")
     lines += ["", f"n: ASR {table['dense']['asr_no_system']['n']}, MMLU {table['dense']['mmlu']['n']}, SST-2 "
@@ -275,14 +270,14 @@ def _pruning(config: ConfigDict, out: Path, report_dir: Path, took: bool) -> Sec
     p_asr = {n: _rate(table[n], "asr_no_system") for n in prune.VARIANTS}
     scu = claims.safety_units_carry_refusal(p_asr["dense"], p_asr["minus_SCU"], p_asr["minus_random"], took)
     found.append(
-        f"- **SCU carry the refusal (pruning them breaks safety, Table 1)**: ASR {_ci(p_asr['dense'])} dense "
-        f"-> {_ci(p_asr['minus_SCU'])} without SCU ({scu.comparison}), {_ci(p_asr['minus_random'])} "
+        f"- **SCU carry the refusal (pruning them breaks safety, Table 1)**: ASR {shown(p_asr['dense'])} dense "
+        f"-> {shown(p_asr['minus_SCU'])} without SCU ({scu.comparison}), {shown(p_asr['minus_random'])} "
         f"without as many random units ({scu.control}); " + _verdict(scu) + ".")
     ppl = {n: _metric(table[n], "perplexity")[0] for n in prune.VARIANTS}
     found.append(
         f"- **RU are redundant (pruning them costs little)**: perplexity {ppl['dense']:.2f} dense, "
         f"{ppl['minus_RU']:.2f} without RU, {ppl['minus_UCU']:.2f} without UCU; ASR without RU "
-        f"{_ci(p_asr['minus_RU'])}; " + _verdict(claims.redundant_units_are_cheap(
+        f"{shown(p_asr['minus_RU'])}; " + _verdict(claims.redundant_units_are_cheap(
             ppl["dense"], ppl["minus_RU"], table["minus_RU"]["pruned_units"]))
         + f" (rule: perplexity within {claims.PERPLEXITY_RATIO - 1:.0%} of dense).")
     return lines, found
@@ -313,12 +308,12 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path) -> Section:
               "| protection | " + " | ".join(f"{a_} ({ac.datasets[a_].steps} steps, {ac.datasets[a_].max_length} "
                                              "tokens)" for a_ in attacks)
               + " | paper (Dolly) |", "|---|" + "---|" * (len(attacks) + 1),
-              "| initial (aligned) | " + " | ".join(_ci(initial) for _ in attacks)
+              "| initial (aligned) | " + " | ".join(shown(initial) for _ in attacks)
               + f" | {PAPER_TABLE2['initial']}% |"]
     for v in ac.variants:
         paper = PAPER_TABLE2.get(v)
         lines.append(f"| {VARIANT_LABELS[v]} | " + " | ".join(
-            f"{_ci(pooled[a_][v])} ({', '.join(_pct(r['asr']) for r in results[a_][v])})" for a_ in attacks)
+            f"{shown(pooled[a_][v])} ({', '.join(_pct(r['asr']) for r in results[a_][v])})" for a_ in attacks)
             + f" | {paper + '%' if paper else '–'} |")
     frozen_ok = all(r["frozen_unchanged"] for by in results.values() for per in by.values() for r in per)
     lines += ["", "Frozen parameters bit-identical after every attack run (checksum of their bits before and "
@@ -336,7 +331,7 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path) -> Section:
             f"- **Freezing {name} protects during fine-tuning (Tables 2, 3)**: of the {len(freezing.testable)} attacks "
             f"that raised ASR without protection, ASR is lower with the freeze in {len(freezing.protected)} ("
             + "; ".join(
-                f"{o.attack}: {_ci(pooled[o.attack][variant])} vs {_ci(pooled[o.attack]['none'])} "
+                f"{o.attack}: {shown(pooled[o.attack][variant])} vs {shown(pooled[o.attack]['none'])} "
                 f"unprotected, {o.vs_unprotected}; vs the random control {o.vs_control or 'n/a'}"
                 + ("" if o.raised else " (the attack did not raise ASR)") for o in freezing.outcomes)
             + f"; {len(seeds)} seeds pooled); " + _verdict(freezing) + ".")

@@ -294,13 +294,23 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
         stages_lib.check_finished(config, out, identities, lambda c: stage_identities(c, out))
     out = stages_lib.open_pipeline(config, workdir, todo, REQUIRES, lambda r: finished(config, Path(workdir), r),
                                    overwrite=overwrite)
+    elsewhere = None
+    if config.reuse:
+        elsewhere = stages_lib.finished_elsewhere([config.reuse])
+        if not Path(config.reuse).is_dir():
+            print(f"config.reuse: {config.reuse} does not exist (relative to {Path.cwd()}): nothing to copy")
+        else:
+            todo_here = [r for r in identities if stages_lib.finished(out / r) is None]
+            print(f"config.reuse: of the stages still to run, "
+                  f"{sum(identities[r]['identity'] in elsewhere for r in todo_here)} are finished in {config.reuse} "
+                  f"with the same identity and will be copied")
     for stage in todo:
         if stage == "report":
             continue
         for recorded in (r for r in recorded_stages(config) if r == stage or r.startswith(stage + "/")):
             given, body, _ = stage_plan(config, out, recorded)
             stages_lib.run_stage(out / recorded, lambda d, body=body, given=given: body(given, d),
-                                 {**identities[recorded], "config": runs.determining(config)})
+                                 {**identities[recorded], "config": runs.determining(config)}, elsewhere)
     if "report" not in todo:
         print(f"Stages done: {todo} in {out}; add 'report' to config.stages for the report")
         return out

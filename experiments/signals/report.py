@@ -16,6 +16,7 @@ from experiments.reproduce.claims import Finding, Rate
 from experiments.signals import claims
 from ssah_jax import runs
 from ssah_jax import stages as stages_lib
+from ssah_jax.evaluation.intervals import shown
 
 Section = tuple[list[str], list[str]]  # (body lines, summary lines)
 
@@ -33,11 +34,6 @@ def _json(path: Path) -> Any:
 
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
-
-
-def _ci(rate: Rate | None) -> str:
-    """A rate with its Wilson 95% interval, e.g. ``13.5% [8.1, 21.8]``."""
-    return "—" if rate is None else str(rate)
 
 
 def attacked_rates(config: ConfigDict, out: Path) -> dict[str, dict[str, dict[int, Rate]]]:
@@ -133,11 +129,11 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path, evals: dict, colum
              f"trained signal, first schedule). {config.evaluation.max_new_tokens} new tokens.", "",
              "| attack | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for label, key in rows:
-        lines.append(f"| {label} | " + " | ".join(_ci(_rate(evals[c], key)) for c in columns) + " |")
+        lines.append(f"| {label} | " + " | ".join(shown(_rate(evals[c], key)) for c in columns) + " |")
     first = f"signal/{config.decoding.schedules[0]}"
     for a in ac.datasets:
         lines.append(f"| fine-tuning on {a} | " + " | ".join(
-            _ci(pooled[c.split("/")[0]][a]) if c in ("sft", "augmented", first) else "" for c in columns) + " |")
+            shown(pooled[c.split("/")[0]][a]) if c in ("sft", "augmented", first) else "" for c in columns) + " |")
     lines += ["", f"![ASR against prefill length]({plot_prefill(evals, ks, report_dir / 'prefill.png').name})", ""]
 
     sft, aug = _prefill_rates(evals["sft"], ks), _prefill_rates(evals["augmented"], ks)
@@ -145,7 +141,7 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path, evals: dict, colum
     for c in columns[2:]:
         sig = _prefill_rates(evals[c], ks)
         found = claims.prefilling_defended(sig, sft)
-        share = ", ".join(f"k={k}: {_ci(sig[k])} vs {_ci(sft[k])}" for k in ks)
+        share = ", ".join(f"k={k}: {shown(sig[k])} vs {shown(sft[k])}" for k in ks)
         summary.append(f"- **Prefilling stops working** (`{c}`; at every k the ASR's interval at most "
                        f"{_pct(claims.ASR_CEILING)}, lower than SFT's and at most {claims.SHARE_OF_SFT:g} x it): "
                        f"{share}; {_verdict(found)}.")
@@ -153,16 +149,16 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path, evals: dict, colum
     sig = _prefill_rates(evals[c], ks)
     vs = claims.versus_augmentation(sig, aug)
     summary.append(f"- **At least as good as safety data augmentation** (`{c}` vs augmented, prefilling): "
-                   + ", ".join(f"k={k}: {_ci(sig[k])} vs {_ci(aug[k])}" for k in ks)
+                   + ", ".join(f"k={k}: {shown(sig[k])} vs {shown(aug[k])}" for k in ks)
                    + f"; {vs.comparison}; {_verdict(vs)}.")
     if "sweep" in evals[c]:
         dec = claims.decoding_attack_defended(_rate(evals[c], "sweep"), _rate(evals["sft"], "sweep"))
-        sweep = {m: _ci(_rate(evals[m], "sweep")) for m in (c, "sft", "augmented")}
+        sweep = {m: shown(_rate(evals[m], "sweep")) for m in (c, "sft", "augmented")}
         summary.append(f"- **The decoding attack stops working** (`{c}`): ASR {sweep[c]} vs {sweep['sft']} (sft), "
                        f"{sweep['augmented']} (augmented); {_verdict(dec)}.")
     for a in ac.datasets:
         summary.append(f"- Fine-tuning on {a} (not published by the paper; reported, {len(ac.seeds)} seeds pooled): "
-                       "ASR " + ", ".join(f"{m} {_ci(pooled[m][a])}" for m in pipeline.MODELS) + ".")
+                       "ASR " + ", ".join(f"{m} {shown(pooled[m][a])}" for m in pipeline.MODELS) + ".")
     return lines, summary
 
 
@@ -182,7 +178,7 @@ def _costs(config: ConfigDict, evals: dict, columns: list[str]) -> Section:
         m = evals[c].get(key) or (evals[first].get(key) if c.startswith("signal/") else None)
         if m is None:
             return "—"
-        return f"{m['perplexity']:.2f}" if "perplexity" in m else _ci(Rate(m.get("refusal_rate", m.get("accuracy")),
+        return f"{m['perplexity']:.2f}" if "perplexity" in m else shown(Rate(m.get("refusal_rate", m.get("accuracy")),
                                                                                m["n"]))
 
     for label, key in (("over-refusal", "overrefusal"), ("MMLU", "mmlu"), ("SST-2", "sst2"), ("GSM8K", "gsm8k"),
@@ -289,11 +285,13 @@ def _training(config: ConfigDict, out: Path) -> Section:
     tail = [r for r in runs.read_jsonl(out / "align_signal" / "metrics.jsonl") if r["kind"] == "train"][-5:]
     for m in pipeline.MODELS:
         r = _json(out / f"align_{m}" / "metrics.json")
-        minutes = _json(out / f"align_{m}" / "stage.json")["seconds"] / 60
+        record = _json(out / f"align_{m}" / "stage.json")
+        minutes = f"{record['seconds'] / 60:.1f}" + (f" (copied from `{record['copied_from']}`)"
+                                                     if record.get("copied_from") else "")
         loss = r["heldout_loss"][max(r["heldout_loss"], key=int)] if r["heldout_loss"] else None
         examples = f"{r['examples']['train']}" + (f" ({r['augmented_examples']} augmented)"
                                                     if r.get("augmented_examples") else "")
-        lines.append(f"| {m} | {examples} | {'—' if loss is None else f'{loss:.4f}'} | {minutes:.1f} |")
+        lines.append(f"| {m} | {examples} | {'—' if loss is None else f'{loss:.4f}'} | {minutes} |")
     bce, accuracy = np.mean([r["cls"] for r in tail]), np.mean([r["cls_accuracy"] for r in tail])
     lines += ["", f"The signal's classifier at the end of training (the last {len(tail)} logged steps): BCE {bce:.3f} "
               f"(chance: 0.693), training-batch accuracy {_pct(accuracy)}; the `[CLS]` embedding and the head "

@@ -70,6 +70,12 @@ class Rate:
         return f"{100 * self.value:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
 
 
+def shown(rate: Rate | None) -> str:
+    """A report's cell: the rate with its Wilson 95% interval (``13.5% [8.1, 21.8]``), or a dash
+    for a rate not measured."""
+    return "—" if rate is None else str(rate)
+
+
 def percent_bars(rates: Iterable[Rate]) -> tuple[list[float], list[list[float]]]:
     """Plot inputs of ``rates``: their values in percent and the ``yerr`` of matplotlib (the
     distances below and above each value to its Wilson interval, ``[2, len]``)."""
