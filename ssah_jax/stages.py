@@ -121,20 +121,19 @@ def _explain(config: ConfigDict, stage: str, done: dict, now: dict,
             + ", ".join(s for s in now["inputs"] if done.get("inputs", {}).get(s) != now["inputs"][s])]
 
 
-def finished_elsewhere(workdirs: Iterable[str | Path]) -> dict[str, Path]:
-    """The finished stages of other pipelines' workdirs, by identity: a stage whose identity is
+def finished_elsewhere(workdir: str | Path) -> dict[str, Path]:
+    """The finished stages of another pipeline's workdir, by identity: a stage whose identity is
     among them computes what it would compute again (the same config and inputs), so
     :func:`run_stage` copies it instead. A workdir that does not exist holds none; a record
     that cannot be read (a stage being rewritten) is left out."""
     found: dict[str, Path] = {}
-    for workdir in workdirs:
-        for marker in sorted(Path(workdir).glob(f"**/{RECORD}")):
-            try:
-                identity = runs.read_json(marker).get("identity")
-            except (OSError, runs.WorkdirError):
-                continue
-            if identity:
-                found.setdefault(identity, marker.parent)
+    for marker in sorted(Path(workdir).glob(f"**/{RECORD}")):
+        try:
+            identity = runs.read_json(marker).get("identity")
+        except (OSError, runs.WorkdirError):
+            continue
+        if identity:
+            found.setdefault(identity, marker.parent)
     return found
 
 

@@ -296,7 +296,7 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
                                    overwrite=overwrite)
     elsewhere = None
     if config.reuse:
-        elsewhere = stages_lib.finished_elsewhere([config.reuse])
+        elsewhere = stages_lib.finished_elsewhere(config.reuse)
         if not Path(config.reuse).is_dir():
             print(f"config.reuse: {config.reuse} does not exist (relative to {Path.cwd()}): nothing to copy")
         else:
