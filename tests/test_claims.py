@@ -33,6 +33,7 @@ from ssah_jax.attribution import KINDS
 
 REPORT = Path(__file__).resolve().parents[1] / "experiments" / "results" / "smollm2" / "REPORT.md"
 VERDICT = re.compile(r"\*\*(held|held partly|did not hold|not testable)\*\*")
+PCT = r"[\d.]+%(?: \[[\d.]+, [\d.]+\])?"  # a printed rate, with or without its interval
 
 # ---------------------------------------------------------------------------------------------
 # Reading the committed report
@@ -65,9 +66,10 @@ def table(body: str, header: str) -> dict[str, list[str]]:
 
 
 def rate(cell: str, n: int) -> Rate:
-    """A rate printed as a percentage with one decimal, back as the exact count of ``n`` (the
-    reports' n are below 1000, so the printed value names one count)."""
-    return Rate(round(float(cell.rstrip("%")) / 100 * n) / n, n)
+    """A rate printed as a percentage with one decimal (``98.5% [95.7, 99.5]``: its interval
+    after it), back as the exact count of ``n`` (the reports' n are below 1000, so the printed
+    value names one count)."""
+    return Rate(round(float(cell.split("%")[0]) / 100 * n) / n, n)
 
 
 def verdict(line: str) -> Verdict:
@@ -101,7 +103,7 @@ def test_the_alignment_took_and_its_tax(report):
     assert took(report).held
     numbers = alignment_numbers(report)
     labels = {"over-refusal": "over-refusal, XSTest safe prompts", "MMLU": "MMLU", "SST-2": "SST-2", "GSM8K": "GSM8K"}
-    taxes = re.findall(r"([\w-]+) [\d.]+% -> [\d.]+% \((\w+)\)", line.split("alignment tax")[1])
+    taxes = re.findall(rf"([\w-]+) {PCT} -> {PCT} \((\w+)\)", line.split("alignment tax")[1])
     assert [t[0] for t in taxes] == list(labels)
     for name, written in taxes:
         before, after, _ = numbers[labels[name]]
@@ -117,24 +119,26 @@ def test_the_alignment_budget(report):
     finding = alignment_budget(asr[2], asr[1], took(report).held)
     assert re.search(r"\(full\), (\w+);", line).group(1) == finding.comparison
     assert verdict(line) == finding.verdict == Verdict.HELD
-    written = re.search(r"with the safety system prompt [\d.]+% vs [\d.]+% \((\w+), not part", line).group(1)
+    written = re.search(rf"with the safety system prompt {PCT} vs {PCT} \((\w+), not part", line).group(1)
     assert compare(system[2], system[1]) == written == "higher"
 
 
-def pruning_numbers(report: dict) -> tuple[dict[str, Rate], dict[str, float]]:
-    """Section 2's table (``| dense | 0 (0.0%) | 25.0% | 73.0% | 6.09 | 6.2% | ...``; the ASR n
-    from the line ``n: ASR 64, ...`` below it): ASR and perplexity per pruned model."""
+def pruning_numbers(report: dict) -> tuple[dict[str, Rate], dict[str, float], dict[str, int]]:
+    """Section 2's table (``| dense | 0 (0.0%) | 24.0% [16.7, 33.2] | ... | 6.39 | 1.5% [0.5, 4.3] | ...``;
+    the ASR n from the line ``n: ASR 200, ...`` below it): ASR, perplexity and units pruned per
+    pruned model."""
     body = section(report, "2. Pruning")
     n = int(re.search(r"n: ASR (\d+)", body).group(1))
     rows = table(body, "| model | units pruned |")
     names = {"dense": "dense", "− SCU": "minus_SCU", "− UCU": "minus_UCU", "− RU": "minus_RU"}
     named = {names.get(label, "minus_random" if label.startswith("− random") else label): cells
              for label, cells in rows.items()}
-    return ({k: rate(c[4], n) for k, c in named.items()}, {k: float(c[3]) for k, c in named.items()})
+    return ({k: rate(c[4], n) for k, c in named.items()}, {k: float(c[3]) for k, c in named.items()},
+            {k: int(c[0].split(" ")[0]) for k, c in named.items()})
 
 
 def test_safety_critical_units_carry_the_refusal(report):
-    asr, _ = pruning_numbers(report)
+    asr, _, _ = pruning_numbers(report)
     line = claim(report, "SCU carry the refusal")
     finding = safety_units_carry_refusal(asr["dense"], asr["minus_SCU"], asr["minus_random"], took(report).held)
     assert re.search(r"without SCU \((\w+)\)", line).group(1) == finding.comparison == "higher"
@@ -143,23 +147,34 @@ def test_safety_critical_units_carry_the_refusal(report):
 
 
 def test_redundant_units(report):
-    _, perplexity = pruning_numbers(report)
+    _, perplexity, pruned = pruning_numbers(report)
     line = claim(report, "RU are redundant")
     assert f"perplexity within {PERPLEXITY_RATIO - 1:.0%} of dense" in line
-    finding = redundant_units_are_cheap(perplexity["dense"], perplexity["minus_RU"], pruned=1)
-    assert verdict(line) == finding.verdict == Verdict.NOT_HELD
+    assert f"{perplexity['dense']:.2f} dense, {perplexity['minus_RU']:.2f} without RU" in line
+    finding = redundant_units_are_cheap(perplexity["dense"], perplexity["minus_RU"], pruned=pruned["minus_RU"])
+    assert verdict(line) == finding.verdict == Verdict.HELD
 
 
 def attack_numbers(report: dict) -> tuple[Rate, dict[str, dict[str, Rate]]]:
-    """Section 3's table (``| no protection | 51.6% | 14.1% | ...``, one column per attack; n
-    from ``initial (aligned) ASR 6.2%, n = 64``): the initial ASR and protection -> attack -> ASR."""
+    """Section 3's table, one column per attack: the initial row (``| initial (aligned) | 1.5%
+    [0.5, 4.3] | ...``) and one row per protection, each cell the seeds' answers pooled then each
+    seed's ASR (``51.3% [47.3, 55.3] (55.0%, 37.5%, 61.5%)``); n from ``n = 200 per run``. The
+    initial ASR, and protection -> attack -> the pooled ASR, recomputed from the seeds' (and
+    checked against the printed one)."""
     body = section(report, "3. Fine-tuning attacks")
-    n = int(re.search(r"initial \(aligned\) ASR [\d.]+%, n = (\d+)", body).group(1))
+    n = int(re.search(r"n = (\d+) per run", body).group(1))
     header = next(line for line in body.splitlines() if line.startswith("| protection |"))
     attacks = [cell.strip().split(" ")[0] for cell in header.strip("|").split("|")[1:-1]]
     rows = table(body, "| protection |")
-    asr = {label: dict(zip(attacks, (rate(c, n) for c in cells[:-1]))) for label, cells in rows.items()}
-    return asr.pop("initial (aligned)")[attacks[0]], asr
+    initial = rate(rows.pop("initial (aligned)")[0], n)
+
+    def pooled(cell: str) -> Rate:
+        seeds = [rate(s, n) for s in re.search(r"\((.+)\)$", cell).group(1).split(", ")]
+        result = Rate.pooled(seeds)
+        assert result == rate(cell, n * len(seeds)), cell
+        return result
+
+    return initial, {label: dict(zip(attacks, (pooled(c) for c in cells[:-1]))) for label, cells in rows.items()}
 
 
 @pytest.mark.parametrize("name, label", [("SCU + top 6% CU", "freeze SCU + top 6% CU"),
@@ -174,7 +189,7 @@ def test_freezing_protects(report, name, label):
     counts = re.search(r"of the (\d+) attacks that raised ASR without protection, ASR is lower with the freeze in "
                        r"(\d+) \(", line).groups()
     assert counts == (str(len(finding.testable)), str(len(finding.protected)))
-    written = re.findall(r"(\w+): [\d.]+% vs [\d.]+% unprotected, (\w+); vs the random control (\w+)"
+    written = re.findall(rf"(\w+): {PCT} vs {PCT} unprotected, (\w+); vs the random control (\w+)"
                          r"( \(the attack did not raise ASR\))?", line)
     assert [(o.attack, o.vs_unprotected, o.vs_control, not o.raised) for o in finding.outcomes] == [
         (a, vs, vc, bool(did_not)) for a, vs, vc, did_not in written]
@@ -182,7 +197,7 @@ def test_freezing_protects(report, name, label):
 
 def test_the_freezing_verdicts_are_those_written(report):
     assert verdict(claim(report, "Freezing SCU + top 6% CU")) == Verdict.NOT_HELD
-    assert verdict(claim(report, "Freezing SCU + all CU")) == Verdict.PARTLY
+    assert verdict(claim(report, "Freezing SCU + all CU")) == Verdict.HELD
 
 
 def test_attribute_transfer(report):
@@ -223,8 +238,7 @@ def test_probing(report):
 def test_every_verdict_of_the_report_is_covered(report):
     """The verdicts of the summary, in order, are the ones the tests above reproduce."""
     written = [verdict(line) for line in report["claims"].values() if VERDICT.search(line)]
-    assert written == [Verdict.HELD, Verdict.HELD, Verdict.NOT_HELD, Verdict.NOT_HELD, Verdict.PARTLY,
-                       Verdict.NOT_HELD]
+    assert written == [Verdict.HELD, Verdict.HELD, Verdict.HELD, Verdict.NOT_HELD, Verdict.HELD, Verdict.NOT_HELD]
 
 
 # ---------------------------------------------------------------------------------------------
