@@ -40,6 +40,12 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
+def _share(x: float) -> str:
+    """A fraction of the model's units (``0.05%``, ``0.5%``, ``20%``): three significant digits,
+    so a fraction below 0.1% is not printed as another."""
+    return f"{100 * x:.3g}%"
+
+
 def _metric(m: dict, key: str) -> tuple[float | None, int]:
     if key not in m:
         return None, 0
@@ -249,8 +255,8 @@ def _pruning(config: ConfigDict, out: Path, report_dir: Path, took: bool) -> Sec
     lines += ["## 2. Pruning the aligned model (paper Table 1)", "",
               f"Units scored with {config.attribution.scorer} on {config.attribution.safety.limit} "
               f"`{config.attribution.safety.dataset}` and {config.attribution.utility.limit} "
-              f"`{config.attribution.utility.dataset}` samples; fractions SCU {_pct(config.kinds.scu)}, UCU "
-              f"{_pct(config.kinds.ucu)}, RU {_pct(config.kinds.ru)} (`kinds`; configs/reproduce.py says where each "
+              f"`{config.attribution.utility.dataset}` samples; fractions SCU {_share(config.kinds.scu)}, UCU "
+              f"{_share(config.kinds.ucu)}, RU {_share(config.kinds.ru)} (`kinds`; configs/reproduce.py says where each "
               f"preset's come from). ASR on "
               f"`{t.harmful.dataset}` (held out), {t.max_new_tokens} new tokens.", "",
               "| model | units pruned | MMLU | SST-2 | perplexity | ASR | paper ASR | paper utility |",
@@ -260,7 +266,7 @@ def _pruning(config: ConfigDict, out: Path, report_dir: Path, took: bool) -> Sec
         m = table[name]
         cells = [shown(_rate(m, "mmlu")), shown(_rate(m, "sst2")), f"{_metric(m, 'perplexity')[0]:.2f}",
                  shown(_rate(m, "asr_no_system"))]
-        lines.append(f"| {prune.LABELS[name]} | {m['pruned_units']} ({100 * m['pruned_units'] / total:.1f}%) | "
+        lines.append(f"| {prune.LABELS[name]} | {m['pruned_units']} ({_share(m['pruned_units'] / total)}) | "
                      + " | ".join(cells) + f" | {PAPER_TABLE1[name][0]} | {PAPER_TABLE1[name][1]} |")
     lines += ["", f"n: ASR {table['dense']['asr_no_system']['n']}, MMLU {table['dense']['mmlu']['n']}, SST-2 "
               f"{table['dense']['sst2']['n']}, perplexity {table['dense']['perplexity']['n']} responses. Paper: "
