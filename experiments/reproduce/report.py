@@ -321,11 +321,18 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path) -> Section:
         lines.append(f"| {VARIANT_LABELS[v]} | " + " | ".join(
             f"{shown(pooled[a_][v])} ({', '.join(_pct(r['asr']) for r in results[a_][v])})" for a_ in attacks)
             + f" | {paper + '%' if paper else '–'} |")
-    frozen_ok = all(r["frozen_unchanged"] for by in results.values() for per in by.values() for r in per)
+    every = [r for by in results.values() for per in by.values() for r in per]
+    frozen_ok = all(r["frozen_unchanged"] for r in every)
+    step = [r["step_seconds"] for r in every if r["step_seconds"] is not None]
+    asr_minutes = [r["asr_seconds"] / 60 for r in every]
     lines += ["", "Frozen parameters bit-identical after every attack run (checksum of their bits before and "
               f"after): {'yes' if frozen_ok else '**NO**'}. Trained parameters per run and the final training loss "
               "are in each run's `metrics.json`; the paper's column is Llama-2-7B-Chat fine-tuned on Dolly "
               "(AdvBench ASR).", "",
+              f"Time per run (each run's `metrics.json` and `eval/metrics.json`, its last invocation): training "
+              + (f"{min(step):.1f}-{max(step):.1f} s per step (mean {np.mean(step):.1f}; the first step of an "
+                 "invocation includes compiling)" if step else "no step (every run resumed finished)")
+              + f", ASR {min(asr_minutes):.1f}-{max(asr_minutes):.1f} min (mean {np.mean(asr_minutes):.1f}).", "",
               f"![attack ASR]({plot_attacks(pooled, initial, report_dir / 'attacks.png').name})", ""]
     for name, variant in (("SCU + top 6% CU", "scu_cu6"), ("SCU + all CU", "scu_cu")):
         if variant not in ac.variants or "none" not in ac.variants:
@@ -446,8 +453,10 @@ def _last(d: dict) -> float:
 def _attack_result(directory: Path) -> dict:
     train = _json(directory / "metrics.json")
     asr = _json(directory / "eval" / "metrics.json")["asr_no_system"]
+    steps = train["train"]["steps_run"]
     return {"asr": asr["asr"], "n": asr["n"], "frozen_unchanged": train["frozen_unchanged"],
-            "trained_elements": train["trained_elements"], "loss": train["train"]["last"].get("loss")}
+            "trained_elements": train["trained_elements"], "loss": train["train"]["last"].get("loss"),
+            "step_seconds": train["train"]["seconds"] / steps if steps else None, "asr_seconds": asr["seconds"]}
 
 
 def stage_records(out: Path) -> list[tuple[str, Path]]:
