@@ -329,6 +329,11 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path) -> Section:
               f"after): {'yes' if frozen_ok else '**NO**'}. Trained parameters per run and the final training loss "
               "are in each run's `metrics.json`; the paper's column is Llama-2-7B-Chat fine-tuned on Dolly "
               "(AdvBench ASR).", "",
+              "Parameters each protection trained (the first run's `metrics.json`): " + ", ".join(
+                  f"{VARIANT_LABELS[v]} " + (f"{r['trained_elements']:,} adapter parameters" if v == "lora" else
+                                             f"{r['trained_elements']:,} of {r['total_elements']:,} "
+                                             f"({_share(r['trained_elements'] / r['total_elements'])})")
+                  for v in ac.variants for r in [results[attacks[0]][v][0]]) + ".", "",
               f"Time per run (each run's `metrics.json` and `eval/metrics.json`, its last invocation): training "
               + (f"{min(step):.1f}-{max(step):.1f} s per step (mean {np.mean(step):.1f}; the first step of an "
                  "invocation includes compiling)" if step else "no step (every run resumed finished)")
@@ -455,7 +460,7 @@ def _attack_result(directory: Path) -> dict:
     asr = _json(directory / "eval" / "metrics.json")["asr_no_system"]
     steps = train["train"]["steps_run"]
     return {"asr": asr["asr"], "n": asr["n"], "frozen_unchanged": train["frozen_unchanged"],
-            "trained_elements": train["trained_elements"], "loss": train["train"]["last"].get("loss"),
+            "trained_elements": train["trained_elements"], "total_elements": train["total_elements"], "loss": train["train"]["last"].get("loss"),
             "step_seconds": train["train"]["seconds"] / steps if steps else None, "asr_seconds": asr["seconds"]}
 
 
