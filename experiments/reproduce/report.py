@@ -339,6 +339,10 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path) -> Section:
                  "invocation includes compiling)" if step else "no step (every run resumed finished)")
               + f", ASR {min(asr_minutes):.1f}-{max(asr_minutes):.1f} min (mean {np.mean(asr_minutes):.1f}).", "",
               f"![attack ASR]({plot_attacks(pooled, initial, report_dir / 'attacks.png').name})", ""]
+    def trainable(variant: str) -> str:
+        r = results[attacks[0]][variant][0]
+        return _share(r["trained_elements"] / r["total_elements"])
+
     for name, variant in (("SCU + top 6% CU", "scu_cu6"), ("SCU + all CU", "scu_cu")):
         if variant not in ac.variants or "none" not in ac.variants:
             continue
@@ -352,7 +356,9 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path) -> Section:
                 f"{o.attack}: {shown(pooled[o.attack][variant])} vs {shown(pooled[o.attack]['none'])} "
                 f"unprotected, {o.vs_unprotected}; vs the random control {o.vs_control or 'n/a'}"
                 + ("" if o.raised else " (the attack did not raise ASR)") for o in freezing.outcomes)
-            + f"; {len(seeds)} seeds pooled); " + _verdict(freezing) + ".")
+            + f"; {len(seeds)} seeds pooled; the freeze leaves {trainable(variant)} of the parameters trainable"
+            + (f", the control (as many units as SCU + top 6% CU) {trainable('random')}" if "random" in ac.variants
+               else "") + "); " + _verdict(freezing) + ".")
     return lines, found
 
 
