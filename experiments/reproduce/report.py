@@ -256,8 +256,8 @@ def _pruning(config: ConfigDict, out: Path, report_dir: Path, took: bool) -> Sec
               f"Units scored with {config.attribution.scorer} on {config.attribution.safety.limit} "
               f"`{config.attribution.safety.dataset}` and {config.attribution.utility.limit} "
               f"`{config.attribution.utility.dataset}` samples; fractions SCU {_share(config.kinds.scu)}, UCU "
-              f"{_share(config.kinds.ucu)}, RU {_share(config.kinds.ru)} (`kinds`; configs/reproduce.py says where each "
-              f"preset's come from). ASR on "
+              f"{_share(config.kinds.ucu)}, RU {_share(config.kinds.ru)} (`kinds`; configs/reproduce.py says where "
+              f"each preset's come from). ASR on "
               f"`{t.harmful.dataset}` (held out), {t.max_new_tokens} new tokens.", "",
               "| model | units pruned | MMLU | SST-2 | perplexity | ASR | paper ASR | paper utility |",
               "|---|---|---|---|---|---|---|---|"]
@@ -334,7 +334,7 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path) -> Section:
                                              f"{r['trained_elements']:,} of {r['total_elements']:,} "
                                              f"({_share(r['trained_elements'] / r['total_elements'])})")
                   for v in ac.variants for r in [results[attacks[0]][v][0]]) + ".", "",
-              f"Time per run (each run's `metrics.json` and `eval/metrics.json`, its last invocation): training "
+              "Time per run (each run's `metrics.json` and `eval/metrics.json`, its last invocation): training "
               + (f"{min(step):.1f}-{max(step):.1f} s per step (mean {np.mean(step):.1f}; the first step of an "
                  "invocation includes compiling)" if step else "no step (every run resumed finished)")
               + f", ASR {min(asr_minutes):.1f}-{max(asr_minutes):.1f} min (mean {np.mean(asr_minutes):.1f}).", "",
@@ -466,7 +466,8 @@ def _attack_result(directory: Path) -> dict:
     asr = _json(directory / "eval" / "metrics.json")["asr_no_system"]
     steps = train["train"]["steps_run"]
     return {"asr": asr["asr"], "n": asr["n"], "frozen_unchanged": train["frozen_unchanged"],
-            "trained_elements": train["trained_elements"], "total_elements": train["total_elements"], "loss": train["train"]["last"].get("loss"),
+            "trained_elements": train["trained_elements"], "total_elements": train["total_elements"],
+            "loss": train["train"]["last"].get("loss"),
             "step_seconds": train["train"]["seconds"] / steps if steps else None, "asr_seconds": asr["seconds"]}
 
 
