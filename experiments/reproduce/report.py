@@ -321,6 +321,11 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path) -> Section:
         lines.append(f"| {VARIANT_LABELS[v]} | " + " | ".join(
             f"{shown(pooled[a_][v])} ({', '.join(_pct(r['asr']) for r in results[a_][v])})" for a_ in attacks)
             + f" | {paper + '%' if paper else '–'} |")
+    first = {v: results[attacks[0]][v][0] for v in ac.variants}  # each protection's first run
+
+    def trainable(variant: str) -> str:
+        return _share(first[variant]["trained_elements"] / first[variant]["total_elements"])
+
     every = [r for by in results.values() for per in by.values() for r in per]
     frozen_ok = all(r["frozen_unchanged"] for r in every)
     step = [r["step_seconds"] for r in every if r["step_seconds"] is not None]
@@ -330,19 +335,14 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path) -> Section:
               "are in each run's `metrics.json`; the paper's column is Llama-2-7B-Chat fine-tuned on Dolly "
               "(AdvBench ASR).", "",
               "Parameters each protection trained (the first run's `metrics.json`): " + ", ".join(
-                  f"{VARIANT_LABELS[v]} " + (f"{r['trained_elements']:,} adapter parameters" if v == "lora" else
-                                             f"{r['trained_elements']:,} of {r['total_elements']:,} "
-                                             f"({_share(r['trained_elements'] / r['total_elements'])})")
-                  for v in ac.variants for r in [results[attacks[0]][v][0]]) + ".", "",
+                  f"{VARIANT_LABELS[v]} {first[v]['trained_elements']:,} "
+                  + ("adapter parameters" if v == "lora" else f"of {first[v]['total_elements']:,} ({trainable(v)})")
+                  for v in ac.variants) + ".", "",
               "Time per run (each run's `metrics.json` and `eval/metrics.json`, its last invocation): training "
               + (f"{min(step):.1f}-{max(step):.1f} s per step (mean {np.mean(step):.1f}; the first step of an "
                  "invocation includes compiling)" if step else "no step (every run resumed finished)")
               + f", ASR {min(asr_minutes):.1f}-{max(asr_minutes):.1f} min (mean {np.mean(asr_minutes):.1f}).", "",
               f"![attack ASR]({plot_attacks(pooled, initial, report_dir / 'attacks.png').name})", ""]
-    def trainable(variant: str) -> str:
-        r = results[attacks[0]][variant][0]
-        return _share(r["trained_elements"] / r["total_elements"])
-
     for name, variant in (("SCU + top 6% CU", "scu_cu6"), ("SCU + all CU", "scu_cu")):
         if variant not in ac.variants or "none" not in ac.variants:
             continue
