@@ -68,6 +68,16 @@ def test_pipeline_writes_the_report_with_every_section_and_plot(pipeline):
     losses = [[r["loss"] for r in read_jsonl(run_ / "metrics.jsonl") if r["kind"] == "train"] for run_ in runs_]
     assert losses[0] != losses[1]
     assert "seeds 0, 1" in text and "the seeds' answers pooled" in text
+    # each protection's trained parameters (its first run's), and the time per run
+    first = next(iter(config.attack.datasets))
+    trained = text.split("Parameters each protection trained")[1].split("\n")[0]
+    for variant in config.attack.variants:
+        m = json.loads((workdir / "attacks" / first / variant / f"seed{config.attack.seeds[0]}" / "metrics.json")
+                       .read_text())
+        assert f"{report_module.VARIANT_LABELS[variant]} {m['trained_elements']:,} " in trained, variant
+    steps = [m["train"]["seconds"] / m["train"]["steps_run"] for m in (
+        json.loads(f.read_text()) for f in workdir.glob("attacks/*/*/seed*/metrics.json"))]
+    assert f"training {min(steps):.1f}-{max(steps):.1f} s per step" in text
 
 
 def test_the_alignment_trains_on_the_contrast_stage_answers(pipeline):

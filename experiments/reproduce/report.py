@@ -40,6 +40,12 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
+def _share(x: float) -> str:
+    """A fraction of the model's units (``0.05%``, ``0.5%``, ``20%``): three significant digits,
+    so a fraction below 0.1% is not printed as another."""
+    return f"{100 * x:.3g}%"
+
+
 def _metric(m: dict, key: str) -> tuple[float | None, int]:
     if key not in m:
         return None, 0
@@ -249,9 +255,9 @@ def _pruning(config: ConfigDict, out: Path, report_dir: Path, took: bool) -> Sec
     lines += ["## 2. Pruning the aligned model (paper Table 1)", "",
               f"Units scored with {config.attribution.scorer} on {config.attribution.safety.limit} "
               f"`{config.attribution.safety.dataset}` and {config.attribution.utility.limit} "
-              f"`{config.attribution.utility.dataset}` samples; fractions SCU {_pct(config.kinds.scu)}, UCU "
-              f"{_pct(config.kinds.ucu)}, RU {_pct(config.kinds.ru)} (`kinds`; configs/reproduce.py says where each "
-              f"preset's come from). ASR on "
+              f"`{config.attribution.utility.dataset}` samples; fractions SCU {_share(config.kinds.scu)}, UCU "
+              f"{_share(config.kinds.ucu)}, RU {_share(config.kinds.ru)} (`kinds`; configs/reproduce.py says where "
+              f"each preset's come from). ASR on "
               f"`{t.harmful.dataset}` (held out), {t.max_new_tokens} new tokens.", "",
               "| model | units pruned | MMLU | SST-2 | perplexity | ASR | paper ASR | paper utility |",
               "|---|---|---|---|---|---|---|---|"]
@@ -260,7 +266,7 @@ def _pruning(config: ConfigDict, out: Path, report_dir: Path, took: bool) -> Sec
         m = table[name]
         cells = [shown(_rate(m, "mmlu")), shown(_rate(m, "sst2")), f"{_metric(m, 'perplexity')[0]:.2f}",
                  shown(_rate(m, "asr_no_system"))]
-        lines.append(f"| {prune.LABELS[name]} | {m['pruned_units']} ({100 * m['pruned_units'] / total:.1f}%) | "
+        lines.append(f"| {prune.LABELS[name]} | {m['pruned_units']} ({_share(m['pruned_units'] / total)}) | "
                      + " | ".join(cells) + f" | {PAPER_TABLE1[name][0]} | {PAPER_TABLE1[name][1]} |")
     lines += ["", f"n: ASR {table['dense']['asr_no_system']['n']}, MMLU {table['dense']['mmlu']['n']}, SST-2 "
               f"{table['dense']['sst2']['n']}, perplexity {table['dense']['perplexity']['n']} responses. Paper: "
@@ -315,11 +321,27 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path) -> Section:
         lines.append(f"| {VARIANT_LABELS[v]} | " + " | ".join(
             f"{shown(pooled[a_][v])} ({', '.join(_pct(r['asr']) for r in results[a_][v])})" for a_ in attacks)
             + f" | {paper + '%' if paper else '–'} |")
-    frozen_ok = all(r["frozen_unchanged"] for by in results.values() for per in by.values() for r in per)
+    first = {v: results[attacks[0]][v][0] for v in ac.variants}  # each protection's first run
+
+    def trainable(variant: str) -> str:
+        return _share(first[variant]["trained_elements"] / first[variant]["total_elements"])
+
+    every = [r for by in results.values() for per in by.values() for r in per]
+    frozen_ok = all(r["frozen_unchanged"] for r in every)
+    step = [r["step_seconds"] for r in every if r["step_seconds"] is not None]
+    asr_minutes = [r["asr_seconds"] / 60 for r in every]
     lines += ["", "Frozen parameters bit-identical after every attack run (checksum of their bits before and "
               f"after): {'yes' if frozen_ok else '**NO**'}. Trained parameters per run and the final training loss "
               "are in each run's `metrics.json`; the paper's column is Llama-2-7B-Chat fine-tuned on Dolly "
               "(AdvBench ASR).", "",
+              "Parameters each protection trained (the first run's `metrics.json`): " + ", ".join(
+                  f"{VARIANT_LABELS[v]} {first[v]['trained_elements']:,} "
+                  + ("adapter parameters" if v == "lora" else f"of {first[v]['total_elements']:,} ({trainable(v)})")
+                  for v in ac.variants) + ".", "",
+              "Time per run (each run's `metrics.json` and `eval/metrics.json`, its last invocation): training "
+              + (f"{min(step):.1f}-{max(step):.1f} s per step (mean {np.mean(step):.1f}; the first step of an "
+                 "invocation includes compiling)" if step else "no step (every run resumed finished)")
+              + f", ASR {min(asr_minutes):.1f}-{max(asr_minutes):.1f} min (mean {np.mean(asr_minutes):.1f}).", "",
               f"![attack ASR]({plot_attacks(pooled, initial, report_dir / 'attacks.png').name})", ""]
     for name, variant in (("SCU + top 6% CU", "scu_cu6"), ("SCU + all CU", "scu_cu")):
         if variant not in ac.variants or "none" not in ac.variants:
@@ -334,7 +356,9 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path) -> Section:
                 f"{o.attack}: {shown(pooled[o.attack][variant])} vs {shown(pooled[o.attack]['none'])} "
                 f"unprotected, {o.vs_unprotected}; vs the random control {o.vs_control or 'n/a'}"
                 + ("" if o.raised else " (the attack did not raise ASR)") for o in freezing.outcomes)
-            + f"; {len(seeds)} seeds pooled); " + _verdict(freezing) + ".")
+            + f"; {len(seeds)} seeds pooled; the freeze leaves {trainable(variant)} of the parameters trainable"
+            + (f", the control (as many units as SCU + top 6% CU) {trainable('random')}" if "random" in ac.variants
+               else "") + "); " + _verdict(freezing) + ".")
     return lines, found
 
 
@@ -440,8 +464,11 @@ def _last(d: dict) -> float:
 def _attack_result(directory: Path) -> dict:
     train = _json(directory / "metrics.json")
     asr = _json(directory / "eval" / "metrics.json")["asr_no_system"]
+    steps = train["train"]["steps_run"]
     return {"asr": asr["asr"], "n": asr["n"], "frozen_unchanged": train["frozen_unchanged"],
-            "trained_elements": train["trained_elements"], "loss": train["train"]["last"].get("loss")}
+            "trained_elements": train["trained_elements"], "total_elements": train["total_elements"],
+            "loss": train["train"]["last"].get("loss"),
+            "step_seconds": train["train"]["seconds"] / steps if steps else None, "asr_seconds": asr["seconds"]}
 
 
 def stage_records(out: Path) -> list[tuple[str, Path]]:
