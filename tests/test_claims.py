@@ -30,9 +30,9 @@ from experiments.reproduce.claims import (
     steers_toward_refusal,
 )
 from ssah_jax.attribution import KINDS
+from tests.report_tables import VERDICT, rate, sections, summary, table, verdict
 
 REPORT = Path(__file__).resolve().parents[1] / "experiments" / "results" / "smollm2" / "REPORT.md"
-VERDICT = re.compile(r"\*\*(held|held partly|did not hold|not testable)\*\*")
 PCT = r"[\d.]+%(?: \[[\d.]+, [\d.]+\])?"  # a printed rate, with or without its interval
 
 # ---------------------------------------------------------------------------------------------
@@ -42,38 +42,12 @@ PCT = r"[\d.]+%(?: \[[\d.]+, [\d.]+\])?"  # a printed rate, with or without its 
 @pytest.fixture(scope="module")
 def report() -> dict:
     text = REPORT.read_text()
-    summary = text.split("## Summary: which claims held\n")[1].split("\n## ")[0]
-    lines = [line for line in summary.splitlines() if line.startswith("- ")]
-    claims = {re.match(r"- \*\*(.+?)\*\*", line).group(1): line for line in lines}
-    return {"text": text, "claims": claims, "sections": {s.split("\n")[0]: s for s in text.split("\n## ")[1:]}}
+    claims = {re.match(r"- \*\*(.+?)\*\*", line).group(1): line for line in summary(text)}
+    return {"text": text, "claims": claims, "sections": sections(text)}
 
 
 def section(report: dict, start: str) -> str:
     return next(body for title, body in report["sections"].items() if title.startswith(start))
-
-
-def table(body: str, header: str) -> dict[str, list[str]]:
-    """The rows of the markdown table whose header row starts with ``header``: first cell -> the
-    others (the first row of each first cell)."""
-    lines = body.split(header, 1)[1].splitlines()[2:]  # past the header and |---| rows
-    rows = {}
-    for line in lines:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        rows.setdefault(cells[0], cells[1:])
-    return rows
-
-
-def rate(cell: str, n: int) -> Rate:
-    """A rate printed as a percentage with one decimal (``98.5% [95.7, 99.5]``: its interval
-    after it), back as the exact count of ``n`` (the reports' n are below 1000, so the printed
-    value names one count)."""
-    return Rate(round(float(cell.split("%")[0]) / 100 * n) / n, n)
-
-
-def verdict(line: str) -> Verdict:
-    return Verdict(VERDICT.search(line).group(1))
 
 
 def claim(report: dict, title_start: str) -> str:
