@@ -1,5 +1,6 @@
 """Reading the committed reports' markdown back (``tests/test_claims.py``,
-``tests/test_signals_claims.py``): their tables, printed rates and verdicts."""
+``tests/test_qwen_claims.py``, ``tests/test_signals_claims.py``): their tables, printed rates and
+verdicts."""
 
 import re
 
@@ -41,3 +42,58 @@ def rate(cell: str, n: int) -> Rate:
 
 def verdict(line: str) -> Verdict:
     return Verdict(VERDICT.search(line).group(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The SSAH report (``experiments/reproduce/report.py``)
+
+
+def read_report(path) -> dict:
+    """A committed SSAH report: its text, summary lines by claim title, sections by title."""
+    text = path.read_text()
+    claims = {re.match(r"- \*\*(.+?)\*\*", line).group(1): line for line in summary(text)}
+    return {"text": text, "claims": claims, "sections": sections(text)}
+
+
+def section(report: dict, start: str) -> str:
+    return next(body for title, body in report["sections"].items() if title.startswith(start))
+
+
+def claim(report: dict, title_start: str) -> str:
+    return next(line for title, line in report["claims"].items() if title.startswith(title_start))
+
+
+def pruning_numbers(report: dict) -> tuple[dict[str, Rate], dict[str, float], dict[str, int]]:
+    """Section 2's table (``| dense | 0 (0.0%) | 24.0% [16.7, 33.2] | ... | 6.39 | 1.5% [0.5, 4.3] | ...``;
+    the ASR n from the line ``n: ASR 200, ...`` below it): ASR, perplexity and units pruned per
+    pruned model."""
+    body = section(report, "2. Pruning")
+    n = int(re.search(r"n: ASR (\d+)", body).group(1))
+    rows = table(body, "| model | units pruned |")
+    names = {"dense": "dense", "− SCU": "minus_SCU", "− UCU": "minus_UCU", "− RU": "minus_RU"}
+    named = {names.get(label, "minus_random" if label.startswith("− random") else label): cells
+             for label, cells in rows.items()}
+    return ({k: rate(c[4], n) for k, c in named.items()}, {k: float(c[3]) for k, c in named.items()},
+            {k: int(c[0].split(" ")[0]) for k, c in named.items()})
+
+
+def attack_numbers(report: dict) -> tuple[Rate, dict[str, dict[str, Rate]]]:
+    """Section 3's table, one column per attack: the initial row (``| initial (aligned) | 1.5%
+    [0.5, 4.3] | ...``) and one row per protection, each cell the seeds' answers pooled then each
+    seed's ASR (``51.3% [47.3, 55.3] (55.0%, 37.5%, 61.5%)``); n from ``n = 200 per run``. The
+    initial ASR, and protection -> attack -> the pooled ASR, recomputed from the seeds' (and
+    checked against the printed one)."""
+    body = section(report, "3. Fine-tuning attacks")
+    n = int(re.search(r"n = (\d+) per run", body).group(1))
+    header = next(line for line in body.splitlines() if line.startswith("| protection |"))
+    attacks = [cell.strip().split(" ")[0] for cell in header.strip("|").split("|")[1:-1]]
+    rows = table(body, "| protection |")
+    initial = rate(rows.pop("initial (aligned)")[0], n)
+
+    def pooled(cell: str) -> Rate:
+        seeds = [rate(s, n) for s in re.search(r"\((.+)\)$", cell).group(1).split(", ")]
+        result = Rate.pooled(seeds)
+        assert result == rate(cell, n * len(seeds)), cell
+        return result
+
+    return initial, {label: dict(zip(attacks, (pooled(c) for c in cells[:-1]))) for label, cells in rows.items()}
