@@ -22,14 +22,20 @@ class TrainCheckpoints:
 
     Args:
       directory: where the step directories go (created).
-      every: save when ``step % every == 0`` (``save(..., force=True)`` saves anyway).
+      every: save when ``step % every == 0`` (``save(..., force=True)`` saves anyway), and
+        on preemption; not at the first step, as orbax's default policy would: a save holds a
+        host copy of the whole state while training goes on (7 GiB for Qwen2.5-Coder-0.5B with Adam,
+        which a 24 GB machine cannot spare beside its training step).
       keep: how many recent checkpoints to keep.
     """
 
     def __init__(self, directory: str | Path, *, every: int, keep: int):
         self.directory = Path(directory).absolute()
+        policy = ocp.checkpoint_managers.AnySavePolicy([
+            ocp.checkpoint_managers.FixedIntervalPolicy(every),
+            ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every, max_to_keep=keep, create=True, enable_async_checkpointing=True)
+            save_decision_policy=policy, max_to_keep=keep, create=True, enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
