@@ -29,6 +29,7 @@ from ssah_jax.train import (
     model_shardings,
     setup_training,
 )
+from ssah_jax.train.loop import LoopConfig, fit
 from tests import tiny
 
 
@@ -357,3 +358,26 @@ def test_freeze_setting_refuses_contradictions():
         Freeze(frozen_units={}, trained_units={})
     with pytest.raises(ValueError, match="LoRA"):
         Freeze(lora=LoraConfig(2, 4.0, ("q_proj",)), layers=[0])
+
+
+def test_a_resumed_fit_continues_from_its_checkpoint_and_frees_the_initial_state(tmp_path):
+    """Killed after 2 of 3 steps, a run resumes at step 2 and ends where an unbroken run ends;
+    the state it was set up with is freed (as the first step would have donated it), so a
+    resumed run does not hold two states."""
+    mesh = make_mesh({"fsdp": -1})
+    opt = OptimizerConfig(learning_rate=1e-2, schedule="constant", total_steps=3)
+    batches = [random_batch(8, seed=seed) for seed in range(3)]
+
+    def run(steps, workdir):
+        training = setup_training(tiny_model(), mesh, Freeze(), opt)
+        loop = LoopConfig(steps=steps, log_every=1, checkpoint_every=1, keep_checkpoints=5)
+        state, summary = fit(training, batches, loop, workdir, data_id={"data": "random batches"})
+        return training, jax.tree.map(np.asarray, training.final_params(state)), summary
+
+    with jax.set_mesh(mesh), use_rules():
+        _, unbroken, _ = run(3, tmp_path / "unbroken")
+        run(2, tmp_path / "resumed")
+        training, resumed, summary = run(3, tmp_path / "resumed")
+    assert (summary["resumed_from"], summary["steps_run"]) == (2, 1)
+    assert all(x.is_deleted() for x in jax.tree.leaves(training.state) if isinstance(x, jax.Array))
+    jax.tree.map(np.testing.assert_array_equal, resumed, unbroken)

@@ -65,6 +65,9 @@ def fit(
             raise CheckpointError(
                 f"{checkpoints.directory}: made with data {meta.get('data')}, this run has {data_id}; "
                 "use a new --workdir")
+        # The initial state is not needed any more (the first step would have donated it): free
+        # it rather than hold two states (Qwen2.5-Coder-0.5B with Adam: 7 GiB more at the peak).
+        jax.tree.map(lambda x: x.delete() if isinstance(x, jax.Array) else None, training.state)
         start = int(state.step)
         print(f"Resuming from the checkpoint of step {start} ({checkpoints.directory})")
     writer = MetricWriter(workdir, resume_step=start)
