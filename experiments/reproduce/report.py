@@ -497,8 +497,9 @@ def plot_attacks(pooled: dict[str, dict[str, Rate]], initial: Rate, path: Path) 
     ax.axhline(100 * initial.value, color="black", ls="--", lw=1, label="aligned, before the attack")
     ax.set_xticks(np.arange(len(attacks)) + 0.4 - width / 2, attacks)
     ax.set_ylabel("ASR (%), 95% interval")
-    ax.legend(fontsize="x-small", ncol=2)
+    # below the axes: inside, it covered bars whatever corner it took
+    ax.legend(fontsize="x-small", ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
