@@ -12,7 +12,10 @@ keeps its identities.
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import datetime
+import gc
 import json
 import os
 import shutil
@@ -192,12 +195,38 @@ def run_stage(directory: Path, fn: Callable[[Path], Any], record: dict[str, Any]
     directory.mkdir(parents=True, exist_ok=True)
     with StageTimer(directory) as timer:
         fn(directory)  # its results are the files it writes
+    release_memory()
     if hosts.is_main():
         (directory / RECORD).write_text(json.dumps({
             "seconds": round(timer.seconds, 1), "invocations": timer.invocations, "code": timer.codes,
             "finished": datetime.datetime.now().isoformat(timespec="seconds"), **record}, indent=2) + "\n")
         (directory / StageTimer.FILE).unlink()
     hosts.sync(f"stage {directory.name} finished")  # its files are complete for every process
+
+
+def release_memory() -> int:
+    """Hands the memory a finished stage freed back to the operating system; returns the bytes
+    of resident memory this released (0 where the C library has no ``malloc_trim``).
+
+    A stage's arrays are freed when it ends, but glibc keeps freed heap memory resident, and
+    the next stage's allocations reuse it only in part: the third fine-tuning attack of
+    Qwen2.5-Coder-0.5B in one reproduce process was OOM-killed at 24 GB resident, where each
+    attack in a fresh process peaked at 14 GB. ``malloc_trim(0)`` returns the free pages."""
+    gc.collect()  # reference cycles holding arrays first
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    if trim is None:
+        return 0
+    before = _resident_bytes()
+    trim(0)
+    return max(before - _resident_bytes(), 0)
+
+
+def _resident_bytes() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
 
 
 class StageTimer:
