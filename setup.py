@@ -48,6 +48,7 @@ setup(
             "ray>=2.40,<3",
             "datasets>=4,<6",
             "pytest>=8,<10",
+            "pytest-xdist>=3.5,<4",  # the suite on both cores (.ci/run: -n 2, a test file a worker)
             "torch==2.13.0",
             "accelerate>=1.2,<2",
             "ruff>=0.6",

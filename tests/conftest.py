@@ -1,12 +1,23 @@
 """Shared fixtures. Tests never touch the network: tiny random models, the demo GGUF
 (installed from PyPI), and ../shared/data."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # 8 fake CPU devices for the sharding tests; must be set before JAX is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One persistent compilation cache for the whole run: the pytest-xdist workers and the CLI
+# subprocesses inherit it, so a program compiled by one test (the same tiny model, step and
+# shapes) is read back by the next instead of compiled again. Removed when the run ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="ssah_jax_test_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import pytest  # noqa: E402
 
