@@ -178,9 +178,12 @@ def test_stage_records_carry_their_code_and_the_table_warns_when_it_differs(tmp_
 def test_a_finished_stage_hands_the_memory_it_freed_back(tmp_path):
     """Heap memory freed below a live allocation stays resident until ``malloc_trim``: run_stage
     returns it after each stage (else a pipeline's stages pile up; see stages.release_memory)."""
+    import os
+
     import numpy as np
 
-    resident = stages._resident_bytes
+    def resident():
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def stage(directory):
         blocks = [np.ones(8192) for _ in range(4000)]  # 64 KiB each (below the mmap threshold): 250 MiB
