@@ -66,7 +66,8 @@ def fit(
                 f"{checkpoints.directory}: made with data {meta.get('data')}, this run has {data_id}; "
                 "use a new --workdir")
         # The initial state is not needed any more (the first step would have donated it): free
-        # it rather than hold two states (Qwen2.5-Coder-0.5B with Adam: 7 GiB more at the peak).
+        # it rather than hold two states (Qwen2.5-Coder-0.5B with Adam: 7 GiB more at the peak,
+        # the parameters and moments of `ssah-jax plan --config=configs/reproduce.py:qwen_cpu --devices=1`).
         jax.tree.map(lambda x: x.delete() if isinstance(x, jax.Array) else None, training.state)
         start = int(state.step)
         print(f"Resuming from the checkpoint of step {start} ({checkpoints.directory})")
