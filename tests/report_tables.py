@@ -4,9 +4,10 @@ verdicts."""
 
 import re
 
-from experiments.reproduce.claims import Rate, Verdict
+from experiments.reproduce.claims import AttackRates, FreezingFinding, Rate, Verdict, freezing_protects
 
 VERDICT = re.compile(r"\*\*(held|held partly|did not hold|not testable)\*\*")
+PCT = r"[\d.]+%(?: \[[\d.]+, [\d.]+\])?"  # a printed rate, with or without its interval
 
 
 def sections(text: str) -> dict[str, str]:
@@ -97,3 +98,22 @@ def attack_numbers(report: dict) -> tuple[Rate, dict[str, dict[str, Rate]]]:
         return result
 
     return initial, {label: dict(zip(attacks, (pooled(c) for c in cells[:-1]))) for label, cells in rows.items()}
+
+
+def freezing_claim(report: dict, name: str, label: str) -> tuple[FreezingFinding, str]:
+    """The finding of "Freezing ``name`` protects" recomputed from section 3's table (``label``:
+    its row), checked against the summary line's verdict, counts and per-attack comparisons."""
+    initial, asr = attack_numbers(report)
+    unprotected, control = asr["no protection"], asr["freeze as many random units (control)"]
+    finding = freezing_protects(initial, {a: AttackRates(unprotected[a], asr[label][a], control[a])
+                                          for a in unprotected})
+    line = claim(report, f"Freezing {name} protects")
+    assert verdict(line) == finding.verdict
+    counts = re.search(r"of the (\d+) attacks that raised ASR without protection, ASR is lower with the freeze in "
+                       r"(\d+) \(", line).groups()
+    assert counts == (str(len(finding.testable)), str(len(finding.protected)))
+    written = re.findall(rf"(\w+): {PCT} vs {PCT} unprotected, (\w+); vs the random control (\w+)"
+                         r"( \(the attack did not raise ASR\))?", line)
+    assert [(o.attack, o.vs_unprotected, o.vs_control, not o.raised) for o in finding.outcomes] == [
+        (a, vs, vc, bool(did_not)) for a, vs, vc, did_not in written]
+    return finding, line

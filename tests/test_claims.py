@@ -31,9 +31,10 @@ from experiments.reproduce.claims import (
 )
 from ssah_jax.attribution import KINDS
 from tests.report_tables import (
+    PCT,
     VERDICT,
-    attack_numbers,
     claim,
+    freezing_claim,
     pruning_numbers,
     rate,
     read_report,
@@ -43,7 +44,6 @@ from tests.report_tables import (
 )
 
 REPORT = Path(__file__).resolve().parents[1] / "experiments" / "results" / "smollm2" / "REPORT.md"
-PCT = r"[\d.]+%(?: \[[\d.]+, [\d.]+\])?"  # a printed rate, with or without its interval
 
 # ---------------------------------------------------------------------------------------------
 # Reading the committed report
@@ -118,19 +118,7 @@ def test_redundant_units(report):
 @pytest.mark.parametrize("name, label", [("SCU + top 6% CU", "freeze SCU + top 6% CU"),
                                          ("SCU + all CU", "freeze SCU + all CU")])
 def test_freezing_protects(report, name, label):
-    initial, asr = attack_numbers(report)
-    unprotected, control = asr["no protection"], asr["freeze as many random units (control)"]
-    finding = freezing_protects(initial, {a: AttackRates(unprotected[a], asr[label][a], control[a])
-                                          for a in unprotected})
-    line = claim(report, f"Freezing {name} protects")
-    assert verdict(line) == finding.verdict
-    counts = re.search(r"of the (\d+) attacks that raised ASR without protection, ASR is lower with the freeze in "
-                       r"(\d+) \(", line).groups()
-    assert counts == (str(len(finding.testable)), str(len(finding.protected)))
-    written = re.findall(rf"(\w+): {PCT} vs {PCT} unprotected, (\w+); vs the random control (\w+)"
-                         r"( \(the attack did not raise ASR\))?", line)
-    assert [(o.attack, o.vs_unprotected, o.vs_control, not o.raised) for o in finding.outcomes] == [
-        (a, vs, vc, bool(did_not)) for a, vs, vc, did_not in written]
+    freezing_claim(report, name, label)
 
 
 def test_the_freezing_verdicts_are_those_written(report):

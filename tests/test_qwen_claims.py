@@ -9,17 +9,15 @@ from pathlib import Path
 import pytest
 
 from experiments.reproduce.claims import (
-    AttackRates,
     Verdict,
-    freezing_protects,
     redundant_units_are_cheap,
     refuses,
     safety_units_carry_refusal,
 )
 from tests.report_tables import (
     VERDICT,
-    attack_numbers,
     claim,
+    freezing_claim,
     pruning_numbers,
     rate,
     read_report,
@@ -75,15 +73,7 @@ def test_redundant_units(report):
 @pytest.mark.parametrize("name, label", [("SCU + top 6% CU", "freeze SCU + top 6% CU"),
                                          ("SCU + all CU", "freeze SCU + all CU")])
 def test_freezing_protects(report, name, label):
-    initial, asr = attack_numbers(report)
-    unprotected, control = asr["no protection"], asr["freeze as many random units (control)"]
-    finding = freezing_protects(initial, {a: AttackRates(unprotected[a], asr[label][a], control[a])
-                                          for a in unprotected})
-    line = claim(report, f"Freezing {name} protects")
-    assert verdict(line) == finding.verdict
-    counts = re.search(r"of the (\d+) attacks that raised ASR without protection, ASR is lower with the freeze in "
-                       r"(\d+) \(", line).groups()
-    assert counts == (str(len(finding.testable)), str(len(finding.protected)))
+    freezing_claim(report, name, label)
 
 
 def test_every_verdict_of_the_report_is_covered(report):
