@@ -204,29 +204,20 @@ def run_stage(directory: Path, fn: Callable[[Path], Any], record: dict[str, Any]
     hosts.sync(f"stage {directory.name} finished")  # its files are complete for every process
 
 
-def release_memory() -> int:
-    """Hands the memory a finished stage freed back to the operating system; returns the bytes
-    of resident memory this released (0 where the C library has no ``malloc_trim``).
+def release_memory() -> None:
+    """Hands the memory a finished stage freed back to the operating system (where the C
+    library has ``malloc_trim``).
 
     A stage's arrays are freed when it ends, but glibc keeps freed heap memory resident, and
     the next stage's allocations reuse it only in part: the third fine-tuning attack of
-    Qwen2.5-Coder-0.5B in one reproduce process was OOM-killed at 24 GB resident, where each
-    attack in a fresh process peaked at 14 GB. ``malloc_trim(0)`` returns the free pages."""
+    Qwen2.5-Coder-0.5B in one reproduce process was OOM-killed at 24 GB resident, where an
+    attack in a fresh process peaked at about 15 GB (both sampled with ``ps``).
+    ``malloc_trim(0)`` returns the free pages."""
     gc.collect()  # reference cycles holding arrays first
     name = ctypes.util.find_library("c")
     trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-    if trim is None:
-        return 0
-    before = _resident_bytes()
-    trim(0)
-    return max(before - _resident_bytes(), 0)
-
-
-def _resident_bytes() -> int:
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
+    if trim is not None:
+        trim(0)
 
 
 class StageTimer:
