@@ -97,9 +97,11 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     # The explicit safety signal (Li & Kim 2025): "" (none) | linear | mlp head on a [CLS] slot,
     # trained with L_sft + lam * L_cls; malicious: the data.dataset components labelled 1;
     # lr_scale: the [CLS] embedding's and head's updates scaled (a fresh head on the model's
-    # raw final states learns slowly at a fine-tuning learning rate)
+    # raw final states learns slowly at a fine-tuning learning rate); probe: start the head from a
+    # linear probe on the unaligned model's [CLS] states of the training prompts, its L2 chosen on
+    # the held-out examples (ssah_jax/signals/probe.py; needs data.heldout > 0)
     c.signal = ConfigDict(dict(head="", lam=0.1, malicious=("bianchi_safety", "safety_refusals_short"),
-                               lr_scale=1.0))
+                               lr_scale=1.0, probe=False))
     # Deep-alignment augmentation (Qi et al. 2024): the last `count` records of a harmful
     # question -> answer dataset, each answer cut after k ~ U[1, max_tokens] tokens and turned
     # into the refusal (only the refusal is learned); "" = none

@@ -75,10 +75,14 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
         head="linear",  # linear | mlp, on [CLS]'s final hidden state
         lam=0.1,  # L_sft + lam * L_cls (the paper: 0.1, or 0.01)
         malicious=("bianchi_safety", "safety_refusals_short"),  # align.dataset components labelled 1
-        # the [CLS] embedding's and head's updates scaled: at the alignment's learning rate and
-        # steps a linear head on the model's raw final states stays near chance (AUROC 0.42 on
-        # held-out prompts at 1.0, experiments/results/signals_smollm2 of 97f2324)
-        lr_scale=30.0,
+        # The head starts from a linear probe on the unaligned model's [CLS] states (its L2 chosen
+        # on align.heldout), then trains alongside at the alignment's learning rate. A head from
+        # scratch stays near chance at that rate (AUROC 0.42 on held-out prompts,
+        # experiments/results/signals_smollm2 of 97f2324); at 30x it learned on one CPU (0.89, the
+        # report of 9ada4a3) and not on another with the same code and config (0.69): the outcome
+        # hung on the trajectory of 56 small batches. The probe is a convex fit.
+        probe=True,
+        lr_scale=1.0,
     ))
     c.augment = ConfigDict(dict(
         # the last `count` harmful_qa records (the attack takes the first ones): answers starting

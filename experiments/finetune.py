@@ -110,6 +110,8 @@ def validate(config: ConfigDict) -> None:
     if sig.head:
         check("signal.lam", lambda v: v > 0, "must be > 0")
         check("signal.lr_scale", lambda v: v > 0, "must be > 0")
+        check("signal.probe", lambda v: not v or config.data.heldout > 0,
+              "needs held-out examples (data.heldout > 0) to choose the probe's regularisation on")
         names = [name for name, _ in parse_mixture(config.data.dataset)]
         check("signal.malicious", lambda v: set(v) <= set(names) and set(v) and set(names) - set(v),
               f"must name some but not all of data.dataset's components {names} (the rest are benign)")
@@ -266,7 +268,8 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     layout = Layout(scan=config.model_layout.scan, remat=config.model_layout.remat)
     with jax.set_mesh(mesh), use_rules():
         o = config.optimizer
-        freeze, extra = freeze_setting(config, model), signal_training(config, model)
+        freeze = freeze_setting(config, model)
+        extra, probed = signal_training(config, model, train_examples, heldout_examples, tokenizer.pad_token_id)
         unrolled, model_config = nnx.graphdef(model), model.config  # what the export is made of
         model = with_layout(model, layout)  # (the unrolled arrays go with their last reference)
         training = setup_training(
@@ -289,7 +292,10 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
             def heldout_loss(step, state):
                 sums, counts = jax.tree.map(lambda *xs: sum(map(float, xs)),
                                             *[eval_step(state, shard_batch(b)) for b in heldout])
-                return {"heldout_loss": sums["nll"] / max(counts["nll"], 1.0)}
+                metrics = {"heldout_loss": sums["nll"] / max(counts["nll"], 1.0)}
+                if config.signal.head:  # the classifier on the held-out examples: BCE and accuracy at 0.5
+                    metrics.update({f"heldout_{k}": sums[k] / max(counts[k], 1.0) for k in ("cls", "cls_accuracy")})
+                return metrics
 
             hooks.append(heldout_loss)
         data_id = {"dataset": d.dataset, "split": d.split, "examples": len(train_examples),
@@ -315,6 +321,9 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
             "frozen_elements": frozen, "total_elements": total, "frozen_unchanged": before == after,
             "examples": {"train": len(train_examples), "heldout": len(heldout_examples)},
             "heldout_loss": {r["step"]: r["heldout_loss"] for r in records if r["kind"] == "eval"},
+            "heldout_classifier": {r["step"]: {"bce": r["heldout_cls"], "accuracy": r["heldout_cls_accuracy"]}
+                                   for r in records if r["kind"] == "eval" and "heldout_cls" in r},
+            "probe": probed.to_dict() if probed else None,
             "augmented_examples": augmented.examples if augmented else 0, "signal": config.signal.head or None,
             "train": summary, "export": str(export),
         }
@@ -352,13 +361,23 @@ def run_for_export(config: ConfigDict, directory: Path) -> None:
         shutil.rmtree(directory / "checkpoints", ignore_errors=True)
 
 
-def signal_training(config: ConfigDict, model: Any) -> dict[str, Any]:
-    """``setup_training``'s objective and extra parameters for ``config.signal`` (none without a head)."""
+def signal_training(config: ConfigDict, model: Any, train: list, heldout: list, pad_id: int
+                    ) -> tuple[dict[str, Any], signals.ProbeResult | None]:
+    """``setup_training``'s objective and extra parameters for ``config.signal`` (none without a
+    head), and the linear probe's result when ``signal.probe`` starts the head from one (on the
+    ``train`` examples, its regularisation chosen on the ``heldout`` ones)."""
     if not config.signal.head:
-        return {}
+        return {}, None
     signal = signals.SafetySignal.init(model.config, config.signal.head, rng=jax.random.key(config.seed))
-    return {"objective": signals.SignalLoss(config.signal.lam), "extra": {"signal": signal.params},
-            "extra_lr_scale": config.signal.lr_scale}
+    probed = None
+    if config.signal.probe:
+        print(f"Linear probe of the [CLS] head on {len(train)} training and {len(heldout)} held-out prompts ...",
+              flush=True)
+        signal, probed = signals.fit_probe(model, signal, train, heldout, pad_id=pad_id,
+                                       batch_size=config.eval_batch_size)
+        print(probed, flush=True)
+    return ({"objective": signals.SignalLoss(config.signal.lam), "extra": {"signal": signal.params},
+             "extra_lr_scale": config.signal.lr_scale}, probed)
 
 
 def plot_loss(records: list[dict], path: Path) -> Path:
@@ -392,9 +411,15 @@ def render_report(config: ConfigDict, result: dict, stats: Any, plot: Path) -> s
         f"Freeze setting: {result['description']}. Trained elements: {result['trained_elements']:,} of "
         f"{result['total_elements']:,}. Frozen elements bit-identical after training (checksum): "
         f"{'yes' if result['frozen_unchanged'] else '**NO**'}.", "",
-        "| step | held-out loss |", "|---|---|",
     ]
-    lines += [f"| {step} | {loss:.4f} |" for step, loss in sorted(result["heldout_loss"].items())]
+    cls = result.get("heldout_classifier") or {}
+    if cls:  # the signal's classifier on the same held-out examples
+        lines += ["| step | held-out loss | classifier BCE | classifier accuracy |", "|---|---|---|---|"]
+        lines += [f"| {step} | {loss:.4f} | {cls[step]['bce']:.4f} | {cls[step]['accuracy']:.3f} |"
+                  for step, loss in sorted(result["heldout_loss"].items())]
+    else:
+        lines += ["| step | held-out loss |", "|---|---|"]
+        lines += [f"| {step} | {loss:.4f} |" for step, loss in sorted(result["heldout_loss"].items())]
     lines += [
         "", f"Held-out set: the last {result['examples']['heldout']} usable `{config.data.dataset}` examples.", "",
         f"![loss]({plot.name})", "",
@@ -405,6 +430,14 @@ def render_report(config: ConfigDict, result: dict, stats: Any, plot: Path) -> s
         lines += [f"Safety signal: {config.signal.head} head on [CLS], loss L_sft + {config.signal.lam} L_cls "
                   f"(its updates scaled {config.signal.lr_scale}x), "
                   f"malicious components {', '.join(config.signal.malicious)}; `export/{signals.FILE}`.", ""]
+        if result.get("probe"):
+            p = result["probe"]
+            lines += [f"The head started from a linear probe on the unaligned model's [CLS] states (LP-FT, Kumar "
+                      f"et al. 2022): L2 {p['l2']:g} of {', '.join(p['validation_bce'])} by the held-out BCE "
+                      f"({', '.join(f'{v:.3f}' for v in p['validation_bce'].values())}); BCE {p['train']['bce']:.3f}, "
+                      f"accuracy {p['train']['accuracy']:.3f} on the {p['n_train']} training prompts, "
+                      f"{p['validation']['bce']:.3f} / {p['validation']['accuracy']:.3f} on the "
+                      f"{p['n_validation']} held-out ones.", ""]
     if result["augmented_examples"]:
         a = config.augment
         lines += [f"Deep-alignment augmentation: {result['augmented_examples']} examples from the last {a.count} of "

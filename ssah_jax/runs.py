@@ -73,8 +73,8 @@ class WorkdirError(ValueError):
 # workdir. Matched on the dotted key's tail, as sub-runs nest configs (``train.signal.lr_scale``
 # is finetune's key inside an attack stage): a tail must name one key of one experiment's config
 # wherever it appears (tests/test_run_identity.py checks every preset).
-ADDED_KEYS: dict[str, Any] = {"signal.lr_scale": 1.0, "model_layout.scan": False, "model_layout.remat": "none",
-                              "overrefusal.dataset": "xstest", "prompts_dataset": ""}
+ADDED_KEYS: dict[str, Any] = {"signal.lr_scale": 1.0, "signal.probe": False, "model_layout.scan": False,
+                              "model_layout.remat": "none", "overrefusal.dataset": "xstest", "prompts_dataset": ""}
 
 # Top-level sections an experiment's config gained after results were recorded (finetune's
 # model_layout; its evaluation, excluded from its identity; generate's prompts_dataset;

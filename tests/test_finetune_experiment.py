@@ -102,6 +102,10 @@ def test_finetune_config_errors_name_the_key(tmp_path):
     config.data.dataset, config.signal.malicious = "bianchi_safety:8,alpaca_libre:8", ("bianchi_safty",)  # a typo
     with pytest.raises(ConfigError, match="config.signal.malicious"):
         finetune.run(config, str(tmp_path / "e"))
+    config.signal.malicious, config.signal.probe, config.data.heldout = ("bianchi_safety",), True, 0
+    with pytest.raises(ConfigError, match="config.signal.probe"):  # nothing to choose its L2 on
+        finetune.run(config, str(tmp_path / "e"))
+    config.signal.probe = False
     config.signal.head, config.augment.dataset, config.augment.count = "", "harmful_qa", 0
     with pytest.raises(ConfigError, match="config.augment.count"):
         finetune.run(config, str(tmp_path / "f"))
@@ -118,11 +122,18 @@ def test_a_signal_trains_alongside_and_is_exported_beside_the_model(tiny_chat_mo
         tmp_path, f"--config.model={tiny_chat_model}", "--config.data.dataset=bianchi_safety:8,alpaca_libre:16",
         "--config.signal.head=mlp", "--config.signal.malicious=('bianchi_safety',)",
         "--config.augment.dataset=harmful_qa", "--config.augment.count=4",
+        "--config.signal.probe=True", "--config.data.heldout=2",
         "--config.data.max_length=128", "--config.steps=2"), cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "12 malicious / 16 benign examples, balanced to 32" in done.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["augmented_examples"] == 4 and metrics["signal"] == "mlp" and metrics["examples"]["train"] == 32
+    # the head started from the probe (on the 32 balanced examples, L2 chosen on the 4 held out);
+    # the classifier is scored on the held-out examples at each evaluation
+    probe = metrics["probe"]
+    assert probe["n_train"] == 32 and probe["n_validation"] == 4 and probe["l2"] in (1e-4, 1e-3, 1e-2, 1e-1)
+    assert "linear probe on the unaligned model" in (tmp_path / "report.md").read_text()
+    assert set(metrics["heldout_classifier"]) == set(metrics["heldout_loss"])
     terms = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "train"][-1]
     assert {"cls", "cls_accuracy"} <= set(terms)
     model, tokenizer = load_model(str(tmp_path / "export"))
@@ -138,11 +149,11 @@ def test_signal_lr_scale_reaches_the_optimizer(tiny_chat_model):
     from ssah_jax.checkpoints import load_model
 
     model, _ = load_model(str(tiny_chat_model))
-    config = ConfigDict(dict(seed=0, signal=ConfigDict(dict(head="linear", lam=0.1, lr_scale=5.0))))
-    training = finetune.signal_training(config, model)
-    assert training["extra_lr_scale"] == 5.0 and set(training["extra"]) == {"signal"}
+    config = ConfigDict(dict(seed=0, signal=ConfigDict(dict(head="linear", lam=0.1, lr_scale=5.0, probe=False))))
+    training, probed = finetune.signal_training(config, model, [], [], 0)
+    assert training["extra_lr_scale"] == 5.0 and set(training["extra"]) == {"signal"} and probed is None
     config.signal.head = ""
-    assert finetune.signal_training(config, model) == {}
+    assert finetune.signal_training(config, model, [], [], 0) == ({}, None)
 
 
 def test_a_scanned_run_exports_what_the_unrolled_run_exports(tiny_chat_model, tmp_path):

@@ -48,7 +48,8 @@ def test_a_key_added_later_keeps_older_identities_at_its_old_value():
 
 # Per key of runs.ADDED_KEYS, a key that only its experiment's config has beside it: finetune's
 # signal.malicious, evaluate's harmful.exclude, generate's prompts_file.
-ADDED_BY = {"signal.lr_scale": "signal.malicious", "model_layout.scan": "signal.malicious",
+ADDED_BY = {"signal.lr_scale": "signal.malicious", "signal.probe": "signal.malicious",
+            "model_layout.scan": "signal.malicious",
             "model_layout.remat": "signal.malicious", "overrefusal.dataset": "harmful.exclude",
             "prompts_dataset": "prompts_file"}
 

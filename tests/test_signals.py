@@ -282,3 +282,48 @@ def test_evaluation_takes_a_signal_model_in_place_of_a_model(chat):
         multiple_choice_rows(model, tokenizer, mmlu, "mmlu")
     with pytest.raises(ValueError, match="chat prompts only"):
         deployed.respond(tokenizer, ["raw text"], chat=False)
+
+
+def _labelled(tokenizer, start, count):
+    harmful = [Record(r.prompt, response="I cannot help with that.") for r in load_local("advbench")[0]]
+    benign = with_responses(load_local("alpaca_libre", on_error="skip")[0])
+    examples = []
+    for label, records in ((1, harmful), (0, benign)):
+        encoded, _ = encode_records(tokenizer, records[start : start + count], max_length=96)
+        examples += [dataclasses.replace(e, label=label) for e in encoded]
+    return examples
+
+
+def test_the_probe_reads_the_query_alone_and_fits_a_head_that_separates(chat):
+    """The probe's input is [CLS]'s state over the query part of each example (the same as over
+    the whole row); its head minimises the regularised BCE (gradient ~ 0), separates the training
+    prompts of a frozen random model, keeps [CLS] and the mlp's hidden layer, and its L2 is the
+    grid's best on the validation prompts."""
+    from ssah_jax.signals.probe import _bce, _features, fit_output_layer, query_chat
+
+    model, tokenizer, signal = chat
+    pad = tokenizer.pad_token_id
+    train, validation = _labelled(tokenizer, 0, 8), _labelled(tokenizer, 8, 4)
+    whole = signals.forward(model, signal, *(jnp.asarray(a[None]) for a in (
+        train[0].ids, np.ones_like(train[0].ids), train[0].roles.astype(np.int32))))[0].hidden[0, 0]
+    query = query_chat(train[0])
+    assert len(query.ids) < len(train[0].ids) and not (query.roles == Role.RESPONSE).any()
+    np.testing.assert_allclose(signals.cls_states(model, signal, [query], pad_id=pad)[0], np.asarray(whole),
+                               atol=1e-5)
+
+    probed, result = signals.fit_probe(model, signal, train, validation, pad_id=pad, batch_size=4)
+    assert result.l2 == min(result.validation_bce, key=lambda k: (result.validation_bce[k], k))
+    assert result.n_train == 16 and result.n_validation == 8 and result.train["accuracy"] == 1.0
+    np.testing.assert_array_equal(probed.params["cls"], signal.params["cls"])
+    np.testing.assert_array_equal(probed.params["head"]["w1"], signal.params["head"]["w1"])
+    hidden = signals.cls_states(model, signal, [query_chat(e) for e in train], pad_id=pad)
+    labels = np.asarray([e.label for e in train])
+    assert ((np.asarray(signals.head_logit(probed, jnp.asarray(hidden))) > 0) == labels).all()
+
+    x, y = _features(signal, jnp.asarray(hidden)), jnp.asarray(labels, jnp.float32)
+    w, b = fit_output_layer(x, y, 0.1)
+    grad = jax.grad(lambda wb: _bce(*wb, x, y) + 0.05 * jnp.sum(wb[0] ** 2))((w, b))
+    assert max(float(jnp.abs(g).max()) for g in grad) < 1e-4
+
+    with pytest.raises(ValueError, match="validation examples must hold both classes"):
+        signals.fit_probe(model, signal, train, validation[:4], pad_id=pad)

@@ -95,7 +95,8 @@ def _header(config: ConfigDict, out: Path, last: dict) -> list[str]:
         f"(`{config.align.dataset}`, {config.align.steps} steps of {config.align.batch_size}): **sft** (plain SFT), "
         f"**augmented** (plus {config.augment.count} deep-alignment examples of Qi et al. 2024 from "
         f"`{config.augment.dataset}`), **signal** (plus the `[CLS]` safety signal, {config.signal.head} head, "
-        f"lambda {config.signal.lam}, its updates scaled {config.signal.lr_scale}x; Li & Kim, *Safety Alignment "
+        f"lambda {config.signal.lam}, its updates scaled {config.signal.lr_scale}x"
+        f"{', the head started from a linear probe' if config.signal.probe else ''}; Li & Kim, *Safety Alignment "
         "Can Be Not Superficial With Explicit Safety Signals*, ICML 2025). The signal model decodes "
         f"strategically (threshold {d.threshold}, r1/r2/r3 "
         f"{d.r1}/{d.r2}/{d.r3}, tau {d.tau}, period {d.period}) under each schedule: `signal/<schedule>`. "
@@ -296,8 +297,23 @@ def _training(config: ConfigDict, out: Path) -> Section:
     lines += ["", f"The signal's classifier at the end of training (the last {len(tail)} logged steps): BCE {bce:.3f} "
               f"(chance: 0.693), training-batch accuracy {_pct(accuracy)}; the `[CLS]` embedding and the head "
               f"trained at {config.signal.lr_scale}x the model's learning rate.", ""]
-    return lines, [f"- The classifier's training (reported): final BCE {bce:.3f} (chance 0.693), batch accuracy "
-                   f"{_pct(accuracy)}."]
+    summary = [f"- The classifier's training (reported): final BCE {bce:.3f} (chance 0.693), batch accuracy "
+               f"{_pct(accuracy)}."]
+    signal = _json(out / "align_signal" / "metrics.json")
+    if signal.get("probe"):
+        p = signal["probe"]
+        held = signal["heldout_classifier"][max(signal["heldout_classifier"], key=int)]
+        lines += [f"The head started from a linear probe (LP-FT, Kumar et al. 2022; `ssah_jax.signals.fit_probe`): "
+                  f"logistic regression on the unaligned model's `[CLS]` states of the {p['n_train']} training "
+                  f"prompts, "
+                  f"its L2 ({p['l2']:g}) chosen by the BCE on the alignment's {p['n_validation']} held-out examples "
+                  f"(a validation split: none of the held-out prompts below). On those held-out examples the "
+                  f"classifier's BCE / accuracy: {p['validation']['bce']:.3f} / {_pct(p['validation']['accuracy'])} "
+                  f"after the probe, {held['bce']:.3f} / {_pct(held['accuracy'])} after the alignment.", ""]
+        summary.append(f"- Validation (the alignment's held-out examples): classifier BCE {held['bce']:.3f}, accuracy "
+                       f"{_pct(held['accuracy'])} after training (after the probe: {p['validation']['bce']:.3f}, "
+                       f"{_pct(p['validation']['accuracy'])}).")
+    return lines, summary
 
 
 def _paper(evals: dict) -> Section:

@@ -13,12 +13,14 @@ from ssah_jax.signals.decoding import (
     generate,
 )
 from ssah_jax.signals.objective import SignalLoss
+from ssah_jax.signals.probe import ProbeResult, fit_probe
 from ssah_jax.signals.signal import (
     FILE,
     HEADS,
     PHASES,
     SafetySignal,
     classify,
+    cls_states,
     forward,
     head_logit,
     load,
@@ -28,7 +30,7 @@ from ssah_jax.signals.signal import (
 )
 
 __all__ = [
-    "FILE", "HEADS", "PHASES", "REFUSAL_PREFIX", "SCHEDULES", "SafetySignal", "SignalLoss", "SignalModel",
-    "SignalState", "StrategicDecoding", "classify", "decode_inputs", "forward", "generate", "head_logit", "load",
-    "mask", "prepend_cls", "save",
+    "FILE", "HEADS", "PHASES", "REFUSAL_PREFIX", "SCHEDULES", "ProbeResult", "SafetySignal", "SignalLoss",
+    "SignalModel", "SignalState", "StrategicDecoding", "classify", "cls_states", "decode_inputs", "fit_probe",
+    "forward", "generate", "head_logit", "load", "mask", "prepend_cls", "save",
 ]

@@ -130,8 +130,24 @@ def check_query(encoded: Sequence[Chat], prompts: Sequence[str]) -> None:
 
 
 @nnx.jit
-def _probabilities(model, signal, ids, attention_mask, roles):
-    return jax.nn.sigmoid(forward(model, signal, ids, attention_mask, roles)[1])
+def _cls_hidden(model, signal, ids, attention_mask, roles):
+    return forward(model, signal, ids, attention_mask, roles)[0].hidden[:, 0].astype(jnp.float32)
+
+
+def cls_states(model: CausalLM, signal: SafetySignal, chats: Sequence[Chat], *, pad_id: int, batch_size: int = 8,
+               bucket: int = 64) -> np.ndarray:
+    """``[CLS]``'s final (normed) hidden state over each encoded prompt (float32 ``[n, hidden]``):
+    the head's input, one full forward under the ``"sft"`` mask per batch of left-padded rows."""
+    out = []
+    for start in range(0, len(chats), batch_size):
+        chunk = chats[start : start + batch_size]
+        length = padded_length(max(len(c.ids) for c in chunk), bucket)
+        fill = [[]] * (batch_size - len(chunk))
+        ids, attn = left_pad([c.ids.tolist() for c in chunk] + fill, length, pad_id)
+        roles, _ = left_pad([c.roles.tolist() for c in chunk] + fill, length, int(Role.PADDING))
+        h = _cls_hidden(model, signal, jnp.asarray(ids), jnp.asarray(attn), jnp.asarray(roles))
+        out.append(np.asarray(h)[: len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, model.config.hidden_size), np.float32)
 
 
 def classify(model: CausalLM, signal: SafetySignal, tokenizer: Any, prompts: Sequence[str], *,
@@ -141,17 +157,8 @@ def classify(model: CausalLM, signal: SafetySignal, tokenizer: Any, prompts: Seq
     encoded = [encode_prompt(tokenizer, p, system_prompt=system_prompt) for p in prompts]
     check_query(encoded, prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = []
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        length = padded_length(max(len(c.ids) for c in chunk), bucket)
-        rows = [c.ids.tolist() for c in chunk] + [[]] * (batch_size - len(chunk))
-        ids, attn = left_pad(rows, length, pad)
-        roles, _ = left_pad([c.roles.tolist() for c in chunk] + [[]] * (batch_size - len(chunk)), length,
-                            int(Role.PADDING))
-        p = _probabilities(model, signal, jnp.asarray(ids), jnp.asarray(attn), jnp.asarray(roles))
-        out.append(np.asarray(p)[: len(chunk)])
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0,), np.float32)
+    hidden = cls_states(model, signal, encoded, pad_id=pad, batch_size=batch_size, bucket=bucket)
+    return np.asarray(jax.nn.sigmoid(head_logit(signal, jnp.asarray(hidden))), np.float32)
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
