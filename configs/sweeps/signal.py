@@ -46,7 +46,7 @@ def get_config(preset: str = "smollm2") -> object:
                       max_length=a.max_length)
     c.set.steps, c.set.batch_size = a.steps, a.batch_size
     c.set.optimizer = dict(learning_rate=a.learning_rate, warmup_steps=a.warmup_steps)
-    c.set.signal = dict(head=s.head, malicious=s.malicious, lr_scale=s.lr_scale)
+    c.set.signal = dict(head=s.head, malicious=s.malicious, lr_scale=s.lr_scale, probe=s.probe)
     e = signals.evaluation
     c.set.evaluation = dict(
         tasks=("asr", "prefill", "overrefusal"), max_new_tokens=e.max_new_tokens,
