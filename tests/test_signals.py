@@ -299,7 +299,9 @@ def test_the_probe_reads_the_query_alone_and_fits_a_head_that_separates(chat):
     the whole row); its head minimises the regularised BCE (gradient ~ 0), separates the training
     prompts of a frozen random model, keeps [CLS] and the mlp's hidden layer, and its L2 is the
     grid's best on the validation prompts."""
-    from ssah_jax.signals.probe import _bce, _features, fit_output_layer, query_chat
+    import optax
+
+    from ssah_jax.signals.probe import fit_output_layer, query_chat
 
     model, tokenizer, signal = chat
     pad = tokenizer.pad_token_id
@@ -320,9 +322,12 @@ def test_the_probe_reads_the_query_alone_and_fits_a_head_that_separates(chat):
     labels = np.asarray([e.label for e in train])
     assert ((np.asarray(signals.head_logit(probed, jnp.asarray(hidden))) > 0) == labels).all()
 
-    x, y = _features(signal, jnp.asarray(hidden)), jnp.asarray(labels, jnp.float32)
+    head = signal.params["head"]  # the mlp's hidden layer: the output layer's input
+    x, y = jax.nn.gelu(jnp.asarray(hidden) @ head["w1"] + head["b1"]), jnp.asarray(labels, jnp.float32)
     w, b = fit_output_layer(x, y, 0.1)
-    grad = jax.grad(lambda wb: _bce(*wb, x, y) + 0.05 * jnp.sum(wb[0] ** 2))((w, b))
+    objective = lambda wb: jnp.mean(optax.sigmoid_binary_cross_entropy(x @ wb[0] + wb[1], y)) + 0.05 * jnp.sum(  # noqa: E731
+        wb[0] ** 2)
+    grad = jax.grad(objective)((w, b))
     assert max(float(jnp.abs(g).max()) for g in grad) < 1e-4
 
     with pytest.raises(ValueError, match="validation examples must hold both classes"):

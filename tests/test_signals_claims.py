@@ -77,8 +77,8 @@ def test_prefilling_verdicts_follow_from_the_table(report):
     for column in schedules:
         written = line(report, f"- **Prefilling stops working** (`{column}`;")
         assert verdict(written) is claims.prefilling_defended(prefill(report, column), sft).verdict, column
-    # the schedule that refuses at every step held only partly: its k = 20 and 40 intervals reach 5%
-    assert verdict(line(report, "- **Prefilling stops working** (`signal/each`;")) is Verdict.PARTLY
+    # with the probed head (a79eb76) the schedule that checks at every step held at every k
+    assert verdict(line(report, "- **Prefilling stops working** (`signal/each`;")) is Verdict.HELD
 
 
 def test_the_signal_against_augmentation_and_the_decoding_attack(report):
@@ -108,6 +108,9 @@ def test_the_caveat_is_the_benign_answers_the_refusal_was_inserted_into(report):
     assert claims.indiscriminate_insertion(share)
 
 
+@pytest.mark.xfail(strict=True, reason="issue 20: the compare report predates the signals report of the probed head "
+                   "(a79eb76) and needs a finished runs/reproduce to be regenerated; strict, so a regenerated compare "
+                   "report makes this marker fail until it is removed")
 def test_fine_tuning_cells_pool_the_seeds_the_compare_report_read(report):
     compared = json.loads(COMPARE.read_text())["methods"]
     runs = {m["run"]: m["attacks"] for m in compared.values() if m["pipeline"] == "signals"}
