@@ -1,15 +1,19 @@
 """Compare the defences of ``reproduce`` and ``signals`` under the same attacks, from their
-finished workdirs (see ``configs/compare.py``): a table of ASR after each fine-tuning attack
+reports (see ``configs/compare.py``): a table of ASR after each fine-tuning attack
 (the seeds' answers pooled, Wilson 95% intervals) per method, each method set against the
 unprotected runs of its own pipeline (Newcombe's interval of the difference), a table of ASR
 under prefilling, a plot, ``numbers.json`` and ``REPORT.md``. It computes nothing new: every
-number is read from the two workdirs, and the report names the commits they were computed by.
+number is read from the two reports' ``numbers.json`` (every stage's metrics and record, which
+each pipeline writes beside its ``REPORT.md`` and ``config.json``), and the report names the
+commits the numbers were computed by. So it needs neither workdir: the committed reports
+suffice, and regenerating one pipeline's report does not need the other run again.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,11 +23,11 @@ from ml_collections import ConfigDict
 
 from experiments.reproduce.subruns import attack_dir as reproduce_run
 from experiments.signals import attack_dir as signals_run
-from ssah_jax import hosts, runs
+from ssah_jax import hosts, runs, stages
 from ssah_jax.evaluation.intervals import Rate, compare, percent_bars
 
 EXCLUDED: tuple[str, ...] = ()
-# What both workdirs must share (dotted config keys, or their prefixes): the same unaligned model,
+# What both runs must share (dotted config keys, or their prefixes): the same unaligned model,
 # alignment recipe and contrast data, and the same attacks, seeds and attack evaluation
 SHARED = ("model", "data_dir", "dtype", "contrast", "align", "attack.datasets", "attack.seeds",
           "attack.batch_size", "attack.learning_rate", "attack.warmup_steps", "attack.evaluation.harmful",
@@ -46,7 +50,10 @@ METHODS = (
 def validate(config: ConfigDict) -> None:
     for key in ("reproduce", "signals"):
         runs.check(config, key, lambda v: (Path(v) / "config.json").exists(),
-                   f"must be a workdir of `ssah-jax {key}` (no config.json there)")
+                   f"must be the report directory of an `ssah-jax {key}` run (no config.json there)")
+        runs.check(config, key, lambda v: (Path(v) / stages.NUMBERS).exists(),
+                   f"holds no {stages.NUMBERS} (a report written before it was added): run `ssah-jax {key}` "
+                   "on its workdir again to rewrite the report")
 
 
 def _shared(config: dict) -> dict[str, Any]:
@@ -55,7 +62,7 @@ def _shared(config: dict) -> dict[str, Any]:
 
 
 def check_sources(rep: dict, sig: dict) -> None:
-    """Refuses a maker-aligned reproduce run (signals aligns the model itself) and workdirs that
+    """Refuses a maker-aligned reproduce run (signals aligns the model itself) and runs that
     differ in what the comparison holds fixed (SHARED)."""
     if rep.get("maker_aligned"):
         raise runs.ConfigError("config.reproduce: a run on a model aligned by its makers; signals aligns the "
@@ -66,28 +73,42 @@ def check_sources(rep: dict, sig: dict) -> None:
                                + runs.differences(a, b) + " (reproduce -> signals)")
 
 
-def _rate(path: Path, key: str) -> Rate:
-    m = runs.read_json(path)[key]
-    return Rate(m["asr"], m["n"])
+def _stage(numbers: dict, key: str, stage: str) -> dict[str, Any]:
+    """The entry of ``stage`` in the ``numbers.json`` of ``config.<key>``; a ConfigError naming
+    both when that run did not finish it."""
+    if stage not in numbers["stages"]:
+        raise runs.ConfigError(f"config.{key}: its {stages.NUMBERS} holds no finished stage {stage} "
+                               f"(finish it with `ssah-jax {key}` on that run's workdir)")
+    return numbers["stages"][stage]
 
 
-def gather(rep_dir: Path, sig_dir: Path, rep: dict, sig: dict) -> dict[str, Any]:
-    """Every number of the comparison, read from the two workdirs (a missing run is a
-    FileNotFoundError naming it)."""
+# What each model costs before any attack (signals' evaluations): (label, metric, its rate's field)
+COSTS = (("over-refusal", "overrefusal", "refusal_rate"), ("MMLU", "mmlu", "accuracy"), ("SST-2", "sst2", "accuracy"),
+         ("GSM8K", "gsm8k", "accuracy"))
+
+
+def _rate(metrics: dict, key: str, field: str = "asr") -> Rate:
+    return Rate(metrics[key][field], metrics[key]["n"])
+
+
+def gather(rep_numbers: dict, sig_numbers: dict, rep: dict, sig: dict) -> dict[str, Any]:
+    """Every number of the comparison, read from the two reports' ``numbers.json`` (a run that
+    is not there is a ConfigError naming it)."""
     attacks, seeds = list(rep["attack"]["datasets"]), list(rep["attack"]["seeds"])
-    result: dict[str, Any] = {"attacks": attacks, "seeds": seeds, "methods": {}, "prefill": {}, "codes": {}}
+    result: dict[str, Any] = {"attacks": attacks, "seeds": seeds, "methods": {}, "prefill": {}, "costs": {},
+                              "codes": {}}
     for pipeline, name, label, baseline in METHODS:
         if pipeline == "reproduce" and name not in rep["attack"]["variants"]:
             continue
-        where = rep_dir if pipeline == "reproduce" else sig_dir
+        numbers = rep_numbers if pipeline == "reproduce" else sig_numbers
         run_of = ((lambda a, s, n=name: reproduce_run(a, n, s)) if pipeline == "reproduce"
                   else (lambda a, s, n=name: signals_run(n, a, s)))
         per_attack = {}
         for attack in attacks:
-            rates = [_rate(where / run_of(attack, s) / "eval" / "metrics.json", "asr_no_system") for s in seeds]
+            records = [_stage(numbers, pipeline, run_of(attack, s)) for s in seeds]
+            rates = [_rate(r["files"]["eval/metrics.json"], "asr_no_system") for r in records]
             per_attack[attack] = {"pooled": Rate.pooled(rates), "seeds": rates}
-            for s in seeds:
-                record = runs.read_json(where / run_of(attack, s) / "stage.json")
+            for s, record in zip(seeds, records):
                 for code in record.get("code") or ["not recorded"]:
                     result["codes"].setdefault(code or "not a checkout", []).append(f"{pipeline}: {run_of(attack, s)}")
         result["methods"][label] = {"pipeline": pipeline, "run": name, "baseline": baseline, "attacks": per_attack}
@@ -95,8 +116,12 @@ def gather(rep_dir: Path, sig_dir: Path, rep: dict, sig: dict) -> dict[str, Any]
     for label, stage in (("plain SFT (also every freezing and LoRA model before fine-tuning)", "eval_sft"),
                          ("safety data augmentation", "eval_augmented"),
                          (f"explicit safety signal (schedule {first})", f"eval_signal/{first}")):
-        metrics = sig_dir / stage / "metrics.json"
+        record = _stage(sig_numbers, "signals", stage)
+        metrics = record["files"]["metrics.json"]
         result["prefill"][label] = {k: _rate(metrics, f"prefill_{k}") for k in sig["evaluation"]["prefill"]["tokens"]}
+        result["costs"][label] = {name: _rate(metrics, key, field) for name, key, field in COSTS if key in metrics}
+        for code in record.get("code") or ["not recorded"]:
+            result["codes"].setdefault(code or "not a checkout", []).append(f"signals: {stage}")
     return result
 
 
@@ -104,12 +129,19 @@ def _baseline_label(result: dict, pipeline: str, run: str) -> str:
     return next(label for label, m in result["methods"].items() if m["pipeline"] == pipeline and m["run"] == run)
 
 
+def _link(source: str, report_dir: Path) -> str:
+    """A markdown link from ``report_dir`` to the ``REPORT.md`` of the report directory ``source``."""
+    target = Path(source).resolve() / "REPORT.md"
+    return f"[{Path(source).name}/REPORT.md]({os.path.relpath(target, report_dir.resolve())})"
+
+
 def render(config: ConfigDict, result: dict, rep: dict, sig: dict, report_dir: Path, argv: list[str]) -> Path:
     attacks, seeds = result["attacks"], result["seeds"]
     ev = rep["attack"]["evaluation"]
     lines = ["# Defences compared under the same attacks", "",
              "```bash", " ".join(["ssah-jax", *argv[1:]]), "```", "",
-             f"Read from `{config.reproduce}` (`ssah-jax reproduce`) and `{config.signals}` (`ssah-jax signals`), "
+             f"Read from the reports of `ssah-jax reproduce` ({_link(config.reproduce, report_dir)}) and "
+             f"`ssah-jax signals` ({_link(config.signals, report_dir)}) (their `numbers.json`), "
              f"both on `{rep['model']}` aligned by the same recipe (`{rep['align']['dataset']}`, "
              f"{rep['align']['steps']} steps); nothing is recomputed. Each fine-tuning attack ("
              + ", ".join(f"{a}: {d['steps']} steps on `{d['dataset']}`" for a, d in rep["attack"]["datasets"].items())
@@ -140,9 +172,19 @@ def render(config: ConfigDict, result: dict, rep: dict, sig: dict, report_dir: P
     for label, rates in result["prefill"].items():
         cells = [f"{rates[k]}" + ("" if rates is sft else f", {compare(rates[k], sft[k])}") for k in ks]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    names = [name for name, _, _ in COSTS if all(name in costs for costs in result["costs"].values())]
+    lines += ["", "## Costs before any attack", "",
+              "Over-refusal: XSTest's safe prompts refused; MMLU, SST-2, GSM8K: accuracy (signals' evaluation, "
+              "where its report says how each is measured). Each against plain SFT.", "",
+              "| model | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    sft = next(iter(result["costs"].values()))
+    for label, costs in result["costs"].items():
+        cells = [f"{costs[n]}" + ("" if costs is sft else f", {compare(costs[n], sft[n])}") for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     codes = result["codes"]
     lines += ["", f"![ASR after each attack and under prefilling]({plot(result, report_dir / 'compare.png').name})", "",
-              "## Provenance", "", "The commits that computed the attack runs read here (`stage.json` of each):", ""]
+              "## Provenance", "",
+              "The commits that computed the runs read here (each run's record in `numbers.json`):", ""]
     lines += [f"- `{code}`: {len(where)} runs" for code, where in sorted(codes.items())]
     if len(codes) > 1:
         lines += ["", "**Note**: the runs came from different code; check that the commits in between change "
@@ -178,9 +220,9 @@ def plot(result: dict, path: Path) -> Path:
 
 
 def numbers(result: dict) -> dict:
-    def rate(r: Rate) -> dict:
+    def rate(r: Rate, name: str = "asr") -> dict:
         low, high = r.interval
-        return {"asr": r.value, "n": r.n, "low": low, "high": high}
+        return {name: r.value, "n": r.n, "low": low, "high": high}
 
     return {"attacks": result["attacks"], "seeds": result["seeds"], "codes": result["codes"],
             "methods": {label: {**{k: m[k] for k in ("pipeline", "run", "baseline")},
@@ -188,15 +230,17 @@ def numbers(result: dict) -> dict:
                                             for a, v in m["attacks"].items()}}
                         for label, m in result["methods"].items()},
             "prefill": {label: {str(k): rate(r) for k, r in rates.items()}
-                        for label, rates in result["prefill"].items()}}
+                        for label, rates in result["prefill"].items()},
+            "costs": {label: {name: rate(r, "rate") for name, r in costs.items()}
+                      for label, costs in result["costs"].items()}}
 
 
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
-    rep_dir, sig_dir = Path(config.reproduce), Path(config.signals)
-    rep, sig = runs.read_json(rep_dir / "config.json"), runs.read_json(sig_dir / "config.json")
+    sources = {key: Path(config[key]) for key in ("reproduce", "signals")}
+    rep, sig = (runs.read_json(sources[key] / "config.json") for key in ("reproduce", "signals"))
     check_sources(rep, sig)
-    result = gather(rep_dir, sig_dir, rep, sig)
+    result = gather(*(runs.read_json(sources[key] / stages.NUMBERS) for key in ("reproduce", "signals")), rep, sig)
     out = runs.prepare_workdir(workdir, config, EXCLUDED, overwrite=overwrite)
     report_dir = Path(config.report_dir) if config.report_dir else out / "report"
     path = report_dir / "REPORT.md"

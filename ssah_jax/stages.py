@@ -204,6 +204,31 @@ def run_stage(directory: Path, fn: Callable[[Path], Any], record: dict[str, Any]
     hosts.sync(f"stage {directory.name} finished")  # its files are complete for every process
 
 
+NUMBERS = "numbers.json"
+
+
+def write_numbers(workdir: str | Path, path: Path) -> Path:
+    """Writes ``path`` (``numbers.json`` beside a report): per finished stage of ``workdir`` (by
+    its path there) where its numbers came from (its record's ``identity``, ``code``,
+    ``finished``, ``seconds``, ``invocations``, ``copied_from``) and what it measured
+    (``files``: each ``metrics.json`` it wrote, by its path in the stage: its own and those of
+    its subdirectories that are not stages themselves, e.g. an attack run's ``eval/``). Small
+    enough to commit with the report, so a command that reads finished pipelines
+    (``ssah-jax compare``) reads them there instead of needing their workdirs of checkpoints."""
+    workdir = Path(workdir)
+    kept = ("identity", "code", "finished", "seconds", "invocations", "copied_from")
+    found = {}
+    for marker in sorted(workdir.glob(f"**/{RECORD}")):
+        directory, record = marker.parent, runs.read_json(marker)
+        files = [directory / "metrics.json", *sorted(directory.glob("*/metrics.json"))]
+        found[str(directory.relative_to(workdir))] = {
+            **{k: record[k] for k in kept if k in record},
+            "files": {str(f.relative_to(directory)): runs.read_json(f) for f in files
+                      if f.exists() and (f.parent == directory or not (f.parent / RECORD).exists())}}
+    path.write_text(json.dumps({"stages": found}, indent=1) + "\n")
+    return path
+
+
 def release_memory() -> None:
     """Hands the memory a finished stage freed back to the operating system (where the C
     library has ``malloc_trim``).

@@ -1,6 +1,7 @@
-"""ssah-jax compare: the table and the prefilling rows are the two workdirs' numbers, each method
-set against its own pipeline's unprotected runs; workdirs that differ in what the comparison
-holds fixed, or a maker-aligned reproduce run, are refused."""
+"""ssah-jax compare: the table and the prefilling rows are the numbers of the two runs' reports
+(their numbers.json, written from the workdirs by ssah_jax.stages.write_numbers), each method set
+against its own pipeline's unprotected runs; runs that differ in what the comparison holds fixed,
+a maker-aligned reproduce run, a missing run and a report without numbers.json are refused."""
 
 import json
 from pathlib import Path
@@ -11,6 +12,7 @@ from ml_collections import ConfigDict
 from experiments import compare
 from experiments.reproduce.subruns import attack_dir as reproduce_run
 from experiments.signals import attack_dir as signals_run
+from ssah_jax import stages
 from ssah_jax.evaluation.intervals import Rate
 from ssah_jax.runs import ConfigError, config_from_file
 
@@ -28,9 +30,20 @@ def write(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value))
 
 
+def reports(rep_dir: Path, sig_dir: Path) -> ConfigDict:
+    """The report directories the two pipelines would write from these workdirs (their
+    config.json and numbers.json), and the compare config that reads them."""
+    for workdir in (rep_dir, sig_dir):
+        report = workdir / "report"
+        write(report / "config.json", json.loads((workdir / "config.json").read_text()))
+        stages.write_numbers(workdir, report / stages.NUMBERS)
+    return ConfigDict({"reproduce": str(rep_dir / "report"), "signals": str(sig_dir / "report"), "report_dir": ""})
+
+
 def workdirs(tmp_path: Path, asr: dict[str, float], **signals_changes) -> tuple[Path, Path, dict]:
-    """Finished-looking reproduce and signals workdirs of the tiny presets: every attack run of
-    each method with ASR ``asr[method] + SEED_STEP * seed``, signals' prefilling evaluations."""
+    """Finished-looking reproduce and signals workdirs of the tiny presets (every attack run of
+    each method with ASR ``asr[method] + SEED_STEP * seed``, signals' prefilling evaluations),
+    and the compare config that reads their reports."""
     rep = as_dict(config_from_file(ROOT / "configs" / "reproduce.py", "tiny"))
     sig = as_dict(config_from_file(ROOT / "configs" / "signals.py", "tiny"))
     # the tiny signals preset trains longer examples and attacks with one seed
@@ -59,12 +72,14 @@ def workdirs(tmp_path: Path, asr: dict[str, float], **signals_changes) -> tuple[
     ks = sig["evaluation"]["prefill"]["tokens"]
     first = sig["decoding"]["schedules"][0]
     for stage, value in (("eval_sft", 0.8), ("eval_augmented", 0.4), (f"eval_signal/{first}", 0.0)):
-        write(sig_dir / stage / "metrics.json", {f"prefill_{k}": {"asr": value, "n": 159} for k in ks})
-    config = ConfigDict({"reproduce": str(rep_dir), "signals": str(sig_dir), "report_dir": ""})
-    return rep_dir, sig_dir, config
+        write(sig_dir / stage / "metrics.json", {**{f"prefill_{k}": {"asr": value, "n": 159} for k in ks},
+                                                 "overrefusal": {"refusal_rate": 1 - value, "n": 250},
+                                                 "mmlu": {"accuracy": 0.3, "n": 100}})
+        write(sig_dir / stage / "stage.json", {"code": ["abc1234"]})
+    return rep_dir, sig_dir, reports(rep_dir, sig_dir)
 
 
-def test_the_report_is_the_workdirs_numbers_each_against_its_own_unprotected_runs(tmp_path):
+def test_the_report_is_the_runs_numbers_each_against_its_own_unprotected_runs(tmp_path):
     _, _, config = workdirs(tmp_path, {"none": 0.6, "scu_cu": 0.2, "lora": 0.6, "sft": 0.3, "signal": 0.0})
     path = compare.run(config, str(tmp_path / "compare"))
     text = path.read_text()
@@ -78,7 +93,12 @@ def test_the_report_is_the_workdirs_numbers_each_against_its_own_unprotected_run
     assert f"| explicit safety signal (Li & Kim 2025) | {signal}, lower | {signal}, lower |" in text
     assert f"| no protection (signals: plain SFT) | {sft} | {sft} |" in text
     assert "| safety data augmentation | 80.0%" not in text and "| safety data augmentation | 40.0%" in text
+    # the costs before any attack: the metrics every model has, each against plain SFT
+    assert "| model | over-refusal | MMLU |" in text
+    assert f"| safety data augmentation | {Rate(0.6, 250)}, higher | {Rate(0.3, 100)}, similar |" in text
     assert "**Note**: the runs came from different code" in text  # abc1234 and abc1234+local changes
+    # it links the two reports it read, from where it is written
+    assert "`ssah-jax reproduce` ([report/REPORT.md](../../reproduce/report/REPORT.md))" in text
     numbers = json.loads((path.parent / "numbers.json").read_text())
     assert numbers["methods"]["LoRA"]["attacks"]["harmful_qa"]["pooled"]["n"] == 2 * N
     assert [round(r["asr"], 2) for r in numbers["methods"]["LoRA"]["attacks"]["harmful_qa"]["seeds"]] == [0.6, 0.7]
@@ -91,14 +111,29 @@ def test_workdirs_that_differ_in_what_is_held_fixed_are_refused(tmp_path):
         compare.run(config, str(tmp_path / "compare"))
 
 
-def test_a_maker_aligned_reproduce_run_or_a_missing_run_is_refused(tmp_path):
-    rep_dir, _, config = workdirs(tmp_path, {})
+def test_a_maker_aligned_run_a_missing_run_or_a_report_without_numbers_is_refused(tmp_path):
+    rep_dir, sig_dir, config = workdirs(tmp_path, {})
     rep = json.loads((rep_dir / "config.json").read_text())
-    (rep_dir / "config.json").write_text(json.dumps({**rep, "maker_aligned": True}))
+    (rep_dir / "report" / "config.json").write_text(json.dumps({**rep, "maker_aligned": True}))
     with pytest.raises(ConfigError, match="aligned by its makers"):
         compare.run(config, str(tmp_path / "compare"))
-    (rep_dir / "config.json").write_text(json.dumps(rep))
-    missing = rep_dir / reproduce_run("harmful_qa", "lora", 1) / "eval" / "metrics.json"
-    missing.unlink()
-    with pytest.raises(FileNotFoundError, match="lora/seed1"):
+    (rep_dir / reproduce_run("harmful_qa", "lora", 1) / "stage.json").unlink()  # that run did not finish
+    reports(rep_dir, sig_dir)
+    with pytest.raises(ConfigError, match=r"config.reproduce: .*no finished stage attacks/harmful_qa/lora/seed1"):
         compare.run(config, str(tmp_path / "compare"))
+    (sig_dir / "report" / stages.NUMBERS).unlink()
+    with pytest.raises(ConfigError, match=r"config.signals=.*holds no numbers.json"):
+        compare.run(config, str(tmp_path / "compare"))
+
+
+def test_numbers_hold_each_stage_s_metrics_and_record_but_not_a_nested_stage_s(tmp_path):
+    write(tmp_path / "a" / "stage.json", {"code": ["abc1234"], "seconds": 3.0, "given": {"big": 1}})
+    write(tmp_path / "a" / "metrics.json", {"x": 1})
+    write(tmp_path / "a" / "eval" / "metrics.json", {"asr": 0.5})
+    write(tmp_path / "a" / "inner" / "stage.json", {"code": ["def5678"]})
+    write(tmp_path / "a" / "inner" / "metrics.json", {"y": 2})
+    write(tmp_path / "b" / "metrics.json", {"z": 3})  # not finished: no record
+    numbers = json.loads(stages.write_numbers(tmp_path, tmp_path / "numbers.json").read_text())["stages"]
+    assert numbers == {"a": {"code": ["abc1234"], "seconds": 3.0, "files": {"metrics.json": {"x": 1},
+                                                                            "eval/metrics.json": {"asr": 0.5}}},
+                       "a/inner": {"code": ["def5678"], "files": {"metrics.json": {"y": 2}}}}

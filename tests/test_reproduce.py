@@ -53,6 +53,12 @@ def test_pipeline_writes_the_report_with_every_section_and_plot(pipeline):
     for stage in ("eval_aligned", "prune_aligned", "attacks/initial"):
         overlap = json.loads((workdir / stage / "overlap.json").read_text())
         assert overlap["in_training_data"] == 0 and overlap["prompts"] > 0, stage
+    # numbers.json beside the report holds every finished stage's metrics and record
+    numbers = json.loads((report / "numbers.json").read_text())["stages"]
+    assert numbers["eval_aligned"]["files"]["metrics.json"] == json.loads(
+        (workdir / "eval_aligned" / "metrics.json").read_text())
+    runs_here = {str(p.parent.relative_to(workdir)) for p in workdir.glob("**/stage.json")}
+    assert set(numbers) == runs_here and any(s.startswith("attacks/") and s != "attacks/initial" for s in runs_here)
     # the layer block is chosen among the blocks whose removal leaves a working language model
     layers = json.loads((workdir / "layers" / "layers.json").read_text())
     chosen = next(b for b in layers["blocks"] if b["layers"] == layers["chosen"])

@@ -109,8 +109,9 @@ def test_the_caveat_is_the_benign_answers_the_refusal_was_inserted_into(report):
 
 
 @pytest.mark.xfail(strict=True, reason="issue 20: the compare report predates the signals report of the probed head "
-                   "(a79eb76) and needs a finished runs/reproduce to be regenerated; strict, so a regenerated compare "
-                   "report makes this marker fail until it is removed")
+                   "(a79eb76); it is regenerated from the numbers.json of the smollm2 and signals_smollm2 reports, "
+                   "which each gets when its command next runs; strict, so a regenerated compare report makes this "
+                   "marker fail until it is removed")
 def test_fine_tuning_cells_pool_the_seeds_the_compare_report_read(report):
     compared = json.loads(COMPARE.read_text())["methods"]
     runs = {m["run"]: m["attacks"] for m in compared.values() if m["pipeline"] == "signals"}

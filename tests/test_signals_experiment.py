@@ -67,6 +67,13 @@ def test_the_report_has_every_section_and_its_numbers_are_the_runs(pipeline):
             json.loads((workdir / "attack" / model / attack / f"seed{s}" / "eval" / "metrics.json").read_text())
             for s in config.attack.seeds)) for model in ("sft", "augmented", "signal")]
         assert f"| fine-tuning on {attack} | {rates[0]} | {rates[1]} | {rates[2]} |  |" in text
+    # numbers.json beside the report holds every finished stage's metrics as the stage wrote them
+    numbers = json.loads((report / "numbers.json").read_text())["stages"]
+    assert numbers["eval_signal/each"]["files"]["metrics.json"] == evals[2]
+    run = f"attack/signal/{next(iter(config.attack.datasets))}/seed{config.attack.seeds[0]}"
+    evaluated = json.loads((workdir / run / "eval" / "metrics.json").read_text())
+    assert numbers[run]["files"]["eval/metrics.json"] == evaluated
+    assert numbers[run]["code"] == json.loads((workdir / run / "stage.json").read_text())["code"]
     classifier = json.loads((workdir / "classifier" / "classifier.json").read_text())
     assert f"| held-out harmful vs benign | {classifier['sets']['harmful_vs_benign']['auroc']:.3f} |" in text
 

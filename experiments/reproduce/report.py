@@ -80,10 +80,12 @@ Section = tuple[list[str], list[str]]  # (the section's lines, its claims for th
 
 
 def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
-    """Writes ``report_dir/REPORT.md`` (and copies the plots and ``config.json`` beside it)."""
+    """Writes ``report_dir/REPORT.md`` (and copies the plots and ``config.json`` beside it, with
+    ``numbers.json``: every stage's metrics and provenance, :func:`ssah_jax.stages.write_numbers`)."""
     report_dir.mkdir(parents=True, exist_ok=True)
     invocations = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
     shutil.copyfile(out / "config.json", report_dir / "config.json")
+    stages_lib.write_numbers(out, report_dir / stages_lib.NUMBERS)
     if config.maker_aligned:  # no unaligned model: the aligned model's evaluation, then the studies
         aligned = _json(out / "eval_aligned" / "metrics.json")
         took = claims.refuses(_rate(aligned, "asr_no_system"))

@@ -1,5 +1,5 @@
 """The report of ``ssah-jax signals``: reads the stages' files, calls the claims, renders
-``REPORT.md`` and its plots (and copies ``config.json`` beside them)."""
+``REPORT.md`` and its plots (and writes ``config.json`` and ``numbers.json`` beside them)."""
 
 from __future__ import annotations
 
@@ -59,10 +59,12 @@ def _verdict(finding: Finding) -> str:
 
 
 def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
-    """Writes ``report_dir/REPORT.md`` (and its plots and ``config.json``)."""
+    """Writes ``report_dir/REPORT.md`` (and its plots, ``config.json`` and ``numbers.json``: every
+    stage's metrics and provenance, :func:`ssah_jax.stages.write_numbers`)."""
     report_dir.mkdir(parents=True, exist_ok=True)
     invocations = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
     shutil.copyfile(out / "config.json", report_dir / "config.json")
+    stages_lib.write_numbers(out, report_dir / stages_lib.NUMBERS)
     schedules = list(config.decoding.schedules)
     evals = {"sft": _json(out / "eval_sft" / "metrics.json"),
              "augmented": _json(out / "eval_augmented" / "metrics.json")}
