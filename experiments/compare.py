@@ -2,10 +2,11 @@
 reports (see ``configs/compare.py``): a table of ASR after each fine-tuning attack
 (the seeds' answers pooled, Wilson 95% intervals) per method, each method set against the
 unprotected runs of its own pipeline (Newcombe's interval of the difference), a table of ASR
-under prefilling, a plot, ``numbers.json`` and ``REPORT.md``. It computes nothing new: every
-number is read from the two reports' ``numbers.json`` (every stage's metrics and record, which
-each pipeline writes beside its ``REPORT.md`` and ``config.json``), and the report names the
-commits the numbers were computed by. So it needs neither workdir: the committed reports
+under prefilling and one of the costs before any attack (over-refusal, MMLU, SST-2, GSM8K), a
+plot, ``numbers.json`` and ``REPORT.md``. It computes nothing new: every number is read from
+the two reports' ``numbers.json`` (each finished stage's record and ``metrics.json`` files,
+which each pipeline writes beside its ``REPORT.md`` and ``config.json``), and the report names
+the commits the numbers were computed by. So it needs neither workdir: the committed reports
 suffice, and regenerating one pipeline's report does not need the other run again.
 """
 
@@ -57,8 +58,12 @@ def validate(config: ConfigDict) -> None:
 
 
 def _shared(config: dict) -> dict[str, Any]:
+    """The leaves of ``config`` the comparison holds fixed; a key added to the configs after a
+    report was written (``runs.ADDED_KEYS``) counts only away from its old value, so a report
+    written before the key existed compares with one written after."""
     return {k: v for k, v in runs.leaves(ConfigDict(config)).items()
-            if any(k == s or k.startswith(s + ".") for s in SHARED) and k not in ONLY_REPRODUCE}
+            if any(k == s or k.startswith(s + ".") for s in SHARED) and k not in ONLY_REPRODUCE
+            and not runs.added_at_old_value(k, v)}
 
 
 def check_sources(rep: dict, sig: dict) -> None:
@@ -74,12 +79,24 @@ def check_sources(rep: dict, sig: dict) -> None:
 
 
 def _stage(numbers: dict, key: str, stage: str) -> dict[str, Any]:
-    """The entry of ``stage`` in the ``numbers.json`` of ``config.<key>``; a ConfigError naming
-    both when that run did not finish it."""
-    if stage not in numbers["stages"]:
-        raise runs.ConfigError(f"config.{key}: its {stages.NUMBERS} holds no finished stage {stage} "
-                               f"(finish it with `ssah-jax {key}` on that run's workdir)")
+    """The entry of ``stage`` in the ``numbers.json`` of ``config.<key>`` (``numbers["source"]``
+    is that report directory); a ConfigError naming both when that run did not finish it."""
+    if stage not in numbers.get("stages", {}):
+        raise runs.ConfigError(f"config.{key}={numbers.get('source')}: its {stages.NUMBERS} holds no finished stage "
+                               f"{stage} (finish it with `ssah-jax {key}` on that run's workdir)")
     return numbers["stages"][stage]
+
+
+def _metrics(numbers: dict, key: str, stage: str, file: str, names: tuple[str, ...]) -> dict[str, Any]:
+    """The ``file`` (a ``metrics.json``) of ``stage`` in ``config.<key>``'s ``numbers.json``,
+    holding every metric of ``names``; a ConfigError naming the run and what it lacks otherwise."""
+    metrics = _stage(numbers, key, stage)["files"].get(file)
+    missing = list(names) if metrics is None else [n for n in names if n not in metrics]
+    if missing:
+        raise runs.ConfigError(f"config.{key}={numbers.get('source')}: stage {stage} has no "
+                               + (f"{file}" if metrics is None else f"{', '.join(missing)} in its {file}")
+                               + f" in {stages.NUMBERS} (a run of `ssah-jax {key}` that skipped it?)")
+    return metrics
 
 
 # What each model costs before any attack (signals' evaluations): (label, metric, its rate's field)
@@ -106,7 +123,8 @@ def gather(rep_numbers: dict, sig_numbers: dict, rep: dict, sig: dict) -> dict[s
         per_attack = {}
         for attack in attacks:
             records = [_stage(numbers, pipeline, run_of(attack, s)) for s in seeds]
-            rates = [_rate(r["files"]["eval/metrics.json"], "asr_no_system") for r in records]
+            rates = [_rate(_metrics(numbers, pipeline, run_of(attack, s), "eval/metrics.json", ("asr_no_system",)),
+                           "asr_no_system") for s in seeds]
             per_attack[attack] = {"pooled": Rate.pooled(rates), "seeds": rates}
             for s, record in zip(seeds, records):
                 for code in record.get("code") or ["not recorded"]:
@@ -117,9 +135,11 @@ def gather(rep_numbers: dict, sig_numbers: dict, rep: dict, sig: dict) -> dict[s
                          ("safety data augmentation", "eval_augmented"),
                          (f"explicit safety signal (schedule {first})", f"eval_signal/{first}")):
         record = _stage(sig_numbers, "signals", stage)
-        metrics = record["files"]["metrics.json"]
-        result["prefill"][label] = {k: _rate(metrics, f"prefill_{k}") for k in sig["evaluation"]["prefill"]["tokens"]}
-        result["costs"][label] = {name: _rate(metrics, key, field) for name, key, field in COSTS if key in metrics}
+        ks = sig["evaluation"]["prefill"]["tokens"]
+        metrics = _metrics(sig_numbers, "signals", stage, "metrics.json",
+                           (*(f"prefill_{k}" for k in ks), *(key for _, key, _ in COSTS)))
+        result["prefill"][label] = {k: _rate(metrics, f"prefill_{k}") for k in ks}
+        result["costs"][label] = {name: _rate(metrics, key, field) for name, key, field in COSTS}
         for code in record.get("code") or ["not recorded"]:
             result["codes"].setdefault(code or "not a checkout", []).append(f"signals: {stage}")
     return result
@@ -172,7 +192,7 @@ def render(config: ConfigDict, result: dict, rep: dict, sig: dict, report_dir: P
     for label, rates in result["prefill"].items():
         cells = [f"{rates[k]}" + ("" if rates is sft else f", {compare(rates[k], sft[k])}") for k in ks]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    names = [name for name, _, _ in COSTS if all(name in costs for costs in result["costs"].values())]
+    names = [name for name, _, _ in COSTS]
     lines += ["", "## Costs before any attack", "",
               "Over-refusal: XSTest's safe prompts refused; MMLU, SST-2, GSM8K: accuracy (signals' evaluation, "
               "where its report says how each is measured). Each against plain SFT.", "",
@@ -184,11 +204,11 @@ def render(config: ConfigDict, result: dict, rep: dict, sig: dict, report_dir: P
     codes = result["codes"]
     lines += ["", f"![ASR after each attack and under prefilling]({plot(result, report_dir / 'compare.png').name})", "",
               "## Provenance", "",
-              "The commits that computed the runs read here (each run's record in `numbers.json`):", ""]
-    lines += [f"- `{code}`: {len(where)} runs" for code, where in sorted(codes.items())]
+              "The commits that computed the stages read here (each stage's record in `numbers.json`):", ""]
+    lines += [f"- `{code}`: {len(where)} stages" for code, where in sorted(codes.items())]
     if len(codes) > 1:
-        lines += ["", "**Note**: the runs came from different code; check that the commits in between change "
-                  "nothing these runs compute."]
+        lines += ["", "**Note**: the stages came from different code; check that the commits in between change "
+                  "nothing these stages compute."]
     path = report_dir / "REPORT.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -240,7 +260,8 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     sources = {key: Path(config[key]) for key in ("reproduce", "signals")}
     rep, sig = (runs.read_json(sources[key] / "config.json") for key in ("reproduce", "signals"))
     check_sources(rep, sig)
-    result = gather(*(runs.read_json(sources[key] / stages.NUMBERS) for key in ("reproduce", "signals")), rep, sig)
+    result = gather(*({**runs.read_json(sources[key] / stages.NUMBERS), "source": str(sources[key])}
+                      for key in ("reproduce", "signals")), rep, sig)
     out = runs.prepare_workdir(workdir, config, EXCLUDED, overwrite=overwrite)
     report_dir = Path(config.report_dir) if config.report_dir else out / "report"
     path = report_dir / "REPORT.md"

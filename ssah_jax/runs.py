@@ -82,7 +82,9 @@ ADDED_KEYS: dict[str, Any] = {"signal.lr_scale": 1.0, "signal.probe": False, "mo
 ADDED_SECTIONS = ("model_layout", "evaluation", "prompts_dataset", "reuse")
 
 
-def _added_at_old_value(key: str, value: Any) -> bool:
+def added_at_old_value(key: str, value: Any) -> bool:
+    """Whether ``key`` is one of :data:`ADDED_KEYS` (or ends in one) at the value it had before
+    it was added: a config without the key and one with it at that value are the same run."""
     return any((key == k or key.endswith("." + k)) and value == v for k, v in ADDED_KEYS.items())
 
 
@@ -107,7 +109,7 @@ def determining(config: ConfigDict, excluded: tuple[str, ...] = ()) -> dict[str,
 
 def _determining(flat: dict[str, Any], excluded: tuple[str, ...]) -> dict[str, Any]:
     return {k: v for k, v in flat.items()
-            if not any(k == e or k.startswith(e + ".") for e in excluded) and not _added_at_old_value(k, v)}
+            if not any(k == e or k.startswith(e + ".") for e in excluded) and not added_at_old_value(k, v)}
 
 
 def fingerprint(values: Any) -> str:

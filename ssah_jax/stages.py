@@ -220,6 +220,8 @@ def write_numbers(workdir: str | Path, path: Path) -> Path:
     found = {}
     for marker in sorted(workdir.glob(f"**/{RECORD}")):
         directory, record = marker.parent, runs.read_json(marker)
+        if any(part.endswith(".copying") for part in directory.relative_to(workdir).parts):
+            continue  # a copy a kill interrupted (_copy_stage): not a finished stage
         files = [directory / "metrics.json", *sorted(directory.glob("*/metrics.json"))]
         found[str(directory.relative_to(workdir))] = {
             **{k: record[k] for k in kept if k in record},

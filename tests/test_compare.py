@@ -74,7 +74,9 @@ def workdirs(tmp_path: Path, asr: dict[str, float], **signals_changes) -> tuple[
     for stage, value in (("eval_sft", 0.8), ("eval_augmented", 0.4), (f"eval_signal/{first}", 0.0)):
         write(sig_dir / stage / "metrics.json", {**{f"prefill_{k}": {"asr": value, "n": 159} for k in ks},
                                                  "overrefusal": {"refusal_rate": 1 - value, "n": 250},
-                                                 "mmlu": {"accuracy": 0.3, "n": 100}})
+                                                 "mmlu": {"accuracy": 0.3, "n": 100},
+                                                 "sst2": {"accuracy": 0.7, "n": 200},
+                                                 "gsm8k": {"accuracy": 0.1 + value / 10, "n": 30}})
         write(sig_dir / stage / "stage.json", {"code": ["abc1234"]})
     return rep_dir, sig_dir, reports(rep_dir, sig_dir)
 
@@ -94,9 +96,10 @@ def test_the_report_is_the_runs_numbers_each_against_its_own_unprotected_runs(tm
     assert f"| no protection (signals: plain SFT) | {sft} | {sft} |" in text
     assert "| safety data augmentation | 80.0%" not in text and "| safety data augmentation | 40.0%" in text
     # the costs before any attack: the metrics every model has, each against plain SFT
-    assert "| model | over-refusal | MMLU |" in text
-    assert f"| safety data augmentation | {Rate(0.6, 250)}, higher | {Rate(0.3, 100)}, similar |" in text
-    assert "**Note**: the runs came from different code" in text  # abc1234 and abc1234+local changes
+    assert "| model | over-refusal | MMLU | SST-2 | GSM8K |" in text
+    assert (f"| safety data augmentation | {Rate(0.6, 250)}, higher | {Rate(0.3, 100)}, similar | "
+            f"{Rate(0.7, 200)}, similar | {Rate(0.14, 30)}, similar |") in text
+    assert "**Note**: the stages came from different code" in text  # abc1234 and abc1234+local changes
     # it links the two reports it read, from where it is written
     assert "`ssah-jax reproduce` ([report/REPORT.md](../../reproduce/report/REPORT.md))" in text
     numbers = json.loads((path.parent / "numbers.json").read_text())
@@ -119,7 +122,8 @@ def test_a_maker_aligned_run_a_missing_run_or_a_report_without_numbers_is_refuse
         compare.run(config, str(tmp_path / "compare"))
     (rep_dir / reproduce_run("harmful_qa", "lora", 1) / "stage.json").unlink()  # that run did not finish
     reports(rep_dir, sig_dir)
-    with pytest.raises(ConfigError, match=r"config.reproduce: .*no finished stage attacks/harmful_qa/lora/seed1"):
+    missing = r"config.reproduce=.*/reproduce/report: .*no finished stage attacks/harmful_qa/lora/seed1"
+    with pytest.raises(ConfigError, match=missing):
         compare.run(config, str(tmp_path / "compare"))
     (sig_dir / "report" / stages.NUMBERS).unlink()
     with pytest.raises(ConfigError, match=r"config.signals=.*holds no numbers.json"):
@@ -137,3 +141,34 @@ def test_numbers_hold_each_stage_s_metrics_and_record_but_not_a_nested_stage_s(t
     assert numbers == {"a": {"code": ["abc1234"], "seconds": 3.0, "files": {"metrics.json": {"x": 1},
                                                                             "eval/metrics.json": {"asr": 0.5}}},
                        "a/inner": {"code": ["def5678"], "files": {"metrics.json": {"y": 2}}}}
+
+
+def test_a_key_added_later_at_its_old_value_is_no_difference(tmp_path):
+    # a report written before signal.probe existed (its config lacks the key) beside one written
+    # after, at the key's old value: the same recipe (runs.ADDED_KEYS)
+    rep_dir, _, config = workdirs(tmp_path, {})
+    rep = json.loads((rep_dir / "report" / "config.json").read_text())
+    del rep["finetune"]["signal"]["probe"]
+    (rep_dir / "report" / "config.json").write_text(json.dumps(rep))
+    assert compare.run(config, str(tmp_path / "compare")).exists()
+    rep["finetune"]["signal"]["probe"] = True  # away from the old value: a different recipe
+    (rep_dir / "report" / "config.json").write_text(json.dumps(rep))
+    with pytest.raises(ConfigError, match="finetune.signal.probe"):
+        compare.run(config, str(tmp_path / "compare"), overwrite=True)
+
+
+def test_a_cost_missing_from_an_evaluation_is_refused_naming_it(tmp_path):
+    _, sig_dir, config = workdirs(tmp_path, {})
+    metrics = json.loads((sig_dir / "eval_augmented" / "metrics.json").read_text())
+    del metrics["gsm8k"]
+    write(sig_dir / "eval_augmented" / "metrics.json", metrics)
+    reports(tmp_path / "reproduce", sig_dir)
+    with pytest.raises(ConfigError, match=r"config.signals=.*stage eval_augmented has no gsm8k in its metrics.json"):
+        compare.run(config, str(tmp_path / "compare"))
+
+
+def test_an_interrupted_stage_copy_is_not_a_finished_stage(tmp_path):
+    write(tmp_path / "a.copying" / "stage.json", {"code": ["abc1234"]})  # killed before its rename
+    write(tmp_path / "b" / "stage.json", {"code": ["abc1234"]})
+    numbers = json.loads(stages.write_numbers(tmp_path, tmp_path / "numbers.json").read_text())["stages"]
+    assert list(numbers) == ["b"]

@@ -83,7 +83,12 @@ def test_pipeline_writes_the_report_with_every_section_and_plot(pipeline):
         assert f"{report_module.VARIANT_LABELS[variant]} {m['trained_elements']:,} " in trained, variant
     steps = [m["train"]["seconds"] / m["train"]["steps_run"] for m in (
         json.loads(f.read_text()) for f in workdir.glob("attacks/*/*/seed*/metrics.json"))]
-    assert f"training {min(steps):.1f}-{max(steps):.1f} s per step (mean" in text
+    assert f"training {report_module.spread(steps, 's per step')}" in text
+
+
+def test_a_time_spread_prints_its_ends_or_one_value():
+    assert report_module.spread([2.84, 5.8, 4.6], "s per step") == "2.8-5.8 s per step (mean 4.4)"
+    assert report_module.spread([0.61, 0.64], "min") == "0.6 min each"  # not '0.6-0.6 min'
 
 
 def test_the_alignment_trains_on_the_contrast_stage_answers(pipeline):

@@ -103,7 +103,8 @@ def test_accumulating_two_micro_batches_equals_one_batch():
     # Adam's scale invariance hid that).
     for accum in (1, 2):
         with jax.set_mesh(mesh), use_rules():
-            tx, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-3, total_steps=3, eps=1e-2, clip_norm=0.0), masks)
+            optimizer = OptimizerConfig(learning_rate=1e-3, total_steps=3, eps=1e-2, clip_norm=0.0)
+            tx, schedule = make_optimizer(optimizer, masks)
             state, shardings = create_state(jax.tree.map(jnp.copy, params), tx,
                                             model_shardings(model, mesh), rng=jax.random.key(0))
             step = compile_train_step(Trainee.of(model), tx, schedule, shardings, accum_steps=accum)

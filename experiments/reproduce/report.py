@@ -341,9 +341,9 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path) -> Section:
                   + ("adapter parameters" if v == "lora" else f"of {first[v]['total_elements']:,} ({trainable(v)})")
                   for v in ac.variants) + ".", "",
               "Time per run (each run's `metrics.json` and `eval/metrics.json`, its last invocation): training "
-              + (f"{_spread(step, 's per step')}; the first step of an invocation includes compiling"
+              + (f"{spread(step, 's per step')}; the first step of an invocation includes compiling"
                  if step else "no step (every run resumed finished)")
-              + f", ASR {_spread(asr_minutes, 'min')}.", "",
+              + f", ASR {spread(asr_minutes, 'min')}.", "",
               f"![attack ASR]({plot_attacks(pooled, initial, report_dir / 'attacks.png').name})", ""]
     for name, variant in (("SCU + top 6% CU", "scu_cu6"), ("SCU + all CU", "scu_cu")):
         if variant not in ac.variants or "none" not in ac.variants:
@@ -451,7 +451,7 @@ def _times(out: Path, invocations: list[dict]) -> Section:
     return lines + stages_lib.times_table(records, invocations, out / "invocations.jsonl"), []
 
 
-def _spread(values: list[float], unit: str) -> str:
+def spread(values: list[float], unit: str) -> str:
     """``"2.8-5.8 s per step (mean 4.4)"``, or ``"0.6 min each"`` where they all print alike."""
     low, high = f"{min(values):.1f}", f"{max(values):.1f}"
     return f"{low} {unit} each" if low == high else f"{low}-{high} {unit} (mean {np.mean(values):.1f})"
