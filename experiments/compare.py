@@ -78,24 +78,25 @@ def check_sources(rep: dict, sig: dict) -> None:
                                + runs.differences(a, b) + " (reproduce -> signals)")
 
 
-def _stage(numbers: dict, key: str, stage: str) -> dict[str, Any]:
-    """The entry of ``stage`` in the ``numbers.json`` of ``config.<key>`` (``numbers["source"]``
-    is that report directory); a ConfigError naming both when that run did not finish it."""
+def _metrics(numbers: dict, key: str, stage: str, file: str, names: tuple[str, ...],
+             codes: dict[str, list[str]]) -> dict[str, Any]:
+    """The ``file`` (a ``metrics.json``) of ``stage`` in the ``numbers.json`` of ``config.<key>``
+    (``numbers["source"]``: that report directory), which must hold every metric of ``names``
+    (else a ConfigError naming the run, the stage and what it lacks); adds the commits that
+    computed the stage to ``codes``."""
+    where = f"config.{key}={numbers['source']}"
     if stage not in numbers.get("stages", {}):
-        raise runs.ConfigError(f"config.{key}={numbers.get('source')}: its {stages.NUMBERS} holds no finished stage "
-                               f"{stage} (finish it with `ssah-jax {key}` on that run's workdir)")
-    return numbers["stages"][stage]
-
-
-def _metrics(numbers: dict, key: str, stage: str, file: str, names: tuple[str, ...]) -> dict[str, Any]:
-    """The ``file`` (a ``metrics.json``) of ``stage`` in ``config.<key>``'s ``numbers.json``,
-    holding every metric of ``names``; a ConfigError naming the run and what it lacks otherwise."""
-    metrics = _stage(numbers, key, stage)["files"].get(file)
+        raise runs.ConfigError(f"{where}: its {stages.NUMBERS} holds no finished stage {stage} "
+                               f"(finish it with `ssah-jax {key}` on that run's workdir)")
+    record = numbers["stages"][stage]
+    metrics = record["files"].get(file)
     missing = list(names) if metrics is None else [n for n in names if n not in metrics]
     if missing:
-        raise runs.ConfigError(f"config.{key}={numbers.get('source')}: stage {stage} has no "
+        raise runs.ConfigError(f"{where}: stage {stage} has no "
                                + (f"{file}" if metrics is None else f"{', '.join(missing)} in its {file}")
                                + f" in {stages.NUMBERS} (a run of `ssah-jax {key}` that skipped it?)")
+    for code in record.get("code") or ["not recorded"]:
+        codes.setdefault(code or "not a checkout", []).append(f"{key}: {stage}")
     return metrics
 
 
@@ -109,8 +110,8 @@ def _rate(metrics: dict, key: str, field: str = "asr") -> Rate:
 
 
 def gather(rep_numbers: dict, sig_numbers: dict, rep: dict, sig: dict) -> dict[str, Any]:
-    """Every number of the comparison, read from the two reports' ``numbers.json`` (a run that
-    is not there is a ConfigError naming it)."""
+    """Every number of the comparison, read from the two reports' ``numbers.json`` (each with
+    its ``source``, the report directory; a run that is not there is a ConfigError naming it)."""
     attacks, seeds = list(rep["attack"]["datasets"]), list(rep["attack"]["seeds"])
     result: dict[str, Any] = {"attacks": attacks, "seeds": seeds, "methods": {}, "prefill": {}, "costs": {},
                               "codes": {}}
@@ -122,26 +123,18 @@ def gather(rep_numbers: dict, sig_numbers: dict, rep: dict, sig: dict) -> dict[s
                   else (lambda a, s, n=name: signals_run(n, a, s)))
         per_attack = {}
         for attack in attacks:
-            records = [_stage(numbers, pipeline, run_of(attack, s)) for s in seeds]
-            rates = [_rate(_metrics(numbers, pipeline, run_of(attack, s), "eval/metrics.json", ("asr_no_system",)),
-                           "asr_no_system") for s in seeds]
+            rates = [_rate(_metrics(numbers, pipeline, run_of(attack, seed), "eval/metrics.json", ("asr_no_system",),
+                                    result["codes"]), "asr_no_system") for seed in seeds]
             per_attack[attack] = {"pooled": Rate.pooled(rates), "seeds": rates}
-            for s, record in zip(seeds, records):
-                for code in record.get("code") or ["not recorded"]:
-                    result["codes"].setdefault(code or "not a checkout", []).append(f"{pipeline}: {run_of(attack, s)}")
         result["methods"][label] = {"pipeline": pipeline, "run": name, "baseline": baseline, "attacks": per_attack}
-    first = sig["decoding"]["schedules"][0]
+    first, ks = sig["decoding"]["schedules"][0], sig["evaluation"]["prefill"]["tokens"]
     for label, stage in (("plain SFT (also every freezing and LoRA model before fine-tuning)", "eval_sft"),
                          ("safety data augmentation", "eval_augmented"),
                          (f"explicit safety signal (schedule {first})", f"eval_signal/{first}")):
-        record = _stage(sig_numbers, "signals", stage)
-        ks = sig["evaluation"]["prefill"]["tokens"]
         metrics = _metrics(sig_numbers, "signals", stage, "metrics.json",
-                           (*(f"prefill_{k}" for k in ks), *(key for _, key, _ in COSTS)))
+                           (*(f"prefill_{k}" for k in ks), *(key for _, key, _ in COSTS)), result["codes"])
         result["prefill"][label] = {k: _rate(metrics, f"prefill_{k}") for k in ks}
         result["costs"][label] = {name: _rate(metrics, key, field) for name, key, field in COSTS}
-        for code in record.get("code") or ["not recorded"]:
-            result["codes"].setdefault(code or "not a checkout", []).append(f"signals: {stage}")
     return result
 
 

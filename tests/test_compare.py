@@ -100,6 +100,10 @@ def test_the_report_is_the_runs_numbers_each_against_its_own_unprotected_runs(tm
     assert (f"| safety data augmentation | {Rate(0.6, 250)}, higher | {Rate(0.3, 100)}, similar | "
             f"{Rate(0.7, 200)}, similar | {Rate(0.14, 30)}, similar |") in text
     assert "**Note**: the stages came from different code" in text  # abc1234 and abc1234+local changes
+    rep = config_from_file(ROOT / "configs" / "reproduce.py", "tiny").attack
+    runs_each = len(rep.datasets) * len(seeds)  # a method's attack runs
+    assert f"- `abc1234`: {len(rep.variants) * runs_each + 3} stages" in text  # + signals' three evaluations
+    assert f"- `abc1234+local changes`: {3 * runs_each} stages" in text  # signals' attack runs
     # it links the two reports it read, from where it is written
     assert "`ssah-jax reproduce` ([report/REPORT.md](../../reproduce/report/REPORT.md))" in text
     numbers = json.loads((path.parent / "numbers.json").read_text())
