@@ -177,8 +177,8 @@ def prepare_workdir(workdir: str | Path, config: ConfigDict, excluded: tuple[str
         workdir.mkdir(parents=True, exist_ok=True)
         identity = ({"staged": "each stage records its own identity in <stage>/stage.json"} if values is None else
                     {"hash": fingerprint(values), "excluded": list(excluded), "determining": values})
-        (workdir / IDENTITY).write_text(json.dumps(identity, indent=2, ensure_ascii=False) + "\n")
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        write_atomic(workdir / IDENTITY, json.dumps(identity, indent=2, ensure_ascii=False) + "\n")
+        write_atomic(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     hosts.sync("workdir ready")
     return workdir
 
@@ -230,15 +230,21 @@ def _clear(workdir: Path) -> None:
 FINISHED = "finished.json"  # written when an ssah-jax command ran to its end in the workdir
 
 
+def write_atomic(path: str | Path, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file that then replaces it: a kill leaves
+    the old file or the new one, never a truncated one that would stop the run's resumption."""
+    partial = Path(str(path) + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
 def mark_finished(workdir: str | Path, argv: list[str], seconds: float) -> None:
     """Records in ``workdir/finished.json`` that a command finished there (what a sweep checks,
     however the command was run)."""
     if hosts.is_main():
-        partial = Path(workdir, FINISHED + ".partial")
-        partial.write_text(json.dumps({
+        write_atomic(Path(workdir, FINISHED), json.dumps({
             "argv": argv, "seconds": round(seconds, 1), "code": code_version(),
             "finished": datetime.datetime.now().isoformat(timespec="seconds")}, indent=2) + "\n")
-        partial.replace(Path(workdir, FINISHED))
 
 
 def read_finished(workdir: str | Path) -> dict[str, Any] | None:

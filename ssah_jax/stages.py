@@ -197,7 +197,7 @@ def run_stage(directory: Path, fn: Callable[[Path], Any], record: dict[str, Any]
         fn(directory)  # its results are the files it writes
     release_memory()
     if hosts.is_main():
-        (directory / RECORD).write_text(json.dumps({
+        runs.write_atomic(directory / RECORD, json.dumps({
             "seconds": round(timer.seconds, 1), "invocations": timer.invocations, "code": timer.codes,
             "finished": datetime.datetime.now().isoformat(timespec="seconds"), **record}, indent=2) + "\n")
         (directory / StageTimer.FILE).unlink()
@@ -275,8 +275,8 @@ class StageTimer:
     def _save(self) -> None:
         if not hosts.is_main():
             return
-        self.path.write_text(json.dumps({"seconds": round(self.seconds, 1), "invocations": self.invocations,
-                                         "codes": self.codes}))
+        runs.write_atomic(self.path, json.dumps({"seconds": round(self.seconds, 1),
+                                                 "invocations": self.invocations, "codes": self.codes}))
 
     def _beat(self) -> None:
         while not self._stop.wait(self.every):

@@ -10,9 +10,10 @@ import pytest
 from flax import nnx
 
 from ssah_jax.attribution import classify
-from ssah_jax.checkpoints.params import model_to_hf_tensors
+from ssah_jax.checkpoints.params import CheckpointError, model_to_hf_tensors
 from ssah_jax.masking import freeze_masks
 from ssah_jax.models import CausalLM, ModelConfig
+from ssah_jax.runs import read_jsonl
 from ssah_jax.sharding import make_mesh, shard_batch, use_rules
 from ssah_jax.train import (
     Freeze,
@@ -388,3 +389,59 @@ def test_a_resumed_fit_continues_from_its_checkpoint_and_frees_the_initial_state
     assert (summary["resumed_from"], summary["steps_run"]) == (2, 1)
     assert all(x.is_deleted() for x in jax.tree.leaves(training.state) if isinstance(x, jax.Array))
     jax.tree.map(np.testing.assert_array_equal, resumed, unbroken)
+
+
+def test_a_fit_killed_in_an_evaluation_logs_each_evaluation_once_when_resumed(tmp_path):
+    """Hooks run before their step's checkpoint: a run killed in its final evaluation resumes
+    from the step before and evaluates again (not: a final checkpoint without its evaluation,
+    which a re-run would never add); a run killed before its first checkpoint starts afresh
+    without the killed run's records; a finished run re-run reports its last metrics."""
+    mesh = make_mesh({"fsdp": -1})
+    opt = OptimizerConfig(learning_rate=1e-2, schedule="constant", total_steps=3)
+    batches = [random_batch(8, seed=seed) for seed in range(3)]
+
+    def run(workdir, kill_at=None, checkpoint_every=1):
+        def hook(step, state):
+            if step == kill_at:
+                raise KeyboardInterrupt
+            return {"value": float(step)}
+
+        training = setup_training(tiny_model(), mesh, Freeze(), opt)
+        loop = LoopConfig(steps=3, log_every=1, eval_every=2, checkpoint_every=checkpoint_every)
+        _, summary = fit(training, batches, loop, workdir, data_id={"data": "random batches"}, hooks=[hook])
+        return summary
+
+    def evaluations(workdir):
+        return [r["step"] for r in read_jsonl(workdir / "metrics.jsonl") if r["kind"] == "eval"]
+
+    with jax.set_mesh(mesh), use_rules():
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "final", kill_at=3)
+        assert run(tmp_path / "final")["resumed_from"] == 2
+        assert evaluations(tmp_path / "final") == [0, 2, 3]
+        again = run(tmp_path / "final")
+        assert again["steps_run"] == 0 and "loss" in again["last"]
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "early", kill_at=2, checkpoint_every=10)
+        assert run(tmp_path / "early", checkpoint_every=10)["resumed_from"] == 0
+        assert evaluations(tmp_path / "early") == [0, 2, 3]
+
+
+def test_a_fit_resumed_with_other_frozen_units_is_refused(tmp_path):
+    """The freeze masks travel in the optimizer state: a re-run whose units file changed (same
+    path, same config) would train with the checkpoint's masks and report its own; refused."""
+    mesh = make_mesh({"fsdp": -1})
+    opt = OptimizerConfig(learning_rate=1e-2, schedule="constant", total_steps=3)
+    batches = [random_batch(8, seed=seed) for seed in range(3)]
+
+    def run(steps, units_seed):
+        model = tiny_model()
+        training = setup_training(model, mesh, Freeze(frozen_units=random_units(model.config, seed=units_seed)), opt)
+        loop = LoopConfig(steps=steps, log_every=1, checkpoint_every=1)
+        return fit(training, batches, loop, tmp_path, data_id={"data": "random batches"})[1]
+
+    with jax.set_mesh(mesh), use_rules():
+        run(2, units_seed=0)
+        with pytest.raises(CheckpointError, match="other frozen units"):
+            run(3, units_seed=1)
+        assert run(3, units_seed=0)["resumed_from"] == 2

@@ -60,7 +60,8 @@ class TrainCheckpoints:
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(
-                f"{self.directory / str(step)}: does not hold a train state of this run's structure ({e})") from e
+                f"{self.directory / str(step)}: does not hold a train state of this run's structure (another model, "
+                f"freeze setting or optimizer?): {e}") from e
         return restored["state"], dict(restored["meta"])
 
     def close(self) -> None:

@@ -16,11 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 from ssah_jax import hosts
 from ssah_jax.checkpoints.manager import TrainCheckpoints
 from ssah_jax.checkpoints.params import CheckpointError
+from ssah_jax.masking import frozen_masks_of
 from ssah_jax.sharding import shard_batch
 from ssah_jax.train.metrics import MetricWriter
 from ssah_jax.train.setup import Training
@@ -65,6 +68,11 @@ def fit(
             raise CheckpointError(
                 f"{checkpoints.directory}: made with data {meta.get('data')}, this run has {data_id}; "
                 "use a new --workdir")
+        # The masks travel in the optimizer state: restored, they would replace this run's.
+        if not _same_masks(frozen_masks_of(state.opt_state), training.masks):
+            raise CheckpointError(
+                f"{checkpoints.directory}: made with other frozen units than this run's (was the units file "
+                "or the freeze setting changed?); use a new --workdir")
         # The initial state is not needed any more (the first step would have donated it): free
         # it rather than hold two states (Qwen2.5-Coder-0.5B with Adam: 7 GiB more at the peak,
         # the parameters and moments of `ssah-jax plan --config=configs/reproduce.py:qwen_cpu --devices=1`).
@@ -91,16 +99,26 @@ def fit(
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 writer.write(done, metrics, "train")
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            if config.eval_every and done % config.eval_every == 0 and done != config.steps:
+            # Hooks run before the step's checkpoint: a run killed after its last checkpoint
+            # resumes with the evaluations up to it logged, the final one included.
+            if done == config.steps or (config.eval_every and done % config.eval_every == 0):
                 run_hooks(done, state)
             checkpoints.save(done, state, {"step": done, "data_position": done, "data": data_id},
                              force=done == config.steps)
             bar.update(1)
-    if start < config.steps:
-        run_hooks(config.steps, state)
     checkpoints.close()
-    writer.close()
+    # The last step always logs its metrics (as numbers); a run resumed after it reads them back.
     summary = {"steps_run": config.steps - start, "resumed_from": start,
-               "seconds": round(time.perf_counter() - began, 1),
-               "last": {k: float(v) for k, v in jax.device_get(metrics).items()}}
+               "seconds": round(time.perf_counter() - began, 1), "last": metrics or writer.last("train")}
+    writer.close()
     return state, summary
+
+
+def _same_masks(restored: Any, masks: Any) -> bool:
+    """Whether two freeze-mask trees freeze the same elements. Compared on the devices, as the
+    restored masks may be sharded over hosts."""
+    if jax.tree.structure(restored) != jax.tree.structure(masks) or \
+            [np.shape(a) for a in jax.tree.leaves(restored)] != [np.shape(b) for b in jax.tree.leaves(masks)]:
+        return False
+    equal = jax.jit(lambda a, b: jnp.all(jnp.asarray([jnp.array_equal(x, y) for x, y in zip(a, b)])))
+    return bool(equal(jax.tree.leaves(restored), jax.tree.leaves(masks)))

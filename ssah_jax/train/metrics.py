@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ssah_jax import hosts
-from ssah_jax.runs import read_jsonl
+from ssah_jax.runs import read_jsonl, write_atomic
 
 
 class MetricWriter:
@@ -20,13 +20,16 @@ class MetricWriter:
         self.tensorboard = None
         if not hosts.is_main():
             return
-        kept = [r for r in read_jsonl(self.path) if r["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        # A fresh start (resume_step 0: no checkpoint) keeps nothing of a killed run, not even
+        # its step-0 evaluation, which the new run logs again; the rewrite replaces the file at
+        # once, so a kill during it leaves the old records, never a truncated file.
+        kept = [r for r in read_jsonl(self.path) if r["step"] <= resume_step] if resume_step else []
+        write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         from tensorboardX import SummaryWriter
 
-        # purge_step: TensorBoard hides events a killed run wrote after the resumed step.
-        purge = resume_step + 1 if resume_step else None
-        self.tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=purge)
+        # purge_step: TensorBoard hides the events a killed run wrote after the resumed step
+        # (all of them on a fresh start).
+        self.tensorboard = SummaryWriter(str(workdir / "tensorboard"), purge_step=resume_step + 1 if resume_step else 0)
 
     def write(self, step: int, metrics: dict[str, Any], prefix: str) -> None:
         """Logs ``metrics`` (numbers) as ``<prefix>/<name>`` at ``step``."""
@@ -38,6 +41,11 @@ class MetricWriter:
         for name, value in values.items():
             if math.isfinite(value):
                 self.tensorboard.add_scalar(f"{prefix}/{name}", value, int(step))
+
+    def last(self, kind: str) -> dict[str, float]:
+        """The values of the last ``kind`` record (``{}`` if none, or on a host that does not write)."""
+        records = [r for r in read_jsonl(self.path) if r["kind"] == kind] if self.tensorboard else []
+        return {k: v for k, v in records[-1].items() if k not in ("step", "kind")} if records else {}
 
     def close(self) -> None:
         if self.tensorboard is not None:
