@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ssah_jax.models import MODULES, ModelConfig, is_stacked, unit_shapes
@@ -225,11 +226,23 @@ def freeze(masks: Any) -> optax.GradientTransformation:
     Put it *last* in the chain (after weight decay, clipping and the learning rate): then
     ``optax.apply_updates`` leaves frozen elements bit-identical, whatever comes before.
     Pair it with :func:`zero_frozen_gradients` so frozen gradients stay out of the global norm.
+    A mask leaf is a scalar or has its parameter's rank (a unit mask over a kernel's rows is
+    ``[n, 1]``, not ``[n]``, which would broadcast over its columns); any other shape is refused
+    at ``init``, naming the parameter. Nothing may wrap the chain after it (``optax.apply_if_finite``
+    would emit ``+0.0`` for frozen ``-0.0`` weights on a skipped step), nor may it sit inside
+    ``optax.masked``.
     """
 
     def init_fn(params):
-        del params
-        return FreezeState(jax.tree.map(lambda m: jnp.asarray(m, bool), masks))
+        def check(path, param, mask):
+            shape, mask_shape = np.shape(param), np.shape(mask)
+            if len(mask_shape) not in (0, len(shape)) or any(m not in (1, n) for m, n in zip(mask_shape, shape)):
+                raise ValueError(f"freeze: the mask of {jax.tree_util.keystr(path)} has shape {mask_shape}, "
+                                 f"its parameter {shape}: give a scalar or a mask of the parameter's rank that "
+                                 "broadcasts to it")
+            return jnp.asarray(mask, bool)
+
+        return FreezeState(jax.tree_util.tree_map_with_path(check, params, masks))
 
     def update_fn(updates, state, params=None):
         del params

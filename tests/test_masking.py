@@ -135,6 +135,22 @@ def test_freeze_keeps_frozen_elements_bit_identical_under_adamw():
     assert (np.abs(after[~frozen] - before[~frozen]) > 0).all()  # the others moved
 
 
+def test_freeze_refuses_a_mask_that_would_reshape_or_misalign_its_parameter():
+    from ssah_jax.masking import freeze
+
+    params = {"w": jnp.zeros((3, 3)), "b": jnp.zeros((3,))}
+    ok = {"w": jnp.asarray([True, False, False])[:, None], "b": jnp.zeros((), bool)}
+    assert freeze(ok).init(params).masks["w"].shape == (3, 1)
+    # [n, 1] on a bias [n] would broadcast its update to [n, n]; [n] on a square kernel would
+    # freeze its columns, not its rows
+    with pytest.raises(ValueError, match=r"mask of \['b'\] has shape \(3, 1\), its parameter \(3,\)"):
+        freeze({**ok, "b": jnp.ones((3, 1), bool)}).init(params)
+    with pytest.raises(ValueError, match=r"mask of \['w'\] has shape \(3,\)"):
+        freeze({**ok, "w": jnp.ones((3,), bool)}).init(params)
+    with pytest.raises(ValueError, match=r"\['w'\] has shape \(2, 1\)"):
+        freeze({**ok, "w": jnp.ones((2, 1), bool)}).init(params)
+
+
 def test_freeze_after_multisteps_keeps_negative_zeros():
     import jax
     import optax
