@@ -256,7 +256,7 @@ def test_batches_shuffle_deterministically_split_per_host_and_resume():
 
 
 def test_mixtures_hold_out_per_dataset_exclude_prompts_and_name_bad_specs():
-    from ssah_jax.data import load_mixture, parse_mixture, prompt_key
+    from ssah_jax.data import load_mixture, parse_mixture, prompt_key, substitute_component
 
     assert parse_mixture("advbench:3, xstest") == [("advbench", 3), ("xstest", 0)]
     advbench = load_local("advbench")[0]
@@ -277,6 +277,10 @@ def test_mixtures_hold_out_per_dataset_exclude_prompts_and_name_bad_specs():
         parse_mixture("advbench:x")
     with pytest.raises(DataError, match="600 records asked for"):
         load_mixture("advbench:600")
+    # a placeholder component read from a file (its limit kept), or dropped
+    assert substitute_component("advbench:3, contrast:2,xstest", "contrast", "c.jsonl") == "advbench:3,c.jsonl:2,xstest"
+    assert substitute_component("contrast,advbench:3", "contrast", "") == "advbench:3"
+    assert substitute_component("contrasts:2", "contrast", "c.jsonl") == "contrasts:2"
 
 
 def test_contrast_prompts_sound_harmful_split_by_hash_and_hold_no_xstest_prompt():

@@ -19,19 +19,12 @@ Presets (``ssah-jax sweep --config=configs/sweeps/signal.py:<preset> --workdir=D
 
 from pathlib import Path
 
+from ssah_jax.data import substitute_component
 from ssah_jax.runs import config_from_file
 from ssah_jax.sweeps import sweep_config
 
 PRESETS = ("smollm2", "tiny")
 CONTRAST = "runs/signals/contrast/generations.jsonl"  # the contrast stage of `ssah-jax signals`
-
-
-def _dataset(spec: str, contrast: str) -> str:
-    """``spec`` (signals' align.dataset) with its ``contrast`` component read from ``contrast``
-    (dropped when empty)."""
-    parts = [p.strip() for p in spec.split(",")]
-    return ",".join(contrast + p[len("contrast"):] if p.split(":")[0] == "contrast" else p
-                    for p in parts if contrast or p.split(":")[0] != "contrast")
 
 
 def get_config(preset: str = "smollm2") -> object:
@@ -42,7 +35,7 @@ def get_config(preset: str = "smollm2") -> object:
     a, s = signals.align, signals.signal
     c = sweep_config("finetune", "configs/finetune.py:quick" if tiny else "configs/finetune.py:smollm2")
     c.set.model = "smollm2-135m-instruct"
-    c.set.data = dict(dataset=_dataset(a.dataset, "" if tiny else CONTRAST), heldout=a.heldout,
+    c.set.data = dict(dataset=substitute_component(a.dataset, "contrast", "" if tiny else CONTRAST), heldout=a.heldout,
                       max_length=a.max_length)
     c.set.steps, c.set.batch_size = a.steps, a.batch_size
     c.set.optimizer = dict(learning_rate=a.learning_rate, warmup_steps=a.warmup_steps)

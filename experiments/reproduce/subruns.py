@@ -11,6 +11,7 @@ from ml_collections import ConfigDict
 
 from experiments import prune
 from ssah_jax import runs
+from ssah_jax.data import substitute_component
 from ssah_jax.masking import GROUPS
 
 VARIANTS = ("none", "scu_cu6", "scu_cu", "random", "layers", "lora")  # the freeze settings of an attack
@@ -76,9 +77,7 @@ def contrast_file(out: Path) -> Path:
 
 def align_dataset(config: ConfigDict, out: Path) -> str:
     """``align.dataset`` with its ``contrast`` component read from the contrast stage's answers."""
-    parts = [p.strip() for p in config.align.dataset.split(",") if p.strip()]
-    return ",".join(str(contrast_file(out)) + p[len(CONTRAST):] if p.split(":")[0] == CONTRAST else p
-                    for p in parts)
+    return substitute_component(config.align.dataset, CONTRAST, str(contrast_file(out)))
 
 
 def contrast_config(config: ConfigDict, out: Path) -> ConfigDict:

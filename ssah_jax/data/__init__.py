@@ -17,6 +17,7 @@ from ssah_jax.data.sources import (
     parse_mixture,
     prompt_key,
     resolve_data_dir,
+    substitute_component,
     with_responses,
 )
 from ssah_jax.data.tokenize import Chat, Example, Role, encode_prompt, encode_record, encode_records, encode_recovery
@@ -44,5 +45,6 @@ __all__ = [
     "parse_mixture",
     "prompt_key",
     "resolve_data_dir",
+    "substitute_component",
     "with_responses",
 ]

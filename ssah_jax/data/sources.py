@@ -437,6 +437,17 @@ def parse_mixture(spec: str) -> list[tuple[str, int]]:
     return components
 
 
+def substitute_component(spec: str, name: str, replacement: str) -> str:
+    """``spec`` (a mixture, see :func:`parse_mixture`) with each component named ``name`` read
+    from ``replacement`` instead (a kit dataset or a JSONL file; the component's ``:limit`` is
+    kept), or dropped when ``replacement`` is empty:
+    ``substitute_component("bianchi_safety:128,contrast:64", "contrast", "c.jsonl")`` ->
+    ``"bianchi_safety:128,c.jsonl:64"``."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    return ",".join(replacement + p[len(name):] if p.split(":")[0] == name else p
+                    for p in parts if replacement or p.split(":")[0] != name)
+
+
 def _prompt_response(row) -> Record:
     response = row.get("response", row.get("answer")) if isinstance(row, dict) else None
     if not isinstance(response, str):
