@@ -71,6 +71,7 @@ def validate(config: ConfigDict, prefix: str = "") -> None:
         if section.signal.get("file"):
             check("signal.file", lambda v: (Path(v) / signals.FILE).exists() or Path(v).name == signals.FILE,
                   f"must be a directory holding {signals.FILE} (or the file itself)")
+        check("signal.threshold", lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
         check("signal.schedule", lambda v: v in signals.SCHEDULES, f"must be one of {signals.SCHEDULES}")
         for key in ("period", "tau"):
             check(f"signal.{key}", lambda v: v >= 1, "must be >= 1")

@@ -2,8 +2,9 @@
 
 One compiled function per (batch, bucketed prompt length, max_new_tokens, greedy/sampled):
 a prefill over the left-padded prompts, then a ``lax.while_loop`` that samples a token, feeds
-it back through the cache and stops when every row has produced a stop token. No host round
-trip per token.
+it back through the cache and stops when every row has produced a stop token. Filler rows (the
+empty rows that fill up a partial last batch) start finished, so they never hold the loop up.
+No host round trip per token.
 """
 
 from __future__ import annotations
@@ -40,6 +41,20 @@ def stop_token_ids(model: CausalLM, tokenizer: Any) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Raises ValueError unless ``temperature >= 0`` (0 = greedy), ``top_k >= 0`` (0 = off) and
+    ``0 < top_p <= 1`` (1 = off): the sampling settings every decoding takes."""
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"invalid sampling: temperature={temperature}, top_k={top_k}, top_p={top_p} "
+                         "(need temperature >= 0, top_k >= 0, 0 < top_p <= 1)")
+
+
+def real_rows(n: int, batch_size: int) -> jax.Array:
+    """The ``active`` rows of :func:`generate_tokens` for a batch whose first ``n`` rows are
+    prompts and the rest filler (a partial last batch filled up to ``batch_size``)."""
+    return jnp.arange(batch_size) < n
+
+
 def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
     """Temperature, then top-k (0 = off), then top-p (1.0 = off), on ``[B, V]`` float32 logits."""
     logits = logits / temperature
@@ -61,8 +76,8 @@ class DecodeState(NamedTuple):
     ``step``: the index of the answer token being chosen (0 = the first); ``cache`` / ``kv_mask``
     (``[B, prompt + max_new_tokens]``): the KV cache and its real slots; ``tokens``
     (``[B, max_new_tokens]``): the answer so far (``pad_id`` after a row's stop token);
-    ``done`` ``[B]``: rows that emitted a stop token; ``rng``; ``policy``: the decode policy's
-    own state."""
+    ``done`` ``[B]``: rows that emitted a stop token, and filler rows (not ``active``) from the
+    start; ``rng``; ``policy``: the decode policy's own state."""
 
     step: jax.Array
     cache: KVCache
@@ -145,6 +160,7 @@ def generate_tokens(
     stop_ids: jax.Array,
     pad_id: jax.Array,
     policy_state: Any = None,
+    active: jax.Array | None = None,
     *,
     max_new_tokens: int,
     sample: bool,
@@ -155,8 +171,11 @@ def generate_tokens(
 
     One prefill (the policy's), then a compiled ``while_loop`` over a :class:`DecodeState`: each step samples
     a token per row, lets ``policy`` (with ``policy_state``) decide what is emitted, and feeds
-    it back. After a row's stop token the row holds ``pad_id``. With ``return_policy_state``,
-    returns ``(tokens, the policy's final state)``.
+    it back. After a row's stop token the row holds ``pad_id``. ``active`` ``[B]`` bool (None:
+    every row) marks the real rows; the others (filler rows of a partial batch, see
+    :func:`real_rows`) start finished: they hold ``pad_id`` and the loop ends once every real
+    row has stopped (the real rows' tokens, and the random draws, are the same either way).
+    With ``return_policy_state``, returns ``(tokens, the policy's final state)``.
     """
     model = nnx.merge(graphdef, state)
     batch, prompt_len = input_ids.shape
@@ -181,9 +200,9 @@ def generate_tokens(
                                rng=rng, policy=policy_state)
 
     out, policy_state = getattr(policy, "prefill", prefill)(model, input_ids, kv_mask, cache, policy_state)
+    done = jnp.zeros((batch,), bool) if active is None else ~jnp.asarray(active, bool)
     start = DecodeState(jnp.zeros((), jnp.int32), out.cache, kv_mask,
-                        jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch,), bool), rng,
-                        policy_state)
+                        jnp.full((batch, max_new_tokens), pad_id, jnp.int32), done, rng, policy_state)
     first = emit(start, out.hidden)
 
     def cond(decode: DecodeState):
@@ -222,8 +241,7 @@ def generate_ids(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"invalid sampling: temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    check_sampling(temperature, top_k, top_p)
     encoded = [encode_prompt(tokenizer, p, system_prompt=system_prompt, answer_prefix=prefix, chat=chat).ids.tolist()
                for p, prefix in zip(prompts, _per_prompt(answer_prefix, len(prompts)))]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -241,7 +259,7 @@ def generate_ids(
         tokens = generate_tokens(
             graphdef, state, jnp.asarray(ids), jnp.asarray(mask), sub,
             jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k), jnp.float32(top_p),
-            jnp.asarray(stops, jnp.int32), jnp.int32(pad_id),
+            jnp.asarray(stops, jnp.int32), jnp.int32(pad_id), active=real_rows(len(chunk), batch_size),
             max_new_tokens=max_new_tokens, sample=temperature > 0,
         )
         results.extend(_until_stop(row, stops) for row in np.asarray(tokens)[: len(chunk)])

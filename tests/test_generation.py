@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ssah_jax import generation
 from ssah_jax.checkpoints import load_weights
 from ssah_jax.data import left_pad
 from ssah_jax.generation import Forced, ForceTokens, filter_logits, generate, generate_tokens
@@ -173,3 +174,74 @@ def test_a_policy_feeds_each_step_through_its_own_hook(tiny_llama):
                                     return_policy_state=True)
     np.testing.assert_array_equal(tokens, _run(model, ids, mask, 7, stop_ids=(-1,)))
     assert int(count) == 6  # the first token comes from the prefill
+
+
+def test_filler_rows_start_finished_and_the_loop_ends_with_the_real_rows(tiny_llama):
+    """The filler rows of a partial batch (``active`` False) start finished: a batch whose one
+    real row stops at step 0 runs one step, not ``max_new_tokens`` (the fillers, which never emit
+    a stop token here, would hold the loop up); the real rows' tokens are the same, greedy and
+    sampled (the random draws do not change)."""
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class StopRowZero:
+        """Row 0 emits the stop token 2 at once, the others token 5; the state counts the steps."""
+
+        def __call__(self, model, state, chosen):
+            token = jnp.where(jnp.arange(chosen.shape[0]) == 0, 2, 5).astype(jnp.int32)
+            return token, state.policy + 1
+
+    model = load_weights(tiny_llama)
+    ids, mask = tiny.random_batch(128, batch=3, seq=6, left_pad=(0, 6, 6))  # rows 1, 2: filler (all padding)
+    graphdef, state = nnx.split(model)
+    args = (graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0), jnp.float32(1e-6), jnp.int32(0),
+            jnp.float32(1.0), jnp.asarray([2], jnp.int32), jnp.int32(0), jnp.int32(0))
+    kw = dict(max_new_tokens=8, sample=False, policy=StopRowZero(), return_policy_state=True)
+    tokens, steps = generate_tokens(*args, **kw)
+    assert int(steps) == 8  # every row active: the fillers run to the end
+    tokens, steps = generate_tokens(*args, jnp.asarray([True, False, False]), **kw)
+    assert int(steps) == 1
+    assert np.asarray(tokens).tolist() == [[2] + [0] * 7, [0] * 8, [0] * 8]
+
+    # Real rows unchanged, greedy and sampled, with filler rows marked.
+    ids, mask = tiny.random_batch(128, batch=4, seq=6, left_pad=(0, 2, 6, 6))
+    graphdef, state = nnx.split(model)
+    for temperature in (0.0, 1.0):
+        common = (graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(4),
+                  jnp.float32(max(temperature, 1e-6)), jnp.int32(0), jnp.float32(1.0), jnp.asarray([-1], jnp.int32),
+                  jnp.int32(0), None)
+        kw = dict(max_new_tokens=10, sample=temperature > 0)
+        every = np.asarray(generate_tokens(*common, **kw))
+        real = np.asarray(generate_tokens(*common, generation.real_rows(2, 4), **kw))
+        np.testing.assert_array_equal(real[:2], every[:2])
+        assert (real[2:] == 0).all()
+
+
+def test_generate_ids_marks_the_filler_rows_of_a_partial_batch(tiny_chat_model, monkeypatch):
+    """A partial last batch is decoded with its filler rows inactive; the answers are those of
+    batches without filler."""
+    from ssah_jax.checkpoints import load_model
+
+    model, tokenizer = load_model(str(tiny_chat_model))
+    prompts = ["Hi", "What is 2 + 2?", "Name a colour."]
+    alone = generation.generate_ids(model, tokenizer, prompts, max_new_tokens=6, batch_size=1)
+    seen = []
+    real = generation.generate_tokens
+
+    def recording(*args, **kwargs):
+        seen.append(np.asarray(kwargs.get("active", args[11] if len(args) > 11 else None)).tolist())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate_tokens", recording)
+    together = generation.generate_ids(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    assert seen == [[True, True], [True, False]]
+    assert together == alone
+
+
+def test_invalid_sampling_is_refused_up_front(tiny_chat_model):
+    from ssah_jax.checkpoints import load_model
+
+    model, tokenizer = load_model(str(tiny_chat_model))
+    for bad in (dict(temperature=-0.5), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError, match="invalid sampling"):
+            generation.generate_ids(model, tokenizer, ["Hi"], max_new_tokens=2, **bad)

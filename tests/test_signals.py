@@ -14,6 +14,7 @@ from ssah_jax import signals
 from ssah_jax.checkpoints import load_model, save_hf
 from ssah_jax.data import Record, Role, encode_prompt, encode_records, load_local, with_responses
 from ssah_jax.data.batching import pad_batch
+from ssah_jax.evaluation import is_refusal
 from ssah_jax.generation import generate_tokens
 from ssah_jax.sharding import make_mesh, shard_batch, use_rules
 from ssah_jax.signals import SignalLoss
@@ -237,7 +238,11 @@ def test_a_threshold_below_zero_refuses_every_answer_from_the_start(chat):
     # With the prefilling attack too: the prefix comes after the attacker's answer prefix.
     attacked = signals.generate(model, signal, tokenizer, PROMPTS[:1], max_new_tokens=16, threshold=-1.0,
                                 answer_prefix="Sure, here is")
-    assert attacked[0]["text"].startswith("Sure, here is" + signals.REFUSAL_PREFIX)
+    # The prefix starts with a newline (the authors' does): the refusal is not glued to the
+    # attacker's last token, and the judge reads the answer after the attacker's prefix as a refusal.
+    assert signals.REFUSAL_PREFIX.startswith("\nSorry, I can't")
+    assert attacked[0]["text"].startswith("Sure, here is\nSorry, I can't fulfill your request because")
+    assert is_refusal(attacked[0]["text"][len("Sure, here is"):])
 
 
 def test_consecutive_malicious_rechecks_insert_the_prefix_later(chat):
@@ -267,7 +272,7 @@ def test_evaluation_takes_a_signal_model_in_place_of_a_model(chat):
     deployed = signals.SignalModel(model, signal, threshold=-1.0)
     rows = answer_rows(deployed, tokenizer, records, max_new_tokens=12)
     assert all(r["refused"] and r["inserted"] == 0 and r["checks"][0][0] == 0 for r in rows)
-    assert all(r["answer"].startswith(signals.REFUSAL_PREFIX) for r in rows)
+    assert all(r["answer"].startswith("\nSorry, I can't fulfill") for r in rows)  # and judged a refusal
     plain = answer_rows(model, tokenizer, records, max_new_tokens=12)
     assert "checks" not in plain[0]
     # a threshold above 1 never fires: the answers are strategic decoding's own (the answer sees
@@ -332,3 +337,72 @@ def test_the_probe_reads_the_query_alone_and_fits_a_head_that_separates(chat):
 
     with pytest.raises(ValueError, match="validation examples must hold both classes"):
         signals.fit_probe(model, signal, train, validation[:4], pad_id=pad)
+
+
+def _recording(monkeypatch):
+    """Records each decoding call of ``signals.generate``: its ``active`` rows, tokens and final
+    policy state."""
+    from ssah_jax.signals import decoding
+
+    calls = []
+    real = decoding.generate_tokens
+
+    def recording(*args, **kwargs):
+        tokens, final = real(*args, **kwargs)
+        active = kwargs.get("active", args[11] if len(args) > 11 else None)
+        calls.append({"active": None if active is None else np.asarray(active).tolist(),
+                      "tokens": np.asarray(tokens), "final": final})
+        return tokens, final
+
+    monkeypatch.setattr(decoding, "generate_tokens", recording)
+    return calls
+
+
+def _stopping_at(monkeypatch, token):
+    from ssah_jax.signals import decoding
+
+    monkeypatch.setattr(decoding, "stop_token_ids", lambda model, tokenizer: (int(token),))
+
+
+def test_filler_rows_of_a_partial_batch_do_not_hold_decoding_up(chat, monkeypatch):
+    """The filler rows of a partial last batch start finished: with one real row that stops at
+    step 0 and two filler rows, decoding runs one step (with schedule ``each`` the policy's next
+    check is the number of steps run), and the answer is the batch-of-one's."""
+    model, tokenizer, signal = chat
+    calls = _recording(monkeypatch)
+    kw = dict(max_new_tokens=8, threshold=2.0, schedule="each")
+    free = signals.generate(model, signal, tokenizer, PROMPTS[:1], batch_size=1, **kw)
+    first = calls[-1]["tokens"][0, 0]
+    _stopping_at(monkeypatch, first)
+    alone = signals.generate(model, signal, tokenizer, PROMPTS[:1], batch_size=1, **kw)
+    assert int(calls[-1]["final"].next_check) == 1
+    padded = signals.generate(model, signal, tokenizer, PROMPTS[:1], batch_size=3, **kw)
+    assert calls[-1]["active"] == [True, False, False]
+    assert int(calls[-1]["final"].next_check) == 1  # not 8: the fillers start finished
+    assert (calls[-1]["tokens"][1:] == tokenizer.pad_token_id).all()
+    assert padded == alone and alone[0]["checks"] == free[0]["checks"][:1]
+
+
+def test_the_check_of_the_step_that_emitted_the_stop_token_is_recorded(chat, monkeypatch):
+    """A row that stops at step j records the checks of steps 0..j (step j's ran, before its
+    token turned out a stop token), with the values of the same decoding without that stop."""
+    model, tokenizer, signal = chat
+    calls = _recording(monkeypatch)
+    kw = dict(max_new_tokens=10, threshold=2.0, schedule="each")
+    free = signals.generate(model, signal, tokenizer, PROMPTS[:1], **kw)[0]
+    tokens = calls[-1]["tokens"][0].tolist()
+    j = next(t for t in range(2, len(tokens)) if tokens[t] not in tokens[:t])  # a token not emitted before
+    _stopping_at(monkeypatch, tokens[j])
+    stopped = signals.generate(model, signal, tokenizer, PROMPTS[:1], **kw)[0]
+    assert [t for t, _ in stopped["checks"]] == list(range(j + 1))
+    np.testing.assert_allclose([p for _, p in stopped["checks"]], [p for _, p in free["checks"][: j + 1]], atol=1e-6)
+    assert stopped["text"] == tokenizer.decode(tokens[:j], skip_special_tokens=True)
+
+
+def test_signal_decoding_validates_its_settings_up_front(chat):
+    model, tokenizer, signal = chat
+    with pytest.raises(ValueError, match="^the refusal prefix must tokenize to at least one token"):
+        signals.generate(model, signal, tokenizer, ["Hi"], max_new_tokens=4, threshold=-1.0, refusal_prefix="")
+    for bad in (dict(temperature=-1.0), dict(top_k=-2), dict(top_p=0.0), dict(top_p=2.0)):
+        with pytest.raises(ValueError, match="invalid sampling"):  # as generation.generate's
+            signals.generate(model, signal, tokenizer, ["Hi"], max_new_tokens=4, **bad)

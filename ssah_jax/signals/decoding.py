@@ -16,13 +16,17 @@ slots and the answer are untouched) with a mask of what it may see (DESIGN 2.4, 
   answer prefix, role ``RESPONSE``, and the generated tokens).
 
 Decoding: a malicious first check forces the refusal prefix from step 0; after ``tau``
-consecutive malicious checks, from that step. A row gets the prefix at most once.
+consecutive malicious checks, from that step. A row gets the prefix at most once. The prefix
+(``REFUSAL_PREFIX``, the authors' wording) starts with a newline, as theirs does, so that a
+refusal inserted after answer tokens starts a line of its own instead of being glued to the
+previous token.
 
 Schedules (which steps check): ``each`` (every step), ``first`` (step 0 only), ``periodic``
 (every ``period`` steps), ``annealing`` (ours, as the paper publishes none: after a check at
 step ``s`` the next is at ``s + s // period + 1``, so every step for the first ``period`` steps,
 then every 2nd step, then every 3rd, ...). A finished row is not checked; a check whose p is
-NaN counts as malicious.
+NaN counts as malicious. The filler rows of a partial last batch start finished (never
+checked, never holding the loop up).
 """
 
 from __future__ import annotations
@@ -37,13 +41,13 @@ import numpy as np
 from flax import nnx
 
 from ssah_jax.data import Chat, Role, encode_prompt, left_pad, padded_length
-from ssah_jax.generation import DecodeState, generate_tokens, stop_token_ids
+from ssah_jax.generation import DecodeState, check_sampling, generate_tokens, real_rows, stop_token_ids
 from ssah_jax.generation import feed as default_feed
 from ssah_jax.models import CausalLM, default_mask
 from ssah_jax.signals.signal import SafetySignal, check_query, head_logit, mask
 
 SCHEDULES = ("each", "first", "periodic", "annealing")
-REFUSAL_PREFIX = "Sorry, I can't fulfill your request because"
+REFUSAL_PREFIX = "\nSorry, I can't fulfill your request because"
 
 
 class SignalState(NamedTuple):
@@ -176,7 +180,9 @@ class StrategicDecoding:
 def decode_inputs(signal: SafetySignal, chunk: Sequence[Chat], *, batch_size: int, bucket: int, pad_id: int,
                   max_new_tokens: int, refusal_ids: jax.Array) -> tuple[jax.Array, jax.Array, SignalState]:
     """``(input_ids, prompt_mask, initial SignalState)`` of a batch of encoded prompts: each row
-    ``[CLS]`` (slot 0), left padding, the prompt; rows beyond ``chunk`` are empty."""
+    ``[CLS]`` (slot 0), left padding, the prompt; rows beyond ``chunk`` are filler (empty but for
+    ``[CLS]``: pass ``active=real_rows(len(chunk), batch_size)`` to ``generate_tokens`` so that
+    they start finished)."""
     rows = [c.ids.tolist() for c in chunk] + [[]] * (batch_size - len(chunk))
     length = padded_length(1 + max(len(r) for r in rows), bucket)
     body, body_mask = left_pad(rows, length - 1, pad_id)
@@ -220,11 +226,16 @@ def generate(
     """Answers with the safety signal deciding, as the answer grows, whether to refuse.
 
     Returns per prompt ``{"text", "checks": [(step, p), ...], "inserted": step or None}``
-    (``text`` includes the answer prefix, as :func:`ssah_jax.generation.generate`'s does)."""
+    (``text`` includes the answer prefix, as :func:`ssah_jax.generation.generate`'s does;
+    ``checks`` are those of the answer's steps, including the step that emitted the stop token)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if max_new_tokens < 1 or period < 1 or tau < 1 or min(r1, r2, r3) < 0:
         raise ValueError("max_new_tokens, period and tau must be >= 1 and r1, r2, r3 >= 0")
+    check_sampling(temperature, top_k, top_p)
+    refusal_ids = tokenizer(refusal_prefix, add_special_tokens=False)["input_ids"]
+    if not refusal_ids:
+        raise ValueError(f"the refusal prefix must tokenize to at least one token, got {refusal_prefix!r}")
     prefixes = ([answer_prefix or ""] * len(prompts) if answer_prefix is None or isinstance(answer_prefix, str)
                 else list(answer_prefix))
     if len(prefixes) != len(prompts):
@@ -232,7 +243,7 @@ def generate(
     encoded = [encode_prompt(tokenizer, p, system_prompt=system_prompt, answer_prefix=a)
                for p, a in zip(prompts, prefixes)]
     check_query(encoded, prompts)
-    prefix_ids = jnp.asarray(tokenizer(refusal_prefix, add_special_tokens=False)["input_ids"], jnp.int32)
+    prefix_ids = jnp.asarray(refusal_ids, jnp.int32)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(model, tokenizer)
     graphdef, state = nnx.split(model)
@@ -247,16 +258,18 @@ def generate(
         tokens, final = generate_tokens(
             graphdef, state, ids, attn, sub, jnp.float32(max(temperature, 1e-6)),
             jnp.int32(top_k), jnp.float32(top_p), jnp.asarray(stops, jnp.int32), jnp.int32(pad_id), policy_state,
-            max_new_tokens=max_new_tokens, sample=temperature > 0, policy=policy, return_policy_state=True)
+            real_rows(len(chunk), batch_size), max_new_tokens=max_new_tokens, sample=temperature > 0, policy=policy,
+            return_policy_state=True)
         tokens, checks, inserted = np.asarray(tokens), np.asarray(final.checks), np.asarray(final.inserted)
         for i, prefix in enumerate(prefixes[start : start + len(chunk)]):
             row = tokens[i]
             hits = np.flatnonzero(np.isin(row, stops))
             row = row[: hits[0]] if hits.size else row
-            steps = np.flatnonzero(~np.isnan(checks[i][: max(len(row), 1)]))
+            ran = len(row) + 1 if hits.size else len(row)  # the steps run: the answer's, and its stop token's
+            steps = np.flatnonzero(~np.isnan(checks[i][:ran]))
             results.append({"text": prefix + tokenizer.decode(row, skip_special_tokens=True),
                             "checks": [(int(t), float(checks[i, t])) for t in steps],
-                            "inserted": None if not 0 <= inserted[i] < max(len(row), 1) else int(inserted[i])})
+                            "inserted": None if not 0 <= inserted[i] < ran else int(inserted[i])})
     return results
 
 
