@@ -77,3 +77,9 @@ def test_mfu_benchmark_counts_the_flops_xla_counts(bench_script):
     config = __import__("ssah_jax.models", fromlist=["ModelConfig"]).ModelConfig(**bench_script.MFU_SIZES["1b"])
     assert bench_script.train_flops_per_token(config, 2048) == pytest.approx(6 * 1.2358e9 + 12 * 16 * 2048 * 2048,
                                                                              rel=1e-3)
+
+
+def test_a_decode_step_excludes_the_prefill(bench_script):
+    # 8 tokens in 1.5 s, one token (the prefill and its first token) in 0.8 s: 0.1 s per step
+    assert bench_script._per_step(1.5, 0.8, 8) == pytest.approx(0.1)
+    assert bench_script._per_step(0.8, 0.8, 1) == 0.8  # one token: no decode step to isolate
