@@ -180,3 +180,26 @@ def test_a_scanned_run_exports_what_the_unrolled_run_exports(tiny_chat_model, tm
         np.testing.assert_allclose(runs_["scanned"][key], value, rtol=0, atol=1e-2 * learning_rate, err_msg=key)
         trained = not np.array_equal(runs_["scanned"][key], initial[key])
         assert trained == (".layers.0." not in key), key  # layer 0 frozen, everything else trains
+
+
+def test_a_signal_is_not_trained_on_a_prompt_it_cannot_see(tiny_chat_model, tmp_path, monkeypatch):
+    """An example whose prompt the encoder could not locate (no user or system token: [CLS]
+    would see only itself) is refused before training, as decoding and classify refuse it."""
+    import dataclasses
+
+    from ssah_jax.data.tokenize import Role
+
+    def hiding(*args, **kwargs):  # the encoder, with the first example's prompt hidden
+        examples, stats = finetune_encode(*args, **kwargs)
+        roles = np.where(examples[0].roles == int(Role.USER), int(Role.TEMPLATE), examples[0].roles)
+        return [dataclasses.replace(examples[0], roles=roles), *examples[1:]], stats
+
+    finetune_encode = finetune.encode_records
+    monkeypatch.setattr(finetune, "encode_records", hiding)
+    config = config_from_file(ROOT / "configs" / "finetune.py", "quick")
+    config.model, config.steps, config.data.heldout, config.batch_size = str(tiny_chat_model), 1, 2, 8
+    config.eval_batch_size = 8
+    config.data.dataset, config.signal.head = "bianchi_safety:4,alpaca_libre:4", "linear"
+    config.signal.malicious = ("bianchi_safety",)
+    with pytest.raises(ConfigError, match=r"^config.data.dataset=.*: 2 examples have no query token the \[CLS\]"):
+        finetune.train(config, str(tmp_path))

@@ -103,6 +103,11 @@ def test_signal_file_round_trip_and_errors(chat, tmp_path):
         signals.load(tmp_path / "small", model.config)
     with pytest.raises(FileNotFoundError, match="no safety signal"):
         signals.load(tmp_path / "nowhere")
+    # an mlp head without its hidden layer: refused on loading, not later inside jit
+    signals.save(signals.SafetySignal({"cls": signal.params["cls"], "head": {
+        k: v for k, v in signal.params["head"].items() if k not in ("w1", "b1")}}, "mlp"), tmp_path / "cut")
+    with pytest.raises(ValueError, match=r"a mlp head holds .*'w1'.*, the file has"):
+        signals.load(tmp_path / "cut")
     with pytest.raises(ValueError, match="head must be"):
         signals.SafetySignal.init(model.config, "transformer", rng=jax.random.key(0))
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import flax
@@ -201,8 +202,16 @@ def load(directory: str | Path, config: ModelConfig | None = None) -> SafetySign
     for key, value in flat.items():
         *parents, name = key.split(".")
         (params["head"] if parents == ["head"] else params)[name] = jnp.asarray(value)
-    if config is not None and params["cls"].shape != (config.hidden_size,):
-        raise ValueError(f"{path}: a signal for hidden size {params['cls'].shape[0]}, the model has "
-                         f"{config.hidden_size}")
+    if np.ndim(params.get("cls")) != 1:
+        raise ValueError(f"{path}: no [CLS] row ('cls', one dimension) in the file")
+    hidden = params["cls"].shape[0]
+    if config is not None and hidden != config.hidden_size:
+        raise ValueError(f"{path}: a signal for hidden size {hidden}, the model has {config.hidden_size}")
+    # what SafetySignal.init makes for this head and size, against what the file holds
+    like = jax.eval_shape(lambda: SafetySignal.init(SimpleNamespace(hidden_size=hidden), head,
+                                                    rng=jax.random.key(0)).params)
+    expected, got = (jax.tree.map(lambda x: tuple(x.shape), tree) for tree in (like, params))
+    if got != expected:
+        raise ValueError(f"{path}: a {head} head holds {expected}, the file has {got}")
     return SafetySignal(params, head)
 
