@@ -36,7 +36,7 @@ from ssah_jax.attribution import UnitMap
 from ssah_jax.checkpoints import load_model, save_hf
 from ssah_jax.data import load_mixture, parse_mixture
 from ssah_jax.data.batching import balance_classes, batch_dataset, bucket_lengths
-from ssah_jax.data.tokenize import EncodeStats, Role, encode_records, encode_recovery
+from ssah_jax.data.tokenize import EncodeStats, encode_records, encode_recovery
 from ssah_jax.masking import GROUPS, MODULES
 from ssah_jax.models import REMAT_POLICIES, Layout, with_layout
 from ssah_jax.sharding import make_mesh, shard_batch, use_rules
@@ -260,7 +260,7 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
                    f"every augmentation example's prompt and harmful start is longer than that ({augmented})")
         train_examples += extra
     if config.signal.head:  # as decoding and classify refuse such a prompt, so does training
-        blind = sum(not np.isin(e.roles, (Role.USER, Role.SYSTEM)).any() for e in train_examples + heldout_examples)
+        blind = sum(not signals.sees_query(e.roles) for e in train_examples + heldout_examples)
         runs.check(config, "data.dataset", lambda v: blind == 0,
                    f"{blind} examples have no query token the [CLS] signal can see (an empty prompt, or a chat "
                    "template that hides it from the encoder)")

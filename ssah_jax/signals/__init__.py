@@ -27,10 +27,11 @@ from ssah_jax.signals.signal import (
     mask,
     prepend_cls,
     save,
+    sees_query,
 )
 
 __all__ = [
     "FILE", "HEADS", "PHASES", "REFUSAL_PREFIX", "SCHEDULES", "ProbeResult", "SafetySignal", "SignalLoss",
     "SignalModel", "SignalState", "StrategicDecoding", "classify", "cls_states", "decode_inputs", "fit_probe",
-    "forward", "generate", "head_logit", "load", "mask", "prepend_cls", "save",
+    "forward", "generate", "head_logit", "load", "mask", "prepend_cls", "save", "sees_query",
 ]

@@ -121,11 +121,17 @@ def forward(model: CausalLM, signal: SafetySignal, input_ids: jax.Array, attenti
     return out, head_logit(signal, out.hidden[:, 0])
 
 
+def sees_query(roles: np.ndarray) -> bool:
+    """Whether an encoded prompt's ``roles`` hold a query token (user or system) for ``[CLS]``
+    to see; not when the prompt is empty or its chat template hid it from the encoder."""
+    return bool(np.isin(roles, (Role.USER, Role.SYSTEM)).any())
+
+
 def check_query(encoded: Sequence[Chat], prompts: Sequence[str]) -> None:
-    """Refuses a prompt with no query token for ``[CLS]`` to see (an empty prompt, or a chat
-    template whose prompt the encoder could not locate): its signal would be blind."""
+    """Refuses a prompt with no query token for ``[CLS]`` to see (:func:`sees_query`): its
+    signal would be blind."""
     for chat, prompt in zip(encoded, prompts):
-        if not ((chat.roles == Role.USER) | (chat.roles == Role.SYSTEM)).any():
+        if not sees_query(chat.roles):
             raise ValueError(f"prompt {prompt[:40]!r}: no query token the [CLS] signal can see (empty, or the chat "
                              "template hides it from the encoder)")
 
