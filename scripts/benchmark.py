@@ -372,7 +372,7 @@ def bench_signals(args) -> dict:
     from ssah_jax.checkpoints import demo_gguf_path, load_model
     from ssah_jax.data import encode_prompt, left_pad
     from ssah_jax.generation import generate_tokens
-    from ssah_jax.signals import SCHEDULES, SafetySignal, StrategicDecoding, decode_inputs
+    from ssah_jax.signals import SCHEDULES, Rules, SafetySignal, StrategicDecoding, decode_inputs
 
     path = demo_gguf_path()
     model, tokenizer = load_model(str(path), runs.DTYPES[args.dtype])
@@ -393,10 +393,10 @@ def bench_signals(args) -> dict:
     refusal = jnp.asarray(tokenizer("Sorry", add_special_tokens=False)["input_ids"], jnp.int32)
     s_ids, s_mask, s_state = decode_inputs(signal, encoded, batch_size=args.batch, bucket=1,
                                            pad_id=tokenizer.pad_token_id, max_new_tokens=args.new_tokens,
-                                           refusal_ids=refusal)
+                                           refusal_ids=refusal, rules=Rules(threshold=2.0))  # never fires
 
     def with_signal(schedule):
-        policy = StrategicDecoding(signal.head, s_ids.shape[1], threshold=2.0, schedule=schedule)  # never fires
+        policy = StrategicDecoding(signal.head, schedule)
         return lambda: np.asarray(generate_tokens(graphdef, state, s_ids, s_mask, *common, s_state,
                                                   max_new_tokens=args.new_tokens, sample=False, policy=policy))
 

@@ -3,6 +3,7 @@ untouched by [CLS], classification independent of padding and of what follows th
 the signal file."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -214,8 +215,8 @@ def test_a_recheck_sees_exactly_what_rule_2_allows(chat, step):
     encoded = [encode_prompt(tokenizer, PROMPTS[1])]
     refusal = jnp.asarray([5, 6], jnp.int32)
     ids, attn, state = signals.decode_inputs(signal, encoded, batch_size=1, bucket=1, pad_id=0, max_new_tokens=new,
-                                             refusal_ids=refusal)
-    policy = signals.StrategicDecoding(signal.head, ids.shape[1], threshold=2.0, schedule="each", r2=r2)
+                                             refusal_ids=refusal, rules=signals.Rules(threshold=2.0, r2=r2))
+    policy = signals.StrategicDecoding(signal.head, schedule="each")
     graphdef, params = nnx.split(model)
     tokens, final = generate_tokens(graphdef, params, ids, attn, jax.random.key(0), jnp.float32(1e-6), jnp.int32(0),
                                     jnp.float32(1.0), jnp.asarray([-1], jnp.int32), jnp.int32(0), state,
@@ -248,6 +249,26 @@ def test_a_threshold_below_zero_refuses_every_answer_from_the_start(chat):
     assert signals.REFUSAL_PREFIX.startswith("\nSorry, I can't")
     assert attacked[0]["text"].startswith("Sure, here is\nSorry, I can't fulfill your request because")
     assert is_refusal(attacked[0]["text"][len("Sure, here is"):])
+
+
+def test_other_rules_reuse_the_compiled_decode_loop_and_take_effect(chat, monkeypatch):
+    """The threshold, period, r1-r3 and tau are traced (Rules in the state): another value runs
+    the loop already compiled, and acts in it; another schedule is another loop."""
+    model, tokenizer, signal = chat
+    traced = []
+    prefill = signals.StrategicDecoding.prefill
+    monkeypatch.setattr(signals.StrategicDecoding, "prefill",
+                        lambda self, *args: traced.append(self.schedule) or prefill(self, *args))
+    run = functools.partial(signals.generate, model, signal, tokenizer, PROMPTS[:2], max_new_tokens=13, batch_size=2)
+    never = run(threshold=2.0, r2=3, tau=2)
+    assert traced == ["each"] and not any(r["inserted"] is not None for r in never)
+    always = run(threshold=-1.0, r1=5, r2=7, r3=2, tau=4, period=3)
+    assert traced == ["each"]  # not traced again
+    assert all(r["inserted"] == 0 and r["text"].startswith(signals.REFUSAL_PREFIX) for r in always)
+    run(threshold=2.0, schedule="periodic", period=4)
+    assert traced == ["each", "periodic"]
+    with pytest.raises(ValueError, match="invalid decoding rules"):
+        run(tau=0)
 
 
 def test_consecutive_malicious_rechecks_insert_the_prefix_later(chat):

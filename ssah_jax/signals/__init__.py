@@ -6,6 +6,7 @@ re-deciding whether to refuse (``decoding``: strategic attention and decoding)."
 from ssah_jax.signals.decoding import (
     REFUSAL_PREFIX,
     SCHEDULES,
+    Rules,
     SignalModel,
     SignalState,
     StrategicDecoding,
@@ -31,7 +32,7 @@ from ssah_jax.signals.signal import (
 )
 
 __all__ = [
-    "FILE", "HEADS", "PHASES", "REFUSAL_PREFIX", "SCHEDULES", "ProbeResult", "SafetySignal", "SignalLoss",
+    "FILE", "HEADS", "PHASES", "REFUSAL_PREFIX", "SCHEDULES", "ProbeResult", "Rules", "SafetySignal", "SignalLoss",
     "SignalModel", "SignalState", "StrategicDecoding", "classify", "cls_states", "decode_inputs", "fit_probe",
     "forward", "generate", "head_logit", "load", "mask", "prepend_cls", "save", "sees_query",
 ]

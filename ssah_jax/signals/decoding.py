@@ -50,14 +50,43 @@ SCHEDULES = ("each", "first", "periodic", "annealing")
 REFUSAL_PREFIX = "\nSorry, I can't fulfill your request because"
 
 
+class Rules(NamedTuple):
+    """The numbers of the decoding: a check is malicious when p > ``threshold``; ``period`` of
+    the periodic and annealing schedules; ``r1``, ``r2``, ``r3`` of rules 1-3; the refusal after
+    ``tau`` consecutive malicious checks. They travel in :class:`SignalState` as traced scalars
+    (:meth:`arrays`), so other values reuse the compiled decode loop; only the schedule and the
+    head's kind are part of the policy."""
+
+    threshold: float = 0.5
+    period: int = 10
+    r1: int = 10
+    r2: int = 10
+    r3: int = 10
+    tau: int = 3
+
+    def check(self) -> Rules:
+        """Raises ValueError unless ``period``, ``tau >= 1``, ``r1``, ``r2``, ``r3 >= 0`` and the
+        threshold is a number; returns itself."""
+        if self.period < 1 or self.tau < 1 or min(self.r1, self.r2, self.r3) < 0 or np.isnan(self.threshold):
+            raise ValueError(f"invalid decoding rules {self._asdict()} (need period, tau >= 1, r1, r2, r3 >= 0 "
+                             "and a threshold that is a number)")
+        return self
+
+    def arrays(self) -> Rules:
+        """The rules as the decode loop carries them (float32 threshold, int32 others)."""
+        return Rules(jnp.float32(self.threshold), *(jnp.int32(v) for v in self[1:]))
+
+
 class SignalState(NamedTuple):
-    """The policy's arrays: the signal's parameters, the prompt's roles ``[B, prompt_len]``
-    (slot 0, ``[CLS]``, as ``PADDING``), each check's p ``[B, T]`` (NaN where none), the first
-    check's verdict, the answer length at the last transition (-1: none), the count of
-    consecutive malicious checks, the step the prefix was inserted (-1: never), the prefix's
-    tokens ``[K]``, the next check's step and the p computed by the latest forward."""
+    """The policy's arrays: the signal's parameters, the decoding's :class:`Rules` (traced
+    scalars), the prompt's roles ``[B, prompt_len]`` (slot 0, ``[CLS]``, as ``PADDING``), each
+    check's p ``[B, T]`` (NaN where none), the first check's verdict, the answer length at the
+    last transition (-1: none), the count of consecutive malicious checks, the step the prefix
+    was inserted (-1: never), the prefix's tokens ``[K]``, the next check's step and the p
+    computed by the latest forward."""
 
     params: Any
+    rules: Rules
     roles: jax.Array
     checks: jax.Array
     first_malicious: jax.Array
@@ -71,27 +100,21 @@ class SignalState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class StrategicDecoding:
-    """The decode policy (hashable; its arrays live in a :class:`SignalState`)."""
+    """The decode policy: the head's kind and the schedule (hashable, so part of the compiled
+    loop's identity; the numbers, :class:`Rules`, and the arrays live in a :class:`SignalState`)."""
 
     head: str
-    prompt_len: int
-    threshold: float = 0.5
     schedule: str = "each"
-    period: int = 10
-    r1: int = 10
-    r2: int = 10
-    r3: int = 10
-    tau: int = 3
 
-    def interval(self, step: jax.Array) -> jax.Array:
+    def interval(self, step: jax.Array, period: jax.Array) -> jax.Array:
         """Steps from a check at ``step`` to the next one."""
         if self.schedule == "each":
             return jnp.ones((), jnp.int32)
         if self.schedule == "first":
             return jnp.asarray(2**30, jnp.int32)
         if self.schedule == "periodic":
-            return jnp.asarray(self.period, jnp.int32)
-        return step // self.period + 1  # annealing: the interval grows by one every `period` steps
+            return period
+        return step // period + 1  # annealing: the interval grows by one every `period` steps
 
     def prefill(self, model: CausalLM, input_ids, kv_mask, cache, state: SignalState):
         b, s = input_ids.shape
@@ -137,17 +160,18 @@ class StrategicDecoding:
         the answer slots so far are the prompt's answer prefix and the tokens generated before
         the step."""
         b, kv_len = decode.kv_mask.shape
-        future = jnp.zeros((b, kv_len - self.prompt_len), bool)
+        prompt_len, rules = state.roles.shape[1], state.rules
+        future = jnp.zeros((b, kv_len - prompt_len), bool)
         query = jnp.concatenate([(state.roles == Role.USER) | (state.roles == Role.SYSTEM), future], axis=1)
         prefilled = jnp.concatenate([state.roles == Role.RESPONSE, future], axis=1)
         slot = jnp.arange(kv_len)[None]
-        answer = prefilled | ((slot >= self.prompt_len) & (slot < self.prompt_len + decode.step))
+        answer = prefilled | ((slot >= prompt_len) & (slot < prompt_len + decode.step))
         rank = jnp.cumsum(answer, axis=1)
         total = rank[:, -1:]
-        rule2 = answer & (rank > total - self.r2)
-        rule1 = query | (answer & (rank <= self.r1))
+        rule2 = answer & (rank > total - rules.r2)
+        rule1 = query | (answer & (rank <= rules.r1))
         t = state.transition[:, None]
-        rule3 = answer & (rank >= t - self.r2) & (rank <= t + self.r3)
+        rule3 = answer & (rank >= t - rules.r2) & (rank <= t + rules.r3)
         return jnp.where(state.first_malicious[:, None], rule1, jnp.where(t >= 0, rule3, rule2))
 
     def __call__(self, model: CausalLM, decode: DecodeState, chosen: jax.Array):
@@ -158,31 +182,32 @@ class StrategicDecoding:
         p = state.pending  # computed by this step's feed (or the prefill) under the same schedule
         check = scheduled & ~decode.done  # a finished row is not checked
         p = jnp.where(check, p, jnp.nan)
-        malicious = check & ~(p <= self.threshold)  # a NaN verdict fails closed
-        benign = check & (p <= self.threshold)
+        malicious = check & ~(p <= state.rules.threshold)  # a NaN verdict fails closed
+        benign = check & (p <= state.rules.threshold)
         first_malicious = jnp.where(s == 0, malicious, state.first_malicious)
         transition = jnp.where(malicious & (state.consecutive == 0) & (s > 0) & (state.transition < 0),
                                answer_len, jnp.where(benign, -1, state.transition))
         consecutive = jnp.where(malicious, state.consecutive + 1, jnp.where(benign, 0, state.consecutive))
-        trigger = (state.inserted < 0) & ~decode.done & ((malicious & (s == 0)) | (consecutive >= self.tau))
+        trigger = (state.inserted < 0) & ~decode.done & ((malicious & (s == 0)) | (consecutive >= state.rules.tau))
         inserted = jnp.where(trigger, s, state.inserted)
         j = s - inserted
         k = state.prefix.shape[0]
         forcing = (inserted >= 0) & (j < k)
         token = jnp.where(forcing, state.prefix[jnp.clip(j, 0, k - 1)], chosen)
         checks = jax.lax.dynamic_update_slice_in_dim(state.checks, p[:, None], s, axis=1)
-        next_check = jnp.where(scheduled, s + self.interval(s), state.next_check)
+        next_check = jnp.where(scheduled, s + self.interval(s, state.rules.period), state.next_check)
         return token, state._replace(checks=checks, first_malicious=first_malicious, transition=transition,
                                      consecutive=consecutive, inserted=inserted, next_check=next_check,
                                      pending=jnp.full_like(p, jnp.nan))  # used: a stale read would fail closed
 
 
 def decode_inputs(signal: SafetySignal, chunk: Sequence[Chat], *, batch_size: int, bucket: int, pad_id: int,
-                  max_new_tokens: int, refusal_ids: jax.Array) -> tuple[jax.Array, jax.Array, SignalState]:
-    """``(input_ids, prompt_mask, initial SignalState)`` of a batch of encoded prompts: each row
-    ``[CLS]`` (slot 0), left padding, the prompt; rows beyond ``chunk`` are filler (empty but for
-    ``[CLS]``: pass ``active=real_rows(len(chunk), batch_size)`` to ``generate_tokens`` so that
-    they start finished)."""
+                  max_new_tokens: int, refusal_ids: jax.Array, rules: Rules = Rules()
+                  ) -> tuple[jax.Array, jax.Array, SignalState]:
+    """``(input_ids, prompt_mask, initial SignalState)`` of a batch of encoded prompts under
+    ``rules`` (checked): each row ``[CLS]`` (slot 0), left padding, the prompt; rows beyond
+    ``chunk`` are filler (empty but for ``[CLS]``: pass ``active=real_rows(len(chunk),
+    batch_size)`` to ``generate_tokens`` so that they start finished)."""
     rows = [c.ids.tolist() for c in chunk] + [[]] * (batch_size - len(chunk))
     length = padded_length(1 + max(len(r) for r in rows), bucket)
     body, body_mask = left_pad(rows, length - 1, pad_id)
@@ -192,7 +217,7 @@ def decode_inputs(signal: SafetySignal, chunk: Sequence[Chat], *, batch_size: in
     ids, attn = np.concatenate([column, body], 1), np.concatenate([column + 1, body_mask], 1)
     b = batch_size
     state = SignalState(
-        signal.params, jnp.asarray(np.concatenate([column, body_roles], 1)),
+        signal.params, rules.check().arrays(), jnp.asarray(np.concatenate([column, body_roles], 1)),
         jnp.full((b, max_new_tokens), jnp.nan, jnp.float32), jnp.zeros((b,), bool), jnp.full((b,), -1, jnp.int32),
         jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32), jnp.asarray(refusal_ids, jnp.int32),
         jnp.zeros((), jnp.int32), jnp.full((b,), jnp.nan, jnp.float32))
@@ -230,8 +255,9 @@ def generate(
     ``checks`` are those of the answer's steps, including the step that emitted the stop token)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if max_new_tokens < 1 or period < 1 or tau < 1 or min(r1, r2, r3) < 0:
-        raise ValueError("max_new_tokens, period and tau must be >= 1 and r1, r2, r3 >= 0")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    rules = Rules(threshold, period, r1, r2, r3, tau).check()
     check_sampling(temperature, top_k, top_p)
     refusal_ids = tokenizer(refusal_prefix, add_special_tokens=False)["input_ids"]
     if not refusal_ids:
@@ -252,8 +278,8 @@ def generate(
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         ids, attn, policy_state = decode_inputs(signal, chunk, batch_size=batch_size, bucket=bucket, pad_id=pad_id,
-                                                max_new_tokens=max_new_tokens, refusal_ids=prefix_ids)
-        policy = StrategicDecoding(signal.head, ids.shape[1], threshold, schedule, period, r1, r2, r3, tau)
+                                                max_new_tokens=max_new_tokens, refusal_ids=prefix_ids, rules=rules)
+        policy = StrategicDecoding(signal.head, schedule)
         rng, sub = jax.random.split(rng)
         tokens, final = generate_tokens(
             graphdef, state, ids, attn, sub, jnp.float32(max(temperature, 1e-6)),
