@@ -445,3 +445,22 @@ def test_a_fit_resumed_with_other_frozen_units_is_refused(tmp_path):
         with pytest.raises(CheckpointError, match="other frozen units"):
             run(3, units_seed=1)
         assert run(3, units_seed=0)["resumed_from"] == 2
+
+
+def test_a_fit_resumed_under_other_training_settings_is_refused_naming_them(tmp_path):
+    """The checkpoint holds the settings it was made under (optimizer, seed, dtype, objective,
+    LoRA): a re-run with another learning rate would mix two runs in one; refused, naming it."""
+    mesh = make_mesh({"fsdp": -1})
+    batches = [random_batch(8, seed=seed) for seed in range(3)]
+
+    def run(steps, lr):
+        opt = OptimizerConfig(learning_rate=lr, schedule="constant", total_steps=3)
+        training = setup_training(tiny_model(), mesh, Freeze(), opt)
+        loop = LoopConfig(steps=steps, log_every=1, checkpoint_every=1)
+        return fit(training, batches, loop, tmp_path, data_id={"data": "random batches"})[1]
+
+    with jax.set_mesh(mesh), use_rules():
+        run(2, lr=1e-2)
+        with pytest.raises(CheckpointError, match=r"optimizer\.learning_rate: 0\.01 -> 0\.02, checkpoint -> this run"):
+            run(3, lr=2e-2)
+        assert run(3, lr=1e-2)["resumed_from"] == 2

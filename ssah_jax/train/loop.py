@@ -18,9 +18,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
-from ssah_jax import hosts
+from ssah_jax import hosts, runs
 from ssah_jax.checkpoints.manager import TrainCheckpoints
 from ssah_jax.checkpoints.params import CheckpointError
 from ssah_jax.masking import frozen_masks_of
@@ -55,7 +56,7 @@ def fit(
     from ``workdir/checkpoints``.
 
     ``data_id`` describes the batches (dataset, sizes, seed); a checkpoint made with other
-    data is refused. Hooks run before step 0, every ``eval_every`` steps and after the last.
+    data, under other ``training.settings`` or with other frozen units is refused. Hooks run before step 0, every ``eval_every`` steps and after the last.
     Returns the final state and a summary (steps run now, wall time, last metrics).
     """
     workdir = Path(workdir)
@@ -68,6 +69,13 @@ def fit(
             raise CheckpointError(
                 f"{checkpoints.directory}: made with data {meta.get('data')}, this run has {data_id}; "
                 "use a new --workdir")
+        # A checkpoint written before settings were stored has none: it cannot be checked.
+        made_under = runs.leaves(ConfigDict(meta.get("settings", training.settings)))
+        if made_under != runs.leaves(ConfigDict(training.settings)):
+            raise CheckpointError(
+                f"{checkpoints.directory}: made under other training settings ("
+                + runs.differences(made_under, runs.leaves(ConfigDict(training.settings)), prefix="")
+                + ", checkpoint -> this run); use a new --workdir")
         # The masks travel in the optimizer state: restored, they would replace this run's.
         if not _same_masks(frozen_masks_of(state.opt_state), training.masks):
             raise CheckpointError(
@@ -103,7 +111,8 @@ def fit(
             # resumes with the evaluations up to it logged, the final one included.
             if done == config.steps or (config.eval_every and done % config.eval_every == 0):
                 run_hooks(done, state)
-            checkpoints.save(done, state, {"step": done, "data_position": done, "data": data_id},
+            checkpoints.save(done, state, {"step": done, "data_position": done, "data": data_id,
+                                           "settings": training.settings},
                              force=done == config.steps)
             bar.update(1)
     checkpoints.close()

@@ -8,6 +8,7 @@ Call :func:`setup_training` inside ``with jax.set_mesh(mesh), sharding.use_rules
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -66,7 +67,10 @@ class Training:
     """The set-up of one training run, used once: ``state`` is the initial state, which the step
     donates (keep the state each step returns; :func:`~ssah_jax.train.loop.fit` starts from it);
     ``masks`` (True = frozen) are over ``state.params``, which are the LoRA adapters under LoRA;
-    ``step(state, batch) -> (state, metrics)`` is compiled."""
+    ``step(state, batch) -> (state, metrics)`` is compiled; ``settings`` (JSON values: the
+    optimizer, seed, compute dtype, objective, LoRA setting and extra parameters) are what the
+    run's trajectory depends on besides its data and masks: :func:`~ssah_jax.train.loop.fit`
+    stores them with each checkpoint and refuses to resume one made under others."""
 
     trainee: Trainee
     tx: optax.GradientTransformation
@@ -78,6 +82,7 @@ class Training:
     description: str
     frozen_elements: int
     total_elements: int
+    settings: dict[str, Any]
 
     def eval_step(self):
         """``evaluate(state, batch) -> (sums, counts)`` (:func:`compile_eval_step`)."""
@@ -184,4 +189,14 @@ def setup_training(
                                           base_shardings=base_shardings)
     trainee = Trainee.of(model, compute_dtype, freeze.lora, objective, tuple(extra or ()))
     step = compile_train_step(trainee, tx, schedule, state_shardings, accum_steps=accum_steps)
-    return Training(trainee, tx, schedule, state, state_shardings, masks, step, description, frozen, total)
+    # accum_steps is left out: it splits each batch, and changes no update beyond rounding. An
+    # objective is its repr when a dataclass (its fields), else its class (a default repr holds
+    # the object's address, which no re-run would match).
+    kind = type(objective)
+    named = repr(objective) if dataclasses.is_dataclass(objective) else f"{kind.__module__}.{kind.__qualname__}"
+    settings = json.loads(json.dumps({
+        "optimizer": dataclasses.asdict(optimizer), "seed": seed, "compute_dtype": jnp.dtype(compute_dtype).name,
+        "objective": named,
+        "lora": None if freeze.lora is None else dataclasses.asdict(freeze.lora),
+        "extra": sorted(extra or ()), "extra_lr_scale": extra_lr_scale}))
+    return Training(trainee, tx, schedule, state, state_shardings, masks, step, description, frozen, total, settings)
