@@ -267,8 +267,9 @@ def test_other_rules_reuse_the_compiled_decode_loop_and_take_effect(chat, monkey
     assert all(r["inserted"] == 0 and r["text"].startswith(signals.REFUSAL_PREFIX) for r in always)
     run(threshold=2.0, schedule="periodic", period=4)
     assert traced == ["each", "periodic"]
-    with pytest.raises(ValueError, match="invalid decoding rules"):
-        run(tau=0)
+    for bad in ({"tau": 0}, {"r2": 2.5}, {"threshold": float("nan")}):
+        with pytest.raises(ValueError, match="invalid decoding rules"):
+            run(**bad)
 
 
 def test_consecutive_malicious_rechecks_insert_the_prefix_later(chat):

@@ -453,14 +453,17 @@ def test_a_fit_resumed_under_other_training_settings_is_refused_naming_them(tmp_
     mesh = make_mesh({"fsdp": -1})
     batches = [random_batch(8, seed=seed) for seed in range(3)]
 
-    def run(steps, lr):
+    def run(steps, lr, rank=2, workdir=tmp_path):
         opt = OptimizerConfig(learning_rate=lr, schedule="constant", total_steps=3)
-        training = setup_training(tiny_model(), mesh, Freeze(), opt)
+        training = setup_training(tiny_model(), mesh, Freeze(lora=LoraConfig(rank, 4.0, ("q_proj",))), opt)
         loop = LoopConfig(steps=steps, log_every=1, checkpoint_every=1)
-        return fit(training, batches, loop, tmp_path, data_id={"data": "random batches"})[1]
+        return fit(training, batches, loop, workdir, data_id={"data": "random batches"})[1]
 
     with jax.set_mesh(mesh), use_rules():
         run(2, lr=1e-2)
         with pytest.raises(CheckpointError, match=r"optimizer\.learning_rate: 0\.01 -> 0\.02, checkpoint -> this run"):
             run(3, lr=2e-2)
+        # Named too when the setting changes the state's shapes (checked before the restore)
+        with pytest.raises(CheckpointError, match=r"settings \(lora\.rank: 2 -> 4, checkpoint"):
+            run(3, lr=1e-2, rank=4)
         assert run(3, lr=1e-2)["resumed_from"] == 2

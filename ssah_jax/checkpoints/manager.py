@@ -47,6 +47,13 @@ class TrainCheckpoints:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         return self.manager.save(step, args=args, force=force)
 
+    def meta(self, step: int | None = None) -> dict[str, Any]:
+        """The metadata saved with ``step`` (default: the latest), without reading the state."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{self.directory}: no checkpoint to restore")
+        return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
     def restore(self, like: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
         """The state at ``step`` (default: the latest), shaped, typed and sharded like ``like``
         (a state of the same structure, or ``jax.ShapeDtypeStruct`` leaves with shardings)."""

@@ -65,11 +65,13 @@ class Rules(NamedTuple):
     tau: int = 3
 
     def check(self) -> Rules:
-        """Raises ValueError unless ``period``, ``tau >= 1``, ``r1``, ``r2``, ``r3 >= 0`` and the
-        threshold is a number; returns itself."""
-        if self.period < 1 or self.tau < 1 or min(self.r1, self.r2, self.r3) < 0 or np.isnan(self.threshold):
-            raise ValueError(f"invalid decoding rules {self._asdict()} (need period, tau >= 1, r1, r2, r3 >= 0 "
-                             "and a threshold that is a number)")
+        """Raises ValueError unless ``period``, ``tau >= 1`` and ``r1``, ``r2``, ``r3 >= 0`` are
+        whole numbers and the threshold is a number; returns itself."""
+        whole = all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in self[1:])
+        if (not whole or self.period < 1 or self.tau < 1 or min(self.r1, self.r2, self.r3) < 0
+                or np.isnan(self.threshold)):
+            raise ValueError(f"invalid decoding rules {self._asdict()} (need whole numbers period, tau >= 1 and "
+                             "r1, r2, r3 >= 0, and a threshold that is a number)")
         return self
 
     def arrays(self) -> Rules:

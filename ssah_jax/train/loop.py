@@ -56,26 +56,33 @@ def fit(
     from ``workdir/checkpoints``.
 
     ``data_id`` describes the batches (dataset, sizes, seed); a checkpoint made with other
-    data, under other ``training.settings`` or with other frozen units is refused. Hooks run before step 0, every ``eval_every`` steps and after the last.
-    Returns the final state and a summary (steps run now, wall time, last metrics).
+    data, under other ``training.settings`` (those both record) or with other frozen units is
+    refused. Hooks run before step 0, every ``eval_every`` steps and after the last. Returns
+    the final state and a summary (steps run now, wall time, last metrics).
     """
     workdir = Path(workdir)
     checkpoints = TrainCheckpoints(workdir / "checkpoints", every=config.checkpoint_every,
                                    keep=config.keep_checkpoints)
     state, step_fn, start = training.state, training.step, 0
     if checkpoints.latest_step() is not None:
-        state, meta = checkpoints.restore(state)
+        # The metadata first: a run under other settings is refused by name, before a restore
+        # that might fail on their shapes.
+        meta = checkpoints.meta(checkpoints.latest_step())
         if meta.get("data") != data_id:
             raise CheckpointError(
                 f"{checkpoints.directory}: made with data {meta.get('data')}, this run has {data_id}; "
                 "use a new --workdir")
-        # A checkpoint written before settings were stored has none: it cannot be checked.
-        made_under = runs.leaves(ConfigDict(meta.get("settings", training.settings)))
-        if made_under != runs.leaves(ConfigDict(training.settings)):
-            raise CheckpointError(
-                f"{checkpoints.directory}: made under other training settings ("
-                + runs.differences(made_under, runs.leaves(ConfigDict(training.settings)), prefix="")
-                + ", checkpoint -> this run); use a new --workdir")
+        # Only the settings both record are compared: a checkpoint written before a setting
+        # was recorded (or before any was) cannot be checked for it.
+        made_under = runs.leaves(ConfigDict(meta.get("settings", {})))
+        now = runs.leaves(ConfigDict(training.settings))
+        both = made_under.keys() & now.keys()
+        made_under, now = {k: made_under[k] for k in both}, {k: now[k] for k in both}
+        if made_under != now:
+            raise CheckpointError(f"{checkpoints.directory}: made under other training settings ("
+                                  + runs.differences(made_under, now, prefix="")
+                                  + ", checkpoint -> this run); use a new --workdir")
+        state, _ = checkpoints.restore(state)
         # The masks travel in the optimizer state: restored, they would replace this run's.
         if not _same_masks(frozen_masks_of(state.opt_state), training.masks):
             raise CheckpointError(

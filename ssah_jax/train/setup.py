@@ -190,13 +190,13 @@ def setup_training(
     trainee = Trainee.of(model, compute_dtype, freeze.lora, objective, tuple(extra or ()))
     step = compile_train_step(trainee, tx, schedule, state_shardings, accum_steps=accum_steps)
     # accum_steps is left out: it splits each batch, and changes no update beyond rounding. An
-    # objective is its repr when a dataclass (its fields), else its class (a default repr holds
-    # the object's address, which no re-run would match).
+    # objective is its class and, when a dataclass, its fields (numpy scalars as numbers).
     kind = type(objective)
-    named = repr(objective) if dataclasses.is_dataclass(objective) else f"{kind.__module__}.{kind.__qualname__}"
+    named = {"class": f"{kind.__module__}.{kind.__qualname__}",
+             **(dataclasses.asdict(objective) if dataclasses.is_dataclass(objective) else {})}
     settings = json.loads(json.dumps({
         "optimizer": dataclasses.asdict(optimizer), "seed": seed, "compute_dtype": jnp.dtype(compute_dtype).name,
         "objective": named,
         "lora": None if freeze.lora is None else dataclasses.asdict(freeze.lora),
-        "extra": sorted(extra or ()), "extra_lr_scale": extra_lr_scale}))
+        "extra": sorted(extra or ()), "extra_lr_scale": extra_lr_scale}, default=lambda v: v.item()))
     return Training(trainee, tx, schedule, state, state_shardings, masks, step, description, frozen, total, settings)
