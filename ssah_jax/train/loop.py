@@ -67,7 +67,7 @@ def fit(
     if checkpoints.latest_step() is not None:
         # The metadata first: a run under other settings is refused by name, before a restore
         # that might fail on their shapes.
-        meta = checkpoints.meta(checkpoints.latest_step())
+        meta = checkpoints.meta()
         if meta.get("data") != data_id:
             raise CheckpointError(
                 f"{checkpoints.directory}: made with data {meta.get('data')}, this run has {data_id}; "
