@@ -9,7 +9,8 @@
 
 ``generate``: batched greedy decoding of the demo model (same GGUF, same chat prompts, both
 forced to produce exactly ``--new-tokens`` tokens per row); prints tokens/s for ours and for
-transformers' ``generate`` and the ratio. Compilation is timed separately (first call).
+transformers' ``generate`` and the ratio; then both sampling (temperature 1.0, top-p 0.9, the
+decoding sweep's). Compilation is timed separately (first call).
 
 ``attribution``: one pass over ``--samples`` chat-rendered calibration samples of
 ``safety_refusals_short`` (response tokens, ``--batch`` rows per step) of the demo model:
@@ -103,6 +104,10 @@ def memory_floor(model, batch: int) -> dict:
     }
 
 
+# The sampled decoding timed beside greedy (the decoding sweep of configs/signals.py samples so)
+SAMPLED = {"temperature": 1.0, "top_p": 0.9}
+
+
 def bench_generate(args) -> dict:
     import jax
     import jax.numpy as jnp
@@ -124,12 +129,13 @@ def bench_generate(args) -> dict:
     ids, mask = left_pad(encoded, max(map(len, encoded)), tokenizer.pad_token_id)
     graphdef, state = nnx.split(model)
 
-    def ours(new_tokens=args.new_tokens):
+    def ours(new_tokens=args.new_tokens, sample=False):
         out = generate_tokens(
             graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0),
-            jnp.float32(1e-6), jnp.int32(0), jnp.float32(1.0),
+            jnp.float32(SAMPLED["temperature"] if sample else 1e-6), jnp.int32(0),
+            jnp.float32(SAMPLED["top_p"] if sample else 1.0),
             jnp.asarray([-1], jnp.int32),  # no stop token: exactly new_tokens per row
-            jnp.int32(tokenizer.pad_token_id), max_new_tokens=new_tokens, sample=False,
+            jnp.int32(tokenizer.pad_token_id), max_new_tokens=new_tokens, sample=sample,
         )
         return np.asarray(out)
 
@@ -137,22 +143,26 @@ def bench_generate(args) -> dict:
     ours_s = _timed(ours, args.repeats)
     ours(1)  # compiles the one-token call: the prefill and its first token, no decode step
     ours_prefill_s = _timed(lambda: ours(1), args.repeats)
+    ours(sample=True)  # compiles
+    ours_sampled_s = _timed(lambda: ours(sample=True), args.repeats)
 
     reference = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=getattr(torch, args.dtype)
     ).eval()
     t_ids, t_mask = torch.as_tensor(ids), torch.as_tensor(mask)
 
-    def theirs(new_tokens=args.new_tokens):
+    def theirs(new_tokens=args.new_tokens, sample=False):
+        sampling = dict(do_sample=True, top_k=0, **SAMPLED) if sample else dict(do_sample=False)
         with torch.no_grad():
             return reference.generate(
                 input_ids=t_ids, attention_mask=t_mask, max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling,
             )
 
     theirs()  # warm-up
     theirs_s = _timed(theirs, args.repeats)
     theirs_prefill_s = _timed(lambda: theirs(1), args.repeats)
+    theirs_sampled_s = _timed(lambda: theirs(sample=True), args.repeats)
     tokens = args.batch * args.new_tokens
     return {
         "benchmark": "generate",
@@ -164,6 +174,9 @@ def bench_generate(args) -> dict:
         "ours_tokens_per_s": tokens / ours_s,
         "transformers_tokens_per_s": tokens / theirs_s,
         "speedup": theirs_s / ours_s,
+        "sampled": SAMPLED,
+        "ours_sampled_tokens_per_s": tokens / ours_sampled_s,
+        "transformers_sampled_tokens_per_s": tokens / theirs_sampled_s,
         "ours_first_call_s_with_compile": compile_s,
         # a decode step: the call's time less that of a one-token call (the prefill and the token
         # it yields), over the remaining tokens; the whole call's time when only one is asked
@@ -601,6 +614,9 @@ def _summary(result: dict) -> list[str]:
         f"transformers: {result['transformers_tokens_per_s']:8.1f} tokens/s",
         f"ratio:        {result['speedup']:8.2f}x  ({result['batch']} x {result['new_tokens']} new tokens, "
         f"{result['dtype']}; {result['machine']})",
+        f"sampled:      ours {result['ours_sampled_tokens_per_s']:.1f}, transformers "
+        f"{result['transformers_sampled_tokens_per_s']:.1f} tokens/s (temperature "
+        f"{result['sampled']['temperature']:g}, top-p {result['sampled']['top_p']:g}: the decoding sweep's)",
         f"memory floor: {result['floor_ms_per_step']:8.1f} ms/step = {result['max_tokens_per_s_at_floor']:.1f} "
         f"tokens/s ({result['weight_bytes_per_step'] / 1e6:.0f} MB of weights read per step at "
         f"{result['measured_read_bandwidth_gb_s']:.1f} GB/s measured)",

@@ -100,6 +100,41 @@ def test_filter_logits_by_hand():
     assert kept(temperature=1.0, top_k=4, top_p=0.9) == [True, True, True, True, False]
 
 
+def _reference_filter(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """The definition, by sorting in float64: which tokens filter_logits keeps."""
+    z = logits.astype(np.float64) / np.float32(temperature)
+    kept = np.isfinite(z)  # a masked token stays masked
+    if top_k:
+        kept = z >= np.sort(z, axis=-1)[:, ::-1][:, top_k - 1 : top_k]
+    p = np.where(kept, np.exp(z - z.max(-1, keepdims=True)), 0.0)
+    p /= p.sum(-1, keepdims=True)
+    above = np.array([[p[r][z[r] > v].sum() for v in z[r]] for r in range(len(z))])
+    return kept & ((above < top_p) | (top_p >= 1))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 0.9), (0.7, 0, 0.5), (1.0, 40, 1.0), (1.0, 40, 0.8),
+                                                      (0.5, 0, 1.0), (1.0, 1, 0.9), (2.0, 300, 0.95)])
+def test_filter_logits_keeps_what_sorting_keeps(temperature, top_k, top_p):
+    # A vocabulary of 512 with repeated values (ties are kept together) and a masked token.
+    rng = np.random.default_rng(0)
+    logits = np.round(rng.normal(size=(4, 512)) * 3, 1).astype(np.float32)
+    logits[:, 7] = -np.inf
+    out = np.asarray(filter_logits(jnp.asarray(logits), jnp.float32(temperature), jnp.int32(top_k),
+                                   jnp.float32(top_p)))
+    np.testing.assert_array_equal(np.isfinite(out), _reference_filter(logits, temperature, top_k, top_p))
+    np.testing.assert_array_equal(out[np.isfinite(out)], (logits / np.float32(temperature))[np.isfinite(out)])
+
+
+def test_filter_logits_top_k_alone_keeps_k_whatever_the_float_mass():
+    # top_p = 1.0 is off: top-k alone keeps k tokens per row, even where the kept
+    # probabilities sum to a float32 a hair below 1 (a cumulative-sum cut once kept every token).
+    logits = jax.random.normal(jax.random.key(0), (32, 4096)) * 3
+    kept = np.isfinite(np.asarray(filter_logits(logits, jnp.float32(1.0), jnp.int32(50), jnp.float32(1.0))))
+    assert kept.sum(axis=-1).tolist() == [50] * 32
+    everything = filter_logits(logits, jnp.float32(0.5), jnp.int32(0), jnp.float32(1.0))
+    assert np.isfinite(np.asarray(everything)).all()
+
+
 def test_left_pad():
     ids, mask = left_pad([[5, 6], [7]], 4, pad_id=0)
     assert ids.tolist() == [[0, 0, 5, 6], [0, 0, 0, 7]]
