@@ -4,6 +4,7 @@ the signal file."""
 
 import dataclasses
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -376,7 +377,7 @@ def _recording(monkeypatch):
 
     def recording(*args, **kwargs):
         tokens, final = real(*args, **kwargs)
-        active = kwargs.get("active", args[11] if len(args) > 11 else None)
+        active = inspect.signature(real).bind(*args, **kwargs).arguments.get("active")
         calls.append({"active": None if active is None else np.asarray(active).tolist(),
                       "tokens": np.asarray(tokens), "final": final})
         return tokens, final
