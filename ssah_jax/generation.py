@@ -55,11 +55,15 @@ def real_rows(n: int, batch_size: int) -> jax.Array:
     return jnp.arange(batch_size) < n
 
 
+_NEG_INF_KEY = -0x7F800001  # _ordered(-inf): -inf's bits 0xFF800000 with the magnitude flipped
+
+
 def _ordered(x: jax.Array) -> jax.Array:
     """int32 keys in the order of float32 ``x`` (``-0.0`` as ``0.0``): the bits of a
-    non-negative float already sort as integers; a negative one's magnitude bits are flipped."""
+    non-negative float already sort as integers; a negative one's magnitude bits are flipped.
+    Keys start at -inf's (a NaN, which has no order, counts as -inf or above +inf)."""
     bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x).astype(jnp.float32), jnp.int32)
-    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+    return jnp.maximum(jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits), _NEG_INF_KEY)
 
 
 def _least(holds, low: jax.Array, high: jax.Array) -> jax.Array:
@@ -76,24 +80,27 @@ def _least(holds, low: jax.Array, high: jax.Array) -> jax.Array:
 
 
 def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """Temperature, then top-k, then top-p, on ``[B, V]`` float32 logits (the others -> -inf).
+    """Temperature, then top-k, then top-p, on ``[B, V]`` float32 logits (the others -> -inf);
+    ``temperature``, ``top_k`` and ``top_p`` are scalars.
 
     Top-k (0 = off) keeps the tokens whose logit is at least the k-th largest; top-p (1.0 = off)
     then keeps a token when the tokens more likely than it hold less than ``top_p`` of the
-    kept probability: the fewest most likely tokens whose mass reaches ``top_p``. Tied logits
-    are kept or dropped together. Each cut is found by bisection over the logits' float32 order
-    (32 masked reductions over the vocabulary) rather than by sorting it: a sort per row and
-    step dominated sampled decoding on CPU (``scripts/benchmark.py generate``)."""
+    kept probability (up to float32 rounding of that sum): the fewest most likely tokens whose
+    mass reaches ``top_p``. Tied logits are kept or dropped together. Each cut is found by
+    bisection over the logits' float32 order (32 masked reductions over the vocabulary) rather
+    than by sorting it: a sort per row and step dominated sampled decoding on CPU
+    (``scripts/benchmark.py generate``)."""
     logits = logits / temperature
     key = _ordered(logits)
-    low = jnp.min(key, axis=-1, keepdims=True) - 1  # > the key of -inf - 1: no overflow
+    low = jnp.min(key, axis=-1, keepdims=True) - 1  # keys start at -inf's: no overflow
     high = jnp.max(key, axis=-1, keepdims=True)
     everything = low + 1
+    k = jnp.minimum(top_k, logits.shape[-1])
 
     def kth(_):  # the k-th largest key: the least t with fewer than k keys above it
-        return _least(lambda t: jnp.sum(key > t, axis=-1, keepdims=True) < top_k, low, high)
+        return _least(lambda t: jnp.sum(key > t, axis=-1, keepdims=True) < k, low, high)
 
-    kept = key >= jax.lax.cond(top_k > 0, kth, lambda _: everything, None)
+    kept = key >= jax.lax.cond(k > 0, kth, lambda _: everything, None)
     probs = jax.nn.softmax(jnp.where(kept, logits, -jnp.inf), axis=-1)
 
     def nucleus(_):  # the least t with less than top_p of the mass above it

@@ -137,6 +137,17 @@ def test_filter_logits_top_k_alone_keeps_k_whatever_the_float_mass():
     assert np.isfinite(np.asarray(everything)).all()
 
 
+def test_filter_logits_edges_by_hand():
+    def kept(logits, top_k=0, top_p=1.0):
+        out = filter_logits(jnp.asarray([logits], jnp.float32), jnp.float32(1.0), jnp.int32(top_k), jnp.float32(top_p))
+        return np.isfinite(np.asarray(out))[0].tolist()
+
+    assert kept([0.0, -0.0, -1.0], top_k=1) == [True, True, False]  # -0.0 ties with 0.0
+    assert kept([2.0, 1.0, 0.5], top_k=8) == [True, True, True]  # k beyond the vocabulary: all
+    assert kept([1.0, 1.0, 1.0, 1.0], top_k=2, top_p=0.1) == [True] * 4  # one tie: all or none
+    assert kept([-np.inf, 3.0, -np.inf], top_k=2, top_p=0.5) == [False, True, False]
+
+
 def test_left_pad():
     ids, mask = left_pad([[5, 6], [7]], 4, pad_id=0)
     assert ids.tolist() == [[0, 0, 5, 6], [0, 0, 0, 7]]
