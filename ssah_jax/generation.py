@@ -101,9 +101,9 @@ def filter_logits(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
         return _least(lambda t: jnp.sum(key > t, axis=-1, keepdims=True) < k, low, high)
 
     kept = key >= jax.lax.cond(k > 0, kth, lambda _: everything, None)
-    probs = jax.nn.softmax(jnp.where(kept, logits, -jnp.inf), axis=-1)
 
-    def nucleus(_):  # the least t with less than top_p of the mass above it
+    def nucleus(_):  # the least t with less than top_p of the (top-k) mass above it
+        probs = jax.nn.softmax(jnp.where(kept, logits, -jnp.inf), axis=-1)
         return _least(lambda t: jnp.sum(jnp.where(key > t, probs, 0.0), axis=-1, keepdims=True) < top_p,
                       low, high)
 
