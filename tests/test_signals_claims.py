@@ -77,8 +77,10 @@ def test_prefilling_verdicts_follow_from_the_table(report):
     for column in schedules:
         written = line(report, f"- **Prefilling stops working** (`{column}`;")
         assert verdict(written) is claims.prefilling_defended(prefill(report, column), sft).verdict, column
-    # with the probed head (a79eb76) the schedule that checks at every step held at every k
-    assert verdict(line(report, "- **Prefilling stops working** (`signal/each`;")) is Verdict.HELD
+    # the report of d332516 (2-core AMD EPYC): under `each` the prefilling ASR was 1.9-2.5% at
+    # every k against SFT's 92.5-94.3%, but no k's interval stays within the rule's 5% (upper
+    # bounds 5.4-6.3%), as for alignment seeds 1 and 2 in the README's robustness table
+    assert verdict(line(report, "- **Prefilling stops working** (`signal/each`;")) is Verdict.NOT_HELD
 
 
 def test_the_signal_against_augmentation_and_the_decoding_attack(report):
@@ -108,10 +110,6 @@ def test_the_caveat_is_the_benign_answers_the_refusal_was_inserted_into(report):
     assert claims.indiscriminate_insertion(share)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20: the compare report predates the signals report of the probed head "
-                   "(a79eb76); it is regenerated from the numbers.json of the smollm2 and signals_smollm2 reports, "
-                   "which each gets when its command next runs; strict, so a regenerated compare report makes this "
-                   "marker fail until it is removed")
 def test_fine_tuning_cells_pool_the_seeds_the_compare_report_read(report):
     compared = json.loads(COMPARE.read_text())["methods"]
     runs = {m["run"]: m["attacks"] for m in compared.values() if m["pipeline"] == "signals"}
