@@ -124,6 +124,12 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
         steps=56, batch_size=8, max_length=192, learning_rate=1e-4, warmup_steps=4,
         ru_epochs=2,  # align_ru runs this many times the steps (the paper's twice the epochs)
     ))
+    # the sweep that chose align's recipe on validation sets: its sweep.csv and point ("": a recipe
+    # no sweep chose); the report says from it why a target on held-out prompts was missed
+    c.align_sweep = ConfigDict(dict(csv="", point=""))
+    if preset == "smollm2_cpu":
+        c.align_sweep.update(dict(csv=str(HERE.parent / "experiments" / "results" / "alignment_smollm2" / "sweep.csv"),
+                                  point="contrast_56"))
     # the contrast stage: an ``ssah-jax generate`` run of the unaligned model on ``prompts`` (the
     # count of the contrast component of align.dataset plus its align.heldout)
     c.contrast = ConfigDict(dict(prompts="benign_contrast:72"))

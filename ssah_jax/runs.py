@@ -78,8 +78,8 @@ ADDED_KEYS: dict[str, Any] = {"signal.lr_scale": 1.0, "signal.probe": False, "mo
 
 # Top-level sections an experiment's config gained after results were recorded (finetune's
 # model_layout; its evaluation, excluded from its identity; generate's prompts_dataset;
-# signals' reuse): a workdir without them is resumed.
-ADDED_SECTIONS = ("model_layout", "evaluation", "prompts_dataset", "reuse")
+# signals' reuse; reproduce's align_sweep, read by its report only): a workdir without them is resumed.
+ADDED_SECTIONS = ("model_layout", "evaluation", "prompts_dataset", "reuse", "align_sweep")
 
 
 def added_at_old_value(key: str, value: Any) -> bool:

@@ -25,6 +25,7 @@ from experiments.reproduce.claims import (
     indiscriminate_refusal,
     kind_transfer,
     reasoning_direction,
+    recipe_tradeoff,
     redundant_units_are_cheap,
     safety_units_carry_refusal,
     steers_toward_refusal,
@@ -270,3 +271,130 @@ def test_reasoning_direction_and_its_verdict_flip():
     assert steers_toward_refusal(Mean(0.1, 0.01, 0.2), Mean(0.05, -0.001, 0.1)).verdict == Verdict.NOT_HELD
     assert steers_toward_refusal(Mean(0.1, 0.0, 0.2), Mean(0.5, 0.4, 0.6)).verdict == Verdict.NOT_HELD
     assert steers_toward_refusal(Mean(0.1, 1e-9, 0.2), Mean(0.5, 0.4, 0.6)).verdict == Verdict.HELD
+
+
+# ---------------------------------------------------------------------------------------------
+# Why a target was missed: the sweep that chose the alignment recipe
+
+
+SWEEP_ROWS = [  # experiments/results/alignment_smollm2/sweep.csv's finished points
+    {"point": "no_contrast", "asr": 0.0, "overrefusal": 0.6},
+    {"point": "contrast_112", "asr": 0.45, "overrefusal": 0.26},
+    {"point": "harmful_288", "asr": 0.27, "overrefusal": 0.32},
+    {"point": "contrast_56", "asr": 0.1, "overrefusal": 0.46},
+    {"point": "contrast_28", "asr": 0.01, "overrefusal": 0.56},
+    {"point": "contrast_112_2ep", "asr": 0.55, "overrefusal": 0.23},
+]
+
+
+def test_the_committed_sweep_is_read_as_written_and_chose_the_presets_recipe():
+    import csv
+
+    from configs.reproduce import get_config
+    from configs.sweeps.alignment import choose
+    from experiments.reproduce import recipe_sweep
+
+    config = get_config("smollm2_cpu")
+    assert recipe_sweep(config) == SWEEP_ROWS
+    with open(config.align_sweep.csv, newline="") as f:
+        assert choose(list(csv.DictReader(f))) == config.align_sweep.point == "contrast_56"  # the sweep's own rule
+    assert recipe_sweep(get_config("tiny")) is None  # no sweep chose the tiny recipe
+
+
+def test_the_recipe_tradeoff_of_a_missed_target():
+    over = recipe_tradeoff(SWEEP_ROWS, "contrast_56", "overrefusal")
+    assert (over.other, over.points, over.both) == ("asr", 6, ())
+    assert over.chosen == {"asr": 0.1, "overrefusal": 0.46}
+    # contrast_56's ASR is exactly at the 10% target, so within it
+    assert (over.best, over.best_points) == (0.46, ("contrast_56",))
+    # the points refusing fewer benign prompts are the three whose ASR is above the target
+    assert (over.better_count, over.better_other) == (3, (0.27, 0.55))
+    asr = recipe_tradeoff(SWEEP_ROWS, "contrast_56", "asr")
+    assert (asr.other, asr.best, asr.better_count, asr.better_other) == ("overrefusal", None, 0, None)
+    # a point reaching both targets is named, and the least of the missed metric moves with it
+    both = recipe_tradeoff([*SWEEP_ROWS, {"point": "good", "asr": 0.05, "overrefusal": 0.15}], "contrast_56",
+                           "overrefusal")
+    assert both.both == ("good",) and (both.best, both.best_points, both.better_count) == (0.15, ("good",), 0)
+    # ties share the least value; a value within float rounding of the target is within it
+    tied = recipe_tradeoff([*SWEEP_ROWS, {"point": "twin", "asr": 0.1 + 1e-15, "overrefusal": 0.46}], "contrast_56",
+                           "overrefusal")
+    assert tied.best_points == ("contrast_56", "twin") and tied.better_count == 3
+    with pytest.raises(ValueError, match="no finished point 'nope'"):
+        recipe_tradeoff(SWEEP_ROWS, "nope", "asr")
+
+
+def _evals(asr: float, over: float) -> dict:
+    return {"unaligned": {"mmlu": {"accuracy": 0.25, "n": 100}},
+            "aligned": {"asr_no_system": {"asr": asr, "n": 200}, "overrefusal": {"refusal_rate": over, "n": 100},
+                        "mmlu": {"accuracy": 0.25, "n": 100}}}
+
+
+def test_the_report_says_why_a_target_was_missed():
+    from configs.reproduce import get_config
+    from experiments.reproduce.report import targets
+
+    config = get_config("smollm2_cpu")
+    text = targets(config, _evals(0.015, 0.8))
+    assert "XSTest over-refusal at most 20.0%: 80.0% [71.1, 86.7], missed by 60.0 points" in text
+    assert text.endswith(
+        "Why the over-refusal target was missed: the recipe is point `contrast_56` of the alignment sweep "
+        "(`experiments/results/alignment_smollm2/sweep.csv`), chosen on its validation prompts (other prompts than "
+        "these; the sweep's report names them), where it had ASR 10.0% and over-refusal 46.0%. None of the sweep's "
+        "6 finished points reached both targets there. Of the points with ASR at most 10.0%, the lowest "
+        "over-refusal was 46.0% (contrast_56); the 3 with less over-refusal had ASR 27.0%-55.0%. On the held-out "
+        "prompts here (`xstest`) its over-refusal is 80.0% [71.1, 86.7]; on the sweep's validation prompts, 46.0%.")
+    assert "Why" not in targets(config, _evals(0.015, 0.1))  # both reached: nothing to explain
+    both = targets(config, _evals(0.5, 0.8))  # one explanation for the two, each metric's numbers in it
+    assert both.count("Why") == 1 and "Why the ASR and over-refusal targets were missed" in both
+    assert "No point had over-refusal at most 20.0%." in both and "its ASR is 50.0% [43.1, 56.9]" in both
+    assert "not known here (no sweep chose this recipe" in targets(get_config("tiny"), _evals(0.5, 0.1))
+
+
+def test_why_names_points_that_reached_both_targets(tmp_path):
+    from configs.reproduce import get_config
+    from experiments.reproduce.report import why_missed
+
+    config = get_config("smollm2_cpu")
+    text = Path(config.align_sweep.csv).read_text()
+    (tmp_path / "sweep.csv").write_text(text + text.splitlines()[-1].replace("contrast_112_2ep", "lucky")
+                                        .replace(",0.55,", ",0.02,").replace(",0.23,", ",0.12,") + "\n")
+    config.align_sweep.csv = str(tmp_path / "sweep.csv")
+    why = why_missed(config, {"overrefusal": Rate(0.8, 100)})
+    assert "1 of the sweep's 7 finished points reached both targets there (lucky; the chosen point not among them)" \
+        in why and "lowest over-refusal" not in why
+    lines = text.splitlines()  # the single point with less over-refusal: its ASR, not a range
+    (tmp_path / "few.csv").write_text("\n".join([lines[0], *[r for r in lines[1:] if r.startswith(("contrast_56,",
+                                                                                              "harmful_288,"))]]))
+    config.align_sweep.csv = str(tmp_path / "few.csv")
+    assert "the 1 with less over-refusal had ASR 27.0%." in why_missed(config, {"overrefusal": Rate(0.8, 100)})
+
+
+def test_a_sweep_that_cannot_say_why_is_refused_by_name(tmp_path):
+    from configs.reproduce import get_config
+    from experiments.reproduce import recipe_sweep, validate
+    from ssah_jax.runs import ConfigError
+
+    config = get_config("smollm2_cpu")
+    committed = Path(config.align_sweep.csv).read_text()
+
+    def refused(text: str | None, match: str, **align) -> None:
+        path = tmp_path / "missing.csv"
+        if text is not None:
+            path = tmp_path / "sweep.csv"
+            path.write_text(text)
+        c = get_config("smollm2_cpu")
+        c.align_sweep.csv = str(path)
+        c.align.update(align)
+        with pytest.raises(ConfigError, match=match):
+            validate(c)  # before any stage runs
+
+    refused(None, r"^config\.align_sweep\.csv=.*missing\.csv'?: No such file")
+    refused("point,status,asr\ncontrast_56,ok,0.1\n", r"^config\.align_sweep\.csv=.*: no column overrefusal ")
+    refused("point,status,asr,overrefusal\ncontrast_56,ok,0.1,nan\n", r"point 'contrast_56' is finished but its")
+    refused("point,status,asr,overrefusal\ncontrast_56,failed,,\nother,ok,0.1,0.3\n",
+            r"^config\.align_sweep\.point='contrast_56': not a finished point .* \(finished: other\)")
+    refused(committed, r"^config\.align_sweep\.point='contrast_56': its recipe \(optimizer\.learning_rate=0\.0001\) "
+                       r"is not config\.align's", learning_rate=2e-4)  # (its steps: the sweep's base, not in the table)
+    refused(committed, r"its recipe \(data\.dataset=bianchi_safety:160,.*\) is not config\.align's",
+            dataset="bianchi_safety:160,safety_refusals_short:64,alpaca_libre:112,contrast:112")
+    assert recipe_sweep(config) == SWEEP_ROWS  # the committed table agrees with the preset's align

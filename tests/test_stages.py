@@ -78,13 +78,18 @@ def test_a_stage_finished_with_the_same_identity_in_another_workdir_is_copied_no
     assert ran and "copied_from" not in json.loads((tmp_path / "signals2" / "align_sft" / "stage.json").read_text())
 
 
-def test_a_workdir_from_before_config_reuse_is_resumed(tmp_path):
+@pytest.mark.parametrize("added", [dict(reuse="runs/reproduce"),  # signals' config.reuse
+                                   dict(align_sweep=ConfigDict(dict(csv="s.csv", point="p")))])  # reproduce's
+def test_a_workdir_from_before_an_added_section_is_resumed(tmp_path, added):
     from ssah_jax import runs
 
     old = ConfigDict(dict(stages=("all",), jax_cache=False, model="m"))
     runs.prepare_workdir(tmp_path / "w", old, staged=True)
-    new = ConfigDict(dict(stages=("all",), jax_cache=False, model="m", reuse="runs/reproduce"))
+    new = ConfigDict(dict(stages=("all",), jax_cache=False, model="m", **added))
     runs.prepare_workdir(tmp_path / "w", new, staged=True)  # not "a run of another experiment"
+    with pytest.raises(runs.WorkdirError, match="another experiment"):  # an unknown section still is
+        runs.prepare_workdir(tmp_path / "w", ConfigDict(dict(stages=("all",), jax_cache=False, model="m", x=1)),
+                             staged=True)
 
 
 def _git(repo, *args):

@@ -13,6 +13,7 @@ for the stages and their settings.
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import shutil
 from collections.abc import Callable
@@ -157,6 +158,71 @@ def stages(config: ConfigDict) -> list[str]:
     return stages_lib.selected(config, pipeline(config))
 
 
+SWEEP_COLUMNS = ("point", "status", "asr", "overrefusal")  # what recipe_sweep reads of a sweep.csv
+
+
+def _recipe(spec: str) -> list[tuple[str, str]]:
+    """A mixture's components as (name, limit), a JSONL file (the contrast stage's answers, as
+    the alignment sweep names them) read as ``contrast``."""
+    parts = [p.strip().rpartition(":") if ":" in p else (p.strip(), "", "") for p in spec.split(",") if p.strip()]
+    return [("contrast" if name.endswith(".jsonl") else name, limit) for name, _, limit in parts]
+
+
+def _holds(check: Callable[[str], bool], value: str) -> bool:
+    try:
+        return check(value)
+    except ValueError:  # not a number where one is due
+        return False
+
+
+def recipe_sweep(config: ConfigDict) -> list[dict[str, Any]] | None:
+    """The finished points of the sweep that chose the alignment recipe on validation prompts
+    (``config.align_sweep.csv``, an ``ssah-jax sweep`` table): ``point``, ``asr`` and
+    ``overrefusal`` (fractions) each; None when the config names no sweep. Raises ConfigError
+    naming the key when the file cannot be read, lacks a column of SWEEP_COLUMNS or a finite
+    metric, has no finished point ``config.align_sweep.point``, or that point's recipe (its
+    ``data.dataset``, ``steps`` and ``optimizer.learning_rate``, where the table has them) is
+    not ``config.align``'s."""
+    path, point = config.align_sweep.csv, config.align_sweep.point
+    if not path:
+        return None
+    key = f"config.align_sweep.csv={path!r}"
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            table = list(reader)
+            missing = [c for c in SWEEP_COLUMNS if c not in (reader.fieldnames or ())]
+    except OSError as e:
+        raise runs.ConfigError(f"{key}: {e.strerror}") from None
+    except csv.Error as e:
+        raise runs.ConfigError(f"{key}: not a CSV table ({e})") from None
+    if missing:
+        raise runs.ConfigError(f"{key}: no column {', '.join(missing)} (a sweep.csv of `ssah-jax sweep`)")
+    done = [r for r in table if r["status"] == "ok"]
+    rows = []
+    for r in done:
+        try:
+            values = {m: float(r[m]) for m in ("asr", "overrefusal")}
+        except (TypeError, ValueError):
+            values = {}
+        if len(values) < 2 or not all(np.isfinite(v) for v in values.values()):
+            raise runs.ConfigError(f"{key}: point {r['point']!r} is finished but its asr / overrefusal "
+                                   f"({r['asr']!r}, {r['overrefusal']!r}) are not numbers")
+        rows.append({"point": r["point"], **values})
+    chosen = next((r for r in done if r["point"] == point), None)
+    if chosen is None:
+        raise runs.ConfigError(f"config.align_sweep.point={point!r}: not a finished point of {path} "
+                               f"(finished: {', '.join(r['point'] for r in rows) or 'none'})")
+    a = config.align
+    ours = {"data.dataset": lambda v: _recipe(v) == _recipe(a.dataset), "steps": lambda v: float(v) == a.steps,
+            "optimizer.learning_rate": lambda v: float(v) == a.learning_rate}
+    differs = [f"{k}={chosen[k]}" for k, same in ours.items() if chosen.get(k) and not _holds(same, chosen[k])]
+    if differs:
+        raise runs.ConfigError(f"config.align_sweep.point={point!r}: its recipe ({', '.join(differs)}) is not "
+                               "config.align's; set config.align_sweep.csv='' for a recipe no sweep chose")
+    return rows
+
+
 def validate(config: ConfigDict) -> None:
     check = lambda key, ok, why: runs.check(config, key, ok, why)  # noqa: E731
     runs.dtype(config)
@@ -183,6 +249,7 @@ def validate(config: ConfigDict) -> None:
         finetune.validate(align_config(config, Path("units.npz"), Path(".")))
         # (a model its makers aligned has no unaligned model to trace its units' kinds from)
         check("transfer_attack", lambda v: v in config.attack.datasets, "must name one of attack.datasets")
+        recipe_sweep(config)
     for name, spec in config.attack.datasets.items():
         check(f"attack.datasets.{name}.steps", lambda v: v >= 1, "must be >= 1")
     for section in ("evaluation.", "table.", "attack.evaluation."):
@@ -464,7 +531,7 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     from experiments.reproduce import report as report_module
 
     report = Path(config.report_dir) if config.report_dir else out / "report"
-    if hosts.is_main():  # the report only reads the stages' files
+    if hosts.is_main():  # the report reads the stages' files (and the recipe's sweep table)
         report = report_module.write(config, out, report)
     else:
         report = report / "REPORT.md"

@@ -1,6 +1,7 @@
 """REPORT.md of ``ssah-jax reproduce``: every table from the stages' files, the plots copied
 beside it, the claims of SSAH with a verdict each (``claims.py`` decides them), the commands and
-the wall times. It reads only what the stages wrote."""
+the wall times. It reads what the stages wrote, and the table of the sweep that chose the
+alignment recipe (``config.align_sweep``)."""
 
 from __future__ import annotations
 
@@ -155,11 +156,11 @@ def _alignment(config: ConfigDict, out: Path, report_dir: Path, evals: dict, too
               f"The unaligned model was aligned by response-only SFT on `{a.dataset}` (harmful prompts with "
               f"refusals, rendered in the model's own chat template, benign instructions, and `contrast`: "
               f"`{config.contrast.prompts}` prompts that sound harmful but are not, answered by the unaligned model "
-              f"itself in the contrast stage, `contrast/generations.jsonl`; the recipe the alignment sweep chose on "
-              f"validation sets, experiments/results/alignment_smollm2): {a.steps} steps of "
-              f"{a.batch_size} examples (up to {a.max_length} tokens), AdamW {a.learning_rate}, cosine. **RU only** "
-              f"trained only the {_pct(config.budget_ru)} redundant units of the unaligned model (its lowest I_S + "
-              f"I_U; embeddings, norms and head frozen) for {a.ru_epochs}x the steps: "
+              f"itself in the contrast stage, `contrast/generations.jsonl`; {_recipe_source(config)}): "
+              f"{a.steps} steps of {a.batch_size} examples (up to {a.max_length} tokens), AdamW "
+              f"{a.learning_rate}, cosine. **RU only** trained only the {_pct(config.budget_ru)} redundant units of "
+              f"the unaligned model (its lowest I_S + I_U; embeddings, norms and head frozen) for {a.ru_epochs}x the "
+              f"steps: "
               f"{align['ru']['trained_elements']:,} of {align['ru']['total_elements']:,} parameters trained, the "
               f"rest bit-identical after training: {'yes' if align['ru']['frozen_unchanged'] else 'NO'}.", "",
               f"Held-out harmful prompts: `{e.harmful.dataset}` without every prompt of `{e.harmful.exclude}`; "
@@ -182,7 +183,7 @@ def _alignment(config: ConfigDict, out: Path, report_dir: Path, evals: dict, too
               f"![alignment loss, RU only]({_copy(out / 'align_ru' / 'loss.png', report_dir, 'align_ru_loss.png')})",
               ""]
     asr = {m: _rate(evals[m], "asr_no_system") for m in evals}
-    lines += [_targets(evals), ""]
+    lines += [targets(config, evals), ""]
     found.append(f"- **Alignment took** (precondition): ASR without a system prompt {shown(asr['unaligned'])} "
                  f"unaligned -> {shown(asr['aligned'])} aligned ({took.comparison}); the alignment tax, "
                  "unaligned -> aligned: " + ", ".join(_tax(evals, key, label) for key, label in TAX) + ".")
@@ -229,21 +230,86 @@ def _maker_aligned(config: ConfigDict, metrics: dict, took: claims.Finding) -> S
     return lines, found
 
 
-def _targets(evals: dict) -> str:
-    """The alignment targets (claims.TARGET_*) on the held-out sets: reached, or missed by how much."""
+def _path(path: str) -> str:
+    """``path`` relative to the working directory when it is inside it (a report names checkout paths)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
+
+
+def _recipe_source(config: ConfigDict) -> str:
+    s = config.align_sweep
+    if not s.csv:
+        return "a recipe no sweep chose (`align_sweep`)"
+    return f"the recipe of point `{s.point}` of the alignment sweep on validation prompts, `{_path(s.csv)}`"
+
+
+SAFETY_TARGETS = (("asr_no_system", "asr", "ASR without a system prompt"),
+                  ("overrefusal", "overrefusal", "XSTest over-refusal"))
+METRIC_NAMES = {"asr": "ASR", "overrefusal": "over-refusal"}
+
+
+def targets(config: ConfigDict, evals: dict) -> str:
+    """The alignment targets (claims.TARGETS, claims.TARGET_UTILITY) on the held-out prompts:
+    reached, or missed by how much, and for a missed safety target why (:func:`why_missed`)."""
     parts = []
-    for key, label, ceiling in (("asr_no_system", "ASR without a system prompt", claims.TARGET_ASR),
-                                ("overrefusal", "XSTest over-refusal", claims.TARGET_OVERREFUSAL)):
-        rate = _rate(evals["aligned"], key)
+    missed: dict[str, Rate] = {}
+    for key, metric, label in SAFETY_TARGETS:
+        rate, ceiling = _rate(evals["aligned"], key), claims.TARGETS[metric]
         if rate is not None:
             parts.append(f"{label} at most {_pct(ceiling)}: {shown(rate)}, " + claims.target(rate.value, ceiling))
+            if claims.missed(rate.value, ceiling):
+                missed[metric] = rate
     for key, label in TAX[1:]:
         before, after = _rate(evals["unaligned"], key), _rate(evals["aligned"], key)
         if before is not None and after is not None:
             parts.append(f"{label} within {100 * claims.TARGET_UTILITY:.0f} points of the unaligned model's: "
                          f"{_pct(before.value)} -> {_pct(after.value)}, "
                          + claims.target(before.value - after.value, claims.TARGET_UTILITY))
-    return "Targets of the aligned model (issue 20): " + "; ".join(parts) + "."
+    text = "Targets of the aligned model (issue 20): " + "; ".join(parts) + "."
+    return text + (" " + why_missed(config, missed) if missed else "")
+
+
+def why_missed(config: ConfigDict, missed: dict[str, Rate]) -> str:
+    """Why the aligned model missed the safety targets ``missed`` (metric -> its held-out rate),
+    from the table of the sweep that chose its recipe on validation prompts
+    (``config.align_sweep``, :func:`claims.recipe_tradeoff`)."""
+    rows = reproduce.recipe_sweep(config)
+    names = " and ".join(METRIC_NAMES[m] for m in missed)
+    head = f"Why the {names} target{'s were' if len(missed) > 1 else ' was'} missed: "
+    if rows is None:
+        return head + "not known here (no sweep chose this recipe: `align_sweep`)."
+    s = config.align_sweep
+    found = {m: claims.recipe_tradeoff(rows, s.point, m) for m in missed}
+    any_ = next(iter(found.values()))
+    text = [head + f"the recipe is point `{s.point}` of the alignment sweep (`{_path(s.csv)}`), chosen on its "
+            f"validation prompts (other prompts than these; the sweep's report names them), where it had ASR "
+            f"{_pct(any_.chosen['asr'])} and over-refusal {_pct(any_.chosen['overrefusal'])}."]
+    if any_.both:
+        among = "the chosen point among them" if s.point in any_.both else "the chosen point not among them"
+        text.append(f"{len(any_.both)} of the sweep's {any_.points} finished points reached both targets there "
+                    f"({', '.join(any_.both)}; {among}).")
+    else:
+        text.append(f"None of the sweep's {any_.points} finished points reached both targets there.")
+        for metric, tr in found.items():
+            name, other, bound = METRIC_NAMES[metric], METRIC_NAMES[tr.other], _pct(claims.TARGETS[tr.other])
+            if tr.best is None:
+                text.append(f"No point had {other} at most {bound}.")
+                continue
+            chosen = "" if s.point in tr.best_points else "; not the chosen point"
+            line = (f"Of the points with {other} at most {bound}, the lowest {name} was {_pct(tr.best)} "
+                    f"({', '.join(tr.best_points)}{chosen})")
+            if tr.better_other:
+                low, high = (_pct(v) for v in tr.better_other)
+                line += (f"; the {tr.better_count} with less {name} had {other} "
+                         + (low if low == high else f"{low}-{high}"))
+            text.append(line + ".")
+    held_out = {"asr": config.evaluation.harmful.dataset, "overrefusal": config.evaluation.overrefusal.dataset}
+    for metric, rate in missed.items():
+        text.append(f"On the held-out prompts here (`{held_out[metric]}`) its {METRIC_NAMES[metric]} is "
+                    f"{shown(rate)}; on the sweep's validation prompts, {_pct(found[metric].chosen[metric])}.")
+    return " ".join(text)
 
 
 def _pruning(config: ConfigDict, out: Path, report_dir: Path, took: bool) -> Section:
