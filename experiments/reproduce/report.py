@@ -282,16 +282,16 @@ def why_missed(config: ConfigDict, missed: dict[str, Rate]) -> str:
         return head + "not known here (no sweep chose this recipe: `align_sweep`)."
     s = config.align_sweep
     found = {m: claims.recipe_tradeoff(rows, s.point, m) for m in missed}
-    any_ = next(iter(found.values()))
+    first = next(iter(found.values()))
     text = [head + f"the recipe is point `{s.point}` of the alignment sweep (`{_path(s.csv)}`), chosen on its "
             f"validation prompts (other prompts than these; the sweep's report names them), where it had ASR "
-            f"{_pct(any_.chosen['asr'])} and over-refusal {_pct(any_.chosen['overrefusal'])}."]
-    if any_.both:
-        among = "the chosen point among them" if s.point in any_.both else "the chosen point not among them"
-        text.append(f"{len(any_.both)} of the sweep's {any_.points} finished points reached both targets there "
-                    f"({', '.join(any_.both)}; {among}).")
+            f"{_pct(first.chosen['asr'])} and over-refusal {_pct(first.chosen['overrefusal'])}."]
+    if first.both:
+        among = "the chosen point among them" if s.point in first.both else "the chosen point not among them"
+        text.append(f"{len(first.both)} of the sweep's {first.points} finished points reached both targets there "
+                    f"({', '.join(first.both)}; {among}).")
     else:
-        text.append(f"None of the sweep's {any_.points} finished points reached both targets there.")
+        text.append(f"None of the sweep's {first.points} finished points reached both targets there.")
         for metric, tr in found.items():
             name, other, bound = METRIC_NAMES[metric], METRIC_NAMES[tr.other], _pct(claims.TARGETS[tr.other])
             if tr.best is None:
