@@ -7,7 +7,7 @@ chooses its records (``harmful_records``, ``perplexity_records``), writes their 
 and returns its metrics.
 """
 
-from ssah_jax.evaluation.judge import REFUSAL_PHRASES, is_refusal
+from ssah_jax.evaluation.judge import REFUSAL_PHRASES, is_refusal, judgement
 from ssah_jax.evaluation.likelihood import choice_logprobs, token_logprobs
 from ssah_jax.evaluation.safety import (
     LLAMA2_SYSTEM_PROMPT,
@@ -40,6 +40,7 @@ __all__ = [
     "gsm8k_rows",
     "harmful_records",
     "is_refusal",
+    "judgement",
     "mmlu_prompt",
     "multiple_choice_rows",
     "perplexity_records",
