@@ -1,13 +1,15 @@
-"""Audit the keyword judge's verdicts on the answers of an evaluation (its ``rows/<task>.jsonl``):
-which rule decided each answer (``ssah_jax.evaluation.judge.judgement``), and whether today's
-judge still gives the verdict the file records.
+"""Audit the keyword judge's verdicts on the answers of an evaluation (its ``rows/<task>.jsonl``;
+under a pipeline, e.g. ``eval_signal/<schedule>/rows/``): which rule decided each answer
+(``ssah_jax.evaluation.judgement``), and whether today's judge still gives the recorded verdict.
 
     python scripts/judge_rows.py runs/signals/eval_signal/each/rows/prefill_*.jsonl [--show]
 
-Per file: the answers, the share refused, the answers counted per rule, and how many recorded
+Per file: the answers, the share refused, the answers per rule, and how many of the recorded
 verdicts today's judge would change; ``--show`` prints each answer judged a compliance with its
-rule (each distinct answer once). A row needs an ``answer`` (the text after any forced prefix,
-as ``ssah_jax.evaluation.answer_rows`` writes it); ``refused`` is read where present.
+rule and its prompt (an answer given to the same prompt more than once, once, with the count).
+A row needs an ``answer`` (the text after any forced prefix, as
+``ssah_jax.evaluation.answer_rows`` writes it); ``refused`` and ``prefix`` are read where
+present. A torn last line (a killed run) is skipped, as the evaluation itself does.
 """
 
 from __future__ import annotations
@@ -22,30 +24,36 @@ from ssah_jax.evaluation.judge import JUDGEMENTS, REFUSED, judgement
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of a JSONL file; ValueError naming the file and line when one has no answer."""
+    """The rows of a JSONL file; ValueError naming the file and line when one is not JSON (but
+    the last, dropped as a killed run's torn line) or has no ``answer`` string."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("answer"), str):
-                raise ValueError(f"{path}:{number}: a row needs an 'answer' string")
-            rows.append(row)
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("answer"), str):
+            raise ValueError(f"{path}:{number}: a row needs an 'answer' string")
+        rows.append(row)
     return rows
 
 
 def audit(rows: list[dict]) -> dict:
-    """``n``, ``refused`` (share), ``rules`` (answers per rule of JUDGEMENTS) and ``changed``
-    (recorded verdicts that today's judge does not give) of the rows."""
+    """Per row its rule (``rules``), and ``counts`` (answers per rule), ``refused`` (share),
+    ``recorded`` (rows with a boolean ``refused``) and ``changed`` (of those, the verdicts
+    today's judge does not give)."""
     rules = [judgement(r["answer"]) for r in rows]
-    changed = sum("refused" in r and bool(r["refused"]) != (rule in REFUSED) for r, rule in zip(rows, rules))
-    refused = sum(rule in REFUSED for rule in rules)
-    return {"n": len(rows), "refused": refused / len(rows) if rows else 0.0,
-            "rules": {rule: count for rule, count in Counter(rules).most_common()}, "changed": changed}
+    recorded = [(r["refused"], rule) for r, rule in zip(rows, rules) if isinstance(r.get("refused"), bool)]
+    return {"rules": rules, "counts": Counter(rules), "refused": sum(rule in REFUSED for rule in rules) / len(rows),
+            "recorded": len(recorded), "changed": sum(refused != (rule in REFUSED) for refused, rule in recorded)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,17 +67,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"judge_rows: {e}", file=sys.stderr)
         return 2
     for path, rows in tables:
+        if not rows:
+            print(f"{path}: no answers")
+            continue
         a = audit(rows)
-        rules = ", ".join(f"{rule} {a['rules'][rule]}" for rule in JUDGEMENTS if rule in a["rules"])
-        print(f"{path}: {a['n']} answers, {100 * a['refused']:.1f}% refused; rules: {rules}; "
-              f"recorded verdicts today's judge changes: {a['changed']}")
+        counts = ", ".join(f"{rule} {a['counts'][rule]}" for rule in JUDGEMENTS if rule in a["counts"])
+        print(f"{path}: {len(rows)} answers, {100 * a['refused']:.1f}% refused; rules: {counts}; "
+              f"of {a['recorded']} recorded verdicts, today's judge changes {a['changed']}")
         if args.show:
-            seen = set()
-            for r in rows:
-                rule = judgement(r["answer"])
-                if rule not in REFUSED and r["answer"] not in seen:
-                    seen.add(r["answer"])
-                    print(f"  [{rule}] {r.get('prefix', '')!r} + {r['answer']!r}")
+            shown = Counter((r.get("prompt", ""), r.get("prefix", ""), r["answer"], rule)
+                            for r, rule in zip(rows, a["rules"]) if rule not in REFUSED)
+            for (prompt, prefix, answer, rule), times in shown.items():
+                print(f"  [{rule}]{f' x{times}' if times > 1 else ''} {prompt!r}\n    {prefix!r} + {answer!r}")
     return 0
 
 
