@@ -44,7 +44,7 @@ from ssah_jax import hosts, runs
 from ssah_jax import stages as stages_lib
 from ssah_jax.attribution import KINDS, UnitMap, classify, load_scores, transition_matrix
 from ssah_jax.checkpoints import load_model
-from ssah_jax.data import Record, load_mixture, prompt_key
+from ssah_jax.data import Record, load_mixture, parse_mixture, prompt_key, substitute_component
 from ssah_jax.evaluation import answer_rows, harmful_records, perplexity_records, perplexity_rows, summarise_perplexity
 from ssah_jax.masking import MODULES, prune_units
 from ssah_jax.probing import direction_distances, summarise_directions
@@ -161,17 +161,17 @@ def stages(config: ConfigDict) -> list[str]:
 SWEEP_COLUMNS = ("point", "status", "asr", "overrefusal")  # what recipe_sweep reads of a sweep.csv
 
 
-def _recipe(spec: str) -> list[tuple[str, str]]:
-    """A mixture's components as (name, limit), a JSONL file (the contrast stage's answers, as
-    the alignment sweep names them) read as ``contrast``."""
-    parts = [p.strip().rpartition(":") if ":" in p else (p.strip(), "", "") for p in spec.split(",") if p.strip()]
-    return [("contrast" if name.endswith(".jsonl") else name, limit) for name, _, limit in parts]
+def _same_mixture(theirs: str, ours: str) -> bool:
+    """Whether the sweep point's ``data.dataset`` is ``align.dataset``, whose ``contrast``
+    component the sweep read from the contrast run's JSONL file."""
+    jsonl = next((name for name, _ in parse_mixture(theirs) if name.endswith(".jsonl")), "")
+    return parse_mixture(theirs) == parse_mixture(substitute_component(ours, "contrast", jsonl))
 
 
 def _holds(check: Callable[[str], bool], value: str) -> bool:
     try:
         return check(value)
-    except ValueError:  # not a number where one is due
+    except (KeyError, ValueError):  # not a number where one is due, or not a mixture
         return False
 
 
@@ -214,7 +214,7 @@ def recipe_sweep(config: ConfigDict) -> list[dict[str, Any]] | None:
         raise runs.ConfigError(f"config.align_sweep.point={point!r}: not a finished point of {path} "
                                f"(finished: {', '.join(r['point'] for r in rows) or 'none'})")
     a = config.align
-    ours = {"data.dataset": lambda v: _recipe(v) == _recipe(a.dataset), "steps": lambda v: float(v) == a.steps,
+    ours = {"data.dataset": lambda v: _same_mixture(v, a.dataset), "steps": lambda v: float(v) == a.steps,
             "optimizer.learning_rate": lambda v: float(v) == a.learning_rate}
     differs = [f"{k}={chosen[k]}" for k, same in ours.items() if chosen.get(k) and not _holds(same, chosen[k])]
     if differs:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 
@@ -113,20 +114,20 @@ class RecipeTradeoff:
     better_other: tuple[float, float] | None
 
 
-def recipe_tradeoff(rows: Sequence[Mapping[str, float | str]], point: str, metric: str) -> RecipeTradeoff:
-    """:class:`RecipeTradeoff` from the sweep's finished points (``point``, ``asr``,
-    ``overrefusal`` as fractions) for the missed target ``metric`` of the chosen ``point``."""
+def recipe_tradeoff(rows: Sequence[Mapping[str, Any]], point: str, metric: str) -> RecipeTradeoff:
+    """:class:`RecipeTradeoff` from the sweep's finished points (``point``; ``asr`` and
+    ``overrefusal``, fractions) for the missed target ``metric`` of the chosen ``point``."""
     other = "overrefusal" if metric == "asr" else "asr"
     chosen = next((r for r in rows if r["point"] == point), None)
     if chosen is None:
         raise ValueError(f"the sweep has no finished point {point!r}")
-    within = lambda r, m: not missed(float(r[m]), TARGETS[m])  # noqa: E731
-    both = tuple(str(r["point"]) for r in rows if within(r, "asr") and within(r, "overrefusal"))
+    within = lambda r, m: not missed(r[m], TARGETS[m])  # noqa: E731
+    both = tuple(r["point"] for r in rows if within(r, "asr") and within(r, "overrefusal"))
     fits = [r for r in rows if within(r, other)]
-    best = min((float(r[metric]) for r in fits), default=None)
-    best_points = tuple(str(r["point"]) for r in fits if float(r[metric]) == best)
-    better = [float(r[other]) for r in rows if best is not None and float(r[metric]) < best]
-    return RecipeTradeoff(metric, other, {m: float(chosen[m]) for m in TARGETS}, len(rows), both, best, best_points,
+    best = min((r[metric] for r in fits), default=None)
+    best_points = tuple(r["point"] for r in fits if r[metric] == best)
+    better = [r[other] for r in rows if best is not None and r[metric] < best]
+    return RecipeTradeoff(metric, other, {m: chosen[m] for m in TARGETS}, len(rows), both, best, best_points,
                           len(better), (min(better), max(better)) if better else None)
 
 
