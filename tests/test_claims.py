@@ -329,10 +329,11 @@ def _evals(asr: float, over: float) -> dict:
                         "mmlu": {"accuracy": 0.25, "n": 100}}}
 
 
-def test_the_report_says_why_a_target_was_missed():
+def test_the_report_says_why_a_target_was_missed(monkeypatch):
     from configs.reproduce import get_config
     from experiments.reproduce.report import targets
 
+    monkeypatch.chdir(REPORT.parents[3])  # the report names checkout paths relative to the working directory
     config = get_config("smollm2_cpu")
     text = targets(config, _evals(0.015, 0.8))
     assert "XSTest over-refusal at most 20.0%: 80.0% [71.1, 86.7], missed by 60.0 points" in text
