@@ -106,23 +106,27 @@ def fit(
     if start == 0:
         run_hooks(0, state)
     began, metrics = time.perf_counter(), {}
-    with tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not hosts.is_main()) as bar:
-        for step in range(start, config.steps):
-            state, metrics = step_fn(state, shard_batch(dataset[step]))
-            done = step + 1
-            if done % config.log_every == 0 or done == config.steps:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                writer.write(done, metrics, "train")
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            # Hooks run before the step's checkpoint: a run killed after its last checkpoint
-            # resumes with the evaluations up to it logged, the final one included.
-            if done == config.steps or (config.eval_every and done % config.eval_every == 0):
-                run_hooks(done, state)
-            checkpoints.save(done, state, {"step": done, "data_position": done, "data": data_id,
-                                           "settings": training.settings},
-                             force=done == config.steps)
-            bar.update(1)
-    checkpoints.close()
+    try:
+        with tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not hosts.is_main()) as bar:
+            for step in range(start, config.steps):
+                state, metrics = step_fn(state, shard_batch(dataset[step]))
+                done = step + 1
+                if done % config.log_every == 0 or done == config.steps:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    writer.write(done, metrics, "train")
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                # Hooks run before the step's checkpoint: a run killed after its last checkpoint
+                # resumes with the evaluations up to it logged, the final one included.
+                if done == config.steps or (config.eval_every and done % config.eval_every == 0):
+                    run_hooks(done, state)
+                checkpoints.save(done, state, {"step": done, "data_position": done, "data": data_id,
+                                               "settings": training.settings},
+                                 force=done == config.steps)
+                bar.update(1)
+    finally:
+        # Stopped or not (Ctrl-C included), the save in flight finishes: its arrays are off the
+        # devices already, and a re-run resumes from it rather than from the one before.
+        checkpoints.close()
     # The last step always logs its metrics (as numbers); a run resumed after it reads them back.
     summary = {"steps_run": config.steps - start, "resumed_from": start,
                "seconds": round(time.perf_counter() - began, 1), "last": metrics or writer.last("train")}
