@@ -164,8 +164,9 @@ SWEEP_COLUMNS = ("point", "status", "asr", "overrefusal")  # what recipe_sweep r
 def _same_mixture(theirs: str, ours: str) -> bool:
     """Whether the sweep point's ``data.dataset`` is ``align.dataset``, whose ``contrast``
     component the sweep read from the contrast run's JSONL file."""
-    jsonl = next((name for name, _ in parse_mixture(theirs) if name.endswith(".jsonl")), "")
-    return parse_mixture(theirs) == parse_mixture(substitute_component(ours, "contrast", jsonl))
+    components = parse_mixture(theirs)
+    jsonl = next((name for name, _ in components if name.endswith(".jsonl")), "")
+    return components == parse_mixture(substitute_component(ours, "contrast", jsonl))
 
 
 def _holds(check: Callable[[str], bool], value: str) -> bool:
