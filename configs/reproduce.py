@@ -103,6 +103,9 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
     results = {"smollm2_cpu": "smollm2", "qwen_cpu": "qwen_coder_0.5b"}
     c.report_dir = str(HERE.parent / "experiments" / "results" / results[preset]) if preset in results else ""
     c.jax_cache = True  # persistent compilation cache in <workdir>/jax_cache (every run compiles alike)
+    # Another pipeline's workdir (relative to the working directory, as --workdir): its finished
+    # stages of the same identity as one of ours are copied instead of computed again; "": none.
+    c.reuse = ""
 
     prune = config_from_file(HERE / "prune.py", "gpu" if gpu else "smollm2")
     c.attribution = prune.attribution

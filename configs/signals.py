@@ -62,7 +62,8 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
     # A workdir of `ssah-jax reproduce` (finished or not; relative to the working directory, as
     # --workdir): its finished stages of the same identity as one of ours (the contrast data, and
     # align_full = align_sft: same data, steps and seed) are copied instead of computed again;
-    # "" or a missing directory: none. The CPU preset reads the README's reproduce workdir.
+    # "" or a missing directory: none. The CPU preset reads the reproduce workdir of
+    # docs/commands/reproduce.md.
     c.reuse = "runs/reproduce" if preset == "smollm2_cpu" else ""
 
     # The alignment of configs/reproduce.py (align_full): harmful prompts -> refusals (labelled

@@ -26,6 +26,7 @@ from experiments.reproduce.subruns import attack_dir as reproduce_run
 from experiments.signals import attack_dir as signals_run
 from ssah_jax import hosts, runs, stages
 from ssah_jax.evaluation.intervals import Rate, compare, percent_bars
+from ssah_jax.evaluation.tasks import rate_of
 
 EXCLUDED: tuple[str, ...] = ()
 # What both runs must share (dotted config keys, or their prefixes): the same unaligned model,
@@ -100,13 +101,8 @@ def _metrics(numbers: dict, key: str, stage: str, file: str, names: tuple[str, .
     return metrics
 
 
-# What each model costs before any attack (signals' evaluations): (label, metric, its rate's field)
-COSTS = (("over-refusal", "overrefusal", "refusal_rate"), ("MMLU", "mmlu", "accuracy"), ("SST-2", "sst2", "accuracy"),
-         ("GSM8K", "gsm8k", "accuracy"))
-
-
-def _rate(metrics: dict, key: str, field: str = "asr") -> Rate:
-    return Rate(metrics[key][field], metrics[key]["n"])
+# What each model costs before any attack (signals' evaluations): (label, metric)
+COSTS = (("over-refusal", "overrefusal"), ("MMLU", "mmlu"), ("SST-2", "sst2"), ("GSM8K", "gsm8k"))
 
 
 def gather(rep_numbers: dict, sig_numbers: dict, rep: dict, sig: dict) -> dict[str, Any]:
@@ -123,7 +119,7 @@ def gather(rep_numbers: dict, sig_numbers: dict, rep: dict, sig: dict) -> dict[s
                   else (lambda a, s, n=name: signals_run(n, a, s)))
         per_attack = {}
         for attack in attacks:
-            rates = [_rate(_metrics(numbers, pipeline, run_of(attack, seed), "eval/metrics.json", ("asr_no_system",),
+            rates = [rate_of(_metrics(numbers, pipeline, run_of(attack, seed), "eval/metrics.json", ("asr_no_system",),
                                     result["codes"]), "asr_no_system") for seed in seeds]
             per_attack[attack] = {"pooled": Rate.pooled(rates), "seeds": rates}
         result["methods"][label] = {"pipeline": pipeline, "run": name, "baseline": baseline, "attacks": per_attack}
@@ -132,9 +128,9 @@ def gather(rep_numbers: dict, sig_numbers: dict, rep: dict, sig: dict) -> dict[s
                          ("safety data augmentation", "eval_augmented"),
                          (f"explicit safety signal (schedule {first})", f"eval_signal/{first}")):
         metrics = _metrics(sig_numbers, "signals", stage, "metrics.json",
-                           (*(f"prefill_{k}" for k in ks), *(key for _, key, _ in COSTS)), result["codes"])
-        result["prefill"][label] = {k: _rate(metrics, f"prefill_{k}") for k in ks}
-        result["costs"][label] = {name: _rate(metrics, key, field) for name, key, field in COSTS}
+                           (*(f"prefill_{k}" for k in ks), *(key for _, key in COSTS)), result["codes"])
+        result["prefill"][label] = {k: rate_of(metrics, f"prefill_{k}") for k in ks}
+        result["costs"][label] = {name: rate_of(metrics, key) for name, key in COSTS}
     return result
 
 
@@ -185,7 +181,7 @@ def render(config: ConfigDict, result: dict, rep: dict, sig: dict, report_dir: P
     for label, rates in result["prefill"].items():
         cells = [f"{rates[k]}" + ("" if rates is sft else f", {compare(rates[k], sft[k])}") for k in ks]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    names = [name for name, _, _ in COSTS]
+    names = [name for name, _ in COSTS]
     lines += ["", "## Costs before any attack", "",
               "Over-refusal: XSTest's safe prompts refused; MMLU, SST-2, GSM8K: accuracy (signals' evaluation, "
               "where its report says how each is measured). Each against plain SFT.", "",

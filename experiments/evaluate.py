@@ -30,6 +30,7 @@ from ssah_jax import hosts, runs, signals
 from ssah_jax.checkpoints import load_model
 from ssah_jax.data import check_kit_dataset, parse_mixture
 from ssah_jax.evaluation import tasks
+from ssah_jax.evaluation.intervals import percent
 
 # Keys that only affect speed or logging: none. ``batch_size`` determines the answers of the
 # sampled tasks (a batch is sampled with the seed ``seed + its first index``, its rows share it).
@@ -99,9 +100,10 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
 
 def plan_configs(config: ConfigDict) -> list[Any]:
     """What ``ssah-jax plan`` compiles: the decoding of a batch of prompts."""
-    from ssah_jax.planning import Item
+    from experiments.finetune import decode_spec  # (finetune imports this module)
+    from ssah_jax.train.plan import PlanItem
 
-    return [Item("evaluate", "generate", config.model, config)]
+    return [PlanItem("evaluate", config.model, decode_spec(config))]
 
 
 def with_signal(model: Any, settings: ConfigDict) -> signals.SignalModel:
@@ -138,10 +140,6 @@ def evaluate_model(model: Any, tokenizer: Any, config: ConfigDict, out: Path, *,
     return metrics
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
 def render_report(config: ConfigDict, metrics: dict, description: str) -> str:
     lines = [
         "# evaluate", "",
@@ -168,23 +166,14 @@ def render_report(config: ConfigDict, metrics: dict, description: str) -> str:
             label = f"ASR, {config.prefill.dataset}, prefilling attack ({m['tokens']} target tokens)"
         else:
             label = names[key]
-        if "asr" in m:
-            value = _pct(m["asr"])
-        elif "asr_any_setting" in m:
-            value = _pct(m["asr_any_setting"])
-        elif "refusal_rate" in m:
-            value = _pct(m["refusal_rate"])
-        elif "accuracy" in m:
-            value = _pct(m["accuracy"])
-        else:
-            value = f"{m['perplexity']:.2f}"
+        value = f"{m['perplexity']:.2f}" if "perplexity" in m else percent(tasks.headline(m)[0])
         lines.append(f"| {label} | {value} | {m['n']} | {m['seconds']} |")
     if "sweep" in metrics:
         lines += ["", "Decoding sweep, ASR per setting:", "", "| setting | ASR |", "|---|---|"]
-        lines += [f"| {k} | {_pct(v)} |" for k, v in metrics["sweep"]["per_setting"].items()]
+        lines += [f"| {k} | {percent(v)} |" for k, v in metrics["sweep"]["per_setting"].items()]
     for key in ("asr_no_system", "asr_system"):
         if "by_category" in metrics.get(key, {}):
             lines += ["", f"{names[key]}, per category:", "", "| category | ASR | n |", "|---|---|---|"]
-            lines += [f"| {c} | {_pct(v['asr'])} | {v['n']} |" for c, v in metrics[key]["by_category"].items()]
+            lines += [f"| {c} | {percent(v['asr'])} | {v['n']} |" for c, v in metrics[key]["by_category"].items()]
     lines += ["", "Every generation and scored question is in `rows/<task>.jsonl`.", ""]
     return "\n".join(lines)

@@ -42,7 +42,8 @@ from ssah_jax.models import REMAT_POLICIES, Layout, with_layout
 from ssah_jax.sharding import make_mesh, shard_batch, use_rules
 from ssah_jax.train import lora
 from ssah_jax.train.loop import LoopConfig, fit
-from ssah_jax.train.setup import Freeze, setup_training
+from ssah_jax.train.plan import DecodeSpec, PlanItem
+from ssah_jax.train.setup import Freeze, TrainingSpec, setup_training
 from ssah_jax.train.step import SCHEDULES, OptimizerConfig
 
 MODES = ("none", "units", "only_units", "layers", "lora")
@@ -123,6 +124,26 @@ def validate(config: ConfigDict) -> None:
         check("augment.refusal", lambda v: bool(v.strip()), "must be a refusal text")
 
 
+def training_spec(config: ConfigDict) -> TrainingSpec:
+    """The typed training settings of a (validated) finetune config."""
+    o, f = config.optimizer, config.freeze
+    return TrainingSpec(
+        optimizer=OptimizerConfig(learning_rate=o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
+                                  total_steps=config.steps, end_fraction=o.end_fraction,
+                                  weight_decay=o.weight_decay, clip_norm=o.clip_norm),
+        batch_size=config.batch_size, accum_steps=config.accum_steps, max_length=config.data.max_length,
+        compute_dtype=runs.DTYPES[config.compute_dtype],
+        layout=Layout(scan=config.model_layout.scan, remat=config.model_layout.remat), mesh=dict(config.mesh),
+        lora=lora.LoraConfig(f.lora.rank, f.lora.alpha, tuple(f.lora.targets)) if f.mode == "lora" else None,
+        seed=config.seed)
+
+
+def decode_spec(config: ConfigDict) -> DecodeSpec:
+    """The typed decoding settings of an ``evaluate`` or ``generate`` config."""
+    return DecodeSpec(batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
+                      dtype=runs.DTYPES[config.dtype])
+
+
 def model_source(ref: str) -> str:
     """A finetune workdir stands for its export."""
     export = Path(ref) / "export"
@@ -189,11 +210,11 @@ def recovery_examples(config: ConfigDict, tokenizer: Any) -> tuple[list, EncodeS
     return examples, EncodeStats(len(examples), truncated, dropped, config.data.max_length)
 
 
-def freeze_setting(config: ConfigDict, model: Any) -> Freeze:
-    """The :class:`~ssah_jax.train.setup.Freeze` that ``config.freeze`` asks for."""
+def freeze_setting(config: ConfigDict, model: Any, lcfg: lora.LoraConfig | None) -> Freeze:
+    """The :class:`~ssah_jax.train.setup.Freeze` that ``config.freeze`` asks for (``lcfg``: its
+    LoRA adapters, from :func:`training_spec`)."""
     f = config.freeze
-    if f.mode == "lora":
-        lcfg = lora.LoraConfig(f.lora.rank, f.lora.alpha, tuple(f.lora.targets))
+    if lcfg is not None:
         return Freeze(lora=lcfg, description=f"LoRA rank {lcfg.rank}, alpha {lcfg.alpha} on {', '.join(lcfg.targets)}")
     kw: dict[str, Any] = {"groups": tuple(f.groups)}
     if f.mode in ("units", "only_units"):
@@ -231,11 +252,12 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
 def train(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     """The training, its export, metrics and report; returns the workdir."""
     validate(config)
+    spec = training_spec(config)
     out = runs.prepare_workdir(workdir, config, EXCLUDED, overwrite=overwrite)
     try:
-        mesh = make_mesh(dict(config.mesh))
+        mesh = make_mesh(dict(spec.mesh))
     except ValueError as e:
-        raise runs.ConfigError(f"config.mesh={dict(config.mesh)}: {e}") from None
+        raise runs.ConfigError(f"config.mesh={dict(spec.mesh)}: {e}") from None
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     runs.check(config, "batch_size", lambda v: (v // config.accum_steps) % rows == 0,
                f"each micro-batch (batch_size / accum_steps) must split over the {rows} data x fsdp devices")
@@ -269,20 +291,13 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
         print(f"Safety signal ({config.signal.head} head): {counts[1]} malicious / {counts[0]} benign examples, "
               f"balanced to {len(train_examples)} by drawing the smaller class again")
 
-    layout = Layout(scan=config.model_layout.scan, remat=config.model_layout.remat)
     with jax.set_mesh(mesh), use_rules():
-        o = config.optimizer
-        freeze = freeze_setting(config, model)
+        freeze = freeze_setting(config, model, spec.lora)
         extra, probed = signal_training(config, model, train_examples, heldout_examples, tokenizer.pad_token_id)
         unrolled, model_config = nnx.graphdef(model), model.config  # what the export is made of
-        model = with_layout(model, layout)  # (the unrolled arrays go with their last reference)
-        training = setup_training(
-            model, mesh, freeze,
-            OptimizerConfig(learning_rate=o.learning_rate, schedule=o.schedule, warmup_steps=o.warmup_steps,
-                            total_steps=config.steps, end_fraction=o.end_fraction, weight_decay=o.weight_decay,
-                            clip_norm=o.clip_norm),
-            seed=config.seed, compute_dtype=runs.DTYPES[config.compute_dtype], accum_steps=config.accum_steps,
-            **extra)
+        model = with_layout(model, spec.layout)  # (the unrolled arrays go with their last reference)
+        training = setup_training(model, mesh, freeze, spec.optimizer, seed=spec.seed,
+                                  compute_dtype=spec.compute_dtype, accum_steps=spec.accum_steps, **extra)
         before = training.frozen_checksum(training.state)
         buckets = bucket_lengths(d.max_length)
         dataset = batch_dataset(train_examples, batch_size=config.batch_size, pad_id=tokenizer.pad_token_id,
@@ -349,11 +364,9 @@ def evaluation_config(config: ConfigDict, out: Path) -> ConfigDict:
 
 def plan_configs(config: ConfigDict) -> list[Any]:
     """What ``ssah-jax plan`` compiles: this training, and the evaluation's decoding after it."""
-    from ssah_jax.planning import Item
-
-    items = [Item("finetune", "train", config.model, config)]
+    items = [PlanItem("finetune", model_source(config.model), training_spec(config))]
     if config.evaluation.tasks:
-        items.append(Item("evaluation", "generate", config.model, ConfigDict(config.evaluation.to_dict())))
+        items.append(PlanItem("evaluation", model_source(config.model), decode_spec(config.evaluation)))
     return items
 
 

@@ -68,9 +68,10 @@ def validate(config: ConfigDict) -> None:
 
 def plan_configs(config: ConfigDict) -> list:
     """What ``ssah-jax plan`` compiles: the decoding of a batch of prompts."""
-    from ssah_jax.planning import Item
+    from experiments.finetune import decode_spec
+    from ssah_jax.train.plan import PlanItem
 
-    return [Item("generate", "generate", config.model, config)]
+    return [PlanItem("generate", config.model, decode_spec(config))]
 
 
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:

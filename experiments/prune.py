@@ -110,11 +110,10 @@ def _copy_scores(source: Path, destination: Path, which: str) -> None:
 
 def plan_configs(config: ConfigDict) -> list[Any]:
     """What ``ssah-jax plan`` compiles: the variants' evaluation (decoding a batch of prompts)."""
-    from ssah_jax.planning import Item
+    from ssah_jax.train.plan import DecodeSpec, PlanItem
 
-    evaluation = ConfigDict(config.evaluation.to_dict())
-    evaluation.dtype = config.dtype
-    return [Item("evaluation", "generate", config.model, evaluation)]
+    e = config.evaluation
+    return [PlanItem("evaluation", config.model, DecodeSpec(e.batch_size, e.max_new_tokens, runs.DTYPES[config.dtype]))]
 
 
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:

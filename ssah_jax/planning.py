@@ -11,33 +11,21 @@ more micro-batches that makes it fit.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from typing import Any
 
 import jax
 
 from ssah_jax import runs
+from ssah_jax.models import Layout
+from ssah_jax.train.setup import TrainingSpec
+from ssah_jax.train.step import OptimizerConfig
 
 # GiB of HBM per chip, by JAX's device kind (TPU topologies compiled without the chips).
 TPU_MEMORY_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32}
 # Fake CPU devices stand for an 80 GB H100 / A100, of which JAX's GPU allocator takes 75% by
 # default (XLA_PYTHON_CLIENT_MEM_FRACTION=.75): 60 GiB.
 DEFAULT_MEMORY_GIB = 60
-
-
-@dataclasses.dataclass(frozen=True)
-class Item:
-    """One thing an experiment runs: ``kind`` "train" (``config`` a finetune config; its keys
-    are ``keys + <key>`` on the command line) or "generate" (``config`` with ``model``, ``dtype``,
-    ``batch_size``, ``max_new_tokens``: an evaluate or generate config). ``model``: the model
-    whose architecture it runs."""
-
-    label: str
-    kind: str
-    model: str
-    config: Any
-    keys: str = ""
 
 
 def devices(count: int, topology: str | None) -> list[Any]:
@@ -73,14 +61,11 @@ def capacity_bytes(device: Any, memory_gb: float | None) -> int:
 
 def plan(name: str, config: Any, *, count: int = 8, memory_gb: float | None = None, topology: str | None = None,
          prompt_tokens: int = 256) -> list[str]:
-    """The plan's lines for experiment ``name`` under ``config``."""
-    from experiments import finetune
+    """The plan's lines for experiment ``name`` under ``config``: each of the experiment's
+    ``plan_configs(config)`` (typed :class:`~ssah_jax.train.plan.PlanItem` values) compiled and billed."""
     from ssah_jax.checkpoints import model_config
-    from ssah_jax.models import Layout
     from ssah_jax.sharding import make_mesh
-    from ssah_jax.train import lora as lora_lib
-    from ssah_jax.train.plan import plan_generation, plan_train_step
-    from ssah_jax.train.step import OptimizerConfig
+    from ssah_jax.train.plan import DecodeSpec, plan_generation, plan_train_step
 
     module = importlib.import_module(f"experiments.{name}")
     if not hasattr(module, "plan_configs"):
@@ -94,69 +79,66 @@ def plan(name: str, config: Any, *, count: int = 8, memory_gb: float | None = No
     lines = [f"ssah-jax plan: {name} on {len(found)} x {found[0].device_kind} "
              f"({capacity / 1024**3:.0f} GiB each{usable}{'' if memory_gb else '; --memory_gb to change'})", ""]
     for item in module.plan_configs(config):
-        source = finetune.model_source(item.model)
-        if source not in architectures:
-            architectures[source] = model_config(source)
-        arch = architectures[source]
-        c = item.config
-        if item.kind == "generate":
-            bill = plan_generation(arch, batch_size=c.batch_size, prompt_tokens=prompt_tokens,
-                                   max_new_tokens=c.max_new_tokens, dtype=runs.DTYPES[c.dtype], device=found[0],
+        if item.model not in architectures:
+            architectures[item.model] = model_config(item.model)
+        arch, spec = architectures[item.model], item.spec
+        if isinstance(spec, DecodeSpec):
+            bill = plan_generation(arch, batch_size=spec.batch_size, prompt_tokens=prompt_tokens,
+                                   max_new_tokens=spec.max_new_tokens, dtype=spec.dtype, device=found[0],
                                    capacity=capacity)
             lines += [f"[{item.label}] model {item.model}", *bill.lines(), ""]
             continue
         try:
-            mesh = make_mesh(dict(c.mesh), devices=found)
+            mesh = make_mesh(dict(spec.mesh), devices=found)
         except ValueError as e:
-            raise runs.ConfigError(f"config.{item.keys}mesh={dict(c.mesh)}: {e}") from None
+            raise runs.ConfigError(f"config.{item.keys}mesh={dict(spec.mesh)}: {e}") from None
         rows = mesh.shape["data"] * mesh.shape["fsdp"]
-        if c.batch_size % c.accum_steps or (c.batch_size // c.accum_steps) % rows:
+        if spec.batch_size % spec.accum_steps or (spec.batch_size // spec.accum_steps) % rows:
             raise runs.ConfigError(
-                f"[{item.label}] a micro-batch of {c.batch_size} / {c.accum_steps} (batch_size / accum_steps) does "
-                f"not split over the {rows} data x fsdp devices of {len(found)}, as the run would refuse")
-        lcfg = (lora_lib.LoraConfig(c.freeze.lora.rank, c.freeze.lora.alpha, tuple(c.freeze.lora.targets))
-                if c.freeze.mode == "lora" else None)
+                f"[{item.label}] a micro-batch of {spec.batch_size} / {spec.accum_steps} (batch_size / accum_steps) "
+                f"does not split over the {rows} data x fsdp devices of {len(found)}, as the run would refuse")
 
-        def train_bill(layout: Layout, accum_steps: int):
+        def train_bill(layout: Layout, accum_steps: int, item=item, spec=spec, arch=arch, mesh=mesh):
             # Trainings of one shape (a pipeline's alignment and attacks often are) compile once.
-            key = (source, c.batch_size, c.data.max_length, c.optimizer.weight_decay, c.optimizer.clip_norm,
-                   c.compute_dtype, accum_steps, layout, lcfg, tuple(mesh.shape.items()))
+            key = (item.model, spec.batch_size, spec.max_length, spec.optimizer.weight_decay, spec.optimizer.clip_norm,
+                   spec.compute_dtype, accum_steps, layout, spec.lora, tuple(mesh.shape.items()))
             if key not in bills:
                 bills[key] = plan_train_step(
-                    arch, mesh, batch_size=c.batch_size, length=c.data.max_length,
-                    optimizer=OptimizerConfig(weight_decay=c.optimizer.weight_decay, clip_norm=c.optimizer.clip_norm),
-                    compute_dtype=runs.DTYPES[c.compute_dtype], accum_steps=accum_steps, layout=layout, lora=lcfg,
+                    arch, mesh, batch_size=spec.batch_size, length=spec.max_length,
+                    optimizer=OptimizerConfig(weight_decay=spec.optimizer.weight_decay,
+                                              clip_norm=spec.optimizer.clip_norm),
+                    compute_dtype=spec.compute_dtype, accum_steps=accum_steps, layout=layout, lora=spec.lora,
                     capacity=capacity)
             return bills[key]
 
-        layout = Layout(scan=c.model_layout.scan, remat=c.model_layout.remat)
-        bill = train_bill(layout, c.accum_steps)
+        bill = train_bill(spec.layout, spec.accum_steps)
         lines += [f"[{item.label}] model {item.model}; mesh {dict(mesh.shape)}", *bill.lines()]
         if not bill.fits:
-            lines.append("  " + _what_fits(train_bill, layout, c, mesh, item.keys))
+            lines.append("  " + _what_fits(train_bill, spec, mesh, item.keys))
         lines.append("")
     return lines
 
 
-def _what_fits(train_bill, layout, c, mesh, keys: str) -> str:
+def _what_fits(train_bill, spec: TrainingSpec, mesh: Any, keys: str) -> str:
     """The first change, in order, that makes the step fit: remat ``dots``, remat ``full``, the
     scanned layout with full remat, then twice the micro-batches, again and again, while they
     still split over the data x fsdp devices."""
-    from ssah_jax.models import Layout
+    layout = spec.layout
 
     def flags(candidate: Layout, accum_steps: int) -> str:
         changed = {"model_layout.scan": (layout.scan, candidate.scan),
-                   "model_layout.remat": (layout.remat, candidate.remat), "accum_steps": (c.accum_steps, accum_steps)}
+                   "model_layout.remat": (layout.remat, candidate.remat),
+                   "accum_steps": (spec.accum_steps, accum_steps)}
         return " ".join(f"--config.{keys}{k}={new}" for k, (old, new) in changed.items() if old != new)
 
     lighter = {"none": ("dots", "full"), "dots": ("full",), "dots_no_batch": ("full",)}.get(layout.remat, ())
-    tries = [(Layout(layout.scan, remat), c.accum_steps) for remat in lighter]
+    tries = [(Layout(layout.scan, remat), spec.accum_steps) for remat in lighter]
     best = Layout(True, "full")
     if layout != best:
-        tries.append((best, c.accum_steps))
+        tries.append((best, spec.accum_steps))
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    accum = c.accum_steps * 2
-    while c.batch_size % accum == 0 and (c.batch_size // accum) % rows == 0:
+    accum = spec.accum_steps * 2
+    while spec.batch_size % accum == 0 and (spec.batch_size // accum) % rows == 0:
         tries.append((best, accum))
         accum *= 2
     for candidate, accum_steps in tries:

@@ -1,4 +1,5 @@
-"""Pipelines of stages in one workdir: identity, resume, timing.
+"""The stages of a pipeline in one workdir: identity, resume, timing (the engine that runs a
+pipeline of them is :mod:`ssah_jax.pipeline`).
 
 A stage runs in its own directory and leaves ``stage.json`` when it finishes: its identity and
 its wall time summed over every invocation that worked on it (a killed stage resumes, and its
@@ -11,7 +12,6 @@ keeps its identities.
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import ctypes.util
 import datetime
@@ -19,7 +19,6 @@ import gc
 import json
 import os
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -33,7 +32,7 @@ from ssah_jax import hosts, runs
 RECORD = "stage.json"
 
 
-def finished(directory: Path) -> dict | None:
+def stage_record(directory: Path) -> dict | None:
     """The record of a finished stage (None if it has not finished)."""
     marker = Path(directory) / RECORD
     return runs.read_json(marker) if marker.exists() else None
@@ -72,58 +71,6 @@ def portable(value: Any, prefix: str) -> Any:
     return value
 
 
-def check_finished(config: ConfigDict, out: Path, identities: dict[str, dict[str, Any]],
-                   identities_of: Callable[[ConfigDict], dict[str, dict[str, Any]]],
-                   legacy: Callable[[str, dict[str, Any]], list[str]] | None = None) -> None:
-    """Refuses a workdir holding a finished stage (scheduled or not) of another identity than
-    ``config`` gives it (``identities``), naming the config keys whose old values would give it
-    back, e.g. ``config.attack.learning_rate: 5e-05 -> 0.001 (stages attacks/aoa/none, ...)``.
-    ``identities_of(config)``: the stage identities of a config (to try each changed key's old
-    value); ``legacy(stage, record)``: the differences of a record from before stage identities."""
-    changed: dict[str, list[str]] = {}  # a difference -> the stages it explains
-    for stage, now in identities.items():
-        done = finished(out / stage)
-        if done is None or done.get("identity") == now["identity"]:
-            continue
-        reasons = (legacy(stage, done) if "identity" not in done and legacy else
-                   _explain(config, stage, done, now, identities_of))
-        for difference in reasons:
-            changed.setdefault(difference, []).append(stage)
-    if changed:
-        def names(stages: list[str]) -> str:
-            return ", ".join(stages[:4]) + (f" and {len(stages) - 4} more" if len(stages) > 4 else "")
-
-        raise runs.ConfigError(
-            f"{out} holds stages finished with other config values: "
-            + "; ".join(f"{d} (stages {names(stages)})" for d, stages in changed.items())
-            + ". Restore them, delete those stages' directories to redo them, rerun with --overwrite to start "
-            "afresh, or use a new --workdir")
-
-
-def _explain(config: ConfigDict, stage: str, done: dict, now: dict,
-             identities_of: Callable[[ConfigDict], dict[str, dict[str, Any]]]) -> list[str]:
-    """Why ``stage``'s identity changed since ``done``: each changed config key that reaches the
-    stage (its old value changes the stage's identity; ``config.k: old -> new``); else how what
-    it is given, or the identity of a stage it reads, changed."""
-    old, new = done.get("config", {}), runs.determining(config)
-    reasons = []
-    for key in sorted(k for k in old.keys() & new.keys() if old[k] != new[k]):
-        try:
-            reverted = copy.deepcopy(config)
-            runs.set_values(reverted, {key: old[key]})
-            again = identities_of(reverted)[stage]["identity"]
-        except (KeyError, TypeError, ValueError):
-            continue
-        if again != now["identity"]:  # the key reaches this stage
-            reasons.append(runs.differences({key: old[key]}, {key: new[key]}))
-    if reasons:
-        return reasons
-    if done.get("given") != now["given"]:
-        return [f"{stage} is given {runs.differences(done.get('given', {}), now['given'], prefix='')}"]
-    return [f"{stage} reads stages redone with other values: "
-            + ", ".join(s for s in now["inputs"] if done.get("inputs", {}).get(s) != now["inputs"][s])]
-
-
 def finished_elsewhere(workdir: str | Path) -> dict[str, Path]:
     """The finished stages of another pipeline's workdir, by identity: a stage whose identity is
     among them computes what it would compute again (the same config and inputs), so
@@ -148,7 +95,7 @@ def _source(directory: Path, identity: str | None, elsewhere: dict[str, Path]) -
         found = elsewhere.get(identity) if identity else None
         if found is not None and found.resolve() != directory.resolve():
             try:
-                still = (finished(found) or {}).get("identity") == identity
+                still = (stage_record(found) or {}).get("identity") == identity
             except (OSError, runs.WorkdirError):
                 still = False
             source = found if still else None
@@ -179,7 +126,7 @@ def run_stage(directory: Path, fn: Callable[[Path], Any], record: dict[str, Any]
     passes the same) is copied from there instead: its files as they are (those naming paths
     name the other workdir's), its record with ``copied_from`` (the time and code are the original's)."""
     directory = Path(directory)
-    done = finished(directory)
+    done = stage_record(directory)
     if done is not None:
         print(f"[{directory.name}] finished in an earlier run ({done['seconds']} s), kept")
         return
@@ -320,37 +267,3 @@ def times_table(records: list[tuple[str, dict[str, Any]]], invocations: list[dic
                   "is kept while its config identity holds, whatever the code: check that the commits in between "
                   "change nothing a kept stage computes."]
     return lines + [""]
-
-
-def selected(config: ConfigDict, names: tuple[str, ...]) -> list[str]:
-    """``config.stages`` (``all``, or stage names; ``"a,b"`` in one string works too) in the
-    pipeline order ``names``; anything else is a ConfigError naming ``config.stages``."""
-    chosen = {s.strip() for entry in config.stages for s in entry.split(",") if s.strip()}
-    chosen = set(names) if chosen == {"all"} else chosen
-    runs.check(config, "stages", lambda v: chosen and chosen <= set(names),
-               f"must be 'all' or a non-empty subset of {names}")
-    return [s for s in names if s in chosen]
-
-
-def open_pipeline(config: ConfigDict, workdir: str | Path, todo: list[str], requires: dict[str, tuple[str, ...]],
-                  done: Callable[[str], bool], *, overwrite: bool) -> Path:
-    """Starts an invocation of a staged pipeline in ``workdir``: refuses a stage of ``todo``
-    whose prerequisites (``requires``) are neither scheduled nor ``done``, prepares the workdir,
-    points jax's persistent compilation cache into it (``config.jax_cache``) and appends the
-    invocation (argv, stages, the code's commit, machine) to ``invocations.jsonl``."""
-    for stage in todo:
-        missing = [r for r in requires.get(stage, ()) if r not in todo and (overwrite or not done(r))]
-        if missing:
-            raise runs.ConfigError(f"config.stages: stage {stage!r} needs {missing} finished first "
-                                   f"(in {workdir}) or in config.stages")
-    out = runs.prepare_workdir(workdir, config, overwrite=overwrite, staged=True)
-    if config.jax_cache:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", str((out / "jax_cache").resolve()))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
-    if hosts.is_main():
-        with open(out / "invocations.jsonl", "a") as f:
-            f.write(json.dumps({"argv": sys.argv, "started": datetime.datetime.now().isoformat(timespec="seconds"),
-                                "stages": todo, "code": runs.code_version(), **runs.machine()}) + "\n")
-    return out

@@ -442,7 +442,7 @@ def _what(args: Sequence[str]) -> list[str]:
     return [a for a in args if a.split("=", 1)[0] not in _RUN_FLAGS]
 
 
-def finished(out: Path, point: Point, args: Sequence[str]) -> dict[str, Any] | None:
+def point_record(out: Path, point: Point, args: Sequence[str]) -> dict[str, Any] | None:
     """The ``finished.json`` of the point's workdir (``ssah-jax`` writes it last, however it was
     run) when it records this point's command ``args``; None otherwise (a point whose overrides
     changed runs again, and its workdir refuses or resumes it)."""
@@ -474,7 +474,7 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False, argv: Sequ
         out = runs.prepare_workdir(workdir, config, excluded, overwrite=overwrite).resolve()
         stack.enter_context(_locked(out))
         argv_of = {p: arguments(config, p, out) for p in points}
-        todo = [p for p in points if finished(out, p, argv_of[p]) is None]
+        todo = [p for p in points if point_record(out, p, argv_of[p]) is None]
         kept = len(points) - len(todo)
         print(f"Sweep of {len(points)} points ({config.experiment}, {config.base}): {kept} finished earlier, "
               f"{len(todo)} to run; their workdirs: {out / 'runs'}, logs: {out / 'logs'}")
@@ -561,7 +561,7 @@ def table(config: ConfigDict, out: Path, points: list[Point]) -> list[dict[str, 
     for p in points:
         r = done.get(p.name, {})
         row: dict[str, Any] = {"point": p.name, "label": p.label, **p.values()}
-        record = finished(out, p, arguments(config, p, out))
+        record = point_record(out, p, arguments(config, p, out))
         if record is not None:
             row.update(status="ok", seconds=record["seconds"], error="", code=record.get("code"))
         else:

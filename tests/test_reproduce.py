@@ -116,7 +116,9 @@ def test_the_report_of_a_workdir_without_overlap_records_says_so(pipeline, tmp_p
     for src, dst in moved:
         shutil.move(src, dst)
     try:
-        text = report_module.write(config, workdir, tmp_path / "report").read_text()
+        (tmp_path / "report").mkdir()
+        text = report_module.write(config, workdir, tmp_path / "report",
+                                   read_jsonl(workdir / "invocations.jsonl")).read_text()
     finally:
         for src, dst in moved:
             shutil.move(dst, src)

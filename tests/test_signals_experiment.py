@@ -15,6 +15,7 @@ from experiments import finetune
 from experiments import signals as pipeline_module
 from experiments.reproduce.claims import Comparison, Rate, Verdict
 from experiments.signals import claims
+from ssah_jax import pipeline as engine
 from ssah_jax import signals
 from ssah_jax.checkpoints import load_model
 from ssah_jax.data import load_mixture, prompt_key
@@ -187,8 +188,8 @@ def test_plain_sft_is_reproduces_full_alignment_so_config_reuse_copies_it(tmp_pa
     sig = config_from_file(ROOT / "configs" / "signals.py", "smollm2_cpu")
     rep = config_from_file(ROOT / "configs" / "reproduce.py", "smollm2_cpu")
     assert sig.reuse == "runs/reproduce"
-    ours = pipeline_module.stage_identities(sig, tmp_path / "signals")
-    theirs = reproduce.stage_identities(rep, tmp_path / "reproduce")
+    ours = engine.identities(pipeline_module.Signals(sig, tmp_path / "signals"), tmp_path / "signals")
+    theirs = engine.identities(reproduce.Reproduce(rep, tmp_path / "reproduce"), tmp_path / "reproduce")
     assert ours["contrast"]["identity"] == theirs["contrast"]["identity"]
     assert ours["align_sft"]["identity"] == theirs["align_full"]["identity"]
     assert ours["align_augmented"]["identity"] != theirs["align_full"]["identity"]

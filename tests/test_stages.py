@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from ml_collections import ConfigDict
 
-from ssah_jax import stages
+from ssah_jax import pipeline, stages
 
 
 def _identities(configs, workdir=Path("/w")):
@@ -120,7 +120,7 @@ def test_an_invocation_records_the_commit_of_the_code_it_ran(tmp_path):
     if subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
         pytest.skip("ssah_jax is not running from a git checkout")
     config = ConfigDict(dict(stages=("all",), jax_cache=False))
-    out = stages.open_pipeline(config, tmp_path / "w", ["a"], {}, lambda s: False, overwrite=False)
+    out = pipeline.open_workdir(config, tmp_path / "w", ["a"], {}, lambda s: False, overwrite=False)
     record = json.loads((out / "invocations.jsonl").read_text().splitlines()[-1])
     assert record["code"] == runs.code_version() and record["stages"] == ["a"]
 

@@ -6,16 +6,14 @@ reasoning direction. Each stage runs in ``<workdir>/<stage>/`` (the sub-runs are
 ``finetune``, ``prune`` and ``evaluate`` runs) and leaves ``stage.json`` (its identity and its
 wall time, summed over the invocations that worked on it) when it finishes; a re-run skips
 finished stages and resumes the others (the sub-runs resume themselves), and refuses a finished
-stage whose identity the config changed (see ``stage_identities``). See ``configs/reproduce.py``
-for the stages and their settings.
+stage whose identity the config changed (the engine: :mod:`ssah_jax.pipeline`; this module
+defines the stages, :class:`Reproduce`). See ``configs/reproduce.py`` for the stages and their settings.
 """
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,15 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from experiments import evaluate, finetune, generate, prune
+from experiments._staged import (
+    attack_stage,
+    contrast_config,
+    contrast_stage,
+    eval_config,
+    evaluate_stage,
+    run_evaluate,
+    train_stage,
+)
 from experiments.reproduce.subruns import (
     VARIANTS,
     align_config,
@@ -32,8 +39,6 @@ from experiments.reproduce.subruns import (
     attack_config,
     attack_dir,
     attack_run_config,
-    contrast_config,
-    eval_config,
     layers_config,
     probing_config,
     prune_config,
@@ -41,13 +46,15 @@ from experiments.reproduce.subruns import (
     transfer_run,
 )
 from ssah_jax import hosts, runs
-from ssah_jax import stages as stages_lib
+from ssah_jax import pipeline as engine
 from ssah_jax.attribution import KINDS, UnitMap, classify, load_scores, transition_matrix
 from ssah_jax.checkpoints import load_model
 from ssah_jax.data import Record, load_mixture, parse_mixture, prompt_key, substitute_component
 from ssah_jax.evaluation import answer_rows, harmful_records, perplexity_records, perplexity_rows, summarise_perplexity
 from ssah_jax.masking import MODULES, prune_units
+from ssah_jax.pipeline import Stage
 from ssah_jax.probing import direction_distances, summarise_directions
+from ssah_jax.train.plan import PlanItem
 
 STAGES = ("contrast", "units_unaligned", "align_full", "align_ru", "eval_unaligned", "eval_aligned", "eval_ru",
           "prune_aligned", "layers", "attacks", "units_attacked", "transfer", "probing", "report")
@@ -67,7 +74,7 @@ ALIGNING = ("contrast", "units_unaligned", "align_full", "align_ru", "eval_unali
             "transfer", "probing")
 
 
-def pipeline(config: ConfigDict) -> tuple[str, ...]:
+def order(config: ConfigDict) -> tuple[str, ...]:
     """The stages of this config, in order: all of STAGES, but ``layers`` only when an attack
     variant freezes the block it finds, and none of ALIGNING for a maker-aligned model."""
     return tuple(s for s in STAGES if (s != "layers" or "layers" in config.attack.variants)
@@ -75,87 +82,74 @@ def pipeline(config: ConfigDict) -> tuple[str, ...]:
 
 
 def requires(config: ConfigDict) -> dict[str, tuple[str, ...]]:
-    """REQUIRES among the stages of :func:`pipeline`."""
-    kept = set(pipeline(config))
+    """REQUIRES among the stages of :func:`order`."""
+    kept = set(order(config))
     return {s: tuple(r for r in rs if r in kept) for s, rs in REQUIRES.items() if s in kept}
 
 
-# A stage's identity: the hash of what it is given (stage_plan) and of the identities of the
-# stages whose results it reads (_inputs). Its record (stage.json) keeps the identity, and a
-# finished stage of another identity is refused, so a changed key, or a redone prerequisite of
-# another config, never mixes into results computed without it. An attack run's config keys
-# that only affect speed or logging are those of its finetune and evaluate runs; whether its
-# export is kept is disk space, not a result.
-ATTACK_RUN_EXCLUDED = (tuple(f"train.{k}" for k in finetune.EXCLUDED)
-                       + tuple(f"evaluation.{k}" for k in evaluate.EXCLUDED) + ("keep_export",))
+class Reproduce:
+    """The reproduce pipeline of ``config`` in the workdir ``out`` (a :class:`ssah_jax.pipeline.Pipeline`).
 
-def stage_plan(config: ConfigDict, out: Path, stage: str
-               ) -> tuple[ConfigDict, Callable[[ConfigDict, Path], Any], tuple[str, ...]]:
-    """``(given, body, excluded)`` of a stage (or an attack run, ``attacks/<attack>/<variant>/seed<k>``,
-    ``attacks/initial``): ``body(given, directory)`` runs it and sees nothing of ``config`` but
-    ``given``; ``excluded``: the keys of ``given`` that only affect speed or logging."""
-    aligned = aligned_model(config, out)
-    # the overlap of the held-out prompts with the alignment data, where we aligned the model
-    overlap = (lambda body, section: body) if config.maker_aligned else _then_overlap
-    prune_run = (_run_prune, prune.EXCLUDED)
-    train_run = (finetune.run_for_export, finetune.EXCLUDED)
-    eval_run = (_run_evaluate, evaluate.EXCLUDED)
-    if stage.startswith("attacks/") and stage != "attacks/initial":
-        _, attack, variant, seed = stage.split("/")
-        return (attack_run_config(config, out, attack, variant, int(seed.removeprefix("seed"))), run_attack,
-                ATTACK_RUN_EXCLUDED)
-    plans = {
-        "contrast": lambda: (contrast_config(config, out), make_contrast, generate.EXCLUDED),
-        "units_unaligned": lambda: (prune_config(config, config.model, ru=config.budget_ru), *prune_run),
-        "align_full": lambda: (align_config(config, None, out), *train_run),
-        "align_ru": lambda: (align_config(config, out / "units_unaligned" / "units.npz", out), *train_run),
-        "eval_unaligned": lambda: (eval_config(config, config.evaluation, config.model), *eval_run),
-        "eval_aligned": lambda: (eval_config(config, config.evaluation, aligned),
-                                 overlap(_run_evaluate, lambda g: g), evaluate.EXCLUDED),
-        "eval_ru": lambda: (eval_config(config, config.evaluation, str(out / "align_ru" / "export")), *eval_run),
-        "prune_aligned": lambda: (prune_config(config, aligned, table=True),
-                                  overlap(_run_prune, lambda g: g.evaluation), prune.EXCLUDED),
-        # greedy answers and log-likelihoods: the batch size only groups them
-        "layers": lambda: (layers_config(config, out), find_layer_block, ("batch_size",)),
-        "attacks/initial": lambda: (eval_config(config, config.attack.evaluation, aligned),
-                                    overlap(_run_evaluate, lambda g: g), evaluate.EXCLUDED),
-        "units_attacked": lambda: (prune_config(config, str(out / transfer_run(config) / "export")), *prune_run),
-        "transfer": lambda: (transfer_config(config, out), kind_transfer, ()),
-        "probing": lambda: (probing_config(config, out), probe, ("batch_size",)),  # forward passes only
-    }
-    return plans[stage]()
+    A stage's identity is the hash of what it is given and of the identities of the stages
+    whose results it reads (:meth:`stage`), so a changed key, or a redone prerequisite of another
+    config, never mixes into results computed without it."""
 
+    def __init__(self, config: ConfigDict, out: Path):
+        self.config, self.out = config, out
+        self.order, self.requires = order(config), requires(config)
 
-def _inputs(config: ConfigDict, stage: str) -> tuple[str, ...]:
-    """The stages (or attack runs) whose results ``stage`` reads."""
-    if stage == "attacks/initial":
-        return tuple(s for s in ("align_full",) if s in pipeline(config))
-    if stage.startswith("attacks/"):
-        return requires(config)["attacks"]
-    if stage == "units_attacked":
-        return (transfer_run(config),)
-    return requires(config).get(stage, ())
+    def runs(self, stage: str) -> list[str]:
+        """A stage's directory; ``attacks``: the aligned model's ASR before any attack
+        (``attacks/initial``), then each attack run (``attacks/<attack>/<variant>/seed<k>``), seed
+        by seed (a first seed of every protection finishes before the next seed starts)."""
+        if stage == "attacks":
+            a = self.config.attack
+            return ["attacks/initial"] + [attack_dir(d, v, s) for s in a.seeds for d in a.datasets for v in a.variants]
+        return [stage]
 
+    def stage(self, recorded: str) -> Stage:
+        config, out = self.config, self.out
+        aligned = aligned_model(config, out)
+        # the overlap of the held-out prompts with the alignment data, where we aligned the model
+        overlap = (lambda body, section: body) if config.maker_aligned else _then_overlap
+        reads = tuple(s for s in ("align_full",) if s in self.order)  # the aligned model, where aligned here
+        if recorded.startswith("attacks/") and recorded != "attacks/initial":
+            _, attack, variant, seed = recorded.split("/")
+            return attack_stage(attack_run_config(config, out, attack, variant, int(seed.removeprefix("seed"))),
+                                self.requires["attacks"])
+        requires = self.requires.get(recorded, ())
+        plans = {
+            "contrast": lambda: contrast_stage(config, out),
+            "units_unaligned": lambda: prune_stage(prune_config(config, config.model, ru=config.budget_ru)),
+            "align_full": lambda: train_stage(align_config(config, None, out), requires),
+            "align_ru": lambda: train_stage(align_config(config, out / "units_unaligned" / "units.npz", out),
+                                            requires),
+            "eval_unaligned": lambda: evaluate_stage(eval_config(config, config.evaluation, config.model)),
+            "eval_aligned": lambda: Stage(eval_config(config, config.evaluation, aligned),
+                                          overlap(run_evaluate, lambda g: g), evaluate.EXCLUDED, requires),
+            "eval_ru": lambda: evaluate_stage(eval_config(config, config.evaluation,
+                                                          str(out / "align_ru" / "export")), requires),
+            "prune_aligned": lambda: Stage(prune_config(config, aligned, table=True),
+                                           overlap(run_prune, lambda g: g.evaluation), prune.EXCLUDED, requires),
+            # greedy answers and log-likelihoods: the batch size only groups them
+            "layers": lambda: Stage(layers_config(config, out), find_layer_block, ("batch_size",), requires),
+            "attacks/initial": lambda: Stage(eval_config(config, config.attack.evaluation, aligned),
+                                             overlap(run_evaluate, lambda g: g), evaluate.EXCLUDED, reads),
+            "units_attacked": lambda: prune_stage(prune_config(config, str(out / transfer_run(config) / "export")),
+                                                  (transfer_run(config),)),
+            "transfer": lambda: Stage(transfer_config(config, out), kind_transfer, (), requires),
+            "probing": lambda: Stage(probing_config(config, out), probe, ("batch_size",), requires),  # forwards only
+        }
+        return plans[recorded]()
 
-def recorded_stages(config: ConfigDict) -> list[str]:
-    """Every directory that records a stage identity (``stage.json``): the stages but
-    ``attacks`` (its runs record theirs) and ``report`` (rendered every time)."""
-    runs_ = ["attacks/initial"] + [attack_dir(*r) for r in attack_runs(config)]
-    return [r for s in pipeline(config) if s != "report" for r in (runs_ if s == "attacks" else [s])]
+    def report(self, out: Path, report_dir: Path, invocations: list[dict[str, Any]]) -> Path:
+        from experiments.reproduce import report
+
+        return report.write(self.config, out, report_dir, invocations)
 
 
-def stage_identities(config: ConfigDict, out: Path) -> dict[str, dict[str, Any]]:
-    """Per recorded stage, in pipeline order: its identity (see :func:`ssah_jax.stages.identities`)."""
-    def plan(stage: str) -> tuple[ConfigDict, tuple[str, ...]]:
-        given, _, excluded = stage_plan(config, out, stage)
-        return given, excluded
-
-    return stages_lib.identities(recorded_stages(config), plan, lambda stage: _inputs(config, stage), out)
-
-
-def stages(config: ConfigDict) -> list[str]:
-    """``config.stages`` in pipeline order (see :func:`ssah_jax.stages.selected`)."""
-    return stages_lib.selected(config, pipeline(config))
+def prune_stage(given: ConfigDict, reads: tuple[str, ...] = ()) -> Stage:
+    return Stage(given, run_prune, prune.EXCLUDED, reads)
 
 
 SWEEP_COLUMNS = ("point", "status", "asr", "overrefusal")  # what recipe_sweep reads of a sweep.csv
@@ -227,7 +221,7 @@ def recipe_sweep(config: ConfigDict) -> list[dict[str, Any]] | None:
 def validate(config: ConfigDict) -> None:
     check = lambda key, ok, why: runs.check(config, key, ok, why)  # noqa: E731
     runs.dtype(config)
-    stages(config)
+    engine.selected(config, order(config))
     check("budget_ru", lambda v: 0 < v < 1, "must be a fraction in (0, 1)")
     for key in ("align.steps", "align.batch_size", "align.ru_epochs", "attack.batch_size",
                 "attack.frozen_epochs", "layers.prompts", "layers.max_new_tokens", "layers.perplexity_samples",
@@ -266,56 +260,8 @@ def validate(config: ConfigDict) -> None:
 # Stages
 
 
-def check_finished(config: ConfigDict, out: Path, identities: dict[str, dict[str, Any]]) -> None:
-    """Refuses a workdir holding a finished stage of another identity than the config gives it
-    (see :func:`ssah_jax.stages.check_finished`); a record from before stage identities is
-    compared on the keys it recorded."""
-    def legacy(stage: str, done: dict[str, Any]) -> list[str]:
-        old = done["config"]
-        return list(filter(None, runs.differences(old, {k: _legacy_value(config, k) for k in old}).split(", ")))
-
-    stages_lib.check_finished(config, out, identities, lambda c: stage_identities(c, out), legacy)
-
-
-def _legacy_value(config: ConfigDict, key: str) -> Any:
-    try:
-        value = runs.get(config, key)
-    except (KeyError, AttributeError):
-        return None
-    return json.loads(value.to_json_best_effort() if isinstance(value, ConfigDict) else json.dumps(value))
-
-
-def _run_stage(config: ConfigDict, out: Path, stage: str, identities: dict[str, dict[str, Any]]) -> None:
-    given, body, _ = stage_plan(config, out, stage)
-    # the whole config too: a later refusal names the keys whose values then give the identity back
-    stages_lib.run_stage(out / stage, lambda d: body(given, d),
-                         {**identities[stage], "config": runs.determining(config)})
-
-
-def make_contrast(config: ConfigDict, directory: Path) -> None:
-    """The contrast stage (``config``: a contrast_config): writes the prompts of
-    ``source.prompts`` to ``prompts.jsonl`` and answers them with the unaligned model (an
-    ``ssah-jax generate`` run in the stage directory: ``generations.jsonl``)."""
-    try:
-        records = load_mixture(config.source.prompts, config.source.data_dir or None)[0]
-    except (KeyError, ValueError) as e:
-        raise runs.ConfigError(f"config.contrast.prompts={config.source.prompts!r}: {e}") from None
-    if hosts.is_main():
-        with open(config.prompts_file, "w") as f:
-            f.writelines(json.dumps({"prompt": r.prompt}) + "\n" for r in records)
-    hosts.sync("contrast prompts written")
-    answers = copy.deepcopy(config)
-    with answers.unlocked():
-        del answers.source
-    generate.run(answers, str(directory))
-
-
-def _run_prune(config: ConfigDict, directory: Path) -> None:
+def run_prune(config: ConfigDict, directory: Path) -> None:
     prune.run(config, str(directory))
-
-
-def _run_evaluate(config: ConfigDict, directory: Path) -> None:
-    evaluate.run(config, str(directory))
 
 
 def heldout_prompts(config: ConfigDict) -> list[Record]:
@@ -423,39 +369,6 @@ def choose_block(blocks: list[dict], dense_perplexity: float, max_ratio: float) 
     return min(intact, key=lambda b: b["refusal_rate"])
 
 
-def attack_runs(config: ConfigDict) -> list[tuple[str, str, int]]:
-    """``(attack, variant, seed)`` of every attack run, seed by seed (a first seed of every
-    protection finishes before the next seed starts)."""
-    return [(a, v, s) for s in config.attack.seeds for a in config.attack.datasets for v in config.attack.variants]
-
-
-def finished(config: ConfigDict, out: Path, stage: str) -> bool:
-    """``attacks`` is finished when each of its runs is (adding an attack or a seed reopens it)."""
-    if stage == "attacks":
-        runs_ = [out / "attacks" / "initial"] + [out / attack_dir(*r) for r in attack_runs(config)]
-        return all(stages_lib.finished(d) is not None for d in runs_)
-    return stages_lib.finished(out / stage) is not None
-
-
-def run_attacks(config: ConfigDict, out: Path, identities: dict[str, dict[str, Any]]) -> None:
-    """The attacks stage: the aligned model's ASR before any attack, then each attack run."""
-    _run_stage(config, out, "attacks/initial", identities)
-    for run_ in attack_runs(config):
-        _run_stage(config, out, attack_dir(*run_), identities)
-
-
-def run_attack(config: ConfigDict, directory: Path) -> None:
-    """One attack run (an attack_run_config): fine-tune, evaluate, drop the export unless kept."""
-    train = config.train
-    if train.freeze.mode == "layers":
-        train = copy.deepcopy(train)
-        train.freeze.layers = json.loads(Path(config.layers_file).read_text())["chosen"]
-    finetune.run_for_export(train, directory)
-    evaluate.run(config.evaluation, str(directory / "eval"))
-    if not config.keep_export and hosts.is_main():
-        shutil.rmtree(directory / "export")  # 0.5 GB each; the transfer stage needs only one
-
-
 def _scores(directory: Path) -> tuple[dict, dict]:
     return load_scores(directory / "scores" / "safety.npz"), load_scores(directory / "scores" / "utility.npz")
 
@@ -503,41 +416,19 @@ def probe(config: ConfigDict, directory: Path) -> None:
 def plan_configs(config: ConfigDict) -> list[Any]:
     """What ``ssah-jax plan`` compiles: the full alignment, the first attack (unprotected) and
     the evaluation's decoding (every model has ``config.model``'s architecture)."""
-    from ssah_jax.planning import Item
-
     attack, seed = next(iter(config.attack.datasets)), config.attack.seeds[0]
-    return [Item("align_full", "train", config.model, align_config(config, None, Path("<workdir>")), "finetune."),
-            Item(attack_dir(attack, "none", seed), "train", config.model,
-                 attack_config(config, Path("<workdir>"), attack, "none", "", seed), "finetune."),
-            Item("eval_aligned", "generate", config.model, eval_config(config, config.evaluation, config.model))]
+    align = align_config(config, None, Path("<workdir>"))
+    attacked = attack_config(config, Path("<workdir>"), attack, "none", "", seed)
+    source = finetune.model_source(config.model)  # as the finetune runs resolve it
+    return [PlanItem("align_full", source, finetune.training_spec(align), "finetune."),
+            PlanItem(attack_dir(attack, "none", seed), source, finetune.training_spec(attacked), "finetune."),
+            PlanItem("eval_aligned", config.model,
+                     finetune.decode_spec(eval_config(config, config.evaluation, config.model)))]
 
 
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
-    out = Path(workdir)
-    todo = stages(config)
-    identities = stage_identities(config, out)
-    if not overwrite:
-        check_finished(config, out, identities)  # every finished stage, scheduled or not
-    out = stages_lib.open_pipeline(config, workdir, todo, requires(config),
-                                   lambda r: finished(config, Path(workdir), r), overwrite=overwrite)
-    for stage in todo:
-        if stage == "attacks":
-            run_attacks(config, out, identities)  # its runs are stages of their own
-        elif stage != "report":
-            _run_stage(config, out, stage, identities)
-    if "report" not in todo:
-        print(f"Stages done: {todo} in {out}; add 'report' to config.stages for the report")
-        return out
-    from experiments.reproduce import report as report_module
-
-    report = Path(config.report_dir) if config.report_dir else out / "report"
-    if hosts.is_main():  # the report reads the stages' files (and the recipe's sweep table)
-        report = report_module.write(config, out, report)
-    else:
-        report = report / "REPORT.md"
-    print(f"Report: {report}")
-    return report
+    return engine.run(Reproduce, config, workdir, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------

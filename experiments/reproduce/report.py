@@ -5,7 +5,6 @@ alignment recipe (``config.align_sweep``)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,10 @@ from experiments.reproduce.subruns import attack_dir
 from ssah_jax import runs
 from ssah_jax import stages as stages_lib
 from ssah_jax.attribution import KINDS
-from ssah_jax.evaluation.intervals import Rate, mean_interval, percent_bars, shown
+from ssah_jax.evaluation.intervals import Rate, mean_interval, percent, percent_bars, shown
+from ssah_jax.evaluation.tasks import headline, rate_of, shown_metric, value_of
+from ssah_jax.evaluation.verdicts import markdown
+from ssah_jax.runs import read_json
 
 # Paper numbers (Li & Kim, SSAH), for the rows where the paper has them.
 PAPER_TABLE1 = {  # Llama-2-7B-Chat: (ASR %, utility)
@@ -33,40 +35,17 @@ VARIANT_LABELS = {
 }
 
 
-def _json(path: Path) -> Any:
-    return json.loads(path.read_text())
-
-
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.1f}%"
-
-
 def _share(x: float) -> str:
     """A fraction of the model's units (``0.05%``, ``0.5%``, ``20%``): three significant digits,
     so a fraction below 0.1% is not printed as another."""
     return f"{100 * x:.3g}%"
 
 
-def _metric(m: dict, key: str) -> tuple[float | None, int]:
-    if key not in m:
-        return None, 0
-    v = m[key]
-    for field in ("asr", "refusal_rate", "accuracy", "perplexity"):
-        if field in v:
-            return v[field], v["n"]
-    raise KeyError(key)
-
-
-def _rate(m: dict, key: str) -> Rate | None:
-    value, n = _metric(m, key)
-    return None if value is None else Rate(value, n)
-
-
 TAX = (("overrefusal", "over-refusal"), ("mmlu", "MMLU"), ("sst2", "SST-2"), ("gsm8k", "GSM8K"))
 
 
 def _tax(evals: dict, key: str, label: str) -> str:
-    before, after = _rate(evals["unaligned"], key), _rate(evals["aligned"], key)
+    before, after = rate_of(evals["unaligned"], key), rate_of(evals["aligned"], key)
     if before is None or after is None:
         return f"{label} not measured"
     return f"{label} {shown(before)} -> {shown(after)} ({claims.alignment_tax(before, after)})"
@@ -80,20 +59,17 @@ def _copy(src: Path, dst_dir: Path, name: str) -> str:
 Section = tuple[list[str], list[str]]  # (the section's lines, its claims for the summary)
 
 
-def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
-    """Writes ``report_dir/REPORT.md`` (and copies the plots and ``config.json`` beside it, with
-    ``numbers.json``: every stage's metrics and provenance, :func:`ssah_jax.stages.write_numbers`)."""
-    report_dir.mkdir(parents=True, exist_ok=True)
-    invocations = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
-    shutil.copyfile(out / "config.json", report_dir / "config.json")
-    stages_lib.write_numbers(out, report_dir / stages_lib.NUMBERS)
+def write(config: ConfigDict, out: Path, report_dir: Path, invocations: list[dict[str, Any]]) -> Path:
+    """Writes ``report_dir/REPORT.md`` and its plots from the stages' files in ``out``
+    (:func:`ssah_jax.pipeline.run` has put ``config.json`` and ``numbers.json`` beside it);
+    ``invocations``: the workdir's invocation log."""
     if config.maker_aligned:  # no unaligned model: the aligned model's evaluation, then the studies
-        aligned = _json(out / "eval_aligned" / "metrics.json")
-        took = claims.refuses(_rate(aligned, "asr_no_system"))
+        aligned = read_json(out / "eval_aligned" / "metrics.json")
+        took = claims.refuses(rate_of(aligned, "asr_no_system"))
         sections = [_maker_aligned(config, aligned, took), _pruning(config, out, report_dir, took.held),
                     _attacks(config, out, report_dir), _times(out, invocations)]
     else:
-        evals = {name: _json(out / f"eval_{name}" / "metrics.json") for name in ("unaligned", "aligned", "ru")}
+        evals = {name: read_json(out / f"eval_{name}" / "metrics.json") for name in ("unaligned", "aligned", "ru")}
         took = _alignment_took(evals)
         sections = [_alignment(config, out, report_dir, evals, took), _pruning(config, out, report_dir, took.held),
                     _attacks(config, out, report_dir), _transfer(out, report_dir), _probing(out, report_dir),
@@ -126,7 +102,7 @@ def _header(config: ConfigDict, out: Path, last: dict) -> list[str]:
 def _alignment_took(evals: dict) -> claims.Finding:
     """Whether alignment lowered the ASR without a system prompt (the claims about the aligned
     model's units are testable only then)."""
-    return claims.alignment_took(_rate(evals["unaligned"], "asr_no_system"), _rate(evals["aligned"], "asr_no_system"))
+    return claims.alignment_took(*(rate_of(evals[m], "asr_no_system") for m in ("unaligned", "aligned")))
 
 
 # Where the stages recorded how many prompts of each held-out harmful set were in the alignment data.
@@ -136,7 +112,7 @@ OVERLAP = (("evaluation", "eval_aligned"), ("table", "prune_aligned"), ("attack"
 def _overlap(out: Path) -> str:
     """The counts of the stages' ``overlap.json``; a workdir of an earlier version has none."""
     paths = {name: out / stage / "overlap.json" for name, stage in OVERLAP}
-    found = [f"{name} {_json(path)['in_training_data']}" for name, path in paths.items() if path.exists()]
+    found = [f"{name} {read_json(path)['in_training_data']}" for name, path in paths.items() if path.exists()]
     missing = [f"`{stage}/overlap.json`" for name, stage in OVERLAP if not paths[name].exists()]
     if not missing:
         return ", ".join(found)
@@ -149,7 +125,7 @@ def _alignment(config: ConfigDict, out: Path, report_dir: Path, evals: dict, too
     """Section 1: the unaligned, aligned and RU-aligned models side by side (paper Table 4)."""
     lines: list[str] = []
     found: list[str] = []
-    align = {name: _json(out / f"align_{name}" / "metrics.json") for name in ("full", "ru")}
+    align = {name: read_json(out / f"align_{name}" / "metrics.json") for name in ("full", "ru")}
     overlap = _overlap(out)
     e, a = config.evaluation, config.align
     lines += ["## 1. Alignment: full SFT and RU only (paper Table 4, with safety)", "",
@@ -158,7 +134,7 @@ def _alignment(config: ConfigDict, out: Path, report_dir: Path, evals: dict, too
               f"`{config.contrast.prompts}` prompts that sound harmful but are not, answered by the unaligned model "
               f"itself in the contrast stage, `contrast/generations.jsonl`; {_recipe_source(config)}): "
               f"{a.steps} steps of {a.batch_size} examples (up to {a.max_length} tokens), AdamW "
-              f"{a.learning_rate}, cosine. **RU only** trained only the {_pct(config.budget_ru)} redundant units of "
+              f"{a.learning_rate}, cosine. **RU only** trained only the {percent(config.budget_ru)} redundant units of "
               f"the unaligned model (its lowest I_S + I_U; embeddings, norms and head frozen) for {a.ru_epochs}x the "
               f"steps: "
               f"{align['ru']['trained_elements']:,} of {align['ru']['total_elements']:,} parameters trained, the "
@@ -170,11 +146,10 @@ def _alignment(config: ConfigDict, out: Path, report_dir: Path, evals: dict, too
             ("overrefusal", "over-refusal, XSTest safe prompts"), ("mmlu", "MMLU"), ("sst2", "SST-2"),
             ("gsm8k", "GSM8K"), ("perplexity", "perplexity, held-out alpaca_libre"))
     for key, label in rows:
-        values = [_metric(evals[m], key) for m in ("unaligned", "aligned", "ru")]
-        if values[0][0] is None:
+        if key not in evals["unaligned"]:
             continue
-        cells = [f"{v:.2f}" if key == "perplexity" else shown(None if v is None else Rate(v, n)) for v, n in values]
-        lines.append(f"| {label} | {values[0][1]} | " + " | ".join(cells) + " |")
+        cells = [shown_metric(evals[m], key) for m in ("unaligned", "aligned", "ru")]
+        lines.append(f"| {label} | {headline(evals['unaligned'][key])[1]} | " + " | ".join(cells) + " |")
     heldout = {n: align[n]["heldout_loss"] for n in align}
     lines.append("| held-out alignment loss (start -> end) | | | "
                  + " | ".join(f"{_first(heldout[n]):.3f} -> {_last(heldout[n]):.3f}" for n in ("full", "ru")) + " |")
@@ -182,30 +157,30 @@ def _alignment(config: ConfigDict, out: Path, report_dir: Path, evals: dict, too
               f"![alignment loss, full]({_copy(out / 'align_full' / 'loss.png', report_dir, 'align_full_loss.png')}) "
               f"![alignment loss, RU only]({_copy(out / 'align_ru' / 'loss.png', report_dir, 'align_ru_loss.png')})",
               ""]
-    asr = {m: _rate(evals[m], "asr_no_system") for m in evals}
+    asr = {m: rate_of(evals[m], "asr_no_system") for m in evals}
     lines += [targets(config, evals), ""]
     found.append(f"- **Alignment took** (precondition): ASR without a system prompt {shown(asr['unaligned'])} "
                  f"unaligned -> {shown(asr['aligned'])} aligned ({took.comparison}); the alignment tax, "
                  "unaligned -> aligned: " + ", ".join(_tax(evals, key, label) for key, label in TAX) + ".")
-    over = _metric(evals["aligned"], "overrefusal")[0]
+    over = value_of(evals["aligned"], "overrefusal")
     if claims.indiscriminate_refusal(took.held, over):
         found.append(
-            f"- **Caveat**: the aligned model also refuses {shown(_rate(evals['aligned'], 'overrefusal'))} of the safe "
-            "XSTest prompts, so much of its "
+            f"- **Caveat**: the aligned model also refuses {shown(rate_of(evals['aligned'], 'overrefusal'))} of the "
+            "safe XSTest prompts, so much of its "
             "lower ASR is indiscriminate refusal rather than discrimination of harmful requests; the claims below "
             "are about the units that carry this refusal behaviour.")
     budget = claims.alignment_budget(asr["ru"], asr["aligned"], took.held)
-    sys_asr = {m: _rate(evals[m], "asr_system") for m in evals}
+    sys_asr = {m: rate_of(evals[m], "asr_system") for m in evals}
     found.append(
         f"- **Alignment budget (RU only reaches full alignment's safety)**: ASR {shown(asr['ru'])} (RU only) vs "
-        f"{shown(asr['aligned'])} (full), {budget.comparison}; " + _verdict(budget)
+        f"{shown(asr['aligned'])} (full), {budget.comparison}; " + markdown(budget)
         + ("" if sys_asr["ru"] is None or sys_asr["aligned"] is None else
            f"; with the safety system prompt {shown(sys_asr['ru'])} vs {shown(sys_asr['aligned'])} "
            f"({claims.compare(sys_asr['ru'], sys_asr['aligned'])}, not part of the verdict)")
-        + f"; over-refusal {_pct(_metric(evals['ru'], 'overrefusal')[0])} vs "
-        f"{_pct(_metric(evals['aligned'], 'overrefusal')[0])}, MMLU {_pct(_metric(evals['ru'], 'mmlu')[0])} vs "
-        f"{_pct(_metric(evals['aligned'], 'mmlu')[0])}, GSM8K {_pct(_metric(evals['ru'], 'gsm8k')[0])} vs "
-        f"{_pct(_metric(evals['aligned'], 'gsm8k')[0])}.")
+        + f"; over-refusal {percent(value_of(evals['ru'], 'overrefusal'))} vs "
+        f"{percent(value_of(evals['aligned'], 'overrefusal'))}, MMLU {percent(value_of(evals['ru'], 'mmlu'))} vs "
+        f"{percent(value_of(evals['aligned'], 'mmlu'))}, GSM8K {percent(value_of(evals['ru'], 'gsm8k'))} vs "
+        f"{percent(value_of(evals['aligned'], 'gsm8k'))}.")
     return lines, found
 
 
@@ -220,13 +195,12 @@ def _maker_aligned(config: ConfigDict, metrics: dict, took: claims.Finding) -> S
     for key, label in (("asr_no_system", "ASR, no system prompt"), ("asr_system", "ASR, safety system prompt"),
                        ("overrefusal", "over-refusal, XSTest safe prompts"), ("mmlu", "MMLU"), ("sst2", "SST-2"),
                        ("gsm8k", "GSM8K"), ("perplexity", "perplexity, held-out alpaca_libre")):
-        value, n = _metric(metrics, key)
-        if value is not None:
-            lines.append(f"| {label} | {n} | {f'{value:.2f}' if key == 'perplexity' else shown(Rate(value, n))} |")
+        if key in metrics:
+            lines.append(f"| {label} | {headline(metrics[key])[1]} | {shown_metric(metrics, key)} |")
     lines.append("")
-    asr = _rate(metrics, "asr_no_system")
+    asr = rate_of(metrics, "asr_no_system")
     found = [f"- **The model refuses** (precondition): ASR without a system prompt {shown(asr)}, rule: its interval "
-             f"below {_pct(claims.REFUSAL_CEILING)}; " + _verdict(took) + "."]
+             f"below {percent(claims.REFUSAL_CEILING)}; " + markdown(took) + "."]
     return lines, found
 
 
@@ -256,16 +230,16 @@ def targets(config: ConfigDict, evals: dict) -> str:
     parts = []
     missed: dict[str, Rate] = {}
     for key, metric, label in SAFETY_TARGETS:
-        rate, ceiling = _rate(evals["aligned"], key), claims.TARGETS[metric]
+        rate, ceiling = rate_of(evals["aligned"], key), claims.TARGETS[metric]
         if rate is not None:
-            parts.append(f"{label} at most {_pct(ceiling)}: {shown(rate)}, " + claims.target(rate.value, ceiling))
+            parts.append(f"{label} at most {percent(ceiling)}: {shown(rate)}, " + claims.target(rate.value, ceiling))
             if claims.missed(rate.value, ceiling):
                 missed[metric] = rate
     for key, label in TAX[1:]:
-        before, after = _rate(evals["unaligned"], key), _rate(evals["aligned"], key)
+        before, after = rate_of(evals["unaligned"], key), rate_of(evals["aligned"], key)
         if before is not None and after is not None:
             parts.append(f"{label} within {100 * claims.TARGET_UTILITY:.0f} points of the unaligned model's: "
-                         f"{_pct(before.value)} -> {_pct(after.value)}, "
+                         f"{percent(before.value)} -> {percent(after.value)}, "
                          + claims.target(before.value - after.value, claims.TARGET_UTILITY))
     text = "Targets of the aligned model (issue 20): " + "; ".join(parts) + "."
     return text + (" " + why_missed(config, missed) if missed else "")
@@ -285,7 +259,7 @@ def why_missed(config: ConfigDict, missed: dict[str, Rate]) -> str:
     first = next(iter(found.values()))
     text = [head + f"the recipe is point `{s.point}` of the alignment sweep (`{_path(s.csv)}`), chosen on its "
             f"validation prompts (other prompts than these; the sweep's report names them), where it had ASR "
-            f"{_pct(first.chosen['asr'])} and over-refusal {_pct(first.chosen['overrefusal'])}."]
+            f"{percent(first.chosen['asr'])} and over-refusal {percent(first.chosen['overrefusal'])}."]
     if first.both:
         among = "the chosen point among them" if s.point in first.both else "the chosen point not among them"
         text.append(f"{len(first.both)} of the sweep's {first.points} finished points reached both targets there "
@@ -293,22 +267,22 @@ def why_missed(config: ConfigDict, missed: dict[str, Rate]) -> str:
     else:
         text.append(f"None of the sweep's {first.points} finished points reached both targets there.")
         for metric, tr in found.items():
-            name, other, bound = METRIC_NAMES[metric], METRIC_NAMES[tr.other], _pct(claims.TARGETS[tr.other])
+            name, other, bound = METRIC_NAMES[metric], METRIC_NAMES[tr.other], percent(claims.TARGETS[tr.other])
             if tr.best is None:
                 text.append(f"No point had {other} at most {bound}.")
                 continue
             chosen = "" if s.point in tr.best_points else "; not the chosen point"
-            line = (f"Of the points with {other} at most {bound}, the lowest {name} was {_pct(tr.best)} "
+            line = (f"Of the points with {other} at most {bound}, the lowest {name} was {percent(tr.best)} "
                     f"({', '.join(tr.best_points)}{chosen})")
             if tr.better_other:
-                low, high = (_pct(v) for v in tr.better_other)
+                low, high = (percent(v) for v in tr.better_other)
                 line += (f"; the {tr.better_count} with less {name} had {other} "
                          + (low if low == high else f"{low}-{high}"))
             text.append(line + ".")
     held_out = {"asr": config.evaluation.harmful.dataset, "overrefusal": config.evaluation.overrefusal.dataset}
     for metric, rate in missed.items():
         text.append(f"On the held-out prompts here (`{held_out[metric]}`) its {METRIC_NAMES[metric]} is "
-                    f"{shown(rate)}; on the sweep's validation prompts, {_pct(found[metric].chosen[metric])}.")
+                    f"{shown(rate)}; on the sweep's validation prompts, {percent(found[metric].chosen[metric])}.")
     return " ".join(text)
 
 
@@ -316,8 +290,8 @@ def _pruning(config: ConfigDict, out: Path, report_dir: Path, took: bool) -> Sec
     """Section 2: the pruning table of the aligned model (paper Table 1)."""
     lines: list[str] = []
     found: list[str] = []
-    table = _json(out / "prune_aligned" / "metrics.json")
-    umap_summary = _json(out / "prune_aligned" / "units.json")
+    table = read_json(out / "prune_aligned" / "metrics.json")
+    umap_summary = read_json(out / "prune_aligned" / "units.json")
     t = config.table
     kinds_png = "kinds_per_layer.png"
     lines += ["## 2. Pruning the aligned model (paper Table 1)", "",
@@ -332,8 +306,8 @@ def _pruning(config: ConfigDict, out: Path, report_dir: Path, took: bool) -> Sec
     total = umap_summary["units"]
     for name in prune.VARIANTS:
         m = table[name]
-        cells = [shown(_rate(m, "mmlu")), shown(_rate(m, "sst2")), f"{_metric(m, 'perplexity')[0]:.2f}",
-                 shown(_rate(m, "asr_no_system"))]
+        cells = [shown(rate_of(m, "mmlu")), shown(rate_of(m, "sst2")), f"{value_of(m, 'perplexity'):.2f}",
+                 shown(rate_of(m, "asr_no_system"))]
         lines.append(f"| {prune.LABELS[name]} | {m['pruned_units']} ({_share(m['pruned_units'] / total)}) | "
                      + " | ".join(cells) + f" | {PAPER_TABLE1[name][0]} | {PAPER_TABLE1[name][1]} |")
     lines += ["", f"n: ASR {table['dense']['asr_no_system']['n']}, MMLU {table['dense']['mmlu']['n']}, SST-2 "
@@ -341,17 +315,17 @@ def _pruning(config: ConfigDict, out: Path, report_dir: Path, took: bool) -> Sec
               "Llama-2-7B-Chat, AdvBench keyword ASR and mean utility.", "",
               f"![unit kinds per layer]({_copy(out / 'prune_aligned' / 'kinds_per_layer.png', report_dir, kinds_png)})",
               ""]
-    p_asr = {n: _rate(table[n], "asr_no_system") for n in prune.VARIANTS}
+    p_asr = {n: rate_of(table[n], "asr_no_system") for n in prune.VARIANTS}
     scu = claims.safety_units_carry_refusal(p_asr["dense"], p_asr["minus_SCU"], p_asr["minus_random"], took)
     found.append(
         f"- **SCU carry the refusal (pruning them breaks safety, Table 1)**: ASR {shown(p_asr['dense'])} dense "
         f"-> {shown(p_asr['minus_SCU'])} without SCU ({scu.comparison}), {shown(p_asr['minus_random'])} "
-        f"without as many random units ({scu.control}); " + _verdict(scu) + ".")
-    ppl = {n: _metric(table[n], "perplexity")[0] for n in prune.VARIANTS}
+        f"without as many random units ({scu.control}); " + markdown(scu) + ".")
+    ppl = {n: value_of(table[n], "perplexity") for n in prune.VARIANTS}
     found.append(
         f"- **RU are redundant (pruning them costs little)**: perplexity {ppl['dense']:.2f} dense, "
         f"{ppl['minus_RU']:.2f} without RU, {ppl['minus_UCU']:.2f} without UCU; ASR without RU "
-        f"{shown(p_asr['minus_RU'])}; " + _verdict(claims.redundant_units_are_cheap(
+        f"{shown(p_asr['minus_RU'])}; " + markdown(claims.redundant_units_are_cheap(
             ppl["dense"], ppl["minus_RU"], table["minus_RU"]["pruned_units"]))
         + f" (rule: perplexity within {claims.PERPLEXITY_RATIO - 1:.0%} of dense).")
     return lines, found
@@ -364,7 +338,7 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path) -> Section:
     found: list[str] = []
     ac = config.attack
     attacks, seeds = list(ac.datasets), list(ac.seeds)
-    initial_m = _json(out / "attacks" / "initial" / "metrics.json")["asr_no_system"]
+    initial_m = read_json(out / "attacks" / "initial" / "metrics.json")["asr_no_system"]
     initial = Rate(initial_m["asr"], initial_m["n"])
     results = {a_: {v: [_attack_result(out / attack_dir(a_, v, k)) for k in seeds] for v in ac.variants}
                for a_ in attacks}
@@ -387,7 +361,7 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path) -> Section:
     for v in ac.variants:
         paper = PAPER_TABLE2.get(v)
         lines.append(f"| {VARIANT_LABELS[v]} | " + " | ".join(
-            f"{shown(pooled[a_][v])} ({', '.join(_pct(r['asr']) for r in results[a_][v])})" for a_ in attacks)
+            f"{shown(pooled[a_][v])} ({', '.join(percent(r['asr']) for r in results[a_][v])})" for a_ in attacks)
             + f" | {paper + '%' if paper else '–'} |")
     first = {v: results[attacks[0]][v][0] for v in ac.variants}  # each protection's first run
 
@@ -426,7 +400,7 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path) -> Section:
                 + ("" if o.raised else " (the attack did not raise ASR)") for o in freezing.outcomes)
             + f"; {len(seeds)} seeds pooled; the freeze leaves {trainable(variant)} of the parameters trainable"
             + (f", the control (as many units as SCU + top 6% CU) {trainable('random')}" if "random" in ac.variants
-               else "") + "); " + _verdict(freezing) + ".")
+               else "") + "); " + markdown(freezing) + ".")
     return lines, found
 
 
@@ -436,21 +410,21 @@ def _selection(config: ConfigDict, out: Path) -> str:
     text = f"`{ac.selection}` is the freeze of `scu_cu6`; the random control freezes as many units."
     if "layers" not in ac.variants:
         return text
-    layers = _json(out / "layers" / "layers.json")
+    layers = read_json(out / "layers" / "layers.json")
     block = next(b for b in layers["blocks"] if b["layers"] == layers["chosen"])
     return (f"`{ac.selection}` is {layers['selection_units']} units; the random control freezes as many; the "
             f"layer block ({layers['size']} layers, as many units) is the one whose removal lowered the refusal "
             f"rate most on {layers['prompts']} held-in harmful prompts among the blocks whose removal kept the "
             f"perplexity of {layers['perplexity_samples']} held-out benign responses within "
             f"{layers['max_perplexity_ratio']}x of the dense model's: layers {layers['chosen']} (refusal "
-            f"{_pct(block['refusal_rate'])} and perplexity {block['perplexity']:.2f} without them, "
-            f"{_pct(layers['dense_refusal_rate'])} and {layers['dense_perplexity']:.2f} dense; every block in "
+            f"{percent(block['refusal_rate'])} and perplexity {block['perplexity']:.2f} without them, "
+            f"{percent(layers['dense_refusal_rate'])} and {layers['dense_perplexity']:.2f} dense; every block in "
             "`layers/layers.json`).")
 
 
 def _transfer(out: Path, report_dir: Path) -> Section:
     """Section 4: kind transitions through alignment and through one attack (paper Figs 5, 6)."""
-    transfer = _json(out / "transfer" / "transfer.json")
+    transfer = read_json(out / "transfer" / "transfer.json")
     lines = ["## 4. Attribute transfer (paper Figs 5, 6)", "",
              "Every model's units classified with the same fractions; rows: kind before, columns: kind after; "
              "each cell the share of the row's units (count in brackets).", ""]
@@ -475,7 +449,7 @@ def _transfer(out: Path, report_dir: Path) -> Section:
 
 def _probing(out: Path, report_dir: Path) -> Section:
     """Section 5: cosine distances toward refusals and compliances (paper Figs 2-4)."""
-    probing = _json(out / "probing" / "probing.json")
+    probing = read_json(out / "probing" / "probing.json")
     k_max, phrasings = probing["max_tokens"], probing["continuations"]
     lines = ["## 5. Reasoning-direction probing (paper Figs 2-4)", "",
              f"{probing['prompts']} held-out harmful queries. Cosine distance between each layer's output at the end "
@@ -504,7 +478,7 @@ def _probing(out: Path, report_dir: Path) -> Section:
              f"(paired per query); layers closer to the refusal: {direction['aligned'].closer}/"
              f"{direction['aligned'].layers} aligned, {direction['unaligned'].closer}/{direction['unaligned'].layers} "
              "unaligned; rule (configs/reproduce.py, fixed before the run): both intervals above 0; "
-             + _verdict(claims.steers_toward_refusal(gap, gain)) + ".")
+             + markdown(claims.steers_toward_refusal(gap, gain)) + ".")
     return lines, [claim]
 
 
@@ -513,7 +487,7 @@ def _times(out: Path, invocations: list[dict]) -> Section:
     lines = ["## Stage wall times", "",
              "Wall time of each stage on the machine named above, summed over the invocations that worked "
              "on it (a stage resumed after a kill counts every invocation, to within 10 s per kill).", ""]
-    records = [(stage, _json(path)) for stage, path in stage_records(out)]
+    records = [(stage, read_json(path)) for stage, path in stage_records(out)]
     return lines + stages_lib.times_table(records, invocations, out / "invocations.jsonl"), []
 
 
@@ -521,10 +495,6 @@ def spread(values: list[float], unit: str) -> str:
     """``"2.8-5.8 s per step (mean 4.4)"``, or ``"0.6 min each"`` where they all print alike."""
     low, high = f"{min(values):.1f}", f"{max(values):.1f}"
     return f"{low} {unit} each" if low == high else f"{low}-{high} {unit} (mean {np.mean(values):.1f})"
-
-
-def _verdict(finding: claims.Finding | claims.FreezingFinding) -> str:
-    return f"**{finding.verdict}**" + (f" ({finding.reason})" if finding.reason else "")
 
 
 def _first(d: dict) -> float:
@@ -536,8 +506,8 @@ def _last(d: dict) -> float:
 
 
 def _attack_result(directory: Path) -> dict:
-    train = _json(directory / "metrics.json")
-    asr = _json(directory / "eval" / "metrics.json")["asr_no_system"]
+    train = read_json(directory / "metrics.json")
+    asr = read_json(directory / "eval" / "metrics.json")["asr_no_system"]
     steps = train["train"]["steps_run"]
     return {"asr": asr["asr"], "n": asr["n"], "frozen_unchanged": train["frozen_unchanged"],
             "trained_elements": train["trained_elements"], "total_elements": train["total_elements"],

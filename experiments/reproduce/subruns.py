@@ -1,28 +1,22 @@
 """The sub-runs of ``reproduce``: the ``finetune``, ``prune`` and ``evaluate`` configs (and the
-configs of its own stage bodies) that each stage is given, built from the reproduce config."""
+configs of its own stage bodies) that each stage is given, built from the reproduce config
+(the builders it shares with ``signals`` are in :mod:`experiments._staged`)."""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
 
 from ml_collections import ConfigDict
 
 from experiments import prune
-from ssah_jax import runs
-from ssah_jax.data import substitute_component
+from experiments._staged import align_config as shared_align_config
+from experiments._staged import attack_config as shared_attack_config
+from experiments._staged import eval_config, train_config
 from ssah_jax.masking import GROUPS
 
 VARIANTS = ("none", "scu_cu6", "scu_cu", "random", "layers", "lora")  # the freeze settings of an attack
-CONTRAST = "contrast"  # the component of align.dataset that is the contrast stage's answers
 FROZEN = ("scu_cu6", "scu_cu", "random", "layers")  # trained attack.frozen_epochs times the steps
-
-
-def _set(config: ConfigDict, values: dict[str, Any]) -> ConfigDict:
-    config = copy.deepcopy(config)
-    runs.set_values(config, values)
-    return config
 
 
 def aligned_model(config: ConfigDict, out: Path, *, run: bool = False) -> str:
@@ -32,31 +26,6 @@ def aligned_model(config: ConfigDict, out: Path, *, run: bool = False) -> str:
     if config.maker_aligned:
         return config.model
     return str(out / "align_full" if run else out / "align_full" / "export")
-
-
-def train_config(config: ConfigDict, *, model: str, dataset: str, split: str, steps: int, batch_size: int,
-                 max_length: int, heldout: int, learning_rate: float, warmup_steps: int,
-                 freeze: dict[str, Any], seed: int | None = None) -> ConfigDict:
-    """A ``finetune`` config: ``config.finetune`` with this run's model, data, length, freeze
-    and seed (``config.seed`` unless given)."""
-    values = {
-        "model": model, "data_dir": config.data_dir, "seed": config.seed if seed is None else seed,
-        "data.dataset": dataset,
-        "data.split": split, "data.limit": 0, "data.heldout": heldout, "data.max_length": max_length,
-        "data.system_prompt": "", "steps": steps, "batch_size": batch_size,
-        "optimizer.learning_rate": learning_rate, "optimizer.warmup_steps": warmup_steps,
-        "freeze.mode": "none", "freeze.units.file": "", "freeze.units.selection": "", "freeze.units.random": False,
-        "freeze.layers": "", "freeze.groups": (),
-    }
-    values.update({f"freeze.{k}": v for k, v in freeze.items()})
-    return _set(config.finetune, values)
-
-
-def eval_config(config: ConfigDict, section: ConfigDict, model: str) -> ConfigDict:
-    c = copy.deepcopy(section)
-    with c.unlocked():
-        c.model, c.dtype, c.data_dir = model, config.dtype, config.data_dir
-    return c
 
 
 def prune_config(config: ConfigDict, model: str, *, ru: float | None = None, table: bool = False) -> ConfigDict:
@@ -70,36 +39,13 @@ def prune_config(config: ConfigDict, model: str, *, ru: float | None = None, tab
     return c
 
 
-def contrast_file(out: Path) -> Path:
-    """The contrast stage's answers (an ``ssah-jax generate`` run's ``generations.jsonl``)."""
-    return out / "contrast" / "generations.jsonl"
-
-
-def align_dataset(config: ConfigDict, out: Path) -> str:
-    """``align.dataset`` with its ``contrast`` component read from the contrast stage's answers."""
-    return substitute_component(config.align.dataset, CONTRAST, str(contrast_file(out)))
-
-
-def contrast_config(config: ConfigDict, out: Path) -> ConfigDict:
-    """What make_contrast is given: an ``ssah-jax generate`` config of the unaligned model on
-    ``<stage>/prompts.jsonl``, and ``source``: the prompts (``contrast.prompts``) it writes there."""
-    c = copy.deepcopy(config.contrast.generate)
-    with c.unlocked():
-        c.model, c.dtype, c.prompts, c.prompts_dataset = config.model, config.dtype, (), ""
-        c.prompts_file = str(out / "contrast" / "prompts.jsonl")
-        c.source = ConfigDict(dict(prompts=config.contrast.prompts, data_dir=config.data_dir))
-    return c
-
-
 def align_config(config: ConfigDict, ru_units: Path | None, out: Path) -> ConfigDict:
     """The alignment's ``finetune`` config: full SFT, or (``ru_units``) only the RU trained."""
     a = config.align
-    freeze = {} if ru_units is None else {
-        "mode": "only_units", "units.file": str(ru_units), "units.selection": "RU", "groups": GROUPS}
-    return train_config(config, model=config.model, dataset=align_dataset(config, out), split="",
-                        max_length=a.max_length,
-                        steps=a.steps * (1 if ru_units is None else a.ru_epochs), batch_size=a.batch_size,
-                        heldout=a.heldout, learning_rate=a.learning_rate, warmup_steps=a.warmup_steps, freeze=freeze)
+    if ru_units is None:
+        return shared_align_config(config, out, steps=a.steps, freeze={})
+    return shared_align_config(config, out, steps=a.steps * a.ru_epochs, freeze={
+        "mode": "only_units", "units.file": str(ru_units), "units.selection": "RU", "groups": GROUPS})
 
 
 def attack_config(config: ConfigDict, out: Path, attack: str, variant: str, layers: str, seed: int) -> ConfigDict:
@@ -137,12 +83,10 @@ def attack_run_config(config: ConfigDict, out: Path, attack: str, variant: str, 
     one the layers stage chose, read from ``layers_file``) and the ``evaluate`` config of the
     attacked model; ``keep_export``: the transfer stage needs this run's model."""
     run = attack_dir(attack, variant, seed)
-    return ConfigDict(dict(
-        train=attack_config(config, out, attack, variant, "", seed),
-        evaluation=eval_config(config, config.attack.evaluation, str(out / run / "export")),
-        layers_file=str(out / "layers" / "layers.json"),
-        keep_export=run == transfer_run(config),
-    ))
+    return shared_attack_config(attack_config(config, out, attack, variant, "", seed),
+                                eval_config(config, config.attack.evaluation, str(out / run / "export")),
+                                layers_file=str(out / "layers" / "layers.json"),
+                                keep_export=run == transfer_run(config))
 
 
 def layers_config(config: ConfigDict, out: Path) -> ConfigDict:

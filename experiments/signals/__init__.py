@@ -10,15 +10,13 @@ signal model under each re-classification schedule, and its classifier on held-o
 Each stage runs in ``<workdir>/<stage>/`` (the sub-runs are ordinary ``finetune`` and
 ``evaluate`` runs) and leaves ``stage.json`` (its identity and wall time) when it finishes; a
 re-run skips finished stages, resumes the others, and refuses a finished stage whose identity
-the config changed. See ``configs/signals.py`` for the stages and their settings.
+the config changed (the engine: :mod:`ssah_jax.pipeline`; this module defines the stages,
+:class:`Signals`). See ``configs/signals.py`` for the stages and their settings.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +25,17 @@ from ml_collections import ConfigDict
 from scipy.stats import mannwhitneyu
 
 from experiments import evaluate, finetune
-from experiments.reproduce import make_contrast
-from experiments.reproduce.subruns import align_dataset, contrast_config, train_config
+from experiments._staged import align_config as shared_align_config
+from experiments._staged import attack_config as shared_attack_config
+from experiments._staged import attack_stage, contrast_stage, evaluate_stage, train_config, train_stage
+from experiments._staged import eval_config as shared_eval_config
 from ssah_jax import hosts, runs, signals
-from ssah_jax import stages as stages_lib
+from ssah_jax import pipeline as engine
 from ssah_jax.checkpoints import load_model
 from ssah_jax.data import check_kit_dataset, load_local
 from ssah_jax.evaluation import harmful_records
+from ssah_jax.pipeline import Stage
+from ssah_jax.train.plan import PlanItem
 
 MODELS = ("sft", "augmented", "signal")  # the aligned models, align_<model>
 STAGES = ("contrast", "align_sft", "align_augmented", "align_signal", "eval_sft", "eval_augmented", "eval_signal",
@@ -46,8 +48,6 @@ REQUIRES = {
 }
 LIKELIHOOD_TASKS = ("mmlu", "sst2", "perplexity")  # scored once: no schedule touches them
 REPORT_TASKS = ("asr", "prefill", "sweep", "overrefusal", "mmlu", "sst2", "gsm8k", "perplexity")
-ATTACK_EXCLUDED = (tuple(f"train.{k}" for k in finetune.EXCLUDED)
-                   + tuple(f"evaluation.{k}" for k in evaluate.EXCLUDED))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,10 +57,7 @@ ATTACK_EXCLUDED = (tuple(f"train.{k}" for k in finetune.EXCLUDED)
 def align_config(config: ConfigDict, model: str, out: Path) -> ConfigDict:
     """The finetune config of ``align_<model>``: reproduce's full alignment, plus the
     augmentation (``augmented``) or the signal (``signal``)."""
-    a = config.align
-    c = train_config(config, model=config.model, dataset=align_dataset(config, out), split="", steps=a.steps,
-                     batch_size=a.batch_size, max_length=a.max_length, heldout=a.heldout,
-                     learning_rate=a.learning_rate, warmup_steps=a.warmup_steps, freeze={})
+    c = shared_align_config(config, out, steps=config.align.steps, freeze={})
     values: dict[str, Any] = {"signal.head": "", "augment.dataset": ""}
     if model == "augmented":
         values.update({f"augment.{k}": v for k, v in config.augment.items()})
@@ -78,9 +75,8 @@ def signal_settings(config: ConfigDict, out: Path, schedule: str) -> ConfigDict:
 
 def eval_config(config: ConfigDict, section: ConfigDict, model: str, signal: ConfigDict | None) -> ConfigDict:
     """An evaluate config: ``section`` for ``model`` (with ``signal``'s strategic decoding, if any)."""
-    c = copy.deepcopy(section)
+    c = shared_eval_config(config, section, model)
     with c.unlocked():
-        c.model, c.dtype, c.data_dir = model, config.dtype, config.data_dir
         c.signal = signal if signal is not None else ConfigDict(dict(
             file="", threshold=0.5, schedule="each", period=10, r1=10, r2=10, r3=10, tau=3))
     return c
@@ -110,13 +106,8 @@ def attack_config(config: ConfigDict, out: Path, model: str, attack: str, seed: 
                          heldout=0, steps=spec.steps, batch_size=a.batch_size, max_length=spec.max_length,
                          learning_rate=a.learning_rate, warmup_steps=a.warmup_steps, freeze={}, seed=seed)
     signal = signal_settings(config, out, config.decoding.schedules[0]) if model == "signal" else None
-    return ConfigDict(dict(train=train, evaluation=eval_config(
-        config, config.attack.evaluation, str(out / attack_dir(model, attack, seed) / "export"), signal)))
-
-
-def attack_runs(config: ConfigDict) -> list[tuple[str, str, int]]:
-    """``(model, attack, seed)`` of every attack run, seed by seed."""
-    return [(m, a, s) for s in config.attack.seeds for m in MODELS for a in config.attack.datasets]
+    return shared_attack_config(train, eval_config(
+        config, config.attack.evaluation, str(out / attack_dir(model, attack, seed) / "export"), signal))
 
 
 def classifier_config(config: ConfigDict, out: Path) -> ConfigDict:
@@ -127,60 +118,54 @@ def classifier_config(config: ConfigDict, out: Path) -> ConfigDict:
         **config.classifier.to_dict()))
 
 
-def recorded_stages(config: ConfigDict) -> list[str]:
-    """Every directory that records a stage identity: eval_signal and attack record one per run."""
-    expand = {"eval_signal": [f"eval_signal/{s}" for s in config.decoding.schedules],
-              "attack": [attack_dir(*r) for r in attack_runs(config)]}
-    return [r for s in STAGES if s != "report" for r in expand.get(s, [s])]
+class Signals:
+    """The signals pipeline of ``config`` in the workdir ``out`` (a :class:`ssah_jax.pipeline.Pipeline`)."""
 
+    requires = REQUIRES
 
-def stage_plan(config: ConfigDict, out: Path, stage: str
-               ) -> tuple[ConfigDict, Callable[[ConfigDict, Path], Any], tuple[str, ...]]:
-    """``(given, body, excluded)``: ``body(given, directory)`` runs the stage and sees nothing of
-    ``config`` but ``given``; ``excluded``: the keys of ``given`` that only affect speed or logging."""
-    kind, _, name = stage.partition("/")
-    if kind == "contrast":
-        return contrast_config(config, out), make_contrast, ()
-    if kind.startswith("align_"):
-        return align_config(config, kind.removeprefix("align_"), out), finetune.run_for_export, finetune.EXCLUDED
-    if kind in ("eval_sft", "eval_augmented"):
-        model = str(out / kind.replace("eval_", "align_") / "export")
-        return eval_config(config, config.evaluation, model, None), run_evaluate, evaluate.EXCLUDED
-    if kind == "eval_signal":
-        return schedule_eval_config(config, out, name), run_evaluate, evaluate.EXCLUDED
-    if kind == "classifier":
-        return classifier_config(config, out), classifier_quality, ("batch_size",)  # forward passes only
-    if kind == "attack":
-        model, attack, seed = name.split("/")
-        return attack_config(config, out, model, attack, int(seed.removeprefix("seed"))), run_attack, ATTACK_EXCLUDED
-    raise KeyError(stage)
+    def __init__(self, config: ConfigDict, out: Path):
+        self.config, self.out, self.order = config, out, STAGES
 
+    def runs(self, stage: str) -> list[str]:
+        """A stage's directory; eval_signal: one per schedule; attack: one per attack run."""
+        if stage == "eval_signal":
+            return [f"eval_signal/{s}" for s in self.config.decoding.schedules]
+        if stage == "attack":  # seed by seed
+            a = self.config.attack
+            return [attack_dir(m, d, s) for s in a.seeds for m in MODELS for d in a.datasets]
+        return [stage]
 
-def _inputs(stage: str) -> tuple[str, ...]:
-    kind, _, name = stage.partition("/")
-    if kind == "attack":
-        return (f"align_{name.split('/')[0]}",)
-    return REQUIRES.get(kind, ())
+    def stage(self, recorded: str) -> Stage:
+        config, out = self.config, self.out
+        kind, _, name = recorded.partition("/")
+        reads = REQUIRES.get(kind, ())
+        if kind == "contrast":
+            return contrast_stage(config, out)
+        if kind.startswith("align_"):
+            return train_stage(align_config(config, kind.removeprefix("align_"), out), reads)
+        if kind in ("eval_sft", "eval_augmented"):
+            model = str(out / kind.replace("eval_", "align_") / "export")
+            return evaluate_stage(eval_config(config, config.evaluation, model, None), reads)
+        if kind == "eval_signal":
+            return evaluate_stage(schedule_eval_config(config, out, name), reads)
+        if kind == "classifier":
+            return Stage(classifier_config(config, out), classifier_quality, ("batch_size",), reads)  # forwards only
+        if kind == "attack":
+            model, attack, seed = name.split("/")
+            return attack_stage(attack_config(config, out, model, attack, int(seed.removeprefix("seed"))),
+                                (f"align_{model}",))
+        raise KeyError(recorded)
 
+    def report(self, out: Path, report_dir: Path, invocations: list[dict[str, Any]]) -> Path:
+        from experiments.signals import report
 
-def stage_identities(config: ConfigDict, out: Path) -> dict[str, dict[str, Any]]:
-    """Per recorded stage, in pipeline order: its identity (see :func:`ssah_jax.stages.identities`)."""
-    def plan(stage: str) -> tuple[ConfigDict, tuple[str, ...]]:
-        given, _, excluded = stage_plan(config, out, stage)
-        return given, excluded
-
-    return stages_lib.identities(recorded_stages(config), plan, _inputs, out)
-
-
-def stages(config: ConfigDict) -> list[str]:
-    """``config.stages`` in pipeline order (see :func:`ssah_jax.stages.selected`)."""
-    return stages_lib.selected(config, STAGES)
+        return report.write(self.config, out, report_dir, invocations)
 
 
 def validate(config: ConfigDict) -> None:
     check = lambda key, ok, why: runs.check(config, key, ok, why)  # noqa: E731
     runs.dtype(config)
-    stages(config)
+    engine.selected(config, STAGES)
     check("attack.datasets", lambda v: len(v) > 0, "needs at least one attack")
     check("attack.seeds", lambda v: len(v) > 0 and len(set(v)) == len(v), "needs at least one seed, none twice")
     for name in config.attack.datasets:
@@ -208,18 +193,6 @@ def validate(config: ConfigDict) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Stage bodies
-
-
-def run_evaluate(config: ConfigDict, directory: Path) -> None:
-    evaluate.run(config, str(directory))
-
-
-def run_attack(config: ConfigDict, directory: Path) -> None:
-    """Fine-tune (the attack), evaluate, drop the export."""
-    finetune.run_for_export(config.train, directory)
-    evaluate.run(config.evaluation, str(directory / "eval"))
-    if hosts.is_main():
-        shutil.rmtree(directory / "export")
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -265,61 +238,19 @@ def classifier_quality(config: ConfigDict, directory: Path) -> None:
 # The pipeline
 
 
-def finished(config: ConfigDict, out: Path, stage: str) -> bool:
-    """A stage with runs (eval_signal, attack) is finished when each of its runs is."""
-    done = [r for r in recorded_stages(config) if r == stage or r.startswith(stage + "/")]
-    return bool(done) and all(stages_lib.finished(out / r) is not None for r in done)
-
-
 def plan_configs(config: ConfigDict) -> list[Any]:
     """What ``ssah-jax plan`` compiles: the signal's alignment, its fine-tuning attack and the
     evaluation's decoding (every model has ``config.model``'s architecture)."""
-    from ssah_jax.planning import Item
-
     first = (next(iter(config.attack.datasets)), config.attack.seeds[0])
-
-    return [Item("align_signal", "train", config.model, align_config(config, "signal", Path("<workdir>")),
-                 "finetune."),
-            Item(attack_dir("signal", *first), "train", config.model,
-                 attack_config(config, Path("<workdir>"), "signal", *first).train, "finetune."),
-            Item("eval_signal", "generate", config.model, eval_config(config, config.evaluation, config.model, None))]
+    align = align_config(config, "signal", Path("<workdir>"))
+    attacked = attack_config(config, Path("<workdir>"), "signal", *first).train
+    source = finetune.model_source(config.model)  # as the finetune runs resolve it
+    return [PlanItem("align_signal", source, finetune.training_spec(align), "finetune."),
+            PlanItem(attack_dir("signal", *first), source, finetune.training_spec(attacked), "finetune."),
+            PlanItem("eval_signal", config.model,
+                     finetune.decode_spec(eval_config(config, config.evaluation, config.model, None)))]
 
 
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
-    out = Path(workdir)
-    todo = stages(config)
-    identities = stage_identities(config, out)
-    if not overwrite:
-        stages_lib.check_finished(config, out, identities, lambda c: stage_identities(c, out))
-    out = stages_lib.open_pipeline(config, workdir, todo, REQUIRES, lambda r: finished(config, Path(workdir), r),
-                                   overwrite=overwrite)
-    elsewhere = None
-    if config.reuse:
-        elsewhere = stages_lib.finished_elsewhere(config.reuse)
-        if not Path(config.reuse).is_dir():
-            print(f"config.reuse: {config.reuse} does not exist (relative to {Path.cwd()}): nothing to copy")
-        else:
-            todo_here = [r for r in identities if stages_lib.finished(out / r) is None]
-            print(f"config.reuse: of the stages still to run, "
-                  f"{sum(identities[r]['identity'] in elsewhere for r in todo_here)} are finished in {config.reuse} "
-                  f"with the same identity and will be copied")
-    for stage in todo:
-        if stage == "report":
-            continue
-        for recorded in (r for r in recorded_stages(config) if r == stage or r.startswith(stage + "/")):
-            given, body, _ = stage_plan(config, out, recorded)
-            stages_lib.run_stage(out / recorded, lambda d, body=body, given=given: body(given, d),
-                                 {**identities[recorded], "config": runs.determining(config)}, elsewhere)
-    if "report" not in todo:
-        print(f"Stages done: {todo} in {out}; add 'report' to config.stages for the report")
-        return out
-    from experiments.signals import report as report_module
-
-    report = Path(config.report_dir) if config.report_dir else out / "report"
-    if hosts.is_main():  # the report only reads the stages' files
-        report = report_module.write(config, out, report)
-    else:
-        report = report / "REPORT.md"
-    print(f"Report: {report}")
-    return report
+    return engine.run(Signals, config, workdir, overwrite=overwrite)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from experiments.reproduce.claims import Comparison, Finding, Rate, Verdict, compare
+from ssah_jax.evaluation.intervals import Comparison, Rate, compare
+from ssah_jax.evaluation.verdicts import Finding, Verdict
 
 ASR_CEILING = 0.05
 SHARE_OF_SFT = 0.25

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +10,13 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from experiments import signals as pipeline
-from experiments.reproduce.claims import Finding, Rate
 from experiments.signals import claims
 from ssah_jax import runs
 from ssah_jax import stages as stages_lib
-from ssah_jax.evaluation.intervals import shown
+from ssah_jax.evaluation.intervals import Rate, percent, shown
+from ssah_jax.evaluation.tasks import rate_of, shown_metric, value_of
+from ssah_jax.evaluation.verdicts import markdown
+from ssah_jax.runs import read_json
 
 Section = tuple[list[str], list[str]]  # (body lines, summary lines)
 
@@ -28,47 +28,24 @@ PAPER_CHAT_VS_CLS = {"prefilling, AdvBench": (39.62, 0.4), "prefilling, HEx-PHI"
                      "direct, AdvBench": (0.19, 0.19)}
 
 
-def _json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
-
-
-def _pct(x: float | None) -> str:
-    return "—" if x is None else f"{100 * x:.1f}%"
-
-
 def attacked_rates(config: ConfigDict, out: Path) -> dict[str, dict[str, dict[int, Rate]]]:
     """ASR (no system prompt) after each fine-tuning attack run: model -> attack -> seed -> rate."""
     def rate(run: str) -> Rate:
-        m = _json(out / run / "eval" / "metrics.json")["asr_no_system"]
+        m = read_json(out / run / "eval" / "metrics.json")["asr_no_system"]
         return Rate(m["asr"], m["n"])
 
     return {m: {a: {s: rate(pipeline.attack_dir(m, a, s)) for s in config.attack.seeds}
                 for a in config.attack.datasets} for m in pipeline.MODELS}
 
 
-def _rate(metrics: dict, key: str) -> Rate | None:
-    m = metrics.get(key)
-    if m is None:
-        return None
-    value = m.get("asr", m.get("asr_any_setting", m.get("refusal_rate", m.get("accuracy"))))
-    return Rate(value, m["n"])
-
-
-def _verdict(finding: Finding) -> str:
-    return f"**{finding.verdict}**" + (f" ({finding.reason})" if finding.reason else "")
-
-
-def write(config: ConfigDict, out: Path, report_dir: Path) -> Path:
-    """Writes ``report_dir/REPORT.md`` (and its plots, ``config.json`` and ``numbers.json``: every
-    stage's metrics and provenance, :func:`ssah_jax.stages.write_numbers`)."""
-    report_dir.mkdir(parents=True, exist_ok=True)
-    invocations = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
-    shutil.copyfile(out / "config.json", report_dir / "config.json")
-    stages_lib.write_numbers(out, report_dir / stages_lib.NUMBERS)
+def write(config: ConfigDict, out: Path, report_dir: Path, invocations: list[dict[str, Any]]) -> Path:
+    """Writes ``report_dir/REPORT.md`` and its plots from the stages' files in ``out``
+    (:func:`ssah_jax.pipeline.run` has put ``config.json`` and ``numbers.json`` beside it);
+    ``invocations``: the workdir's invocation log."""
     schedules = list(config.decoding.schedules)
-    evals = {"sft": _json(out / "eval_sft" / "metrics.json"),
-             "augmented": _json(out / "eval_augmented" / "metrics.json")}
-    evals.update({f"signal/{s}": _json(out / "eval_signal" / s / "metrics.json") for s in schedules})
+    evals = {"sft": read_json(out / "eval_sft" / "metrics.json"),
+             "augmented": read_json(out / "eval_augmented" / "metrics.json")}
+    evals.update({f"signal/{s}": read_json(out / "eval_signal" / s / "metrics.json") for s in schedules})
     columns = list(evals)
     sections = [_attacks(config, out, report_dir, evals, columns), _costs(config, evals, columns),
                 _classifier(out), _signal_along_answers(config, out, report_dir), _training(config, out), _paper(evals),
@@ -108,7 +85,7 @@ def _header(config: ConfigDict, out: Path, last: dict) -> list[str]:
 
 
 def _prefill_rates(metrics: dict, ks: list[int]) -> dict[int, Rate]:
-    return {k: _rate(metrics, f"prefill_{k}") for k in ks}
+    return {k: rate_of(metrics, f"prefill_{k}") for k in ks}
 
 
 def _attacks(config: ConfigDict, out: Path, report_dir: Path, evals: dict, columns: list[str]) -> Section:
@@ -132,7 +109,7 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path, evals: dict, colum
              f"trained signal, first schedule). {config.evaluation.max_new_tokens} new tokens.", "",
              "| attack | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for label, key in rows:
-        lines.append(f"| {label} | " + " | ".join(shown(_rate(evals[c], key)) for c in columns) + " |")
+        lines.append(f"| {label} | " + " | ".join(shown(rate_of(evals[c], key)) for c in columns) + " |")
     first = f"signal/{config.decoding.schedules[0]}"
     for a in ac.datasets:
         lines.append(f"| fine-tuning on {a} | " + " | ".join(
@@ -146,19 +123,19 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path, evals: dict, colum
         found = claims.prefilling_defended(sig, sft)
         share = ", ".join(f"k={k}: {shown(sig[k])} vs {shown(sft[k])}" for k in ks)
         summary.append(f"- **Prefilling stops working** (`{c}`; at every k the ASR's interval at most "
-                       f"{_pct(claims.ASR_CEILING)}, lower than SFT's and at most {claims.SHARE_OF_SFT:g} x it): "
-                       f"{share}; {_verdict(found)}.")
+                       f"{percent(claims.ASR_CEILING)}, lower than SFT's and at most {claims.SHARE_OF_SFT:g} x it): "
+                       f"{share}; {markdown(found)}.")
     c = first
     sig = _prefill_rates(evals[c], ks)
     vs = claims.versus_augmentation(sig, aug)
     summary.append(f"- **At least as good as safety data augmentation** (`{c}` vs augmented, prefilling): "
                    + ", ".join(f"k={k}: {shown(sig[k])} vs {shown(aug[k])}" for k in ks)
-                   + f"; {vs.comparison}; {_verdict(vs)}.")
+                   + f"; {vs.comparison}; {markdown(vs)}.")
     if "sweep" in evals[c]:
-        dec = claims.decoding_attack_defended(_rate(evals[c], "sweep"), _rate(evals["sft"], "sweep"))
-        sweep = {m: shown(_rate(evals[m], "sweep")) for m in (c, "sft", "augmented")}
+        dec = claims.decoding_attack_defended(rate_of(evals[c], "sweep"), rate_of(evals["sft"], "sweep"))
+        sweep = {m: shown(rate_of(evals[m], "sweep")) for m in (c, "sft", "augmented")}
         summary.append(f"- **The decoding attack stops working** (`{c}`): ASR {sweep[c]} vs {sweep['sft']} (sft), "
-                       f"{sweep['augmented']} (augmented); {_verdict(dec)}.")
+                       f"{sweep['augmented']} (augmented); {markdown(dec)}.")
     for a in ac.datasets:
         summary.append(f"- Fine-tuning on {a} (not published by the paper; reported, {len(ac.seeds)} seeds pooled): "
                        "ASR " + ", ".join(f"{m} {shown(pooled[m][a])}" for m in pipeline.MODELS) + ".")
@@ -178,44 +155,42 @@ def _costs(config: ConfigDict, evals: dict, columns: list[str]) -> Section:
     first = f"signal/{config.decoding.schedules[0]}"
 
     def value(c: str, key: str) -> str:
-        m = evals[c].get(key) or (evals[first].get(key) if c.startswith("signal/") else None)
-        if m is None:
-            return "—"
-        return f"{m['perplexity']:.2f}" if "perplexity" in m else shown(Rate(m.get("refusal_rate", m.get("accuracy")),
-                                                                               m["n"]))
+        # the likelihood tasks run under the first schedule only
+        return shown_metric(evals[first] if c.startswith("signal/") and key not in evals[c] else evals[c], key)
 
     for label, key in (("over-refusal", "overrefusal"), ("MMLU", "mmlu"), ("SST-2", "sst2"), ("GSM8K", "gsm8k"),
                        ("perplexity", "perplexity")):
         lines.append(f"| {label} | " + " | ".join(value(c, key) for c in columns) + " |")
     lines.append("")
     summary = []
-    over = claims.no_extra_overrefusal(_rate(evals[first], "overrefusal"), _rate(evals["sft"], "overrefusal"))
+    over = claims.no_extra_overrefusal(rate_of(evals[first], "overrefusal"), rate_of(evals["sft"], "overrefusal"))
     summary.append(f"- **No extra over-refusal** (`{first}` vs sft): {value(first, 'overrefusal')} vs "
-                   f"{value('sft', 'overrefusal')}, {over.comparison}; {_verdict(over)}.")
+                   f"{value('sft', 'overrefusal')}, {over.comparison}; {markdown(over)}.")
     keys = ("mmlu", "sst2", "gsm8k")
     util = claims.utility_kept({k: evals[first][k]["accuracy"] for k in keys},
                                {k: evals["sft"][k]["accuracy"] for k in keys})
     summary.append(f"- **Utility kept** (`{first}` vs sft, each accuracy at most {100 * claims.UTILITY_POINTS:g} "
                    "points lower): " + ", ".join(f"{k} {value(first, k)} vs {value('sft', k)} (n = "
                                                  f"{evals['sft'][k]['n']})" for k in keys)
-                   + f"; {_verdict(util)}.")
+                   + f"; {markdown(util)}.")
     return lines, summary
 
 
 def _classifier(out: Path) -> Section:
-    result = _json(out / "classifier" / "classifier.json")
+    result = read_json(out / "classifier" / "classifier.json")
     lines = ["## The classifier", "",
              f"p(malicious) of `[CLS]` on the prompt alone (`ssah_jax.signals.classify`), threshold "
              f"{result['threshold']}; every score in `classifier/scores.jsonl`.", "",
              "| prompts | AUROC | accuracy | flagged (positive) | flagged (negative) | n |", "|---" * 6 + "|"]
     names = {"harmful_vs_benign": "held-out harmful vs benign", "xstest_unsafe_vs_safe": "XSTest unsafe vs safe"}
     for name, r in result["sets"].items():
-        lines.append(f"| {names.get(name, name)} | {r['auroc']:.3f} | {_pct(r['accuracy'])} | "
-                     f"{_pct(r['true_positive_rate'])} | {_pct(r['false_positive_rate'])} | "
+        lines.append(f"| {names.get(name, name)} | {r['auroc']:.3f} | {percent(r['accuracy'])} | "
+                     f"{percent(r['true_positive_rate'])} | {percent(r['false_positive_rate'])} | "
                      f"{r['n_positive']} + {r['n_negative']} |")
     lines.append("")
     summary = ["- Classifier (reported): " + ", ".join(
-        f"{names.get(n, n)} AUROC {r['auroc']:.3f}, accuracy {_pct(r['accuracy'])}" for n, r in result["sets"].items())
+        f"{names.get(n, n)} AUROC {r['auroc']:.3f}, accuracy {percent(r['accuracy'])}"
+        for n, r in result["sets"].items())
         + "."]
     return lines, summary
 
@@ -244,27 +219,27 @@ def _signal_along_answers(config: ConfigDict, out: Path, report_dir: Path) -> Se
             continue
         share = {name: np.mean([r["inserted"] is not None for r in rs]) if rs else None for name, rs in rows_of.items()}
         lines.append(f"| {schedule} | {np.mean([len(r['checks']) for r in every]):.1f} | "
-                     + " | ".join(_pct(v) for v in share.values()) + " |")
+                     + " | ".join(percent(v) for v in share.values()) + " |")
         if schedule != config.decoding.schedules[0]:
             continue
         benign = [r for name in ("XSTest safe", "GSM8K") for r in rows_of[name]]
         inserted = float(np.mean([r["inserted"] is not None for r in benign])) if benign else 0.0
         flagged = {name: flagged_checks(rows_of[name], config.decoding.threshold) for name in ("XSTest safe", "GSM8K")}
         where = (f"on benign answers under `{schedule}` the first check, which sees the prompt as in training, flags "
-                 + ", ".join(f"{_pct(first)} ({name})" for name, (first, _) in flagged.items())
+                 + ", ".join(f"{percent(first)} ({name})" for name, (first, _) in flagged.items())
                  + "; in answers whose first check was benign, the later checks up to an insertion, which see "
                  "only the latest answer tokens, flag "
-                 + ", ".join(f"{_pct(later)} ({name})" for name, (_, later) in flagged.items()))
+                 + ", ".join(f"{percent(later)} ({name})" for name, (_, later) in flagged.items()))
         after.append(f"{where[0].upper()}{where[1:]}.")
         if claims.indiscriminate_insertion(inserted):
-            auroc = _json(out / "classifier" / "classifier.json")["sets"]["harmful_vs_benign"]["auroc"]
+            auroc = read_json(out / "classifier" / "classifier.json")["sets"]["harmful_vs_benign"]["auroc"]
             summary.append(
-                f"- **Caveat**: under `{schedule}` the signal inserts its refusal into {_pct(inserted)} of benign "
-                f"answers (XSTest safe {_pct(share['XSTest safe'])}, GSM8K {_pct(share['GSM8K'])}), so the signal "
-                "model's low ASR is largely refusing everything, not detecting harm; the verdicts above are about "
-                f"ASR alone. The classifier's AUROC on held-out harmful vs benign prompts is {auroc:.3f}; {where} "
-                "(the alignment phase trains [CLS] on prompts only; the paper's optional pre-training phase on "
-                "labelled text, not run here, is what shows it other text).")
+                f"- **Caveat**: under `{schedule}` the signal inserts its refusal into {percent(inserted)} of benign "
+                f"answers (XSTest safe {percent(share['XSTest safe'])}, GSM8K {percent(share['GSM8K'])}), so the "
+                "signal model's low ASR is largely refusing everything, not detecting harm; the verdicts above are "
+                "about ASR alone. The classifier's AUROC on held-out harmful vs benign prompts is "
+                f"{auroc:.3f}; {where} (the alignment phase trains [CLS] on prompts only; the paper's optional "
+                "pre-training phase on labelled text, not run here, is what shows it other text).")
     lines += ["", *after, "", "Speed per schedule: `scripts/benchmark.py signals` (README).", ""]
     return lines, summary
 
@@ -287,8 +262,8 @@ def _training(config: ConfigDict, out: Path) -> Section:
              "| model | examples | final held-out loss | minutes |", "|---|---|---|---|"]
     tail = [r for r in runs.read_jsonl(out / "align_signal" / "metrics.jsonl") if r["kind"] == "train"][-5:]
     for m in pipeline.MODELS:
-        r = _json(out / f"align_{m}" / "metrics.json")
-        record = _json(out / f"align_{m}" / "stage.json")
+        r = read_json(out / f"align_{m}" / "metrics.json")
+        record = read_json(out / f"align_{m}" / "stage.json")
         minutes = f"{record['seconds'] / 60:.1f}" + (f" (copied from `{record['copied_from']}`)"
                                                      if record.get("copied_from") else "")
         loss = r["heldout_loss"][max(r["heldout_loss"], key=int)] if r["heldout_loss"] else None
@@ -297,11 +272,11 @@ def _training(config: ConfigDict, out: Path) -> Section:
         lines.append(f"| {m} | {examples} | {'—' if loss is None else f'{loss:.4f}'} | {minutes} |")
     bce, accuracy = np.mean([r["cls"] for r in tail]), np.mean([r["cls_accuracy"] for r in tail])
     lines += ["", f"The signal's classifier at the end of training (the last {len(tail)} logged steps): BCE {bce:.3f} "
-              f"(chance: 0.693), training-batch accuracy {_pct(accuracy)}; the `[CLS]` embedding and the head "
+              f"(chance: 0.693), training-batch accuracy {percent(accuracy)}; the `[CLS]` embedding and the head "
               f"trained at {config.signal.lr_scale}x the model's learning rate.", ""]
     summary = [f"- The classifier's training (reported): final BCE {bce:.3f} (chance 0.693), batch accuracy "
-               f"{_pct(accuracy)}."]
-    signal = _json(out / "align_signal" / "metrics.json")
+               f"{percent(accuracy)}."]
+    signal = read_json(out / "align_signal" / "metrics.json")
     if signal.get("probe"):
         p = signal["probe"]
         held = signal["heldout_classifier"][max(signal["heldout_classifier"], key=int)]
@@ -310,11 +285,11 @@ def _training(config: ConfigDict, out: Path) -> Section:
                   f"prompts, "
                   f"its L2 ({p['l2']:g}) chosen by the BCE on the alignment's {p['n_validation']} held-out examples "
                   f"(a validation split: none of the held-out prompts below). On those held-out examples the "
-                  f"classifier's BCE / accuracy: {p['validation']['bce']:.3f} / {_pct(p['validation']['accuracy'])} "
-                  f"after the probe, {held['bce']:.3f} / {_pct(held['accuracy'])} after the alignment.", ""]
+                  f"classifier's BCE / accuracy: {p['validation']['bce']:.3f} / {percent(p['validation']['accuracy'])} "
+                  f"after the probe, {held['bce']:.3f} / {percent(held['accuracy'])} after the alignment.", ""]
         summary.append(f"- Validation (the alignment's held-out examples): classifier BCE {held['bce']:.3f}, accuracy "
-                       f"{_pct(held['accuracy'])} after training (after the probe: {p['validation']['bce']:.3f}, "
-                       f"{_pct(p['validation']['accuracy'])}).")
+                       f"{percent(held['accuracy'])} after training (after the probe: {p['validation']['bce']:.3f}, "
+                       f"{percent(p['validation']['accuracy'])}).")
     return lines, summary
 
 
@@ -325,8 +300,7 @@ def _paper(evals: dict) -> Section:
              "| attack | paper: Chat / augmented / CLS | ours: sft / augmented / signal |", "|---|---|---|"]
     first = next(c for c in evals if c.startswith("signal/"))
     for key, paper in PAPER_VS_AUGMENTATION.items():
-        ours = [evals[c].get(key) for c in ("sft", "augmented", first)]
-        ours_text = " / ".join(_pct(m.get("asr", m.get("asr_any_setting"))) if m else "—" for m in ours)
+        ours_text = " / ".join(percent(value_of(evals[c], key)) for c in ("sft", "augmented", first))
         lines.append(f"| {key.replace('_', ', ') + ' tokens' if key.startswith('prefill') else 'decoding sweep'} | "
                      f"{' / '.join(f'{v}%' for v in paper)} | {ours_text} |")
     lines += ["", "| paper (Chat vs CLS, ASR %) | Chat | CLS |", "|---|---|---|"]
@@ -337,7 +311,7 @@ def _paper(evals: dict) -> Section:
 def _times(out: Path, invocations: list[dict]) -> Section:
     lines = ["## Stage wall times", "",
              "Summed over the invocations that worked on each stage (to within 10 s per kill).", ""]
-    records = [(str(p.parent.relative_to(out)), _json(p))
+    records = [(str(p.parent.relative_to(out)), read_json(p))
                for p in sorted(out.glob("**/stage.json"), key=lambda p: p.stat().st_mtime)]
     return lines + stages_lib.times_table(records, invocations, out / "invocations.jsonl"), []
 

@@ -70,6 +70,11 @@ class Rate:
         return f"{100 * self.value:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
 
 
+def percent(x: float | None) -> str:
+    """A fraction in percent with one decimal (``13.5%``), or a dash for a value not measured."""
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
 def shown(rate: Rate | None) -> str:
     """A report's cell: the rate with its Wilson 95% interval (``13.5% [8.1, 21.8]``), or a dash
     for a rate not measured."""

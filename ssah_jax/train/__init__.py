@@ -3,7 +3,7 @@ the typed set-up of a run (``setup``: freeze setting -> masks, optimizer, state,
 and the loop with metrics, evaluation hooks and orbax checkpoints (``loop``)."""
 
 from ssah_jax.train.lora import LoraConfig
-from ssah_jax.train.setup import Freeze, Training, frozen_checksum, setup_training
+from ssah_jax.train.setup import Freeze, Training, TrainingSpec, frozen_checksum, setup_training
 from ssah_jax.train.step import (
     SCHEDULES,
     Objective,
@@ -34,6 +34,7 @@ __all__ = [
     "TrainState",
     "Trainee",
     "Training",
+    "TrainingSpec",
     "apply_gradients",
     "compile_eval_step",
     "compile_train_step",

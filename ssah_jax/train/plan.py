@@ -25,6 +25,7 @@ from ssah_jax.generation import generate_tokens
 from ssah_jax.models import CausalLM, Layout, ModelConfig, stack_layers, unstack_layers
 from ssah_jax.sharding import active_rules, logical_to_spec, use_rules
 from ssah_jax.train import lora as lora_lib
+from ssah_jax.train.setup import TrainingSpec
 from ssah_jax.train.step import (
     OptimizerConfig,
     Trainee,
@@ -35,6 +36,30 @@ from ssah_jax.train.step import (
 )
 
 GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """What a generation call's memory depends on: ``batch_size`` prompts decoded for
+    ``max_new_tokens`` more tokens with the weights in ``dtype``."""
+
+    batch_size: int
+    max_new_tokens: int
+    dtype: Any = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanItem:
+    """One thing an experiment runs, for ``ssah-jax plan``: a training (``spec`` a
+    :class:`~ssah_jax.train.setup.TrainingSpec`) or a decoding (a :class:`DecodeSpec`) of the
+    architecture of ``model`` (a registered name, a directory or a hub id, as
+    :func:`ssah_jax.checkpoints.model_config` reads it), shown as ``label``; ``keys``: the prefix
+    of its config keys on the command line (``finetune.`` in a pipeline), for the advice."""
+
+    label: str
+    model: str
+    spec: TrainingSpec | DecodeSpec
+    keys: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

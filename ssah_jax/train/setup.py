@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ssah_jax.masking import freeze_masks
-from ssah_jax.models import CausalLM, is_stacked, stack_layers, unstack_layers
+from ssah_jax.models import CausalLM, Layout, is_stacked, stack_layers, unstack_layers
 from ssah_jax.train import lora
 from ssah_jax.train.step import (
     Objective,
@@ -34,6 +34,26 @@ from ssah_jax.train.step import (
     make_optimizer,
     model_shardings,
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSpec:
+    """The settings that shape a training run's computation, typed once at an experiment's edge
+    (``experiments.finetune.training_spec``) and read by the trainer and by ``ssah-jax plan``:
+    ``optimizer`` (its ``total_steps`` the run's steps), ``batch_size`` examples a step in
+    ``accum_steps`` micro-batches of at most ``max_length`` tokens, ``compute_dtype``, the layer
+    ``layout``, the ``mesh`` axis sizes (:func:`ssah_jax.sharding.make_mesh`'s ``-1`` takes the
+    rest), ``lora`` adapters (None: the weights themselves train) and the ``seed``."""
+
+    optimizer: OptimizerConfig
+    batch_size: int
+    accum_steps: int
+    max_length: int
+    compute_dtype: Any = jnp.float32
+    layout: Layout = Layout()
+    mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: {"data": -1, "fsdp": 1, "tensor": 1})
+    lora: lora.LoraConfig | None = None
+    seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

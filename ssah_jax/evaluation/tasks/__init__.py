@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ssah_jax import runs
+from ssah_jax.evaluation.intervals import Rate, shown
 from ssah_jax.evaluation.tasks import safety, utility
 from ssah_jax.evaluation.tasks.base import Entries, RowStore, Task, first, load_records, spread
 from ssah_jax.evaluation.tasks.safety import ASR_SETTINGS, harmful_records
@@ -29,6 +30,40 @@ TASKS: dict[str, Task] = {
     "gsm8k": utility.gsm8k,  # gsm8k: exact match of the final number, greedy
     "perplexity": utility.perplexity,  # perplexity: held-out benign responses
 }
+
+
+# The field a metric entry is reported by, one per summary (``summarise_asr``: asr,
+# ``summarise_sweep``: asr_any_setting, ``summarise_refusal_rate``, ``summarise_accuracy``,
+# ``summarise_perplexity``); every entry also holds its count ``n``.
+HEADLINE_FIELDS = ("asr", "asr_any_setting", "refusal_rate", "accuracy", "perplexity")
+
+
+def headline(entry: dict) -> tuple[float, int]:
+    """``(value, n)`` of a metric entry of ``metrics.json``: the value it is reported by (a
+    rate, or a perplexity) and how many records it is over."""
+    field = next((f for f in HEADLINE_FIELDS if f in entry), None)
+    if field is None:
+        raise KeyError(f"a metric entry without any of {HEADLINE_FIELDS}: {sorted(entry)}")
+    return entry[field], entry["n"]
+
+
+def value_of(metrics: dict, name: str) -> float | None:
+    """The headline value of metric ``name`` of a ``metrics.json`` (None: not measured)."""
+    return headline(metrics[name])[0] if name in metrics else None
+
+
+def rate_of(metrics: dict, name: str) -> Rate | None:
+    """Metric ``name`` of a ``metrics.json`` as a :class:`~ssah_jax.evaluation.intervals.Rate`
+    (its headline value over its ``n``; None: not measured)."""
+    return Rate(*headline(metrics[name])) if name in metrics else None
+
+
+def shown_metric(metrics: dict, name: str) -> str:
+    """A report's cell of metric ``name`` of a ``metrics.json``: a perplexity to two decimals, a
+    rate with its Wilson 95% interval (``13.5% [8.1, 21.8]``), or a dash when not measured."""
+    if name in metrics and "perplexity" in metrics[name]:
+        return f"{metrics[name]['perplexity']:.2f}"
+    return shown(rate_of(metrics, name))
 
 
 def get(name: str, key: str = "config.tasks") -> Task:
@@ -49,6 +84,7 @@ def chosen(names: Sequence[str], key: str = "config.tasks") -> dict[str, Task]:
 
 __all__ = [
     "ASR_SETTINGS",
+    "HEADLINE_FIELDS",
     "TASKS",
     "Entries",
     "RowStore",
@@ -57,7 +93,11 @@ __all__ = [
     "first",
     "get",
     "harmful_records",
+    "headline",
     "load_records",
     "perplexity_records",
+    "rate_of",
+    "shown_metric",
     "spread",
+    "value_of",
 ]
