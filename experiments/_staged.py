@@ -24,6 +24,8 @@ CONTRAST = "contrast"  # the component of align.dataset that is the contrast sta
 # runs; whether its export is kept is disk space, not a result.
 ATTACK_EXCLUDED = (tuple(f"train.{k}" for k in finetune.EXCLUDED)
                    + tuple(f"evaluation.{k}" for k in evaluate.EXCLUDED) + ("keep_export",))
+# The keys added later to any sub-run a pipeline stage is given (matched on their tails)
+ADDED = {**finetune.ADDED, **evaluate.ADDED, **generate.ADDED}
 
 
 def train_config(config: ConfigDict, *, model: str, dataset: str, split: str, steps: int, batch_size: int,
@@ -104,7 +106,7 @@ def make_contrast(config: ConfigDict, directory: Path) -> None:
 
 
 def contrast_stage(config: ConfigDict, out: Path) -> Stage:
-    return Stage(contrast_config(config, out), make_contrast, generate.EXCLUDED)
+    return Stage(contrast_config(config, out), make_contrast, generate.EXCLUDED, added=generate.ADDED)
 
 
 def run_evaluate(config: ConfigDict, directory: Path) -> None:
@@ -113,12 +115,12 @@ def run_evaluate(config: ConfigDict, directory: Path) -> None:
 
 def evaluate_stage(given: ConfigDict, reads: tuple[str, ...] = ()) -> Stage:
     """A stage that is an ``ssah-jax evaluate`` run of ``given``."""
-    return Stage(given, run_evaluate, evaluate.EXCLUDED, reads)
+    return Stage(given, run_evaluate, evaluate.EXCLUDED, reads, evaluate.ADDED)
 
 
 def train_stage(given: ConfigDict, reads: tuple[str, ...] = ()) -> Stage:
     """A stage that is a ``finetune`` run of ``given`` whose export is its result."""
-    return Stage(given, finetune.run_for_export, finetune.EXCLUDED, reads)
+    return Stage(given, finetune.run_for_export, finetune.EXCLUDED, reads, finetune.ADDED)
 
 
 def attack_config(train: ConfigDict, evaluation: ConfigDict, **extra: Any) -> ConfigDict:
@@ -142,4 +144,4 @@ def run_attack(config: ConfigDict, directory: Path) -> None:
 
 
 def attack_stage(given: ConfigDict, reads: tuple[str, ...]) -> Stage:
-    return Stage(given, run_attack, ATTACK_EXCLUDED, reads)
+    return Stage(given, run_attack, ATTACK_EXCLUDED, reads, ADDED)

@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
+from experiments.reproduce import ADDED as REPRODUCE_ADDED
 from experiments.reproduce.subruns import attack_dir as reproduce_run
+from experiments.signals import ADDED as SIGNALS_ADDED
 from experiments.signals import attack_dir as signals_run
 from ssah_jax import hosts, runs, stages
 from ssah_jax.evaluation.intervals import Rate, compare, percent_bars
@@ -60,11 +62,11 @@ def validate(config: ConfigDict) -> None:
 
 def _shared(config: dict) -> dict[str, Any]:
     """The leaves of ``config`` the comparison holds fixed; a key added to the configs after a
-    report was written (``runs.ADDED_KEYS``) counts only away from its old value, so a report
+    report was written (the pipelines' ``ADDED``) counts only away from its old value, so a report
     written before the key existed compares with one written after."""
     return {k: v for k, v in runs.leaves(ConfigDict(config)).items()
             if any(k == s or k.startswith(s + ".") for s in SHARED) and k not in ONLY_REPRODUCE
-            and not runs.added_at_old_value(k, v)}
+            and not runs.added_at_old_value(k, v, {**REPRODUCE_ADDED, **SIGNALS_ADDED})}
 
 
 def check_sources(rep: dict, sig: dict) -> None:

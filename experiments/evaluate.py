@@ -35,6 +35,9 @@ from ssah_jax.evaluation.intervals import percent
 # Keys that only affect speed or logging: none. ``batch_size`` determines the answers of the
 # sampled tasks (a batch is sampled with the seed ``seed + its first index``, its rows share it).
 EXCLUDED: tuple[str, ...] = ()
+# Keys added after results were recorded, at the value that gives the results of before
+# (runs.determining): over-refusal was XSTest's safe prompts before it had a dataset key.
+ADDED = {"overrefusal.dataset": "xstest"}
 
 
 def validate(config: ConfigDict, prefix: str = "") -> None:
@@ -83,7 +86,7 @@ def validate(config: ConfigDict, prefix: str = "") -> None:
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     runs.dtype(config)
     validate(config)
-    out = runs.prepare_workdir(workdir, config, EXCLUDED, overwrite=overwrite)
+    out = runs.prepare_workdir(workdir, config, EXCLUDED, added=ADDED, overwrite=overwrite)
     model, tokenizer = load_model(config.model, runs.dtype(config))
     description = f"Model `{config.model}` ({config.dtype})"
     if config.signal.file:

@@ -55,6 +55,11 @@ MODES = ("none", "units", "only_units", "layers", "lora")
 # The evaluation after training runs in eval/, a workdir that records and checks its own identity.
 EXCLUDED = ("log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints", "mesh",
             "model_layout.remat", "evaluation")
+# Keys added after results were recorded, at the value that gives the results of before
+# (runs.determining), and the sections added (a workdir from before them is resumed).
+ADDED = {"signal.lr_scale": 1.0, "signal.probe": False, "model_layout.scan": False, "model_layout.remat": "none",
+         **evaluate.ADDED}
+ADDED_SECTIONS = ("model_layout", "evaluation")
 
 
 def parse_layers(spec: str) -> list[int]:
@@ -253,7 +258,8 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     """The training, its export, metrics and report; returns the workdir."""
     validate(config)
     spec = training_spec(config)
-    out = runs.prepare_workdir(workdir, config, EXCLUDED, overwrite=overwrite)
+    out = runs.prepare_workdir(workdir, config, EXCLUDED, added=ADDED, sections=ADDED_SECTIONS,
+                               overwrite=overwrite)
     try:
         mesh = make_mesh(dict(spec.mesh))
     except ValueError as e:

@@ -21,6 +21,10 @@ from ssah_jax.generation import generate
 # Keys that only affect speed or logging: none. ``batch_size`` determines the answers: a batch
 # is sampled with the seed ``seed + its first index`` and its rows share that key.
 EXCLUDED: tuple[str, ...] = ()
+# Added after results were recorded, at the value that gives the results of before (a top-level
+# key, so also a section a workdir from before it lacks).
+ADDED = {"prompts_dataset": ""}
+ADDED_SECTIONS = ("prompts_dataset",)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -77,7 +81,8 @@ def plan_configs(config: ConfigDict) -> list:
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
     prompts = prompts_of(config)
-    out = runs.prepare_workdir(workdir, config, EXCLUDED, overwrite=overwrite)
+    out = runs.prepare_workdir(workdir, config, EXCLUDED, added=ADDED, sections=ADDED_SECTIONS,
+                               overwrite=overwrite)
     store = RowStore(out)  # generations.jsonl: resumable, dealt out to the hosts of a multi-host run
     resumed = len(runs.read_jsonl(store.path("generations")))
     model, tokenizer = load_model(config.model, runs.dtype(config))

@@ -37,6 +37,7 @@ VARIANTS = ("dense", "minus_SCU", "minus_UCU", "minus_RU", "minus_random")
 # examples, which the batch size only groups; a score cache holds the same scores as the workdir.
 # (evaluation.batch_size is determining, see evaluate.)
 EXCLUDED = ("attribution.batch_size", "attribution.cache_dir")
+ADDED = evaluate.ADDED  # (its evaluation section is an evaluate config)
 
 
 def validate(config: ConfigDict) -> None:
@@ -118,7 +119,7 @@ def plan_configs(config: ConfigDict) -> list[Any]:
 
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
-    out = runs.prepare_workdir(workdir, config, EXCLUDED, overwrite=overwrite)
+    out = runs.prepare_workdir(workdir, config, EXCLUDED, added=ADDED, overwrite=overwrite)
     model, tokenizer = load_model(config.model, runs.dtype(config))
 
     cache = score_cache(config, model)

@@ -38,13 +38,15 @@ REPORT = "report"  # the last stage of every pipeline: rendered from the stages'
 class Stage:
     """One recorded stage directory: ``body(given, directory)`` runs it and sees nothing of the
     pipeline's config but ``given``; ``excluded``: the keys of ``given`` that only affect speed or
-    logging (out of its identity); ``reads``: the recorded stages whose results it reads (their
-    identities enter its own)."""
+    logging and ``added``: keys added to it later at their old values (both out of its identity,
+    as the ``EXCLUDED`` and ``ADDED`` of the experiment whose run it is); ``reads``: the recorded
+    stages whose results it reads (their identities enter its own)."""
 
     given: ConfigDict
     body: Callable[[ConfigDict, Path], Any]
     excluded: tuple[str, ...] = ()
     reads: tuple[str, ...] = ()
+    added: runs.Added = dataclasses.field(default_factory=dict)
 
 
 class Pipeline(Protocol):
@@ -52,6 +54,8 @@ class Pipeline(Protocol):
 
     order: tuple[str, ...]  # its stages, in the order they run; REPORT last
     requires: Mapping[str, tuple[str, ...]]  # stage -> the stages it needs finished first
+    added: runs.Added  # the config's keys added later, its sub-runs' included (runs.determining)
+    sections: tuple[str, ...]  # the config's top-level sections added later (runs.prepare_workdir)
 
     def runs(self, stage: str) -> list[str]:
         """The directories (relative to the workdir) in which ``stage`` records its identity:
@@ -85,7 +89,8 @@ def identities(pipeline: Pipeline, out: Path) -> dict[str, dict[str, Any]]:
             plans[name] = pipeline.stage(name)
         return plans[name]
 
-    return stages.identities(recorded(pipeline), lambda r: (plan(r).given, plan(r).excluded),
+    return stages.identities(recorded(pipeline), lambda r: runs.determining(plan(r).given, plan(r).excluded,
+                                                                            plan(r).added),
                              lambda r: plan(r).reads, out)
 
 
@@ -107,18 +112,18 @@ def selected(config: ConfigDict, order: tuple[str, ...]) -> list[str]:
 
 
 def check_finished(config: ConfigDict, out: Path, found: dict[str, dict[str, Any]],
-                   identities_of: Callable[[ConfigDict], dict[str, dict[str, Any]]]) -> None:
+                   identities_of: Callable[[ConfigDict], dict[str, dict[str, Any]]], added: runs.Added) -> None:
     """Refuses a workdir holding a finished stage (scheduled or not) of another identity than
     ``config`` gives it (``found``), naming the config keys whose old values would give it back,
     e.g. ``config.attack.learning_rate: 5e-05 -> 0.001 (stages attacks/aoa/none, ...)``.
     ``identities_of(config)``: the stage identities of a config (to try each changed key's old
-    value)."""
+    value); ``added``: the config's keys added later (the pipeline's ``added``)."""
     changed: dict[str, list[str]] = {}  # a difference -> the stages it explains
     for stage, now in found.items():
         record = stages.stage_record(out / stage)
         if record is None or record.get("identity") == now["identity"]:
             continue
-        for difference in _explain(config, stage, record, now, identities_of):
+        for difference in _explain(config, stage, record, now, identities_of, added):
             changed.setdefault(difference, []).append(stage)
     if changed:
         def names(directories: list[str]) -> str:
@@ -132,11 +137,11 @@ def check_finished(config: ConfigDict, out: Path, found: dict[str, dict[str, Any
 
 
 def _explain(config: ConfigDict, stage: str, record: dict, now: dict,
-             identities_of: Callable[[ConfigDict], dict[str, dict[str, Any]]]) -> list[str]:
+             identities_of: Callable[[ConfigDict], dict[str, dict[str, Any]]], added: runs.Added) -> list[str]:
     """Why ``stage``'s identity changed since ``record``: each changed config key that reaches
     the stage (its old value changes the stage's identity; ``config.k: old -> new``); else how
     what it is given, or the identity of a stage it reads, changed."""
-    old, new = record.get("config", {}), runs.determining(config)
+    old, new = record.get("config", {}), runs.determining(config, added=added)
     reasons = []
     for key in sorted(k for k in old.keys() & new.keys() if old[k] != new[k]):
         try:
@@ -156,17 +161,18 @@ def _explain(config: ConfigDict, stage: str, record: dict, now: dict,
 
 
 def open_workdir(config: ConfigDict, workdir: str | Path, todo: list[str], requires: Mapping[str, tuple[str, ...]],
-                 finished: Callable[[str], bool], *, overwrite: bool) -> Path:
+                 finished: Callable[[str], bool], *, sections: tuple[str, ...] = (), overwrite: bool) -> Path:
     """Starts an invocation in ``workdir``: refuses a stage of ``todo`` whose prerequisites
     (``requires``) are neither scheduled nor ``finished``, prepares the workdir, points jax's
     persistent compilation cache into it (``config.jax_cache``) and appends the invocation
-    (argv, stages, the code's commit, machine) to ``invocations.jsonl``."""
+    (argv, stages, the code's commit, machine) to ``invocations.jsonl``; ``sections``: the
+    config's top-level sections added later (a workdir from before them is resumed)."""
     for stage in todo:
         missing = [r for r in requires.get(stage, ()) if r not in todo and (overwrite or not finished(r))]
         if missing:
             raise runs.ConfigError(f"config.stages: stage {stage!r} needs {missing} finished first "
                                    f"(in {workdir}) or in config.stages")
-    out = runs.prepare_workdir(workdir, config, overwrite=overwrite, staged=True)
+    out = runs.prepare_workdir(workdir, config, sections=sections, overwrite=overwrite, staged=True)
     if config.jax_cache:
         import jax
 
@@ -206,12 +212,12 @@ def run(build: Build, config: ConfigDict, workdir: str | Path, *, overwrite: boo
     todo = selected(config, pipeline.order)
     found = identities(pipeline, out)
     if not overwrite:  # every finished stage, scheduled or not
-        check_finished(config, out, found, lambda c: identities(build(c, out), out))
+        check_finished(config, out, found, lambda c: identities(build(c, out), out), pipeline.added)
     out = open_workdir(config, out, todo, pipeline.requires, lambda s: done(pipeline, Path(workdir), s),
-                       overwrite=overwrite)
+                       sections=pipeline.sections, overwrite=overwrite)
     elsewhere = _reusable(config, out, found)
     # the whole config too: a later refusal names the keys whose values then give the identity back
-    whole = runs.determining(config)
+    whole = runs.determining(config, added=pipeline.added)
     for stage in todo:
         for name in (pipeline.runs(stage) if stage != REPORT else []):
             plan = pipeline.stage(name)

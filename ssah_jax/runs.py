@@ -10,7 +10,7 @@ import os
 import platform
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -68,24 +68,20 @@ class WorkdirError(ValueError):
     """The workdir cannot be used: it is a file, holds a damaged file, or results of other inputs."""
 
 
-# Keys added to a config after results were recorded, each with the value that gives the results
-# of before. At that value a key stays out of a run's identity, so adding it refuses no existing
-# workdir. Matched on the dotted key's tail, as sub-runs nest configs (``train.signal.lr_scale``
-# is finetune's key inside an attack stage): a tail must name one key of one experiment's config
-# wherever it appears (tests/test_run_identity.py checks every preset).
-ADDED_KEYS: dict[str, Any] = {"signal.lr_scale": 1.0, "signal.probe": False, "model_layout.scan": False,
-                              "model_layout.remat": "none", "overrefusal.dataset": "xstest", "prompts_dataset": ""}
-
-# Top-level sections an experiment's config gained after results were recorded (finetune's
-# model_layout; its evaluation, excluded from its identity; generate's prompts_dataset;
-# signals' reuse; reproduce's align_sweep, read by its report only): a workdir without them is resumed.
-ADDED_SECTIONS = ("model_layout", "evaluation", "prompts_dataset", "reuse", "align_sweep")
+# Keys added to a config after results were recorded: each experiment declares its own
+# (``ADDED`` beside ``EXCLUDED``: a dotted key's tail -> the value that gives the results of
+# before; a pipeline's ``ADDED`` holds its sub-runs' too) and the top-level sections its config
+# gained (``ADDED_SECTIONS``). At its old value an added key stays out of a run's identity, so
+# adding it refuses no existing workdir. Matched on the tail, as sub-runs nest configs
+# (``train.signal.lr_scale`` is finetune's key inside an attack stage): a tail must name one key
+# of one experiment's config wherever it appears (tests/test_run_identity.py checks every preset).
+Added = Mapping[str, Any]
 
 
-def added_at_old_value(key: str, value: Any) -> bool:
-    """Whether ``key`` is one of :data:`ADDED_KEYS` (or ends in one) at the value it had before
-    it was added: a config without the key and one with it at that value are the same run."""
-    return any((key == k or key.endswith("." + k)) and value == v for k, v in ADDED_KEYS.items())
+def added_at_old_value(key: str, value: Any, added: Added) -> bool:
+    """Whether ``key`` is one of ``added`` (or ends in one) at the value it had before it was
+    added: a config without the key and one with it at that value are the same run."""
+    return any((key == k or key.endswith("." + k)) and value == v for k, v in added.items())
 
 
 def leaves(config: ConfigDict) -> dict[str, Any]:
@@ -93,23 +89,23 @@ def leaves(config: ConfigDict) -> dict[str, Any]:
     return _flatten(json.loads(config.to_json_best_effort()))
 
 
-def determining(config: ConfigDict, excluded: tuple[str, ...] = ()) -> dict[str, Any]:
+def determining(config: ConfigDict, excluded: tuple[str, ...] = (), added: Added | None = None) -> dict[str, Any]:
     """The values that determine a run's outputs: every leaf of ``config`` as a dotted key
     (``"optimizer.learning_rate"``), JSON-typed (tuples as lists), without the keys ``excluded``
-    (an excluded section drops every key under it) and without a key of :data:`ADDED_KEYS` at
-    its old value. Each experiment names its excluded keys once, the ones that only affect speed
-    or logging; an excluded key the config does not have is an error, so a renamed key cannot
-    silently become determining."""
+    (an excluded section drops every key under it) and without a key of ``added`` (the
+    experiment's ``ADDED``) at its old value. Each experiment names its excluded keys once, the
+    ones that only affect speed or logging; an excluded key the config does not have is an
+    error, so a renamed key cannot silently become determining."""
     flat = leaves(config)
     unknown = [e for e in excluded if not any(k == e or k.startswith(e + ".") for k in flat)]
     if unknown:
         raise KeyError(f"excluded keys {unknown} are not keys of the config")
-    return _determining(flat, excluded)
+    return _determining(flat, excluded, added or {})
 
 
-def _determining(flat: dict[str, Any], excluded: tuple[str, ...]) -> dict[str, Any]:
+def _determining(flat: dict[str, Any], excluded: tuple[str, ...], added: Added) -> dict[str, Any]:
     return {k: v for k, v in flat.items()
-            if not any(k == e or k.startswith(e + ".") for e in excluded) and not added_at_old_value(k, v)}
+            if not any(k == e or k.startswith(e + ".") for e in excluded) and not added_at_old_value(k, v, added)}
 
 
 def fingerprint(values: Any) -> str:
@@ -141,7 +137,8 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def prepare_workdir(workdir: str | Path, config: ConfigDict, excluded: tuple[str, ...] = (), *,
-                    overwrite: bool = False, staged: bool = False) -> Path:
+                    added: Added | None = None, sections: tuple[str, ...] = (), overwrite: bool = False,
+                    staged: bool = False) -> Path:
     """Creates ``workdir`` for a run of ``config``: records the run's identity in
     ``identity.json`` (the hash and values of :func:`determining` ``(config, excluded)``) and
     the resolved config in ``config.json``.
@@ -151,6 +148,8 @@ def prepare_workdir(workdir: str | Path, config: ConfigDict, excluded: tuple[str
     ``overwrite`` clears an earlier run's workdir first (one whose ``config.json`` has this
     config's keys; any other directory is refused). ``staged``: the run
     is made of stages that record and check their own identities (reproduce), the workdir none.
+    ``added`` / ``sections``: the experiment's ``ADDED`` and ``ADDED_SECTIONS`` (keys and
+    top-level sections its config gained later: a workdir from before them is resumed).
     Call it after validating the config, so an invalid one leaves no workdir behind."""
     workdir = Path(workdir)
     for path in (workdir, *workdir.parents):
@@ -158,14 +157,15 @@ def prepare_workdir(workdir: str | Path, config: ConfigDict, excluded: tuple[str
             if not path.is_dir():
                 raise WorkdirError(f"workdir {workdir}: {'it' if path == workdir else path} is a file, not a directory")
             break
-    values = None if staged else determining(config, excluded)
+    added = added or {}
+    values = None if staged else determining(config, excluded, added)
     if overwrite:
-        _check_clearable(workdir, config)
-    elif not _same_experiment(workdir, config):
+        _check_clearable(workdir, config, sections)
+    elif not _same_experiment(workdir, config, sections):
         raise WorkdirError(f"{workdir} holds a run of another experiment (its config.json has other keys); "
                            "use a new --workdir")
     elif values is not None:
-        recorded = _recorded(workdir, excluded)
+        recorded = _recorded(workdir, excluded, added)
         if recorded is not None and recorded != values:
             raise ConfigError(f"{workdir} holds a run with other values of determining config keys: "
                               f"{differences(recorded, values)}; restore them, rerun with --overwrite to start "
@@ -183,34 +183,34 @@ def prepare_workdir(workdir: str | Path, config: ConfigDict, excluded: tuple[str
     return workdir
 
 
-def _recorded(workdir: Path, excluded: tuple[str, ...]) -> dict[str, Any] | None:
+def _recorded(workdir: Path, excluded: tuple[str, ...], added: Added) -> dict[str, Any] | None:
     """The determining values a workdir's results came from: ``identity.json``, or for a workdir
     of an earlier version the ``config.json`` it holds (None: an empty or new workdir)."""
     if (workdir / IDENTITY).exists():
         return read_json(workdir / IDENTITY).get("determining")
     if (workdir / "config.json").exists():
-        return _determining(_flatten(read_json(workdir / "config.json")), excluded)
+        return _determining(_flatten(read_json(workdir / "config.json")), excluded, added)
     return None
 
 
-def _same_experiment(workdir: Path, config: ConfigDict) -> bool:
+def _same_experiment(workdir: Path, config: ConfigDict, sections: tuple[str, ...]) -> bool:
     """Whether ``workdir`` is new, or holds a config.json with the top-level keys of ``config``
     (an HF model's config.json, or another experiment's, has other keys), but for sections
-    added later (:data:`ADDED_SECTIONS`)."""
+    added later (``sections``)."""
     if not (workdir / "config.json").exists():
         return not (workdir / IDENTITY).exists()
     try:
         recorded = set(json.loads((workdir / "config.json").read_text()))
     except (OSError, json.JSONDecodeError, TypeError):
         return False
-    return recorded <= set(config.keys()) and not set(config.keys()) - recorded - set(ADDED_SECTIONS)
+    return recorded <= set(config.keys()) and not set(config.keys()) - recorded - set(sections)
 
 
-def _check_clearable(workdir: Path, config: ConfigDict) -> None:
+def _check_clearable(workdir: Path, config: ConfigDict, sections: tuple[str, ...]) -> None:
     """``--overwrite`` empties only the workdir of an earlier run of this experiment."""
     if not workdir.exists() or not any(workdir.iterdir()):
         return
-    if not (workdir / "config.json").exists() or not _same_experiment(workdir, config):
+    if not (workdir / "config.json").exists() or not _same_experiment(workdir, config, sections):
         raise WorkdirError(f"--overwrite: {workdir} does not look like a workdir of this experiment (no config.json "
                            "of its config keys); not clearing it")
 

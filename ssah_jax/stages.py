@@ -25,8 +25,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ml_collections import ConfigDict
-
 from ssah_jax import hosts, runs
 
 RECORD = "stage.json"
@@ -38,18 +36,18 @@ def stage_record(directory: Path) -> dict | None:
     return runs.read_json(marker) if marker.exists() else None
 
 
-def identities(names: Iterable[str], plan: Callable[[str], tuple[ConfigDict, tuple[str, ...]]],
+def identities(names: Iterable[str], given: Callable[[str], dict[str, Any]],
                inputs: Callable[[str], Iterable[str]], workdir: Path) -> dict[str, dict[str, Any]]:
-    """Per stage of ``names`` (in order): ``given`` (the determining values of ``plan(stage)``,
-    a ``(config, excluded keys)`` pair), ``inputs`` (the identities of the stages ``inputs(stage)``
-    it reads) and ``identity`` (the hash of both)."""
+    """Per stage of ``names`` (in order): ``given`` (``given(stage)``: the determining values of
+    what the stage is given, :func:`ssah_jax.runs.determining`, with paths in ``workdir`` written
+    ``<workdir>/...``), ``inputs`` (the identities of the stages ``inputs(stage)`` it reads) and
+    ``identity`` (the hash of both)."""
     found: dict[str, dict[str, Any]] = {}
     prefix = str(workdir) + os.sep
 
     def identity(stage: str) -> dict[str, Any]:
         if stage not in found:
-            given, excluded = plan(stage)
-            values = portable(runs.determining(given, excluded), prefix)
+            values = portable(given(stage), prefix)
             read = {s: identity(s)["identity"] for s in inputs(stage)}
             found[stage] = {"identity": runs.fingerprint({"given": values, "inputs": read}), "given": values,
                             "inputs": read}

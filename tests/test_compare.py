@@ -149,7 +149,7 @@ def test_numbers_hold_each_stage_s_metrics_and_record_but_not_a_nested_stage_s(t
 
 def test_a_key_added_later_at_its_old_value_is_no_difference(tmp_path):
     # a report written before signal.probe existed (its config lacks the key) beside one written
-    # after, at the key's old value: the same recipe (runs.ADDED_KEYS)
+    # after, at the key's old value: the same recipe (the pipelines' ADDED)
     rep_dir, _, config = workdirs(tmp_path, {})
     rep = json.loads((rep_dir / "report" / "config.json").read_text())
     del rep["finetune"]["signal"]["probe"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from ml_collections import ConfigDict
 
-from experiments import evaluate, finetune, generate, prune, reproduce
+from experiments import evaluate, finetune, generate, prune, reproduce, signals
 from ssah_jax import pipeline, runs
 from ssah_jax.runs import ConfigError, WorkdirError, config_from_file
 from tests.test_cli import error_line, run_cli
@@ -43,33 +43,35 @@ def test_a_key_added_later_keeps_older_identities_at_its_old_value():
     new = copy.deepcopy(old)
     with new.unlocked():
         new.signal.lr_scale = 1.0
-    assert runs.determining(new) == runs.determining(old)
+    added = finetune.ADDED
+    assert runs.determining(new, added=added) == runs.determining(old, added=added)
+    assert runs.determining(new) != runs.determining(old)  # an experiment that did not declare it
     nested_old, nested_new = ConfigDict(dict(train=old)), ConfigDict(dict(train=copy.deepcopy(new)))
-    assert runs.determining(nested_new) == runs.determining(nested_old)
+    assert runs.determining(nested_new, added=added) == runs.determining(nested_old, added=added)
     new.signal.lr_scale = 30.0
-    assert runs.differences(runs.determining(old), runs.determining(new)) == "config.signal.lr_scale: (absent) -> 30.0"
+    assert (runs.differences(runs.determining(old, added=added), runs.determining(new, added=added))
+            == "config.signal.lr_scale: (absent) -> 30.0")
 
 
-# Per key of runs.ADDED_KEYS, a key that only its experiment's config has beside it: finetune's
+# Per experiment that added keys, a key that only its config has beside them: finetune's
 # signal.malicious, evaluate's harmful.exclude, generate's prompts_file.
-ADDED_BY = {"signal.lr_scale": "signal.malicious", "signal.probe": "signal.malicious",
-            "model_layout.scan": "signal.malicious",
-            "model_layout.remat": "signal.malicious", "overrefusal.dataset": "harmful.exclude",
-            "prompts_dataset": "prompts_file"}
+ADDED_BY = {**{tail: "signal.malicious" for tail in finetune.ADDED if tail not in evaluate.ADDED},
+            **{tail: "harmful.exclude" for tail in evaluate.ADDED}, **{tail: "prompts_file" for tail in generate.ADDED}}
 
 
 def test_every_added_key_names_its_experiments_key_wherever_a_preset_has_it():
-    """A key of runs.ADDED_KEYS is matched on its tail: in every preset of every config file, a
-    key with that tail must be the one of the experiment that added it (inside a section that
-    has that experiment's marker key, ADDED_BY)."""
-    assert set(ADDED_BY) == set(runs.ADDED_KEYS)
+    """An added key (an experiment's ADDED) is matched on its tail: in every preset of every
+    config file, a key with that tail must be the one of the experiment that added it (inside a
+    section that has that experiment's marker key, ADDED_BY); the pipelines declare every key
+    their sub-runs added."""
+    assert set(ADDED_BY) == set(reproduce.ADDED) == set(signals.ADDED)
     for path in sorted((ROOT / "configs").glob("*.py")):
         spec = importlib.util.spec_from_file_location(f"_presets_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         for which in getattr(module, "PRESETS", (None,)):
             flat = runs.leaves(module.get_config(which) if which else module.get_config())
-            for tail in runs.ADDED_KEYS:
+            for tail in ADDED_BY:
                 for key in [k for k in flat if k == tail or k.endswith("." + tail)]:
                     section = key[: -len(tail)]
                     assert section + ADDED_BY[tail] in flat, f"{path.name}:{which}: {key}"

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from ml_collections import ConfigDict
 
-from ssah_jax import pipeline, stages
+from ssah_jax import pipeline, runs, stages
 
 
 def _identities(configs, workdir=Path("/w")):
     graph = {"a": (), "b": ("a",), "c": ("b",), "d": ()}
     excluded = {"a": ("batch_size",)}  # speed only
-    return stages.identities(graph, lambda s: (ConfigDict(configs[s]), excluded.get(s, ())), graph.__getitem__,
-                             workdir)
+    return stages.identities(graph, lambda s: runs.determining(ConfigDict(configs[s]), excluded.get(s, ())),
+                             graph.__getitem__, workdir)
 
 
 def test_a_changed_stage_changes_every_stage_downstream_and_no_other():
@@ -86,10 +86,13 @@ def test_a_workdir_from_before_an_added_section_is_resumed(tmp_path, added):
     old = ConfigDict(dict(stages=("all",), jax_cache=False, model="m"))
     runs.prepare_workdir(tmp_path / "w", old, staged=True)
     new = ConfigDict(dict(stages=("all",), jax_cache=False, model="m", **added))
-    runs.prepare_workdir(tmp_path / "w", new, staged=True)  # not "a run of another experiment"
+    sections = tuple(added)  # as the pipeline declares it (ADDED_SECTIONS)
+    runs.prepare_workdir(tmp_path / "w", new, sections=sections, staged=True)  # not "a run of another experiment"
+    with pytest.raises(runs.WorkdirError, match="another experiment"):  # undeclared, it would be
+        runs.prepare_workdir(tmp_path / "w", new, staged=True)
     with pytest.raises(runs.WorkdirError, match="another experiment"):  # an unknown section still is
         runs.prepare_workdir(tmp_path / "w", ConfigDict(dict(stages=("all",), jax_cache=False, model="m", x=1)),
-                             staged=True)
+                             sections=sections, staged=True)
 
 
 def _git(repo, *args):

@@ -23,6 +23,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from experiments import evaluate, finetune, generate, prune
+from experiments._staged import ADDED as SUBRUN_ADDED
 from experiments._staged import (
     attack_stage,
     contrast_config,
@@ -87,12 +88,20 @@ def requires(config: ConfigDict) -> dict[str, tuple[str, ...]]:
     return {s: tuple(r for r in rs if r in kept) for s, rs in REQUIRES.items() if s in kept}
 
 
+# Keys added to the config after results were recorded (its sub-runs'), and its sections added
+# (align_sweep, read by the report only; reuse).
+ADDED = {**SUBRUN_ADDED, **prune.ADDED}
+ADDED_SECTIONS = ("align_sweep", "reuse")
+
+
 class Reproduce:
     """The reproduce pipeline of ``config`` in the workdir ``out`` (a :class:`ssah_jax.pipeline.Pipeline`).
 
     A stage's identity is the hash of what it is given and of the identities of the stages
     whose results it reads (:meth:`stage`), so a changed key, or a redone prerequisite of another
     config, never mixes into results computed without it."""
+
+    added, sections = ADDED, ADDED_SECTIONS
 
     def __init__(self, config: ConfigDict, out: Path):
         self.config, self.out = config, out
@@ -126,15 +135,18 @@ class Reproduce:
                                             requires),
             "eval_unaligned": lambda: evaluate_stage(eval_config(config, config.evaluation, config.model)),
             "eval_aligned": lambda: Stage(eval_config(config, config.evaluation, aligned),
-                                          overlap(run_evaluate, lambda g: g), evaluate.EXCLUDED, requires),
+                                          overlap(run_evaluate, lambda g: g), evaluate.EXCLUDED, requires,
+                                          evaluate.ADDED),
             "eval_ru": lambda: evaluate_stage(eval_config(config, config.evaluation,
                                                           str(out / "align_ru" / "export")), requires),
             "prune_aligned": lambda: Stage(prune_config(config, aligned, table=True),
-                                           overlap(run_prune, lambda g: g.evaluation), prune.EXCLUDED, requires),
+                                           overlap(run_prune, lambda g: g.evaluation), prune.EXCLUDED, requires,
+                                           prune.ADDED),
             # greedy answers and log-likelihoods: the batch size only groups them
             "layers": lambda: Stage(layers_config(config, out), find_layer_block, ("batch_size",), requires),
             "attacks/initial": lambda: Stage(eval_config(config, config.attack.evaluation, aligned),
-                                             overlap(run_evaluate, lambda g: g), evaluate.EXCLUDED, reads),
+                                             overlap(run_evaluate, lambda g: g), evaluate.EXCLUDED, reads,
+                                             evaluate.ADDED),
             "units_attacked": lambda: prune_stage(prune_config(config, str(out / transfer_run(config) / "export")),
                                                   (transfer_run(config),)),
             "transfer": lambda: Stage(transfer_config(config, out), kind_transfer, (), requires),
@@ -149,7 +161,7 @@ class Reproduce:
 
 
 def prune_stage(given: ConfigDict, reads: tuple[str, ...] = ()) -> Stage:
-    return Stage(given, run_prune, prune.EXCLUDED, reads)
+    return Stage(given, run_prune, prune.EXCLUDED, reads, prune.ADDED)
 
 
 SWEEP_COLUMNS = ("point", "status", "asr", "overrefusal")  # what recipe_sweep reads of a sweep.csv

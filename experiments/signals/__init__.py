@@ -25,6 +25,7 @@ from ml_collections import ConfigDict
 from scipy.stats import mannwhitneyu
 
 from experiments import evaluate, finetune
+from experiments._staged import ADDED as SUBRUN_ADDED
 from experiments._staged import align_config as shared_align_config
 from experiments._staged import attack_config as shared_attack_config
 from experiments._staged import attack_stage, contrast_stage, evaluate_stage, train_config, train_stage
@@ -118,10 +119,15 @@ def classifier_config(config: ConfigDict, out: Path) -> ConfigDict:
         **config.classifier.to_dict()))
 
 
+# Keys added to the config after results were recorded (its sub-runs'), and its sections added
+ADDED = SUBRUN_ADDED
+ADDED_SECTIONS = ("reuse",)
+
+
 class Signals:
     """The signals pipeline of ``config`` in the workdir ``out`` (a :class:`ssah_jax.pipeline.Pipeline`)."""
 
-    requires = REQUIRES
+    requires, added, sections = REQUIRES, ADDED, ADDED_SECTIONS
 
     def __init__(self, config: ConfigDict, out: Path):
         self.config, self.out, self.order = config, out, STAGES
