@@ -18,7 +18,6 @@ start with k tokens of a harmful response and turn into ``augment.refusal``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import shutil
@@ -32,21 +31,21 @@ from ml_collections import ConfigDict
 
 from experiments import evaluate
 from ssah_jax import hosts, runs, signals
-from ssah_jax.attribution import UnitMap
+from ssah_jax.attribution import UnitMapMismatch
 from ssah_jax.checkpoints import load_model, save_hf
-from ssah_jax.data import load_mixture, parse_mixture
+from ssah_jax.data import load_labelled_mixture, load_mixture, parse_mixture
+from ssah_jax.data import recovery_examples as recovery
 from ssah_jax.data.batching import balance_classes, batch_dataset, bucket_lengths
-from ssah_jax.data.tokenize import EncodeStats, encode_records, encode_recovery
-from ssah_jax.masking import GROUPS, MODULES
+from ssah_jax.data.tokenize import EncodeStats, encode_records
+from ssah_jax.masking import GROUPS
 from ssah_jax.models import REMAT_POLICIES, Layout, with_layout
 from ssah_jax.sharding import make_mesh, shard_batch, use_rules
 from ssah_jax.train import lora
 from ssah_jax.train.loop import LoopConfig, fit
 from ssah_jax.train.plan import DecodeSpec, PlanItem
-from ssah_jax.train.setup import Freeze, TrainingSpec, setup_training
+from ssah_jax.train.setup import FREEZE_MODES, FreezeSpec, TrainingSpec, parse_layers, setup_training
 from ssah_jax.train.step import SCHEDULES, OptimizerConfig
 
-MODES = ("none", "units", "only_units", "layers", "lora")
 # Keys that only affect speed or logging; every other key determines the trained parameters, so
 # a workdir holding a run with other values of them is refused (resuming would mix two runs).
 # The held-out loss is a sum over examples that eval_batch_size only groups; the mesh places the
@@ -60,15 +59,6 @@ EXCLUDED = ("log_every", "eval_every", "eval_batch_size", "checkpoint_every", "k
 ADDED = {"signal.lr_scale": 1.0, "signal.probe": False, "model_layout.scan": False, "model_layout.remat": "none",
          **evaluate.ADDED}
 ADDED_SECTIONS = ("model_layout", "evaluation")
-
-
-def parse_layers(spec: str) -> list[int]:
-    """``"10-15"`` -> ``[10, ..., 15]``; ``"3"`` -> ``[3]``."""
-    first, _, last = spec.partition("-")
-    first, last = int(first), int(last or first)
-    if last < first:
-        raise ValueError(f"layer range {spec!r} is empty")
-    return list(range(first, last + 1))
 
 
 def validate(config: ConfigDict) -> None:
@@ -92,7 +82,7 @@ def validate(config: ConfigDict) -> None:
     check(o + "weight_decay", lambda v: v >= 0, "must be >= 0")
     check(o + "clip_norm", lambda v: v >= 0, "must be >= 0 (0 = no clipping)")
     f = "freeze."
-    check(f + "mode", lambda v: v in MODES, f"must be one of {MODES}")
+    check(f + "mode", lambda v: v in FREEZE_MODES, f"must be one of {FREEZE_MODES}")
     check(f + "groups", lambda v: set(v) <= set(GROUPS), f"must be a subset of {GROUPS}")
     if config.freeze.mode in ("units", "only_units"):
         check(f + "units.file", lambda v: bool(v), "is required with freeze.mode=units / only_units")
@@ -174,75 +164,34 @@ def labelled_records(config: ConfigDict) -> tuple[tuple[list, list[int]], tuple[
     the safety signal: ``((train records, labels), (held-out records, labels))``, 1 for the
     components named in ``signal.malicious``, 0 for the others; all 0 without a signal."""
     d = config.data
-    train: list = []
-    heldout: list = []
-    for name, limit in parse_mixture(d.dataset):  # each component alone, as in the mixture
-        part = ConfigDict(config.to_dict())
-        part.data.dataset, part.data.limit = f"{name}:{limit}" if limit else name, 0
-        label = int(bool(config.signal.head) and name in config.signal.malicious)
-        for kept, records in zip((train, heldout), split_records(part)):
-            kept += [(r, label) for r in records]
-    train = train[: d.limit] if d.limit else train
-
-    def unzip(pairs: list) -> tuple[list, list[int]]:
-        return [r for r, _ in pairs], [y for _, y in pairs]
-
-    return unzip(train), unzip(heldout)
+    try:
+        (train, labels), heldout = load_labelled_mixture(
+            d.dataset, config.data_dir or None, positive=config.signal.malicious if config.signal.head else (),
+            split=d.split or None, heldout=d.heldout, responses=True)
+    except (KeyError, ValueError) as e:
+        raise runs.ConfigError(f"config.data.dataset={d.dataset!r}: {e}") from None
+    return ((train[: d.limit], labels[: d.limit]) if d.limit else (train, labels)), heldout
 
 
 def recovery_examples(config: ConfigDict, tokenizer: Any) -> tuple[list, EncodeStats]:
-    """The deep-alignment augmentation: the last ``augment.count`` records of
-    ``augment.dataset`` (a fine-tuning attack takes its records from the front), each answer
-    starting with k ~ U[1, ``augment.max_tokens``] tokens of its harmful response (seeded by
-    ``seed``) and turning into ``augment.refusal``; labelled malicious when a signal trains."""
+    """The deep-alignment augmentation (:func:`ssah_jax.data.recovery_examples`) of the last
+    ``augment.count`` records of ``augment.dataset`` (a fine-tuning attack takes its records from
+    the front), seeded by ``seed``; labelled malicious when a signal trains."""
     a = config.augment
     try:
         records = load_mixture(a.dataset, config.data_dir or None, responses=True)[0]
     except (KeyError, ValueError) as e:
         raise runs.ConfigError(f"config.augment.dataset={a.dataset!r}: {e}") from None
     runs.check(config, "augment.count", lambda v: v <= len(records), f"{a.dataset} has {len(records)} records")
-    rng = np.random.default_rng(config.seed)
-    examples, truncated, dropped = [], 0, 0
-    for record in records[-a.count :]:
-        k = int(rng.integers(1, a.max_tokens + 1))
-        example, cut = encode_recovery(tokenizer, record, refusal=a.refusal, tokens=k,
-                                       max_length=config.data.max_length)
-        if example is None:
-            dropped += 1
-            continue
-        truncated += cut
-        examples.append(dataclasses.replace(example, label=int(bool(config.signal.head))))
-    return examples, EncodeStats(len(examples), truncated, dropped, config.data.max_length)
+    return recovery(tokenizer, records[-a.count :], refusal=a.refusal, max_tokens=a.max_tokens,
+                    max_length=config.data.max_length, seed=config.seed, label=int(bool(config.signal.head)))
 
 
-def freeze_setting(config: ConfigDict, model: Any, lcfg: lora.LoraConfig | None) -> Freeze:
-    """The :class:`~ssah_jax.train.setup.Freeze` that ``config.freeze`` asks for (``lcfg``: its
-    LoRA adapters, from :func:`training_spec`)."""
+def freeze_spec(config: ConfigDict, lora_config: lora.LoraConfig | None) -> FreezeSpec:
+    """The typed ``config.freeze`` (``lora_config``: its adapters, from :func:`training_spec`)."""
     f = config.freeze
-    if lcfg is not None:
-        return Freeze(lora=lcfg, description=f"LoRA rank {lcfg.rank}, alpha {lcfg.alpha} on {', '.join(lcfg.targets)}")
-    kw: dict[str, Any] = {"groups": tuple(f.groups)}
-    if f.mode in ("units", "only_units"):
-        umap = UnitMap.load(f.units.file, model=model)
-        try:
-            units = umap.select(f.units.selection)
-        except ValueError as e:
-            raise runs.ConfigError(f"config.freeze.units.selection={f.units.selection!r}: {e}") from None
-        count = int(sum(units[m].sum() for m in MODULES))
-        what = f"{f.units.selection} of {f.units.file} ({count} units)"
-        if f.units.random:
-            units = umap.random_units(count, config.seed)
-            what = f"{count} random units (as many as {f.units.selection} of {f.units.file}; seed {config.seed})"
-        kw["frozen_units" if f.mode == "units" else "trained_units"] = units
-        description = f"frozen: {what}" if f.mode == "units" else f"trained: only {what}"
-    elif f.mode == "layers":
-        kw["layers"] = parse_layers(f.layers)
-        description = f"frozen: decoder layers {f.layers}"
-    else:
-        description = "full fine-tuning"
-    if f.groups:
-        description += f"; frozen groups: {', '.join(f.groups)}"
-    return Freeze(**kw, description=description)
+    return FreezeSpec(mode=f.mode, units_file=f.units.file, selection=f.units.selection, random=f.units.random,
+                      layers=f.layers, groups=tuple(f.groups), lora=lora_config, seed=config.seed)
 
 
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
@@ -298,7 +247,12 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
               f"balanced to {len(train_examples)} by drawing the smaller class again")
 
     with jax.set_mesh(mesh), use_rules():
-        freeze = freeze_setting(config, model, spec.lora)
+        try:
+            freeze = freeze_spec(config, spec.lora).build(model)
+        except UnitMapMismatch:
+            raise
+        except ValueError as e:  # a selection the unit map cannot make
+            raise runs.ConfigError(f"config.freeze.units.selection={config.freeze.units.selection!r}: {e}") from None
         extra, probed = signal_training(config, model, train_examples, heldout_examples, tokenizer.pad_token_id)
         unrolled, model_config = nnx.graphdef(model), model.config  # what the export is made of
         model = with_layout(model, spec.layout)  # (the unrolled arrays go with their last reference)

@@ -14,8 +14,6 @@ with other values of the determining keys is refused, see ``runs.prepare_workdir
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ from ml_collections import ConfigDict
 
 from experiments import evaluate
 from ssah_jax import hosts, runs
-from ssah_jax.attribution import KINDS, SCORERS, TOKENS, calibration_scores, classify, model_identity
+from ssah_jax.attribution import KINDS, SCORERS, TOKENS, calibration_scores, classify, score_cache
 from ssah_jax.attribution.kinds import NORMALISATIONS, RANKINGS
 from ssah_jax.checkpoints import load_model
 from ssah_jax.data import check_kit_dataset, load_local, with_responses
@@ -68,45 +66,18 @@ def calibration_records(config: ConfigDict, which: str) -> list:
     return records[: spec.limit] if spec.limit else records
 
 
-def score_cache(config: ConfigDict, model: Any) -> Path | None:
-    """``attribution.cache_dir``'s directory for this model's scores: under a hash of its weights'
-    fingerprint, its source, dtype, the data and every attribution setting, so runs of other
-    settings never mix (None without a cache)."""
-    a = config.attribution
-    if not a.cache_dir:
-        return None
-    settings = {k: v for k, v in runs.leaves(a).items() if k not in ("batch_size", "cache_dir")}
-    return Path(a.cache_dir) / runs.fingerprint({"model": model_identity(model), "source": config.model,
-                                                 "dtype": config.dtype, "attribution": settings,
-                                                 "data_dir": config.data_dir})[:16]
-
-
-def scores(config: ConfigDict, model: Any, tokenizer: Any, out: Path, which: str,
-           cache: Path | None = None) -> dict[str, np.ndarray]:
+def scores(config: ConfigDict, model: Any, tokenizer: Any, out: Path, which: str) -> dict[str, np.ndarray]:
     """Scores on one calibration set, computed once and kept in ``scores/<which>.npz``; shared
-    with other runs through ``cache`` (:func:`score_cache`) when given."""
+    with other runs through ``attribution.cache_dir`` (a directory per model and settings) when set."""
     a = config.attribution
-    local = out / "scores"
-    if cache is not None:
-        if (cache / f"{which}.npz").exists() and not (local / f"{which}.npz").exists() and hosts.is_main():
-            _copy_scores(cache, local, which)
-        hosts.sync(f"{which} scores cached")
-    result = calibration_scores(model, tokenizer, calibration_records(config, which), local, which,
-                                scorer=a.scorer, tokens=a.tokens, max_length=a.max_length, batch_size=a.batch_size,
-                                dataset=a[which].dataset)
-    if cache is not None and not (cache / f"{which}.npz").exists() and hosts.is_main():
-        _copy_scores(local, cache, which)
-    return result
-
-
-def _copy_scores(source: Path, destination: Path, which: str) -> None:
-    """``<which>.json`` then ``<which>.npz`` (each atomically; the npz last: its presence means
-    complete), so parallel runs sharing a cache never read half a file."""
-    destination.mkdir(parents=True, exist_ok=True)
-    for name in (f"{which}.json", f"{which}.npz"):
-        partial = destination / f"{name}.{os.getpid()}.partial"
-        shutil.copy2(source / name, partial)
-        partial.replace(destination / name)
+    cache = None
+    if a.cache_dir:
+        settings = {k: v for k, v in runs.leaves(a).items() if k not in ("batch_size", "cache_dir")}
+        cache = score_cache(a.cache_dir, model, source=config.model, dtype=config.dtype, attribution=settings,
+                            data_dir=config.data_dir)
+    return calibration_scores(model, tokenizer, calibration_records(config, which), out / "scores", which,
+                              scorer=a.scorer, tokens=a.tokens, max_length=a.max_length, batch_size=a.batch_size,
+                              dataset=a[which].dataset, cache=cache)
 
 
 def plan_configs(config: ConfigDict) -> list[Any]:
@@ -122,9 +93,8 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     out = runs.prepare_workdir(workdir, config, EXCLUDED, added=ADDED, overwrite=overwrite)
     model, tokenizer = load_model(config.model, runs.dtype(config))
 
-    cache = score_cache(config, model)
-    safety = scores(config, model, tokenizer, out, "safety", cache)
-    utility = scores(config, model, tokenizer, out, "utility", cache)
+    safety = scores(config, model, tokenizer, out, "safety")
+    utility = scores(config, model, tokenizer, out, "utility")
     k = config.kinds
     a = config.attribution
     umap = classify(safety, utility, {"SCU": k.scu, "UCU": k.ucu, "RU": k.ru}, ranking=k.ranking,

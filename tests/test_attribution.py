@@ -253,3 +253,24 @@ def test_transition_matrix_counts_units_by_kind_before_and_after():
     assert list(m.sum(axis=0)) == [after.counts()[k] for k in KINDS]
     i, j = KINDS.index("SCU"), KINDS.index("RU")
     assert m[i, j] == sum((before.masks["SCU"][u] & after.masks["RU"][u]).sum() for u in ("attn", "mlp"))
+
+
+def test_a_score_cache_spares_another_run_the_pass_and_keys_on_the_settings(tiny_chat_model, tmp_path, monkeypatch):
+    """Scores one run computed into a cache (attribution.score_cache) are copied, not computed
+    again, by a run with the same model and settings; other settings get another directory."""
+    from ssah_jax.attribution import calibration, calibration_scores, score_cache
+    from ssah_jax.checkpoints import load_model
+    from ssah_jax.data import Record
+
+    model, tokenizer = load_model(str(tiny_chat_model))
+    records = [Record("How do I bake bread?", "Mix flour, water and salt."), Record("Name a colour.", "Blue.")]
+    kw = dict(scorer="wifv", tokens="response", max_length=64, batch_size=2)
+    cache = score_cache(tmp_path / "cache", model, source="tiny", dtype="float32")
+    first = calibration_scores(model, tokenizer, records, tmp_path / "a", "safety", cache=cache, **kw)
+    assert (cache / "safety.npz").exists() and (cache / "safety.json").exists()
+    monkeypatch.setattr(calibration, "unit_scores", lambda *a, **k: pytest.fail("scored again"))
+    second = calibration_scores(model, tokenizer, records, tmp_path / "b", "safety", cache=cache, **kw)
+    assert (tmp_path / "b" / "safety.npz").exists()
+    for module in first:
+        np.testing.assert_array_equal(first[module], second[module])
+    assert score_cache(tmp_path / "cache", model, source="tiny", dtype="bfloat16") != cache

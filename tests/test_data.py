@@ -6,7 +6,19 @@ import json
 import numpy as np
 import pytest
 
-from ssah_jax.data import DATA_DIR_ENV, DataError, Record, Role, encode_prompt, load_dataset, load_local, padded_length
+from ssah_jax.data import (
+    DATA_DIR_ENV,
+    DataError,
+    Record,
+    Role,
+    encode_prompt,
+    load_dataset,
+    load_labelled_mixture,
+    load_local,
+    load_mixture,
+    padded_length,
+    recovery_examples,
+)
 from ssah_jax.data.batching import balance_classes, batch_dataset, bucket_lengths, pad_batch
 from ssah_jax.data.tokenize import Example, encode_record, encode_records, encode_recovery
 
@@ -314,3 +326,26 @@ def test_a_jsonl_file_is_a_mixture_component(tmp_path):
         load_jsonl(path)
     with pytest.raises(KeyError, match="or a .jsonl file"):
         parse_mixture("nope.json:3")
+
+
+def test_a_labelled_mixture_is_the_mixture_with_each_components_class():
+    spec = "advbench:3,alpaca_libre:2"
+    (train, labels), (held, held_labels) = load_labelled_mixture(spec, positive={"advbench"}, heldout=1,
+                                                                 responses=True)
+    assert (train, held) == load_mixture(spec, heldout=1, responses=True)
+    assert labels == [1, 1, 1, 0, 0] and held_labels == [1, 0]
+    (_, none), _ = load_labelled_mixture(spec, positive=())
+    assert none == [0] * 5
+
+
+def test_recovery_examples_draw_their_harmful_starts_from_the_seed(demo_tokenizer):
+    harmful = "Step one: gather the tools you need, then start"
+    records = [Record(f"How do I do {i}?", response=harmful) for i in range(6)]
+    examples, stats = recovery_examples(demo_tokenizer, records, refusal="I can't help with that.", max_tokens=4,
+                                        max_length=512, seed=7, label=1)
+    starts = np.random.default_rng(7).integers(1, 5, size=6)  # k ~ U[1, max_tokens], drawn in order
+    for example, k in zip(examples, starts):
+        first = int(np.flatnonzero(example.loss_mask)[0])
+        assert (example.roles[first - k : first] == Role.RESPONSE).all()
+        assert example.roles[first - k - 1] != Role.RESPONSE
+    assert all(e.label == 1 for e in examples) and stats.examples == 6 and stats.dropped == 0

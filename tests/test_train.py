@@ -467,3 +467,32 @@ def test_a_fit_resumed_under_other_training_settings_is_refused_naming_them(tmp_
         with pytest.raises(CheckpointError, match=r"settings \(lora\.rank: 2 -> 4, checkpoint"):
             run(3, lr=1e-2, rank=4)
         assert run(3, lr=1e-2)["resumed_from"] == 2
+
+
+def test_a_freeze_spec_builds_the_freeze_its_mode_names(tmp_path):
+    """FreezeSpec (a config's freeze section, typed) -> Freeze: the units of its map's selection
+    (frozen, or the only ones trained), as many random units, a block of layers, LoRA, nothing."""
+    from ssah_jax.train import FreezeSpec
+
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    shapes = {"attn": (2, 64), "mlp": (2, 96)}
+    umap = classify({m: rng.random(s) for m, s in shapes.items()}, {m: rng.random(s) for m, s in shapes.items()},
+                    {"SCU": 0.05, "UCU": 0.1, "RU": 0.2}, model=model)
+    npz, _ = umap.save(tmp_path / "units")
+    scu, count = umap.select("SCU"), umap.counts()["SCU"]
+    frozen = FreezeSpec(mode="units", units_file=str(npz), selection="SCU").build(model)
+    assert all((frozen.frozen_units[m] == scu[m]).all() for m in shapes) and frozen.trained_units is None
+    assert frozen.description == f"frozen: SCU of {npz} ({count} units)"
+    only = FreezeSpec(mode="only_units", units_file=str(npz), selection="RU", groups=("norms",)).build(model)
+    assert all((only.trained_units[m] == umap.select("RU")[m]).all() for m in shapes) and only.groups == ("norms",)
+    assert only.description.startswith("trained: only RU of") and only.description.endswith("; frozen groups: norms")
+    drawn = FreezeSpec(mode="units", units_file=str(npz), selection="SCU", random=True, seed=3).build(model)
+    assert all((drawn.frozen_units[m] == umap.random_units(count, 3)[m]).all() for m in shapes)
+    assert sum(int(drawn.frozen_units[m].sum()) for m in shapes) == count
+    assert FreezeSpec(mode="layers", layers="0-1").build(model).layers == [0, 1]
+    adapters = LoraConfig(2, 4.0, ("q_proj",))
+    assert FreezeSpec(mode="lora", lora=adapters).build(model).lora == adapters
+    assert FreezeSpec().build(model).description == "full fine-tuning"
+    with pytest.raises(ValueError):
+        FreezeSpec(mode="units", units_file=str(npz), selection="nonsense").build(model)

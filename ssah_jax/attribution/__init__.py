@@ -1,7 +1,7 @@
 """SSAH attribution: per-unit scores streamed over calibration batches (WIFV, Wanda, SNIP),
 the four unit kinds, the UnitMap that stores them, and cached scores of calibration sets."""
 
-from ssah_jax.attribution.calibration import calibration_scores, load_scores
+from ssah_jax.attribution.calibration import calibration_scores, load_scores, score_cache
 from ssah_jax.attribution.kinds import (
     KINDS,
     UnitMap,
@@ -37,6 +37,7 @@ __all__ = [
     "gradient_sums",
     "load_scores",
     "model_identity",
+    "score_cache",
     "snip",
     "sweep_fraction",
     "token_mask",

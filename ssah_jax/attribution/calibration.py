@@ -5,12 +5,16 @@ streams them through a scorer (:func:`~ssah_jax.attribution.unit_scores`) and wr
 ``<name>.npz`` (the scores, last and atomically: its presence means they are complete) and
 ``<name>.json`` (the settings, the set's size, truncation, tokens, time and prompts) into a
 directory. A second call with the same directory reads the cached scores back, and refuses them
-when they were computed with other settings or prompts.
+when they were computed with other settings or prompts. A score cache shared by runs
+(:func:`score_cache`: a directory per model and settings) spares a run the pass when another
+computed the same scores.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +23,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ssah_jax import hosts
+from ssah_jax import hosts, runs
+from ssah_jax.attribution.kinds import model_identity
 from ssah_jax.attribution.scorers import unit_scores
 from ssah_jax.data import Record
 from ssah_jax.data.batching import batch_dataset, bucket_lengths
@@ -34,6 +39,23 @@ def load_scores(path: str | Path) -> dict[str, np.ndarray]:
         return {m: data[m] for m in MODULES}
 
 
+def score_cache(root: str | Path, model: CausalLM, **identity: Any) -> Path:
+    """The directory under ``root`` for ``model``'s scores: a hash of its weights' fingerprint
+    (:func:`~ssah_jax.attribution.model_identity`) and of ``identity`` (its source, dtype, data
+    and every attribution setting that changes a score), so runs of other settings never mix."""
+    return Path(root) / runs.fingerprint({"model": model_identity(model), **identity})[:16]
+
+
+def _copy_scores(source: Path, destination: Path, name: str) -> None:
+    """``<name>.json`` then ``<name>.npz`` (each atomically; the npz last: its presence means
+    complete), so parallel runs sharing a cache never read half a file."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for file in (f"{name}.json", f"{name}.npz"):
+        partial = destination / f"{file}.{os.getpid()}.partial"
+        shutil.copy2(source / file, partial)
+        partial.replace(destination / file)
+
+
 def calibration_scores(
     model: CausalLM,
     tokenizer: Any,
@@ -46,10 +68,22 @@ def calibration_scores(
     max_length: int,
     batch_size: int,
     dataset: str = "",
+    cache: Path | None = None,
 ) -> dict[str, np.ndarray]:
     """Scores of every unit of ``model`` on ``records`` (``{module: [layers, units]}``), kept in
-    ``directory/<name>.npz``; ``dataset`` names the set in the ``.json`` beside it."""
+    ``directory/<name>.npz``; ``dataset`` names the set in the ``.json`` beside it. With a
+    ``cache`` (:func:`score_cache`) the scores are copied from it when it has them, and into it
+    when it does not."""
     path = Path(directory) / f"{name}.npz"
+    if cache is not None:
+        if (cache / f"{name}.npz").exists() and not path.exists() and hosts.is_main():
+            _copy_scores(cache, Path(directory), name)
+        hosts.sync(f"{name} scores cached")
+        result = calibration_scores(model, tokenizer, records, directory, name, scorer=scorer, tokens=tokens,
+                                    max_length=max_length, batch_size=batch_size, dataset=dataset)
+        if not (cache / f"{name}.npz").exists() and hosts.is_main():
+            _copy_scores(Path(directory), cache, name)
+        return result
     settings = {"dataset": dataset, "scorer": scorer, "tokens": tokens, "max_length": max_length,
                 "prompts": sorted({r.prompt for r in records})}
     if path.exists():

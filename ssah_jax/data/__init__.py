@@ -12,6 +12,7 @@ from ssah_jax.data.sources import (
     check_kit_dataset,
     load_dataset,
     load_jsonl,
+    load_labelled_mixture,
     load_local,
     load_mixture,
     parse_mixture,
@@ -20,7 +21,16 @@ from ssah_jax.data.sources import (
     substitute_component,
     with_responses,
 )
-from ssah_jax.data.tokenize import Chat, Example, Role, encode_prompt, encode_record, encode_records, encode_recovery
+from ssah_jax.data.tokenize import (
+    Chat,
+    Example,
+    Role,
+    encode_prompt,
+    encode_record,
+    encode_records,
+    encode_recovery,
+    recovery_examples,
+)
 
 __all__ = [
     "Chat",
@@ -30,6 +40,7 @@ __all__ = [
     "encode_record",
     "encode_records",
     "encode_recovery",
+    "recovery_examples",
     "padded_length",
     "DATASETS",
     "DATA_DIR_ENV",
@@ -41,6 +52,7 @@ __all__ = [
     "load_dataset",
     "load_jsonl",
     "load_local",
+    "load_labelled_mixture",
     "load_mixture",
     "parse_mixture",
     "prompt_key",

@@ -515,6 +515,29 @@ def load_mixture(
     return selected, held
 
 
+def load_labelled_mixture(
+    spec: str,
+    data_dir: str | os.PathLike | None = None,
+    *,
+    positive: Iterable[str],
+    split: str | None = None,
+    heldout: int = 0,
+    responses: bool = False,
+) -> tuple[tuple[list[Record], list[int]], tuple[list[Record], list[int]]]:
+    """:func:`load_mixture`'s ``(selected, held_out)`` records (the same, in the same order), each
+    with its class: ``((records, labels), (records, labels))``, 1 for the records of the
+    components named in ``positive`` (e.g. a safety signal's malicious components), 0 for the others."""
+    positive = set(positive)
+    out: tuple[tuple[list[Record], list[int]], ...] = (([], []), ([], []))
+    for name, limit in parse_mixture(spec):  # each component alone, as in the mixture
+        part = load_mixture(f"{name}:{limit}" if limit else name, data_dir, split=split, heldout=heldout,
+                            responses=responses)
+        for (records, labels), found in zip(out, part):
+            records += found
+            labels += [int(name in positive)] * len(found)
+    return out[0], out[1]
+
+
 # --------------------------------------------------------------------------- remote sources
 
 def _from_mapping(rows: Sequence[Mapping[str, Any]] | Any, fields: Mapping[str, str], where: str) -> list[Record]:

@@ -214,6 +214,25 @@ def encode_recovery(tokenizer: Any, record: Record, *, refusal: str, tokens: int
                          target_from=len(prefix) + 1)
 
 
+def recovery_examples(tokenizer: Any, records: Sequence[Record], *, refusal: str, max_tokens: int, max_length: int,
+                      seed: int, label: int = 0) -> tuple[list[Example], EncodeStats]:
+    """The deep-alignment augmentation of ``records`` (:func:`encode_recovery`): each answer
+    starts with k ~ U[1, ``max_tokens``] tokens of its harmful response (drawn in order from
+    ``seed``) and turns into ``refusal``; every example has class ``label``. The stats count
+    the examples whose start was cut to fit ``max_length`` and those dropped (prompt too long)."""
+    rng = np.random.default_rng(seed)
+    examples, truncated, dropped = [], 0, 0
+    for record in records:
+        k = int(rng.integers(1, max_tokens + 1))
+        example, cut = encode_recovery(tokenizer, record, refusal=refusal, tokens=k, max_length=max_length)
+        if example is None:
+            dropped += 1
+            continue
+        truncated += cut
+        examples.append(dataclasses.replace(example, label=label))
+    return examples, EncodeStats(len(examples), truncated, dropped, max_length)
+
+
 def encode_records(
     tokenizer: Any, records: Sequence[Record], *, max_length: int, system_prompt: str | None = None,
     labels: Sequence[int] | None = None,

@@ -3,7 +3,16 @@ the typed set-up of a run (``setup``: freeze setting -> masks, optimizer, state,
 and the loop with metrics, evaluation hooks and orbax checkpoints (``loop``)."""
 
 from ssah_jax.train.lora import LoraConfig
-from ssah_jax.train.setup import Freeze, Training, TrainingSpec, frozen_checksum, setup_training
+from ssah_jax.train.setup import (
+    FREEZE_MODES,
+    Freeze,
+    FreezeSpec,
+    Training,
+    TrainingSpec,
+    frozen_checksum,
+    parse_layers,
+    setup_training,
+)
 from ssah_jax.train.step import (
     SCHEDULES,
     Objective,
@@ -25,8 +34,10 @@ from ssah_jax.train.step import (
 )
 
 __all__ = [
+    "FREEZE_MODES",
     "SCHEDULES",
     "Freeze",
+    "FreezeSpec",
     "LoraConfig",
     "Objective",
     "OptimizerConfig",
@@ -45,6 +56,7 @@ __all__ = [
     "model_shardings",
     "objective_scale",
     "objective_value",
+    "parse_layers",
     "setup_training",
     "term_metrics",
     "train_step",

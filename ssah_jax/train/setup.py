@@ -19,8 +19,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ssah_jax.attribution import UnitMap
 from ssah_jax.masking import freeze_masks
-from ssah_jax.models import CausalLM, Layout, is_stacked, stack_layers, unstack_layers
+from ssah_jax.models import MODULES, CausalLM, Layout, is_stacked, stack_layers, unstack_layers
 from ssah_jax.train import lora
 from ssah_jax.train.step import (
     Objective,
@@ -80,6 +81,63 @@ class Freeze:
         if self.lora is not None and (self.frozen_units is not None or self.trained_units is not None
                                       or self.layers or self.groups):
             raise ValueError("Freeze: LoRA trains adapters on a frozen base; units, layers and groups do not apply")
+
+
+FREEZE_MODES = ("none", "units", "only_units", "layers", "lora")
+
+
+def parse_layers(spec: str) -> list[int]:
+    """``"10-15"`` -> ``[10, ..., 15]``; ``"3"`` -> ``[3]``; an empty range is a ValueError."""
+    first, _, last = spec.partition("-")
+    first, last = int(first), int(last or first)
+    if last < first:
+        raise ValueError(f"layer range {spec!r} is empty")
+    return list(range(first, last + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class FreezeSpec:
+    """A freeze setting as a config states it, typed: ``mode`` one of FREEZE_MODES (``units``:
+    freeze the units ``selection`` of the unit map ``units_file``; ``only_units``: train only
+    them; ``random``: as many random units instead, drawn with ``seed``; ``layers``: freeze the
+    decoder layers ``layers`` (``"i-j"``); ``lora``: train ``lora`` adapters); ``groups``:
+    embeddings / norms / head frozen besides. :meth:`build` makes the :class:`Freeze` of a model."""
+
+    mode: str = "none"
+    units_file: str = ""
+    selection: str = ""
+    random: bool = False
+    layers: str = ""
+    groups: tuple[str, ...] = ()
+    lora: lora.LoraConfig | None = None
+    seed: int = 0
+
+    def build(self, model: CausalLM) -> Freeze:
+        """The :class:`Freeze` of ``model`` (its unit map read and checked against the model);
+        a selection the map cannot make is a ValueError."""
+        if self.mode == "lora":
+            c = self.lora
+            return Freeze(lora=c, description=f"LoRA rank {c.rank}, alpha {c.alpha} on {', '.join(c.targets)}")
+        kw: dict[str, Any] = {"groups": tuple(self.groups)}
+        if self.mode in ("units", "only_units"):
+            umap = UnitMap.load(self.units_file, model=model)
+            units = umap.select(self.selection)
+            count = int(sum(units[m].sum() for m in MODULES))
+            what = f"{self.selection} of {self.units_file} ({count} units)"
+            if self.random:
+                units = umap.random_units(count, self.seed)
+                what = (f"{count} random units (as many as {self.selection} of {self.units_file}; "
+                        f"seed {self.seed})")
+            kw["frozen_units" if self.mode == "units" else "trained_units"] = units
+            description = f"frozen: {what}" if self.mode == "units" else f"trained: only {what}"
+        elif self.mode == "layers":
+            kw["layers"] = parse_layers(self.layers)
+            description = f"frozen: decoder layers {self.layers}"
+        else:
+            description = "full fine-tuning"
+        if self.groups:
+            description += f"; frozen groups: {', '.join(self.groups)}"
+        return Freeze(**kw, description=description)
 
 
 @dataclasses.dataclass(frozen=True)
