@@ -238,7 +238,8 @@ def test_finished_stages_of_another_identity_are_refused_naming_the_keys(tmp_pat
             {"seconds": 1.0, **identity, "config": runs.determining(config)}))
 
     def check(c: ConfigDict) -> None:
-        pipeline.check_finished(c, tmp_path, identities(c, tmp_path), lambda other: identities(other, tmp_path))
+        pipeline.check_finished(c, tmp_path, identities(c, tmp_path), lambda other: identities(other, tmp_path),
+                                reproduce.ADDED)
 
     check(config)
     changed = copy.deepcopy(config)

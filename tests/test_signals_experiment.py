@@ -141,7 +141,9 @@ def test_the_claims_flip_at_their_rules():
 def test_auroc_counts_ordered_pairs_and_half_ties():
     positive, negative = np.array([0.9, 0.5, 0.2]), np.array([0.1, 0.5])
     pairs = [1.0 if p > q else 0.5 if p == q else 0.0 for p in positive for q in negative]
-    assert pipeline_module.auroc(positive, negative) == pytest.approx(np.mean(pairs))
+    assert signals.auroc(positive, negative) == pytest.approx(np.mean(pairs))
+    r = signals.separation(positive, negative, 0.5)  # flagged: above the threshold
+    assert (r["true_positive_rate"], r["false_positive_rate"], r["accuracy"]) == (pytest.approx(1 / 3), 0.0, 0.6)
 
 
 def test_first_and_later_checks_are_counted_apart():

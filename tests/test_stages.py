@@ -87,9 +87,9 @@ def test_a_workdir_from_before_an_added_section_is_resumed(tmp_path, added):
     runs.prepare_workdir(tmp_path / "w", old, staged=True)
     new = ConfigDict(dict(stages=("all",), jax_cache=False, model="m", **added))
     sections = tuple(added)  # as the pipeline declares it (ADDED_SECTIONS)
-    runs.prepare_workdir(tmp_path / "w", new, sections=sections, staged=True)  # not "a run of another experiment"
     with pytest.raises(runs.WorkdirError, match="another experiment"):  # undeclared, it would be
         runs.prepare_workdir(tmp_path / "w", new, staged=True)
+    runs.prepare_workdir(tmp_path / "w", new, sections=sections, staged=True)  # not "a run of another experiment"
     with pytest.raises(runs.WorkdirError, match="another experiment"):  # an unknown section still is
         runs.prepare_workdir(tmp_path / "w", ConfigDict(dict(stages=("all",), jax_cache=False, model="m", x=1)),
                              sections=sections, staged=True)

@@ -20,9 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from ml_collections import ConfigDict
-from scipy.stats import mannwhitneyu
 
 from experiments import evaluate, finetune
 from experiments._staged import ADDED as SUBRUN_ADDED
@@ -201,12 +199,6 @@ def validate(config: ConfigDict) -> None:
 # Stage bodies
 
 
-def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """The area under the ROC curve of scores ``positive`` (label 1) against ``negative``: the
-    Mann-Whitney U statistic over ``len(positive) * len(negative)`` (ties count half)."""
-    return float(mannwhitneyu(positive, negative).statistic / (len(positive) * len(negative)))
-
-
 def classifier_quality(config: ConfigDict, directory: Path) -> None:
     """p(malicious) of each held-out prompt set (``classifier.json``; the probabilities in
     ``scores.jsonl``): AUROC and accuracy at the threshold of harmful vs benign and of XSTest's
@@ -228,12 +220,7 @@ def classifier_quality(config: ConfigDict, directory: Path) -> None:
                         for prompts in (pos, neg))
         for label, prompts, ps in ((1, pos, p_pos), (0, neg, p_neg)):
             rows += [{"set": name, "label": label, "prompt": prompt, "p": float(p)} for prompt, p in zip(prompts, ps)]
-        correct = np.concatenate([p_pos > config.threshold, p_neg <= config.threshold])
-        result["sets"][name] = {
-            "auroc": auroc(p_pos, p_neg), "accuracy": float(correct.mean()), "n_positive": len(pos),
-            "n_negative": len(neg), "true_positive_rate": float(np.mean(p_pos > config.threshold)),
-            "false_positive_rate": float(np.mean(p_neg > config.threshold))}
-        r = result["sets"][name]
+        r = result["sets"][name] = signals.separation(p_pos, p_neg, config.threshold)
         print(f"{name}: AUROC {r['auroc']:.3f}, accuracy {r['accuracy']:.3f} at {config.threshold}", flush=True)
     if hosts.is_main():
         (directory / "scores.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))

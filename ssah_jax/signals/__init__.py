@@ -15,6 +15,7 @@ from ssah_jax.signals.decoding import (
 )
 from ssah_jax.signals.objective import SignalLoss
 from ssah_jax.signals.probe import ProbeResult, fit_probe
+from ssah_jax.signals.quality import auroc, separation
 from ssah_jax.signals.signal import (
     FILE,
     HEADS,
@@ -32,6 +33,8 @@ from ssah_jax.signals.signal import (
 )
 
 __all__ = [
+    "auroc",
+    "separation",
     "FILE", "HEADS", "PHASES", "REFUSAL_PREFIX", "SCHEDULES", "ProbeResult", "Rules", "SafetySignal", "SignalLoss",
     "SignalModel", "SignalState", "StrategicDecoding", "classify", "cls_states", "decode_inputs", "fit_probe",
     "forward", "generate", "head_logit", "load", "mask", "prepend_cls", "save", "sees_query",
