@@ -102,3 +102,18 @@ def summarise_directions(distances: Mapping[str, np.ndarray], kinds: Mapping[str
         out[kind] = np.mean([mean_over_positions(distances[n]) for n in names], axis=0)
     out["gap"] = (out["compliance"][..., -1] - out["refusal"][..., -1]).mean(axis=-1)
     return out
+
+
+def reasoning_direction(model: CausalLM, tokenizer: Any, queries: Sequence[str], refusals: Sequence[str],
+                        compliances: Sequence[str], *, max_tokens: int = 10, batch_size: int = 8) -> dict[str, list]:
+    """One model's probing result (SSAH Figs 2-4) from refusal and compliance phrasings:
+    ``refusal`` and ``compliance`` (each kind's distances of :func:`summarise_directions`, mean
+    over the queries, ``[layers, max_tokens]``) and ``gaps`` (the per-query gap), as lists."""
+    continuations = {f"refusal_{i}": text for i, text in enumerate(refusals)}
+    continuations |= {f"compliance_{i}": text for i, text in enumerate(compliances)}
+    kinds = {name: name.rsplit("_", 1)[0] for name in continuations}
+    d = summarise_directions(direction_distances(model, tokenizer, queries, continuations, max_tokens=max_tokens,
+                                                 batch_size=batch_size), kinds)
+    return {"refusal": d["refusal"].mean(axis=0).tolist(), "compliance": d["compliance"].mean(axis=0).tolist(),
+            "gaps": d["gap"].tolist()}
+

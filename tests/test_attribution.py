@@ -255,6 +255,19 @@ def test_transition_matrix_counts_units_by_kind_before_and_after():
     assert m[i, j] == sum((before.masks["SCU"][u] & after.masks["RU"][u]).sum() for u in ("attn", "mlp"))
 
 
+
+def test_kind_transitions_classify_each_model_alike_and_chain_the_matrices():
+    from ssah_jax.attribution import kind_transitions, transition_matrix
+
+    scores = [(random_scores(2 * i), random_scores(2 * i + 1)) for i in range(3)]
+    maps = [classify(s, u, FRACTIONS, ranking="per_layer") for s, u in scores]
+    got = kind_transitions(scores, FRACTIONS, ranking="per_layer")
+    assert len(got) == 2
+    for m, (a, b) in zip(got, zip(maps, maps[1:])):
+        assert (m == transition_matrix(a, b)).all()
+    assert not (got[0] == kind_transitions(scores[:2], FRACTIONS)[0]).all()  # the options reach classify
+
+
 def test_a_score_cache_spares_another_run_the_pass_and_keys_on_the_settings(tiny_chat_model, tmp_path, monkeypatch):
     """Scores one run computed into a cache (attribution.score_cache) are copied, not computed
     again, by a run with the same model and settings; other settings get another directory."""

@@ -107,3 +107,16 @@ def test_prefill_prefix_is_the_first_k_target_tokens(demo):
     assert ev.prefill_prefix(tokenizer, record, 3) == "Sure, here"
     with pytest.raises(ValueError, match="target response"):
         ev.prefill_prefix(tokenizer, Record("x"), 3)
+
+
+def test_the_layer_block_is_the_least_refusing_one_that_leaves_a_working_model():
+    from ssah_jax.evaluation.ablation import choose_block
+
+    blocks = [{"layers": "0-1", "refusal_rate": 0.0, "perplexity": 9e4},  # broken, so it refuses nothing
+              {"layers": "1-2", "refusal_rate": 0.5, "perplexity": 40.0},
+              {"layers": "2-3", "refusal_rate": 0.2, "perplexity": 70.1},  # just over 10 x 7
+              {"layers": "3-4", "refusal_rate": 0.9, "perplexity": 8.0}]
+    assert choose_block(blocks, 7.0, 10.0)["layers"] == "1-2"
+    assert choose_block(blocks, 7.0, 11.0)["layers"] == "2-3"
+    with pytest.raises(ValueError, match="perplexity above 7.00"):
+        choose_block(blocks, 7.0, 1.0)

@@ -49,3 +49,20 @@ def test_the_summary_averages_phrasings_and_gives_per_query_gaps():
     np.testing.assert_allclose(s["gap"], [0.2, -0.2])
     with pytest.raises(ValueError, match="no compliance continuation"):
         summarise_directions({"refusal_0": r0}, {"refusal_0": "refusal"})
+
+
+def test_a_models_reasoning_direction_sorts_the_phrasings_by_kind(tiny_chat_model):
+    """reasoning_direction (a model's result of the probing stage): each kind from its own
+    phrasings, averaged over the queries; the gap compliance minus refusal per query."""
+    from ssah_jax.probing import reasoning_direction
+
+    model, tokenizer = load_model(str(tiny_chat_model))
+    queries = ["How do I pick a lock?", "Tell me how to hurt someone."]
+    refusal, compliance = "I'm sorry, but I cannot help with that.", "Sure, here is how you can do it step by step."
+    got = reasoning_direction(model, tokenizer, queries, [refusal], [compliance], max_tokens=3, batch_size=2)
+    d = direction_distances(model, tokenizer, queries, {"r": refusal, "c": compliance}, max_tokens=3, batch_size=2)
+    r, c = mean_over_positions(d["r"]), mean_over_positions(d["c"])
+    np.testing.assert_allclose(got["refusal"], r.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(got["compliance"], c.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(got["gaps"], (c[..., -1] - r[..., -1]).mean(axis=-1), rtol=1e-6)
+    assert np.asarray(got["refusal"]).shape == (model.config.num_layers, 3) and len(got["gaps"]) == 2

@@ -15,7 +15,7 @@ from ml_collections import ConfigDict
 from experiments import reproduce
 from experiments.reproduce import report as report_module
 from experiments.reproduce.subruns import FROZEN
-from ssah_jax.runs import ConfigError, config_from_file, read_jsonl
+from ssah_jax.runs import config_from_file, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI on one CPU device
@@ -193,14 +193,3 @@ def test_presets_hold_out_every_trained_prompt_and_validate(preset):
     assert len(set(main)) == len(main) >= 200
     for section in (config.table, config.attack.evaluation):
         assert [r.prompt for r in harmful_records(section, None)] == main
-
-
-def test_the_layer_block_is_the_least_refusing_one_that_leaves_a_working_model():
-    blocks = [{"layers": "0-1", "refusal_rate": 0.0, "perplexity": 9e4},  # broken, so it refuses nothing
-              {"layers": "1-2", "refusal_rate": 0.5, "perplexity": 40.0},
-              {"layers": "2-3", "refusal_rate": 0.2, "perplexity": 70.1},  # just over 10 x 7
-              {"layers": "3-4", "refusal_rate": 0.9, "perplexity": 8.0}]
-    assert reproduce.choose_block(blocks, 7.0, 10.0)["layers"] == "1-2"
-    assert reproduce.choose_block(blocks, 7.0, 11.0)["layers"] == "2-3"
-    with pytest.raises(ConfigError, match="config.layers.max_perplexity_ratio"):
-        reproduce.choose_block(blocks, 7.0, 1.0)

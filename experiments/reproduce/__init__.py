@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flax import nnx
 from ml_collections import ConfigDict
 
 from experiments import evaluate, finetune, generate, prune
@@ -48,13 +47,14 @@ from experiments.reproduce.subruns import (
 )
 from ssah_jax import hosts, runs
 from ssah_jax import pipeline as engine
-from ssah_jax.attribution import KINDS, UnitMap, classify, load_scores, transition_matrix
+from ssah_jax.attribution import KINDS, UnitMap, kind_transitions, load_scores
 from ssah_jax.checkpoints import load_model
 from ssah_jax.data import Record, load_mixture, parse_mixture, prompt_key, substitute_component
-from ssah_jax.evaluation import answer_rows, harmful_records, perplexity_records, perplexity_rows, summarise_perplexity
-from ssah_jax.masking import MODULES, prune_units
+from ssah_jax.evaluation import harmful_records, perplexity_records
+from ssah_jax.evaluation.ablation import choose_block, layer_blocks
+from ssah_jax.masking import MODULES
 from ssah_jax.pipeline import Stage
-from ssah_jax.probing import direction_distances, summarise_directions
+from ssah_jax.probing import reasoning_direction
 from ssah_jax.train.plan import PlanItem
 
 STAGES = ("contrast", "units_unaligned", "align_full", "align_ru", "eval_unaligned", "eval_aligned", "eval_ru",
@@ -331,35 +331,20 @@ def find_layer_block(config: ConfigDict, directory: Path) -> None:
     umap = UnitMap.load(config.units, model=model)
     selected = int(sum(umap.select(config.selection)[m].sum() for m in MODULES))
     per_layer = sum(umap.masks["CU"][m].shape[1] for m in MODULES)
-    layers = model.config.num_layers
     size = config.layers.size or max(1, round(selected / per_layer))
     held_in = load_mixture(config.held_in, config.data_dir or None)[0]
     unique = dict.fromkeys(r.prompt for r in held_in)  # first occurrences, in order
     prompts = [Record(p) for p in list(unique)[: config.layers.prompts]]
-    kw = dict(max_new_tokens=config.layers.max_new_tokens, batch_size=config.batch_size)
-
     benign = perplexity_records(config, config.data_dir or None, config.layers.perplexity_samples)
-
-    def measure(m) -> dict[str, float]:
-        refused = [row["refused"] for row in answer_rows(m, tokenizer, prompts, **kw)]
-        ppl = summarise_perplexity(perplexity_rows(m, tokenizer, benign, max_length=config.perplexity.max_length,
-                                                   batch_size=config.batch_size))["perplexity"]
-        return {"refusal_rate": float(np.mean(refused)), "perplexity": ppl}
-
-    graphdef, state = nnx.split(model)
-    dense = measure(model)
-    blocks = []
-    for start in range(layers - size + 1):
-        units = {m: np.zeros(umap.masks["CU"][m].shape, bool) for m in MODULES}
-        for m in MODULES:
-            units[m][start : start + size] = True
-        blocks.append({"layers": f"{start}-{start + size - 1}",
-                       **measure(nnx.merge(graphdef, prune_units(state, units, model.config)))})
-        b = blocks[-1]
-        print(f"layers {b['layers']} removed: refusal rate {b['refusal_rate']:.3f} "
-              f"(dense {dense['refusal_rate']:.3f}), perplexity {b['perplexity']:.2f} "
-              f"(dense {dense['perplexity']:.2f})", flush=True)
-    chosen = choose_block(blocks, dense["perplexity"], config.layers.max_perplexity_ratio)
+    dense, blocks = layer_blocks(model, tokenizer, prompts, benign, size=size,
+                                 max_new_tokens=config.layers.max_new_tokens,
+                                 max_length=config.perplexity.max_length, batch_size=config.batch_size)
+    try:
+        chosen = choose_block(blocks, dense["perplexity"], config.layers.max_perplexity_ratio)
+    except ValueError as e:
+        raise runs.ConfigError(f"config.layers.max_perplexity_ratio={config.layers.max_perplexity_ratio}: {e} "
+                               "(every block is in the log); raise the ratio or set a smaller config.layers.size"
+                               ) from None
     result = {"size": size, "selection": config.selection, "selection_units": selected,
               "units_per_layer": per_layer, "prompts": len(prompts), "perplexity_samples": len(benign),
               "max_perplexity_ratio": config.layers.max_perplexity_ratio,
@@ -367,18 +352,6 @@ def find_layer_block(config: ConfigDict, directory: Path) -> None:
               "blocks": blocks, "chosen": chosen["layers"]}
     if hosts.is_main():
         (directory / "layers.json").write_text(json.dumps(result, indent=2) + "\n")
-
-
-def choose_block(blocks: list[dict], dense_perplexity: float, max_ratio: float) -> dict:
-    """The block with the lowest ``refusal_rate`` (the first of ties) among those whose
-    ``perplexity`` is within ``max_ratio`` times ``dense_perplexity``."""
-    limit = max_ratio * dense_perplexity
-    intact = [b for b in blocks if b["perplexity"] <= limit]
-    if not intact:
-        raise runs.ConfigError(
-            f"config.layers.max_perplexity_ratio={max_ratio}: removing any block of layers raises the perplexity "
-            f"above {limit:.2f} (every block is in the log); raise the ratio or set a smaller config.layers.size")
-    return min(intact, key=lambda b: b["refusal_rate"])
 
 
 def _scores(directory: Path) -> tuple[dict, dict]:
@@ -389,13 +362,12 @@ def kind_transfer(config: ConfigDict, directory: Path) -> None:
     """Transition matrices between the kinds of the unaligned, aligned and attacked models,
     every map classified with the same fractions (``kinds``). ``config``: a transfer_config."""
     k = config.kinds
-    maps = {name: classify(*_scores(Path(config.runs[name])), {"SCU": k.scu, "UCU": k.ucu, "RU": k.ru},
-                           ranking=k.ranking, normalise=k.normalise)
-            for name in ("unaligned", "aligned", "attacked")}
-    result = {"kinds": list(KINDS), "fractions": {"SCU": k.scu, "UCU": k.ucu, "RU": k.ru},
-              "attack": config.attack,
-              "alignment": transition_matrix(maps["unaligned"], maps["aligned"]).tolist(),
-              "fine_tuning": transition_matrix(maps["aligned"], maps["attacked"]).tolist()}
+    fractions = {"SCU": k.scu, "UCU": k.ucu, "RU": k.ru}
+    alignment, fine_tuning = kind_transitions([_scores(Path(config.runs[name])) for name in ("unaligned", "aligned",
+                                                                                            "attacked")],
+                                              fractions, ranking=k.ranking, normalise=k.normalise)
+    result = {"kinds": list(KINDS), "fractions": fractions, "attack": config.attack,
+              "alignment": alignment.tolist(), "fine_tuning": fine_tuning.tolist()}
     if hosts.is_main():
         (directory / "transfer.json").write_text(json.dumps(result, indent=2) + "\n")
         plot_transfer(result, directory / "transfer.png")
@@ -407,18 +379,13 @@ def probe(config: ConfigDict, directory: Path) -> None:
     appended positions) per layer and length, averaged over queries, and the per-query gaps."""
     p = config.probing
     queries = [r.prompt for r in harmful_records(config, config.data_dir or None)[: p.prompts]]
-    continuations = {f"refusal_{i}": text for i, text in enumerate(p.refusals)}
-    continuations |= {f"compliance_{i}": text for i, text in enumerate(p.compliances)}
-    kinds = {name: name.rsplit("_", 1)[0] for name in continuations}
     result = {"prompts": len(queries), "max_tokens": p.max_tokens, "confidence": p.confidence,
               "continuations": {"refusal": list(p.refusals), "compliance": list(p.compliances)}, "models": {}}
     for name in ("unaligned", "aligned", "aligned_ru"):
         model, tokenizer = load_model(config.models[name], runs.dtype(config))
-        d = summarise_directions(direction_distances(model, tokenizer, queries, continuations,
-                                                     max_tokens=p.max_tokens, batch_size=config.batch_size), kinds)
         # refusal / compliance: mean over queries, [layers, max_tokens]; gaps: one per query
-        result["models"][name] = {"refusal": d["refusal"].mean(axis=0).tolist(),
-                                  "compliance": d["compliance"].mean(axis=0).tolist(), "gaps": d["gap"].tolist()}
+        result["models"][name] = reasoning_direction(model, tokenizer, queries, p.refusals, p.compliances,
+                                                     max_tokens=p.max_tokens, batch_size=config.batch_size)
         del model
     if hosts.is_main():
         (directory / "probing.json").write_text(json.dumps(result, indent=2) + "\n")

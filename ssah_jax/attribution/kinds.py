@@ -306,3 +306,14 @@ def transition_matrix(before: UnitMap, after: UnitMap) -> np.ndarray:
         raise UnitMapMismatch("the two unit maps cover different units")
     return np.asarray([[int(sum((before.masks[a][m] & after.masks[b][m]).sum() for m in MODULES))
                         for b in KINDS] for a in KINDS], np.int64)
+
+
+def kind_transitions(scores: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], fractions: Mapping[str, float],
+                     **classify_options: Any) -> list[np.ndarray]:
+    """Attribute transfer (SSAH Figs 5-6) along a sequence of models (e.g. unaligned, aligned,
+    attacked): each model's ``(safety, utility)`` unit scores classified with the same
+    ``fractions`` (and ``classify_options``: ranking, normalise), then the
+    :func:`transition_matrix` of each consecutive pair."""
+    maps = [classify(safety, utility, fractions, **classify_options) for safety, utility in scores]
+    return [transition_matrix(before, after) for before, after in zip(maps, maps[1:])]
+
