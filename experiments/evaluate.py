@@ -83,6 +83,23 @@ def validate(config: ConfigDict, prefix: str = "") -> None:
             check(f"signal.{key}", lambda v: v >= 0, "must be >= 0")
 
 
+def evaluation_spec(config: ConfigDict, data_dir: str | None = None) -> tasks.EvalSpec:
+    """The typed settings of a (validated) evaluate config or evaluation section; ``data_dir``
+    replaces its own (a section whose data kit is its parent's)."""
+    s = tasks.spec
+    h, p, w, o, g, x = config.harmful, config.prefill, config.sweep, config.overrefusal, config.gsm8k, config.perplexity
+    return tasks.EvalSpec(
+        tasks=tuple(config.tasks), batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
+        seed=config.seed, system_prompt=config.system_prompt,
+        data_dir=(data_dir if data_dir is not None else config.data_dir) or None,
+        harmful=s.Harmful(h.dataset, h.exclude, h.limit, tuple(h.settings)),
+        prefill=s.Prefill(p.dataset, p.limit, tuple(p.tokens)),
+        sweep=s.Sweep(w.dataset, w.limit, tuple(w.temperatures), tuple(w.top_ps), tuple(w.top_ks)),
+        overrefusal=s.Overrefusal(o.dataset, o.limit), mmlu=s.Limit(config.mmlu.limit),
+        sst2=s.Limit(config.sst2.limit), gsm8k=s.Gsm8k(g.limit, g.max_new_tokens),
+        perplexity=s.Perplexity(x.dataset, x.limit, x.max_length))
+
+
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     runs.dtype(config)
     validate(config)
@@ -95,7 +112,7 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
         description += (f" with its safety signal `{s.file}` (strategic decoding: schedule {s.schedule}, threshold "
                         f"{s.threshold}, r1/r2/r3 {s.r1}/{s.r2}/{s.r3}, tau {s.tau}; log-likelihood tasks score the "
                         "model without it)")
-    evaluate_model(model, tokenizer, config, out, data_dir=config.data_dir, description=description)
+    evaluate_model(model, tokenizer, evaluation_spec(config), out, description=description)
     print(f"Metrics: {out / 'metrics.json'}")
     print(f"Report: {out / 'report.md'}")
     return out / "report.md"
@@ -116,9 +133,8 @@ def with_signal(model: Any, settings: ConfigDict) -> signals.SignalModel:
     return signals.SignalModel(model, signal, **{k: v for k, v in settings.items() if k != "file"})
 
 
-def evaluate_model(model: Any, tokenizer: Any, config: ConfigDict, out: Path, *, data_dir: str | None,
-                   description: str) -> dict:
-    """Runs ``config.tasks`` on ``model`` into ``out`` (``metrics.json``, ``rows/``,
+def evaluate_model(model: Any, tokenizer: Any, spec: tasks.EvalSpec, out: Path, *, description: str) -> dict:
+    """Runs ``spec.tasks`` on ``model`` into ``out`` (``metrics.json``, ``rows/``,
     ``report.md``, resuming what is there) and returns the metrics. Tasks run in the registry's
     order (``ssah_jax.evaluation.tasks.TASKS``); a metric already in ``metrics.json`` is kept,
     each new one is written as soon as it is computed, with the seconds it took."""
@@ -126,8 +142,8 @@ def evaluate_model(model: Any, tokenizer: Any, config: ConfigDict, out: Path, *,
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     hosts.sync("metrics read")  # by every process, before process 0 rewrites them
-    for task in tasks.chosen(config.tasks).values():
-        for name, compute in task(model, tokenizer, config, data_dir=data_dir, store=store).items():
+    for task in tasks.chosen(spec.tasks).values():
+        for name, compute in task(model, tokenizer, spec, store=store).items():
             if name in metrics:
                 print(f"{name}: done in an earlier run, kept")
                 continue
@@ -138,37 +154,21 @@ def evaluate_model(model: Any, tokenizer: Any, config: ConfigDict, out: Path, *,
             if hosts.is_main():
                 metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     if hosts.is_main():
-        (out / "report.md").write_text(render_report(config, metrics, description))
+        (out / "report.md").write_text(render_report(spec, metrics, description))
     hosts.sync("evaluation written")
     return metrics
 
 
-def render_report(config: ConfigDict, metrics: dict, description: str) -> str:
+def render_report(spec: tasks.EvalSpec, metrics: dict, description: str) -> str:
     lines = [
         "# evaluate", "",
-        f"{description}; greedy decoding, {config.max_new_tokens} new tokens unless "
+        f"{description}; greedy decoding, {spec.max_new_tokens} new tokens unless "
         "noted; refusals judged by keywords (`ssah_jax.evaluation.is_refusal`). ASR = share of harmful "
         "prompts not refused.", "",
         "| metric | value | n | seconds |", "|---|---|---|---|",
     ]
-    h = config.harmful
-    harmful = h.dataset + (f" without the prompts of {h.exclude}" if h.exclude else "")
-    names = {
-        "asr_no_system": f"ASR, {harmful}, no system prompt (template default)",
-        "asr_system": f"ASR, {harmful}, safety system prompt",
-        "sweep": f"ASR, {config.sweep.dataset}, decoding sweep (any setting)",
-        "overrefusal": ("over-refusal, XSTest safe prompts" if config.overrefusal.dataset == "xstest"
-                        else f"over-refusal, {config.overrefusal.dataset}") + " (refusal rate)",
-        "mmlu": "MMLU accuracy (zero-shot, log-likelihood)",
-        "sst2": "SST-2 dev accuracy (zero-shot, log-likelihood)",
-        "gsm8k": f"GSM8K exact match ({config.gsm8k.max_new_tokens} new tokens)",
-        "perplexity": f"perplexity, held-out {config.perplexity.dataset} responses",
-    }
     for key, m in metrics.items():
-        if key.startswith("prefill_"):
-            label = f"ASR, {config.prefill.dataset}, prefilling attack ({m['tokens']} target tokens)"
-        else:
-            label = names[key]
+        label = tasks.label(spec, key, m)
         value = f"{m['perplexity']:.2f}" if "perplexity" in m else percent(tasks.headline(m)[0])
         lines.append(f"| {label} | {value} | {m['n']} | {m['seconds']} |")
     if "sweep" in metrics:
@@ -176,7 +176,8 @@ def render_report(config: ConfigDict, metrics: dict, description: str) -> str:
         lines += [f"| {k} | {percent(v)} |" for k, v in metrics["sweep"]["per_setting"].items()]
     for key in ("asr_no_system", "asr_system"):
         if "by_category" in metrics.get(key, {}):
-            lines += ["", f"{names[key]}, per category:", "", "| category | ASR | n |", "|---|---|---|"]
+            lines += ["", f"{tasks.label(spec, key, metrics[key])}, per category:", "", "| category | ASR | n |",
+                      "|---|---|---|"]
             lines += [f"| {c} | {percent(v['asr'])} | {v['n']} |" for c, v in metrics[key]["by_category"].items()]
     lines += ["", "Every generation and scored question is in `rows/<task>.jsonl`.", ""]
     return "\n".join(lines)

@@ -119,7 +119,7 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
             continue
         variant = model if name == "dense" else nnx.merge(graphdef, prune_units(state, masks[name], model.config))
         results[name] = evaluate.evaluate_model(
-            variant, tokenizer, config.evaluation, out / "variants" / name, data_dir=config.data_dir,
+            variant, tokenizer, evaluate.evaluation_spec(config.evaluation, config.data_dir), out / "variants" / name,
             description=f"Model `{config.model}` ({config.dtype}), {name} ({pruned} units pruned)")
         results[name]["pruned_units"] = pruned
         del variant

@@ -36,7 +36,7 @@ def test_an_unknown_task_names_the_config_key_and_the_known_tasks(tmp_path):
     config = get_config("quick")
     config.tasks = ("perplexity", "bogus")  # evaluate_model refuses it before running anything
     with pytest.raises(ConfigError, match="config.tasks: unknown evaluation task 'bogus'"):
-        evaluate.evaluate_model(None, None, config, tmp_path, data_dir=None, description="x")
+        evaluate.evaluate_model(None, None, evaluate.evaluation_spec(config), tmp_path, description="x")
     assert not (tmp_path / "metrics.json").exists()
 
 
@@ -70,7 +70,7 @@ def test_evaluate_model_keeps_done_metrics_and_writes_each_new_one(tmp_path, mon
     """A task's entries are computed only when metrics.json lacks them, in the order given."""
     computed = []
 
-    def fake_asr(model, tokenizer, config, *, data_dir, store):
+    def fake_asr(model, tokenizer, spec, *, store):
         def entry(name):
             def compute():
                 computed.append(name)
@@ -78,13 +78,13 @@ def test_evaluate_model_keeps_done_metrics_and_writes_each_new_one(tmp_path, mon
                     {"prompt": r.prompt, "refused": r.prompt == "a"} for r in b], 1)
                 return {"asr": sum(not r["refused"] for r in rows) / len(rows), "n": len(rows)}
             return compute
-        return {f"asr_{s}": entry(f"asr_{s}") for s in config.harmful.settings}
+        return {f"asr_{s}": entry(f"asr_{s}") for s in spec.harmful.settings}
 
     monkeypatch.setitem(tasks.TASKS, "asr", fake_asr)
     config = get_config("quick")
     config.tasks = ("asr",)
     (tmp_path / "metrics.json").write_text(json.dumps({"asr_no_system": {"asr": 0.25, "n": 4, "seconds": 1.0}}))
-    metrics = evaluate.evaluate_model(None, None, config, tmp_path, data_dir=None, description="x")
+    metrics = evaluate.evaluate_model(None, None, evaluate.evaluation_spec(config), tmp_path, description="x")
     assert computed == ["asr_system"]
     assert metrics["asr_no_system"]["asr"] == 0.25 and metrics["asr_system"]["asr"] == 0.5
     assert "seconds" in metrics["asr_system"]
@@ -94,21 +94,44 @@ def test_evaluate_model_keeps_done_metrics_and_writes_each_new_one(tmp_path, mon
 
 
 def test_the_data_recipes_keep_their_rules():
-    config = get_config("quick")
-    config.harmful.dataset, config.harmful.exclude = "advbench:20", "advbench:5"
-    advbench = tasks.harmful_records(get_config("quick"), None)
-    assert [r.prompt for r in tasks.harmful_records(config, None)] == [r.prompt for r in advbench[5:25]]
-    config.harmful.dataset = "no_such_set"
+    advbench = tasks.harmful_records("advbench", "", None)
+    assert [r.prompt for r in tasks.harmful_records("advbench:20", "advbench:5", None)] == [
+        r.prompt for r in advbench[5:25]]
     with pytest.raises(ConfigError, match=r"config.harmful.dataset='no_such_set'"):
-        tasks.harmful_records(config, None)
-    config.harmful.dataset, config.harmful.exclude = "advbench", "no_such_set"
+        tasks.harmful_records("no_such_set", "", None)
     with pytest.raises(ConfigError, match=r"config.harmful.exclude='no_such_set'"):
-        tasks.harmful_records(config, None)
+        tasks.harmful_records("advbench", "no_such_set", None)
     # the prefilling and sweep prompts lose the trained prompts too
-    config.harmful.exclude = "advbench:5"
-    prefill = tasks.safety.untrained(config, None, "advbench:10", "prefill.dataset")
+    prefill = tasks.safety.untrained("advbench:10", "advbench:5", None, "prefill.dataset")
     assert [r.prompt for r in prefill] == [r.prompt for r in advbench[5:15]]
-    everything = tasks.perplexity_records(config, None, 0)
-    assert tasks.perplexity_records(config, None, 3) == everything[-3:]
-    assert len(tasks.perplexity_records(config, None)) == config.perplexity.limit
+    spec = evaluate.evaluation_spec(get_config("quick")).perplexity
+    everything = tasks.perplexity_records(spec, None, 0)
+    assert tasks.perplexity_records(spec, None, 3) == everything[-3:]
+    assert len(tasks.perplexity_records(spec, None)) == spec.limit
     assert all(r.response for r in everything)
+
+
+def test_the_typed_spec_holds_every_evaluation_key_and_every_metric_has_a_label():
+    """evaluation_spec types every key of configs/evaluate.py the tasks read (all but the model,
+    its dtype and its signal: a key added there and not typed fails here), and every metric a
+    task writes has its report label."""
+    import dataclasses
+
+    config = get_config("quick")
+    spec = evaluate.evaluation_spec(config)
+
+    def fields(value, prefix=""):
+        if dataclasses.is_dataclass(value):
+            return {k for f in dataclasses.fields(value) for k in fields(getattr(value, f.name), f"{prefix}{f.name}.")}
+        return {prefix[:-1]}
+
+    untyped = {k for k in runs.leaves(config) if k.split(".")[0] not in ("model", "dtype", "signal")}
+    assert fields(spec) == untyped
+    metrics = {"asr_no_system": {}, "asr_system": {}, "prefill_5": {"tokens": 5}, "sweep": {}, "overrefusal": {},
+               "mmlu": {}, "sst2": {}, "gsm8k": {}, "perplexity": {}}
+    labels = {name: tasks.label(spec, name, entry) for name, entry in metrics.items()}
+    assert labels["prefill_5"] == "ASR, advbench, prefilling attack (5 target tokens)"
+    assert labels["overrefusal"] == "over-refusal, XSTest safe prompts (refusal rate)"
+    assert len(set(labels.values())) == 9
+    with pytest.raises(KeyError):
+        tasks.label(spec, "bogus", {})

@@ -192,4 +192,4 @@ def test_presets_hold_out_every_trained_prompt_and_validate(preset):
 
     assert len(set(main)) == len(main) >= 200
     for section in (config.table, config.attack.evaluation):
-        assert [r.prompt for r in harmful_records(section, None)] == main
+        assert [r.prompt for r in harmful_records(section.harmful.dataset, section.harmful.exclude, None)] == main

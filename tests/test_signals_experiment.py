@@ -165,10 +165,11 @@ def test_presets_validate_and_evaluate_on_prompts_never_trained_on(preset):
     with align.unlocked():  # the contrast answers (benign prompts) are made by the contrast stage
         align.data.dataset = ",".join(p for p in align.data.dataset.split(",") if ".jsonl" not in p)
     trained = {prompt_key(r.prompt) for r in finetune.split_records(align)[0]}
-    e = config.evaluation
-    sets = {"harmful": harmful_records(e, None), "prefill": untrained(e, None, e.prefill.dataset, "prefill.dataset"),
-            "sweep": untrained(e, None, e.sweep.dataset, "sweep.dataset"),
-            "attack": harmful_records(config.attack.evaluation, None)}
+    e, a = config.evaluation, config.attack.evaluation
+    sets = {"harmful": harmful_records(e.harmful.dataset, e.harmful.exclude, None),
+            "prefill": untrained(e.prefill.dataset, e.harmful.exclude, None, "prefill.dataset"),
+            "sweep": untrained(e.sweep.dataset, e.harmful.exclude, None, "sweep.dataset"),
+            "attack": harmful_records(a.harmful.dataset, a.harmful.exclude, None)}
     for name, records in sets.items():
         assert records and not {prompt_key(r.prompt) for r in records} & trained, name
     # every ASR on at least 200 held-out prompts; the prefilling attack on every held-out AdvBench prompt

@@ -52,6 +52,7 @@ from ssah_jax.checkpoints import load_model
 from ssah_jax.data import Record, load_mixture, parse_mixture, prompt_key, substitute_component
 from ssah_jax.evaluation import harmful_records, perplexity_records
 from ssah_jax.evaluation.ablation import choose_block, layer_blocks
+from ssah_jax.evaluation.tasks.spec import Perplexity
 from ssah_jax.masking import MODULES
 from ssah_jax.pipeline import Stage
 from ssah_jax.probing import reasoning_direction
@@ -278,7 +279,8 @@ def run_prune(config: ConfigDict, directory: Path) -> None:
 
 def heldout_prompts(config: ConfigDict) -> list[Record]:
     """The held-out harmful prompts of ``config.evaluation`` (the ASR set)."""
-    return harmful_records(config.evaluation, config.data_dir or None)
+    h = config.evaluation.harmful
+    return harmful_records(h.dataset, h.exclude, config.data_dir or None)
 
 
 def training_overlap(config: ConfigDict) -> dict[str, int]:
@@ -294,7 +296,8 @@ def training_overlap(config: ConfigDict) -> dict[str, int]:
                           for r in finetune.split_records(attack_config(config, Path("."), a, "none", "", 0))[0]}
     sets = {"evaluation": (config.evaluation, trained), "table": (config.table, trained),
             "attack": (config.attack.evaluation, attacked)}
-    return {name: sum(prompt_key(r.prompt) in seen for r in harmful_records(s, config.data_dir or None))
+    return {name: sum(prompt_key(r.prompt) in seen
+                      for r in harmful_records(s.harmful.dataset, s.harmful.exclude, config.data_dir or None))
             for name, (s, seen) in sets.items()}
 
 
@@ -312,7 +315,8 @@ def _then_overlap(body: Callable[[ConfigDict, Path], Any], section: Callable[[Co
     def run_(given: ConfigDict, directory: Path) -> None:
         body(given, directory)
         trained = training_prompts(ConfigDict(runs.read_json(Path(given.model).parent / "config.json")))
-        heldout = harmful_records(section(given), given.data_dir or None)
+        h = section(given).harmful
+        heldout = harmful_records(h.dataset, h.exclude, given.data_dir or None)
         result = {"prompts": len(heldout), "in_training_data": sum(prompt_key(r.prompt) in trained for r in heldout)}
         if hosts.is_main():
             (directory / "overlap.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -335,7 +339,8 @@ def find_layer_block(config: ConfigDict, directory: Path) -> None:
     held_in = load_mixture(config.held_in, config.data_dir or None)[0]
     unique = dict.fromkeys(r.prompt for r in held_in)  # first occurrences, in order
     prompts = [Record(p) for p in list(unique)[: config.layers.prompts]]
-    benign = perplexity_records(config, config.data_dir or None, config.layers.perplexity_samples)
+    benign = perplexity_records(Perplexity(config.perplexity.dataset, config.layers.perplexity_samples,
+                                           config.perplexity.max_length), config.data_dir or None)
     dense, blocks = layer_blocks(model, tokenizer, prompts, benign, size=size,
                                  max_new_tokens=config.layers.max_new_tokens,
                                  max_length=config.perplexity.max_length, batch_size=config.batch_size)
@@ -378,7 +383,8 @@ def probe(config: ConfigDict, directory: Path) -> None:
     model, the distances to each kind of continuation (its phrasings averaged, each over its
     appended positions) per layer and length, averaged over queries, and the per-query gaps."""
     p = config.probing
-    queries = [r.prompt for r in harmful_records(config, config.data_dir or None)[: p.prompts]]
+    h = config.harmful
+    queries = [r.prompt for r in harmful_records(h.dataset, h.exclude, config.data_dir or None)[: p.prompts]]
     result = {"prompts": len(queries), "max_tokens": p.max_tokens, "confidence": p.confidence,
               "continuations": {"refusal": list(p.refusals), "compliance": list(p.compliances)}, "models": {}}
     for name in ("unaligned", "aligned", "aligned_ru"):

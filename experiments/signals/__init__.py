@@ -205,7 +205,8 @@ def classifier_quality(config: ConfigDict, directory: Path) -> None:
     unsafe vs safe prompts. ``config``: a classifier_config."""
     model, tokenizer = load_model(config.model, runs.dtype(config))
     signal = signals.load(config.model, model.config)
-    harmful = [r.prompt for r in harmful_records(config, config.data_dir or None)]
+    harmful = [r.prompt for r in harmful_records(config.harmful.dataset, config.harmful.exclude,
+                                                 config.data_dir or None)]
     harmful = harmful[: config.harmful_limit] if config.harmful_limit else harmful
     benign = [r.prompt for r in load_local(config.benign, None, config.data_dir or None)[0][-config.benign_limit:]]
     sets = {"harmful_vs_benign": (harmful, benign)}

@@ -2,8 +2,10 @@
 
 ``TASKS`` holds each task in the order a run computes them and writes their metrics,
 whatever the order of ``config.tasks``; :func:`chosen` picks a config's tasks in that order.
-A task is ``task(model, tokenizer, config, *, data_dir, store) -> {metric name: compute}``
-(see :mod:`ssah_jax.evaluation.tasks.base`); the safety family is in
+A task is ``task(model, tokenizer, spec, *, store) -> {metric name: compute}`` (``spec``: the
+typed :class:`~ssah_jax.evaluation.tasks.spec.EvalSpec`; see :mod:`ssah_jax.evaluation.tasks.base`);
+each family names its metrics in a report (:func:`label`) and every metric is reported by its
+headline value (:func:`headline`); the safety family is in
 :mod:`~ssah_jax.evaluation.tasks.safety`, the utility family in
 :mod:`~ssah_jax.evaluation.tasks.utility`, each with the recipe that chooses its records
 (:func:`harmful_records`, :func:`perplexity_records`).
@@ -18,6 +20,7 @@ from ssah_jax.evaluation.intervals import Rate, shown
 from ssah_jax.evaluation.tasks import safety, utility
 from ssah_jax.evaluation.tasks.base import Entries, RowStore, Task, first, load_records, spread
 from ssah_jax.evaluation.tasks.safety import ASR_SETTINGS, harmful_records
+from ssah_jax.evaluation.tasks.spec import EvalSpec
 from ssah_jax.evaluation.tasks.utility import perplexity_records
 
 TASKS: dict[str, Task] = {
@@ -66,6 +69,15 @@ def shown_metric(metrics: dict, name: str) -> str:
     return shown(rate_of(metrics, name))
 
 
+def label(spec: EvalSpec, name: str, entry: dict) -> str:
+    """A report's name of metric ``name`` (its ``entry`` of metrics.json), from its task family."""
+    for family in (safety, utility):
+        found = family.label(spec, name, entry)
+        if found is not None:
+            return found
+    raise KeyError(f"no evaluation task writes the metric {name!r}")
+
+
 def get(name: str, key: str = "config.tasks") -> Task:
     """The task called ``name``; an unknown name is a ConfigError naming ``key`` (where the
     name came from) and the known tasks."""
@@ -87,6 +99,7 @@ __all__ = [
     "HEADLINE_FIELDS",
     "TASKS",
     "Entries",
+    "EvalSpec",
     "RowStore",
     "Task",
     "chosen",
@@ -94,6 +107,7 @@ __all__ = [
     "get",
     "harmful_records",
     "headline",
+    "label",
     "load_records",
     "perplexity_records",
     "rate_of",

@@ -1,12 +1,13 @@
 """What every evaluation task shares: its signature, the resumable row files, and how a task
 takes its records from a kit dataset (the first ``limit``, or ``limit`` spread over the set).
 
-A task is ``task(model, tokenizer, config, *, data_dir, store) -> entries``: ``config`` is an
-evaluation config (``configs/evaluate.py``, or the ``evaluation`` section of a larger one),
-``store`` the run's row files. It loads its records at once and returns its metrics entries,
-in the order they are written: metric name -> a function that computes that metric (writing
-its rows through ``store``). The caller calls only the functions of metrics it does not hold
-yet, so a resumed run recomputes nothing that is done.
+A task is ``task(model, tokenizer, spec, *, store) -> entries``: ``spec`` is the evaluation's
+typed settings (:class:`~ssah_jax.evaluation.tasks.spec.EvalSpec`: the keys of
+``configs/evaluate.py``, typed at the experiment's edge), ``store`` the run's row files. It
+loads its records at once and returns its metrics entries, in the order they are written:
+metric name -> a function that computes that metric (writing its rows through ``store``). The
+caller calls only the functions of metrics it does not hold yet, so a resumed run recomputes
+nothing that is done.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from ml_collections import ConfigDict
 from tqdm.auto import tqdm
 
 from ssah_jax import hosts, runs
 from ssah_jax.data import Record, load_local
+from ssah_jax.evaluation.tasks.spec import EvalSpec
 
 Entries = dict[str, Callable[[], dict]]  # metric name -> computes it (a dict of numbers)
 RowFn = Callable[[Sequence[Record], int], list[dict]]  # (records, offset of the first) -> one row each
@@ -69,8 +70,7 @@ class RowStore:
 
 
 class Task(Protocol):
-    def __call__(self, model: Any, tokenizer: Any, config: ConfigDict, *, data_dir: str | None,
-                 store: RowStore) -> Entries: ...
+    def __call__(self, model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore) -> Entries: ...
 
 
 def load_records(data_dir: str | None, name: str, split: str | None = None, on_error: str = "raise") -> list[Record]:

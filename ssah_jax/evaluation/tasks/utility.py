@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ml_collections import ConfigDict
-
 from ssah_jax.data import Record, with_responses
 from ssah_jax.evaluation.tasks.base import Entries, RowStore, first, load_records, spread
+from ssah_jax.evaluation.tasks.spec import EvalSpec, Perplexity
 from ssah_jax.evaluation.utility import (
     gsm8k_rows,
     multiple_choice_rows,
@@ -23,23 +22,23 @@ from ssah_jax.evaluation.utility import (
 from ssah_jax.generation import language_model
 
 
-def perplexity_records(config: ConfigDict, data_dir: str | None, limit: int | None = None) -> list[Record]:
+def perplexity_records(spec: Perplexity, data_dir: str | None, limit: int | None = None) -> list[Record]:
     """The held-out benign responses of the perplexity task: the *last* ``limit`` records
-    (``perplexity.limit`` by default; 0 = all) of ``perplexity.dataset`` with a usable response
-    (training recipes take theirs from the front)."""
-    ok = with_responses(load_records(data_dir, config.perplexity.dataset, on_error="skip"))
-    limit = config.perplexity.limit if limit is None else limit
+    (``spec.limit`` by default; 0 = all) of ``spec.dataset`` with a usable response (training
+    recipes take theirs from the front)."""
+    ok = with_responses(load_records(data_dir, spec.dataset, on_error="skip"))
+    limit = spec.limit if limit is None else limit
     return ok[-limit:] if limit else ok
 
 
 def _multiple_choice(name: str, split: str):
-    def task(model: Any, tokenizer: Any, config: ConfigDict, *, data_dir: str | None, store: RowStore) -> Entries:
-        records = spread(load_records(data_dir, name, split), config[name].limit)
+    def task(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore) -> Entries:
+        records = spread(load_records(spec.data_dir, name, split), getattr(spec, name).limit)
 
         def scored(batch, start):
-            return multiple_choice_rows(language_model(model), tokenizer, batch, name, batch_size=config.batch_size)
+            return multiple_choice_rows(language_model(model), tokenizer, batch, name, batch_size=spec.batch_size)
 
-        return {name: lambda: summarise_accuracy(store.rows(name, records, scored, 8 * config.batch_size))}
+        return {name: lambda: summarise_accuracy(store.rows(name, records, scored, 8 * spec.batch_size))}
 
     task.__name__ = task.__qualname__ = name
     task.__doc__ = (f"``{name}``: zero-shot accuracy by log-likelihood on ``{name}.limit`` questions of its "
@@ -51,26 +50,36 @@ mmlu = _multiple_choice("mmlu", "test")
 sst2 = _multiple_choice("sst2", "dev")
 
 
-def gsm8k(model: Any, tokenizer: Any, config: ConfigDict, *, data_dir: str | None, store: RowStore) -> Entries:
+def gsm8k(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore) -> Entries:
     """``gsm8k``: exact match of the final number on the first ``gsm8k.limit`` test problems,
     greedy, ``gsm8k.max_new_tokens`` new tokens."""
-    problems = first(load_records(data_dir, "gsm8k", "test"), config.gsm8k.limit)
+    problems = first(load_records(spec.data_dir, "gsm8k", "test"), spec.gsm8k.limit)
 
     def solved(batch, start):
-        return gsm8k_rows(model, tokenizer, batch, max_new_tokens=config.gsm8k.max_new_tokens,
-                          batch_size=config.batch_size)
+        return gsm8k_rows(model, tokenizer, batch, max_new_tokens=spec.gsm8k.max_new_tokens,
+                          batch_size=spec.batch_size)
 
-    return {"gsm8k": lambda: summarise_accuracy(store.rows("gsm8k", problems, solved, config.batch_size))}
+    return {"gsm8k": lambda: summarise_accuracy(store.rows("gsm8k", problems, solved, spec.batch_size))}
 
 
-def perplexity(model: Any, tokenizer: Any, config: ConfigDict, *, data_dir: str | None, store: RowStore) -> Entries:
+def perplexity(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore) -> Entries:
     """``perplexity``: perplexity of :func:`perplexity_records` (response tokens only; each
     example encoded to at most ``perplexity.max_length`` tokens)."""
-    heldout = perplexity_records(config, data_dir)
+    heldout = perplexity_records(spec.perplexity, spec.data_dir)
 
     def scored(batch, start):
-        return perplexity_rows(language_model(model), tokenizer, batch, max_length=config.perplexity.max_length,
-                               batch_size=config.batch_size)
+        return perplexity_rows(language_model(model), tokenizer, batch, max_length=spec.perplexity.max_length,
+                               batch_size=spec.batch_size)
 
     return {"perplexity": lambda: summarise_perplexity(store.rows("perplexity", heldout, scored,
-                                                                  4 * config.batch_size))}
+                                                                  4 * spec.batch_size))}
+
+
+def label(spec: EvalSpec, name: str, entry: dict) -> str | None:
+    """A report's name of the utility metric ``name``, None for another family's metric."""
+    return {
+        "mmlu": "MMLU accuracy (zero-shot, log-likelihood)",
+        "sst2": "SST-2 dev accuracy (zero-shot, log-likelihood)",
+        "gsm8k": f"GSM8K exact match ({spec.gsm8k.max_new_tokens} new tokens)",
+        "perplexity": f"perplexity, held-out {spec.perplexity.dataset} responses",
+    }.get(name)
