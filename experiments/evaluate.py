@@ -121,7 +121,7 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
 def plan_configs(config: ConfigDict) -> list[Any]:
     """What ``ssah-jax plan`` compiles: the decoding of a batch of prompts."""
     from experiments.finetune import decode_spec  # (finetune imports this module)
-    from ssah_jax.train.plan import PlanItem
+    from ssah_jax.train.memory import PlanItem
 
     return [PlanItem("evaluate", config.model, decode_spec(config))]
 

@@ -42,7 +42,7 @@ from ssah_jax.models import REMAT_POLICIES, Layout, with_layout
 from ssah_jax.sharding import make_mesh, shard_batch, use_rules
 from ssah_jax.train import lora
 from ssah_jax.train.loop import LoopConfig, fit
-from ssah_jax.train.plan import DecodeSpec, PlanItem
+from ssah_jax.train.memory import DecodeSpec, PlanItem
 from ssah_jax.train.setup import FREEZE_MODES, FreezeSpec, TrainingSpec, parse_layers, setup_training
 from ssah_jax.train.step import SCHEDULES, OptimizerConfig
 

@@ -73,7 +73,7 @@ def validate(config: ConfigDict) -> None:
 def plan_configs(config: ConfigDict) -> list:
     """What ``ssah-jax plan`` compiles: the decoding of a batch of prompts."""
     from experiments.finetune import decode_spec
-    from ssah_jax.train.plan import PlanItem
+    from ssah_jax.train.memory import PlanItem
 
     return [PlanItem("generate", config.model, decode_spec(config))]
 

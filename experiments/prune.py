@@ -82,7 +82,7 @@ def scores(config: ConfigDict, model: Any, tokenizer: Any, out: Path, which: str
 
 def plan_configs(config: ConfigDict) -> list[Any]:
     """What ``ssah-jax plan`` compiles: the variants' evaluation (decoding a batch of prompts)."""
-    from ssah_jax.train.plan import DecodeSpec, PlanItem
+    from ssah_jax.train.memory import DecodeSpec, PlanItem
 
     e = config.evaluation
     return [PlanItem("evaluation", config.model, DecodeSpec(e.batch_size, e.max_new_tokens, runs.DTYPES[config.dtype]))]

@@ -4,7 +4,7 @@ before launching it.
 Each experiment names what it runs (``plan_configs(config)``: its trainings and its
 evaluation's decoding); each is compiled for the devices the run would have (N fake CPU devices
 by default, or a TPU topology ahead of time with ``libtpu``) from abstract weights
-(:mod:`ssah_jax.train.plan`), and its per-device bill is printed against the device's memory,
+(:mod:`ssah_jax.train.memory`), and its per-device bill is printed against the device's memory,
 with "fits" or "does not fit" and, when it does not, the first of remat, the scanned layout and
 more micro-batches that makes it fit.
 """
@@ -62,10 +62,10 @@ def capacity_bytes(device: Any, memory_gb: float | None) -> int:
 def plan(name: str, config: Any, *, count: int = 8, memory_gb: float | None = None, topology: str | None = None,
          prompt_tokens: int = 256) -> list[str]:
     """The plan's lines for experiment ``name`` under ``config``: each of the experiment's
-    ``plan_configs(config)`` (typed :class:`~ssah_jax.train.plan.PlanItem` values) compiled and billed."""
+    ``plan_configs(config)`` (typed :class:`~ssah_jax.train.memory.PlanItem` values) compiled and billed."""
     from ssah_jax.checkpoints import model_config
     from ssah_jax.sharding import make_mesh
-    from ssah_jax.train.plan import DecodeSpec, plan_generation, plan_train_step
+    from ssah_jax.train.memory import DecodeSpec, plan_generation, plan_train_step
 
     module = importlib.import_module(f"experiments.{name}")
     if not hasattr(module, "plan_configs"):

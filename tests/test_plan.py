@@ -14,7 +14,7 @@ from transformers import AutoConfig
 
 from ssah_jax.models import CausalLM, Layout, ModelConfig
 from ssah_jax.sharding import make_mesh, shard_batch, use_rules
-from ssah_jax.train.plan import plan_generation, plan_train_step
+from ssah_jax.train.memory import plan_generation, plan_train_step
 from ssah_jax.train.setup import Freeze, setup_training
 from ssah_jax.train.step import OptimizerConfig
 

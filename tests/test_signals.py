@@ -334,7 +334,7 @@ def test_the_probe_reads_the_query_alone_and_fits_a_head_that_separates(chat):
     grid's best on the validation prompts."""
     import optax
 
-    from ssah_jax.signals.probe import fit_output_layer, query_chat
+    from ssah_jax.signals.linear_probe import fit_output_layer, query_chat
 
     model, tokenizer, signal = chat
     pad = tokenizer.pad_token_id

@@ -56,7 +56,7 @@ from ssah_jax.evaluation.tasks.spec import Perplexity
 from ssah_jax.masking import MODULES
 from ssah_jax.pipeline import Stage
 from ssah_jax.probing import reasoning_direction
-from ssah_jax.train.plan import PlanItem
+from ssah_jax.train.memory import PlanItem
 
 STAGES = ("contrast", "units_unaligned", "align_full", "align_ru", "eval_unaligned", "eval_aligned", "eval_ru",
           "prune_aligned", "layers", "attacks", "units_attacked", "transfer", "probing", "report")

@@ -34,7 +34,7 @@ from ssah_jax.checkpoints import load_model
 from ssah_jax.data import check_kit_dataset, load_local
 from ssah_jax.evaluation import harmful_records
 from ssah_jax.pipeline import Stage
-from ssah_jax.train.plan import PlanItem
+from ssah_jax.train.memory import PlanItem
 
 MODELS = ("sft", "augmented", "signal")  # the aligned models, align_<model>
 STAGES = ("contrast", "align_sft", "align_augmented", "align_signal", "eval_sft", "eval_augmented", "eval_signal",

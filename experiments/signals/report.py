@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
-from experiments import signals as pipeline
-from experiments.signals import claims
+from experiments.signals import MODELS, attack_dir, claims
 from ssah_jax import runs
 from ssah_jax import stages as stages_lib
 from ssah_jax.evaluation.intervals import Rate, percent, shown
@@ -34,8 +33,8 @@ def attacked_rates(config: ConfigDict, out: Path) -> dict[str, dict[str, dict[in
         m = read_json(out / run / "eval" / "metrics.json")["asr_no_system"]
         return Rate(m["asr"], m["n"])
 
-    return {m: {a: {s: rate(pipeline.attack_dir(m, a, s)) for s in config.attack.seeds}
-                for a in config.attack.datasets} for m in pipeline.MODELS}
+    return {m: {a: {s: rate(attack_dir(m, a, s)) for s in config.attack.seeds}
+                for a in config.attack.datasets} for m in MODELS}
 
 
 def write(config: ConfigDict, out: Path, report_dir: Path, invocations: list[dict[str, Any]]) -> Path:
@@ -138,7 +137,7 @@ def _attacks(config: ConfigDict, out: Path, report_dir: Path, evals: dict, colum
                        f"{sweep['augmented']} (augmented); {markdown(dec)}.")
     for a in ac.datasets:
         summary.append(f"- Fine-tuning on {a} (not published by the paper; reported, {len(ac.seeds)} seeds pooled): "
-                       "ASR " + ", ".join(f"{m} {shown(pooled[m][a])}" for m in pipeline.MODELS) + ".")
+                       "ASR " + ", ".join(f"{m} {shown(pooled[m][a])}" for m in MODELS) + ".")
     return lines, summary
 
 
@@ -261,7 +260,7 @@ def _training(config: ConfigDict, out: Path) -> Section:
              "count); wall time from the stage record.", "",
              "| model | examples | final held-out loss | minutes |", "|---|---|---|---|"]
     tail = [r for r in runs.read_jsonl(out / "align_signal" / "metrics.jsonl") if r["kind"] == "train"][-5:]
-    for m in pipeline.MODELS:
+    for m in MODELS:
         r = read_json(out / f"align_{m}" / "metrics.json")
         record = read_json(out / f"align_{m}" / "stage.json")
         minutes = f"{record['seconds'] / 60:.1f}" + (f" (copied from `{record['copied_from']}`)"

@@ -13,8 +13,8 @@ from ssah_jax.signals.decoding import (
     decode_inputs,
     generate,
 )
+from ssah_jax.signals.linear_probe import ProbeResult, fit_probe
 from ssah_jax.signals.objective import SignalLoss
-from ssah_jax.signals.probe import ProbeResult, fit_probe
 from ssah_jax.signals.quality import auroc, separation
 from ssah_jax.signals.signal import (
     FILE,
