@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
+from experiments._report import save_figure
 from experiments.reproduce import ADDED as REPRODUCE_ADDED
 from experiments.reproduce.subruns import attack_dir as reproduce_run
 from experiments.signals import ADDED as SIGNALS_ADDED
@@ -224,10 +225,7 @@ def plot(result: dict, path: Path) -> Path:
     right.set_ylabel("ASR (%), 95% interval")
     right.set_ylim(-2, 102)
     right.legend(fontsize="x-small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def numbers(result: dict) -> dict:

@@ -30,6 +30,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from experiments import evaluate
+from experiments._report import save_figure
 from ssah_jax import hosts, runs, signals
 from ssah_jax.attribution import UnitMapMismatch
 from ssah_jax.checkpoints import load_model, save_hf
@@ -370,10 +371,7 @@ def plot_loss(records: list[dict], path: Path) -> Path:
     ax.set_xlabel("step")
     ax.set_ylabel("response-token NLL")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def render_report(config: ConfigDict, result: dict, stats: Any, plot: Path) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from experiments import evaluate, finetune, generate, prune
+from experiments._report import save_figure
 from experiments._staged import ADDED as SUBRUN_ADDED
 from experiments._staged import (
     attack_stage,
@@ -437,10 +438,7 @@ def plot_transfer(result: dict, path: Path) -> Path:
         ax.set_xlabel("kind after")
         ax.set_ylabel("kind before")
         ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_probing(result: dict, path: Path) -> Path:
@@ -463,7 +461,4 @@ def plot_probing(result: dict, path: Path) -> Path:
         ax.axhline(0, color="black", lw=0.5)
         ax.set_title(f"{name}: d(compliance) - d(refusal), {result['max_tokens']} tokens")
         ax.set_xlabel("layer")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

@@ -13,10 +13,11 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from experiments import prune, reproduce
+from experiments._report import Section, save_figure, stage_times
+from experiments._report import write as write_report
 from experiments.reproduce import claims
 from experiments.reproduce.subruns import attack_dir
 from ssah_jax import runs
-from ssah_jax import stages as stages_lib
 from ssah_jax.attribution import KINDS
 from ssah_jax.evaluation.intervals import Rate, mean_interval, percent, percent_bars, shown
 from ssah_jax.evaluation.tasks import headline, rate_of, shown_metric, value_of
@@ -56,7 +57,6 @@ def _copy(src: Path, dst_dir: Path, name: str) -> str:
     return name
 
 
-Section = tuple[list[str], list[str]]  # (the section's lines, its claims for the summary)
 
 
 def write(config: ConfigDict, out: Path, report_dir: Path, invocations: list[dict[str, Any]]) -> Path:
@@ -74,13 +74,7 @@ def write(config: ConfigDict, out: Path, report_dir: Path, invocations: list[dic
         sections = [_alignment(config, out, report_dir, evals, took), _pruning(config, out, report_dir, took.held),
                     _attacks(config, out, report_dir), _transfer(out, report_dir), _probing(out, report_dir),
                     _times(out, invocations)]
-    summary = [c for _, section_claims in sections for c in section_claims]
-    body = [line for section_lines, _ in sections for line in section_lines]
-    text = "\n".join([*_header(config, out, invocations[-1]), "## Summary: which claims held", "", *summary, "",
-                      *body])
-    path = report_dir / "REPORT.md"
-    path.write_text(text)
-    return path
+    return write_report(report_dir, _header(config, out, invocations[-1]), sections)
 
 
 def _header(config: ConfigDict, out: Path, last: dict) -> list[str]:
@@ -484,11 +478,10 @@ def _probing(out: Path, report_dir: Path) -> Section:
 
 def _times(out: Path, invocations: list[dict]) -> Section:
     """The wall time of every stage, summed over the invocations that worked on it."""
-    lines = ["## Stage wall times", "",
-             "Wall time of each stage on the machine named above, summed over the invocations that worked "
-             "on it (a stage resumed after a kill counts every invocation, to within 10 s per kill).", ""]
     records = [(stage, read_json(path)) for stage, path in stage_records(out)]
-    return lines + stages_lib.times_table(records, invocations, out / "invocations.jsonl"), []
+    return stage_times(out, "Wall time of each stage on the machine named above, summed over the invocations that "
+                       "worked on it (a stage resumed after a kill counts every invocation, to within 10 s per kill).",
+                       records, invocations)
 
 
 def spread(values: list[float], unit: str) -> str:
@@ -543,7 +536,4 @@ def plot_attacks(pooled: dict[str, dict[str, Rate]], initial: Rate, path: Path) 
     ax.set_ylabel("ASR (%), 95% interval")
     # below the axes: inside, it covered bars whatever corner it took
     ax.legend(fontsize="x-small", ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120, bbox_inches="tight")

@@ -9,15 +9,14 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
+from experiments._report import Section, save_figure, stage_times
+from experiments._report import write as write_report
 from experiments.signals import MODELS, attack_dir, claims
 from ssah_jax import runs
-from ssah_jax import stages as stages_lib
 from ssah_jax.evaluation.intervals import Rate, percent, shown
 from ssah_jax.evaluation.tasks import rate_of, shown_metric, value_of
 from ssah_jax.evaluation.verdicts import markdown
 from ssah_jax.runs import read_json
-
-Section = tuple[list[str], list[str]]  # (body lines, summary lines)
 
 # Li & Kim (ICML 2025), from SIGNALS.md: Llama-2-7B-Chat / with safety data augmentation / -CLS, ASR %
 PAPER_VS_AUGMENTATION = {"prefill_5": (42.1, 2.8, 0.9), "prefill_40": (57.0, 4.5, 2.1),
@@ -49,13 +48,7 @@ def write(config: ConfigDict, out: Path, report_dir: Path, invocations: list[dic
     sections = [_attacks(config, out, report_dir, evals, columns), _costs(config, evals, columns),
                 _classifier(out), _signal_along_answers(config, out, report_dir), _training(config, out), _paper(evals),
                 _times(out, invocations)]
-    summary = [line for _, s in sections for line in s]
-    body = [line for lines, _ in sections for line in lines]
-    text = "\n".join([*_header(config, out, invocations[-1]), "## Summary: which claims held", "", *summary, "",
-                      *body])
-    path = report_dir / "REPORT.md"
-    path.write_text(text)
-    return path
+    return write_report(report_dir, _header(config, out, invocations[-1]), sections)
 
 
 def _header(config: ConfigDict, out: Path, last: dict) -> list[str]:
@@ -308,11 +301,10 @@ def _paper(evals: dict) -> Section:
 
 
 def _times(out: Path, invocations: list[dict]) -> Section:
-    lines = ["## Stage wall times", "",
-             "Summed over the invocations that worked on each stage (to within 10 s per kill).", ""]
     records = [(str(p.parent.relative_to(out)), read_json(p))
                for p in sorted(out.glob("**/stage.json"), key=lambda p: p.stat().st_mtime)]
-    return lines + stages_lib.times_table(records, invocations, out / "invocations.jsonl"), []
+    return stage_times(out, "Summed over the invocations that worked on each stage (to within 10 s per kill).",
+                       records, invocations)
 
 
 def plot_prefill(evals: dict, ks: list[int], path: Path) -> Path:
@@ -325,10 +317,7 @@ def plot_prefill(evals: dict, ks: list[int], path: Path) -> Path:
     ax.set_xticks(ks)
     ax.set_ylim(-2, 102)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def plot_checks(rows: list[dict], k: int, threshold: float, path: Path) -> Path:
@@ -346,7 +335,4 @@ def plot_checks(rows: list[dict], k: int, threshold: float, path: Path) -> Path:
     ax.set_ylabel("p(malicious)")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
