@@ -44,7 +44,7 @@ from ssah_jax.sharding import make_mesh, shard_batch, use_rules
 from ssah_jax.train import lora
 from ssah_jax.train.loop import LoopConfig, fit
 from ssah_jax.train.memory import DecodeSpec, PlanItem
-from ssah_jax.train.setup import FREEZE_MODES, FreezeSpec, TrainingSpec, parse_layers, setup_training
+from ssah_jax.train.setup import FREEZE_MODES, FreezeSpec, TrainingSpec, parse_layers
 from ssah_jax.train.step import SCHEDULES, OptimizerConfig
 
 # Keys that only affect speed or logging; every other key determines the trained parameters, so
@@ -257,8 +257,7 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
         extra, probed = signal_training(config, model, train_examples, heldout_examples, tokenizer.pad_token_id)
         unrolled, model_config = nnx.graphdef(model), model.config  # what the export is made of
         model = with_layout(model, spec.layout)  # (the unrolled arrays go with their last reference)
-        training = setup_training(model, mesh, freeze, spec.optimizer, seed=spec.seed,
-                                  compute_dtype=spec.compute_dtype, accum_steps=spec.accum_steps, **extra)
+        training = spec.setup(model, mesh, freeze, **extra)
         before = training.frozen_checksum(training.state)
         buckets = bucket_lengths(d.max_length)
         dataset = batch_dataset(train_examples, batch_size=config.batch_size, pad_id=tokenizer.pad_token_id,

@@ -318,7 +318,7 @@ def bench_train(args) -> dict:
 
     from ssah_jax.checkpoints import demo_gguf_path, load_model
     from ssah_jax.sharding import make_mesh, shard_batch, use_rules
-    from ssah_jax.train import Freeze, OptimizerConfig, setup_training
+    from ssah_jax.train import Freeze, OptimizerConfig, TrainingSpec
 
     path = demo_gguf_path()
     ids = np.random.default_rng(0).integers(3, 49152, (args.batch, args.length)).astype(np.int32)
@@ -328,8 +328,10 @@ def bench_train(args) -> dict:
     model, _ = load_model(str(path))
     mesh = make_mesh({"fsdp": -1})
     with jax.set_mesh(mesh), use_rules():
-        training = setup_training(model, mesh, Freeze(), OptimizerConfig(
-            learning_rate=lr, schedule="constant", clip_norm=clip, total_steps=args.repeats + 1))
+        spec = TrainingSpec(OptimizerConfig(learning_rate=lr, schedule="constant", clip_norm=clip,
+                                            total_steps=args.repeats + 1),
+                            batch_size=args.batch, accum_steps=1, max_length=args.length)
+        training = spec.setup(model, mesh, Freeze())
         state, step = training.state, training.step
         batch = shard_batch({"input_ids": ids, "attention_mask": ones, "loss_mask": ones})
         box = [state]  # the step donates its input state
@@ -482,7 +484,7 @@ def bench_mfu(args) -> dict:
     from ssah_jax.generation import generate_tokens
     from ssah_jax.models import CausalLM, Layout, ModelConfig
     from ssah_jax.sharding import make_mesh, shard_batch, use_rules
-    from ssah_jax.train import Freeze, OptimizerConfig, setup_training
+    from ssah_jax.train import Freeze, OptimizerConfig, TrainingSpec
 
     layout = Layout(scan=args.layout == "scan", remat=args.remat)
     size = args.size or ("tiny" if jax.default_backend() == "cpu" else "1b")
@@ -499,9 +501,11 @@ def bench_mfu(args) -> dict:
     with jax.set_mesh(mesh), use_rules():
         model = CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.float32, layout=layout, rngs=nnx.Rngs(0))
         parameters = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        training = setup_training(model, mesh, Freeze(), OptimizerConfig(
-            learning_rate=1e-5, schedule="constant", clip_norm=1.0, total_steps=args.repeats + 2),
-            compute_dtype=jnp.bfloat16)
+        spec = TrainingSpec(OptimizerConfig(learning_rate=1e-5, schedule="constant", clip_norm=1.0,
+                                            total_steps=args.repeats + 2),
+                            batch_size=args.batch, accum_steps=1, max_length=args.length, compute_dtype=jnp.bfloat16,
+                            layout=layout)
+        training = spec.setup(model, mesh, Freeze())
         ids = rng.integers(3, config.vocab_size, (args.batch, args.length)).astype(np.int32)
         ones = np.ones_like(ids)
         batch = shard_batch({"input_ids": ids, "attention_mask": ones, "loss_mask": ones})

@@ -56,6 +56,12 @@ class TrainingSpec:
     lora: lora.LoraConfig | None = None
     seed: int = 0
 
+    def setup(self, model: CausalLM, mesh: jax.sharding.Mesh, freeze: Freeze, **objective: Any) -> Training:
+        """:func:`setup_training` of ``model`` on ``mesh`` under these settings (``objective``: its
+        ``objective``, ``extra`` and ``extra_lr_scale``)."""
+        return setup_training(model, mesh, freeze, self.optimizer, seed=self.seed, compute_dtype=self.compute_dtype,
+                              accum_steps=self.accum_steps, **objective)
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Freeze:
