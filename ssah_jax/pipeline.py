@@ -89,9 +89,11 @@ def identities(pipeline: Pipeline, out: Path) -> dict[str, dict[str, Any]]:
             plans[name] = pipeline.stage(name)
         return plans[name]
 
-    return stages.identities(recorded(pipeline), lambda r: runs.determining(plan(r).given, plan(r).excluded,
-                                                                            plan(r).added),
-                             lambda r: plan(r).reads, out)
+    def given(name: str) -> dict[str, Any]:  # what determines its results
+        stage = plan(name)
+        return runs.determining(stage.given, stage.excluded, stage.added)
+
+    return stages.identities(recorded(pipeline), given, lambda name: plan(name).reads, out)
 
 
 def done(pipeline: Pipeline, out: Path, stage: str) -> bool:
