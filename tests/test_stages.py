@@ -101,13 +101,13 @@ def _git(repo, *args):
     return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def _code_version_of(runs_py):
-    """code_version() of a copy of ssah_jax/runs.py, run in a fresh interpreter."""
+def _code_version_of(provenance_py):
+    """code_version() of a copy of ssah_jax/runs/provenance.py, run in a fresh interpreter."""
     import subprocess
 
     code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('r', sys.argv[1]); "
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); print(m.code_version())")
-    return subprocess.run([sys.executable, "-c", code, str(runs_py)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code, str(provenance_py)], capture_output=True, text=True,
                           check=True).stdout.strip()
 
 
@@ -119,7 +119,7 @@ def test_an_invocation_records_the_commit_of_the_code_it_ran(tmp_path):
 
     from ssah_jax import runs
 
-    root = Path(runs.__file__).resolve().parents[1]
+    root = Path(runs.__file__).resolve().parents[2]  # <root>/ssah_jax/runs/__init__.py
     if subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
         pytest.skip("ssah_jax is not running from a git checkout")
     config = ConfigDict(dict(stages=("all",), jax_cache=False))
@@ -128,9 +128,10 @@ def test_an_invocation_records_the_commit_of_the_code_it_ran(tmp_path):
     assert record["code"] == runs.code_version() and record["stages"] == ["a"]
 
     repo = tmp_path / "repo"  # a checkout of its own: code, then docs and tests, then a config
-    (repo / "ssah_jax").mkdir(parents=True)
+    package, skip = Path("ssah_jax", "runs"), shutil.ignore_patterns("__pycache__")
+    provenance = package / "provenance.py"  # where code_version is
+    shutil.copytree(root / package, repo / package, ignore=skip)
     (repo / "configs").mkdir()
-    shutil.copy(root / "ssah_jax" / "runs.py", repo / "ssah_jax" / "runs.py")
     (repo / "configs" / "c.py").write_text("x = 1\n")
     _git(tmp_path, "init", "-q", str(repo))
 
@@ -146,17 +147,16 @@ def test_an_invocation_records_the_commit_of_the_code_it_ran(tmp_path):
     (repo / "experiments" / "results").mkdir(parents=True)
     (repo / "experiments" / "results" / "REPORT.md").write_text("results\n")
     commit("docs, tests and results")
-    assert _code_version_of(repo / "ssah_jax" / "runs.py") == code  # the stages' code did not change
+    assert _code_version_of(repo / provenance) == code  # the stages' code did not change
     (repo / "configs" / "c.py").write_text("x = 2\n")
-    assert _code_version_of(repo / "ssah_jax" / "runs.py") == code + "+local changes"
+    assert _code_version_of(repo / provenance) == code + "+local changes"
     commit("config")
-    assert _code_version_of(repo / "ssah_jax" / "runs.py") == _git(repo, "rev-parse", "--short", "HEAD") != code
+    assert _code_version_of(repo / provenance) == _git(repo, "rev-parse", "--short", "HEAD") != code
 
     copy = tmp_path / "inside" / "repo"  # a copy inside another git checkout is not that checkout
-    (copy / "ssah_jax").mkdir(parents=True)
-    shutil.copy(root / "ssah_jax" / "runs.py", copy / "ssah_jax" / "runs.py")
+    shutil.copytree(root / package, copy / package, ignore=skip)
     _git(tmp_path, "init", "-q", str(tmp_path / "inside"))
-    assert _code_version_of(copy / "ssah_jax" / "runs.py") == "None"
+    assert _code_version_of(copy / provenance) == "None"
 
 
 def test_stage_records_carry_their_code_and_the_table_warns_when_it_differs(tmp_path, monkeypatch):

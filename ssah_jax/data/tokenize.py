@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ssah_jax.data.sources import Record
+from ssah_jax.data.records import Record
 
 
 class Role(enum.IntEnum):

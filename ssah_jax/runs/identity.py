@@ -1,71 +1,26 @@
-"""What every experiment run shares: config validation and its workdir."""
+"""A run's identity and the workdir that records it: the values that determine a run
+(``determining``: every leaf of its config but the experiment's ``EXCLUDED`` keys and its ``ADDED``
+keys at their old values), their hash (``fingerprint``) and differences, and ``prepare_workdir``,
+which records them in ``identity.json`` and refuses a workdir of another identity or experiment."""
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import importlib.util
 import json
-import os
-import platform
 import shutil
-import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax.numpy as jnp
 from ml_collections import ConfigDict
 
 from ssah_jax import hosts
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class ConfigError(ValueError):
-    """A config value is out of range; the message names the key."""
-
-
-def get(config: ConfigDict, key: str) -> Any:
-    """The value of a dotted key (``"attack.lora.rank"``)."""
-    value = config
-    for part in key.split("."):
-        value = value[part]
-    return value
-
-
-def check(config: ConfigDict, key: str, ok: Callable[[Any], bool], requirement: str) -> None:
-    """Raises ConfigError naming ``config.<key>`` unless ``ok(value)``."""
-    value = get(config, key)
-    if not ok(value):
-        raise ConfigError(f"config.{key}={value!r}: {requirement}")
-
-
-def check_parses(config: ConfigDict, key: str, parse: Callable[[Any], Any], optional: bool = False) -> None:
-    """Raises ConfigError naming ``config.<key>`` when ``parse(value)`` raises KeyError or
-    ValueError (e.g. ``ssah_jax.data.parse_mixture`` on a dataset spec); ``optional``: an empty
-    value passes."""
-    value = get(config, key)
-    if optional and not value:
-        return
-    try:
-        parse(value)
-    except (KeyError, ValueError) as e:
-        raise ConfigError(f"config.{key}={value!r}: {e.args[0]}") from None
-
-
-def dtype(config: ConfigDict, key: str = "dtype"):
-    check(config, key, lambda v: v in DTYPES, f"must be one of {sorted(DTYPES)}")
-    return DTYPES[config[key]]
-
+from ssah_jax.runs.checks import ConfigError
+from ssah_jax.runs.records import WorkdirError, read_json, write_atomic
 
 IDENTITY = "identity.json"  # what a workdir's results were computed from (see prepare_workdir)
 # Files a run writes before it computes anything (reproduce: its invocation log and a stage's timer).
 BOOKKEEPING = (IDENTITY, "config.json", "invocations.jsonl", "elapsed.json")
-
-
-class WorkdirError(ValueError):
-    """The workdir cannot be used: it is a file, holds a damaged file, or results of other inputs."""
 
 
 # Keys added to a config after results were recorded: each experiment declares its own
@@ -227,145 +182,7 @@ def _clear(workdir: Path) -> None:
     print(f"--overwrite: cleared {workdir}")
 
 
-FINISHED = "finished.json"  # written when an ssah-jax command ran to its end in the workdir
-
-
-def write_atomic(path: str | Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file that then replaces it: a kill leaves
-    the old file or the new one, never a truncated one that would stop the run's resumption."""
-    partial = Path(str(path) + ".partial")
-    partial.write_text(text)
-    partial.replace(path)
-
-
-def mark_finished(workdir: str | Path, argv: list[str], seconds: float) -> None:
-    """Records in ``workdir/finished.json`` that a command finished there (what a sweep checks,
-    however the command was run)."""
-    if hosts.is_main():
-        write_atomic(Path(workdir, FINISHED), json.dumps({
-            "argv": argv, "seconds": round(seconds, 1), "code": code_version(),
-            "finished": datetime.datetime.now().isoformat(timespec="seconds")}, indent=2) + "\n")
-
-
-def read_finished(workdir: str | Path) -> dict[str, Any] | None:
-    """The record of :func:`mark_finished` (None without one)."""
-    try:
-        record = json.loads(Path(workdir, FINISHED).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("argv"), list) else None
-
-
 def holds_results(workdir: Path) -> bool:
     """Whether ``workdir`` holds anything but the bookkeeping of prepare_workdir and empty
     files or directories (what a run that failed before producing anything leaves)."""
     return any(p.is_file() and p.name not in BOOKKEEPING and p.stat().st_size > 0 for p in workdir.rglob("*"))
-
-
-def read_json(path: Path) -> Any:
-    """A JSON file a run wrote; WorkdirError naming it if it is damaged."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WorkdirError(f"{path}: not valid JSON (a damaged workdir file: {e})") from None
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL file; a torn last line (a killed run) is dropped."""
-    if not path.exists():
-        return []
-    records = []
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise WorkdirError(f"{path}:{i + 1}: not valid JSON (a damaged workdir file)") from None
-    return records
-
-
-def config_from_file(path: str | Path, preset: str | None, drop: tuple[str, ...] = ()) -> ConfigDict:
-    """``get_config(preset)`` of a config file (its default preset when ``preset`` is empty)
-    without its top-level keys ``drop`` (configs nest each other's sections this way, dropping
-    what the outer config sets). A file without ``get_config`` is a ConfigError."""
-    spec = importlib.util.spec_from_file_location(f"_config_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"{path} defines no get_config(preset)")
-    config = module.get_config(preset) if preset else module.get_config()
-    with config.unlocked():
-        for key in drop:
-            del config[key]
-    return config
-
-
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (runs write PNGs, never show them)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def set_values(config: ConfigDict, values: dict[str, Any]) -> None:
-    """Sets dotted keys (``"evaluation.harmful.limit"``) of a preset; a key must exist."""
-    for key, value in values.items():
-        target = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            target = target[part]
-        if leaf not in target:
-            raise KeyError(f"preset sets unknown config key {key!r}")
-        target[leaf] = value
-
-
-def code_version() -> str | None:
-    """The commit that last changed the code of the checkout ssah_jax runs from: its package,
-    experiments, configs, scripts and setup.py, not its docs, tests or results, so a commit of
-    those leaves the version of a run in progress as it was. ``"<short sha>+local changes"``
-    when that code differs from the commit (new files included); None outside a git checkout
-    (an installed wheel)."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True,  # noqa: E731
-                                        check=True, timeout=10).stdout.strip()
-        if Path(git("rev-parse", "--show-toplevel")).resolve() != root:  # e.g. a venv inside a checkout
-            return None
-        code = ("ssah_jax", "experiments", "configs", "scripts", "setup.py", ":!experiments/results")
-        commit = git("log", "-1", "--format=%h", "HEAD", "--", *code) or git("rev-parse", "--short", "HEAD")
-        return commit + ("+local changes" if git("status", "--porcelain", "--", *code) else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def machine() -> dict[str, Any]:
-    """What a measurement ran on: CPU model and count, jax version and devices."""
-    import jax
-
-    return {"machine": platform.machine(), "processor": _cpu_name(), "cpus": os.cpu_count(),
-            "jax": jax.__version__, "devices": [str(d.device_kind) for d in jax.devices()],
-            "processes": jax.process_count()}
-
-
-def describe_machine(m: dict[str, Any] | None = None) -> str:
-    """``m`` (a recorded ``machine()``; this machine by default) in one line, for reports and
-    benchmark output."""
-    m = m or machine()
-    processes = f" in {m['processes']} processes" if m.get("processes", 1) > 1 else ""
-    return (f"{m['processor']} ({m['machine']}), {m['cpus']} cores, jax {m['jax']} on "
-            f"{len(m['devices'])} x {m['devices'][0]}{processes}")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
