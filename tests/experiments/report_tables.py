@@ -1,6 +1,6 @@
-"""Reading the committed reports' markdown back (``tests/test_claims.py``,
-``tests/test_qwen_claims.py``, ``tests/test_signals_claims.py``): their tables, printed rates and
-verdicts."""
+"""Reading the committed reports' markdown back (``test_reproduce_claims.py``,
+``test_reproduce_claims_qwen.py``, ``test_signals_claims.py`` beside it): their tables, printed
+rates and verdicts."""
 
 import re
 

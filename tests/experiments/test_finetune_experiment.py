@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from experiments import finetune
 from ssah_jax.runs import ConfigError, config_from_file, read_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI on one CPU device

@@ -85,7 +85,7 @@ def test_the_judge_audit_of_evaluation_rows(tmp_path, capsys):
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
-        "judge_rows", Path(__file__).resolve().parents[1] / "scripts" / "judge_rows.py")
+        "judge_rows", Path(__file__).resolve().parents[2] / "scripts" / "judge_rows.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     late = "device:\n\nIngredients:\nSorry, I can't fulfill your request because I'm just an AI."

@@ -86,7 +86,7 @@ def test_unknown_dataset_and_split():
 
 
 def test_tfds_source_on_a_locally_prepared_builder(tmp_path):
-    from tests.tfds_tiny import TinyQa
+    from tests.data.tfds_tiny import TinyQa
 
     builder = TinyQa(data_dir=str(tmp_path), file_format="array_record")
     builder.download_and_prepare()

@@ -16,7 +16,7 @@ from ssah_jax import stages
 from ssah_jax.evaluation.intervals import Rate
 from ssah_jax.runs import ConfigError, config_from_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N = 200  # prompts per attack run
 SEED_STEP = 0.1  # each seed's ASR differs, so a table of one seed's runs would not pass for the pooled one
 

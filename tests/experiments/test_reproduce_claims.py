@@ -31,7 +31,7 @@ from experiments.reproduce.claims import (
     steers_toward_refusal,
 )
 from ssah_jax.attribution import KINDS
-from tests.report_tables import (
+from tests.experiments.report_tables import (
     PCT,
     VERDICT,
     claim,
@@ -44,7 +44,7 @@ from tests.report_tables import (
     verdict,
 )
 
-REPORT = Path(__file__).resolve().parents[1] / "experiments" / "results" / "smollm2" / "REPORT.md"
+REPORT = Path(__file__).resolve().parents[2] / "experiments" / "results" / "smollm2" / "REPORT.md"
 
 # ---------------------------------------------------------------------------------------------
 # Reading the committed report

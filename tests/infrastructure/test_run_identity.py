@@ -13,9 +13,9 @@ from ml_collections import ConfigDict
 from experiments import evaluate, finetune, generate, prune, reproduce
 from ssah_jax import pipeline, runs
 from ssah_jax.runs import ConfigError, WorkdirError, config_from_file
-from tests.test_cli import error_line, run_cli
+from tests.commands.test_cli import error_line, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def preset(name: str, which: str) -> ConfigDict:

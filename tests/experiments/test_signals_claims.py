@@ -12,9 +12,9 @@ import pytest
 from experiments.reproduce.claims import Rate, Verdict
 from experiments.signals import claims
 from ssah_jax.evaluation.intervals import shown
-from tests.report_tables import VERDICT, rate, sections, summary, table, verdict
+from tests.experiments.report_tables import VERDICT, rate, sections, summary, table, verdict
 
-RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results"
 REPORT = RESULTS / "signals_smollm2" / "REPORT.md"
 COMPARE = RESULTS / "compare" / "numbers.json"
 # The preset's n (configs/signals.py:smollm2_cpu): 200 held-out harmful prompts, every one of the

@@ -11,7 +11,7 @@ import pytest
 from ssah_jax.attribution import UnitMap, calibration
 from ssah_jax.runs import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from configs.prune import get_config  # noqa: E402
 from experiments import prune as prune_experiment  # noqa: E402

@@ -14,7 +14,7 @@ from experiments import generate as generate_experiment
 from ssah_jax import cli
 from ssah_jax.runs import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from configs.generate import get_config  # noqa: E402
 

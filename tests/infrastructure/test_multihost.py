@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 
 from ssah_jax.runs import read_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _port() -> int:

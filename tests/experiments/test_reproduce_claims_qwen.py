@@ -1,7 +1,7 @@
 """The claim verdicts of the maker-aligned SSAH report (``experiments/reproduce/report.py`` with
 ``maker_aligned``): each verdict of the committed ``experiments/results/qwen_coder_0.5b/REPORT.md``
 follows from the numbers in its tables, by the rules of ``experiments/reproduce/claims.py`` (whose
-flips are tested in ``tests/test_claims.py``)."""
+flips are tested in ``tests/experiments/test_reproduce_claims.py``)."""
 
 import re
 from pathlib import Path
@@ -14,7 +14,7 @@ from experiments.reproduce.claims import (
     refuses,
     safety_units_carry_refusal,
 )
-from tests.report_tables import (
+from tests.experiments.report_tables import (
     VERDICT,
     claim,
     freezing_claim,
@@ -26,7 +26,7 @@ from tests.report_tables import (
     verdict,
 )
 
-REPORT = Path(__file__).resolve().parents[1] / "experiments" / "results" / "qwen_coder_0.5b" / "REPORT.md"
+REPORT = Path(__file__).resolve().parents[2] / "experiments" / "results" / "qwen_coder_0.5b" / "REPORT.md"
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from tests import tiny
 
 @pytest.fixture(scope="module")
 def bench_script():
-    spec = importlib.util.spec_from_file_location("benchmark", Path(__file__).parents[1] / "scripts" / "benchmark.py")
+    spec = importlib.util.spec_from_file_location("benchmark", Path(__file__).parents[2] / "scripts" / "benchmark.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

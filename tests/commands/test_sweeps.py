@@ -16,7 +16,7 @@ from ml_collections import ConfigDict
 
 from ssah_jax import runs, sweeps
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args, **kw):

@@ -18,7 +18,7 @@ from ssah_jax.train.plan import plan_generation, plan_train_step
 from ssah_jax.train.setup import Freeze, setup_training
 from ssah_jax.train.step import OptimizerConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _rss(field: str) -> int:
