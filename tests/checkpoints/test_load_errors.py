@@ -58,7 +58,7 @@ def test_missing_tensor_is_named(tiny_llama):
 
 
 def test_truncated_gguf_names_the_file(tmp_path):
-    from tests.checkpoints.test_gguf import write_tiny_gguf
+    from tests.tiny import write_tiny_gguf
 
     path, _ = write_tiny_gguf(tmp_path, "F32")
     data = path.read_bytes()

@@ -22,7 +22,7 @@ from ssah_jax.data import load_mixture, prompt_key
 from ssah_jax.evaluation import harmful_records
 from ssah_jax.evaluation.tasks.safety import untrained
 from ssah_jax.runs import config_from_file, read_jsonl
-from tests.commands.test_cli import error_line
+from tests.helpers import error_line
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI on one CPU device

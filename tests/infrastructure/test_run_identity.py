@@ -13,7 +13,7 @@ from ml_collections import ConfigDict
 from experiments import evaluate, finetune, generate, prune, reproduce
 from ssah_jax import pipeline, runs
 from ssah_jax.runs import ConfigError, WorkdirError, config_from_file
-from tests.commands.test_cli import error_line, run_cli
+from tests.helpers import error_line, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
