@@ -1,0 +1,106 @@
+"""``ssah-jax plan``: the per-device memory bill of a compiled step from abstract weights; on fake
+CPU devices it agrees with a measured step, and its advice makes a step that does not fit fit."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from transformers import AutoConfig
+
+from ssah_jax.models import CausalLM, Layout, ModelConfig
+from ssah_jax.sharding import make_mesh, shard_batch, use_rules
+from ssah_jax.train.memory import plan_generation, plan_train_step
+from ssah_jax.train.setup import Freeze, setup_training
+from ssah_jax.train.step import OptimizerConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _rss(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")
+@pytest.mark.parametrize("layout", [Layout(), Layout(scan=True, remat="full")], ids=["unrolled", "scan_full"])
+def test_plan_of_a_train_step_agrees_with_a_measured_step(layout):
+    # Big enough that the step's buffers (hundreds of MB over the 8 devices) dwarf the noise of RSS.
+    config = ModelConfig.from_hf(AutoConfig.for_model(
+        "llama", hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=4,
+        num_hidden_layers=4, vocab_size=32000))
+    mesh = make_mesh({"fsdp": -1})
+    batch_size, length = 8, 512
+    bill = plan_train_step(config, mesh, batch_size=batch_size, length=length, layout=layout)
+
+    with jax.set_mesh(mesh), use_rules():
+        training = setup_training(CausalLM(config, layout=layout, rngs=nnx.Rngs(0)), mesh, Freeze(),
+                                  OptimizerConfig())
+        ids = np.random.default_rng(0).integers(0, 32000, (batch_size, length)).astype(np.int32)
+        ones = np.ones_like(ids)
+        batch = shard_batch({"input_ids": ids, "attention_mask": ones, "loss_mask": ones, "roles": ones,
+                             "label": np.zeros(batch_size, np.int32)})
+        step = training.step.lower(training.state, batch).compile()
+        state = jax.block_until_ready(training.state)
+        held = [sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards)
+                for tree in (state.params, state.opt_state)]
+        Path("/proc/self/clear_refs").write_text("5")  # the peak RSS restarts from here
+        before = _rss("VmRSS")
+        jax.block_until_ready(step(state, batch))
+        during = _rss("VmHWM") - before
+    devices = mesh.devices.size
+    # What the state holds is exact; the rest is XLA's buffer assignment, measured as the peak.
+    assert held[0] == bill.parameters * devices
+    assert held[1] == pytest.approx(bill.optimizer * devices, rel=0.01)
+    measured = sum(held) + during
+    predicted = bill.total * devices
+    assert measured == pytest.approx(predicted, rel=0.2), (measured / 2**20, predicted / 2**20)
+
+
+def test_a_scanned_7b_plan_is_abstract_and_sharded():
+    config = ModelConfig.from_hf(AutoConfig.for_model(
+        "llama", hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+        num_hidden_layers=32, vocab_size=32000))
+    mesh = make_mesh({"fsdp": -1})
+    bill = plan_train_step(config, mesh, batch_size=8, length=256, compute_dtype=jax.numpy.bfloat16,
+                           layout=Layout(scan=True, remat="full"), capacity=80 * 2**30)
+    params, norms = 6_738_415_616, (2 * 32 + 1) * 4096  # the norms' scales are replicated
+    assert bill.parameters == (params - norms) * 4 // 8 + norms * 4  # float32 master weights, FSDP over 8
+    assert bill.optimizer == pytest.approx(2 * bill.parameters, rel=0.01)  # Adam's two moments
+    assert bill.fits
+    decode = plan_generation(config, batch_size=4, prompt_tokens=64, max_new_tokens=16,
+                             dtype=jax.numpy.bfloat16, capacity=16 * 2**30)
+    assert decode.parameters == params * 2 and decode.fits
+
+
+def plan(*flags):
+    return subprocess.run([sys.executable, "-m", "ssah_jax.cli", "plan", *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_plan_command_says_what_fits(tiny_chat_model):
+    # Two rows per device: the logits of the tiny model's large vocabulary dominate, so remat
+    # barely helps and the advice ends in two micro-batches.
+    flags = ["--config=configs/finetune.py:quick", f"--config.model={tiny_chat_model}", "--config.batch_size=16"]
+    first = plan(*flags)
+    assert first.returncode == 0, first.stderr[-2000:]
+    total = float(re.search(r"total\s+([\d.]+) GiB", first.stdout).group(1))
+    assert "-> fits" in first.stdout
+    tight = plan(*flags, f"--memory_gb={total * 0.8:.4f}")
+    assert tight.returncode == 0, tight.stderr[-2000:]
+    assert "DOES NOT FIT" in tight.stdout
+    advice = re.search(r"fits with (.*?) \(", tight.stdout)
+    assert advice, tight.stdout
+    again = plan(*flags, f"--memory_gb={total * 0.8:.4f}", *advice.group(1).split())
+    assert "-> fits" in again.stdout and "DOES NOT FIT" not in again.stdout
+
+
+def test_plan_errors_are_one_line():
+    refused = plan("--config=configs/finetune.py:quick")  # batch 4 does not split over 8 devices
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].startswith("ssah-jax: [finetune] a micro-batch of 4 / 1")
+    unknown = plan("--config=configs/finetune.py:quick", "--config.no_such_key=1")
+    assert unknown.returncode == 2 and "config.no_such_key" in unknown.stderr
