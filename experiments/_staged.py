@@ -145,3 +145,13 @@ def run_attack(config: ConfigDict, directory: Path) -> None:
 
 def attack_stage(given: ConfigDict, reads: tuple[str, ...]) -> Stage:
     return Stage(given, run_attack, ATTACK_EXCLUDED, reads, ADDED)
+
+
+def check_attacks(config: ConfigDict) -> None:
+    """The checks of a pipeline's ``attack`` section that every pipeline has: its attacks, their
+    steps and its seeds."""
+    runs.check(config, "attack.datasets", lambda v: len(v) > 0, "needs at least one attack")
+    runs.check(config, "attack.seeds", lambda v: len(v) > 0 and len(set(v)) == len(v),
+               "needs at least one seed, none twice")
+    for name in config.attack.datasets:
+        runs.check(config, f"attack.datasets.{name}.steps", lambda v: v >= 1, "must be >= 1")

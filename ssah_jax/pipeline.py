@@ -3,12 +3,14 @@
 A pipeline is a sequence of stages in one workdir. An experiment defines only what is its own:
 its stages in order, which stages each needs finished first, the directories each records
 (``runs``: one, or one per sub-run), what each recorded directory is given and the body that
-runs it (a :class:`Stage`), and its report. This module does the rest, the same way for every
-pipeline: ``config.stages`` selection, the refusal of a finished stage whose identity the config
-changed (naming the keys), the check of prerequisites, the workdir and its invocation log, the
-copy of stages finished with the same identity in another workdir (``config.reuse``), resume and
-timing (:func:`ssah_jax.stages.run_stage`), and the report with the stage table and
-``numbers.json``.
+runs it (a :class:`Stage`), the checks of its config, what ``ssah-jax plan`` compiles, and its
+report. This module does the rest, the same way for every pipeline: the experiment's
+``validate``, ``plan_configs`` and ``run`` (``functools.partial`` of :func:`validate`,
+:func:`plan` and :func:`run` with the pipeline's class), ``config.stages`` selection, the
+refusal of a finished stage whose identity the config changed (naming the keys), the check of
+prerequisites, the workdir and its invocation log, the copy of stages finished with the same
+identity in another workdir (``config.reuse``), resume and timing
+(:func:`ssah_jax.stages.run_stage`), and the report with the stage table and ``numbers.json``.
 
 The config keys read here are the ones every pipeline has: ``stages``, ``reuse``,
 ``report_dir`` and ``jax_cache``. The rest of a config is the experiment's, seen here only as
@@ -64,6 +66,17 @@ class Pipeline(Protocol):
 
     def stage(self, recorded: str) -> Stage:
         """What the recorded directory ``recorded`` is given and how it runs."""
+        ...
+
+    def check(self) -> None:
+        """Raises a :class:`ssah_jax.runs.ConfigError` naming the key of a config value this
+        pipeline cannot run, its sub-runs' own checks included (before hours of work rather than
+        after); ``config.dtype`` and ``config.stages`` are checked by the engine."""
+        ...
+
+    def plan(self) -> list[Any]:
+        """What ``ssah-jax plan`` compiles and bills (:class:`ssah_jax.train.memory.PlanItem`
+        values): the pipeline's trainings and decoding, built for the workdir ``<workdir>``."""
         ...
 
     def report(self, out: Path, report_dir: Path, invocations: list[dict[str, Any]]) -> Path:
@@ -205,10 +218,25 @@ def _reusable(config: ConfigDict, out: Path, found: dict[str, dict[str, Any]]) -
     return elsewhere
 
 
+def validate(build: Build, config: ConfigDict) -> None:
+    """Checks ``config`` for the pipeline ``build``: its dtype, its stage selection, then the
+    pipeline's own checks (:meth:`Pipeline.check`); a bad value is a ConfigError naming its key."""
+    runs.dtype(config)
+    pipeline = build(config, Path("."))
+    selected(config, pipeline.order)
+    pipeline.check()
+
+
+def plan(build: Build, config: ConfigDict) -> list[Any]:
+    """What ``ssah-jax plan`` compiles for the pipeline ``build`` (:meth:`Pipeline.plan`)."""
+    return build(config, Path("<workdir>")).plan()
+
+
 def run(build: Build, config: ConfigDict, workdir: str | Path, *, overwrite: bool = False) -> Path:
-    """Runs the stages of ``config.stages`` of the pipeline ``build(config, workdir)`` (the
-    config validated by the caller), then its report if scheduled; returns the report's path
+    """Validates ``config`` (:func:`validate`), runs the stages of ``config.stages`` of the
+    pipeline ``build(config, workdir)``, then its report if scheduled; returns the report's path
     (or the workdir without a report)."""
+    validate(build, config)
     out = Path(workdir)
     pipeline = build(config, out)
     todo = selected(config, pipeline.order)

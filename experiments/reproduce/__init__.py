@@ -13,6 +13,7 @@ defines the stages, :class:`Reproduce`). See ``configs/reproduce.py`` for the st
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from experiments._report import save_figure
 from experiments._staged import ADDED as SUBRUN_ADDED
 from experiments._staged import (
     attack_stage,
+    check_attacks,
     contrast_config,
     contrast_stage,
     eval_config,
@@ -156,6 +158,51 @@ class Reproduce:
         }
         return plans[recorded]()
 
+    def check(self) -> None:
+        config = self.config
+        check = lambda key, ok, why: runs.check(config, key, ok, why)  # noqa: E731
+        check("budget_ru", lambda v: 0 < v < 1, "must be a fraction in (0, 1)")
+        for key in ("align.steps", "align.batch_size", "align.ru_epochs", "attack.batch_size",
+                    "attack.frozen_epochs", "layers.prompts", "layers.max_new_tokens", "layers.perplexity_samples",
+                    "probing.max_tokens"):
+            check(key, lambda v: v >= 1, "must be >= 1")
+        check("probing.refusals", lambda v: len(v) >= 1, "needs at least one refusal phrasing")
+        check("probing.compliances", lambda v: len(v) >= 1, "needs at least one compliance phrasing")
+        check("probing.confidence", lambda v: 0 < v < 1, "must be in (0, 1)")
+        check("probing.prompts", lambda v: v >= 2, "must be >= 2 (the verdict's intervals need two queries)")
+        check("layers.size", lambda v: v >= 0, "must be >= 0 (0: as many units as attack.selection)")
+        check("layers.max_perplexity_ratio", lambda v: v >= 1, "must be >= 1 (a multiple of the dense perplexity)")
+        check("attack.variants", lambda v: len(v) > 0 and set(v) <= set(VARIANTS),
+              f"must be a non-empty subset of {VARIANTS}")
+        check_attacks(config)
+        if not config.maker_aligned:
+            check("align.dataset", lambda v: "contrast" in [p.split(":")[0].strip() for p in v.split(",")],
+                  "needs the contrast component (the contrast stage's answers), e.g. 'alpaca_libre:168,contrast:56'")
+            generate.validate(contrast_config(config, Path(".")))
+            finetune.validate(align_config(config, Path("units.npz"), Path(".")))
+            # (a model its makers aligned has no unaligned model to trace its units' kinds from)
+            check("transfer_attack", lambda v: v in config.attack.datasets, "must name one of attack.datasets")
+            recipe_sweep(config)
+        for section in ("evaluation.", "table.", "attack.evaluation."):
+            evaluate.validate(config, section)
+        # The sub-runs' own checks, before hours of work rather than after.
+        for name in config.attack.datasets:
+            for variant in config.attack.variants:
+                finetune.validate(attack_config(config, Path("."), name, variant, "0-1", config.attack.seeds[0]))
+        prune.validate(prune_config(config, config.model, table=True))
+
+    def plan(self) -> list[PlanItem]:
+        """The full alignment, the first attack (unprotected) and the evaluation's decoding
+        (every model has ``config.model``'s architecture)."""
+        config, out = self.config, self.out
+        attack, seed = next(iter(config.attack.datasets)), config.attack.seeds[0]
+        attacked = attack_config(config, out, attack, "none", "", seed)
+        source = finetune.model_source(config.model)  # as the finetune runs resolve it
+        return [PlanItem("align_full", source, finetune.training_spec(align_config(config, None, out)), "finetune."),
+                PlanItem(attack_dir(attack, "none", seed), source, finetune.training_spec(attacked), "finetune."),
+                PlanItem("eval_aligned", config.model,
+                         finetune.decode_spec(eval_config(config, config.evaluation, config.model)))]
+
     def report(self, out: Path, report_dir: Path, invocations: list[dict[str, Any]]) -> Path:
         from experiments.reproduce import report
 
@@ -230,44 +277,6 @@ def recipe_sweep(config: ConfigDict) -> list[dict[str, Any]] | None:
         raise runs.ConfigError(f"config.align_sweep.point={point!r}: its recipe ({', '.join(differs)}) is not "
                                "config.align's; set config.align_sweep.csv='' for a recipe no sweep chose")
     return rows
-
-
-def validate(config: ConfigDict) -> None:
-    check = lambda key, ok, why: runs.check(config, key, ok, why)  # noqa: E731
-    runs.dtype(config)
-    engine.selected(config, order(config))
-    check("budget_ru", lambda v: 0 < v < 1, "must be a fraction in (0, 1)")
-    for key in ("align.steps", "align.batch_size", "align.ru_epochs", "attack.batch_size",
-                "attack.frozen_epochs", "layers.prompts", "layers.max_new_tokens", "layers.perplexity_samples",
-                "probing.max_tokens"):
-        check(key, lambda v: v >= 1, "must be >= 1")
-    check("probing.refusals", lambda v: len(v) >= 1, "needs at least one refusal phrasing")
-    check("probing.compliances", lambda v: len(v) >= 1, "needs at least one compliance phrasing")
-    check("probing.confidence", lambda v: 0 < v < 1, "must be in (0, 1)")
-    check("probing.prompts", lambda v: v >= 2, "must be >= 2 (the verdict's intervals need two queries)")
-    check("layers.size", lambda v: v >= 0, "must be >= 0 (0: as many units as attack.selection)")
-    check("layers.max_perplexity_ratio", lambda v: v >= 1, "must be >= 1 (a multiple of the dense perplexity)")
-    check("attack.variants", lambda v: len(v) > 0 and set(v) <= set(VARIANTS),
-          f"must be a non-empty subset of {VARIANTS}")
-    check("attack.datasets", lambda v: len(v) > 0, "needs at least one attack")
-    check("attack.seeds", lambda v: len(v) > 0 and len(set(v)) == len(v), "needs at least one seed, none twice")
-    if not config.maker_aligned:
-        check("align.dataset", lambda v: "contrast" in [p.split(":")[0].strip() for p in v.split(",")],
-              "needs the contrast component (the contrast stage's answers), e.g. 'alpaca_libre:168,contrast:56'")
-        generate.validate(contrast_config(config, Path(".")))
-        finetune.validate(align_config(config, Path("units.npz"), Path(".")))
-        # (a model its makers aligned has no unaligned model to trace its units' kinds from)
-        check("transfer_attack", lambda v: v in config.attack.datasets, "must name one of attack.datasets")
-        recipe_sweep(config)
-    for name, spec in config.attack.datasets.items():
-        check(f"attack.datasets.{name}.steps", lambda v: v >= 1, "must be >= 1")
-    for section in ("evaluation.", "table.", "attack.evaluation."):
-        evaluate.validate(config, section)
-    # The sub-runs' own checks, before hours of work rather than after.
-    for name in config.attack.datasets:
-        for variant in config.attack.variants:
-            finetune.validate(attack_config(config, Path("."), name, variant, "0-1", config.attack.seeds[0]))
-    prune.validate(prune_config(config, config.model, table=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,22 +408,10 @@ def probe(config: ConfigDict, directory: Path) -> None:
         plot_probing(result, directory / "probing.png")
 
 
-def plan_configs(config: ConfigDict) -> list[Any]:
-    """What ``ssah-jax plan`` compiles: the full alignment, the first attack (unprotected) and
-    the evaluation's decoding (every model has ``config.model``'s architecture)."""
-    attack, seed = next(iter(config.attack.datasets)), config.attack.seeds[0]
-    align = align_config(config, None, Path("<workdir>"))
-    attacked = attack_config(config, Path("<workdir>"), attack, "none", "", seed)
-    source = finetune.model_source(config.model)  # as the finetune runs resolve it
-    return [PlanItem("align_full", source, finetune.training_spec(align), "finetune."),
-            PlanItem(attack_dir(attack, "none", seed), source, finetune.training_spec(attacked), "finetune."),
-            PlanItem("eval_aligned", config.model,
-                     finetune.decode_spec(eval_config(config, config.evaluation, config.model)))]
-
-
-def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
-    validate(config)
-    return engine.run(Reproduce, config, workdir, overwrite=overwrite)
+# What the commands call (``ssah-jax reproduce`` / ``plan``): the engine's, for this pipeline
+validate = functools.partial(engine.validate, Reproduce)
+plan_configs = functools.partial(engine.plan, Reproduce)
+run = functools.partial(engine.run, Reproduce)
 
 
 # ---------------------------------------------------------------------------------------------

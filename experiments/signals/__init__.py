@@ -16,6 +16,7 @@ the config changed (the engine: :mod:`ssah_jax.pipeline`; this module defines th
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from experiments import evaluate, finetune
 from experiments._staged import ADDED as SUBRUN_ADDED
 from experiments._staged import align_config as shared_align_config
 from experiments._staged import attack_config as shared_attack_config
-from experiments._staged import attack_stage, contrast_stage, evaluate_stage, train_config, train_stage
+from experiments._staged import attack_stage, check_attacks, contrast_stage, evaluate_stage, train_config, train_stage
 from experiments._staged import eval_config as shared_eval_config
 from ssah_jax import hosts, runs, signals
 from ssah_jax import pipeline as engine
@@ -160,39 +161,50 @@ class Signals:
                                 (f"align_{model}",))
         raise KeyError(recorded)
 
+    def check(self) -> None:
+        config = self.config
+        check = lambda key, ok, why: runs.check(config, key, ok, why)  # noqa: E731
+        check_attacks(config)
+        for key in ("align.steps", "align.batch_size", "attack.batch_size", "decoding.period",
+                    "decoding.tau", "classifier.batch_size", "classifier.benign_limit"):
+            check(key, lambda v: v >= 1, "must be >= 1")
+        for key in ("decoding.r1", "decoding.r2", "decoding.r3", "classifier.harmful_limit"):
+            check(key, lambda v: v >= 0, "must be >= 0")
+        check("decoding.schedules",
+              lambda v: len(v) > 0 and set(v) <= set(signals.SCHEDULES) and len(set(v)) == len(v),
+              f"must be distinct schedules of {signals.SCHEDULES}")
+        check("decoding.threshold", lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
+        runs.check_parses(config, "classifier.benign", check_kit_dataset)
+        for section in ("evaluation.", "attack.evaluation."):
+            evaluate.validate(config, section)
+        check("evaluation.tasks", lambda v: set(v) == set(REPORT_TASKS),
+              f"must be all of {REPORT_TASKS} (the report's)")
+        check("evaluation.harmful.settings", lambda v: "no_system" in v, "must include no_system (the report's)")
+        check("attack.evaluation.tasks", lambda v: "asr" in v, "must include asr (the report's)")
+        check("attack.evaluation.harmful.settings", lambda v: "no_system" in v,
+              "must include no_system (the report's)")
+        for model in MODELS:  # the sub-runs' own checks, before hours of work rather than after
+            finetune.validate(align_config(config, model, Path(".")))
+        for attack in config.attack.datasets:
+            finetune.validate(attack_config(config, Path("."), "sft", attack, config.attack.seeds[0]).train)
+
+    def plan(self) -> list[PlanItem]:
+        """The signal's alignment, its fine-tuning attack and the evaluation's decoding (every
+        model has ``config.model``'s architecture)."""
+        config, out = self.config, self.out
+        first = (next(iter(config.attack.datasets)), config.attack.seeds[0])
+        attacked = attack_config(config, out, "signal", *first).train
+        source = finetune.model_source(config.model)  # as the finetune runs resolve it
+        return [PlanItem("align_signal", source, finetune.training_spec(align_config(config, "signal", out)),
+                         "finetune."),
+                PlanItem(attack_dir("signal", *first), source, finetune.training_spec(attacked), "finetune."),
+                PlanItem("eval_signal", config.model,
+                         finetune.decode_spec(eval_config(config, config.evaluation, config.model, None)))]
+
     def report(self, out: Path, report_dir: Path, invocations: list[dict[str, Any]]) -> Path:
         from experiments.signals import report
 
         return report.write(self.config, out, report_dir, invocations)
-
-
-def validate(config: ConfigDict) -> None:
-    check = lambda key, ok, why: runs.check(config, key, ok, why)  # noqa: E731
-    runs.dtype(config)
-    engine.selected(config, STAGES)
-    check("attack.datasets", lambda v: len(v) > 0, "needs at least one attack")
-    check("attack.seeds", lambda v: len(v) > 0 and len(set(v)) == len(v), "needs at least one seed, none twice")
-    for name in config.attack.datasets:
-        check(f"attack.datasets.{name}.steps", lambda v: v >= 1, "must be >= 1")
-    for key in ("align.steps", "align.batch_size", "attack.batch_size", "decoding.period",
-                "decoding.tau", "classifier.batch_size", "classifier.benign_limit"):
-        check(key, lambda v: v >= 1, "must be >= 1")
-    for key in ("decoding.r1", "decoding.r2", "decoding.r3", "classifier.harmful_limit"):
-        check(key, lambda v: v >= 0, "must be >= 0")
-    check("decoding.schedules", lambda v: len(v) > 0 and set(v) <= set(signals.SCHEDULES) and len(set(v)) == len(v),
-          f"must be distinct schedules of {signals.SCHEDULES}")
-    check("decoding.threshold", lambda v: 0 <= v <= 1, "must be a probability in [0, 1]")
-    runs.check_parses(config, "classifier.benign", check_kit_dataset)
-    for section in ("evaluation.", "attack.evaluation."):
-        evaluate.validate(config, section)
-    check("evaluation.tasks", lambda v: set(v) == set(REPORT_TASKS), f"must be all of {REPORT_TASKS} (the report's)")
-    check("evaluation.harmful.settings", lambda v: "no_system" in v, "must include no_system (the report's)")
-    check("attack.evaluation.tasks", lambda v: "asr" in v, "must include asr (the report's)")
-    check("attack.evaluation.harmful.settings", lambda v: "no_system" in v, "must include no_system (the report's)")
-    for model in MODELS:  # the sub-runs' own checks, before hours of work rather than after
-        finetune.validate(align_config(config, model, Path(".")))
-    for attack in config.attack.datasets:
-        finetune.validate(attack_config(config, Path("."), "sft", attack, config.attack.seeds[0]).train)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,19 +244,7 @@ def classifier_quality(config: ConfigDict, directory: Path) -> None:
 # The pipeline
 
 
-def plan_configs(config: ConfigDict) -> list[Any]:
-    """What ``ssah-jax plan`` compiles: the signal's alignment, its fine-tuning attack and the
-    evaluation's decoding (every model has ``config.model``'s architecture)."""
-    first = (next(iter(config.attack.datasets)), config.attack.seeds[0])
-    align = align_config(config, "signal", Path("<workdir>"))
-    attacked = attack_config(config, Path("<workdir>"), "signal", *first).train
-    source = finetune.model_source(config.model)  # as the finetune runs resolve it
-    return [PlanItem("align_signal", source, finetune.training_spec(align), "finetune."),
-            PlanItem(attack_dir("signal", *first), source, finetune.training_spec(attacked), "finetune."),
-            PlanItem("eval_signal", config.model,
-                     finetune.decode_spec(eval_config(config, config.evaluation, config.model, None)))]
-
-
-def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
-    validate(config)
-    return engine.run(Signals, config, workdir, overwrite=overwrite)
+# What the commands call (``ssah-jax signals`` / ``plan``): the engine's, for this pipeline
+validate = functools.partial(engine.validate, Signals)
+plan_configs = functools.partial(engine.plan, Signals)
+run = functools.partial(engine.run, Signals)
