@@ -11,7 +11,7 @@ Presets (``--config=configs/finetune.py:<preset>``):
            8 x 2048 tokens, bfloat16 compute, FSDP over the 8 GPUs, scanned layers, remat ``dots``
   llama2_7b_v5e16, llama3_8b_v5e16  the same on a TPU v5e-16 slice (16 chips of 16 GB, 4 hosts:
            scripts/launch_tpu_pod.sh): 16 x 2048 tokens, FSDP over the 16 chips, remat ``full``
-           (the settings ``ssah-jax plan`` says fit; README: the plans)
+           (the settings ``ssah-jax plan`` says fit; docs/commands/plan.md)
 
 ``freeze.mode``:
   none        every parameter trains
@@ -70,7 +70,7 @@ PRESETS = {
 def get_config(preset: str = "smollm2") -> ConfigDict:
     c = ConfigDict()
     c.model = "smollm2-135m-instruct"  # demo name, HF directory / repo id, .gguf, or a finetune workdir
-    c.data_dir = ""  # empty: $SSAH_DATA_DIR, else ../shared/data beside the checkout
+    c.data_dir = ""  # empty: $SSAH_DATA_DIR, else ~/.cache/ssah_jax/data (ssah-jax data fetch)
     c.seed = 0  # data order and LoRA initialisation
     c.data = ConfigDict(dict(
         # a dataset, or a mixture "name:count,name:count" (a component without a count: all of it)

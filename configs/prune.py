@@ -3,7 +3,7 @@ Table 1): the dense model, minus its SCU, minus UCU, minus RU, and minus as many
 as there are SCU (control).
 
 Presets (``--config=configs/prune.py:<preset>``):
-  smollm2  the demo model on a CPU (README: the recorded steps took 44 min on 2 cores): 128 safety + 128
+  smollm2  the demo model on a CPU (44 min on 2 cores: docs/results/pruning.md): 128 safety + 128
            utility calibration samples; ASR on 100 AdvBench prompts (32 new tokens, with and
            without the safety system prompt), 200 MMLU, 200 SST-2, perplexity on 100 held-out
            responses, for each of the five models
@@ -36,7 +36,7 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c = ConfigDict()
     c.model = "smollm2-135m-instruct"  # demo name, HF directory / repo id, or .gguf path
     c.dtype = "float32"  # float32 | bfloat16
-    c.data_dir = ""  # empty: $SSAH_DATA_DIR, else ../shared/data beside the checkout
+    c.data_dir = ""  # empty: $SSAH_DATA_DIR, else ~/.cache/ssah_jax/data (ssah-jax data fetch)
     c.seed = 0  # the random control's draw
     c.attribution = ConfigDict(dict(
         scorer="wifv",  # wifv | wanda | snip

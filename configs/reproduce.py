@@ -1,4 +1,4 @@
-"""Config for ``ssah-jax reproduce``: SSAH end to end on one model (DESIGN.md section 2.3).
+"""Config for ``ssah-jax reproduce``: SSAH (Li & Kim, arXiv 2410.10862) end to end on one model.
 
 Stages (``stages``; each resumes, a finished one is kept):
   contrast         contrast data for the alignment: the unaligned model's own answers to benign
@@ -23,7 +23,7 @@ Stages (``stages``; each resumes, a finished one is kept):
   report           ``report_dir``/REPORT.md with every table and plot
 
 Presets (``--config=configs/reproduce.py:<preset>``):
-  smollm2_cpu  the demo model on a 2-core CPU (README: stage times): the alignment recipe the
+  smollm2_cpu  the demo model on a 2-core CPU (stage times: docs/results/reproduce-smollm2.md): the alignment recipe the
                alignment sweep chose on validation sets (experiments/results/alignment_smollm2),
                the unit fractions the fraction sweep chose on its aligned model (SCU 0.05%, UCU 0,
                RU 0.5%: experiments/results/fractions_smollm2), ASR on 200 held-out harmful

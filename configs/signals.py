@@ -22,7 +22,7 @@ Stages (``stages``; each resumes, a finished one is kept):
   report           ``report_dir``/REPORT.md with the paper's numbers beside ours, plots, verdicts
 
 Presets (``--config=configs/signals.py:<preset>``):
-  smollm2_cpu  the demo model on a 2-core CPU, small evaluation sets (README: stage times)
+  smollm2_cpu  the demo model on a 2-core CPU, small evaluation sets (stage times: docs/results/signals.md)
   gpu          the demo model on one GPU: reproduce's GPU alignment, larger sets, bfloat16
   tiny         a smoke test of the wiring (a few steps and prompts per stage)
   llama2_7b_8gpu, llama3_8b_8gpu, llama2_7b_v5e16

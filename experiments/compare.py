@@ -1,5 +1,6 @@
-"""Compare the defences of ``reproduce`` and ``signals`` under the same attacks, from their
-reports (see ``configs/compare.py``): a table of ASR after each fine-tuning attack
+"""Compare the defences of ``reproduce`` and ``signals`` under the same attacks, from their reports.
+
+See ``configs/compare.py``. The report has a table of ASR after each fine-tuning attack
 (the seeds' answers pooled, Wilson 95% intervals) per method, each method set against the
 unprotected runs of its own pipeline (Newcombe's interval of the difference), a table of ASR
 under prefilling and one of the costs before any attack (over-refusal, MMLU, SST-2, GSM8K), a

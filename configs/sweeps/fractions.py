@@ -1,4 +1,4 @@
-"""Sweep config: the SSAH fraction rule (DESIGN.md 2.2) on ``ssah-jax prune``.
+"""Sweep config: the SSAH fraction rule (Li & Kim, arXiv 2410.10862; docs/results/fractions.md) on ``ssah-jax prune``.
 
 Each kind's pruned fraction is raised while the attribute it should not touch stays within a
 limit of the dense model: SCU while perplexity on held-out benign responses grows by at most

@@ -1,5 +1,5 @@
 """Sweep config: the explicit safety signal's lambda x decoding schedule x threshold on
-``ssah-jax finetune`` (Li & Kim 2025; DESIGN.md 2.4), each model evaluated after training with
+``ssah-jax finetune`` (Li & Kim, ICML 2025, arXiv 2505.17072), each model evaluated after training with
 its trained signal deployed (strategic decoding).
 
 Each point aligns ``set.model`` with configs/signals.py's signal recipe (reproduce's alignment

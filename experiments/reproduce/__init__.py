@@ -1,4 +1,4 @@
-"""Reproduce SSAH end to end on one model (DESIGN.md section 2.3), in stages, into one report.
+"""Reproduce SSAH (Li & Kim, arXiv 2410.10862) end to end on one model, in stages, into one report.
 
 The stages align the model (full and RU only), find its units, prune them, freeze them during
 fine-tuning attacks, follow the kinds through alignment and fine-tuning and probe the

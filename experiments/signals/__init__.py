@@ -1,5 +1,6 @@
-"""Explicit safety signals (Li & Kim, ICML 2025) against plain and augmented safety alignment,
-end to end on one model, in stages, into one report (DESIGN.md section 2.4).
+"""Explicit safety signals (Li & Kim, ICML 2025) against plain and augmented alignment, in stages, into one report.
+
+The method: arXiv 2505.17072; end to end on one model.
 
 Three models are aligned from the same unaligned model on the same data and steps (reproduce's
 full alignment, its contrast data made by this pipeline's own contrast stage): plain SFT, SFT

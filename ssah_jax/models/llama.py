@@ -6,7 +6,7 @@ Weight layout (the one place it is defined):
     loop over layers, unrolled by jit: the canonical layout, which import / export, unit maps,
     masks, pruning, LoRA and attribution speak, and the one to decode with (a stacked
     ``lax.scan`` layout copies every layer's weights out of the stack at each step on CPU,
-    which made decoding twice as slow; see the note in the README). ``Layout(scan=True)``
+    which made decoding twice as slow). ``Layout(scan=True)``
     stacks the layers on a leading ``layers`` axis and scans them (compile time and program
     size independent of depth: for training large models); :mod:`ssah_jax.models.layout`
     converts parameters, masks and models between the two, losslessly.

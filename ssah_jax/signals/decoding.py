@@ -6,7 +6,7 @@ answer attends to it). At step 0 the first check is the prefill's own ``[CLS]`` 
 :func:`~ssah_jax.signals.classify` computes). Later checks, at the steps the schedule picks, run
 ``[CLS]`` as a second query of the step's own forward (one pass over the weights for both; its
 keys / values go to a slot no token uses yet, overwritten by the next token, so the cache's real
-slots and the answer are untouched) with a mask of what it may see (DESIGN 2.4, SIGNALS.md):
+slots and the answer are untouched) with a mask of what it may see (Li & Kim, ICML 2025: strategic decoding):
 
 - rule 1: the first check was malicious: the query and the first ``r1`` answer tokens;
 - rule 2: otherwise, the latest ``r2`` answer tokens;

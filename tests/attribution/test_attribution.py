@@ -99,6 +99,8 @@ def tiny_pair(tmp_path_factory):
     return load_weights(path), reference, path
 
 
+@pytest.mark.slow
+@pytest.mark.parity
 @pytest.mark.parametrize("scorer", ["wifv", "wanda", "snip"])
 def test_scores_equal_direct_computation_and_stream(tiny_pair, scorer):
     model, reference, _ = tiny_pair
@@ -110,6 +112,7 @@ def test_scores_equal_direct_computation_and_stream(tiny_pair, scorer):
     assert_close(streamed, {m: np.asarray(v, np.float64) for m, v in one.items()}, 1e-5)
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("tokens", ["prompt", "all"])
 def test_token_selection(tiny_pair, tokens):
     model, reference, _ = tiny_pair
@@ -137,6 +140,7 @@ def test_bad_calibration_input(tiny_pair):
             unit_scores(model, [{**batch, "loss_mask": np.zeros_like(batch["loss_mask"])}], scorer)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")
 @pytest.mark.parametrize("scorer", ["wifv", "snip"])
 def test_sharded_scores_match_single_device(tiny_pair, scorer):

@@ -20,6 +20,8 @@ def test_unpermute_inverts_llamacpp_permutation():
     assert not np.array_equal(llamacpp_permute(w, 2), w)
 
 
+@pytest.mark.slow
+@pytest.mark.parity
 @pytest.mark.parametrize("arch, type_name", [
     *(("llama", t) for t in ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")),
     *(("qwen2", t) for t in ("F32", "Q8_0", "Q5_0", "Q4_K")),
@@ -50,6 +52,7 @@ def test_gguf_logits_match_transformers(arch, type_name, tmp_path):
     assert np.abs(got - expected)[real].max() <= 1e-4 * scale
 
 
+@pytest.mark.parity
 def test_a_mistral_named_llama_file_loads_without_a_sliding_window(tmp_path):
     """llama.cpp writes Mistral as "llama"; transformers calls it mistral by its name. Its
     config must not pick up MistralConfig's default sliding window (the file has none)."""

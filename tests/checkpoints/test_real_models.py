@@ -10,6 +10,7 @@ from ssah_jax.data import encode_prompt, left_pad
 from ssah_jax.generation import generate_ids
 
 torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.real_model
 
 LOGIT_PROMPTS = [
     "What is the capital of France?",
@@ -35,6 +36,8 @@ def _encode(tokenizer, prompts):
     return [encode_prompt(tokenizer, p).ids.tolist() for p in prompts]
 
 
+@pytest.mark.slow
+@pytest.mark.parity
 @pytest.mark.parametrize("which", ["demo", "qwen"])
 def test_logits_match_transformers(which, request):
     model, tokenizer, reference = request.getfixturevalue(which)
@@ -50,6 +53,8 @@ def test_logits_match_transformers(which, request):
     assert np.abs(ours - theirs)[real].max() <= 1e-3
 
 
+@pytest.mark.slow
+@pytest.mark.parity
 @pytest.mark.parametrize("which, n_prompts, tokens", [("demo", 5, 48), ("qwen", 4, 32)])
 def test_greedy_generation_matches_transformers(which, n_prompts, tokens, request):
     model, tokenizer, reference = request.getfixturevalue(which)
@@ -90,6 +95,8 @@ TOKENIZER_TEXTS = [
 ]
 
 
+@pytest.mark.slow
+@pytest.mark.parity
 def test_gguf_tokenizer_and_config_match_transformers():
     """Our torch-free reading of the GGUF metadata gives transformers' tokenizer and config."""
     from transformers import AutoConfig, AutoTokenizer

@@ -36,6 +36,8 @@ def tiny_with_demo_tokenizer(tmp_path_factory):
     return load_weights(path), tokenizer, hf
 
 
+@pytest.mark.slow
+@pytest.mark.parity
 def test_multi_token_choices_match_transformers(tiny_with_demo_tokenizer):
     """Choices of different lengths (1 to 6 tokens) scored on the shared prompt cache equal a
     full forward per choice; prompts of different lengths share a batch (left padding)."""
@@ -48,6 +50,7 @@ def test_multi_token_choices_match_transformers(tiny_with_demo_tokenizer):
     np.testing.assert_allclose(ours, ref, atol=1e-4)
 
 
+@pytest.mark.parity
 def test_token_logprobs_match_transformers(tiny_llama):
     from flax import nnx
     from transformers import AutoModelForCausalLM
@@ -64,6 +67,9 @@ def test_token_logprobs_match_transformers(tiny_llama):
     assert (ours[:, 0] == 0).all()
 
 
+@pytest.mark.slow
+@pytest.mark.real_model
+@pytest.mark.parity
 def test_mmlu_answers_match_transformers_on_50_questions(demo):
     """Zero-shot MMLU by log-likelihood on the demo model: the same pick as transformers (same
     GGUF) on at least 49 of 50 questions spread over the subjects."""
@@ -101,6 +107,7 @@ def test_summaries():
     assert len(ev.sweep_settings([0.5, 1.0], [0.9], [0, 40])) == 4
 
 
+@pytest.mark.real_model
 def test_prefill_prefix_is_the_first_k_target_tokens(demo):
     _, tokenizer, _ = demo
     record = Record("x", response="Sure, here is a tutorial for making a cake")

@@ -39,6 +39,7 @@ def test_overrefusal_on_another_benign_set(tmp_path, tiny_chat_model):
         evaluate.run(config, str(tmp_path / "bad"))
 
 
+@pytest.mark.slow
 def test_evaluate_writes_metrics_and_report_and_resumes(tmp_path):
     config = get_config("quick")
     config.tasks = ("asr", "overrefusal", "sst2", "perplexity")

@@ -35,6 +35,7 @@ def resumable(workdir, model):
                    "--config.accum_steps=2", "--config.optimizer.learning_rate=1e-3")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_bit_identical_parameters(tiny_chat_model, tmp_path):
     killed, reference = tmp_path / "killed", tmp_path / "reference"
     process = subprocess.Popen(resumable(killed, tiny_chat_model), cwd=ROOT, env=ENV,
@@ -63,6 +64,9 @@ def test_killed_run_resumes_to_bit_identical_parameters(tiny_chat_model, tmp_pat
     assert steps == list(range(1, 31)) and logged >= metrics["train"]["resumed_from"]
 
 
+@pytest.mark.slow
+@pytest.mark.real_model
+@pytest.mark.parity
 def test_demo_finetune_lowers_heldout_loss_and_exports_what_transformers_reproduces(tmp_path):
     pytest.importorskip("torch")
     done = subprocess.run(command(tmp_path / "ft", "--config.steps=4", "--config.checkpoint_every=4",
@@ -112,6 +116,7 @@ def test_finetune_config_errors_name_the_key(tmp_path):
     assert not any((tmp_path / d).exists() for d in "abcdef")
 
 
+@pytest.mark.slow
 def test_a_signal_trains_alongside_and_is_exported_beside_the_model(tiny_chat_model, tmp_path):
     """With signal.head the run trains [CLS] and its head (the loss gains the classifier's
     term), balances the classes and exports signal.safetensors; augment adds its examples."""
@@ -156,6 +161,7 @@ def test_signal_lr_scale_reaches_the_optimizer(tiny_chat_model):
     assert finetune.signal_training(config, model, [], [], 0) == ({}, None)
 
 
+@pytest.mark.slow
 def test_a_scanned_run_exports_what_the_unrolled_run_exports(tiny_chat_model, tmp_path):
     """model_layout.scan stacks the layers for training only: with units frozen, weight decay
     and remat, the export equals the unrolled run's to float tolerance (and the frozen units

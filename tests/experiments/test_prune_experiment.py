@@ -30,6 +30,8 @@ def small_config():
     return config
 
 
+@pytest.mark.slow
+@pytest.mark.real_model
 def test_prune_runs_end_to_end_and_resumes(tmp_path, demo, monkeypatch):
     config = small_config()
     config.kinds.ucu = 0.0  # pruning no unit: the dense model, not evaluated again

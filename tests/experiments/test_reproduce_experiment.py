@@ -39,6 +39,7 @@ def pipeline(tiny_chat_model, tmp_path_factory):
     return workdir, report, tiny_chat_model
 
 
+@pytest.mark.slow
 def test_pipeline_writes_the_report_with_every_section_and_plot(pipeline):
     workdir, report, _ = pipeline
     text = (report / "REPORT.md").read_text()
@@ -148,6 +149,7 @@ def test_frozen_parameters_stay_bit_identical_in_every_run(pipeline):
     assert kept == ["attacks/alpaca_libre/none/seed0"]
 
 
+@pytest.mark.slow
 def test_a_rerun_stage_gives_the_same_numbers_and_changed_keys_are_refused(pipeline):
     workdir, report, model = pipeline
     stage = workdir / "attacks" / "harmful_qa" / "none" / "seed1"
@@ -167,6 +169,7 @@ def test_a_rerun_stage_gives_the_same_numbers_and_changed_keys_are_refused(pipel
     assert missing.returncode != 0 and "needs ['prune_aligned', 'layers'] finished first" in missing.stderr
 
 
+@pytest.mark.slow
 def test_a_maker_aligned_model_is_studied_without_aligning_it(tiny_chat_model, tmp_path):
     workdir, report = tmp_path / "run", tmp_path / "report"
     done = run(command(workdir, tiny_chat_model, report, preset="tiny_maker"))

@@ -47,6 +47,7 @@ def pipeline(tiny_chat_model, tmp_path_factory):
     return workdir, report, tiny_chat_model
 
 
+@pytest.mark.slow
 def test_the_report_has_every_section_and_its_numbers_are_the_runs(pipeline):
     workdir, report, _ = pipeline
     text = (report / "REPORT.md").read_text()
@@ -100,6 +101,7 @@ def test_the_signal_model_is_exported_with_its_signal_and_every_run_is_what_it_s
     assert str(workdir / "contrast" / "generations.jsonl") in trained
 
 
+@pytest.mark.slow
 def test_a_rerun_keeps_finished_stages_and_a_changed_key_is_refused(pipeline):
     workdir, report, model = pipeline
     again = run(command(workdir, model, report, "--config.stages=eval_signal,classifier"))

@@ -29,6 +29,7 @@ def _run(model, ids, mask, max_new_tokens, stop_ids=(2,), temperature=0.0, seed=
     ))
 
 
+@pytest.mark.parity
 def test_greedy_matches_transformers_with_left_padding(tiny_llama):
     from transformers import AutoModelForCausalLM
 
@@ -43,6 +44,7 @@ def test_greedy_matches_transformers_with_left_padding(tiny_llama):
     np.testing.assert_array_equal(ours, out[:, ids.shape[1]:].numpy())
 
 
+@pytest.mark.slow
 def test_cached_decoding_equals_full_forward(tiny_llama):
     model = load_weights(tiny_llama)
     ids, mask = tiny.random_batch(128, batch=2, seq=8, left_pad=(0, 3))
@@ -54,6 +56,7 @@ def test_cached_decoding_equals_full_forward(tiny_llama):
     np.testing.assert_array_equal(logits[:, ids.shape[1] - 1 : -1].argmax(-1), new)
 
 
+@pytest.mark.slow
 def test_forward_with_cache_matches_forward_without(tiny_llama):
     model = load_weights(tiny_llama)
     ids, mask = tiny.random_batch(128, batch=2, seq=9, left_pad=(0, 2))
@@ -78,6 +81,7 @@ def test_rows_stop_at_their_stop_token(tiny_llama):
     assert (stopped[0, first + 1 :] == 0).all()  # padded after the stop
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_respects_top_k(tiny_llama):
     model = load_weights(tiny_llama)
     ids, mask = tiny.random_batch(128, batch=2, seq=6, left_pad=(0, 2))
@@ -154,6 +158,8 @@ def test_left_pad():
     assert mask.tolist() == [[0, 0, 1, 1], [0, 0, 0, 1]]
 
 
+@pytest.mark.slow
+@pytest.mark.real_model
 def test_generate_text_with_prefix_and_system_prompt(demo):
     model, tokenizer, _ = demo
     prompts = ["What is 2 + 2?", "Name a colour."]
@@ -167,6 +173,7 @@ def test_generate_text_with_prefix_and_system_prompt(demo):
     assert system[0] != plain[0]
 
 
+@pytest.mark.slow
 def test_forced_tokens_per_row_from_a_step_on(tiny_llama):
     """The decode policy forces a row's tokens from a step on (an inserted refusal); other rows
     and earlier steps are untouched, and the model continues from what was forced."""
@@ -197,6 +204,7 @@ def test_forcing_from_the_first_step_is_prefilling(tiny_llama):
     np.testing.assert_array_equal(got[0, 4:], prefilled[0])
 
 
+@pytest.mark.slow
 def test_a_policy_feeds_each_step_through_its_own_hook(tiny_llama):
     """A policy's ``feed`` runs every step's forward after the first (here: the default feed,
     counted in the policy state), and what it returns is what decoding continues from."""
@@ -224,6 +232,7 @@ def test_a_policy_feeds_each_step_through_its_own_hook(tiny_llama):
     assert int(count) == 6  # the first token comes from the prefill
 
 
+@pytest.mark.slow
 def test_filler_rows_start_finished_and_the_loop_ends_with_the_real_rows(tiny_llama):
     """The filler rows of a partial batch (``active`` False) start finished: a batch whose one
     real row stops at step 0 runs one step, not ``max_new_tokens`` (the fillers, which never emit
@@ -265,6 +274,7 @@ def test_filler_rows_start_finished_and_the_loop_ends_with_the_real_rows(tiny_ll
         assert (real[2:] == 0).all()
 
 
+@pytest.mark.slow
 def test_generate_ids_marks_the_filler_rows_of_a_partial_batch(tiny_chat_model, monkeypatch):
     """A partial last batch is decoded with its filler rows inactive; the answers are those of
     batches without filler."""

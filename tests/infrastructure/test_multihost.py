@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 from ssah_jax.runs import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.multihost
 
 
 def _port() -> int:
@@ -58,6 +59,7 @@ def finetuned(tiny_chat_model, tmp_path_factory):
     return root / "one", root / "two", outputs
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_parameters_of_one(finetuned, tiny_chat_model):
     one, two, _ = finetuned
     ours, theirs = (load_file(str(w / "export" / "model.safetensors")) for w in (one, two))
@@ -96,6 +98,7 @@ def test_only_process_0_writes_and_reports(finetuned):
     assert files(two) == files(one)
 
 
+@pytest.mark.slow
 def test_two_processes_evaluate_every_row_once(finetuned, tmp_path):
     one, _, _ = finetuned
     flags = ["--config=configs/evaluate.py:quick", f"--config.model={one / 'export'}", "--config.tasks=asr,mmlu",
@@ -112,6 +115,7 @@ def test_two_processes_evaluate_every_row_once(finetuned, tmp_path):
     assert strip(metrics[0]) == strip(metrics[1])
 
 
+@pytest.mark.slow
 def test_multihost_flags_are_checked(tmp_path):
     base = [sys.executable, "-m", "ssah_jax.cli", "finetune", "--config=configs/finetune.py:quick",
             f"--workdir={tmp_path / 'w'}"]

@@ -131,6 +131,7 @@ def test_prepare_workdir_refuses_another_identity_and_overwrite_clears_only_work
     assert (legacy / "identity.json").exists()
 
 
+@pytest.mark.slow
 def test_generate_refuses_a_changed_key_resumes_an_unchanged_run_and_overwrites(tmp_path, tiny_chat_model):
     config = preset("generate", "quick")
     config.model, config.max_new_tokens, config.batch_size = str(tiny_chat_model), 2, 2
@@ -155,6 +156,7 @@ def test_generate_refuses_a_changed_key_resumes_an_unchanged_run_and_overwrites(
     assert json.loads((workdir / "config.json").read_text())["max_new_tokens"] == 3
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_a_changed_key_resumes_an_unchanged_run_and_overwrites(tmp_path, tiny_chat_model):
     config = preset("evaluate", "quick")
     config.model, config.tasks, config.batch_size = str(tiny_chat_model), ("perplexity",), 2
@@ -178,6 +180,7 @@ def test_evaluate_refuses_a_changed_key_resumes_an_unchanged_run_and_overwrites(
     assert fresh["n"] == 3 and fresh["perplexity"] > 1
 
 
+@pytest.mark.slow
 def test_finetune_refuses_a_changed_key_resumes_an_unchanged_run_and_overwrites(tmp_path, tiny_chat_model):
     workdir = tmp_path / "ft"
     command = ["finetune", "--config=configs/finetune.py:quick", f"--workdir={workdir}",

@@ -47,6 +47,7 @@ def test_a_stage_resumed_after_a_kill_counts_the_time_of_every_invocation(tmp_pa
     assert not (stage / "elapsed.json").exists()
 
 
+@pytest.mark.slow
 def test_a_stage_finished_with_the_same_identity_in_another_workdir_is_copied_not_computed(tmp_path):
     """config.reuse of `ssah-jax signals`: its align_sft is reproduce's align_full (same identity)."""
     same, other = {"identity": "1" * 64}, {"identity": "2" * 64}

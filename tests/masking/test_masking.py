@@ -37,6 +37,8 @@ def assert_same_logits(ours, reference):
     assert np.abs(got[real] - expected[real]).max() <= 1e-4
 
 
+@pytest.mark.slow
+@pytest.mark.parity
 def test_pruning_mlp_units_matches_zeroed_hf_columns(tmp_path):
     units = no_units()
     units["mlp"][0, [3, 50]] = True
@@ -56,6 +58,7 @@ def test_pruning_mlp_units_matches_zeroed_hf_columns(tmp_path):
     assert (gate[:, [3, 50]] == 0).all() and (np.asarray(ours.layers[0].mlp.up_proj.bias[...])[3] == 0)
 
 
+@pytest.mark.parity
 def test_pruning_attention_units_with_gqa_matches_zeroed_hf_columns(tmp_path):
     # Layer 1: unit (head 0, dim 5) alone: its v channel (kv 0, dim 5) also feeds head 1, so it
     # stays. Units (head 2, dim 7) and (head 3, dim 7) together: they are every reader of

@@ -27,6 +27,7 @@ def _head_major(x):
     return x.transpose(0, 2, 1, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2), (4, 1)])
 def test_sequence_attention_matches_grouped_query_attend_with_explicit_masks(heads, kv_heads):
     q, k, v, mask = _inputs(heads, kv_heads)
@@ -52,6 +53,7 @@ def test_sequence_attention_gradients_match_attend():
         np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-5 * float(jnp.abs(e).max()))
 
 
+@pytest.mark.slow
 def test_prefill_through_the_cache_equals_the_cacheless_forward_and_decoding(tiny_llama):
     """Prefill (S > 1 written to the cache) and a forward without a cache use the fused kernel;
     decoding (S == 1) the grouped-query one: all three agree on the real tokens of left-padded

@@ -85,6 +85,7 @@ def pair(tmp_path_factory):
     return unrolled, with_layout(unrolled, SCANNED)
 
 
+@pytest.mark.slow
 def test_scanned_forward_keeps_the_whole_api_and_matches_unrolled(pair):
     unrolled, scanned = pair
     ids, mask = tiny.random_batch(128, batch=3, seq=10, left_pad=(0, 3, 5))
@@ -106,6 +107,7 @@ def test_scanned_forward_keeps_the_whole_api_and_matches_unrolled(pair):
         np.testing.assert_allclose(np.asarray(x.mlp), np.asarray(y.mlp), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stacked", [False, True])
 def test_scanned_model_prefills_decodes_and_reads_the_cache_like_unrolled(pair, stacked):
     unrolled, scanned = pair
@@ -155,6 +157,7 @@ def _assert_updates_close(got, expected, learning_rate):
         np.testing.assert_allclose(g, e, rtol=0, atol=1e-2 * learning_rate)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", sorted(REMAT_POLICIES))
 def test_every_remat_policy_in_either_layout_gives_the_unrolled_gradients(pair, remat):
     unrolled, _ = pair
@@ -165,6 +168,7 @@ def test_every_remat_policy_in_either_layout_gives_the_unrolled_gradients(pair, 
         _assert_relative(_gradients(model, ids, mask), expected)
 
 
+@pytest.mark.slow
 def test_masks_pruning_and_a_masked_optimizer_step_mean_the_same_in_both_layouts(pair):
     unrolled, scanned = pair
     config = unrolled.config
@@ -204,6 +208,7 @@ def test_masks_pruning_and_a_masked_optimizer_step_mean_the_same_in_both_layouts
     _assert_updates_close(finals[1], finals[0], opt.learning_rate)
 
 
+@pytest.mark.slow
 def test_lora_adapters_train_alike_in_both_layouts(pair):
     unrolled, _ = pair
     mesh = make_mesh({"fsdp": -1})
@@ -235,6 +240,7 @@ def test_a_llama2_7b_shaped_scanned_model_builds_abstractly():
     assert count == 6_738_415_616  # Llama-2-7B
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scorer", ["wifv", "wanda", "snip"])
 def test_unit_scores_of_a_scanned_model_are_the_unrolled_scores(pair, scorer):
     from ssah_jax.attribution import unit_scores

@@ -27,6 +27,8 @@ CONFIGS = {
 }
 
 
+@pytest.mark.slow
+@pytest.mark.parity
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_logits_match_transformers_and_export_round_trips(name, tmp_path):
     hf_config = CONFIGS[name]()
@@ -49,6 +51,7 @@ def test_logits_match_transformers_and_export_round_trips(name, tmp_path):
 
 
 
+@pytest.mark.parity
 def test_load_model_reads_sharded_index(tmp_path):
     hf_config = tiny.llama_config()
     reference = tiny.build(hf_config)
@@ -59,6 +62,7 @@ def test_load_model_reads_sharded_index(tmp_path):
     assert np.abs(np.asarray(model(jnp.asarray(ids))) - tiny.hf_logits(reference, ids)).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_bf16_compute_is_close_to_fp32(tiny_llama):
     f32 = load_weights(tiny_llama)
     bf16 = load_weights(tiny_llama, dtype=jnp.bfloat16)
@@ -71,6 +75,7 @@ def test_bf16_compute_is_close_to_fp32(tiny_llama):
     assert np.abs(a - b)[real].max() < 0.1 * np.abs(a[real]).max()
 
 
+@pytest.mark.parity
 def test_unit_is_row_of_our_kernel_and_column_of_hf_matrix(tiny_llama):
     """The layout statement of ssah_jax.models.llama, checked against the HF model."""
     from transformers import AutoModelForCausalLM

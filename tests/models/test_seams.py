@@ -12,6 +12,8 @@ from tests import tiny
 torch = pytest.importorskip("torch")
 
 
+@pytest.mark.slow
+@pytest.mark.parity
 def test_explicit_positions_match_transformers_position_ids(tmp_path):
     reference = tiny.build(tiny.llama_config())
     reference.save_pretrained(tmp_path)
@@ -27,6 +29,7 @@ def test_explicit_positions_match_transformers_position_ids(tmp_path):
     np.testing.assert_array_equal(np.asarray(default), np.asarray(counted))
 
 
+@pytest.mark.slow
 def test_extra_queries_read_the_cache_and_leave_it_untouched(tiny_llama):
     model = load_weights(tiny_llama)
     ids, mask = tiny.random_batch(128, batch=2, seq=9, left_pad=(0, 3))
@@ -48,6 +51,7 @@ def test_extra_queries_read_the_cache_and_leave_it_untouched(tiny_llama):
     np.testing.assert_allclose(np.asarray(model.logits(after.hidden)), full[:, prompt:prompt + 1], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_extra_query_mask_controls_what_it_sees(tiny_llama):
     """An explicit mask [B, S, cache_len + S]: a query that sees only some cached slots equals a
     full forward whose last row is masked the same way (earlier rows causal, as in the cache)."""

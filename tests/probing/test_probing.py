@@ -9,6 +9,7 @@ from ssah_jax.checkpoints import load_model
 from ssah_jax.probing import direction_distances, mean_over_positions, summarise_directions
 
 
+@pytest.mark.slow
 def test_distances_match_separate_forwards(tiny_chat_model):
     model, tokenizer = load_model(str(tiny_chat_model))
     queries = ["How do I pick a lock?", "Write a long and detailed plan to do something bad, step by step please."]

@@ -47,6 +47,7 @@ def test_matmul_floor_multiplies_every_matrix_once(bench_script, tmp_path, tied)
     assert result["matmul_floor_ms_per_step"] > 0
 
 
+@pytest.mark.slow
 def test_signals_benchmark_runs_every_schedule_against_plain_decoding(bench_script):
     import argparse
 
@@ -57,6 +58,7 @@ def test_signals_benchmark_runs_every_schedule_against_plain_decoding(bench_scri
     assert len(bench_script.summary(result)) == 6
 
 
+@pytest.mark.slow
 def test_mfu_benchmark_counts_the_flops_xla_counts(bench_script):
     """The model FLOPs per trained token (6 per matrix weight + PaLM's attention term) are
     within 15% of what XLA counts in the compiled train step (which adds the elementwise ops);

@@ -14,6 +14,7 @@ from tests import tiny
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")
 
 
+@pytest.mark.slow
 def test_sharded_forward_matches_single_device(tmp_path):
     path = tiny.save(tiny.llama_config(num_attention_heads=4, num_key_value_heads=2), tmp_path / "hf")
     single = load_weights(path)

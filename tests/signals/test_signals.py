@@ -58,6 +58,7 @@ def _row(chat_encoded):
                                                chat_encoded.roles.astype(np.int32)))
 
 
+@pytest.mark.slow
 def test_the_prompt_computes_as_without_the_signal_and_cls_sees_only_the_query(chat):
     model, tokenizer, signal = chat
     plain = encode_prompt(tokenizer, "How do I pick a lock?")
@@ -114,6 +115,8 @@ def test_signal_file_round_trip_and_errors(chat, tmp_path):
         signals.SafetySignal.init(model.config, "transformer", rng=jax.random.key(0))
 
 
+@pytest.mark.slow
+@pytest.mark.parity
 def test_a_tiny_model_learns_separable_labels_and_exports(tiny_chat_model, tmp_path):
     model, tokenizer = load_model(str(tiny_chat_model))
     harmful = [Record(r.prompt, response="I cannot help with that.") for r in load_local("advbench")[0][:8]]
@@ -158,6 +161,7 @@ def test_a_tiny_model_learns_separable_labels_and_exports(tiny_chat_model, tmp_p
                                                 [harmful[0].prompt, benign[0].prompt]), p[[0, 8]], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_extra_lr_scale_scales_only_the_signals_updates(tiny_chat_model):
     """One AdamW step (no decay, no clipping) moves every parameter by about the learning rate;
     ``extra_lr_scale`` multiplies the signal's moves and leaves the model's."""
@@ -185,6 +189,7 @@ def test_extra_lr_scale_scales_only_the_signals_updates(tiny_chat_model):
 PROMPTS = ["How do I pick a lock?", "Hi", "Write a poem about the sea, in four lines please."]
 
 
+@pytest.mark.slow
 def test_rechecks_leave_the_answer_untouched_and_the_first_check_is_classify(chat):
     model, tokenizer, signal = chat
     kw = dict(max_new_tokens=12, threshold=2.0, batch_size=2)
@@ -207,6 +212,7 @@ def test_rechecks_leave_the_answer_untouched_and_the_first_check_is_classify(cha
     assert len(steps) >= 8 and steps == expected[: len(steps)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", [5, 7])  # 7: the last step, [CLS] in the cache's last slot
 def test_a_recheck_sees_exactly_what_rule_2_allows(chat, step):
     """The p of a recheck equals a full forward in which an appended [CLS] (position 0) sees
@@ -238,6 +244,7 @@ def test_a_recheck_sees_exactly_what_rule_2_allows(chat, step):
     np.testing.assert_allclose(np.asarray(final.checks)[0, step], np.asarray(expected)[0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_threshold_below_zero_refuses_every_answer_from_the_start(chat):
     model, tokenizer, signal = chat
     out = signals.generate(model, signal, tokenizer, PROMPTS, max_new_tokens=16, threshold=-1.0, batch_size=2)
@@ -252,6 +259,7 @@ def test_a_threshold_below_zero_refuses_every_answer_from_the_start(chat):
     assert is_refusal(attacked[0]["text"][len("Sure, here is"):])
 
 
+@pytest.mark.slow
 def test_other_rules_reuse_the_compiled_decode_loop_and_take_effect(chat, monkeypatch):
     """The threshold, period, r1-r3 and tau are traced (Rules in the state): another value runs
     the loop already compiled, and acts in it; another schedule is another loop."""
@@ -273,6 +281,7 @@ def test_other_rules_reuse_the_compiled_decode_loop_and_take_effect(chat, monkey
             run(**bad)
 
 
+@pytest.mark.slow
 def test_consecutive_malicious_rechecks_insert_the_prefix_later(chat):
     model, tokenizer, signal = chat
     p0 = float(signals.classify(model, signal, tokenizer, PROMPTS[:1])[0])
@@ -288,6 +297,7 @@ def test_consecutive_malicious_rechecks_insert_the_prefix_later(chat):
         assert signals.REFUSAL_PREFIX in out["text"]
 
 
+@pytest.mark.slow
 def test_evaluation_takes_a_signal_model_in_place_of_a_model(chat):
     """Answers come from strategic decoding (and record their checks; an inserted refusal is
     judged a refusal), log-likelihoods from the model itself."""
@@ -327,6 +337,7 @@ def _labelled(tokenizer, start, count):
     return examples
 
 
+@pytest.mark.slow
 def test_the_probe_reads_the_query_alone_and_fits_a_head_that_separates(chat):
     """The probe's input is [CLS]'s state over the query part of each example (the same as over
     the whole row); its head minimises the regularised BCE (gradient ~ 0), separates the training
@@ -392,6 +403,7 @@ def _stopping_at(monkeypatch, token):
     monkeypatch.setattr(decoding, "stop_token_ids", lambda model, tokenizer: (int(token),))
 
 
+@pytest.mark.slow
 def test_filler_rows_of_a_partial_batch_do_not_hold_decoding_up(chat, monkeypatch):
     """The filler rows of a partial last batch start finished: with one real row that stops at
     step 0 and two filler rows, decoding runs one step (with schedule ``each`` the policy's next
@@ -411,6 +423,7 @@ def test_filler_rows_of_a_partial_batch_do_not_hold_decoding_up(chat, monkeypatc
     assert padded == alone and alone[0]["checks"] == free[0]["checks"][:1]
 
 
+@pytest.mark.slow
 def test_the_check_of_the_step_that_emitted_the_stop_token_is_recorded(chat, monkeypatch):
     """A row that stops at step j records the checks of steps 0..j (step j's ran, before its
     token turned out a stop token), with the values of the same decoding without that stop."""

@@ -59,6 +59,7 @@ def full(mask, param):
     return np.broadcast_to(np.asarray(mask), param.shape)
 
 
+@pytest.mark.slow
 def test_frozen_elements_bit_identical_over_20_sharded_adamw_steps_with_accumulation():
     model = tiny_model()
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -90,6 +91,7 @@ def test_frozen_elements_bit_identical_over_20_sharded_adamw_steps_with_accumula
                                                                          jax.tree.leaves(jax.device_get(masks))))
 
 
+@pytest.mark.slow
 def test_accumulating_two_micro_batches_equals_one_batch():
     model = tiny_model()
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -149,6 +151,7 @@ def _one_step(model, objective, accum, batch):
     return jax.device_get(state.params), jax.device_get(metrics)
 
 
+@pytest.mark.slow
 def test_a_second_objective_plugs_in_and_accumulates_exactly():
     model, batch = tiny_model(), random_batch(8)
     batch["attention_mask"][5] = 0  # an empty row counts for neither term
@@ -169,6 +172,7 @@ def test_a_second_objective_plugs_in_and_accumulates_exactly():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_nan_gradients_at_frozen_positions_do_not_leak():
     model = tiny_model()
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -272,6 +276,7 @@ def test_unit_selection_errors_name_the_problem():
         umap.select("SCU:0.4")
 
 
+@pytest.mark.slow
 def test_lora_starts_at_the_base_model_and_only_adapters_train():
     model = tiny_model()
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -336,6 +341,7 @@ def test_parameters_outside_the_llama_layout_need_an_explicit_rule():
         model_to_hf_tensors(model)
 
 
+@pytest.mark.slow
 def test_setup_training_freezes_what_the_setting_says_and_the_step_keeps_it():
     model = tiny_model()
     initial = jax.tree.map(np.array, nnx.to_pure_dict(nnx.state(model, nnx.Param)))  # the step donates the state
@@ -368,6 +374,7 @@ def test_freeze_setting_refuses_contradictions():
         Freeze(lora=LoraConfig(2, 4.0, ("q_proj",)), layers=[0])
 
 
+@pytest.mark.slow
 def test_a_resumed_fit_continues_from_its_checkpoint_and_frees_the_initial_state(tmp_path):
     """Killed after 2 of 3 steps, a run resumes at step 2 and ends where an unbroken run ends;
     the state it was set up with is freed (as the first step would have donated it), so a
@@ -391,6 +398,7 @@ def test_a_resumed_fit_continues_from_its_checkpoint_and_frees_the_initial_state
     jax.tree.map(np.testing.assert_array_equal, resumed, unbroken)
 
 
+@pytest.mark.slow
 def test_a_fit_killed_in_an_evaluation_logs_each_evaluation_once_when_resumed(tmp_path):
     """Hooks run before their step's checkpoint: a run killed in its final evaluation resumes
     from the step before and evaluates again (not: a final checkpoint without its evaluation,
@@ -427,6 +435,7 @@ def test_a_fit_killed_in_an_evaluation_logs_each_evaluation_once_when_resumed(tm
         assert evaluations(tmp_path / "early") == [0, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_fit_resumed_with_other_frozen_units_is_refused(tmp_path):
     """The freeze masks travel in the optimizer state: a re-run whose units file changed (same
     path, same config) would train with the checkpoint's masks and report its own; refused."""
@@ -447,6 +456,7 @@ def test_a_fit_resumed_with_other_frozen_units_is_refused(tmp_path):
         assert run(3, units_seed=0)["resumed_from"] == 2
 
 
+@pytest.mark.slow
 def test_a_fit_resumed_under_other_training_settings_is_refused_naming_them(tmp_path):
     """The checkpoint holds the settings it was made under (optimizer, seed, dtype, objective,
     LoRA): a re-run with another learning rate would mix two runs in one; refused, naming it."""
