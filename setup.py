@@ -13,6 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.13",
     packages=find_packages(include=["ssah_jax", "ssah_jax.*", "experiments", "experiments.*"]),
+    package_data={"ssah_jax.data": ["manifest.json"]},  # the data kit's sources and hashes (ssah-jax data)
     install_requires=[
         "jax>=0.10.0,<0.13",
         "flax>=0.12.8,<0.13",

@@ -8,8 +8,8 @@ Presets (``--config=configs/evaluate.py:<preset>``):
   quick    the same tasks on a handful of examples each: a smoke test (a few minutes)
   gpu      the demo model in bfloat16 with batch 64 and full sets (one GPU)
 
-``limit = 0`` means the whole set. ``data_dir`` empty: ``$SSAH_DATA_DIR``, else
-``../shared/data`` beside the checkout.
+``limit = 0`` means the whole set. ``data_dir`` empty: ``$SSAH_DATA_DIR``, else the user cache
+that ``ssah-jax data fetch`` fills (``~/.cache/ssah_jax/data``).
 """
 
 from ml_collections import ConfigDict
@@ -36,24 +36,27 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c = ConfigDict()
     c.model = "smollm2-135m-instruct"  # demo name, HF directory / repo id, or .gguf path
     c.dtype = "float32"  # float32 | bfloat16
-    c.data_dir = ""
+    c.data_dir = ""  # the data kit; empty: $SSAH_DATA_DIR, else ~/.cache/ssah_jax/data (ssah-jax data fetch)
+    # which of the sections below run (a comma-separated list on the command line)
     c.tasks = ("asr", "prefill", "sweep", "overrefusal", "mmlu", "sst2", "gsm8k", "perplexity")
-    c.batch_size = 8
-    c.max_new_tokens = 64
-    c.seed = 0
+    c.batch_size = 8  # prompts decoded (or scored) together; only speed and memory
+    c.max_new_tokens = 64  # the length of each answer the safety tasks judge
+    c.seed = 0  # the sampling seed of the decoding sweep
     c.system_prompt = ""  # the "with system prompt" setting; empty: Llama-2-chat's default
     # dataset: a dataset or a mixture "name:count,..."; exclude: datasets whose prompts are
     # removed from it and from the prefill and sweep prompts (what the model was trained on);
     # settings: no_system and / or system
     c.harmful = ConfigDict(dict(dataset="advbench", exclude="", limit=100, settings=("no_system", "system")))
     c.prefill = ConfigDict(dict(dataset="advbench", limit=50, tokens=(5,)))  # tokens: one or more k
+    # the decoding attack: every temperature x top_p x top_k, a prompt counted as attacked if any answers it
     c.sweep = ConfigDict(dict(dataset="advbench", limit=50, temperatures=(0.7, 1.0), top_ps=(0.9,), top_ks=(0,)))
     # dataset: XSTest's safe prompts, or a dataset / mixture of benign prompts (e.g. the
     # validation split benign_contrast_validation, when XSTest is kept for the final test)
     c.overrefusal = ConfigDict(dict(dataset="xstest", limit=0))
-    c.mmlu = ConfigDict(dict(limit=500))
-    c.sst2 = ConfigDict(dict(limit=0))
-    c.gsm8k = ConfigDict(dict(limit=50, max_new_tokens=256))
+    c.mmlu = ConfigDict(dict(limit=500))  # utility: MMLU accuracy (4-way log-likelihood choice)
+    c.sst2 = ConfigDict(dict(limit=0))  # utility: SST-2 accuracy on GLUE's dev split
+    c.gsm8k = ConfigDict(dict(limit=50, max_new_tokens=256))  # utility: GSM8K exact-match (greedy answers)
+    # utility: the perplexity of the last `limit` responses of `dataset`
     c.perplexity = ConfigDict(dict(dataset="alpaca_libre", limit=200, max_length=512))
     # The explicit safety signal (``ssah_jax.signals``): file = the directory of a trained
     # signal.safetensors (a finetune run's export with signal.head set), "" = none. Answers then

@@ -29,7 +29,7 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c.prompts = DEFAULT_PROMPTS  # used when prompts_file is empty
     c.prompts_file = ""  # text file (one prompt per line) or JSONL with a "prompt" field
     # or the prompts of a kit dataset or mixture ("benign_contrast:224"; the kit is
-    # $SSAH_DATA_DIR, else ../shared/data), used when set; generations.jsonl then serves as
+    # $SSAH_DATA_DIR, else ~/.cache/ssah_jax/data: ssah-jax data fetch), used when set; generations.jsonl then serves as
     # training data (a mixture component "<workdir>/generations.jsonl")
     c.prompts_dataset = ""
     c.system_prompt = ""  # empty: none

@@ -52,9 +52,11 @@ from ssah_jax.train.step import SCHEDULES, OptimizerConfig
 # The held-out loss is a sum over examples that eval_batch_size only groups; the mesh places the
 # same computation on the devices.
 # Remat recomputes the same values (a run may resume with another policy).
-# The evaluation after training runs in eval/, a workdir that records and checks its own identity.
+# The evaluation after training runs in eval/, a workdir that records and checks its own identity
+# (SUBRUNS: sections out of this run's identity because their run checks them).
+SUBRUNS = ("evaluation",)
 EXCLUDED = ("log_every", "eval_every", "eval_batch_size", "checkpoint_every", "keep_checkpoints", "mesh",
-            "model_layout.remat", "evaluation")
+            "model_layout.remat", *SUBRUNS)
 # Keys added after results were recorded, at the value that gives the results of before
 # (runs.determining), and the sections added (a workdir from before them is resumed).
 ADDED = {"signal.lr_scale": 1.0, "signal.probe": False, "model_layout.scan": False, "model_layout.remat": "none",

@@ -55,10 +55,16 @@ def prompts_of(config: ConfigDict) -> list[str]:
             return [r.prompt for r in load_mixture(config.prompts_dataset)[0]]
         except (KeyError, ValueError) as e:
             raise runs.ConfigError(f"config.prompts_dataset={config.prompts_dataset!r}: {e}") from None
-    prompts = read_prompts(config.prompts_file) if config.prompts_file else list(config.prompts)
-    if not prompts:
-        raise runs.ConfigError("config.prompts / config.prompts_file: no prompts to answer")
-    return prompts
+    if config.prompts_file:
+        prompts = read_prompts(config.prompts_file)
+        if not prompts:
+            raise runs.ConfigError(f"config.prompts_file={config.prompts_file}: no prompts in it (empty, or blank "
+                                   "lines only)")
+        return prompts
+    if not config.prompts:
+        raise runs.ConfigError("config.prompts: no prompts to answer (set it, config.prompts_file or "
+                               "config.prompts_dataset)")
+    return list(config.prompts)
 
 
 def validate(config: ConfigDict) -> None:
@@ -85,7 +91,8 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
                                overwrite=overwrite)
     store = RowStore(out)  # generations.jsonl: resumable, dealt out to the hosts of a multi-host run
     resumed = len(runs.read_jsonl(store.path("generations")))
-    model, tokenizer = load_model(config.model, runs.dtype(config))
+    # a finished run's re-run only rewrites the report: it loads no model
+    model, tokenizer = load_model(config.model, runs.dtype(config)) if resumed < len(prompts) else (None, None)
     kwargs = dict(
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
         top_p=config.top_p, system_prompt=config.system_prompt or None,
@@ -101,13 +108,25 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     start = time.perf_counter()
     done = store.rows("generations", [Record(p) for p in prompts], answer, config.batch_size)
     seconds = time.perf_counter() - start
+    # Each invocation's work, kept across re-runs (timing.jsonl): the report sums them.
+    timing = out / "timing.jsonl"
+    if hosts.is_main():
+        with open(timing, "a") as f:
+            f.write(json.dumps({"answered": len(prompts) - resumed, "seconds": round(seconds, 1)}) + "\n")
+    hosts.sync("timing written")
+    invocations = runs.read_jsonl(timing)
+    worked = [i for i in invocations if i["answered"]]
     report = out / "report.md"
     lines = [
         "# generate", "",
         f"model `{config.model}`, dtype {config.dtype}, {len(prompts)} prompts, "
         f"max {config.max_new_tokens} new tokens, temperature {config.temperature}. "
-        f"This run answered {len(prompts) - resumed} prompts ({resumed} were already done) "
-        f"in {seconds:.1f} s, compilation included.", "",
+        + (f"Answered in {sum(i['seconds'] for i in worked):.1f} s, compilation included ("
+           + ", ".join(f"{i['answered']} prompts in {i['seconds']:.1f} s" for i in worked)
+           + f"; {len(invocations)} invocation{'s' if len(invocations) > 1 else ''} of this workdir)."
+           if sum(i["answered"] for i in worked) >= len(prompts) else
+           f"{len(prompts) - sum(i['answered'] for i in worked)} of them answered before the timing was "
+           "recorded."), "",
     ]
     for r in done:
         lines += [f"## {r['prompt']}", "", r["answer"], ""]

@@ -14,11 +14,13 @@ removing a workdir this invocation made and left without results; ``--traceback`
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib
 import os
 import re
 import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -160,8 +162,15 @@ def _describe(name: str) -> tuple[str, str, list[str]]:
     doc = _module_parts(module if module.exists() else module.with_suffix("") / "__init__.py")[0]  # or a package
     config = CONFIGS / f"{name}.py"
     presets = _module_parts(config)[1] if config.exists() else []
-    summary = doc.split("\n", 1)[0].replace("``", "")
+    doc = plain(doc)
+    paragraph = " ".join(doc.split("\n\n", 1)[0].split())
+    summary = re.split(r"(?<=\.)\s", paragraph, maxsplit=1)[0]  # its first sentence, whole
     return summary, doc, presets
+
+
+def plain(text: str) -> str:
+    """Docstring markup as plain text: ``name`` and :role:`name` become name."""
+    return re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
 
 
 def _presets(presets: list[str]) -> str:
@@ -176,7 +185,9 @@ def overview() -> str:
     return "\n".join(lines + ["", "ssah-jax plan --config=<an experiment's config>: its memory bill per device "
                                    "(`ssah-jax plan --help`)",
                                "ssah-jax sweep --config=configs/sweeps/<name>.py:<preset> --workdir=DIR: a grid of "
-                               "runs (`ssah-jax sweep --help`)", "", FLAGS_HELP])
+                               "runs (`ssah-jax sweep --help`)",
+                               "ssah-jax data fetch|check|list [DATASET ...]: the data kit the experiments read "
+                               "(`ssah-jax data --help`)", "", FLAGS_HELP])
 
 
 def _config_spec(args: list[str]) -> str | None:
@@ -204,6 +215,43 @@ def load_config(spec: str) -> ConfigDict:
         raise _Exit(f"--config={spec}: {e}") from None
 
 
+def key_comments(path: Path) -> dict[str, str]:
+    """The comment of each key a config file sets (``c.<key> = ...`` in its ``get_config``): the
+    comment lines right above the assignment and the one beside it, as plain text. A comment of a
+    section (``c.harmful = ConfigDict(...)``) is keyed by the section's name."""
+    import io
+    import tokenize
+
+    source = path.read_text()
+    comments: dict[int, str] = {}  # line -> its comment
+    code_lines: set[int] = set()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+        elif token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+                                tokenize.ENDMARKER):
+            code_lines.add(token.start[0])
+    found: dict[str, str] = {}
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
+            continue
+        parts, target = [], node.targets[0]
+        while isinstance(target, ast.Attribute):
+            parts.insert(0, target.attr)
+            target = target.value
+        if not (isinstance(target, ast.Name) and target.id == "c" and parts):
+            continue
+        above, line = [], node.lineno - 1
+        while line in comments and line not in code_lines:  # the comment block right above
+            above.insert(0, comments[line])
+            line -= 1
+        beside = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments and n in code_lines]
+        text = plain(" ".join(above + beside))
+        if text:
+            found[".".join(parts)] = text
+    return found
+
+
 def experiment_help(name: str, args: list[str]) -> str:
     from ssah_jax.runs import get, leaves
 
@@ -219,14 +267,25 @@ def experiment_help(name: str, args: list[str]) -> str:
     excluded = getattr(module, "EXCLUDED", None)
     lines = [f"ssah-jax {name}: {doc}", "",
              USAGE.replace("<experiment>", name, 1).replace("configs/<experiment>.py", f"configs/{name}.py"),
-             f"presets: {_presets(presets)}", "", f"{path}: {_module_parts(Path(path))[0]}", "",
+             f"presets: {_presets(presets)}", "", f"{path}: {plain(_module_parts(Path(path))[0])}", "",
              f"Config keys and values of --config={spec}{'' if ':' in spec else ' (its default preset)'}:"]
-    lines += [f"  {key} = {get(config, key)!r}" for key in leaves(config)]  # every key, in file order
+    comments, said = key_comments(Path(path)), set()
+    for key in leaves(config):  # every key, in file order, after what its config file says of it
+        section = key.rpartition(".")[0]
+        for about in (section, key):
+            if about in comments and about not in said:
+                said.add(about)
+                lines += [f"  # {line}" for line in textwrap.wrap(comments[about], 96)]
+        lines.append(f"  {key} = {get(config, key)!r}")
     if excluded is None:
         lines += ["", "Each stage records the identity of what it is given; a re-run that changes it is refused."]
     elif excluded:
+        subruns = getattr(module, "SUBRUNS", ())
+        speed = [k for k in excluded if k not in subruns]
         lines += ["", "A re-run in a workdir is refused when it changes a key the results depend on: every key "
-                  f"but {', '.join(excluded)}, which only affect speed or logging."]
+                  f"but {', '.join(speed)}, which only affect speed or logging"
+                  + (f", and {', '.join(subruns)}, run in a directory of its own that checks its keys the same "
+                     "way." if subruns else ".")]
     else:
         lines += ["", "A re-run in a workdir is refused when it changes any of these keys (each one determines "
                   "the results)."]
@@ -272,7 +331,36 @@ def _unknown_key(args: list[str], name: str, error: BaseException) -> str:
                    .strip("'\"").removeprefix("config.")]
     listing = f"ssah-jax sweep --config={spec} --help" if name == "sweep" else f"ssah-jax {name} --help"
     where = f" ({spec.partition(':')[0]} has no such key; `{listing}` lists them)" if spec else ""
-    return f"unknown config key {', '.join('config.' + k for k in unknown)}{where}"
+    nearest = []
+    if config is not None:
+        from ssah_jax.runs import leaves
+
+        every = list(leaves(config))
+        parent, _, leaf = unknown[0].rpartition(".")  # its siblings first: a misspelt last part
+        siblings = {k.rpartition(".")[2]: k for k in every if k.rpartition(".")[0] == parent}
+        nearest = ([siblings[m] for m in difflib.get_close_matches(leaf, list(siblings), n=3, cutoff=0.7)]
+                   or difflib.get_close_matches(unknown[0], every, n=3, cutoff=0.8))
+    hint = f"; did you mean {' or '.join('config.' + k for k in nearest)}?" if nearest else ""
+    return f"unknown config key {', '.join('config.' + k for k in unknown)}{where}{hint}"
+
+
+def _bad_value(args: list[str], message: str) -> str | None:
+    """The message for a ``--config.<key>=<value>`` the key's type does not take: names the key,
+    the value and the type its config gives it; None for another flag error."""
+    found = re.match(r"flag --config\.([\w.]+)=(.*?): ", message)
+    spec = _config_spec(args)
+    if not found or spec is None:
+        return None
+    key, value = found.groups()
+    from ssah_jax.runs import get
+
+    try:
+        default = get(load_config(spec), key)
+    except Exception:  # the config does not load, or has no such key: the parser's words
+        return None
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        type(default), f"a {type(default).__name__}")
+    return f"config.{key}={value}: expected {kind}, as its value in {spec.partition(':')[0]} ({default!r})"
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -295,6 +383,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
             raise _Exit(_unknown_key(argv[1:], name, e)) from None
         except flags.Error as e:  # a config file that fails to load is reported with its traceback
             message = str(e)
+            bad = _bad_value(argv[1:], message)
+            if bad is not None:
+                raise _Exit(bad) from None
             if "Traceback (most recent call last)" in message:  # its last line, without the exception's name
                 last = re.sub(r"^[\w.]+(Error|Exception): ", "", message.strip().splitlines()[-1])
                 message = f"--config={spec}: {last}"
@@ -489,9 +580,85 @@ def _sweep_main(argv: list[str]) -> None:
                 Path(_WORKDIR.value))
 
 
+DATA_HELP = """The data kit: every dataset the presets read, from its public source at a pinned revision.
+
+  ssah-jax data list                     each dataset: its files, whether they are here, their licence
+  ssah-jax data fetch [DATASET ...]      fetch what is missing or altered (all datasets without names)
+  ssah-jax data check [DATASET ...]      check what is here against the recorded sizes and sha256
+
+  --data_dir=DIR   the kit's directory (default: $SSAH_DATA_DIR, else ~/.cache/ssah_jax/data,
+                   which is where the experiments look when their config's data_dir is empty)
+  --mirror=URL     fetch from a copy of the kit's layout instead of the upstream sources
+                   (file:///path/to/kit or https://host/kit)
+
+Each file is checked against its recorded size and sha256 before it is written; the sources,
+hashes and licences are in ssah_jax/data/manifest.json (written by scripts/data_manifest.py).
+Exit status: 0 when every file asked for is intact, 1 when check finds one missing or altered,
+2 for a bad argument or a failed download."""
+
+
+def data_main(args: list[str]) -> None:
+    """``ssah-jax data list|fetch|check [DATASET ...] [--data_dir=DIR] [--mirror=URL]``."""
+    if not args or args[0] in HELP or any(a in HELP for a in args):
+        print(DATA_HELP, file=sys.stdout if args else sys.stderr)
+        sys.exit(0 if args else 2)
+    action, flags, names = args[0], {"--data_dir": None, "--mirror": None}, []
+    if action not in ("list", "fetch", "check"):
+        _fail(f"data: unknown action {action!r} (list, fetch or check; `ssah-jax data --help`)")
+    for arg in args[1:]:
+        key, eq, value = arg.partition("=")
+        if key in flags and eq and value:
+            flags[key] = value
+        elif arg.startswith("-"):
+            _fail(f"data {action}: unknown flag {arg!r} (--data_dir=DIR, --mirror=URL)")
+        else:
+            names.append(arg)
+    mirror = flags["--mirror"]
+    from ssah_jax.data import DataError, registry
+    from ssah_jax.data import fetch as datakit
+    from ssah_jax.data.kit import resolve_data_dir
+
+    root = resolve_data_dir(flags["--data_dir"])
+    try:
+        files = datakit.dataset_files(names)
+        if action == "list":
+            for name in names or sorted(registry.DATASETS):
+                paths = datakit.dataset_files([name])
+                missing = [p for p in paths if not (root / p).is_file()]
+                licences = sorted({datakit.manifest()[p]["license"] for p in paths
+                                   if "accompanies" not in datakit.manifest()[p]})
+                state = "here" if not missing else f"{len(missing)} of {len(paths)} files missing"
+                print(f"{name:27} {state:27} {'; '.join(licences)}")
+            print(f"(in {root})")
+            return
+        if action == "check":
+            if mirror:
+                _fail("data check: --mirror is for fetch")
+            problems = datakit.check(names, root)
+            for path, why in problems.items():
+                print(f"{root / path}: {why} (datasets: {', '.join(datakit.datasets_of(path)) or 'a licence'})")
+            if problems:
+                print(f"ssah-jax data check: {len(problems)} of {len(files)} files missing or altered in {root}; "
+                      f"`ssah-jax data fetch{''.join(' ' + n for n in names)}` fetches them", file=sys.stderr)
+                sys.exit(1)
+            print(f"{len(files)} files intact in {root}")
+            return
+        done = datakit.fetch(names, root, mirror=mirror)
+    except DataError as e:
+        _fail(f"data {action}: {e}")
+    for name in names or sorted(registry.DATASETS):  # a line per dataset: its licence and source
+        paths = [p for p in datakit.dataset_files([name]) if "accompanies" not in datakit.manifest()[p]]
+        entry = datakit.manifest()[paths[0]]
+        source = entry["source"]
+        if len(paths) > 1:  # the files' common folder upstream
+            common = os.path.commonprefix([datakit.manifest()[p]["source"] for p in paths])
+            source = f"{common.rsplit('/', 1)[0]}/ ({len(paths)} files)"
+        print(f"{name}: {entry['license']}; from {source}")
+    fetched = sum(how == "fetched" for how in done.values())
+    print(f"{fetched} files fetched, {len(done) - fetched} already intact: {root}")
+
+
 def main(argv: list[str] | None = None) -> None:
-    # transformers' "PyTorch was not found" advice: the toolkit never needs its torch models.
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     argv = list(sys.argv if argv is None else argv)
     if os.environ.get("SSAH_SWEEP_PARENT"):  # sweeps.PARENT_ENV: a point of a sweep ends with the sweep
         from ssah_jax.sweeps import follow_parent
@@ -519,6 +686,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0)
         app.run(_sweep_main, argv=argv, flags_parser=_parse_flags)
         return
+    if first == "data":
+        data_main(args[1:])
+        return
     if first == "plan":
         if any(a in HELP for a in args):
             print(PLAN_HELP)
@@ -526,7 +696,7 @@ def main(argv: list[str] | None = None) -> None:
         app.run(_plan_main, argv=argv, flags_parser=_parse_flags)
         return
     if not first.startswith("-") and first not in names:
-        _fail(f"unknown experiment {first!r} (experiments: {', '.join(names)})")
+        _fail(f"unknown experiment {first!r} (experiments: {', '.join(names)}; commands: plan, sweep, data)")
     if any(a in HELP for a in args):
         if first.startswith("-"):
             print(overview())

@@ -10,6 +10,10 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The data kit beside the checkout (the project's machines and CI have it there); the subprocesses
+# the tests start inherit it.
+SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+os.environ.setdefault("SSAH_DATA_DIR", SHARED_DATA)
 # One persistent compilation cache for the whole run: the pytest-xdist workers and the CLI
 # subprocesses inherit it, so a program compiled by one test (the same tiny model, step and
 # shapes) is read back by the next instead of compiled again. Removed when the run ends.
@@ -70,3 +74,25 @@ def tiny_chat_model(tmp_path_factory):
     directory = tiny.save(tiny.llama_config(vocab_size=49152, pad_token_id=2), tmp_path_factory.mktemp("tiny_chat"))
     load_tokenizer(str(demo_gguf_path(download=False))).save_pretrained(directory)
     return directory
+
+
+REAL_MODEL_FIXTURES = {"demo", "qwen"}
+# Fixtures that take minutes to make (a real model; a whole pipeline or multi-host run a module's
+# tests read): every test that takes one is slow, whatever its own time.
+SLOW_FIXTURES = REAL_MODEL_FIXTURES | {"pipeline", "finetuned"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(config, items):
+    """The markers (pytest.ini; docs/development.md) hold: a test that takes a real model's
+    fixture without the ``real_model`` marker is a collection error naming it; a test that takes
+    one of SLOW_FIXTURES is marked slow."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+    unmarked = [item.nodeid for item in items
+                if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("real_model") is None]
+    if unmarked:
+        raise pytest.UsageError(f"tests taking {sorted(REAL_MODEL_FIXTURES)} need @pytest.mark.real_model: "
+                                + ", ".join(unmarked))

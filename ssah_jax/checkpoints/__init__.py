@@ -86,8 +86,9 @@ def resolve(ref: str | os.PathLike) -> Path:
     return resolve_hf_dir(name)
 
 
-# The architectures (transformers config values) of the papers' models, for memory plans where
-# the hub is out of reach: facts of each repository's config.json.
+# The architectures (transformers config values) of the papers' models: facts of each
+# repository's config.json, so a memory plan of them needs no hub request (nor a login: the
+# repositories are gated).
 HUB_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "meta-llama/Llama-2-7b-chat-hf": dict(
         model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -103,24 +104,21 @@ HUB_ARCHITECTURES: dict[str, dict[str, Any]] = {
 def model_config(ref: str | os.PathLike) -> ModelConfig:
     """The architecture of the model ``ref`` names, without reading its weights: a ``.gguf``
     file's metadata (a registered model's GGUF is fetched if it is not at hand), an HF
-    directory's ``config.json``, or a hub repo's (fetched alone; offline, the papers' models of
-    :data:`HUB_ARCHITECTURES`)."""
+    directory's ``config.json``, one of the papers' models (:data:`HUB_ARCHITECTURES`, no hub
+    request), or another hub repo's ``config.json`` (fetched alone)."""
     from transformers import AutoConfig
 
     name = str(ref)
     path = Path(name).expanduser()
     if name in MODELS or path.suffix == ".gguf":
         return ModelConfig.from_hf(gguf_config(open_gguf(resolve(name))))
-    if path.exists() or _path_like(name):
-        source = str(resolve(path))
-    else:
-        source = name
+    if name in HUB_ARCHITECTURES and not path.exists():
+        values = dict(HUB_ARCHITECTURES[name])
+        return ModelConfig.from_hf(AutoConfig.for_model(values.pop("model_type"), **values))
+    source = str(resolve(path)) if path.exists() or _path_like(name) else name
     try:
         return ModelConfig.from_hf(AutoConfig.from_pretrained(source))
     except (ValueError, OSError) as e:
-        if name in HUB_ARCHITECTURES:
-            values = dict(HUB_ARCHITECTURES[name])
-            return ModelConfig.from_hf(AutoConfig.for_model(values.pop("model_type"), **values))
         reason = " ".join(str(e).split())[:300]
         raise CheckpointError(f"{source}: no transformers config to read ({reason})") from e
 

@@ -5,7 +5,8 @@ resumable position.
 The modules, a job each: ``records`` (``Record``, ``LoadReport``, ``DataError``), ``readers``
 (a file's raw rows by format), ``registry`` (the kit's datasets, ``DATASETS``: a parser per
 dataset), ``kit`` (loading a kit dataset or a JSONL file), ``mixtures`` (mixture specs and their
-records), ``remote`` (TFDS and hub sources, ``load_dataset``), ``tokenize`` (the chat encoder) and
+records), ``remote`` (TFDS and hub sources, ``load_dataset``), ``fetch`` (the kit from its public sources,
+checked against ``manifest.json``: ``ssah-jax data``), ``tokenize`` (the chat encoder) and
 ``batching``."""
 
 from ssah_jax.data.batching import left_pad, padded_length

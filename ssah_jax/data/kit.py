@@ -38,13 +38,19 @@ log.addFilter(_Once())
 DATA_DIR_ENV = "SSAH_DATA_DIR"
 
 
+def default_data_dir() -> Path:
+    """Where ``ssah-jax data fetch`` puts the kit without ``$SSAH_DATA_DIR``: the user's cache
+    (``$XDG_CACHE_HOME``, else ``~/.cache``) under ``ssah_jax/data``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ssah_jax" / "data"
+
+
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """``data_dir``, else ``$SSAH_DATA_DIR``, else ``../shared/data`` beside the checkout."""
+    """``data_dir``, else ``$SSAH_DATA_DIR``, else :func:`default_data_dir`."""
     if data_dir:
         return Path(data_dir)
     if os.environ.get(DATA_DIR_ENV):
         return Path(os.environ[DATA_DIR_ENV])
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
+    return default_data_dir()
 
 
 def _files(path: Path) -> list[Path]:
@@ -70,9 +76,8 @@ def load_local(
     path = root / spec.splits[split]
     if not path.exists():
         raise DataError(
-            f"dataset {name!r}: {path} not found. Point the config key data_dir or the "
-            f"environment variable {DATA_DIR_ENV} at the data kit (the folder holding "
-            f"harmful/, benign/, utility/, ...)."
+            f"dataset {name!r}: {path} not found; `ssah-jax data fetch {name}` fetches it there, or point "
+            f"the config key data_dir or the environment variable {DATA_DIR_ENV} at a data kit"
         )
     records, skipped, first_error = [], 0, None
     for file in _files(path):

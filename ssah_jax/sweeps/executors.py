@@ -199,11 +199,23 @@ class RayExecutor:
 
 @contextlib.contextmanager
 def _locked(out: Path):
-    """One sweep command at a time in a workdir (a second would start the same points)."""
-    with open(out / "sweep.lock", "w") as f:
+    """One sweep command at a time in a workdir (a second would start the same points). The lock
+    file is removed when the command ends; a lock taken on a file another command removed in the
+    meantime is not one (it is taken again on the new file)."""
+    path = out / "sweep.lock"
+    while True:
+        f = open(path, "a")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            f.close()
             raise runs.WorkdirError(f"{out}: another ssah-jax sweep is running in it") from None
+        if path.exists() and os.path.samestat(os.fstat(f.fileno()), path.stat()):
+            break
+        f.close()  # removed by the command that held it: lock the current file
+    try:
         yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: the next command makes a new one
+        f.close()
 

@@ -89,6 +89,7 @@ def test_a_bad_sweep_config_is_refused_naming_its_key(values, message):
     assert message in str(e.value)
 
 
+@pytest.mark.slow
 def test_print_executor_prints_one_command_per_unfinished_point_and_nothing_else(tmp_path):
     args = ["sweep", "--config=configs/sweeps/fractions.py:tiny", f"--workdir={tmp_path / 's'}",
             "--config.executor=print"]
@@ -106,6 +107,7 @@ def test_print_executor_prints_one_command_per_unfinished_point_and_nothing_else
     # a run of other overrides in a point's workdir does not finish the point (its workdir decides)
     runs.mark_finished(tmp_path / "s" / "runs" / "dense", lines[0].split(" ") + ["--config.seed=3"], 12.0)
     assert len(cli(*args).stdout.splitlines()) == 4
+    assert not (tmp_path / "s" / "sweep.lock").exists()  # each command removed its lock
     # one sweep command at a time in a workdir
     with open(tmp_path / "s" / "sweep.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -113,6 +115,7 @@ def test_print_executor_prints_one_command_per_unfinished_point_and_nothing_else
     assert locked.returncode == 2 and "another ssah-jax sweep is running in it" in locked.stderr
 
 
+@pytest.mark.slow
 def test_sweep_command_errors_are_one_line(tmp_path):
     bad = cli("sweep", "--config=configs/sweeps/fractions.py:tiny", f"--workdir={tmp_path / 'a'}",
               "--config.grid.kinds=1")
@@ -235,6 +238,7 @@ def _ok(workdir):
     return [r["name"] for r in runs.read_jsonl(workdir / "points.jsonl") if r["status"] == "ok"]
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_and_ray_gives_the_same_table(tmp_path, tiny_chat_model):
     """The 4-point tiny fraction sweep: killed after two points, the same command runs only the
     other two; on a local Ray cluster it gives the same metrics."""
@@ -278,6 +282,7 @@ def test_a_killed_sweep_resumes_and_ray_gives_the_same_table(tmp_path, tiny_chat
             assert float(a[metric]) == pytest.approx(float(b[metric]), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_an_invalid_point_fails_alone_with_its_error_in_the_table(tmp_path, tiny_chat_model):
     config = tmp_path / "sweep.py"
     config.write_text(f'''
@@ -301,6 +306,7 @@ def get_config():
     assert "config.perplexity.limit=-1" in (tmp_path / "s" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_the_protection_and_signal_sweeps_run_two_at_a_time(tmp_path, tiny_chat_model):
     units = tmp_path / "prune"
     made = cli("prune", "--config=configs/prune.py:quick", f"--config.model={tiny_chat_model}",
@@ -328,6 +334,7 @@ def test_the_protection_and_signal_sweeps_run_two_at_a_time(tmp_path, tiny_chat_
     assert os.path.exists(tmp_path / "signal" / "plot_signal.lam.png")
 
 
+@pytest.mark.slow
 def test_the_alignment_sweep_trains_on_the_contrast_answers_and_measures_validation_sets(tmp_path, tiny_chat_model):
     workdir = tmp_path / "alignment"
     made = cli("generate", "--config=configs/generate.py:quick", f"--config.model={tiny_chat_model}",

@@ -17,6 +17,7 @@ def test_out_of_range_value_is_named(tmp_path):
         generate_experiment.run(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_generate_writes_report_and_resumes(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("What is the capital of France?\nName a fruit.\nSay hello.\n")
@@ -39,8 +40,16 @@ def test_generate_writes_report_and_resumes(tmp_path):
     generate_experiment.run(config, str(workdir))
     resumed = [json.loads(line) for line in (workdir / "generations.jsonl").read_text().splitlines()]
     assert resumed == records
+    # A re-run of the finished run answers nothing and keeps the timing of the runs that did.
+    first = [json.loads(line) for line in (workdir / "timing.jsonl").read_text().splitlines()]
+    assert [t["answered"] for t in first] == [3, 1]
+    text = generate_experiment.run(config, str(workdir)).read_text()
+    total = sum(t["seconds"] for t in first)
+    assert f"Answered in {total:.1f} s, compilation included (3 prompts in {first[0]['seconds']:.1f} s, " in text
+    assert "; 3 invocations of this workdir)" in text
 
 
+@pytest.mark.slow
 def test_generate_answers_a_dataset_into_training_data(tmp_path):
     """``prompts_dataset``: the prompts of a kit mixture; generations.jsonl is then a mixture
     component (the contrast data of the alignment)."""

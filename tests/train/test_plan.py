@@ -25,6 +25,7 @@ def _rss(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")
 @pytest.mark.parametrize("layout", [Layout(), Layout(scan=True, remat="full")], ids=["unrolled", "scan_full"])
 def test_plan_of_a_train_step_agrees_with_a_measured_step(layout):
@@ -60,6 +61,7 @@ def test_plan_of_a_train_step_agrees_with_a_measured_step(layout):
     assert measured == pytest.approx(predicted, rel=0.2), (measured / 2**20, predicted / 2**20)
 
 
+@pytest.mark.slow
 def test_a_scanned_7b_plan_is_abstract_and_sharded():
     config = ModelConfig.from_hf(AutoConfig.for_model(
         "llama", hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
@@ -81,6 +83,7 @@ def plan(*flags):
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_plan_command_says_what_fits(tiny_chat_model):
     # Two rows per device: the logits of the tiny model's large vocabulary dominate, so remat
     # barely helps and the advice ends in two micro-batches.
@@ -98,9 +101,46 @@ def test_plan_command_says_what_fits(tiny_chat_model):
     assert "-> fits" in again.stdout and "DOES NOT FIT" not in again.stdout
 
 
+@pytest.mark.slow
 def test_plan_errors_are_one_line():
     refused = plan("--config=configs/finetune.py:quick")  # batch 4 does not split over 8 devices
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].startswith("ssah-jax: [finetune] a micro-batch of 4 / 1")
     unknown = plan("--config=configs/finetune.py:quick", "--config.no_such_key=1")
     assert unknown.returncode == 2 and "config.no_such_key" in unknown.stderr
+
+
+NO_HUB = """
+import sys
+import httpx2
+import huggingface_hub
+
+
+class Refused(httpx2.BaseTransport):  # any request to the hub is reported, and fails at once
+    def handle_request(self, request):
+        print(f"HUB REQUEST {{request.url}}", file=sys.stderr, flush=True)
+        raise AssertionError("no hub request expected")
+
+
+huggingface_hub.set_client_factory(lambda: httpx2.Client(transport=Refused()))
+{body}
+"""
+
+
+@pytest.mark.slow
+def test_a_papers_model_plans_without_a_hub_request():
+    """llama2_7b_8gpu names meta-llama/Llama-2-7b-chat-hf: its architecture is known offline, so
+    the plan asks the hub nothing (HF_HUB_OFFLINE unset); the patched client does see a request
+    for a repository it does not know."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    run = lambda body: subprocess.run([sys.executable, "-c", NO_HUB.format(body=body)], cwd=ROOT,  # noqa: E731
+                                      capture_output=True, text=True, timeout=600, env=env)
+    planned = run("from ssah_jax.cli import main\nmain(['ssah-jax', 'plan', "
+                  "'--config=configs/finetune.py:llama2_7b_8gpu'])")
+    assert "HUB REQUEST" not in planned.stderr, planned.stderr[-2000:]
+    assert planned.returncode == 0 and "-> fits" in planned.stdout, planned.stderr[-2000:]
+    control = run("from transformers import AutoConfig\ntry:\n    AutoConfig.from_pretrained('someorg/some-model')\n"
+                  "except BaseException:\n    pass")
+    assert "HUB REQUEST https://huggingface.co/someorg/some-model" in control.stderr, control.stderr[-2000:]
