@@ -84,9 +84,7 @@ Executors (--config.executor):
          have run, the same command tabulates them (a point that ran to its end is finished,
          however it was run)
 
-Shipped sweeps (configs/sweeps/): fractions (the SSAH fraction rule on prune), protection
-(fine-tuning attack x protection x seed on finetune), signal (the safety signal's lambda x
-schedule x threshold on finetune); `ssah-jax sweep --config=<file> --help` shows a config."""
+Shipped sweeps (`ssah-jax sweep --config=<file> --help` shows one's keys):"""
 FLAGS_HELP = """\
 flags:
   --config=FILE[:PRESET]  the experiment's config file and preset (default: the file's first preset)
@@ -171,6 +169,16 @@ def _describe(name: str) -> tuple[str, str, list[str]]:
 def plain(text: str) -> str:
     """Docstring markup as plain text: ``name`` and :role:`name` become name."""
     return re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "")
+
+
+def sweep_help() -> str:
+    """SWEEP_HELP and each sweep config of ``configs/sweeps/``: its summary and presets."""
+    lines = [SWEEP_HELP]
+    for path in sorted((CONFIGS / "sweeps").glob("*.py")):
+        doc, presets = _module_parts(path)
+        summary = plain(" ".join(doc.split("\n\n", 1)[0].split())).removeprefix("Sweep config: ")
+        lines += [f"  configs/sweeps/{path.name}: {summary}", f"      presets: {_presets(presets)}"]
+    return "\n".join(lines)
 
 
 def _presets(presets: list[str]) -> str:
@@ -677,7 +685,7 @@ def main(argv: list[str] | None = None) -> None:
         if any(a in HELP for a in args):
             spec = _config_spec(args)
             if spec is None:
-                print(SWEEP_HELP)
+                print(sweep_help())
             else:
                 try:
                     print(sweep_config_help(spec))

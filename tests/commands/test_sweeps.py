@@ -379,3 +379,12 @@ def test_the_cpu_alignment_recipe_is_the_point_the_committed_alignment_sweep_cho
     assert align.learning_rate == float(row["optimizer.learning_rate"])
     assert align.steps == int(row["steps"] or point.set.steps) and align.batch_size == point.set.batch_size
     assert runs.config_from_file(REPO / "configs" / "signals.py", "smollm2_cpu").align.dataset == align.dataset
+
+
+def test_sweep_help_lists_every_shipped_sweep_with_its_presets():
+    shown = cli("sweep", "--help")
+    assert shown.returncode == 0, shown.stderr
+    for path in sorted((REPO / "configs" / "sweeps").glob("*.py")):
+        assert f"  configs/sweeps/{path.name}: " in shown.stdout
+    assert "configs/sweeps/alignment.py: the alignment recipe of ssah-jax reproduce" in shown.stdout
+    assert "``" not in shown.stdout
