@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from ssah_jax.checkpoints.gguf import gguf_config, gguf_tokenizer, load_gguf_model, open_gguf
-from ssah_jax.checkpoints.hf import load_hf_model, resolve_hf_dir, save_hf
+from ssah_jax.checkpoints.hf import hub_unreachable, load_hf_model, resolve_hf_dir, save_hf
 from ssah_jax.checkpoints.params import CheckpointError
 from ssah_jax.checkpoints.registry import DEMO_NAME, MODELS, demo_gguf_path, model_path
 from ssah_jax.models import CausalLM, ModelConfig
@@ -115,10 +115,16 @@ def model_config(ref: str | os.PathLike) -> ModelConfig:
     if name in HUB_ARCHITECTURES and not path.exists():
         values = dict(HUB_ARCHITECTURES[name])
         return ModelConfig.from_hf(AutoConfig.for_model(values.pop("model_type"), **values))
-    source = str(resolve(path)) if path.exists() or _path_like(name) else name
+    if path.exists() or _path_like(name):
+        source, offline = str(resolve(path)), None
+    else:  # a hub repo: its config.json alone, from the local cache when the hub is out of reach
+        source, offline = name, hub_unreachable()
     try:
-        return ModelConfig.from_hf(AutoConfig.from_pretrained(source))
+        return ModelConfig.from_hf(AutoConfig.from_pretrained(source, local_files_only=offline is not None))
     except (ValueError, OSError) as e:
+        if offline:
+            raise CheckpointError(f"{source}: not in the local hub cache, and the hub is out of reach ({offline})"
+                                  ) from None
         reason = " ".join(str(e).split())[:300]
         raise CheckpointError(f"{source}: no transformers config to read ({reason})") from e
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,22 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+def hub_unreachable() -> str | None:
+    """Why the hub cannot be asked anything (``HF_HUB_OFFLINE``, or its host does not resolve),
+    or None. A hub id is then read from the local cache alone: one error at once, rather than
+    the hub client's retries with backoff (tens of seconds) before the same error."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        return f"{host} does not resolve ({e.strerror or e})"
+    return None
+
+
 def resolve_hf_dir(ref: str | os.PathLike) -> Path:
     """A local model directory (with ``config.json``) as is; otherwise a hub repo id, downloaded
     (configs, tokenizer, weights). CheckpointError naming ``ref`` when neither works."""
@@ -30,9 +48,13 @@ def resolve_hf_dir(ref: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+    offline = hub_unreachable()
     try:
-        return Path(snapshot_download(str(ref), allow_patterns=patterns))
+        return Path(snapshot_download(str(ref), allow_patterns=patterns, local_files_only=offline is not None))
     except Exception as e:  # offline, no such repo, gated, ...: one error naming the repo
+        if offline:
+            raise CheckpointError(f"{ref}: not in the local hub cache, and the hub is out of reach ({offline})"
+                                  ) from None
         reason = " ".join(str(e).split())[:300]
         raise CheckpointError(f"{ref}: cannot fetch this hub repo ({type(e).__name__}: {reason})") from e
 

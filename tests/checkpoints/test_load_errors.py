@@ -78,3 +78,26 @@ def test_no_weights_in_directory(tmp_path):
     tiny.llama_config().save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_weights(tmp_path)
+
+
+def test_a_hub_repo_out_of_reach_is_one_error_at_once(monkeypatch):
+    """With the hub's host unresolvable (or HF_HUB_OFFLINE), a hub id is read from the local
+    cache alone: one error naming why, not the hub client's retries."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from ssah_jax.checkpoints import model_config, resolve_hf_dir
+
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for load in (model_config, resolve_hf_dir):
+        with pytest.raises(CheckpointError, match=r"someorg/some-model: not in the local hub cache, and the hub is "
+                                                  r"out of reach \(huggingface.co does not resolve"):
+            load("someorg/some-model")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match=r"out of reach \(HF_HUB_OFFLINE is set\)"):
+        model_config("someorg/some-model")
