@@ -79,10 +79,12 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
         heldout=64,  # each dataset's last examples, never trained on
         max_length=256, system_prompt="",
     ))
-    c.steps = 60
+    c.steps = 60  # optimizer steps (each of batch_size examples)
     c.batch_size = 4  # global, in examples
     c.accum_steps = 1  # micro-batches per step
     c.compute_dtype = "float32"  # float32 | bfloat16 (the master weights stay float32)
+    # AdamW; schedule: cosine | linear | constant, after warmup_steps of linear warm-up, down to
+    # end_fraction x learning_rate; clip_norm: the global gradient norm clipped to it (0: off)
     c.optimizer = ConfigDict(dict(
         learning_rate=2e-5, schedule="cosine", warmup_steps=6, end_fraction=0.0,
         weight_decay=0.0, clip_norm=1.0,
@@ -119,11 +121,11 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
         del c.evaluation.signal["file"]
     c.evaluation.tasks = ()
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: the remaining devices (FSDP by default)
-    c.log_every = 5
+    c.log_every = 5  # steps between recorded training metrics (the metrics log, TensorBoard)
     c.eval_every = 20  # held-out loss (also before the first and after the last step)
-    c.eval_batch_size = 8
-    c.checkpoint_every = 20
-    c.keep_checkpoints = 2
+    c.eval_batch_size = 8  # held-out examples scored together; only speed and memory
+    c.checkpoint_every = 20  # steps between checkpoints (a killed run resumes from the last)
+    c.keep_checkpoints = 2  # how many of the latest checkpoints stay on disk
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} for configs/finetune.py (presets: {', '.join(PRESETS)})")
     set_values(c, PRESETS[preset])

@@ -34,12 +34,12 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c.prompts_dataset = ""
     c.system_prompt = ""  # empty: none
     c.answer_prefix = ""  # prefilling attack: force the answer to start with this
-    c.max_new_tokens = 128
+    c.max_new_tokens = 128  # the length of each answer, at most
     c.temperature = 0.0  # 0: greedy
     c.top_k = 0  # 0: off
     c.top_p = 1.0  # 1.0: off
-    c.seed = 0
-    c.batch_size = 8
+    c.seed = 0  # sampling seed (each batch draws from seed + its first prompt's index)
+    c.batch_size = 8  # prompts decoded together; only speed and memory
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} for configs/generate.py (presets: {', '.join(PRESETS)})")
     c.update(PRESETS[preset])
