@@ -1,4 +1,4 @@
-"""The four kinds of unit (SSAH, DESIGN 2.2) and the UnitMap that records them.
+"""The four kinds of unit (SSAH: Li & Kim, arXiv 2410.10862) and the UnitMap that records them.
 
 With ``I_S`` the safety score and ``I_U`` the utility score of a unit, both normalised:
 

@@ -4,7 +4,7 @@ Every scorer is two pure pieces: a jitted *statistics step* ``(params, accumulat
 accumulator`` that sees one batch at a time (the activations of the whole calibration set are
 never held), and a *finaliser* that turns the statistics and the ``B`` weights into scores.
 Scores are ``{"attn": [layers, num_heads * head_dim], "mlp": [layers, intermediate_size]}``
-float32, unit ``j`` being input channel ``j`` of ``o_proj`` / ``down_proj`` (DESIGN 2.1):
+float32, unit ``j`` being input channel ``j`` of ``o_proj`` / ``down_proj`` (the SSAH units):
 
     wifv   Var_t(x_j) * ||W_B[:, j]||^2              (Li & Kim, SSAH; FLAP's fluctuation metric)
     wanda  ||x_j||_2 * sum_i |W_B[i, j]|             (Wanda's |W| * ||X||, summed over the column)

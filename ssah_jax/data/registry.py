@@ -80,7 +80,7 @@ def _alpaca_instructions(row) -> Record:
 # harmful requests use, in a harmless sense: "kill a process", "the causes of World War II") or
 # share harmful requests' form (a how-to question), so a model learns to refuse the request, not
 # the word or the form. Chosen from alpaca_instructions by these two patterns (none is an XSTest
-# prompt: tests/test_data.py checks), split 80 / 20 into train / validation by a hash of the prompt.
+# prompt: tests/data/test_data.py checks), split 80 / 20 into train / validation by a hash of the prompt.
 SENSITIVE_WORDS = (
     r"kill\w*|shoot\w*|attack\w*|destroy\w*|destruct\w*|bomb\w*|steal\w*|theft|hack\w*|crack\w*|weapon\w*|"
     r"drugs?|poison\w*|violen\w*|murder\w*|crimes?|criminal\w*|terror\w*|explo(?:de|sion|sive|it)\w*|guns?|"

@@ -61,7 +61,21 @@ def load_hub(spec: str, fields: Mapping[str, str]) -> list[Record]:
     if len(parts) not in (2, 3):
         raise ValueError(f"hub source {spec!r}: expected 'repo:split' or 'repo:config:split'")
     path, config, split = (parts[0], None, parts[1]) if len(parts) == 2 else parts
-    rows = datasets.load_dataset(path, config, split=split)
+    from ssah_jax.checkpoints.hf import hub_unreachable
+
+    offline = None if Path(path).exists() else hub_unreachable()
+    was = datasets.config.HF_HUB_OFFLINE
+    # out of reach: the local cache alone (one error at once, not the hub client's retries)
+    datasets.config.HF_HUB_OFFLINE = was or offline is not None
+    try:
+        rows = datasets.load_dataset(path, config, split=split)
+    except (ConnectionError, FileNotFoundError) as e:
+        if not offline:
+            raise
+        raise DataError(f"hf:{spec}: not in the local datasets cache, and the hub is out of reach ({offline})"
+                        ) from e
+    finally:
+        datasets.config.HF_HUB_OFFLINE = was
     return _from_mapping(rows, fields, f"hf:{spec}")
 
 

@@ -1,4 +1,4 @@
-"""The SSAH unit layout of a decoder layer (DESIGN 2.1), named once for every later stage.
+"""The SSAH unit layout of a decoder layer (Li & Kim, arXiv 2410.10862), named once for every later stage.
 
 A *unit* is one input channel of the ``B`` matrix of a two-matrix block ``f(X) = B · σ(A · X)``:
 ``o_proj`` for attention (``num_heads * head_dim`` units per layer), ``down_proj`` for the MLP

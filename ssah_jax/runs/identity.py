@@ -29,7 +29,7 @@ BOOKKEEPING = (IDENTITY, "config.json", "invocations.jsonl", "elapsed.json")
 # gained (``ADDED_SECTIONS``). At its old value an added key stays out of a run's identity, so
 # adding it refuses no existing workdir. Matched on the tail, as sub-runs nest configs
 # (``train.signal.lr_scale`` is finetune's key inside an attack stage): a tail must name one key
-# of one experiment's config wherever it appears (tests/test_run_identity.py checks every preset).
+# of one experiment's config wherever it appears (tests/infrastructure/test_run_identity.py checks every preset).
 Added = Mapping[str, Any]
 
 

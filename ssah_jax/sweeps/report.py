@@ -17,6 +17,7 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from ssah_jax import runs
+from ssah_jax.evaluation.tasks import RATE_FIELDS
 from ssah_jax.sweeps.results import RECORDS, groups, select, swept_keys, table
 from ssah_jax.sweeps.spec import _UNSAFE, Point, _number, _readable, fixed_overrides
 
@@ -27,6 +28,27 @@ def _mean_sd(values: list[float]) -> tuple[float, float | None]:
 
 def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{x:.4g}"
+
+
+def _is_rate(config: ConfigDict, metric: str) -> bool:
+    """Whether column ``metric`` reads a rate (an ASR, refusal rate or accuracy: its path ends in
+    one of ``RATE_FIELDS``), which the report shows in percent like every other report."""
+    return config.metrics[metric].rpartition(":")[2].rpartition(".")[2] in RATE_FIELDS
+
+
+def _value(config: ConfigDict, metric: str, x: float | None, sd: float | None = None) -> str:
+    """A cell: ``25.0%`` (``± 3.1`` points over seeds) for a rate, else four digits."""
+    if x is None or not _is_rate(config, metric):
+        return _fmt(x) + (f" ± {_fmt(sd)}" if sd is not None else "")
+    return f"{100 * x:.1f}%" + (f" ± {100 * sd:.1f}" if sd is not None else "")
+
+
+def _change(config: ConfigDict, metric: str, limit: str, change: float) -> str:
+    """A change against the baseline as its limit measures it: relative (``x`` limits) in
+    percent, a rate's difference in points, another metric's difference in its units."""
+    if str(limit).startswith("x"):
+        return f"{100 * change:+.1f}%"
+    return f"{100 * change:+.1f} points" if _is_rate(config, metric) else f"{change:+.3g}"
 
 
 def write_results(config: ConfigDict, out: Path, points: list[Point], argv: Sequence[str]) -> Path:
@@ -129,11 +151,14 @@ def render_report(config: ConfigDict, out: Path, rows: list[dict[str, Any]], key
             if not got:
                 cells.append("–")
                 continue
-            mean, sd = _mean_sd(got)
-            cells.append(_fmt(mean) + (f" ± {_fmt(sd)}" if sd is not None else ""))
+            cells.append(_value(config, m, *_mean_sd(got)))
         lines.append("| " + " | ".join(cells) + " |")
+    rates = [m for m in config.metrics if _is_rate(config, m)]
+    if rates:
+        lines += ["", "Rates (" + ", ".join(rates) + ") in percent."]
     if seeded:
-        lines += ["", f"Mean ± standard deviation over the seeds {tuple(config.seeds)} that finished."]
+        lines += ["", f"Mean ± standard deviation over the seeds {tuple(config.seeds)} that finished"
+                  + (" (of a rate: in percentage points)." if rates else ".")]
     attempts = runs.read_jsonl(out / RECORDS)
     if attempts:
         minutes = sum(r["seconds"] for r in attempts) / 60
@@ -147,15 +172,17 @@ def render_report(config: ConfigDict, out: Path, rows: list[dict[str, Any]], key
         lines += ["", f"Code: {codes[0]}."]
     for name, c in chosen.items():
         lines += ["", f"## Selected: {name} (`{c['key']}`)", "",
-                  f"Rule (DESIGN.md 2.2, `ssah_jax.attribution.sweep_fraction`): the largest `{c['key']}` before the "
+                  f"Rule (Li & Kim, arXiv 2410.10862; `ssah_jax.attribution.sweep_fraction`): the largest "
+                  f"`{c['key']}` before the "
                   "first value at which a metric moved past its limit against the point "
                   f"`{config.select[name].baseline}` "
                   "(limits: " + ", ".join(f"{m} {lim}" for m, lim in c["limits"].items()) + ").", "",
-                  "| value | " + " | ".join(f"{m} (baseline {_fmt(c['baseline'][m])})" for m in c["limits"])
+                  "| value | " + " | ".join(f"{m} (baseline {_value(config, m, b)})" for m, b in c["baseline"].items())
                   + " | within limits |", "|---|" + "---|" * (len(c["limits"]) + 1)]
         tried = {str(v): d for v, d in c["tried"]}
         for value, entry in c["changes"].items():
-            cells = [value] + ["–" if e is None else f"{_fmt(e['value'])} ({e['change']:+.3g})" for e in entry.values()]
+            cells = [value] + ["–" if e is None else f"{_value(config, m, e['value'])} "
+                               f"({_change(config, m, c['limits'][m], e['change'])})" for m, e in entry.items()]
             verdict = ("missing" if any(e is None for e in entry.values()) else
                        "not tried (after the first beyond)" if value not in tried else
                        "yes" if tried[value] <= 1 else "no")

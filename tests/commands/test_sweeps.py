@@ -161,6 +161,22 @@ def test_the_fraction_rule_keeps_the_largest_value_before_the_first_past_a_limit
     assert sweeps.select(c, rows)["RU"]["value"] == 0.0
 
 
+def test_the_report_shows_rates_in_percent_and_each_change_as_its_limit_measures_it(tmp_path):
+    from ssah_jax.sweeps.report import render_report
+
+    c = sweep_of(metrics=ConfigDict(dict(ppl="*.perplexity.perplexity", asr="*.asr_no_system.asr")),
+                 select=ConfigDict(dict(RU=dict(key="kinds.ru", baseline="dense",
+                                                limits=dict(ppl="x1.10", asr="+0.05")))))
+    rows = [_row("dense", {"ppl": 10.0, "asr": 0.10}),
+            _row("", {"ppl": 10.5, "asr": 0.125}, **{"kinds.ru": "0.05"})]
+    text = render_report(c, tmp_path, rows, ["kinds.ru"], [], True, sweeps.select(c, rows), [], [])
+    assert "| dense |  | ok | 10.0% | 10 |" in text and "|  | 0.05 | ok | 12.5% | 10.5 |" in text
+    assert "Rates (asr) in percent." in text
+    assert "| value | asr (baseline 10.0%) | ppl (baseline 10) | within limits |" in text
+    assert "| 0.05 | 12.5% (+2.5 points) | 10.5 (+5.0%) | yes |" in text
+    assert "DESIGN.md" not in text
+
+
 def test_the_fraction_rule_waits_for_missing_values_and_a_missing_baseline():
     c = sweep_of(metrics=ConfigDict(dict(asr="b")), select=ConfigDict(dict(
         UCU=dict(key="kinds.ucu", baseline="dense", limits=dict(asr="x1.5")))))

@@ -117,6 +117,20 @@ def test_hub_source_on_a_local_directory(tmp_path):
         load_dataset(f"hf:{tmp_path}:train", fields={"prompt": "missing"})
 
 
+def test_a_hub_dataset_out_of_reach_is_one_error_at_once(monkeypatch):
+    """With the hub out of reach a hub id is read from the local datasets cache alone: a missing
+    one is one error naming why, not the hub client's retries (tens of seconds)."""
+    datasets = pytest.importorskip("datasets")
+    from ssah_jax.checkpoints import hf
+
+    monkeypatch.setattr(hf, "hub_unreachable", lambda: "HF_HUB_OFFLINE is set")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    with pytest.raises(DataError, match=r"hf:someone/nothing:train: not in the local datasets cache, and the hub "
+                                        r"is out of reach \(HF_HUB_OFFLINE is set\)"):
+        load_dataset("hf:someone/nothing:train", fields={"prompt": "q"})
+    assert datasets.config.HF_HUB_OFFLINE is False  # restored
+
+
 @pytest.fixture(scope="module")
 def demo_tokenizer():
     from ssah_jax.checkpoints import demo_gguf_path, load_tokenizer

@@ -39,6 +39,7 @@ TASKS: dict[str, Task] = {
 # ``summarise_sweep``: asr_any_setting, ``summarise_refusal_rate``, ``summarise_accuracy``,
 # ``summarise_perplexity``); every entry also holds its count ``n``.
 HEADLINE_FIELDS = ("asr", "asr_any_setting", "refusal_rate", "accuracy", "perplexity")
+RATE_FIELDS = HEADLINE_FIELDS[:-1]  # the fractions among them (a report shows them in percent)
 
 
 def headline(entry: dict) -> tuple[float, int]:
@@ -97,6 +98,7 @@ def chosen(names: Sequence[str], key: str = "config.tasks") -> dict[str, Task]:
 __all__ = [
     "ASR_SETTINGS",
     "HEADLINE_FIELDS",
+    "RATE_FIELDS",
     "TASKS",
     "Entries",
     "EvalSpec",
