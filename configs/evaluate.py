@@ -5,7 +5,8 @@ Presets (``--config=configs/evaluate.py:<preset>``):
            (5 target tokens) and a 2-setting sampling sweep on the first 50, all 250 XSTest
            safe prompts, 500 MMLU questions spread over the subjects, SST-2 dev (872),
            50 GSM8K problems, perplexity on 200 held-out alpaca_libre responses (default)
-  quick    the same tasks on a handful of examples each: a smoke test (a few minutes)
+  quick    the demo model, the same tasks on a handful of examples each: a smoke test (62 s on
+           the 2-core development CPU)
   gpu      the demo model in bfloat16 with batch 64 and full sets (one GPU)
 
 ``limit = 0`` means the whole set. ``data_dir`` empty: ``$SSAH_DATA_DIR``, else the user cache

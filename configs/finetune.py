@@ -4,7 +4,8 @@ setting, orbax checkpoints (re-running the command resumes) and an HF export.
 Presets (``--config=configs/finetune.py:<preset>``):
   smollm2  the CPU preset: the demo model, 60 steps of batch 4 on alpaca_libre (256 tokens),
            held-out response loss on 64 examples every 20 steps, full fine-tuning
-  quick    a smoke test: 6 steps of batch 4 (128 tokens), 8 held-out examples
+  quick    the demo model, a smoke test: 6 steps of batch 4 (128 tokens), 8 held-out examples (90 s
+           on the 2-core development CPU)
   gpu      one GPU: bfloat16 compute (float32 master weights), batch 32, 1,000 steps
   llama2_7b_8gpu, llama3_8b_8gpu    the papers' models (Llama-2-7B-Chat, Llama-3-8B-Instruct: the
            hub id, or set ``model`` to your HF directory) on one 8 x 80 GB GPU host: 1,000 steps of
@@ -74,10 +75,12 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c.seed = 0  # data order and LoRA initialisation
     c.data = ConfigDict(dict(
         # a dataset, or a mixture "name:count,name:count" (a component without a count: all of it)
-        dataset="alpaca_libre", split="",  # empty split: each dataset's first
+        dataset="alpaca_libre",
+        split="",  # empty: each dataset's first split
         limit=0,  # training examples in all (0: all but the held-out ones)
         heldout=64,  # each dataset's last examples, never trained on
-        max_length=256, system_prompt="",
+        max_length=256,  # tokens per example (prompt and response in the chat template), longer ones cut
+        system_prompt="",  # a system message rendered into every example ("": none)
     ))
     c.steps = 60  # optimizer steps (each of batch_size examples)
     c.batch_size = 4  # global, in examples
@@ -91,10 +94,13 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     ))
     c.freeze = ConfigDict(dict(
         mode="none",  # none | units | only_units | layers | lora
+        # mode=units / only_units: the unit map (an ssah-jax prune run's units.npz), the kinds selected
+        # from it, and random=True for as many random units instead (the control)
         units=ConfigDict(dict(file="", selection="SCU+CU:0.06", random=False)),
         layers="",  # "i-j" for mode=layers
         groups=(),  # embeddings / norms / head to freeze
-        lora=ConfigDict(dict(rank=8, alpha=16.0, targets=("q_proj", "v_proj"))),  # raise the learning rate
+        # mode=lora: the adapters' rank, scale alpha and target projections (raise the learning rate)
+        lora=ConfigDict(dict(rank=8, alpha=16.0, targets=("q_proj", "v_proj"))),
     ))
     # The explicit safety signal (Li & Kim 2025): "" (none) | linear | mlp head on a [CLS] slot,
     # trained with L_sft + lam * L_cls; malicious: the data.dataset components labelled 1;

@@ -2,7 +2,7 @@
 
 Presets (``--config=configs/generate.py:<preset>``):
   smollm2  the demo model on CPU, fp32, 128 new tokens (default)
-  quick    the demo model, 16 new tokens: a smoke test
+  quick    the demo model, 16 new tokens: a smoke test (20 s on the 2-core development CPU)
   gpu      the demo model in bfloat16, batch 64 (one GPU)
 """
 

@@ -7,7 +7,7 @@ Presets (``--config=configs/prune.py:<preset>``):
            utility calibration samples; ASR on 100 AdvBench prompts (32 new tokens, with and
            without the safety system prompt), 200 MMLU, 200 SST-2, perplexity on 100 held-out
            responses, for each of the five models
-  quick    a smoke test on a handful of examples (minutes)
+  quick    the demo model, a smoke test on a handful of examples (95 s on the 2-core development CPU)
   gpu      one GPU, bfloat16: 512 + 512 calibration samples, full ASR / MMLU / SST-2 sets,
            GSM8K (the 7B setting of the paper: set ``model`` to a Llama-2-7B-Chat directory)
   llama2_7b_8gpu, llama3_8b_8gpu, llama2_7b_v5e16
@@ -41,8 +41,9 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c.attribution = ConfigDict(dict(
         scorer="wifv",  # wifv | wanda | snip
         tokens="response",  # response | prompt | all
-        batch_size=8,
-        max_length=256,
+        batch_size=8,  # calibration samples per forward / backward pass
+        max_length=256,  # tokens per calibration sample
+        # safety samples: harmful prompts with refusals (limit: how many, 0: all)
         safety=ConfigDict(dict(dataset="safety_refusals_short", limit=128)),
         # utility samples are the first status-ok rows (evaluate's perplexity holds out the last)
         utility=ConfigDict(dict(dataset="alpaca_libre", limit=128)),
@@ -52,8 +53,12 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     ))
     # the models evaluated; empty: the unit map only (no table)
     c.variants = ("dense", "minus_SCU", "minus_UCU", "minus_RU", "minus_random")
+    # each kind's fraction of the units (SCU taken first, then UCU, then RU); ranking: global (over
+    # the model) | per_layer (within each layer's attention / MLP block); normalise: layer_mean (each
+    # block's scores divided by their mean before ranking) | none
     c.kinds = ConfigDict(dict(scu=0.013, ucu=0.133, ru=0.148, ranking="global", normalise="layer_mean"))
     gpu = preset == "gpu" or preset.startswith("llama")
+    # each variant's evaluation: an ssah-jax evaluate config (configs/evaluate.py) without its model keys
     c.evaluation = config_from_file(Path(__file__).with_name("evaluate.py"), "gpu" if gpu else "smollm2",
                                     drop=("model", "dtype", "data_dir"))
     c.evaluation.tasks = ("asr", "mmlu", "sst2", "perplexity")

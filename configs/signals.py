@@ -24,7 +24,9 @@ Stages (``stages``; each resumes, a finished one is kept):
 Presets (``--config=configs/signals.py:<preset>``):
   smollm2_cpu  the demo model on a 2-core CPU, small evaluation sets (stage times: docs/results/signals.md)
   gpu          the demo model on one GPU: reproduce's GPU alignment, larger sets, bfloat16
-  tiny         a smoke test of the wiring (a few steps and prompts per stage)
+  tiny         a smoke test of the wiring on ``tiny-random`` (a random 2-layer model made on the fly;
+               its answers are noise): a few steps and prompts per stage (76 s on the 2-core
+               development CPU)
   llama2_7b_8gpu, llama3_8b_8gpu, llama2_7b_v5e16
                the papers' models at full size, as configs/reproduce.py's presets of these names
 """
@@ -49,10 +51,12 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
     large = preset.startswith("llama")  # configs/finetune.py's preset of the same name trains
     gpu = preset == "gpu" or large
     c = ConfigDict()
-    c.model = "smollm2-135m-instruct"  # the unaligned model: demo name, HF directory, .gguf
+    # the unaligned model: a registered name (the demo model; tiny-random: made on the fly), an HF
+    # directory or hub id, a .gguf
+    c.model = "tiny-random" if preset == "tiny" else "smollm2-135m-instruct"
     c.dtype = "bfloat16" if gpu else "float32"  # evaluation; training uses finetune.compute_dtype
-    c.data_dir = ""
-    c.seed = 0
+    c.data_dir = ""  # empty: $SSAH_DATA_DIR, else ~/.cache/ssah_jax/data (ssah-jax data fetch)
+    c.seed = 0  # every stage's seed (the attacks add their own, attack.seeds)
     c.stages = ("all",)  # or a subset, e.g. --config.stages=align_signal,eval_signal
     # REPORT.md and its plots: <workdir>/report when empty; the CPU preset writes the committed
     # results (experiments/results/signals_smollm2, relative to the checkout)
@@ -70,8 +74,9 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
     # malicious) and benign instructions (benign), rendered in the model's chat template
     reproduce = config_from_file(HERE / "reproduce.py", preset if large else "smollm2_gpu" if gpu else
                                  "tiny" if preset == "tiny" else "smollm2_cpu")
+    # align_*: reproduce's align_full data and SFT settings (configs/reproduce.py's align, but ru_epochs)
     c.align = ConfigDict({k: v for k, v in reproduce.align.items() if k != "ru_epochs"})
-    c.contrast = reproduce.contrast
+    c.contrast = reproduce.contrast  # the contrast stage (configs/reproduce.py's)
     c.signal = ConfigDict(dict(
         head="linear",  # linear | mlp, on [CLS]'s final hidden state
         lam=0.1,  # L_sft + lam * L_cls (the paper: 0.1, or 0.01)
@@ -83,8 +88,9 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
         # report of 9ada4a3) and not on another with the same code and config (0.69): the outcome
         # hung on the trajectory of 56 small batches. The probe is a convex fit.
         probe=True,
-        lr_scale=1.0,
+        lr_scale=1.0,  # the head's learning rate, times the alignment's
     ))
+    # align_augmented: the deep-alignment augmentation of Qi et al. 2024 added to align's data
     c.augment = ConfigDict(dict(
         # the last `count` harmful_qa records (the attack takes the first ones): answers starting
         # with k ~ U[1, max_tokens] harmful tokens, then the refusal
@@ -93,8 +99,13 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
     ))
     c.decoding = ConfigDict(dict(
         schedules=("each", "first", "periodic", "annealing"),  # the first also runs the log-likelihood tasks
+        # a check is malicious when p(malicious) > threshold; period: steps between checks (periodic,
+        # annealing); what [CLS] sees: the first r1 answer tokens after a malicious first check, else the
+        # latest r2, and r3 past a benign-to-malicious turn; tau: malicious checks in a row that refuse
+        # (strategic decoding: ssah_jax.signals.decoding)
         threshold=0.5, period=10, r1=10, r2=10, r3=10, tau=3,
     ))
+    # eval_*: an ssah-jax evaluate config without its model keys (the signal's are decoding's)
     c.evaluation = config_from_file(HERE / "evaluate.py", "gpu" if gpu else "smollm2",
                                     drop=("model", "dtype", "data_dir", "signal"))
     set_values(c.evaluation, {
@@ -111,13 +122,15 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
     })
     c.classifier = ConfigDict(dict(
         harmful_limit=0,  # the held-out harmful prompts of evaluation.harmful (0: all)
-        benign="alpaca_instructions", benign_limit=96,  # benign prompts never trained on: its last ones
+        benign="alpaca_instructions",  # benign prompts never trained on: its last ones
+        benign_limit=96,
         xstest=True,  # also XSTest's unsafe vs safe prompts
-        batch_size=8,
+        batch_size=8,  # prompts per forward pass
     ))
     # reproduce's fine-tuning attacks, seeds and their evaluation (the same attacks on every method:
     # ``ssah-jax compare`` sets these models beside reproduce's protections)
     r = reproduce.attack
+    # the attack stage: the fine-tuning attacks on each aligned model
     c.attack = ConfigDict(dict(datasets=r.datasets, seeds=r.seeds, batch_size=r.batch_size,
                                learning_rate=r.learning_rate, warmup_steps=r.warmup_steps))
     c.attack.evaluation = r.evaluation

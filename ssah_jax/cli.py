@@ -225,8 +225,10 @@ def load_config(spec: str) -> ConfigDict:
 
 def key_comments(path: Path) -> dict[str, str]:
     """The comment of each key a config file sets (``c.<key> = ...`` in its ``get_config``): the
-    comment lines right above the assignment and the one beside it, as plain text. A comment of a
-    section (``c.harmful = ConfigDict(...)``) is keyed by the section's name."""
+    comment lines right above the assignment and the ones beside it, as plain text. The keywords
+    of a section (``c.align = ConfigDict(dict(steps=56,  # ...``) are keys of their own
+    (``align.steps``), with the comments above and beside them; a line's comment is its first
+    keyword's, or the section's when the section starts on that line."""
     import io
     import tokenize
 
@@ -239,7 +241,41 @@ def key_comments(path: Path) -> dict[str, str]:
         elif token.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
                                 tokenize.ENDMARKER):
             code_lines.add(token.start[0])
+
+    def above(line: int) -> list[str]:  # the comment block right above ``line``
+        block, line = [], line - 1
+        while line in comments and line not in code_lines:
+            block.insert(0, comments[line])
+            line -= 1
+        return block
+
+    def beside(lines: set[int]) -> list[str]:
+        return [comments[n] for n in sorted(lines) if n in comments and n in code_lines]
+
     found: dict[str, str] = {}
+
+    def record(key: str, text: list[str]) -> None:
+        if plain(" ".join(text)):
+            found[key] = plain(" ".join(text))
+
+    def keywords(prefix: str, value: ast.AST, first_line: int) -> set[int]:
+        """Records the keywords of ``dict(...)`` / ``ConfigDict(dict(...))``; the lines whose
+        comments they took (not ``first_line``, whose comment is the section's)."""
+        if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "ConfigDict" \
+                and value.args:
+            value = value.args[0]
+        if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "dict"):
+            return set()
+        taken: set[int] = set()
+        for kw in value.keywords:
+            if kw.arg is None:
+                continue
+            inner = keywords(f"{prefix}.{kw.arg}", kw.value, kw.lineno)
+            lines = set(range(kw.lineno, kw.end_lineno + 1)) - inner - taken - {first_line}
+            record(f"{prefix}.{kw.arg}", (above(kw.lineno) if kw.lineno in lines else []) + beside(lines))
+            taken |= lines | inner
+        return taken
+
     for node in ast.walk(ast.parse(source)):
         if not (isinstance(node, ast.Assign) and len(node.targets) == 1):
             continue
@@ -249,14 +285,9 @@ def key_comments(path: Path) -> dict[str, str]:
             target = target.value
         if not (isinstance(target, ast.Name) and target.id == "c" and parts):
             continue
-        above, line = [], node.lineno - 1
-        while line in comments and line not in code_lines:  # the comment block right above
-            above.insert(0, comments[line])
-            line -= 1
-        beside = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments and n in code_lines]
-        text = plain(" ".join(above + beside))
-        if text:
-            found[".".join(parts)] = text
+        key = ".".join(parts)
+        inner = keywords(key, node.value, node.lineno)
+        record(key, above(node.lineno) + beside(set(range(node.lineno, node.end_lineno + 1)) - inner))
     return found
 
 

@@ -26,8 +26,12 @@ First make the contrast answers (once; about 8 minutes on 2 cores):
 Presets (``ssah-jax sweep --config=configs/sweeps/alignment.py:<preset> --workdir=DIR``):
   smollm2  the demo model: mixtures of 448 examples (56 steps of 8, 192 tokens; 112 steps: two
            epochs) with 0 to 112 contrast examples, learning rate 1e-4
-  tiny     2 points of ``finetune``'s quick preset (for tests: set ``set.model``; the contrast
-           answers in ``<sweep workdir>/contrast/generations.jsonl``)
+  tiny     2 points of a few steps on ``tiny-random`` (a random 2-layer model made on the fly),
+           8 validation prompts each (47 s on the 2-core development CPU); first its contrast
+           answers (12 s):
+               ssah-jax generate --config=configs/generate.py:quick --config.model=tiny-random \\
+                   --config.prompts_dataset=benign_contrast:128 --config.max_new_tokens=2 \\
+                   --config.batch_size=64 --workdir=<sweep workdir>/contrast
 """
 
 from ssah_jax.sweeps import sweep_config
@@ -66,7 +70,7 @@ def get_config(preset: str = "smollm2") -> object:
         raise ValueError(f"unknown preset {preset!r} for configs/sweeps/alignment.py (presets: {', '.join(PRESETS)})")
     tiny = preset == "tiny"
     c = sweep_config("finetune", "configs/finetune.py:quick" if tiny else "configs/finetune.py:smollm2")
-    c.set.model = "smollm2-135m-instruct"
+    c.set.model = "tiny-random" if tiny else "smollm2-135m-instruct"
     if tiny:
         c.set.batch_size = 8  # splits over the tests' 8 fake devices
         c.set.data = dict(heldout=2)

@@ -17,7 +17,8 @@ Presets (``ssah-jax sweep --config=configs/sweeps/fractions.py:<preset> --workdi
   qwen     Qwen2.5-Coder-0.5B-Instruct, aligned by its makers (qwen2.5-coder-0.5b-instruct): 16
            points (dense; SCU 0.05-2%; UCU 0.5-13.3%; RU 0.5-14.8%) on the same sets as smollm2
            (its makers' alignment data is unknown: no prompt is excluded beyond smollm2's)
-  tiny     4 points of ``prune``'s quick preset (for tests: set ``set.model`` to a small model)
+  tiny     4 points of ``prune``'s quick preset on ``tiny-random`` (a random 2-layer model made on
+           the fly) (52 s on the 2-core development CPU)
 """
 
 from ssah_jax.sweeps import sweep_config
@@ -35,7 +36,7 @@ def get_config(preset: str = "smollm2") -> object:
         raise ValueError(f"unknown preset {preset!r} for configs/sweeps/fractions.py (presets: {', '.join(PRESETS)})")
     tiny = preset == "tiny"
     c = sweep_config("prune", "configs/prune.py:quick" if tiny else "configs/prune.py:smollm2")
-    c.set.model = "qwen2.5-coder-0.5b-instruct" if preset == "qwen" else "smollm2-135m-instruct"
+    c.set.model = {"qwen": "qwen2.5-coder-0.5b-instruct", "tiny": "tiny-random"}.get(preset, "smollm2-135m-instruct")
     c.set.attribution = dict(cache_dir="{workdir}/scores")
     c.set.evaluation = dict(tasks=("asr", "perplexity"), harmful=dict(settings=("no_system",)))
     if tiny:

@@ -17,8 +17,11 @@ Presets (``ssah-jax sweep --config=configs/sweeps/protection.py:<preset> --workd
            and ``set.freeze.units.file`` for others): the attacks of its smollm2_cpu preset
            (alpaca_libre, harmful_qa) x 5 protections x 3 seeds, ASR (no system prompt) on
            reproduce's 200 held-out prompts
-  tiny     1 attack x 2 protections x 2 seeds of finetune's quick preset (for tests: set
-           ``set.model`` and ``set.freeze.units.file``)
+  tiny     1 attack (harmful_qa) x 2 protections x 2 seeds of finetune's quick preset on
+           ``tiny-random`` (a random 2-layer model made on the fly) (66 s on the 2-core development
+           CPU); first its unit map (9 s):
+               ssah-jax prune --config=configs/prune.py:quick --config.model=tiny-random \\
+                   --config.variants=() --workdir=<sweep workdir>/units
 """
 
 from pathlib import Path
@@ -50,15 +53,16 @@ def get_config(preset: str = "smollm2") -> object:
     reproduce = config_from_file(Path(__file__).parents[1] / "reproduce.py", "tiny" if tiny else "smollm2_cpu")
     a = reproduce.attack
     c = sweep_config("finetune", "configs/finetune.py:quick" if tiny else "configs/finetune.py:smollm2")
-    c.set.model = "smollm2-135m-instruct" if tiny else "runs/reproduce/align_full/export"
-    c.set.freeze = dict(units=dict(file="" if tiny else "runs/reproduce/prune_aligned/units.npz"))
+    c.set.model = "tiny-random" if tiny else "runs/reproduce/align_full/export"
+    units = "{workdir}/units/units.npz" if tiny else "runs/reproduce/prune_aligned/units.npz"
+    c.set.freeze = dict(units=dict(file=units))
     c.set.data = dict(heldout=0)
     c.set.batch_size = a.batch_size
     c.set.optimizer = dict(learning_rate=a.learning_rate, warmup_steps=a.warmup_steps)
     e = a.evaluation
     c.set.evaluation = dict(tasks=("asr",), max_new_tokens=e.max_new_tokens, harmful=dict(
         dataset=e.harmful.dataset, exclude=e.harmful.exclude, limit=e.harmful.limit, settings=("no_system",)))
-    attacks = ("alpaca_libre",) if tiny else tuple(a.datasets)
+    attacks = tuple(a.datasets)  # the tiny preset's: harmful_qa
     chosen = ("none", "scu_cu6") if tiny else tuple(protections(a))
     points = []
     for attack in attacks:

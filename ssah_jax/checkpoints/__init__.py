@@ -2,10 +2,10 @@
 
 Public entry: ``load_model(ref, dtype=...) -> (model, tokenizer)`` where ``ref`` is a registered
 model name (``MODELS``: the demo model ``"smollm2-135m-instruct"``, ``"qwen2.5-coder-0.5b-instruct"``,
-...), a local HF directory, a hub repo id, or a ``.gguf`` path. Nothing here imports torch:
-GGUF configs and tokenizers are built from the file's metadata (``checkpoints.gguf``), HF ones
-by transformers' torch-free config and tokenizer classes. ``trust_remote_code`` is never
-enabled and pickled weights are never read.
+...; ``TINY_MODELS``: ``"tiny-random"``, made on the fly), a local HF directory, a hub repo id,
+or a ``.gguf`` path. Nothing here imports torch: GGUF configs and tokenizers are built from the
+file's metadata (``checkpoints.gguf``), HF ones by transformers' torch-free config and tokenizer
+classes. ``trust_remote_code`` is never enabled and pickled weights are never read.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 from ssah_jax.checkpoints.gguf import gguf_config, gguf_tokenizer, load_gguf_model, open_gguf
 from ssah_jax.checkpoints.hf import hub_unreachable, load_hf_model, resolve_hf_dir, save_hf
 from ssah_jax.checkpoints.params import CheckpointError
-from ssah_jax.checkpoints.registry import DEMO_NAME, MODELS, demo_gguf_path, model_path
+from ssah_jax.checkpoints.registry import DEMO_NAME, MODELS, TINY_MODELS, demo_gguf_path, model_path
 from ssah_jax.models import CausalLM, ModelConfig
 from ssah_jax.sharding import DEFAULT_RULES, logical_to_spec
 
@@ -30,6 +30,7 @@ __all__ = [
     "DEMO_NAME",
     "HUB_ARCHITECTURES",
     "MODELS",
+    "TINY_MODELS",
     "demo_gguf_path",
     "load_model",
     "load_tokenizer",
@@ -75,13 +76,13 @@ def resolve(ref: str | os.PathLike) -> Path:
     """The local file or directory ``ref`` names: a registered model's GGUF (fetched if need
     be), a ``.gguf`` file, an HF directory, or a hub repo id's download."""
     name = str(ref)
-    if name in MODELS:
+    if name in MODELS or name in TINY_MODELS:
         return model_path(name)
     path = Path(name).expanduser()
     if path.exists():
         return path if path.suffix == ".gguf" else resolve_hf_dir(path)
     if _path_like(name):
-        known = f" (registered models: {', '.join(MODELS)})" if "/" not in name else ""
+        known = f" (registered models: {', '.join([*MODELS, *TINY_MODELS])})" if "/" not in name else ""
         raise FileNotFoundError(f"{name}: no such file or directory{known}")
     return resolve_hf_dir(name)
 
@@ -115,8 +116,8 @@ def model_config(ref: str | os.PathLike) -> ModelConfig:
     if name in HUB_ARCHITECTURES and not path.exists():
         values = dict(HUB_ARCHITECTURES[name])
         return ModelConfig.from_hf(AutoConfig.for_model(values.pop("model_type"), **values))
-    if path.exists() or _path_like(name):
-        source, offline = str(resolve(path)), None
+    if name in TINY_MODELS or path.exists() or _path_like(name):
+        source, offline = str(resolve(name)), None
     else:  # a hub repo: its config.json alone, from the local cache when the hub is out of reach
         source, offline = name, hub_unreachable()
     try:
@@ -164,7 +165,7 @@ def load_model(
     """Loads a Llama-family model and its tokenizer.
 
     Args:
-      ref: a registered model name (``MODELS``), a local HF directory, a hub repo id
+      ref: a registered model name (``MODELS``, ``TINY_MODELS``), a local HF directory, a hub repo id
         (``namespace/name``), or a ``.gguf`` file. A path-like ref that does not exist is a
         FileNotFoundError ("no such file or directory"), never a hub lookup.
       dtype: compute dtype (float32 or bfloat16).

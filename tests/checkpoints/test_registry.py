@@ -63,3 +63,49 @@ def test_a_missing_path_is_not_a_hub_lookup(ref):
     with pytest.raises(FileNotFoundError, match="no such file or directory"):
         load_model(ref)
 
+
+TINY_SCRIPT = """
+import hashlib, json
+import numpy as np
+from ssah_jax.checkpoints import load_model, model_config, model_path
+path = model_path("tiny-random")
+model, tokenizer = load_model("tiny-random")
+ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
+                                    return_dict=True)["input_ids"]
+print(json.dumps(dict(path=str(path), layers=model_config("tiny-random").num_layers,
+                      logits=list(model(np.array([ids])).shape), template=ids[-3:],
+                      weights=hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest())))
+"""
+
+
+@pytest.mark.slow
+def test_the_tiny_random_model_is_made_once_and_alike_everywhere(tmp_path):
+    """``tiny-random`` (the tiny presets' model) is made on the fly in the cache (from the demo
+    GGUF's metadata and tokenizer, our model's initialisation and our safetensors export: nothing
+    that needs torch), with the demo model's tokenizer and chat template; a second use reads it
+    back; a make in another cache writes the same weights (a run's identity names the model, not
+    its bytes)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from ssah_jax.checkpoints import DEMO_NAME, load_tokenizer
+
+    def make(cache):
+        env = {**os.environ, "SSAH_CACHE_DIR": str(cache)}
+        done = subprocess.run([sys.executable, "-c", TINY_SCRIPT], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.splitlines()[-1])
+
+    first = make(tmp_path / "a")
+    made = next((tmp_path / "a" / "models").iterdir())
+    assert first["path"] == str(made) and first["layers"] == 2
+    demo = load_tokenizer(DEMO_NAME)
+    assert first["logits"][-1] == len(demo) and first["template"] == demo.apply_chat_template(
+        [{"role": "user", "content": "Hello"}], add_generation_prompt=True, return_dict=True)["input_ids"][-3:]
+    stamp = (made / "model.safetensors").stat().st_mtime_ns
+    assert make(tmp_path / "a")["weights"] == first["weights"]  # read back, not made again
+    assert (made / "model.safetensors").stat().st_mtime_ns == stamp
+    assert make(tmp_path / "b")["weights"] == first["weights"]
+    assert [p.name for p in (tmp_path / "a" / "models").iterdir()] == [made.name]  # no partial directory left

@@ -40,6 +40,10 @@ def test_experiment_help_shows_its_config_keys_with_their_values():
     nested = run_cli("finetune", "--help")
     assert nested.returncode == 0 and "  optimizer.learning_rate = 2e-05\n" in nested.stdout
     assert "every key but log_every, eval_every" in nested.stdout  # what a resumed run may change
+    # each key after its comment in the config file: a section's keywords have their own
+    assert "  # empty: each dataset's first split\n  data.split = ''\n" in nested.stdout
+    assert ("  # mode=lora: the adapters' rank, scale alpha and target projections (raise the learning rate)\n"
+            "  freeze.lora.rank = 8\n") in nested.stdout
 
 
 def test_unknown_experiment_is_named(tmp_path):

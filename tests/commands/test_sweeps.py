@@ -135,7 +135,7 @@ def test_sweep_command_errors_are_one_line(tmp_path):
                "--config.executor=print").returncode == 0
     refused = cli("sweep", "--config=configs/sweeps/fractions.py:tiny", f"--workdir={changed}",
                   "--config.executor=print", "--config.set.model=other")
-    assert refused.returncode == 2 and 'config.set.model: "smollm2-135m-instruct" -> "other"' in refused.stderr
+    assert refused.returncode == 2 and 'config.set.model: "tiny-random" -> "other"' in refused.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,14 +324,14 @@ def get_config():
 
 @pytest.mark.slow
 def test_the_protection_and_signal_sweeps_run_two_at_a_time(tmp_path, tiny_chat_model):
-    units = tmp_path / "prune"
+    # the unit map where the tiny protection sweep reads it (<its workdir>/units/units.npz)
     made = cli("prune", "--config=configs/prune.py:quick", f"--config.model={tiny_chat_model}",
-               "--config.variants=()", f"--workdir={units}")
+               "--config.variants=()", f"--workdir={tmp_path / 'protection' / 'units'}")
     assert made.returncode == 0, made.stderr
-    for name, extra in (("protection", [f"--config.set.freeze.units.file={units / 'units.npz'}"]), ("signal", [])):
+    for name in ("protection", "signal"):
         workdir = tmp_path / name
         result = cli("sweep", f"--config=configs/sweeps/{name}.py:tiny", f"--workdir={workdir}",
-                     f"--config.set.model={tiny_chat_model}", "--config.parallel=2", *extra)
+                     f"--config.set.model={tiny_chat_model}", "--config.parallel=2")
         assert result.returncode == 0, result.stdout + result.stderr
         table = rows_of(workdir / "sweep.csv")
         assert len(table) == 4 and all(r["status"] == "ok" for r in table), table
@@ -340,7 +340,7 @@ def test_the_protection_and_signal_sweeps_run_two_at_a_time(tmp_path, tiny_chat_
                                                           .exists() for r in table)
     protection = rows_of(tmp_path / "protection" / "sweep.csv")
     trained = {r["label"]: int(float(r["trained"])) for r in protection}
-    assert trained["alpaca_libre-scu_cu6"] < trained["alpaca_libre-none"]  # the protection froze units
+    assert trained["harmful_qa-scu_cu6"] < trained["harmful_qa-none"]  # the protection froze units
     signal_rows = rows_of(tmp_path / "signal" / "sweep.csv")
     for row in signal_rows:  # each evaluated with its own trained signal, under the point's schedule
         report = (tmp_path / "signal" / "runs" / row["point"] / "eval" / "report.md").read_text()

@@ -206,6 +206,9 @@ def test_finetune_refuses_a_changed_key_resumes_an_unchanged_run_and_overwrites(
 
 def test_a_stage_identity_follows_what_the_stage_is_given_and_the_stages_it_reads():
     config = preset("reproduce", "tiny")
+    with config.unlocked():  # a second attack (the tiny preset has one), to move the transfer attack to
+        config.attack.datasets.alpaca_libre = ConfigDict(dict(dataset="alpaca_libre", split="", steps=1,
+                                                              max_length=256))
     out = Path("runs/reproduce")
     base = identities(config, out)
     moved = identities(config, Path("/elsewhere/reproduce"))
@@ -221,7 +224,7 @@ def test_a_stage_identity_follows_what_the_stage_is_given_and_the_stages_it_read
     assert changed({"stages": ("report",), "report_dir": "x", "jax_cache": False, "finetune.log_every": 3,
                     "finetune.eval_batch_size": 1, "attribution.batch_size": 2}) == set()
     assert changed({"probing.prompts": 3}) == {"probing"}
-    assert changed({"transfer_attack": "harmful_qa"}) == {"units_attacked", "transfer"}
+    assert changed({"transfer_attack": "alpaca_libre"}) == {"units_attacked", "transfer"}
     # the contrast answers reach the alignments and what reads them, not the unaligned model's stages
     contrast = changed({"contrast.prompts": "benign_contrast:7"})
     assert {"contrast", "align_full", "align_ru", "eval_aligned", "attacks/harmful_qa/none/seed1"} <= contrast
@@ -247,8 +250,8 @@ def test_finished_stages_of_another_identity_are_refused_naming_the_keys(tmp_pat
     check(config)
     changed = copy.deepcopy(config)
     changed.attack.learning_rate = 1e-3
-    with pytest.raises(ConfigError, match=r"config.attack.learning_rate: 5e-05 -> 0.001 \(stages attacks/alpaca_libre/"
-                                          r"none/seed0, attacks/alpaca_libre/scu_cu6/seed0, .* and \d+ more\)"):
+    with pytest.raises(ConfigError, match=r"config.attack.learning_rate: 5e-05 -> 0.001 \(stages attacks/harmful_qa/"
+                                          r"none/seed0, attacks/harmful_qa/scu_cu6/seed0, .* and \d+ more\)"):
         check(changed)
 
 
