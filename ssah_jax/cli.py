@@ -694,7 +694,7 @@ def data_main(args: list[str]) -> None:
             source = f"{common.rsplit('/', 1)[0]}/ ({len(paths)} files)"
         print(f"{name}: {entry['license']}; from {source}")
     fetched = sum(how == "fetched" for how in done.values())
-    print(f"{fetched} files fetched, {len(done) - fetched} already intact: {root}")
+    print(f"{fetched} file{'' if fetched == 1 else 's'} fetched, {len(done) - fetched} already intact: {root}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -101,8 +101,11 @@ TINY_MODELS: dict[str, TinyModel] = {m.name: m for m in (
 
 
 def cache_dir() -> Path:
-    """``$SSAH_CACHE_DIR``, else ``~/.cache/ssah_jax``."""
-    return Path(os.environ.get("SSAH_CACHE_DIR", Path.home() / ".cache" / "ssah_jax"))
+    """``$SSAH_CACHE_DIR``, else the user's cache (``$XDG_CACHE_HOME``, else ``~/.cache``) under
+    ``ssah_jax``: beside the data kit's default directory."""
+    if os.environ.get("SSAH_CACHE_DIR"):
+        return Path(os.environ["SSAH_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ssah_jax"
 
 
 def cached_path(name: str) -> Path:

@@ -48,6 +48,9 @@ def workdirs(tmp_path: Path, asr: dict[str, float], **signals_changes) -> tuple[
     sig = as_dict(config_from_file(ROOT / "configs" / "signals.py", "tiny"))
     # the tiny signals preset trains longer examples and attacks with one seed
     sig["align"]["max_length"], sig["attack"]["seeds"] = rep["align"]["max_length"], rep["attack"]["seeds"]
+    for config in (rep, sig):  # a second attack (the tiny presets have one): a column per attack
+        config["attack"]["datasets"]["alpaca_libre"] = {"dataset": "alpaca_libre", "split": "", "steps": 1,
+                                                        "max_length": 256}
     for key, value in signals_changes.items():
         section, _, leaf = key.rpartition(".")
         node = sig
@@ -101,7 +104,7 @@ def test_the_report_is_the_runs_numbers_each_against_its_own_unprotected_runs(tm
             f"{Rate(0.7, 200)}, similar | {Rate(0.14, 30)}, similar |") in text
     assert "**Note**: the stages came from different code" in text  # abc1234 and abc1234+local changes
     rep = config_from_file(ROOT / "configs" / "reproduce.py", "tiny").attack
-    runs_each = len(rep.datasets) * len(seeds)  # a method's attack runs
+    runs_each = 2 * len(seeds)  # a method's attack runs: two attacks (workdirs adds one)
     assert f"- `abc1234`: {len(rep.variants) * runs_each + 3} stages" in text  # + signals' three evaluations
     assert f"- `abc1234+local changes`: {3 * runs_each} stages" in text  # signals' attack runs
     # it links the two reports it read, from where it is written
