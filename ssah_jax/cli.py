@@ -596,7 +596,7 @@ def sweep_config_help(spec: str) -> str:
 
     config = load_config(spec)
     path = spec.partition(":")[0]
-    lines = [SWEEP_USAGE, "", f"{path}: {_module_parts(Path(path))[0]}", "",
+    lines = [SWEEP_USAGE, "", f"{path}: {plain(_module_parts(Path(path))[0])}", "",
              f"presets: {_presets(_module_parts(Path(path))[1])}", "", f"Config keys and values of --config={spec}:"]
     return "\n".join(lines + [f"  {key} = {get(config, key)!r}" for key in leaves(config)])
 

@@ -404,3 +404,6 @@ def test_sweep_help_lists_every_shipped_sweep_with_its_presets():
         assert f"  configs/sweeps/{path.name}: " in shown.stdout
     assert "configs/sweeps/alignment.py: the alignment recipe of ssah-jax reproduce" in shown.stdout
     assert "``" not in shown.stdout
+    one = cli("sweep", "--config=configs/sweeps/protection.py:tiny", "--help")  # one sweep's docstring and keys
+    assert one.returncode == 0 and "tiny     1 attack (harmful_qa)" in one.stdout and "``" not in one.stdout
+    assert "  set.model = 'tiny-random'" in one.stdout
