@@ -5,10 +5,14 @@
 # process with the machine's CPU devices; the times (and exit statuses) go to DIR/times.txt and
 # each run's output to DIR/<name>.log. The configs' docstrings quote these times.
 #
-#   scripts/time_presets.sh [DIR]            (default: runs/time_presets; it is emptied first)
+#   scripts/time_presets.sh [DIR]   (default: runs/time_presets; emptied first if new or an earlier run's)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$(realpath -m "${1:-runs/time_presets}")
+if [[ -d "$out" && -n "$(ls -A "$out")" && ! -f "$out/times.txt" ]]; then
+  echo "time_presets.sh: $out is not empty and holds no times.txt (not an earlier run of this script); refused"
+  exit 2
+fi
 rm -rf "$out" && mkdir -p "$out"
 times="$out/times.txt"
 echo "# $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo '+local changes'), $(nproc) cores, $(date -u +%FT%TZ)" > "$times"
@@ -24,7 +28,8 @@ run() {  # run NAME COMMAND...: the wall time of one command
   printf "%-26s %6.1f s  exit %d\n" "$name" "$(echo "$end - $start" | bc)" "$status" | tee -a "$times"
 }
 
-# tiny-random is made once (into $SSAH_CACHE_DIR, default ~/.cache/ssah_jax) before any timing
+# tiny-random is made once (into $SSAH_CACHE_DIR, else $XDG_CACHE_HOME/ssah_jax or ~/.cache/ssah_jax)
+# before any timing
 run make_tiny_random python -c "from ssah_jax.checkpoints import model_path; model_path('tiny-random')"
 run reproduce:tiny ssah-jax reproduce --config=configs/reproduce.py:tiny --workdir="$out/reproduce_tiny"
 run reproduce:tiny_maker ssah-jax reproduce --config=configs/reproduce.py:tiny_maker --workdir="$out/reproduce_tiny_maker"

@@ -254,9 +254,9 @@ def key_comments(path: Path) -> dict[str, str]:
 
     found: dict[str, str] = {}
 
-    def record(key: str, text: list[str]) -> None:
+    def record(key: str, text: list[str]) -> None:  # a key's first assignment (not a preset's change) says it
         if plain(" ".join(text)):
-            found[key] = plain(" ".join(text))
+            found.setdefault(key, plain(" ".join(text)))
 
     def keywords(prefix: str, value: ast.AST, first_line: int) -> set[int]:
         """Records the keywords of ``dict(...)`` / ``ConfigDict(dict(...))``; the lines whose
@@ -267,12 +267,15 @@ def key_comments(path: Path) -> dict[str, str]:
         if not (isinstance(value, ast.Call) and isinstance(value.func, ast.Name) and value.func.id == "dict"):
             return set()
         taken: set[int] = set()
+        said: dict[int, list[str]] = {}  # line -> the comment of its first keyword
         for kw in value.keywords:
             if kw.arg is None:
                 continue
             inner = keywords(f"{prefix}.{kw.arg}", kw.value, kw.lineno)
             lines = set(range(kw.lineno, kw.end_lineno + 1)) - inner - taken - {first_line}
-            record(f"{prefix}.{kw.arg}", (above(kw.lineno) if kw.lineno in lines else []) + beside(lines))
+            if kw.lineno in lines:
+                said[kw.lineno] = above(kw.lineno) + beside(lines)
+            record(f"{prefix}.{kw.arg}", said[kw.lineno] if kw.lineno in said else beside(lines))
             taken |= lines | inner
         return taken
 
@@ -308,13 +311,15 @@ def experiment_help(name: str, args: list[str]) -> str:
              USAGE.replace("<experiment>", name, 1).replace("configs/<experiment>.py", f"configs/{name}.py"),
              f"presets: {_presets(presets)}", "", f"{path}: {plain(_module_parts(Path(path))[0])}", "",
              f"Config keys and values of --config={spec}{'' if ':' in spec else ' (its default preset)'}:"]
-    comments, said = key_comments(Path(path)), set()
-    for key in leaves(config):  # every key, in file order, after what its config file says of it
-        section = key.rpartition(".")[0]
-        for about in (section, key):
+    comments, said, last = key_comments(Path(path)), set(), None
+    for key in leaves(config):  # every key, in file order, after what its config file says of it and its sections
+        parts = key.split(".")
+        for about in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
             if about in comments and about not in said:
                 said.add(about)
-                lines += [f"  # {line}" for line in textwrap.wrap(comments[about], 96)]
+                if comments[about] != last:  # the keywords of one line share its comment: once
+                    lines += [f"  # {line}" for line in textwrap.wrap(comments[about], 96)]
+                last = comments[about]
         lines.append(f"  {key} = {get(config, key)!r}")
     if excluded is None:
         lines += ["", "Each stage records the identity of what it is given; a re-run that changes it is refused."]

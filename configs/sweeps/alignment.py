@@ -77,7 +77,7 @@ def get_config(preset: str = "smollm2") -> object:
         c.set.evaluation = dict(tasks=("asr", "overrefusal"), max_new_tokens=4, harmful=dict(
             dataset="malicious_instruct:8", limit=0, settings=("no_system",)),
             overrefusal=dict(dataset="benign_contrast_validation:8", limit=0))
-        contrast = "{workdir}/contrast/generations.jsonl"  # the test makes it (ssah-jax generate)
+        contrast = "{workdir}/contrast/generations.jsonl"  # made first (ssah-jax generate: the docstring)
         c.points = tuple((label, f"data.dataset={spec}") for label, spec in list(mixtures(contrast).items())[:2])
     else:
         c.set.steps = 56

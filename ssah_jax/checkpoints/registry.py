@@ -16,9 +16,11 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
+import jax
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -168,16 +170,22 @@ def _tiny_model(model: TinyModel, target: Path, download: bool) -> Path:
     hf_config = gguf_config(demo)
     for key, value in model.shape:
         setattr(hf_config, key, value)
-    made = CausalLM(ModelConfig.from_hf(hf_config), rngs=nnx.Rngs(model.seed))
-    partial = target.with_name(f"{target.name}.part{os.getpid()}")
-    try:  # written aside and renamed, so an interrupted make leaves nothing that looks whole
+    with jax.default_device(jax.devices("cpu")[0]):  # the same draws on every kind of machine
+        made = CausalLM(ModelConfig.from_hf(hf_config), rngs=nnx.Rngs(model.seed))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # written aside and renamed, so an interrupted make leaves nothing that looks whole
+    partial = Path(tempfile.mkdtemp(prefix=f"{target.name}.part", dir=target.parent))
+    try:
         save_hf(made, hf_config, partial, tokenizer=gguf_tokenizer(demo))
         (partial / "README.md").write_text(f"{model.name}: {model.purpose}; made by ssah_jax "
                                            f"(ssah_jax.checkpoints.TINY_MODELS) from seed {model.seed}.\n")
-        partial.replace(target)
+        try:
+            partial.replace(target)
+        except OSError:  # another process made it meanwhile (the same bytes): keep theirs
+            if not (target / "config.json").exists():
+                raise
     finally:
-        if partial.exists():
-            shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 

@@ -44,10 +44,11 @@ def _value(config: ConfigDict, metric: str, x: float | None, sd: float | None = 
 
 
 def _change(config: ConfigDict, metric: str, limit: str, change: float) -> str:
-    """A change against the baseline as its limit measures it: relative (``x`` limits) in
-    percent, a rate's difference in points, another metric's difference in its units."""
+    """A change against the baseline (now - baseline) as its limit measures it: relative (``x``
+    limits) in percent, a rate's difference in points, another metric's difference in its units."""
     if str(limit).startswith("x"):
         return f"{100 * change:+.1f}%"
+    change = -change if str(limit).startswith("-") else change  # the rule's fall, shown as now - baseline
     return f"{100 * change:+.1f} points" if _is_rate(config, metric) else f"{change:+.3g}"
 
 

@@ -90,16 +90,20 @@ def test_the_tiny_random_model_is_made_once_and_alike_everywhere(tmp_path):
     import subprocess
     import sys
 
-    from ssah_jax.checkpoints import DEMO_NAME, load_tokenizer
+    from ssah_jax.checkpoints import DEMO_NAME, demo_gguf_path, load_tokenizer
 
     def make(cache):
+        # the demo model at hand in the new cache too (the tests never download it)
+        (cache / "models").mkdir(parents=True, exist_ok=True)
+        if not (cache / "models" / MODELS[DEMO_NAME].file).exists():
+            (cache / "models" / MODELS[DEMO_NAME].file).symlink_to(demo_gguf_path(download=False))
         env = {**os.environ, "SSAH_CACHE_DIR": str(cache)}
         done = subprocess.run([sys.executable, "-c", TINY_SCRIPT], env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]
         return json.loads(done.stdout.splitlines()[-1])
 
     first = make(tmp_path / "a")
-    made = next((tmp_path / "a" / "models").iterdir())
+    made = next(p for p in (tmp_path / "a" / "models").iterdir() if p.name.startswith("tiny-random"))
     assert first["path"] == str(made) and first["layers"] == 2
     demo = load_tokenizer(DEMO_NAME)
     assert first["logits"][-1] == len(demo) and first["template"] == demo.apply_chat_template(
@@ -108,4 +112,5 @@ def test_the_tiny_random_model_is_made_once_and_alike_everywhere(tmp_path):
     assert make(tmp_path / "a")["weights"] == first["weights"]  # read back, not made again
     assert (made / "model.safetensors").stat().st_mtime_ns == stamp
     assert make(tmp_path / "b")["weights"] == first["weights"]
-    assert [p.name for p in (tmp_path / "a" / "models").iterdir()] == [made.name]  # no partial directory left
+    assert sorted(p.name for p in (tmp_path / "a" / "models").iterdir()) == sorted(
+        [made.name, MODELS[DEMO_NAME].file])  # no partial directory left

@@ -44,6 +44,10 @@ def test_experiment_help_shows_its_config_keys_with_their_values():
     assert "  # empty: each dataset's first split\n  data.split = ''\n" in nested.stdout
     assert ("  # mode=lora: the adapters' rank, scale alpha and target projections (raise the learning rate)\n"
             "  freeze.lora.rank = 8\n") in nested.stdout
+    pipeline = run_cli("reproduce", "--help")  # a key's own comment, not that of a preset's change to it
+    assert ("  # every attack run once per seed (its data order, random units, LoRA init)\n"
+            "  attack.seeds = (0, 1, 2)\n") in pipeline.stdout
+    assert "  # each attack: dataset spec" in pipeline.stdout  # a section's comment, before its first key
 
 
 def test_unknown_experiment_is_named(tmp_path):

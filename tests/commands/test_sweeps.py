@@ -164,16 +164,18 @@ def test_the_fraction_rule_keeps_the_largest_value_before_the_first_past_a_limit
 def test_the_report_shows_rates_in_percent_and_each_change_as_its_limit_measures_it(tmp_path):
     from ssah_jax.sweeps.report import render_report
 
-    c = sweep_of(metrics=ConfigDict(dict(ppl="*.perplexity.perplexity", asr="*.asr_no_system.asr")),
+    c = sweep_of(metrics=ConfigDict(dict(ppl="*.perplexity.perplexity", asr="*.asr_no_system.asr",
+                                         mmlu="*.mmlu.accuracy")),
                  select=ConfigDict(dict(RU=dict(key="kinds.ru", baseline="dense",
-                                                limits=dict(ppl="x1.10", asr="+0.05")))))
-    rows = [_row("dense", {"ppl": 10.0, "asr": 0.10}),
-            _row("", {"ppl": 10.5, "asr": 0.125}, **{"kinds.ru": "0.05"})]
+                                                limits=dict(ppl="x1.10", asr="+0.05", mmlu="-0.05")))))
+    rows = [_row("dense", {"ppl": 10.0, "asr": 0.10, "mmlu": 0.50}),
+            _row("", {"ppl": 10.5, "asr": 0.125, "mmlu": 0.48}, **{"kinds.ru": "0.05"})]
     text = render_report(c, tmp_path, rows, ["kinds.ru"], [], True, sweeps.select(c, rows), [], [])
-    assert "| dense |  | ok | 10.0% | 10 |" in text and "|  | 0.05 | ok | 12.5% | 10.5 |" in text
-    assert "Rates (asr) in percent." in text
-    assert "| value | asr (baseline 10.0%) | ppl (baseline 10) | within limits |" in text
-    assert "| 0.05 | 12.5% (+2.5 points) | 10.5 (+5.0%) | yes |" in text
+    assert "| dense |  | ok | 10.0% | 50.0% | 10 |" in text and "|  | 0.05 | ok | 12.5% | 48.0% | 10.5 |" in text
+    assert "Rates (asr, mmlu) in percent." in text
+    assert "| value | asr (baseline 10.0%) | mmlu (baseline 50.0%) | ppl (baseline 10) | within limits |" in text
+    # each change is now - baseline, in the limit's terms: a rate's points, a ratio's percent
+    assert "| 0.05 | 12.5% (+2.5 points) | 48.0% (-2.0 points) | 10.5 (+5.0%) | yes |" in text
     assert "DESIGN.md" not in text
 
 

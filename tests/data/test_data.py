@@ -125,9 +125,18 @@ def test_a_hub_dataset_out_of_reach_is_one_error_at_once(monkeypatch):
 
     monkeypatch.setattr(hf, "hub_unreachable", lambda: "HF_HUB_OFFLINE is set")
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    offline_during_call = []
+    real = datasets.load_dataset
+
+    def spy(*args, **kwargs):
+        offline_during_call.append(datasets.config.HF_HUB_OFFLINE)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", spy)
     with pytest.raises(DataError, match=r"hf:someone/nothing:train: not in the local datasets cache, and the hub "
                                         r"is out of reach \(HF_HUB_OFFLINE is set\)"):
         load_dataset("hf:someone/nothing:train", fields={"prompt": "q"})
+    assert offline_during_call == [True]  # the cache alone, no hub request
     assert datasets.config.HF_HUB_OFFLINE is False  # restored
 
 

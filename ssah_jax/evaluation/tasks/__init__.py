@@ -39,7 +39,7 @@ TASKS: dict[str, Task] = {
 # ``summarise_sweep``: asr_any_setting, ``summarise_refusal_rate``, ``summarise_accuracy``,
 # ``summarise_perplexity``); every entry also holds its count ``n``.
 HEADLINE_FIELDS = ("asr", "asr_any_setting", "refusal_rate", "accuracy", "perplexity")
-RATE_FIELDS = HEADLINE_FIELDS[:-1]  # the fractions among them (a report shows them in percent)
+RATE_FIELDS = ("asr", "asr_any_setting", "refusal_rate", "accuracy")  # the fractions among them (shown in percent)
 
 
 def headline(entry: dict) -> tuple[float, int]:
