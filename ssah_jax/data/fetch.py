@@ -40,6 +40,12 @@ def manifest() -> dict[str, dict[str, Any]]:
     return json.loads(MANIFEST.read_text())["files"]
 
 
+def _reads(spec, path: str) -> bool:
+    """Whether a dataset of :data:`DATASETS` reads the kit file ``path`` (a split's file, or a
+    file under a split's directory)."""
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in spec.splits.values())
+
+
 def dataset_files(names: Sequence[str] = ()) -> list[str]:
     """The kit files of the datasets ``names`` (of :data:`DATASETS`; every file without names),
     with the licence files that go with them, in the manifest's order."""
@@ -49,16 +55,14 @@ def dataset_files(names: Sequence[str] = ()) -> list[str]:
         raise DataError(f"unknown dataset {', '.join(map(repr, unknown))}; known: {', '.join(sorted(DATASETS))}")
     if not names:
         return list(files)
-    paths = {p for n in names for p in DATASETS[n].splits.values()}
-    chosen = {f for f in files if any(f == p or f.startswith(p.rstrip("/") + "/") for p in paths)}
+    chosen = {f for f in files if any(_reads(DATASETS[n], f) for n in names)}
     chosen |= {f for f, entry in files.items() if entry.get("accompanies") in chosen}
     return [f for f in files if f in chosen]
 
 
 def datasets_of(path: str) -> list[str]:
     """The datasets of :data:`DATASETS` that read the kit file ``path``."""
-    return [n for n, spec in DATASETS.items()
-            if any(path == p or path.startswith(p.rstrip("/") + "/") for p in spec.splits.values())]
+    return [n for n, spec in DATASETS.items() if _reads(spec, path)]
 
 
 def _sha256(data: bytes) -> str:
