@@ -26,7 +26,8 @@ PRESETS = {
         "gsm8k.limit": 8, "gsm8k.max_new_tokens": 16, "perplexity.limit": 16, "perplexity.max_length": 256,
     },
     "gpu": {
-        "dtype": "bfloat16", "batch_size": 64, "harmful.limit": 0, "prefill.limit": 0, "sweep.limit": 0,
+        "dtype": "bfloat16", "batch_size": 64, "mesh.data": -1, "harmful.limit": 0, "prefill.limit": 0,
+        "sweep.limit": 0,
         "sweep.temperatures": (0.5, 0.7, 1.0), "sweep.top_ps": (0.7, 0.9, 1.0), "mmlu.limit": 0,
         "gsm8k.limit": 0, "perplexity.limit": 500,
     },
@@ -37,6 +38,11 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c = ConfigDict()
     c.model = "smollm2-135m-instruct"  # demo name, HF directory / repo id, or .gguf path
     c.dtype = "float32"  # float32 | bfloat16
+    # this host's devices (training lays its own mesh over every host's): copies of the model
+    # (data) x FSDP x tensor parallel; -1 takes the rest (the GPU presets: data=-1, a copy per
+    # device). Only speed and memory: tensor must divide the heads, kv heads, vocabulary and MLP
+    # width, fsdp the hidden size
+    c.mesh = ConfigDict(dict(data=1, fsdp=1, tensor=1))
     c.data_dir = ""  # the data kit; empty: $SSAH_DATA_DIR, else ~/.cache/ssah_jax/data (ssah-jax data fetch)
     # which of the sections below run (a comma-separated list on the command line)
     c.tasks = ("asr", "prefill", "sweep", "overrefusal", "mmlu", "sst2", "gsm8k", "perplexity")

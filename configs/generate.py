@@ -8,6 +8,8 @@ Presets (``--config=configs/generate.py:<preset>``):
 
 from ml_collections import ConfigDict
 
+from ssah_jax.runs import set_values
+
 DEFAULT_PROMPTS = (
     "What is the capital of France?",
     "Give me three tips for staying focused while studying.",
@@ -18,7 +20,7 @@ DEFAULT_PROMPTS = (
 PRESETS = {
     "smollm2": {},
     "quick": {"max_new_tokens": 16},
-    "gpu": {"dtype": "bfloat16", "batch_size": 64},
+    "gpu": {"dtype": "bfloat16", "batch_size": 64, "mesh.data": -1},
 }
 
 
@@ -26,6 +28,11 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c = ConfigDict()
     c.model = "smollm2-135m-instruct"  # demo name, HF directory / repo id, or .gguf path
     c.dtype = "float32"  # float32 | bfloat16
+    # this host's devices (training lays its own mesh over every host's): copies of the model
+    # (data) x FSDP x tensor parallel; -1 takes the rest (the GPU presets: data=-1, a copy per
+    # device). Only speed and memory: tensor must divide the heads, kv heads, vocabulary and MLP
+    # width, fsdp the hidden size
+    c.mesh = ConfigDict(dict(data=1, fsdp=1, tensor=1))
     c.prompts = DEFAULT_PROMPTS  # used when prompts_file is empty
     c.prompts_file = ""  # text file (one prompt per line) or JSONL with a "prompt" field
     # or the prompts of a kit dataset or mixture ("benign_contrast:224"; the kit is
@@ -42,6 +49,6 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c.batch_size = 8  # prompts decoded together; only speed and memory
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} for configs/generate.py (presets: {', '.join(PRESETS)})")
-    c.update(PRESETS[preset])
+    set_values(c, PRESETS[preset])
     c.lock()
     return c

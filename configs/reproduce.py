@@ -40,15 +40,16 @@ Presets (``--config=configs/reproduce.py:<preset>``):
                on the fly; its answers are noise): a few steps and prompts per stage, one attack
                (harmful_qa) with every protection and two seeds (83 s on the 2-core development CPU)
   tiny_maker   the same, the model taken as aligned by its makers (28 s)
-  llama2_7b_8gpu, llama3_8b_8gpu, llama2_7b_v5e16
+  llama2_7b_8gpu, llama3_8b_8gpu, llama2_7b_v5e16, llama3_8b_v5e16
                the papers' models (Llama-2-7B-Chat, Llama-3-8B-Instruct: the hub id, or set ``model``
                to your HF directory) with the GPU sets, on one 8 x 80 GB GPU host or a TPU v5e-16
                slice; aligned by their makers, as in the paper's pruning and freezing studies (its
                alignment-budget study, Table 4, aligns a base model: set ``model`` to one and
                ``maker_aligned=False``); training as configs/finetune.py's preset of the same name (``ssah-jax plan``
-               shows each bill). Evaluation decodes with the whole bf16 model on one device per
-               host, which a 16 GB v5e chip holds for Llama-2-7B (8 prompts at a time) but not for
-               Llama-3-8B
+               shows each bill). Evaluation, attribution and probing run on each host's devices
+               (``mesh``): a copy of the model per GPU, or on v5e the bf16 weights split over a
+               host's 4 chips (``mesh.tensor=4``), 32 prompts at a time (Llama-2-7B: 8, as its
+               first runs did)
 
 Sub-configs (``evaluation``, ``table``, ``attack.evaluation`` are ``configs/evaluate.py``
 configs; ``attribution`` is ``configs/prune.py``'s) take the usual keys, e.g.
@@ -69,7 +70,7 @@ TRAINED_HARMFUL = "safety_refusals_short,bianchi_safety,harmful_qa:100"
 HELDOUT_HARMFUL = "advbench:100,harmbench_standard:100"
 # the first is the default
 PRESETS = ("smollm2_cpu", "smollm2_gpu", "qwen_cpu", "qwen_gpu", "tiny", "tiny_maker", "llama2_7b_8gpu",
-           "llama3_8b_8gpu", "llama2_7b_v5e16")
+           "llama3_8b_8gpu", "llama2_7b_v5e16", "llama3_8b_v5e16")
 QWEN = "qwen2.5-coder-0.5b-instruct"
 # Prompts decoded at once by the CPU presets' evaluations: on the 2-core CPU, greedy decoding
 # of the demo model turns out 1.6x the tokens per second at 32 as at evaluate.py's 8 (127.5 vs
@@ -78,7 +79,7 @@ CPU_EVAL_BATCH = 32
 
 
 def _evaluation(preset: str, values: dict) -> ConfigDict:
-    c = config_from_file(HERE / "evaluate.py", preset, drop=("model", "dtype", "data_dir"))
+    c = config_from_file(HERE / "evaluate.py", preset, drop=("model", "dtype", "data_dir", "mesh"))
     set_values(c, values)
     return c
 
@@ -98,6 +99,11 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
     # (the papers' chat models are studied as their makers aligned them, as in the paper's Tables 1-3)
     c.maker_aligned = preset in ("qwen_cpu", "qwen_gpu", "tiny_maker") or large
     c.dtype = "bfloat16" if gpu else "float32"  # evaluation and attribution; training uses compute_dtype
+    # where every stage but training runs (training: finetune.mesh, over every host's devices):
+    # this host's devices as copies of the model (data) x FSDP x tensor parallel; -1 takes the
+    # rest (the GPU presets: data=-1, a copy per device). Only speed and memory: tensor must
+    # divide the heads, kv heads, vocabulary and MLP width
+    c.mesh = ConfigDict(dict(data=-1 if gpu else 1, fsdp=1, tensor=1))
     c.data_dir = ""  # empty: $SSAH_DATA_DIR, else ~/.cache/ssah_jax/data (ssah-jax data fetch)
     c.seed = 0  # every stage's seed (the attacks add their own, attack.seeds)
     c.stages = ("all",)  # or a subset, e.g. --config.stages=align_full,eval_aligned
@@ -140,8 +146,8 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
     # the contrast stage: an ``ssah-jax generate`` run of the unaligned model on ``prompts`` (the
     # count of the contrast component of align.dataset plus its align.heldout)
     c.contrast = ConfigDict(dict(prompts="benign_contrast:72"))
-    c.contrast.generate = config_from_file(HERE / "generate.py", "gpu" if gpu else "smollm2",
-                                           drop=("model", "dtype", "prompts", "prompts_file", "prompts_dataset"))
+    c.contrast.generate = config_from_file(HERE / "generate.py", "gpu" if gpu else "smollm2", drop=(
+        "model", "dtype", "prompts", "prompts_file", "prompts_dataset", "mesh"))
     set_values(c.contrast.generate, {"max_new_tokens": 128, "batch_size": 64 if gpu else 16})
     harmful = HELDOUT_HARMFUL
     # eval_unaligned, eval_aligned, eval_ru: an ssah-jax evaluate config without its model keys
@@ -279,8 +285,9 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
         set_values(c.table, {"mmlu.limit": 4, "sst2.limit": 4, "perplexity.limit": 2, "perplexity.max_length": 64})
     if large:
         c.model = c.finetune.model
-    if preset.endswith("_v5e16"):  # a 16 GB chip holds the bf16 weights and a KV cache of 8 prompts
-        for section in (c.evaluation, c.table, c.attack.evaluation):
-            section.batch_size = 8
+    if preset.endswith("_v5e16"):  # a v5e host's 4 chips of 16 GB hold the bf16 weights split over heads
+        set_values(c, {"mesh.data": 1, "mesh.tensor": 4, "attribution.batch_size": 32})
+        for section in (c.evaluation, c.table, c.attack.evaluation):  # (Llama-2-7B's: the 8 of its first runs)
+            section.batch_size = 32 if preset.startswith("llama3") else 8
     c.lock()
     return c

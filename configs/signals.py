@@ -27,7 +27,7 @@ Presets (``--config=configs/signals.py:<preset>``):
   tiny         a smoke test of the wiring on ``tiny-random`` (a random 2-layer model made on the fly;
                its answers are noise): a few steps and prompts per stage (76 s on the 2-core
                development CPU)
-  llama2_7b_8gpu, llama3_8b_8gpu, llama2_7b_v5e16
+  llama2_7b_8gpu, llama3_8b_8gpu, llama2_7b_v5e16, llama3_8b_v5e16
                the papers' models at full size, as configs/reproduce.py's presets of these names
 """
 
@@ -39,7 +39,8 @@ from ssah_jax.runs import config_from_file, set_values
 
 HERE = Path(__file__).parent
 # the first is the default
-PRESETS = ("smollm2_cpu", "gpu", "tiny", "llama2_7b_8gpu", "llama3_8b_8gpu", "llama2_7b_v5e16")
+PRESETS = ("smollm2_cpu", "gpu", "tiny", "llama2_7b_8gpu", "llama3_8b_8gpu", "llama2_7b_v5e16",
+           "llama3_8b_v5e16")
 # never evaluated on: the alignment's and the harmful attack's prompts (configs/reproduce.py's)
 TRAINED_HARMFUL = "safety_refusals_short,bianchi_safety,harmful_qa:100"
 HELDOUT_HARMFUL = "advbench:100,harmbench_standard:100"  # 200 prompts, as configs/reproduce.py's
@@ -55,6 +56,11 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
     # directory or hub id, a .gguf
     c.model = "tiny-random" if preset == "tiny" else "smollm2-135m-instruct"
     c.dtype = "bfloat16" if gpu else "float32"  # evaluation; training uses finetune.compute_dtype
+    # where every stage but training runs (training: finetune.mesh, over every host's devices):
+    # this host's devices as copies of the model (data) x FSDP x tensor parallel; -1 takes the
+    # rest (the GPU presets: data=-1, a copy per device). Only speed and memory: tensor must
+    # divide the heads, kv heads, vocabulary and MLP width
+    c.mesh = ConfigDict(dict(data=-1 if gpu else 1, fsdp=1, tensor=1))
     c.data_dir = ""  # empty: $SSAH_DATA_DIR, else ~/.cache/ssah_jax/data (ssah-jax data fetch)
     c.seed = 0  # every stage's seed (the attacks add their own, attack.seeds)
     c.stages = ("all",)  # or a subset, e.g. --config.stages=align_signal,eval_signal
@@ -107,7 +113,7 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
     ))
     # eval_*: an ssah-jax evaluate config without its model keys (the signal's are decoding's)
     c.evaluation = config_from_file(HERE / "evaluate.py", "gpu" if gpu else "smollm2",
-                                    drop=("model", "dtype", "data_dir", "signal"))
+                                    drop=("model", "dtype", "data_dir", "signal", "mesh"))
     set_values(c.evaluation, {
         "tasks": ("asr", "prefill", "sweep", "overrefusal", "mmlu", "sst2", "gsm8k", "perplexity"),
         "max_new_tokens": 32, "harmful.dataset": HELDOUT_HARMFUL,
@@ -164,8 +170,9 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
                                   "sweep.temperatures": (1.0,), "overrefusal.limit": 2, "mmlu.limit": 4,
                                   "sst2.limit": 4, "gsm8k.limit": 2, "gsm8k.max_new_tokens": 2,
                                   "perplexity.limit": 2, "perplexity.max_length": 64})
-    if preset.endswith("_v5e16"):  # a 16 GB chip holds the bf16 weights and a KV cache of 8 prompts
-        for section in (c.evaluation, c.attack.evaluation, c.classifier):
-            section.batch_size = 8
+    if preset.endswith("_v5e16"):  # a v5e host's 4 chips of 16 GB hold the bf16 weights split over heads
+        set_values(c, {"mesh.data": 1, "mesh.tensor": 4})
+        for section in (c.evaluation, c.attack.evaluation, c.classifier):  # (Llama-2-7B's: the 8 of its first runs)
+            section.batch_size = 32 if preset.startswith("llama3") else 8
     c.lock()
     return c

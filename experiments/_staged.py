@@ -50,10 +50,10 @@ def train_config(config: ConfigDict, *, model: str, dataset: str, split: str, st
 
 def eval_config(config: ConfigDict, section: ConfigDict, model: str) -> ConfigDict:
     """An ``evaluate`` config: ``section`` (an evaluation section of the pipeline's config) for
-    ``model``, in the pipeline's dtype and data kit."""
+    ``model``, in the pipeline's dtype, data kit and mesh."""
     c = copy.deepcopy(section)
     with c.unlocked():
-        c.model, c.dtype, c.data_dir = model, config.dtype, config.data_dir
+        c.model, c.dtype, c.data_dir, c.mesh = model, config.dtype, config.data_dir, copy.deepcopy(config.mesh)
     return c
 
 
@@ -82,6 +82,7 @@ def contrast_config(config: ConfigDict, out: Path) -> ConfigDict:
     c = copy.deepcopy(config.contrast.generate)
     with c.unlocked():
         c.model, c.dtype, c.prompts, c.prompts_dataset = config.model, config.dtype, (), ""
+        c.mesh = copy.deepcopy(config.mesh)
         c.prompts_file = str(out / "contrast" / "prompts.jsonl")
         c.source = ConfigDict(dict(prompts=config.contrast.prompts, data_dir=config.data_dir))
     return c

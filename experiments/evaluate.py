@@ -26,18 +26,20 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
+from experiments._mesh import check_mesh, load_on_mesh, on_mesh
 from ssah_jax import hosts, runs, signals
-from ssah_jax.checkpoints import load_model
 from ssah_jax.data import check_kit_dataset, parse_mixture
 from ssah_jax.evaluation import tasks
 from ssah_jax.evaluation.intervals import percent
 
-# Keys that only affect speed or logging: none. ``batch_size`` determines the answers of the
-# sampled tasks (a batch is sampled with the seed ``seed + its first index``, its rows share it).
-EXCLUDED: tuple[str, ...] = ()
+# Keys that only affect speed or logging: the mesh (experiments._mesh). ``batch_size`` determines
+# the answers of the sampled tasks (a batch is sampled with the seed ``seed + its first index``).
+EXCLUDED: tuple[str, ...] = ("mesh",)
 # Keys added after results were recorded, at the value that gives the results of before
 # (runs.determining): over-refusal was XSTest's safe prompts before it had a dataset key.
 ADDED = {"overrefusal.dataset": "xstest"}
+# Sections added after results were recorded (a workdir from before them is resumed)
+ADDED_SECTIONS = ("mesh",)
 
 
 def validate(config: ConfigDict, prefix: str = "") -> None:
@@ -103,8 +105,14 @@ def evaluation_spec(config: ConfigDict, data_dir: str | None = None) -> tasks.Ev
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     runs.dtype(config)
     validate(config)
-    out = runs.prepare_workdir(workdir, config, EXCLUDED, added=ADDED, overwrite=overwrite)
-    model, tokenizer = load_model(config.model, runs.dtype(config))
+    check_mesh(config)
+    out = runs.prepare_workdir(workdir, config, EXCLUDED, added=ADDED, sections=ADDED_SECTIONS, overwrite=overwrite)
+    with on_mesh(config) as mesh:
+        model, tokenizer = load_on_mesh(config, mesh)
+        return _run(config, out, model, tokenizer)
+
+
+def _run(config: ConfigDict, out: Path, model: Any, tokenizer: Any) -> Path:
     description = f"Model `{config.model}` ({config.dtype})"
     if config.signal.file:
         model = with_signal(model, config.signal)

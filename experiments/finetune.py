@@ -137,9 +137,9 @@ def training_spec(config: ConfigDict) -> TrainingSpec:
 
 
 def decode_spec(config: ConfigDict) -> DecodeSpec:
-    """The typed decoding settings of an ``evaluate`` or ``generate`` config."""
+    """The typed decoding settings of an ``evaluate`` or ``generate`` config, on its mesh."""
     return DecodeSpec(batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
-                      dtype=runs.DTYPES[config.dtype])
+                      dtype=runs.DTYPES[config.dtype], mesh=dict(config.mesh))
 
 
 def model_source(ref: str) -> str:

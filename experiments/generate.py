@@ -12,19 +12,19 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
+from experiments._mesh import check_mesh, load_on_mesh, on_mesh
 from ssah_jax import hosts, runs
-from ssah_jax.checkpoints import load_model
 from ssah_jax.data import Record, load_mixture
 from ssah_jax.evaluation.tasks import RowStore
 from ssah_jax.generation import generate
 
-# Keys that only affect speed or logging: none. ``batch_size`` determines the answers: a batch
-# is sampled with the seed ``seed + its first index`` and its rows share that key.
-EXCLUDED: tuple[str, ...] = ()
+# Keys that only affect speed or logging: the mesh (experiments._mesh). ``batch_size`` determines
+# the answers: a batch is sampled with the seed ``seed + its first index`` and its rows share that key.
+EXCLUDED: tuple[str, ...] = ("mesh",)
 # Added after results were recorded, at the value that gives the results of before (a top-level
 # key, so also a section a workdir from before it lacks).
 ADDED = {"prompts_dataset": ""}
-ADDED_SECTIONS = ("prompts_dataset",)
+ADDED_SECTIONS = ("prompts_dataset", "mesh")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -74,6 +74,7 @@ def validate(config: ConfigDict) -> None:
     runs.check(config, "top_p", lambda v: 0 < v <= 1, "must be in (0, 1]")
     runs.check(config, "batch_size", lambda v: v >= 1, "must be >= 1")
     runs.dtype(config)
+    check_mesh(config)
 
 
 def plan_configs(config: ConfigDict) -> list:
@@ -91,8 +92,14 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
                                overwrite=overwrite)
     store = RowStore(out)  # generations.jsonl: resumable, dealt out to the hosts of a multi-host run
     resumed = len(runs.read_jsonl(store.path("generations")))
-    # a finished run's re-run only rewrites the report: it loads no model
-    model, tokenizer = load_model(config.model, runs.dtype(config)) if resumed < len(prompts) else (None, None)
+    with on_mesh(config) as mesh:
+        # a finished run's re-run only rewrites the report: it loads no model
+        model, tokenizer = load_on_mesh(config, mesh) if resumed < len(prompts) else (None, None)
+        return _answer(config, out, store, prompts, resumed, model, tokenizer)
+
+
+def _answer(config: ConfigDict, out: Path, store: RowStore, prompts: list[str], resumed: int, model, tokenizer
+            ) -> Path:
     kwargs = dict(
         max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
         top_p=config.top_p, system_prompt=config.system_prompt or None,

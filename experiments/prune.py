@@ -22,20 +22,22 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from experiments import evaluate
+from experiments._mesh import check_mesh, load_on_mesh, on_mesh
 from ssah_jax import hosts, runs
 from ssah_jax.attribution import KINDS, SCORERS, TOKENS, calibration_scores, classify, score_cache
 from ssah_jax.attribution.kinds import NORMALISATIONS, RANKINGS
-from ssah_jax.checkpoints import load_model
 from ssah_jax.data import check_kit_dataset, load_local, with_responses
 from ssah_jax.masking import MODULES, prune_units
 
 VARIANTS = ("dense", "minus_SCU", "minus_UCU", "minus_RU", "minus_random")
 # Keys that only affect speed or logging (every other key determines the results, so a workdir
 # holding results of other values of them is refused): the scores are sums over the calibration
-# examples, which the batch size only groups; a score cache holds the same scores as the workdir.
+# examples, which the batch size only groups; a score cache holds the same scores as the workdir;
+# SNIP by layer gives the same scores; the mesh only places the work (experiments._mesh).
 # (evaluation.batch_size is determining, see evaluate.)
-EXCLUDED = ("attribution.batch_size", "attribution.cache_dir")
+EXCLUDED = ("attribution.batch_size", "attribution.cache_dir", "attribution.snip_by_layer", "mesh")
 ADDED = evaluate.ADDED  # (its evaluation section is an evaluate config)
+ADDED_SECTIONS = ("mesh",)  # added after results were recorded (a workdir from before it is resumed)
 
 
 def validate(config: ConfigDict) -> None:
@@ -44,6 +46,7 @@ def validate(config: ConfigDict) -> None:
     runs.check(config, a + "scorer", lambda v: v in SCORERS, f"must be one of {SCORERS}")
     runs.check(config, a + "tokens", lambda v: v in TOKENS, f"must be one of {TOKENS}")
     runs.check(config, a + "batch_size", lambda v: v >= 1, "must be >= 1")
+    runs.check(config, a + "snip_by_layer", lambda v: isinstance(v, bool), "must be True or False")
     runs.check(config, a + "max_length", lambda v: v >= 16, "must be >= 16")
     for which in ("safety", "utility"):
         runs.check(config, f"{a}{which}.limit", lambda v: v >= 0, "must be >= 0 (0 = all)")
@@ -58,6 +61,7 @@ def validate(config: ConfigDict) -> None:
     for which in ("safety", "utility"):
         runs.check_parses(config, f"{a}{which}.dataset", check_kit_dataset)
     evaluate.validate(config, "evaluation.")
+    check_mesh(config)
 
 
 def calibration_records(config: ConfigDict, which: str) -> list:
@@ -72,27 +76,38 @@ def scores(config: ConfigDict, model: Any, tokenizer: Any, out: Path, which: str
     a = config.attribution
     cache = None
     if a.cache_dir:
-        settings = {k: v for k, v in runs.leaves(a).items() if k not in ("batch_size", "cache_dir")}
+        settings = {k: v for k, v in runs.leaves(a).items() if k not in ("batch_size", "cache_dir", "snip_by_layer")}
         cache = score_cache(a.cache_dir, model, source=config.model, dtype=config.dtype, attribution=settings,
                             data_dir=config.data_dir)
     return calibration_scores(model, tokenizer, calibration_records(config, which), out / "scores", which,
                               scorer=a.scorer, tokens=a.tokens, max_length=a.max_length, batch_size=a.batch_size,
-                              dataset=a[which].dataset, cache=cache)
+                              dataset=a[which].dataset, cache=cache, by_layer=a.snip_by_layer)
 
 
 def plan_configs(config: ConfigDict) -> list[Any]:
-    """What ``ssah-jax plan`` compiles: the variants' evaluation (decoding a batch of prompts)."""
-    from ssah_jax.train.memory import DecodeSpec, PlanItem
+    """What ``ssah-jax plan`` compiles: a batch of the unit scoring, and the variants'
+    evaluation (decoding a batch of prompts)."""
+    from ssah_jax.train.memory import AttributionSpec, DecodeSpec, PlanItem
 
-    e = config.evaluation
-    return [PlanItem("evaluation", config.model, DecodeSpec(e.batch_size, e.max_new_tokens, runs.DTYPES[config.dtype]))]
+    a, e, dtype = config.attribution, config.evaluation, runs.DTYPES[config.dtype]
+    items = [PlanItem(f"attribution ({a.scorer})", config.model,
+                      AttributionSpec(a.scorer, a.batch_size, a.max_length, dtype, dict(config.mesh),
+                                      a.snip_by_layer))]
+    if config.variants:
+        items.append(PlanItem("evaluation", config.model,
+                              DecodeSpec(e.batch_size, e.max_new_tokens, dtype, dict(config.mesh))))
+    return items
 
 
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
-    out = runs.prepare_workdir(workdir, config, EXCLUDED, added=ADDED, overwrite=overwrite)
-    model, tokenizer = load_model(config.model, runs.dtype(config))
+    out = runs.prepare_workdir(workdir, config, EXCLUDED, added=ADDED, sections=ADDED_SECTIONS, overwrite=overwrite)
+    with on_mesh(config) as mesh:
+        model, tokenizer = load_on_mesh(config, mesh)
+        return _prune(config, out, model, tokenizer)
 
+
+def _prune(config: ConfigDict, out: Path, model: Any, tokenizer: Any) -> Path:
     safety = scores(config, model, tokenizer, out, "safety")
     utility = scores(config, model, tokenizer, out, "utility")
     k = config.kinds

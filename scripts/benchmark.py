@@ -6,6 +6,8 @@
     python scripts/benchmark.py signals [--batch 8] [--new-tokens 128] [--repeats 3]
     python scripts/benchmark.py mfu [--size 1b|tiny] [--batch 8] [--length 2048] [--decode-batch 64]
                                     [--layout scan|unrolled] [--remat dots]
+    python scripts/benchmark.py decode [--size 1b|tiny] [--mesh data=1,tensor=8] [--decode-batch 64]
+                                       [--new-tokens 128] [--hbm-gb-s 3350]
 
 ``generate``: batched greedy decoding of the demo model (same GGUF, same chat prompts, both
 forced to produce exactly ``--new-tokens`` tokens per row); prints tokens/s for ours and for
@@ -41,6 +43,18 @@ beside it) and MFU against the device's bf16 peak (``PEAK_BF16_FLOPS`` by device
 ``--peak-tflops``); then greedy bf16 decoding of ``--decode-batch`` random 64-token prompts
 for ``--new-tokens`` tokens against the bandwidth floor (every weight read once per step at
 the measured read bandwidth).
+
+``decode``: ours alone, on a mesh. Greedy bf16 decoding of a random decoder (``--size``, as
+``mfu``'s) placed on ``--mesh`` (``data``, ``fsdp``, ``tensor``; -1 the rest: the batch over
+``data x fsdp``, heads and the KV cache's kv heads over ``tensor``), ``--decode-batch`` random
+64-token prompts for ``--new-tokens`` steps (no stop token): tokens/s, tokens/s per device, and
+MaxText's decode figure, the bytes a device reads per second (on a tensor-parallel mesh (weights +
+KV cache) / devices / step time; a copy per ``data`` reads its tensor share of the weights),
+against the device's
+HBM bandwidth (``HBM_BYTES_PER_S`` by device kind, or ``--hbm-gb-s``; on a CPU, the read
+bandwidth measured on one device): the share of the bandwidth floor reached. On a CPU with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` it runs on fake devices (a test of the
+script and its arithmetic, not a measurement of anything).
 
 ``--profile`` (generate, train): also runs one call of ours under the JAX profiler and prints
 the XLA ops that took the most time (for generate, use fewer ``--new-tokens``: the profiler
@@ -573,7 +587,106 @@ def bench_mfu(args) -> dict:
     }
 
 
+# HBM bandwidth per device, bytes/s, by JAX's device kind (vendors' figures)
+HBM_BYTES_PER_S = {
+    "NVIDIA H100 80GB HBM3": 3.35e12, "NVIDIA H100": 3.35e12, "NVIDIA H200": 4.8e12,
+    "NVIDIA A100-SXM4-80GB": 2.04e12, "NVIDIA A100-SXM4-40GB": 1.56e12,
+    "TPU v4": 1.2e12, "TPU v5 lite": 0.819e12, "TPU v5": 2.765e12, "TPU v6 lite": 1.64e12,
+}
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """``data=2,fsdp=2,tensor=2`` -> the mesh axis sizes (-1: the rest)."""
+    try:
+        shape = {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(",") if part.strip())}
+    except ValueError:
+        raise SystemExit(f"benchmark.py decode: --mesh={text!r}: expected axis=size pairs, e.g. data=1,tensor=8"
+                         ) from None
+    return shape
+
+
+def decode_bandwidth(weight_bytes: int, cache_bytes: int, mesh: dict[str, int], step_s: float) -> float:
+    """MaxText's decode figure, bytes read per device per second of a step: on a tensor-parallel
+    mesh (weights + KV cache) / devices; generally each device reads its ``tensor`` share of the
+    weights (a copy per ``data``, gathered over ``fsdp``) and its share of the cache."""
+    devices = mesh["data"] * mesh["fsdp"] * mesh["tensor"]
+    return (weight_bytes / mesh["tensor"] + cache_bytes / devices) / step_s
+
+
+def bench_decode(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from ssah_jax.data import left_pad
+    from ssah_jax.generation import generate_tokens
+    from ssah_jax.models import CausalLM, ModelConfig
+    from ssah_jax.sharding import MeshMismatch, check_divides, put_rows, shard_model, stage_mesh, use_rules
+
+    size = args.size or ("tiny" if jax.default_backend() == "cpu" else "1b")
+    config = ModelConfig(**MFU_SIZES[size])
+    try:
+        mesh = stage_mesh(parse_mesh(args.mesh), jax.devices())
+        check_divides(mesh.shape, config.logical_sizes)
+    except (ValueError, MeshMismatch) as e:
+        raise SystemExit(f"benchmark.py decode: --mesh={args.mesh}: {e}") from None
+    kind = jax.devices()[0].device_kind
+    prompt = 64
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, config.vocab_size, (args.decode_batch, prompt)).astype(np.int32)
+    ids, mask = left_pad(prompts.tolist(), prompt, 0)
+    with jax.set_mesh(mesh), use_rules():
+        model = shard_model(CausalLM(config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(1)), mesh)
+        graphdef, state = nnx.split(model)
+        placed = put_rows((ids, mask))
+
+        def call(new_tokens):  # every row the full length: no stop token
+            out = generate_tokens(graphdef, state, *placed, jax.random.key(0), jnp.float32(1e-6), jnp.int32(0),
+                                  jnp.float32(1.0), jnp.asarray([-1], jnp.int32), jnp.int32(0),
+                                  max_new_tokens=new_tokens, sample=False)
+            out.block_until_ready()
+
+        for n in (1, args.new_tokens):
+            call(n)  # compiled before timing
+        prefill_s = _timed(lambda: call(1), args.repeats)
+        call_s = _timed(lambda: call(args.new_tokens), args.repeats)
+    step_s = _per_step(call_s, prefill_s, args.new_tokens)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    rows = int(placed[0].shape[0])
+    cache_bytes = 2 * config.num_layers * rows * config.num_kv_heads * (prompt + args.new_tokens) * config.head_dim * 2
+    bandwidth = decode_bandwidth(weight_bytes, cache_bytes, dict(mesh.shape), step_s)
+    if args.hbm_gb_s:
+        hbm, source = args.hbm_gb_s * 1e9, "--hbm-gb-s"
+    elif kind in HBM_BYTES_PER_S:
+        hbm, source = HBM_BYTES_PER_S[kind], "the device's HBM"
+    else:  # a CPU: the read bandwidth measured on one device
+        hbm, source = memory_floor(model, 1)["measured_read_bandwidth_gb_s"] * 1e9, "measured read bandwidth"
+    tokens_s = args.decode_batch / step_s
+    return {
+        "benchmark": "decode", "size": size, "mesh": dict(mesh.shape), "devices": mesh.size, "device_kind": kind,
+        "decode_batch": args.decode_batch, "rows": rows, "prompt_tokens": prompt, "new_tokens": args.new_tokens,
+        "prefill_s": prefill_s, "step_s": step_s, "tokens_per_s": tokens_s,
+        "tokens_per_s_per_device": tokens_s / mesh.size,
+        "weight_bytes": weight_bytes, "cache_bytes": cache_bytes,
+        "bandwidth_per_device_gb_s": bandwidth / 1e9, "hbm_gb_s": hbm / 1e9, "hbm_source": source,
+        "fraction_of_hbm": bandwidth / hbm, "machine": runs.describe_machine(),
+    }
+
+
 def _summary(result: dict) -> list[str]:
+    if result["benchmark"] == "decode":
+        return [
+            f"decode: {result['tokens_per_s']:10.1f} tokens/s, {result['tokens_per_s_per_device']:.1f} per device "
+            f"({result['size']}, bf16, batch {result['decode_batch']} x {result['new_tokens']} new tokens after "
+            f"{result['prompt_tokens']}, mesh {result['mesh']} of {result['device_kind']})",
+            f"        {1e3 * result['step_s']:.2f} ms/step; weights {result['weight_bytes'] / 1e6:.1f} MB / "
+            f"tensor {result['mesh']['tensor']} + KV cache {result['cache_bytes'] / 1e6:.1f} MB / {result['devices']} "
+            "devices, per step = "
+            f"{result['bandwidth_per_device_gb_s']:.1f} GB/s per device = {100 * result['fraction_of_hbm']:.1f}% of "
+            f"{result['hbm_gb_s']:.0f} GB/s ({result['hbm_source']})",
+            f"({result['machine']})",
+        ]
     if result["benchmark"] == "mfu":
         mfu = ("MFU unknown (no peak for this device: pass --peak-tflops)" if result["mfu"] is None
                else f"MFU {100 * result['mfu']:.1f}% of {result['peak_tflops_per_device']:.0f} TFLOP/s")
@@ -635,7 +748,7 @@ def _summary(result: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["generate", "attribution", "train", "signals", "mfu"])
+    parser.add_argument("what", choices=["generate", "attribution", "train", "signals", "mfu", "decode"])
     parser.add_argument("--batch", type=int, default=None, help="rows (default: 8; train: 4)")
     parser.add_argument("--length", type=int, default=None, help="train, mfu: tokens per row (train: 256; mfu: "
                         "2048 for 1b, 128 for tiny)")
@@ -643,11 +756,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64, help="attribution: calibration samples")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--size", choices=sorted(MFU_SIZES), help="mfu: the model (default: 1b, tiny on a CPU)")
-    parser.add_argument("--decode-batch", type=int, default=64, help="mfu: rows of the decoding measurement")
+    parser.add_argument("--size", choices=sorted(MFU_SIZES), help="mfu, decode: the model (default: 1b, tiny on a CPU)")
+    parser.add_argument("--decode-batch", type=int, default=64, help="mfu, decode: rows of the decoding measurement")
     parser.add_argument("--layout", choices=["scan", "unrolled"], default="scan", help="mfu: the train step's layers")
     parser.add_argument("--remat", default="dots", help="mfu: the train step's remat policy (none, full, dots, ...)")
     parser.add_argument("--peak-tflops", type=float, help="mfu: the device's bf16 peak, if not in the table")
+    parser.add_argument("--mesh", default="data=-1", help="decode: the mesh, e.g. data=1,tensor=8 (-1: the rest)")
+    parser.add_argument("--hbm-gb-s", type=float, help="decode: the device's HBM bandwidth, if not in the table")
     parser.add_argument("--out", help="also write the result as JSON here")
     parser.add_argument("--profile", action="store_true",
                         help="generate, train: also profile one call of ours and print its top XLA ops")
@@ -656,7 +771,7 @@ def main() -> None:
     if args.what == "train":
         args.length = args.length or 256
     benches = {"generate": bench_generate, "attribution": bench_attribution, "train": bench_train,
-               "signals": bench_signals, "mfu": bench_mfu}
+               "signals": bench_signals, "mfu": bench_mfu, "decode": bench_decode}
     result = benches[args.what](args)
     print("\n".join(summary(result)))
     print(json.dumps(result, indent=2))

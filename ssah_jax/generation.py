@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ssah_jax.data import encode_prompt, left_pad, padded_length
 from ssah_jax.models import CausalLM, KVCache
+from ssah_jax.sharding import constrain, padded_rows, put_rows
 
 
 def _per_prompt(answer_prefix: str | Sequence[str] | None, n: int) -> list[str]:
@@ -49,10 +50,10 @@ def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
                          "(need temperature >= 0, top_k >= 0, 0 < top_p <= 1)")
 
 
-def real_rows(n: int, batch_size: int) -> jax.Array:
+def real_rows(n: int, batch_size: int) -> np.ndarray:
     """The ``active`` rows of :func:`generate_tokens` for a batch whose first ``n`` rows are
     prompts and the rest filler (a partial last batch filled up to ``batch_size``)."""
-    return jnp.arange(batch_size) < n
+    return np.arange(batch_size) < n
 
 
 _NEG_INF_KEY = -0x7F800001  # _ordered(-inf): -inf's bits 0xFF800000 with the magnitude flipped
@@ -224,9 +225,9 @@ def generate_tokens(
     # put a query row of its own in the slot after the token's (the safety signal's check).
     cache = KVCache.init(model.config, batch, prompt_len + max_new_tokens, model.dtype)
     kv_mask = jnp.zeros((batch, prompt_len + max_new_tokens), jnp.int32)
-    kv_mask = kv_mask.at[:, :prompt_len].set(prompt_mask)
+    kv_mask = constrain(kv_mask.at[:, :prompt_len].set(prompt_mask), ("act_batch", "act_kv_len"))
 
-    def emit(decode: DecodeState, hidden: jax.Array) -> DecodeState:
+    def emit(model: CausalLM, decode: DecodeState, hidden: jax.Array) -> DecodeState:
         """Chooses, lets the policy decide, and writes the token of ``decode.step``."""
         logits = model.logits(hidden[:, -1])
         rng, sub = jax.random.split(decode.rng)
@@ -242,9 +243,10 @@ def generate_tokens(
 
     out, policy_state = getattr(policy, "prefill", prefill)(model, input_ids, kv_mask, cache, policy_state)
     done = jnp.zeros((batch,), bool) if active is None else ~jnp.asarray(active, bool)
-    start = DecodeState(jnp.zeros((), jnp.int32), out.cache, kv_mask,
-                        jnp.full((batch, max_new_tokens), pad_id, jnp.int32), done, rng, policy_state)
-    first = emit(start, out.hidden)
+    tokens = constrain(jnp.full((batch, max_new_tokens), pad_id, jnp.int32), ("act_batch", "act_len"))
+    start = DecodeState(jnp.zeros((), jnp.int32), out.cache, kv_mask, tokens, constrain(done, ("act_batch",)), rng,
+                        policy_state)
+    first = emit(model, start, out.hidden)
 
     def cond(decode: DecodeState):
         return (decode.step < max_new_tokens) & ~jnp.all(decode.done)
@@ -252,8 +254,11 @@ def generate_tokens(
     def body(decode: DecodeState) -> DecodeState:
         kv_mask = decode.kv_mask.at[:, prompt_len + decode.step - 1].set(1)
         last = jax.lax.dynamic_slice_in_dim(decode.tokens, decode.step - 1, 1, axis=1)
-        out, policy_state = getattr(policy, "feed", feed)(model, decode._replace(kv_mask=kv_mask), last)
-        return emit(decode._replace(cache=out.cache, kv_mask=kv_mask, policy=policy_state), out.hidden)
+        # The weights pass a barrier tied to the step: a weight sharded over fsdp is gathered
+        # inside each step (a layer at a time), never hoisted out of the loop whole.
+        live = nnx.merge(graphdef, jax.lax.optimization_barrier((state, decode.step))[0])
+        out, policy_state = getattr(policy, "feed", feed)(live, decode._replace(kv_mask=kv_mask), last)
+        return emit(live, decode._replace(cache=out.cache, kv_mask=kv_mask, policy=policy_state), out.hidden)
 
     last = jax.lax.while_loop(cond, body, first)
     return (last.tokens, last.policy) if return_policy_state else last.tokens
@@ -278,7 +283,10 @@ def generate_ids(
 ) -> list[list[int]]:
     """Generated token ids per prompt, up to (not including) the first stop token.
 
-    Arguments as in :func:`generate`.
+    Arguments as in :func:`generate`. On a mesh (``jax.set_mesh`` with the model placed on it,
+    e.g. ``load_model(..., mesh=mesh)``, and ``ssah_jax.sharding.use_rules``), each batch is split
+    over its data-parallel axes (filled up to a multiple of them with rows that start finished)
+    and the KV cache's kv heads over its tensor axis; the tokens are the same as on one device.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -291,16 +299,16 @@ def generate_ids(
     rng = jax.random.key(seed)
     results: list[list[int]] = []
     starts = range(0, len(encoded), batch_size)
+    rows = padded_rows(batch_size)  # filler rows up to a multiple of the mesh's data-parallel size
     for start in tqdm(starts, desc="generate", disable=not progress, unit="batch"):
         chunk = encoded[start : start + batch_size]
         length = padded_length(max(len(s) for s in chunk), bucket)
-        rows = list(chunk) + [[]] * (batch_size - len(chunk))
-        ids, mask = left_pad(rows, length, pad_id)
+        ids, mask = left_pad(list(chunk) + [[]] * (rows - len(chunk)), length, pad_id)
         rng, sub = jax.random.split(rng)
         tokens = generate_tokens(
-            graphdef, state, jnp.asarray(ids), jnp.asarray(mask), sub,
+            graphdef, state, *put_rows((ids, mask)), sub,
             jnp.float32(max(temperature, 1e-6)), jnp.int32(top_k), jnp.float32(top_p),
-            jnp.asarray(stops, jnp.int32), jnp.int32(pad_id), active=real_rows(len(chunk), batch_size),
+            jnp.asarray(stops, jnp.int32), jnp.int32(pad_id), active=put_rows(real_rows(len(chunk), rows)),
             max_new_tokens=max_new_tokens, sample=temperature > 0,
         )
         results.extend(_until_stop(row, stops) for row in np.asarray(tokens)[: len(chunk)])

@@ -15,6 +15,7 @@ import importlib
 from typing import Any
 
 import jax
+import numpy as np
 
 from ssah_jax import runs
 from ssah_jax.models import Layout
@@ -53,6 +54,19 @@ def devices(count: int, topology: str | None) -> list[Any]:
     return found
 
 
+def host_devices(found: list[Any], topology: str | None) -> list[Any]:
+    """The devices of one host of ``found``: those of the first process; on a TPU ``topology``
+    of several hosts, the chips of a slice of one host's shape (``v5e:4x4`` -> ``v5e:2x2``:
+    libtpu compiles for a whole topology, not for a part of one)."""
+    host = [d for d in found if d.process_index == found[0].process_index]
+    if not topology or len(host) == len(found):
+        return host
+    generation, shape = topology.split(":")
+    coords = np.asarray([d.coords for d in host])
+    extent = coords.max(axis=0) - coords.min(axis=0) + 1
+    return devices(len(host), f"{generation}:{'x'.join(str(e) for e in extent[: len(shape.split('x'))])}")
+
+
 def capacity_bytes(device: Any, memory_gb: float | None) -> int:
     if memory_gb is None:
         memory_gb = TPU_MEMORY_GIB.get(device.device_kind, DEFAULT_MEMORY_GIB)
@@ -64,8 +78,8 @@ def plan(name: str, config: Any, *, count: int = 8, memory_gb: float | None = No
     """The plan's lines for experiment ``name`` under ``config``: each of the experiment's
     ``plan_configs(config)`` (typed :class:`~ssah_jax.train.memory.PlanItem` values) compiled and billed."""
     from ssah_jax.checkpoints import model_config
-    from ssah_jax.sharding import make_mesh
-    from ssah_jax.train.memory import DecodeSpec, plan_generation, plan_train_step
+    from ssah_jax.sharding import MeshMismatch, check_divides, make_mesh, stage_mesh
+    from ssah_jax.train.memory import AttributionSpec, DecodeSpec, plan_attribution, plan_generation, plan_train_step
 
     module = importlib.import_module(f"experiments.{name}")
     if not hasattr(module, "plan_configs"):
@@ -82,11 +96,25 @@ def plan(name: str, config: Any, *, count: int = 8, memory_gb: float | None = No
         if item.model not in architectures:
             architectures[item.model] = model_config(item.model)
         arch, spec = architectures[item.model], item.spec
-        if isinstance(spec, DecodeSpec):
-            bill = plan_generation(arch, batch_size=spec.batch_size, prompt_tokens=prompt_tokens,
-                                   max_new_tokens=spec.max_new_tokens, dtype=spec.dtype, device=found[0],
-                                   capacity=capacity)
-            lines += [f"[{item.label}] model {item.model}", *bill.lines(), ""]
+        if isinstance(spec, DecodeSpec | AttributionSpec):
+            # a stage other than training runs on one host's devices (the hosts deal its work out)
+            host = host_devices(found, topology)
+            try:
+                mesh = stage_mesh(dict(spec.mesh), host)
+                check_divides(mesh.shape, arch.logical_sizes)
+            except MeshMismatch as e:  # as the run says it
+                raise runs.ConfigError(f"config.{item.keys}mesh.{e.axis}: {e} of the model") from None
+            except ValueError as e:
+                raise runs.ConfigError(f"config.{item.keys}mesh={dict(spec.mesh)}: {e}") from None
+            if isinstance(spec, DecodeSpec):
+                bill = plan_generation(arch, mesh, batch_size=spec.batch_size, prompt_tokens=prompt_tokens,
+                                       max_new_tokens=spec.max_new_tokens, dtype=spec.dtype, capacity=capacity)
+            else:
+                bill = plan_attribution(arch, mesh, scorer=spec.scorer, batch_size=spec.batch_size,
+                                        length=spec.max_length, dtype=spec.dtype, by_layer=spec.by_layer,
+                                        capacity=capacity)
+            lines += [f"[{item.label}] model {item.model}; mesh {dict(mesh.shape)} of a host's {len(host)} devices",
+                      *bill.lines(), ""]
             continue
         try:
             mesh = make_mesh(dict(spec.mesh), devices=found)

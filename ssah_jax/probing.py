@@ -25,6 +25,7 @@ from flax import nnx
 
 from ssah_jax.data import encode_prompt, padded_length
 from ssah_jax.models import CausalLM
+from ssah_jax.sharding import padded_rows, put_rows
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_tokens"))
@@ -63,18 +64,17 @@ def direction_distances(
         tail = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
         if len(tail) < max_tokens:
             raise ValueError(f"continuation {name!r} has {len(tail)} tokens, fewer than max_tokens={max_tokens}")
-        rows = []
+        rows, size = [], padded_rows(batch_size)  # filler rows up to a multiple of the mesh's data-parallel size
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            seqs = [p + tail for p in chunk] + [chunk[0] + tail] * (batch_size - len(chunk))
+            seqs = [p + tail for p in chunk] + [chunk[0] + tail] * (size - len(chunk))
             length = padded_length(max(len(s) for s in seqs), 64)
-            ids = np.full((batch_size, length), pad, np.int32)
-            mask = np.zeros((batch_size, length), np.int32)
+            ids = np.full((size, length), pad, np.int32)
+            mask = np.zeros((size, length), np.int32)
             for i, s in enumerate(seqs):  # right padding: positions count from the first token
                 ids[i, : len(s)], mask[i, : len(s)] = s, 1
             ends = np.asarray([len(s) - len(tail) - 1 for s in seqs], np.int32)
-            d = _distances(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(ends),
-                           max_tokens=max_tokens)
+            d = _distances(graphdef, state, *put_rows((ids, mask, ends)), max_tokens=max_tokens)
             rows.append(np.asarray(d)[: len(chunk)])
         out[name] = np.concatenate(rows)
     return out

@@ -23,6 +23,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from experiments import evaluate, finetune, generate, prune
+from experiments._mesh import check_mesh, load_on_mesh, on_mesh
 from experiments._report import save_figure
 from experiments._staged import ADDED as SUBRUN_ADDED
 from experiments._staged import (
@@ -51,7 +52,6 @@ from experiments.reproduce.subruns import (
 from ssah_jax import hosts, runs
 from ssah_jax import pipeline as engine
 from ssah_jax.attribution import KINDS, UnitMap, kind_transitions, load_scores
-from ssah_jax.checkpoints import load_model
 from ssah_jax.data import Record, load_mixture, parse_mixture, prompt_key, substitute_component
 from ssah_jax.evaluation import harmful_records, perplexity_records
 from ssah_jax.evaluation.ablation import choose_block, layer_blocks
@@ -95,7 +95,7 @@ def requires(config: ConfigDict) -> dict[str, tuple[str, ...]]:
 # Keys added to the config after results were recorded (its sub-runs'), and its sections added
 # (align_sweep, read by the report only; reuse).
 ADDED = {**SUBRUN_ADDED, **prune.ADDED}
-ADDED_SECTIONS = ("align_sweep", "reuse")
+ADDED_SECTIONS = ("align_sweep", "reuse", "mesh")
 
 
 class Reproduce:
@@ -146,15 +146,16 @@ class Reproduce:
             "prune_aligned": lambda: Stage(prune_config(config, aligned, table=True),
                                            overlap(run_prune, lambda g: g.evaluation), prune.EXCLUDED, requires,
                                            prune.ADDED),
-            # greedy answers and log-likelihoods: the batch size only groups them
-            "layers": lambda: Stage(layers_config(config, out), find_layer_block, ("batch_size",), requires),
+            # greedy answers and log-likelihoods: the batch size only groups them, the mesh places them
+            "layers": lambda: Stage(layers_config(config, out), find_layer_block, ("batch_size", "mesh"), requires),
             "attacks/initial": lambda: Stage(eval_config(config, config.attack.evaluation, aligned),
                                              overlap(run_evaluate, lambda g: g), evaluate.EXCLUDED, reads,
                                              evaluate.ADDED),
             "units_attacked": lambda: prune_stage(prune_config(config, str(out / transfer_run(config) / "export")),
                                                   (transfer_run(config),)),
             "transfer": lambda: Stage(transfer_config(config, out), kind_transfer, (), requires),
-            "probing": lambda: Stage(probing_config(config, out), probe, ("batch_size",), requires),  # forwards only
+            # forwards only: the batch size groups them, the mesh places them
+            "probing": lambda: Stage(probing_config(config, out), probe, ("batch_size", "mesh"), requires),
         }
         return plans[recorded]()
 
@@ -175,6 +176,7 @@ class Reproduce:
         check("attack.variants", lambda v: len(v) > 0 and set(v) <= set(VARIANTS),
               f"must be a non-empty subset of {VARIANTS}")
         check_attacks(config)
+        check_mesh(config, config.model)
         if not config.maker_aligned:
             check("align.dataset", lambda v: "contrast" in [p.split(":")[0].strip() for p in v.split(",")],
                   "needs the contrast component (the contrast stage's answers), e.g. 'alpaca_libre:168,contrast:56'")
@@ -192,14 +194,17 @@ class Reproduce:
         prune.validate(prune_config(config, config.model, table=True))
 
     def plan(self) -> list[PlanItem]:
-        """The full alignment, the first attack (unprotected) and the evaluation's decoding
-        (every model has ``config.model``'s architecture)."""
+        """The full alignment, the first attack (unprotected), the attribution and the pruned
+        variants' decoding, and the evaluation's decoding (every model has ``config.model``'s
+        architecture)."""
         config, out = self.config, self.out
         attack, seed = next(iter(config.attack.datasets)), config.attack.seeds[0]
         attacked = attack_config(config, out, attack, "none", "", seed)
         source = finetune.model_source(config.model)  # as the finetune runs resolve it
         return [PlanItem("align_full", source, finetune.training_spec(align_config(config, None, out)), "finetune."),
                 PlanItem(attack_dir(attack, "none", seed), source, finetune.training_spec(attacked), "finetune."),
+                *[PlanItem(f"prune_aligned: {item.label}", config.model, item.spec)
+                  for item in prune.plan_configs(prune_config(config, config.model, table=True))],
                 PlanItem("eval_aligned", config.model,
                          finetune.decode_spec(eval_config(config, config.evaluation, config.model)))]
 
@@ -341,7 +346,12 @@ def find_layer_block(config: ConfigDict, directory: Path) -> None:
     dense model's (removing an early layer breaks the model, and a broken model does not
     refuse either). Its size matches the unit count of ``selection`` unless ``layers.size``.
     ``config``: a layers_config."""
-    model, tokenizer = load_model(config.model, runs.dtype(config))
+    with on_mesh(config) as mesh:
+        model, tokenizer = load_on_mesh(config, mesh)
+        _find_layer_block(config, directory, model, tokenizer)
+
+
+def _find_layer_block(config: ConfigDict, directory: Path, model: Any, tokenizer: Any) -> None:
     umap = UnitMap.load(config.units, model=model)
     selected = int(sum(umap.select(config.selection)[m].sum() for m in MODULES))
     per_layer = sum(umap.masks["CU"][m].shape[1] for m in MODULES)
@@ -397,12 +407,13 @@ def probe(config: ConfigDict, directory: Path) -> None:
     queries = [r.prompt for r in harmful_records(h.dataset, h.exclude, config.data_dir or None)[: p.prompts]]
     result = {"prompts": len(queries), "max_tokens": p.max_tokens, "confidence": p.confidence,
               "continuations": {"refusal": list(p.refusals), "compliance": list(p.compliances)}, "models": {}}
-    for name in ("unaligned", "aligned", "aligned_ru"):
-        model, tokenizer = load_model(config.models[name], runs.dtype(config))
-        # refusal / compliance: mean over queries, [layers, max_tokens]; gaps: one per query
-        result["models"][name] = reasoning_direction(model, tokenizer, queries, p.refusals, p.compliances,
-                                                     max_tokens=p.max_tokens, batch_size=config.batch_size)
-        del model
+    with on_mesh(config) as mesh:
+        for name in ("unaligned", "aligned", "aligned_ru"):
+            model, tokenizer = load_on_mesh(config, mesh, config.models[name])
+            # refusal / compliance: mean over queries, [layers, max_tokens]; gaps: one per query
+            result["models"][name] = reasoning_direction(model, tokenizer, queries, p.refusals, p.compliances,
+                                                         max_tokens=p.max_tokens, batch_size=config.batch_size)
+            del model
     if hosts.is_main():
         (directory / "probing.json").write_text(json.dumps(result, indent=2) + "\n")
         plot_probing(result, directory / "probing.png")

@@ -30,7 +30,7 @@ def aligned_model(config: ConfigDict, out: Path, *, run: bool = False) -> str:
 
 def prune_config(config: ConfigDict, model: str, *, ru: float | None = None, table: bool = False) -> ConfigDict:
     c = ConfigDict(dict(
-        model=model, dtype=config.dtype, data_dir=config.data_dir, seed=config.seed,
+        model=model, dtype=config.dtype, data_dir=config.data_dir, seed=config.seed, mesh=copy.deepcopy(config.mesh),
         attribution=copy.deepcopy(config.attribution), kinds=copy.deepcopy(config.kinds),
         variants=prune.VARIANTS if table else (), evaluation=copy.deepcopy(config.table),
     ))
@@ -96,7 +96,8 @@ def layers_config(config: ConfigDict, out: Path) -> ConfigDict:
     p = config.table.perplexity
     return ConfigDict(dict(
         model=aligned_model(config, out), units=str(out / "prune_aligned" / "units.npz"),
-        dtype=config.dtype, data_dir=config.data_dir, selection=config.attack.selection,
+        dtype=config.dtype, data_dir=config.data_dir, mesh=copy.deepcopy(config.mesh),
+        selection=config.attack.selection,
         held_in=config.attribution.safety.dataset, batch_size=config.evaluation.batch_size,
         perplexity=ConfigDict(dict(dataset=p.dataset, max_length=p.max_length)),
         layers=copy.deepcopy(config.layers),
@@ -119,8 +120,9 @@ def probing_config(config: ConfigDict, out: Path) -> ConfigDict:
     return ConfigDict(dict(
         models=ConfigDict(dict(unaligned=config.model, aligned=str(out / "align_full" / "export"),
                                aligned_ru=str(out / "align_ru" / "export"))),
-        dtype=config.dtype, data_dir=config.data_dir, batch_size=config.evaluation.batch_size,
-        harmful=ConfigDict(dict(dataset=h.dataset, exclude=h.exclude)), probing=copy.deepcopy(config.probing),
+        dtype=config.dtype, data_dir=config.data_dir, mesh=copy.deepcopy(config.mesh),
+        batch_size=config.evaluation.batch_size, harmful=ConfigDict(dict(dataset=h.dataset, exclude=h.exclude)),
+        probing=copy.deepcopy(config.probing),
     ))
 
 

@@ -17,6 +17,7 @@ the config changed (the engine: :mod:`ssah_jax.pipeline`; this module defines th
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from experiments import evaluate, finetune
+from experiments._mesh import check_mesh, load_on_mesh, on_mesh
 from experiments._staged import ADDED as SUBRUN_ADDED
 from experiments._staged import align_config as shared_align_config
 from experiments._staged import attack_config as shared_attack_config
@@ -32,7 +34,6 @@ from experiments._staged import attack_stage, check_attacks, contrast_stage, eva
 from experiments._staged import eval_config as shared_eval_config
 from ssah_jax import hosts, runs, signals
 from ssah_jax import pipeline as engine
-from ssah_jax.checkpoints import load_model
 from ssah_jax.data import check_kit_dataset, load_local
 from ssah_jax.evaluation import harmful_records
 from ssah_jax.pipeline import Stage
@@ -115,13 +116,14 @@ def classifier_config(config: ConfigDict, out: Path) -> ConfigDict:
     h = config.evaluation.harmful
     return ConfigDict(dict(
         model=str(out / "align_signal" / "export"), dtype=config.dtype, data_dir=config.data_dir,
-        threshold=config.decoding.threshold, harmful=ConfigDict(dict(dataset=h.dataset, exclude=h.exclude)),
+        mesh=copy.deepcopy(config.mesh), threshold=config.decoding.threshold,
+        harmful=ConfigDict(dict(dataset=h.dataset, exclude=h.exclude)),
         **config.classifier.to_dict()))
 
 
 # Keys added to the config after results were recorded (its sub-runs'), and its sections added
 ADDED = SUBRUN_ADDED
-ADDED_SECTIONS = ("reuse",)
+ADDED_SECTIONS = ("reuse", "mesh")
 
 
 class Signals:
@@ -155,7 +157,8 @@ class Signals:
         if kind == "eval_signal":
             return evaluate_stage(schedule_eval_config(config, out, name), reads)
         if kind == "classifier":
-            return Stage(classifier_config(config, out), classifier_quality, ("batch_size",), reads)  # forwards only
+            # forwards only: the batch size groups them, the mesh places them
+            return Stage(classifier_config(config, out), classifier_quality, ("batch_size", "mesh"), reads)
         if kind == "attack":
             model, attack, seed = name.split("/")
             return attack_stage(attack_config(config, out, model, attack, int(seed.removeprefix("seed"))),
@@ -166,6 +169,7 @@ class Signals:
         config = self.config
         check = lambda key, ok, why: runs.check(config, key, ok, why)  # noqa: E731
         check_attacks(config)
+        check_mesh(config, config.model)
         for key in ("align.steps", "align.batch_size", "attack.batch_size", "decoding.period",
                     "decoding.tau", "classifier.batch_size", "classifier.benign_limit"):
             check(key, lambda v: v >= 1, "must be >= 1")
@@ -216,7 +220,12 @@ def classifier_quality(config: ConfigDict, directory: Path) -> None:
     """p(malicious) of each held-out prompt set (``classifier.json``; the probabilities in
     ``scores.jsonl``): AUROC and accuracy at the threshold of harmful vs benign and of XSTest's
     unsafe vs safe prompts. ``config``: a classifier_config."""
-    model, tokenizer = load_model(config.model, runs.dtype(config))
+    with on_mesh(config) as mesh:
+        model, tokenizer = load_on_mesh(config, mesh)
+        _classifier_quality(config, directory, model, tokenizer)
+
+
+def _classifier_quality(config: ConfigDict, directory: Path, model: Any, tokenizer: Any) -> None:
     signal = signals.load(config.model, model.config)
     harmful = [r.prompt for r in harmful_records(config.harmful.dataset, config.harmful.exclude,
                                                  config.data_dir or None)]

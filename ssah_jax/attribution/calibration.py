@@ -69,18 +69,19 @@ def calibration_scores(
     batch_size: int,
     dataset: str = "",
     cache: Path | None = None,
+    by_layer: bool = False,
 ) -> dict[str, np.ndarray]:
     """Scores of every unit of ``model`` on ``records`` (``{module: [layers, units]}``), kept in
     ``directory/<name>.npz``; ``dataset`` names the set in the ``.json`` beside it. With a
     ``cache`` (:func:`score_cache`) the scores are copied from it when it has them, and into it
-    when it does not."""
+    when it does not. ``by_layer``: SNIP one layer at a time (the same scores, less memory)."""
     path = Path(directory) / f"{name}.npz"
     if cache is not None:
         if (cache / f"{name}.npz").exists() and not path.exists() and hosts.is_main():
             _copy_scores(cache, Path(directory), name)
         hosts.sync(f"{name} scores cached")
         result = calibration_scores(model, tokenizer, records, directory, name, scorer=scorer, tokens=tokens,
-                                    max_length=max_length, batch_size=batch_size, dataset=dataset)
+                                    max_length=max_length, batch_size=batch_size, dataset=dataset, by_layer=by_layer)
         if not (cache / f"{name}.npz").exists() and hosts.is_main():
             _copy_scores(Path(directory), cache, name)
         return result
@@ -102,7 +103,7 @@ def calibration_scores(
                             buckets=bucket_lengths(max_length), shuffle=False, process_index=0, process_count=1)
     start = time.perf_counter()
     result = unit_scores(model, tqdm(batches, desc=f"{name} scores ({scorer})", unit="batch",
-                                     disable=not hosts.is_main()), scorer, tokens)
+                                     disable=not hosts.is_main()), scorer, tokens, by_layer=by_layer)
     result = {m: np.asarray(v) for m, v in result.items()}
     seconds = time.perf_counter() - start
     if not hosts.is_main():  # process 0 keeps them

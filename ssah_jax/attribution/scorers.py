@@ -29,7 +29,7 @@ from flax import nnx
 
 from ssah_jax.attribution.stats import Moments, batch_moments, merge
 from ssah_jax.models import B_MATRIX, MODULES, CausalLM, Layout, next_token_logprobs, unit_shapes, with_layout
-from ssah_jax.sharding import shard_batch
+from ssah_jax.sharding import put_rows
 
 SCORERS = ("wifv", "wanda", "snip")
 TOKENS = ("response", "prompt", "all")
@@ -84,7 +84,7 @@ def activation_moments(model: CausalLM, batches: Iterable[Mapping[str, Any]], to
     acc = {m: Moments.zeros(shape) for m, shape in unit_shapes(model.config).items()}
     for batch in batches:
         _check(batch, tokens)
-        acc = moments_step(graphdef, state, acc, shard_batch(batch), tokens)
+        acc = moments_step(graphdef, state, acc, put_rows(dict(batch)), tokens)
     return acc
 
 
@@ -92,7 +92,8 @@ def activation_moments(model: CausalLM, batches: Iterable[Mapping[str, Any]], to
 # Gradients of the B matrices (SNIP)
 
 
-def _is_b_kernel(path: tuple, _value: Any) -> bool:
+def is_b_kernel(path: tuple, _value: Any) -> bool:
+    """The filter of the ``B`` kernels (o_proj, down_proj) of an unrolled model's state."""
     return len(path) == 5 and path[0] == "layers" and path[3] in B_MATRIX.values() and path[4] == "kernel"
 
 
@@ -115,12 +116,34 @@ def gradient_sums(model: CausalLM, batches: Iterable[Mapping[str, Any]], tokens:
     """``(sums, count)``: the summed NLL gradient of every ``B`` kernel (an ``nnx.State`` of
     float32 arrays) and the number of target tokens; ``sums / count`` is the mean-loss gradient."""
     model = _unrolled(model)
-    graphdef, b_state, rest = nnx.split(model, _is_b_kernel, ...)
-    acc = (jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), b_state), jnp.zeros((), jnp.int32))
+    graphdef, b_state, rest = nnx.split(model, is_b_kernel, ...)
+    # float32 sums laid out like the kernels they belong to (sharded on a mesh, never whole on one device)
+    zeros = jax.jit(lambda s: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), s),
+                    out_shardings=jax.tree.map(lambda x: x.sharding, b_state))
+    acc = (zeros(b_state), jnp.zeros((), jnp.int32))
     for batch in batches:
         _check(batch, tokens)
-        acc = gradient_step(graphdef, b_state, rest, acc, shard_batch(batch), tokens)
+        acc = gradient_step(graphdef, b_state, rest, acc, put_rows(dict(batch)), tokens)
     return acc
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "tokens"), donate_argnums=(4,))
+def layer_gradient_step(graphdef, b_state: nnx.State, rest: nnx.State, layer: jax.Array, acc, batch, tokens):
+    """Adds one batch's gradient of the summed target NLL w.r.t. the ``B`` kernels of layer
+    ``layer`` (a traced index: one program serves every layer) to ``acc`` (``({module: sums
+    [units, hidden]}, target count)``): the gradient w.r.t. a zero added to that layer's kernels."""
+
+    def loss(deltas):
+        def shifted(path, kernel):  # path: layers / <layer> / <module> / <proj> / kernel
+            j, module = path[1].key, path[2].key
+            return kernel + jnp.where(layer == j, deltas[module], 0.0).astype(kernel.dtype)
+
+        b = jax.tree_util.tree_map_with_path(shifted, b_state)
+        return _nll_sum(nnx.merge(graphdef, b, rest), batch, tokens)
+
+    sums, total = acc
+    grads, count = jax.grad(loss, has_aux=True)(jax.tree.map(jnp.zeros_like, sums))
+    return jax.tree.map(lambda s, g: s + g, sums, grads), total + count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,8 +192,36 @@ def snip(model: CausalLM, sums: nnx.State, count: jax.Array) -> Scores:
     return out
 
 
+def snip_by_layer(model: CausalLM, batches: Iterable[Mapping[str, Any]], tokens: str = "response"
+                  ) -> tuple[Scores, jax.Array]:
+    """SNIP scores one layer at a time (Wei et al. 2024's way of scoring 7B-70B models): a pass
+    over the calibration set per layer (:func:`layer_gradient_step`, compiled once), so only one
+    layer's gradient sums exist at a time. The same scores as :func:`snip` of
+    :func:`gradient_sums`, at ``layers`` times the passes. Returns ``(scores, target count)``."""
+    batches = [put_rows(dict(batch)) for batch in batches]  # read once per layer
+    for batch in batches:
+        _check(batch, tokens)
+    model = _unrolled(model)
+    graphdef, b_state, rest = nnx.split(model, is_b_kernel, ...)
+    first = {m: b_state["layers"][0][m][B_MATRIX[m]]["kernel"][...] for m in MODULES}
+    # float32 sums laid out like one layer's kernels
+    zeros = jax.jit(lambda k: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), k),
+                    out_shardings=jax.tree.map(lambda x: x.sharding, first))
+    parts, count = [], jnp.zeros((), jnp.int32)
+    for i in range(model.config.num_layers):
+        acc = (zeros(first), jnp.zeros((), jnp.int32))
+        for batch in batches:
+            acc = layer_gradient_step(graphdef, b_state, rest, jnp.int32(i), acc, batch, tokens)
+        sums, count = acc
+        n = jnp.maximum(count, 1).astype(jnp.float32)
+        parts.append({m: jnp.sum(jnp.abs(b_kernels(model, m)[i].astype(jnp.float32) * sums[m]), axis=-1) / n
+                      for m in MODULES})
+    return {m: jnp.stack([p[m] for p in parts]) for m in MODULES}, count
+
+
 def unit_scores(
-    model: CausalLM, batches: Iterable[Mapping[str, Any]], scorer: str = "wifv", tokens: str = "response"
+    model: CausalLM, batches: Iterable[Mapping[str, Any]], scorer: str = "wifv", tokens: str = "response",
+    *, by_layer: bool = False,
 ) -> Scores:
     """Scores of every unit on a calibration set, streamed one batch at a time.
 
@@ -181,6 +232,8 @@ def unit_scores(
         ``[B, S]`` (this host's rows, e.g. from :func:`ssah_jax.data.batching.batch_dataset`).
       scorer: ``wifv`` | ``wanda`` | ``snip``.
       tokens: which tokens count: ``response`` | ``prompt`` | ``all``.
+      by_layer: SNIP one layer at a time (:func:`snip_by_layer`): the same scores, for a
+        model whose sharded gradient sums do not fit beside it.
 
     Returns:
       ``{"attn": [layers, heads * head_dim], "mlp": [layers, intermediate]}`` float32.
@@ -189,7 +242,9 @@ def unit_scores(
         raise ValueError(f"scorer={scorer!r}: must be one of {SCORERS}")
     if tokens not in TOKENS:
         raise ValueError(f"tokens={tokens!r}: must be one of {TOKENS}")
-    if scorer == "snip":
+    if scorer == "snip" and by_layer:
+        scores, count = snip_by_layer(model, batches, tokens)
+    elif scorer == "snip":
         sums, count = gradient_sums(model, batches, tokens)
     else:
         moments = activation_moments(model, batches, tokens)
@@ -197,5 +252,5 @@ def unit_scores(
     if int(count) == 0:
         raise ValueError(f"the calibration batches hold no {tokens} tokens to score on")
     if scorer == "snip":
-        return snip(model, sums, count)
+        return scores if by_layer else snip(model, sums, count)
     return (wifv if scorer == "wifv" else wanda)(model, moments)

@@ -23,7 +23,7 @@ from ssah_jax.checkpoints.hf import hub_unreachable, load_hf_model, resolve_hf_d
 from ssah_jax.checkpoints.params import CheckpointError
 from ssah_jax.checkpoints.registry import DEMO_NAME, MODELS, TINY_MODELS, demo_gguf_path, model_path
 from ssah_jax.models import CausalLM, ModelConfig
-from ssah_jax.sharding import DEFAULT_RULES, logical_to_spec
+from ssah_jax.sharding import DEFAULT_RULES, check_divides, logical_to_spec
 
 __all__ = [
     "CheckpointError",
@@ -95,6 +95,10 @@ HUB_ARCHITECTURES: dict[str, dict[str, Any]] = {
         model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
         rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
+    "meta-llama/Llama-2-70b-chat-hf": dict(
+        model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+        num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
     "meta-llama/Meta-Llama-3-8B-Instruct": dict(
         model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
@@ -140,6 +144,8 @@ def load_weights(
 ) -> CausalLM:
     """Loads a Llama-family model (no tokenizer); arguments as in :func:`load_model`."""
     path = resolve(ref)
+    if mesh is not None:  # before any weight is read
+        check_divides(mesh.shape, model_config(path).logical_sizes, rules)
     kw = dict(dtype=dtype, param_dtype=param_dtype or dtype, place=_placer(mesh, rules))
     if path.suffix == ".gguf":
         file = open_gguf(path)
@@ -170,13 +176,17 @@ def load_model(
         FileNotFoundError ("no such file or directory"), never a hub lookup.
       dtype: compute dtype (float32 or bfloat16).
       param_dtype: storage dtype of the parameters; defaults to ``dtype``.
-      mesh: if given, each parameter is placed on it by its logical axis names and ``rules``.
+      mesh: if given, each parameter is placed on it by its logical axis names and ``rules``
+        as it is read (never whole on one device first); a mesh axis that does not divide a
+        dimension sharded over it is a :class:`ssah_jax.sharding.MeshMismatch`.
 
     Returns:
       ``(model, tokenizer)``; ``model(input_ids, attention_mask=None)`` gives
       ``[batch, seq, vocab]`` float32 logits.
     """
     path = resolve(ref)
+    if mesh is not None:  # before any weight is read
+        check_divides(mesh.shape, model_config(path).logical_sizes, rules)
     kw = dict(dtype=dtype, param_dtype=param_dtype or dtype, place=_placer(mesh, rules))
     if path.suffix == ".gguf":
         file = open_gguf(path)  # read once for the config, the weights and the tokenizer

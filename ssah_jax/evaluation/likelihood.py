@@ -14,6 +14,7 @@ from flax import nnx
 
 from ssah_jax.data import left_pad, padded_length
 from ssah_jax.models import CausalLM, KVCache, next_token_logprobs
+from ssah_jax.sharding import padded_rows, put_rows
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -88,24 +89,24 @@ def choice_logprobs(
     graphdef, state = nnx.split(model)
     order = np.argsort([len(c) for c in contexts], kind="stable")
     scores = np.zeros((len(prompts), n_choices), np.float32)
+    size = padded_rows(batch_size)  # filler rows up to a multiple of the mesh's data-parallel size
     for start in range(0, len(prompts), batch_size):
         picked = order[start : start + batch_size]
         ctx = [contexts[i] for i in picked]
         cont = [conts[i] for i in picked]
         rows = len(ctx)
-        ctx = ctx + [[pad_id]] * (batch_size - rows)
-        cont = cont + [[[pad_id]] * n_choices] * (batch_size - rows)
+        ctx = ctx + [[pad_id]] * (size - rows)
+        cont = cont + [[[pad_id]] * n_choices] * (size - rows)
         prompt_len = max(64, 1 << (max(map(len, ctx)) - 1).bit_length())
         ids, mask = left_pad(ctx, prompt_len, pad_id)
         longest = max(len(t) for cs in cont for t in cs)
         cont_len = 1 if longest == 1 else padded_length(longest, 8)
-        choice_ids = np.full((batch_size, n_choices, cont_len), pad_id, np.int32)
-        choice_mask = np.zeros((batch_size, n_choices, cont_len), np.int32)
+        choice_ids = np.full((size, n_choices, cont_len), pad_id, np.int32)
+        choice_mask = np.zeros((size, n_choices, cont_len), np.int32)
         for i, cs in enumerate(cont):
             for j, toks in enumerate(cs):
                 choice_ids[i, j, : len(toks)] = toks
                 choice_mask[i, j, : len(toks)] = 1
-        out = _choice_logprobs(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
-                               jnp.asarray(choice_ids), jnp.asarray(choice_mask))
+        out = _choice_logprobs(graphdef, state, *put_rows((ids, mask, choice_ids, choice_mask)))
         scores[picked] = np.asarray(out)[:rows]
     return scores

@@ -17,6 +17,7 @@ from ssah_jax.data.tokenize import encode_records
 from ssah_jax.evaluation.likelihood import choice_logprobs, token_logprobs
 from ssah_jax.generation import Responder, respond
 from ssah_jax.models import CausalLM
+from ssah_jax.sharding import put_rows
 
 LETTERS = "ABCD"
 
@@ -106,7 +107,7 @@ def perplexity_rows(
     rows = []
     for b in range(len(batches)):
         batch = batches[b]
-        logp = np.asarray(token_logprobs(graphdef, state, batch["input_ids"], batch["attention_mask"]))
+        logp = np.asarray(token_logprobs(graphdef, state, *put_rows((batch["input_ids"], batch["attention_mask"]))))
         for i in range(min(batch_size, len(examples) - b * batch_size)):
             mask = batch["loss_mask"][i] > 0
             rows.append({"nll": float(-logp[i][mask].sum()), "tokens": int(mask.sum())})

@@ -88,6 +88,13 @@ class ModelConfig:
         """Query heads that share one key/value head (1 for multi-head attention)."""
         return self.num_heads // self.num_kv_heads
 
+    @property
+    def logical_sizes(self) -> dict[str, int]:
+        """The size of each sharded logical axis of the parameters (heads counted whole: a head
+        is never split over devices), what :func:`ssah_jax.sharding.check_divides` checks."""
+        return {"vocab": self.vocab_size, "embed": self.hidden_size, "heads": self.num_heads,
+                "kv_heads": self.num_kv_heads, "mlp": self.intermediate_size}
+
     @classmethod
     def from_hf(cls, hf_config: Any) -> ModelConfig:
         """Builds a ModelConfig from a transformers ``PretrainedConfig``; rejects what we lack."""

@@ -111,6 +111,11 @@ class LayerCache(NamedTuple):
     v: jax.Array
 
 
+# The logical layout of a layer's cache ``[B, K, T, D]``: the decode batch over the data-parallel
+# axes, the kv heads over the tensor axis (each device keeps the keys of the heads it attends with).
+CACHE_AXES = ("act_batch", "act_kv_heads", "act_kv_len", "act_head_dim")
+
+
 class KVCache(NamedTuple):
     """KV cache: one LayerCache per layer, or one stacked LayerCache ``[layers, B, K, T, D]``
     (what a scanned model runs on; it also takes the per-layer form, at the price of stacking
@@ -129,13 +134,14 @@ class KVCache(NamedTuple):
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, length: int, dtype: Dtype, *, stacked: bool = False) -> KVCache:
+        """An empty cache, laid out on the active mesh (if any) as :data:`CACHE_AXES` say."""
         shape = (batch, config.num_kv_heads, length, config.head_dim)
         if stacked:
             full = (config.num_layers, *shape)
-            return cls(LayerCache(jnp.zeros(full, dtype), jnp.zeros(full, dtype)), jnp.zeros((), jnp.int32))
-        layers = tuple(
-            LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers)
-        )
+            zeros = lambda: constrain(jnp.zeros(full, dtype), ("layers", *CACHE_AXES))  # noqa: E731
+            return cls(LayerCache(zeros(), zeros()), jnp.zeros((), jnp.int32))
+        zeros = lambda: constrain(jnp.zeros(shape, dtype), CACHE_AXES)  # noqa: E731
+        layers = tuple(LayerCache(zeros(), zeros()) for _ in range(config.num_layers))
         return cls(layers, jnp.zeros((), jnp.int32))
 
 
@@ -215,6 +221,7 @@ class Attention(nnx.Module):
             start = (0, 0, cache_index, 0)
             k = jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype), start)
             v = jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype), start)
+            k, v = constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)
             cache = LayerCache(k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
             if s == 1:  # decoding: grouped-query attention reads the head-major cache in place

@@ -44,6 +44,7 @@ from ssah_jax.data import Chat, Role, encode_prompt, left_pad, padded_length
 from ssah_jax.generation import DecodeState, check_sampling, generate_tokens, real_rows, stop_token_ids
 from ssah_jax.generation import feed as default_feed
 from ssah_jax.models import CausalLM, default_mask
+from ssah_jax.sharding import padded_rows, put_rows
 from ssah_jax.signals.signal import SafetySignal, check_query, head_logit, mask
 
 SCHEDULES = ("each", "first", "periodic", "annealing")
@@ -223,7 +224,7 @@ def decode_inputs(signal: SafetySignal, chunk: Sequence[Chat], *, batch_size: in
         jnp.full((b, max_new_tokens), jnp.nan, jnp.float32), jnp.zeros((b,), bool), jnp.full((b,), -1, jnp.int32),
         jnp.zeros((b,), jnp.int32), jnp.full((b,), -1, jnp.int32), jnp.asarray(refusal_ids, jnp.int32),
         jnp.zeros((), jnp.int32), jnp.full((b,), jnp.nan, jnp.float32))
-    return jnp.asarray(ids), jnp.asarray(attn), state
+    return *put_rows((ids, attn)), state
 
 
 def generate(
@@ -277,16 +278,17 @@ def generate(
     graphdef, state = nnx.split(model)
     rng = jax.random.key(seed)
     results: list[dict[str, Any]] = []
+    rows = padded_rows(batch_size)  # filler rows up to a multiple of the mesh's data-parallel size
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
-        ids, attn, policy_state = decode_inputs(signal, chunk, batch_size=batch_size, bucket=bucket, pad_id=pad_id,
+        ids, attn, policy_state = decode_inputs(signal, chunk, batch_size=rows, bucket=bucket, pad_id=pad_id,
                                                 max_new_tokens=max_new_tokens, refusal_ids=prefix_ids, rules=rules)
         policy = StrategicDecoding(signal.head, schedule)
         rng, sub = jax.random.split(rng)
         tokens, final = generate_tokens(
             graphdef, state, ids, attn, sub, jnp.float32(max(temperature, 1e-6)),
             jnp.int32(top_k), jnp.float32(top_p), jnp.asarray(stops, jnp.int32), jnp.int32(pad_id), policy_state,
-            real_rows(len(chunk), batch_size), max_new_tokens=max_new_tokens, sample=temperature > 0, policy=policy,
+            put_rows(real_rows(len(chunk), rows)), max_new_tokens=max_new_tokens, sample=temperature > 0, policy=policy,
             return_policy_state=True)
         tokens, checks, inserted = np.asarray(tokens), np.asarray(final.checks), np.asarray(final.inserted)
         for i, prefix in enumerate(prefixes[start : start + len(chunk)]):

@@ -35,6 +35,7 @@ from flax import nnx
 from ssah_jax import hosts
 from ssah_jax.data import Chat, Role, encode_prompt, left_pad, padded_length
 from ssah_jax.models import CausalLM, ModelConfig, default_mask
+from ssah_jax.sharding import padded_rows, put_rows
 
 HEADS = ("linear", "mlp")
 PHASES = ("pretrain", "sft")
@@ -146,14 +147,15 @@ def cls_states(model: CausalLM, signal: SafetySignal, chats: Sequence[Chat], *, 
     """``[CLS]``'s final (normed) hidden state over each encoded prompt (float32 ``[n, hidden]``):
     the head's input, one full forward under the ``"sft"`` mask per batch of left-padded rows."""
     out = []
+    rows = padded_rows(batch_size)  # filler rows up to a multiple of the mesh's data-parallel size
     for start in range(0, len(chats), batch_size):
         chunk = chats[start : start + batch_size]
         length = padded_length(max(len(c.ids) for c in chunk), bucket)
-        fill = [[]] * (batch_size - len(chunk))
+        fill = [[]] * (rows - len(chunk))
         ids, attn = left_pad([c.ids.tolist() for c in chunk] + fill, length, pad_id)
         roles, _ = left_pad([c.roles.tolist() for c in chunk] + fill, length, int(Role.PADDING))
-        h = _cls_hidden(model, signal, jnp.asarray(ids), jnp.asarray(attn), jnp.asarray(roles))
-        out.append(np.asarray(h)[: len(chunk)])
+        h = _cls_hidden(model, signal, *put_rows((ids, attn, roles)))
+        out.append(hosts.fetch(h)[: len(chunk)])  # (on training's mesh the rows span every host)
     return np.concatenate(out) if out else np.zeros((0, model.config.hidden_size), np.float32)
 
 

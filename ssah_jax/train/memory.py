@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -22,8 +23,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ssah_jax.generation import generate_tokens
-from ssah_jax.models import CausalLM, Layout, ModelConfig, stack_layers, unstack_layers
-from ssah_jax.sharding import active_rules, logical_to_spec, use_rules
+from ssah_jax.models import B_MATRIX, CausalLM, Layout, ModelConfig, stack_layers, unstack_layers
+from ssah_jax.sharding import active_rules, logical_to_spec, make_mesh, padded_rows, param_shardings, use_rules
 from ssah_jax.train import lora as lora_lib
 from ssah_jax.train.setup import TrainingSpec
 from ssah_jax.train.step import (
@@ -38,27 +39,48 @@ from ssah_jax.train.step import (
 GIB = 1024**3
 
 
+ONE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeSpec:
     """What a generation call's memory depends on: ``batch_size`` prompts decoded for
-    ``max_new_tokens`` more tokens with the weights in ``dtype``."""
+    ``max_new_tokens`` more tokens with the weights in ``dtype``, on a ``mesh`` of one host's
+    devices (axis sizes, -1 the rest; see :func:`ssah_jax.sharding.stage_mesh`)."""
 
     batch_size: int
     max_new_tokens: int
     dtype: Any = jnp.float32
+    mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(ONE_DEVICE))
+
+
+@dataclasses.dataclass(frozen=True)
+class AttributionSpec:
+    """What a unit-scoring pass's memory depends on: ``scorer`` (``wifv`` / ``wanda``: activation
+    statistics; ``snip``: gradients, of one layer at a time with ``by_layer``) over batches of
+    ``batch_size`` x ``max_length`` tokens with the weights in ``dtype``, on a ``mesh`` of one
+    host's devices."""
+
+    scorer: str
+    batch_size: int
+    max_length: int
+    dtype: Any = jnp.float32
+    mesh: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(ONE_DEVICE))
+    by_layer: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class PlanItem:
     """One thing an experiment runs, for ``ssah-jax plan``: a training (``spec`` a
-    :class:`~ssah_jax.train.setup.TrainingSpec`) or a decoding (a :class:`DecodeSpec`) of the
+    :class:`~ssah_jax.train.setup.TrainingSpec`), a decoding (a :class:`DecodeSpec`) or a unit
+    scoring (an :class:`AttributionSpec`) of the
     architecture of ``model`` (a registered name, a directory or a hub id, as
     :func:`ssah_jax.checkpoints.model_config` reads it), shown as ``label``; ``keys``: the prefix
     of its config keys on the command line (``finetune.`` in a pipeline), for the advice."""
 
     label: str
     model: str
-    spec: TrainingSpec | DecodeSpec
+    spec: TrainingSpec | DecodeSpec | AttributionSpec
     keys: str = ""
 
 
@@ -203,8 +225,26 @@ def plan_train_step(
                  f"{', LoRA' if lora else ''})", compiled, mesh, parameters, shard_bytes(state.opt_state), capacity)
 
 
+def _on_mesh(config: ModelConfig, mesh: jax.sharding.Mesh, dtype: Any, layout: Layout = Layout()):
+    """``(graphdef, abstract state)`` of ``config`` in ``dtype``, each parameter sharded on
+    ``mesh`` by its logical axes (call under ``jax.set_mesh(mesh)`` and the rules)."""
+    model = abstract_model(config, layout, dtype)
+    graphdef, state = nnx.split(model)
+    def place(var, sharding):
+        value = var.get_value()
+        return var.replace(jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding))
+
+    shardings = param_shardings(state, mesh, active_rules())
+    return graphdef, jax.tree.map(place, state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _one_device(device: Any) -> jax.sharding.Mesh:
+    return make_mesh((1, 1, 1), devices=[device or jax.devices()[0]])
+
+
 def plan_generation(
     config: ModelConfig,
+    mesh: jax.sharding.Mesh | None = None,
     *,
     batch_size: int,
     prompt_tokens: int,
@@ -213,21 +253,75 @@ def plan_generation(
     device: Any = None,
     capacity: int | None = None,
 ) -> MemoryBill:
-    """The bill of greedy generation (:func:`ssah_jax.generation.generate_tokens`) on one device:
-    the weights in ``dtype``, ``batch_size`` prompts of ``prompt_tokens``, a KV cache for
-    ``max_new_tokens`` more. Evaluation decodes this way, one model per device."""
-    device = device or jax.devices()[0]
-    mesh = jax.sharding.Mesh(np.asarray([device]), ("one",))
-    one = NamedSharding(mesh, PartitionSpec())
-    model = abstract_model(config, Layout(), dtype)
-    graphdef, state = nnx.split(model)
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), state)
-    ids = jax.ShapeDtypeStruct((batch_size, prompt_tokens), jnp.int32, sharding=one)
-    scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=one)  # noqa: E731
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    compiled = generate_tokens.lower(
-        graphdef, state, ids, ids, jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=one), scalar(jnp.float32),
-        scalar(jnp.int32), scalar(jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32, sharding=one),
-        scalar(jnp.int32), max_new_tokens=max_new_tokens, sample=False).compile()
-    return _bill(f"generation ({batch_size} prompts x {prompt_tokens} tokens + {max_new_tokens} new, "
+    """The bill of one device for greedy generation (:func:`ssah_jax.generation.generate_tokens`)
+    on ``mesh`` (default: ``device`` alone): the weights in ``dtype`` sharded by their logical
+    axes, ``batch_size`` prompts of ``prompt_tokens`` (filled up to a multiple of the
+    data-parallel size) split over the data axes, a KV cache for ``max_new_tokens`` more with
+    its kv heads over the tensor axis."""
+    mesh = mesh or _one_device(device)
+    with jax.set_mesh(mesh), use_rules():
+        graphdef, state = _on_mesh(config, mesh, dtype)
+        rows = NamedSharding(mesh, logical_to_spec(("act_batch",), active_rules()))
+        one = NamedSharding(mesh, PartitionSpec())
+        batch = padded_rows(batch_size)
+        ids = jax.ShapeDtypeStruct((batch, prompt_tokens), jnp.int32, sharding=rows)
+        scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=one)  # noqa: E731
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        compiled = generate_tokens.lower(
+            graphdef, state, ids, ids, jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=one), scalar(jnp.float32),
+            scalar(jnp.int32), scalar(jnp.float32), jax.ShapeDtypeStruct((1,), jnp.int32, sharding=one),
+            scalar(jnp.int32), max_new_tokens=max_new_tokens, sample=False).compile()
+    return _bill(f"generation ({batch} prompts x {prompt_tokens} tokens + {max_new_tokens} new, "
                  f"{jnp.dtype(dtype).name})", compiled, mesh, shard_bytes(state), 0, capacity)
+
+
+def plan_attribution(
+    config: ModelConfig,
+    mesh: jax.sharding.Mesh | None = None,
+    *,
+    scorer: str,
+    batch_size: int,
+    length: int,
+    dtype: Any = jnp.float32,
+    by_layer: bool = False,
+    device: Any = None,
+    capacity: int | None = None,
+) -> MemoryBill:
+    """The bill of one device for one batch of unit scoring on ``mesh`` (default: ``device``
+    alone): the activation statistics step of ``wifv`` / ``wanda``, or the gradient step of
+    ``snip`` (its float32 gradient sums of the ``B`` kernels, of one layer's with ``by_layer``,
+    are "optimizer state" here, sharded like the kernels), ``batch_size`` x ``length``
+    calibration tokens split over the data axes."""
+    from ssah_jax.attribution.scorers import gradient_step, is_b_kernel, layer_gradient_step, moments_step
+    from ssah_jax.attribution.stats import Moments
+    from ssah_jax.models import unit_shapes
+
+    mesh = mesh or _one_device(device)
+    with jax.set_mesh(mesh), use_rules():
+        graphdef, state = _on_mesh(config, mesh, dtype)
+        rows = NamedSharding(mesh, logical_to_spec(("act_batch",), active_rules()))
+        one = NamedSharding(mesh, PartitionSpec())
+        batch_rows = padded_rows(batch_size)
+        tokens = jax.ShapeDtypeStruct((batch_rows, length), jnp.int32, sharding=rows)
+        batch = {k: tokens for k in ("input_ids", "attention_mask", "loss_mask")}
+        if scorer == "snip":
+            model = nnx.merge(graphdef, state)
+            graphdef, b_state, rest = nnx.split(model, is_b_kernel, ...)
+            sums = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding), b_state)
+            count = jax.ShapeDtypeStruct((), jnp.int32, sharding=one)
+            if by_layer:
+                sums = {m: sums["layers"][0][m][proj]["kernel"] for m, proj in B_MATRIX.items()}
+                compiled = layer_gradient_step.lower(graphdef, b_state, rest, count, (sums, count), batch,
+                                                     "response").compile()
+            else:
+                compiled = gradient_step.lower(graphdef, b_state, rest, (sums, count), batch, "response").compile()
+            extra = shard_bytes(sums)
+        else:
+            acc = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                               {m: jax.eval_shape(lambda s=shape: Moments.zeros(s))
+                                for m, shape in unit_shapes(config).items()})
+            compiled = moments_step.lower(graphdef, state, acc, batch, "response").compile()
+            extra = 0
+    what = f"{scorer}{' by layer' if by_layer and scorer == 'snip' else ''}"
+    return _bill(f"attribution, {what} ({batch_rows} x {length} tokens, {jnp.dtype(dtype).name})", compiled,
+                 mesh, shard_bytes(state), extra, capacity)

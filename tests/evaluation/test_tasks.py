@@ -113,7 +113,7 @@ def test_the_data_recipes_keep_their_rules():
 
 def test_the_typed_spec_holds_every_evaluation_key_and_every_metric_has_a_label():
     """evaluation_spec types every key of configs/evaluate.py the tasks read (all but the model,
-    its dtype and its signal: a key added there and not typed fails here), and every metric a
+    its dtype, its mesh and its signal: a key added there and not typed fails here), and every metric a
     task writes has its report label."""
     import dataclasses
 
@@ -125,7 +125,7 @@ def test_the_typed_spec_holds_every_evaluation_key_and_every_metric_has_a_label(
             return {k for f in dataclasses.fields(value) for k in fields(getattr(value, f.name), f"{prefix}{f.name}.")}
         return {prefix[:-1]}
 
-    untyped = {k for k in runs.leaves(config) if k.split(".")[0] not in ("model", "dtype", "signal")}
+    untyped = {k for k in runs.leaves(config) if k.split(".")[0] not in ("model", "dtype", "mesh", "signal")}
     assert fields(spec) == untyped
     metrics = {"asr_no_system": {}, "asr_system": {}, "prefill_5": {"tokens": 5}, "sweep": {}, "overrefusal": {},
                "mmlu": {}, "sst2": {}, "gsm8k": {}, "perplexity": {}}

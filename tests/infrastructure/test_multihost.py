@@ -116,6 +116,32 @@ def test_two_processes_evaluate_every_row_once(finetuned, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_prune_with_the_scores_and_rows_of_one(tiny_chat_model, tmp_path):
+    """The quick prune preset on a mesh of data x tensor 2 per host: two 4-device processes
+    (each scoring and decoding on its own devices, the prompts dealt out) give the unit scores of
+    one 8-device process within 1e-5, the same unit kinds, and its rows, each written once."""
+    flags = ["--config=configs/prune.py:quick", f"--config.model={tiny_chat_model}", "--config.mesh.tensor=2"]
+    one_process("prune", f"--workdir={tmp_path / 'one'}", *flags)
+    two_processes("prune", f"--workdir={tmp_path / 'two'}", *flags)
+    for which in ("safety", "utility"):
+        scores = [np.load(tmp_path / w / "scores" / f"{which}.npz") for w in ("one", "two")]
+        for module in ("attn", "mlp"):
+            np.testing.assert_allclose(scores[1][module], scores[0][module], rtol=1e-5)
+    units = [np.load(tmp_path / w / "units.npz") for w in ("one", "two")]
+    assert units[0].files == units[1].files
+    for key in units[0].files:  # the kinds exactly, the scores kept beside them within 1e-5
+        if units[0][key].dtype.kind == "f":
+            np.testing.assert_allclose(units[1][key], units[0][key], rtol=1e-5)
+        else:
+            np.testing.assert_array_equal(units[1][key], units[0][key])
+    for variant in ("dense", "minus_SCU", "minus_UCU", "minus_RU", "minus_random"):
+        for task in ("asr_no_system", "asr_system", "mmlu", "sst2", "perplexity"):
+            rows = [read_jsonl(tmp_path / w / "variants" / variant / "rows" / f"{task}.jsonl") for w in ("one", "two")]
+            assert rows[0] == rows[1], (variant, task)
+            assert len({r["prompt"] for r in rows[1]}) == len(rows[1]) == 8, (variant, task)
+
+
+@pytest.mark.slow
 def test_multihost_flags_are_checked(tmp_path):
     base = [sys.executable, "-m", "ssah_jax.cli", "finetune", "--config=configs/finetune.py:quick",
             f"--workdir={tmp_path / 'w'}"]

@@ -85,3 +85,30 @@ def test_a_decode_step_excludes_the_prefill(bench_script):
     # 8 tokens in 1.5 s, one token (the prefill and its first token) in 0.8 s: 0.1 s per step
     assert bench_script._per_step(1.5, 0.8, 8) == pytest.approx(0.1)
     assert bench_script._per_step(0.8, 0.8, 1) == 0.8  # one token: no decode step to isolate
+
+
+def test_decode_benchmark_runs_on_a_mesh_and_its_bandwidth_is_maxtexts(bench_script):
+    """``decode --mesh`` on fake CPU devices: a batch of 6 on a data-parallel size of 4 is filled
+    up to 8 rows; the bandwidth figure is (weights + cache) / devices / step time."""
+    import argparse
+
+    # tensor 4: (6 GB + 2 GB) / 4 devices / 10 ms; data 2 x tensor 2: 6 GB / 2 + 2 GB / 4 per 10 ms
+    assert bench_script.decode_bandwidth(6e9, 2e9, {"data": 1, "fsdp": 1, "tensor": 4}, 0.01) == 2e11
+    assert bench_script.decode_bandwidth(6e9, 2e9, {"data": 2, "fsdp": 1, "tensor": 2}, 0.01) == 3.5e11
+    assert bench_script.parse_mesh("data=2, tensor=4") == {"data": 2, "tensor": 4}
+    with pytest.raises(SystemExit, match="--mesh='data2': expected axis=size pairs"):
+        bench_script.parse_mesh("data2")
+    args = argparse.Namespace(size="tiny", mesh="data=2,fsdp=2,tensor=2", decode_batch=6, new_tokens=3, repeats=1,
+                              hbm_gb_s=100.0)
+    result = bench_script.bench_decode(args)
+    config = bench_script.MFU_SIZES["tiny"]
+    assert result["devices"] == 8 and result["rows"] == 8
+    slots = 8 * config["num_kv_heads"] * (64 + 3) * config["head_dim"]  # rows x kv heads x length x head_dim
+    assert result["cache_bytes"] == 2 * config["num_layers"] * slots * 2  # keys and values, bf16
+    expected = (result["weight_bytes"] / 2 + result["cache_bytes"] / 8) / result["step_s"]
+    assert result["bandwidth_per_device_gb_s"] == pytest.approx(expected / 1e9)
+    assert result["fraction_of_hbm"] == pytest.approx(expected / 100e9)
+    assert result["tokens_per_s_per_device"] == pytest.approx(6 / result["step_s"] / 8)
+    args.mesh = "tensor=8"  # 8 does not divide the 4 heads (nor the 2 kv heads)
+    with pytest.raises(SystemExit, match="tensor=8 does not divide heads=4"):
+        bench_script.bench_decode(args)

@@ -144,3 +144,30 @@ def test_a_papers_model_plans_without_a_hub_request():
     control = run("from transformers import AutoConfig\ntry:\n    AutoConfig.from_pretrained('someorg/some-model')\n"
                   "except BaseException:\n    pass")
     assert "HUB REQUEST https://huggingface.co/someorg/some-model" in control.stderr, control.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_plan_bills_attribution_and_decoding_on_the_configs_mesh(tiny_chat_model):
+    """``prune``'s plan bills a batch of its attribution and of its evaluation's decoding on
+    ``config.mesh`` (a host's devices): tensor 2 holds half the weights a device holds alone;
+    a tensor axis that does not divide the kv heads is one line naming the key."""
+    flags = ["--config=configs/prune.py:quick", f"--config.model={tiny_chat_model}"]
+
+    def bills(*more):
+        done = plan(*flags, *more)
+        assert done.returncode == 0, done.stderr[-2000:]
+        params = [float(v) for v in re.findall(r"parameters\s+([\d.]+) GiB", done.stdout)]
+        return done.stdout, params
+
+    alone, params_alone = bills("--config.mesh.data=1")
+    split, params_split = bills("--config.mesh.data=1", "--config.mesh.tensor=2")
+    assert "[attribution (wifv)]" in alone and "[evaluation]" in alone
+    assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 2} of a host's 8 devices" in split
+    assert len(params_alone) == len(params_split) == 2
+    for one, two in zip(params_alone, params_split):
+        assert two < 0.6 * one  # the tensor-split matrices (most of the weights) halved
+    refused = plan(*flags, "--config.mesh.data=1", "--config.mesh.tensor=4")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == (
+        "ssah-jax: config.mesh.tensor: tensor=4 does not divide kv_heads=2 (also sharded over tensor: "
+        "vocab=49152, heads=4, mlp=96) of the model")
