@@ -249,3 +249,20 @@ def test_a_mesh_that_cannot_hold_the_model_is_one_line_naming_its_key(tmp_path, 
     config.mesh.update(dict(data=0, fsdp=1, tensor=1))
     with pytest.raises(ConfigError, match=r"^config\.mesh\.data=0: must be a device count >= 1, or -1"):
         generate.run(config, str(tmp_path / "d"))
+
+
+def test_a_workdir_from_before_the_mesh_section_resumes_on_any_mesh(tmp_path, grouped):
+    """``mesh`` is no part of a run's identity: a workdir whose config.json predates the section
+    is resumed (its answers kept), and so is one run on another mesh."""
+    config = generate_config("quick")
+    config.model, config.max_new_tokens, config.batch_size = str(grouped), 4, 2
+    config.prompts = ("Tell me a joke", "What is 2+2?", "Name a colour")
+    workdir = tmp_path / "run"
+    generate.run(config, str(workdir))
+    recorded = json.loads((workdir / "config.json").read_text())
+    del recorded["mesh"]  # as written before the section existed
+    (workdir / "config.json").write_text(json.dumps(recorded))
+    before = read_rows(workdir / "generations.jsonl")
+    config.mesh.update(MESH)
+    generate.run(config, str(workdir))
+    assert read_rows(workdir / "generations.jsonl") == before
