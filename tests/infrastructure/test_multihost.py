@@ -101,15 +101,19 @@ def test_only_process_0_writes_and_reports(finetuned):
 @pytest.mark.slow
 def test_two_processes_evaluate_every_row_once(finetuned, tmp_path):
     one, _, _ = finetuned
-    flags = ["--config=configs/evaluate.py:quick", f"--config.model={one / 'export'}", "--config.tasks=asr,mmlu",
-             "--config.batch_size=4"]
+    # Every task of the quick preset, a copy of the model on each device of a host (8 devices in
+    # one process, 4 in each of two): a batch of 4 is filled up to 8 rows in one, not in the other.
+    flags = ["--config=configs/evaluate.py:quick", f"--config.model={one / 'export'}", "--config.batch_size=4",
+             "--config.mesh.data=-1"]
     one_process("evaluate", f"--workdir={tmp_path / 'one'}", *flags)
     # 8 harmful prompts at 4 per host and batch: one round of both hosts per ASR setting.
     two_processes("evaluate", f"--workdir={tmp_path / 'two'}", *flags)
-    for name in ("asr_no_system", "asr_system", "mmlu"):
-        rows = [read_jsonl(tmp_path / w / "rows" / f"{name}.jsonl") for w in ("one", "two")]
+    names = sorted(p.name for p in (tmp_path / "one" / "rows").iterdir())
+    assert len(names) == 9, names  # asr x 2, prefill, sweep, overrefusal, mmlu, sst2, gsm8k, perplexity
+    for name in names:
+        rows = [read_jsonl(tmp_path / w / "rows" / name) for w in ("one", "two")]
         assert rows[0] == rows[1], name
-        assert len({r["prompt"] for r in rows[1]}) == len(rows[1]) >= 8
+        assert len({r["prompt"] for r in rows[1]}) == len(rows[1]) >= 8, name
     metrics = [json.loads((tmp_path / w / "metrics.json").read_text()) for w in ("one", "two")]
     strip = lambda m: {k: {kk: vv for kk, vv in v.items() if kk != "seconds"} for k, v in m.items()}  # noqa: E731
     assert strip(metrics[0]) == strip(metrics[1])
