@@ -71,6 +71,13 @@ def load_on_mesh(config: ConfigDict, mesh: jax.sharding.Mesh, source: str | None
 
 
 @contextlib.contextmanager
+def model_on_mesh(config: ConfigDict) -> Iterator[tuple[Any, Any]]:
+    """``(model, tokenizer)`` of ``config.model`` on ``config.mesh``, the block run on that mesh."""
+    with on_mesh(config) as mesh:
+        yield load_on_mesh(config, mesh)
+
+
+@contextlib.contextmanager
 def on_mesh(config: ConfigDict) -> Iterator[jax.sharding.Mesh]:
     """Runs the block on ``config.mesh`` (``jax.set_mesh`` and the logical rules): every
     stage of the library below lays its batches and caches out on it."""

@@ -26,7 +26,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from experiments._mesh import check_mesh, load_on_mesh, on_mesh
+from experiments._mesh import check_mesh, model_on_mesh
 from ssah_jax import hosts, runs, signals
 from ssah_jax.data import check_kit_dataset, parse_mixture
 from ssah_jax.evaluation import tasks
@@ -107,8 +107,7 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
     check_mesh(config)
     out = runs.prepare_workdir(workdir, config, EXCLUDED, added=ADDED, sections=ADDED_SECTIONS, overwrite=overwrite)
-    with on_mesh(config) as mesh:
-        model, tokenizer = load_on_mesh(config, mesh)
+    with model_on_mesh(config) as (model, tokenizer):
         return _run(config, out, model, tokenizer)
 
 

@@ -22,7 +22,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from experiments import evaluate
-from experiments._mesh import check_mesh, load_on_mesh, on_mesh
+from experiments._mesh import check_mesh, model_on_mesh
 from ssah_jax import hosts, runs
 from ssah_jax.attribution import KINDS, SCORERS, TOKENS, calibration_scores, classify, score_cache
 from ssah_jax.attribution.kinds import NORMALISATIONS, RANKINGS
@@ -102,8 +102,7 @@ def plan_configs(config: ConfigDict) -> list[Any]:
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
     out = runs.prepare_workdir(workdir, config, EXCLUDED, added=ADDED, sections=ADDED_SECTIONS, overwrite=overwrite)
-    with on_mesh(config) as mesh:
-        model, tokenizer = load_on_mesh(config, mesh)
+    with model_on_mesh(config) as (model, tokenizer):
         return _prune(config, out, model, tokenizer)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from experiments import evaluate, finetune, generate, prune
-from experiments._mesh import check_mesh, load_on_mesh, on_mesh
+from experiments._mesh import check_mesh, load_on_mesh, model_on_mesh, on_mesh
 from experiments._report import save_figure
 from experiments._staged import ADDED as SUBRUN_ADDED
 from experiments._staged import (
@@ -346,8 +346,7 @@ def find_layer_block(config: ConfigDict, directory: Path) -> None:
     dense model's (removing an early layer breaks the model, and a broken model does not
     refuse either). Its size matches the unit count of ``selection`` unless ``layers.size``.
     ``config``: a layers_config."""
-    with on_mesh(config) as mesh:
-        model, tokenizer = load_on_mesh(config, mesh)
+    with model_on_mesh(config) as (model, tokenizer):
         _find_layer_block(config, directory, model, tokenizer)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from experiments import evaluate, finetune
-from experiments._mesh import check_mesh, load_on_mesh, on_mesh
+from experiments._mesh import check_mesh, model_on_mesh
 from experiments._staged import ADDED as SUBRUN_ADDED
 from experiments._staged import align_config as shared_align_config
 from experiments._staged import attack_config as shared_attack_config
@@ -220,8 +220,7 @@ def classifier_quality(config: ConfigDict, directory: Path) -> None:
     """p(malicious) of each held-out prompt set (``classifier.json``; the probabilities in
     ``scores.jsonl``): AUROC and accuracy at the threshold of harmful vs benign and of XSTest's
     unsafe vs safe prompts. ``config``: a classifier_config."""
-    with on_mesh(config) as mesh:
-        model, tokenizer = load_on_mesh(config, mesh)
+    with model_on_mesh(config) as (model, tokenizer):
         _classifier_quality(config, directory, model, tokenizer)
 
 

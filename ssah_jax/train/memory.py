@@ -242,6 +242,14 @@ def _one_device(device: Any) -> jax.sharding.Mesh:
     return make_mesh((1, 1, 1), devices=[device or jax.devices()[0]])
 
 
+def _batch(mesh: jax.sharding.Mesh, rows: int, length: int) -> tuple[jax.ShapeDtypeStruct, NamedSharding]:
+    """An abstract int32 ``[rows, length]`` batch (filled up to a multiple of the data-parallel
+    size) split over the batch axes, and the replicated sharding of the call's scalars."""
+    split = NamedSharding(mesh, logical_to_spec(("act_batch",), active_rules()))
+    batch = jax.ShapeDtypeStruct((padded_rows(rows), length), jnp.int32, sharding=split)
+    return batch, NamedSharding(mesh, PartitionSpec())
+
+
 def plan_generation(
     config: ModelConfig,
     mesh: jax.sharding.Mesh | None = None,
@@ -261,10 +269,8 @@ def plan_generation(
     mesh = mesh or _one_device(device)
     with jax.set_mesh(mesh), use_rules():
         graphdef, state = _on_mesh(config, mesh, dtype)
-        rows = NamedSharding(mesh, logical_to_spec(("act_batch",), active_rules()))
-        one = NamedSharding(mesh, PartitionSpec())
-        batch = padded_rows(batch_size)
-        ids = jax.ShapeDtypeStruct((batch, prompt_tokens), jnp.int32, sharding=rows)
+        ids, one = _batch(mesh, batch_size, prompt_tokens)
+        batch = ids.shape[0]
         scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=one)  # noqa: E731
         key = jax.eval_shape(lambda: jax.random.key(0))
         compiled = generate_tokens.lower(
@@ -299,10 +305,8 @@ def plan_attribution(
     mesh = mesh or _one_device(device)
     with jax.set_mesh(mesh), use_rules():
         graphdef, state = _on_mesh(config, mesh, dtype)
-        rows = NamedSharding(mesh, logical_to_spec(("act_batch",), active_rules()))
-        one = NamedSharding(mesh, PartitionSpec())
-        batch_rows = padded_rows(batch_size)
-        tokens = jax.ShapeDtypeStruct((batch_rows, length), jnp.int32, sharding=rows)
+        tokens, one = _batch(mesh, batch_size, length)
+        batch_rows = tokens.shape[0]
         batch = {k: tokens for k in ("input_ids", "attention_mask", "loss_mask")}
         if scorer == "snip":
             model = nnx.merge(graphdef, state)
