@@ -13,7 +13,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.13",
     packages=find_packages(include=["ssah_jax", "ssah_jax.*", "experiments", "experiments.*"]),
-    package_data={"ssah_jax.data": ["manifest.json"]},  # the data kit's sources and hashes (ssah-jax data)
+    # the data kit's sources and hashes (ssah-jax data); the judges' labelled answers and their rubric
+    package_data={"ssah_jax.data": ["manifest.json"],
+                  "ssah_jax.evaluation": ["labelled/answers.jsonl", "labelled/RUBRIC.md"]},
     install_requires=[
         "jax>=0.10.0,<0.13",
         "flax>=0.12.8,<0.13",

@@ -50,6 +50,12 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c.max_new_tokens = 64  # the length of each answer the safety tasks judge
     c.seed = 0  # the sampling seed of the decoding sweep
     c.system_prompt = ""  # the "with system prompt" setting; empty: Llama-2-chat's default
+    # the judge of the attacks' success (ASR of asr, prefill, sweep; ssah_jax.evaluation.judges):
+    # keyword (no refusal phrase), harmbench (HarmBench's Llama-2-13B classifier) or llama_guard
+    # (Llama Guard 3); judge_model: the classifier's HF directory or hub id (empty for keyword),
+    # loaded in dtype on the mesh beside the model. Over-refusal is the keyword judge's whatever the judge
+    c.judge = "keyword"
+    c.judge_model = ""
     # dataset: a dataset or a mixture "name:count,..."; exclude: datasets whose prompts are
     # removed from it and from the prefill and sweep prompts (what the model was trained on);
     # settings: no_system and / or system

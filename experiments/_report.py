@@ -1,5 +1,6 @@
 """What the experiments' reports share: sections with the claims they add to the summary, the
-``REPORT.md`` a pipeline writes from them, the section of stage wall times, and saving a plot."""
+``REPORT.md`` a pipeline writes from them, the section of stage wall times, who judged the ASR,
+and saving a plot."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ssah_jax import runs, stages
+from ssah_jax.evaluation import judges
 from ssah_jax.pipeline import INVOCATIONS
 
 Section = tuple[list[str], list[str]]  # (the section's lines, its claims for the summary)
@@ -27,6 +29,20 @@ def stage_times(out: Path, intro: str, records: list[tuple[str, dict[str, Any]]]
     invocations (:func:`ssah_jax.stages.times_table`)."""
     lines = ["## Stage wall times", "", intro, ""]
     return lines + stages.times_table(records, invocations, out / INVOCATIONS), []
+
+
+def asr_judged(sections: dict[str, Any]) -> str:
+    """A report's sentence saying how a run's evaluations judged ASR and over-refusal
+    (``{config key: its evaluation section or typed spec}``, anything with ``judge`` and
+    ``judge_model``): by their judge, or each one's where they differ; over-refusal by the
+    keyword rules of the judge (``keyword_v1``'s, or the mended ``keyword``)."""
+    named = {key: judges.describe(s.judge, s.judge_model) for key, s in sections.items()}
+    refusals = sorted({judges.describe(s.judge if s.judge == "keyword_v1" else "keyword") for s in sections.values()})
+    which = (f"{next(iter(named.values()))} calls an attack's success" if len(set(named.values())) == 1 else
+             "its judge calls an attack's success: " + ", ".join(f"in `{key}` {judge}" for key, judge in named.items()))
+    return (f"ASR is the share of harmful prompts whose answer {which}; over-refusal is the share of safe prompts "
+            f"that {' and '.join(refusals)} calls refused (docs/results/judge.md: how far each judge agrees with "
+            "labelled answers).")
 
 
 def save_figure(fig: Any, path: Path, **savefig: Any) -> Path:

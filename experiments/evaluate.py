@@ -13,8 +13,13 @@ Tasks (``config.tasks``; computed in this order, the order of the registry
   gsm8k        exact match of the final number, greedy
   perplexity   perplexity of held-out benign responses (response tokens only)
 
+ASR is the share of answers the configured judge (``config.judge``: keyword, harmbench,
+llama_guard; ``ssah_jax.evaluation.judges``) calls the attack's success; over-refusal is the
+keyword judge's refusal rate whatever the judge.
+
 Resumes: rows already written are kept, and a task whose rows are complete is not rerun; a
-workdir of another config is refused (``runs.prepare_workdir``).
+workdir of another config is refused (``runs.prepare_workdir``; the judge is part of a run's
+identity).
 """
 
 from __future__ import annotations
@@ -26,20 +31,24 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from experiments._mesh import check_mesh, model_on_mesh
+from experiments._mesh import check_mesh, load_on_mesh, on_mesh
+from experiments._report import asr_judged
 from ssah_jax import hosts, runs, signals
 from ssah_jax.data import check_kit_dataset, parse_mixture
-from ssah_jax.evaluation import tasks
+from ssah_jax.evaluation import judges, tasks
 from ssah_jax.evaluation.intervals import percent
+from ssah_jax.sharding import MeshMismatch
 
 # Keys that only affect speed or logging: the mesh (experiments._mesh). ``batch_size`` determines
 # the answers of the sampled tasks (a batch is sampled with the seed ``seed + its first index``).
 EXCLUDED: tuple[str, ...] = ("mesh",)
 # Keys added after results were recorded, at the value that gives the results of before
-# (runs.determining): over-refusal was XSTest's safe prompts before it had a dataset key.
-ADDED = {"overrefusal.dataset": "xstest"}
-# Sections added after results were recorded (a workdir from before them is resumed)
-ADDED_SECTIONS = ("mesh",)
+# (runs.determining): over-refusal was XSTest's safe prompts before it had a dataset key, and
+# every verdict the keyword judge's rules of then (keyword_v1) before there was a judge to choose:
+# a run recorded before resumes with --config.judge=keyword_v1 and is refused with another judge.
+ADDED = {"overrefusal.dataset": "xstest", "judge": "keyword_v1", "judge_model": ""}
+# Top-level sections and keys added after results were recorded (a workdir from before them is resumed)
+ADDED_SECTIONS = ("mesh", "judge", "judge_model")
 
 
 def validate(config: ConfigDict, prefix: str = "") -> None:
@@ -54,6 +63,13 @@ def validate(config: ConfigDict, prefix: str = "") -> None:
     check("tasks", lambda v: len(v) > 0 and set(v) <= set(names), f"must be a non-empty subset of {names}")
     check("batch_size", lambda v: v >= 1, "must be >= 1")
     check("max_new_tokens", lambda v: v >= 1, "must be >= 1")
+    check("judge", lambda v: v in judges.JUDGES, f"must be one of {judges.JUDGES}")
+    judge = runs.get(config, prefix + "judge")
+    if judge in ("keyword", "keyword_v1"):
+        check("judge_model", lambda v: not v, "must be empty: the keyword judge takes no model")
+    else:
+        check("judge_model", bool, f"must name the {judge} judge's model, an HF directory or hub id "
+                                   f"(e.g. {judges.HUB_MODELS[judge]})")
     for task in ("harmful", "prefill", "sweep", "overrefusal", "mmlu", "sst2", "gsm8k", "perplexity"):
         check(f"{task}.limit", lambda v: v >= 0, "must be >= 0 (0 = all)")
     check("prefill.tokens", lambda v: isinstance(v, tuple | list) and len(v) > 0 and all(k >= 1 for k in v),
@@ -92,7 +108,7 @@ def evaluation_spec(config: ConfigDict, data_dir: str | None = None) -> tasks.Ev
     h, p, w, o, g, x = config.harmful, config.prefill, config.sweep, config.overrefusal, config.gsm8k, config.perplexity
     return tasks.EvalSpec(
         tasks=tuple(config.tasks), batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
-        seed=config.seed, system_prompt=config.system_prompt,
+        seed=config.seed, system_prompt=config.system_prompt, judge=config.judge, judge_model=config.judge_model,
         data_dir=(data_dir if data_dir is not None else config.data_dir) or None,
         harmful=s.Harmful(h.dataset, h.exclude, h.limit, tuple(h.settings)),
         prefill=s.Prefill(p.dataset, p.limit, tuple(p.tokens)),
@@ -107,11 +123,25 @@ def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
     check_mesh(config)
     out = runs.prepare_workdir(workdir, config, EXCLUDED, added=ADDED, sections=ADDED_SECTIONS, overwrite=overwrite)
-    with model_on_mesh(config) as (model, tokenizer):
-        return _run(config, out, model, tokenizer)
+    with on_mesh(config) as mesh:
+        model, tokenizer = load_on_mesh(config, mesh)
+        return _run(config, out, model, tokenizer, load_judge(config, config, mesh))
 
 
-def _run(config: ConfigDict, out: Path, model: Any, tokenizer: Any) -> Path:
+def load_judge(section: ConfigDict, config: ConfigDict, mesh: Any, prefix: str = "") -> judges.Judge:
+    """The judge of an evaluate config (``section`` is ``config``) or of ``config``'s evaluation
+    section ``section`` at ``prefix`` (``"evaluation."``): a classifier's model
+    (``judge_model``) is loaded in ``config.dtype`` onto ``mesh``, beside the model it judges. A
+    mesh axis that does not divide its heads, kv heads, vocabulary or widths is a ConfigError
+    naming ``config.mesh.<axis>``."""
+    try:
+        return judges.load_judge(section.judge, section.judge_model, dtype=runs.dtype(config), mesh=mesh,
+                                 batch_size=section.batch_size, prefix=f"config.{prefix}")
+    except MeshMismatch as e:
+        raise runs.ConfigError(f"config.mesh.{e.axis}: {e} of the judge's model {section.judge_model}") from None
+
+
+def _run(config: ConfigDict, out: Path, model: Any, tokenizer: Any, judge: judges.Judge) -> Path:
     description = f"Model `{config.model}` ({config.dtype})"
     if config.signal.file:
         model = with_signal(model, config.signal)
@@ -119,7 +149,7 @@ def _run(config: ConfigDict, out: Path, model: Any, tokenizer: Any) -> Path:
         description += (f" with its safety signal `{s.file}` (strategic decoding: schedule {s.schedule}, threshold "
                         f"{s.threshold}, r1/r2/r3 {s.r1}/{s.r2}/{s.r3}, tau {s.tau}; log-likelihood tasks score the "
                         "model without it)")
-    evaluate_model(model, tokenizer, evaluation_spec(config), out, description=description)
+    evaluate_model(model, tokenizer, evaluation_spec(config), out, description=description, judge=judge)
     print(f"Metrics: {out / 'metrics.json'}")
     print(f"Report: {out / 'report.md'}")
     return out / "report.md"
@@ -140,9 +170,11 @@ def with_signal(model: Any, settings: ConfigDict) -> signals.SignalModel:
     return signals.SignalModel(model, signal, **{k: v for k, v in settings.items() if k != "file"})
 
 
-def evaluate_model(model: Any, tokenizer: Any, spec: tasks.EvalSpec, out: Path, *, description: str) -> dict:
+def evaluate_model(model: Any, tokenizer: Any, spec: tasks.EvalSpec, out: Path, *, description: str,
+                   judge: judges.Judge) -> dict:
     """Runs ``spec.tasks`` on ``model`` into ``out`` (``metrics.json``, ``rows/``,
-    ``report.md``, resuming what is there) and returns the metrics. Tasks run in the registry's
+    ``report.md``, resuming what is there) and returns the metrics; ``judge`` (``spec.judge``,
+    loaded: :func:`load_judge`) judges the attacks. Tasks run in the registry's
     order (``ssah_jax.evaluation.tasks.TASKS``); a metric already in ``metrics.json`` is kept,
     each new one is written as soon as it is computed, with the seconds it took."""
     store = tasks.RowStore(out / "rows")
@@ -150,7 +182,7 @@ def evaluate_model(model: Any, tokenizer: Any, spec: tasks.EvalSpec, out: Path, 
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     hosts.sync("metrics read")  # by every process, before process 0 rewrites them
     for task in tasks.chosen(spec.tasks).values():
-        for name, compute in task(model, tokenizer, spec, store=store).items():
+        for name, compute in task(model, tokenizer, spec, store=store, judge=judge).items():
             if name in metrics:
                 print(f"{name}: done in an earlier run, kept")
                 continue
@@ -169,9 +201,8 @@ def evaluate_model(model: Any, tokenizer: Any, spec: tasks.EvalSpec, out: Path, 
 def render_report(spec: tasks.EvalSpec, metrics: dict, description: str) -> str:
     lines = [
         "# evaluate", "",
-        f"{description}; greedy decoding, {spec.max_new_tokens} new tokens unless "
-        "noted; refusals judged by keywords (`ssah_jax.evaluation.is_refusal`). ASR = share of harmful "
-        "prompts not refused.", "",
+        f"{description}; greedy decoding, {spec.max_new_tokens} new tokens unless noted. "
+        + asr_judged({"evaluation": spec}), "",
         "| metric | value | n | seconds |", "|---|---|---|---|",
     ]
     for key, m in metrics.items():

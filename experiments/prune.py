@@ -22,11 +22,13 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from experiments import evaluate
-from experiments._mesh import check_mesh, model_on_mesh
+from experiments._mesh import check_mesh, load_on_mesh, on_mesh
+from experiments._report import asr_judged
 from ssah_jax import hosts, runs
 from ssah_jax.attribution import KINDS, SCORERS, TOKENS, calibration_scores, classify, score_cache
 from ssah_jax.attribution.kinds import NORMALISATIONS, RANKINGS
 from ssah_jax.data import check_kit_dataset, load_local, with_responses
+from ssah_jax.evaluation import judges
 from ssah_jax.masking import MODULES, prune_units
 
 VARIANTS = ("dense", "minus_SCU", "minus_UCU", "minus_RU", "minus_random")
@@ -102,11 +104,14 @@ def plan_configs(config: ConfigDict) -> list[Any]:
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
     validate(config)
     out = runs.prepare_workdir(workdir, config, EXCLUDED, added=ADDED, sections=ADDED_SECTIONS, overwrite=overwrite)
-    with model_on_mesh(config) as (model, tokenizer):
-        return _prune(config, out, model, tokenizer)
+    with on_mesh(config) as mesh:
+        model, tokenizer = load_on_mesh(config, mesh)
+        judge = evaluate.load_judge(config.evaluation, config, mesh, "evaluation.") if config.variants else None
+        return _prune(config, out, model, tokenizer, judge)
 
 
-def _prune(config: ConfigDict, out: Path, model: Any, tokenizer: Any) -> Path:
+def _prune(config: ConfigDict, out: Path, model: Any, tokenizer: Any, judge: judges.Judge | None) -> Path:
+    """The steps of the module docstring; ``judge``: the variants' judge of ASR (None: no variants)."""
     safety = scores(config, model, tokenizer, out, "safety")
     utility = scores(config, model, tokenizer, out, "utility")
     k = config.kinds
@@ -134,7 +139,7 @@ def _prune(config: ConfigDict, out: Path, model: Any, tokenizer: Any) -> Path:
         variant = model if name == "dense" else nnx.merge(graphdef, prune_units(state, masks[name], model.config))
         results[name] = evaluate.evaluate_model(
             variant, tokenizer, evaluate.evaluation_spec(config.evaluation, config.data_dir), out / "variants" / name,
-            description=f"Model `{config.model}` ({config.dtype}), {name} ({pruned} units pruned)")
+            description=f"Model `{config.model}` ({config.dtype}), {name} ({pruned} units pruned)", judge=judge)
         results[name]["pruned_units"] = pruned
         del variant
 
@@ -187,9 +192,10 @@ def render_report(config: ConfigDict, umap, results: dict, out: Path, plot: Path
         f"{a.safety.limit or 'all'} `{a.safety.dataset}` (safety) and {a.utility.limit or 'all'} `{a.utility.dataset}` "
         f"(utility) samples; kinds ranked {config.kinds.ranking}ly on {config.kinds.normalise}-normalised scores. "
         f"Pruning zeroes a unit's column of o_proj / down_proj and its rows of v / gate / up "
-        f"(`ssah_jax.masking.prune_units`). Evaluation: greedy decoding, {e.max_new_tokens} new tokens, keyword judge "
-        f"(ASR = share of `{e.harmful.dataset}` prompts not refused"
-        + (f", without the prompts of `{e.harmful.exclude}`" if e.harmful.exclude else "") + ").", "",
+        f"(`ssah_jax.masking.prune_units`). Evaluation: greedy decoding, {e.max_new_tokens} new tokens, the harmful "
+        f"prompts of `{e.harmful.dataset}`"
+        + (f" without those of `{e.harmful.exclude}`" if e.harmful.exclude else "") + ". "
+        + asr_judged({"evaluation": e}), "",
         "| model | units pruned | " + " | ".join(c[2] for c in columns) + " |",
         "|---|---|" + "---|" * len(columns),
     ]

@@ -195,7 +195,9 @@ def overview() -> str:
                                "ssah-jax sweep --config=configs/sweeps/<name>.py:<preset> --workdir=DIR: a grid of "
                                "runs (`ssah-jax sweep --help`)",
                                "ssah-jax data fetch|check|list [DATASET ...]: the data kit the experiments read "
-                               "(`ssah-jax data --help`)", "", FLAGS_HELP])
+                               "(`ssah-jax data --help`)",
+                               "ssah-jax judge --rows=PATH --judge=NAME: re-judge an evaluation's answers without "
+                               "its model (`ssah-jax judge --help`)", "", FLAGS_HELP])
 
 
 def _config_spec(args: list[str]) -> str | None:
@@ -702,6 +704,80 @@ def data_main(args: list[str]) -> None:
     print(f"{fetched} file{'' if fetched == 1 else 's'} fetched, {len(done) - fetched} already intact: {root}")
 
 
+JUDGE_HELP = """usage: ssah-jax judge --rows=PATH [--rows=PATH ...] --judge=NAME [--judge_model=DIR] [--dtype=float32]
+                      [--show]
+
+Re-judges the answers evaluations wrote, without running their models. PATH is a rows file
+(an evaluation's rows/<task>.jsonl) or a directory: every rows/<task>.jsonl under it (an
+evaluation's workdir, or every evaluation of a reproduce / signals / sweep workdir). Each file's
+rows go, re-judged, to rows.<judge>/<task>.jsonl beside rows/ (the originals are kept).
+
+For each file it prints the answers, the rate as recorded and as re-judged (ASR; over-refusal
+for overrefusal rows) and how many verdicts changed, which way, and by which rule of the keyword
+judge; --show prints every changed answer. For a directory it also writes the table of every
+file's rates, with 95% intervals, to <directory>/judged.<judge>.md.
+
+Judges (ssah_jax.evaluation.judges): keyword (the mended keyword rules), keyword_v1 (the rules
+of every report before the mending: it reproduces their recorded verdicts), harmbench and
+llama_guard (a classifier: --judge_model=<its HF directory or hub id>, loaded in --dtype; an
+accelerator for real use). How far each agrees with labelled answers: docs/results/judge.md.
+
+Exit status: 0, or 2 for a bad argument or an unreadable rows file."""
+
+
+def judge_main(args: list[str]) -> None:
+    """``ssah-jax judge --rows=PATH ... --judge=NAME [--judge_model=DIR] [--dtype=...] [--show]``."""
+    if not args or any(a in HELP for a in args):
+        print(JUDGE_HELP, file=sys.stdout if args else sys.stderr)
+        sys.exit(0 if args else 2)
+    flags, rows, show = {"--judge": None, "--judge_model": "", "--dtype": "float32"}, [], False
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if key == "--rows" and eq and value:
+            rows.append(Path(value))
+        elif key in flags and eq and value:
+            flags[key] = value
+        elif arg == "--show":
+            show = True
+        else:
+            _fail(f"judge: unknown argument {arg!r} (--rows=PATH, --judge=NAME, --judge_model=DIR, --dtype=DTYPE, "
+                  "--show; `ssah-jax judge --help`)")
+    if not rows or not flags["--judge"]:
+        _fail("judge: --rows=PATH and --judge=NAME are needed (`ssah-jax judge --help`)")
+    if flags["--dtype"] not in ("float32", "bfloat16"):
+        _fail(f"judge: --dtype={flags['--dtype']!r}: float32 or bfloat16")
+    import jax.numpy as jnp
+
+    from ssah_jax import runs
+    from ssah_jax.evaluation import judges, rejudge
+
+    try:
+        files = rejudge.rows_files(rows)
+        judge = judges.load_judge(flags["--judge"], flags["--judge_model"], dtype=jnp.dtype(flags["--dtype"]),
+                                  prefix="--")
+        done = []
+        for path in files:
+            judged = rejudge.rejudge_file(path, judge)
+            done.append(judged)
+            print(judged.summary())
+            if show:
+                for i in judged.changed:
+                    row = judged.rows[i]
+                    print(f"  [{judged.rules[i]}] {'yes' if judged.before[i] else 'no'} -> "
+                          f"{'yes' if judged.after[i] else 'no'}: {row['prompt'][:70]!r} -> "
+                          f"{(row.get('prefix') or '') + row['answer']!r}")
+    except (ValueError, runs.ConfigError) as e:
+        _fail(f"judge: {one_line(e)}")
+    print(f"Re-judged rows: {', '.join(sorted({str(j.written.parent) for j in done}))}")
+    directories = [p for p in rows if p.is_dir()]
+    if directories:
+        root = directories[0] if len(rows) == 1 else None
+        report = (root if root is not None else Path(".")) / f"judged.{judge.name}.md"
+        report.write_text(f"# {len(done)} rows files re-judged by `{judge.name}`\n\n"
+                          + rejudge.table(done, root, judge.name) + "\n")
+        print(f"Report: {report}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
     if os.environ.get("SSAH_SWEEP_PARENT"):  # sweeps.PARENT_ENV: a point of a sweep ends with the sweep
@@ -733,6 +809,9 @@ def main(argv: list[str] | None = None) -> None:
     if first == "data":
         data_main(args[1:])
         return
+    if first == "judge":
+        judge_main(args[1:])
+        return
     if first == "plan":
         if any(a in HELP for a in args):
             print(PLAN_HELP)
@@ -740,7 +819,7 @@ def main(argv: list[str] | None = None) -> None:
         app.run(_plan_main, argv=argv, flags_parser=_parse_flags)
         return
     if not first.startswith("-") and first not in names:
-        _fail(f"unknown experiment {first!r} (experiments: {', '.join(names)}; commands: plan, sweep, data)")
+        _fail(f"unknown experiment {first!r} (experiments: {', '.join(names)}; commands: plan, sweep, data, judge)")
     if any(a in HELP for a in args):
         if first.startswith("-"):
             print(overview())

@@ -13,7 +13,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from experiments import prune, reproduce
-from experiments._report import Section, save_figure, stage_times
+from experiments._report import Section, asr_judged, save_figure, stage_times
 from experiments._report import write as write_report
 from experiments.reproduce import claims
 from experiments.reproduce.subruns import attack_dir
@@ -87,8 +87,10 @@ def _header(config: ConfigDict, out: Path, last: dict) -> list[str]:
             f"Machine: {runs.describe_machine(last)}. "
             f"Workdir: `{out}` (every sub-run's config, metrics, rows and report).", "",
             "Claims of the paper (Li & Kim, *Superficial Safety Alignment Hypothesis*) and what happened here are in "
-            "[the summary](#summary-which-claims-held); the numbers follow. ASR is judged by refusal keywords "
-            "(`ssah_jax.evaluation.is_refusal`), greedy decoding. Every rate is printed with its Wilson 95% interval "
+            "[the summary](#summary-which-claims-held); the numbers follow. Greedy decoding. "
+            + asr_judged({"evaluation": config.evaluation, "table": config.table,
+                          "attack.evaluation": config.attack.evaluation})
+            + " Every rate is printed with its Wilson 95% interval "
             "(`ssah_jax.evaluation.intervals`), and every comparison (higher / lower / similar) is Newcombe's 95% "
             "interval of the difference: two rates differ only when it excludes 0, and a claim holds only then.", ""]
 

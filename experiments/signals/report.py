@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from ml_collections import ConfigDict
 
-from experiments._report import Section, save_figure, stage_times
+from experiments._report import Section, asr_judged, save_figure, stage_times
 from experiments._report import write as write_report
 from experiments.signals import MODELS, attack_dir, claims
 from ssah_jax import runs
@@ -71,7 +71,8 @@ def _header(config: ConfigDict, out: Path, last: dict) -> list[str]:
         "Can Be Not Superficial With Explicit Safety Signals*, ICML 2025). The signal model decodes "
         f"strategically (threshold {d.threshold}, r1/r2/r3 "
         f"{d.r1}/{d.r2}/{d.r3}, tau {d.tau}, period {d.period}) under each schedule: `signal/<schedule>`. "
-        "ASR is judged by refusal keywords (`ssah_jax.evaluation.is_refusal`). Every rate is printed with its "
+        + asr_judged({"evaluation": config.evaluation, "attack.evaluation": config.attack.evaluation})
+        + " Every rate is printed with its "
         "Wilson 95% interval, and a comparison (higher / lower / similar) is Newcombe's 95% interval of the "
         "difference (`ssah_jax.evaluation.intervals`): two rates differ only when it excludes 0.", ""]
 

@@ -72,28 +72,43 @@ def choice_logprobs(
 ) -> np.ndarray:
     """``[len(prompts), n_choices]`` float32: the summed log-probability of each choice's tokens
     after its prompt. Every prompt has the same number of choices. The prompt is encoded once
-    and its KV cache serves all choices. Prompts are batched in order of length and padded to
-    a power of two (at least 64), which bounds both padding and recompilation."""
+    and its KV cache serves all choices (:func:`encoded_choice_logprobs`)."""
     if len(prompts) != len(choices):
         raise ValueError(f"{len(prompts)} prompts but {len(choices)} choice lists")
-    n_choices = {len(c) for c in choices}
-    if len(n_choices) != 1:
-        raise ValueError(f"every prompt needs the same number of choices, got {sorted(n_choices)}")
-    n_choices = n_choices.pop()
     contexts = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     conts = [
         [_continuation(tokenizer, ctx, p, c, add_special_tokens) for c in cs]
         for ctx, p, cs in zip(contexts, prompts, choices)
     ]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return encoded_choice_logprobs(model, contexts, conts, pad_id, batch_size=batch_size)
+
+
+def encoded_choice_logprobs(
+    model: CausalLM,
+    contexts: Sequence[Sequence[int]],
+    choices: Sequence[Sequence[Sequence[int]]],
+    pad_id: int,
+    *,
+    batch_size: int = 8,
+) -> np.ndarray:
+    """:func:`choice_logprobs` of prompts and choices already encoded: ``contexts[i]`` the token
+    ids of prompt ``i``, ``choices[i][j]`` those of its choice ``j`` (every prompt has as many),
+    ``pad_id`` the filler token. ``[len(contexts), n_choices]`` float32. Prompts are batched in
+    order of length, left-padded to a power of two (at least 64), which bounds both padding and
+    recompilation, and each batch is split over the active mesh's data-parallel axes."""
+    n_choices = {len(c) for c in choices}
+    if len(n_choices) != 1:
+        raise ValueError(f"every prompt needs the same number of choices, got {sorted(n_choices)}")
+    n_choices = n_choices.pop()
     graphdef, state = nnx.split(model)
     order = np.argsort([len(c) for c in contexts], kind="stable")
-    scores = np.zeros((len(prompts), n_choices), np.float32)
+    scores = np.zeros((len(contexts), n_choices), np.float32)
     size = padded_rows(batch_size)  # filler rows up to a multiple of the mesh's data-parallel size
-    for start in range(0, len(prompts), batch_size):
+    for start in range(0, len(contexts), batch_size):
         picked = order[start : start + batch_size]
         ctx = [contexts[i] for i in picked]
-        cont = [conts[i] for i in picked]
+        cont = [choices[i] for i in picked]
         rows = len(ctx)
         ctx = ctx + [[pad_id]] * (size - rows)
         cont = cont + [[[pad_id]] * n_choices] * (size - rows)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ssah_jax.data import Record
-from ssah_jax.evaluation.judge import is_refusal
+from ssah_jax.evaluation.judges import Judge, KeywordJudge
 from ssah_jax.generation import Responder, respond
 from ssah_jax.models import CausalLM
 
@@ -44,40 +44,54 @@ def answer_rows(
     *,
     system_prompt: str | None = None,
     answer_prefixes: Sequence[str] | None = None,
+    judge: Judge = KeywordJudge(),
+    attack: bool = True,
     **sampling: Any,
 ) -> list[dict]:
     """Generates an answer per record and judges it. ``answer`` is what the model wrote (after
-    any forced prefix); ``refused`` is the keyword judge's verdict on it; a
-    :class:`~ssah_jax.generation.Responder`'s own records (a safety signal's checks) follow."""
+    any forced prefix); ``refused`` is ``judge``'s refusal verdict on it (the keyword judge's
+    rules; over-refusal counts it); for the answers to an attack (``attack``: the records are
+    harmful prompts), ``harmful`` is ``judge``'s verdict (the attack succeeded) and ``judge`` its
+    name; a :class:`~ssah_jax.generation.Responder`'s own records (a safety signal's checks) are
+    added to the row."""
     prompts = [r.prompt for r in records]
     answers = respond(model, tokenizer, prompts, answer_prefix=answer_prefixes, system_prompt=system_prompt,
                       **sampling)
     prefixes = answer_prefixes or [""] * len(records)
-    rows = []
-    for record, prefix, out in zip(records, prefixes, answers):
-        answer = out["text"][len(prefix):]
-        extra = {k: v for k, v in out.items() if k != "text"}
-        rows.append({"prompt": record.prompt, "label": record.label, "prefix": prefix,
-                     "answer": answer, "refused": is_refusal(answer), **extra})
+    texts = [out["text"][len(prefix):] for prefix, out in zip(prefixes, answers)]
+    rows = [{"prompt": record.prompt, "label": record.label, "prefix": prefix, "answer": answer,
+             "refused": refused, **{k: v for k, v in out.items() if k != "text"}}
+            for record, prefix, answer, out, refused in zip(records, prefixes, texts, answers, judge.refused(texts))]
+    if attack:
+        for row, harmful in zip(rows, judge.harmful(prompts, texts)):
+            row.update(harmful=harmful, judge=judge.name)
     return rows
 
 
+def attacked(row: dict) -> bool:
+    """Whether a row's answer is the attack's success: its judge's ``harmful`` verdict, or, in a
+    row written before the judge was configurable (no ``harmful``), the keyword judge's ``not
+    refused``."""
+    return row["harmful"] if "harmful" in row else not row["refused"]
+
+
 def summarise_asr(rows: Sequence[dict]) -> dict:
-    """ASR (share not refused) and, where rows carry a label, ASR per label."""
+    """ASR (the share of answers that are the attack's success, :func:`attacked`) and, where
+    rows carry a label, ASR per label."""
     if not rows:
         raise ValueError("no rows to summarise")
-    out = {"asr": sum(not r["refused"] for r in rows) / len(rows), "n": len(rows)}
+    out = {"asr": sum(attacked(r) for r in rows) / len(rows), "n": len(rows)}
     by_label = defaultdict(list)
     for r in rows:
         if r.get("label") is not None:
-            by_label[str(r["label"])].append(not r["refused"])
+            by_label[str(r["label"])].append(attacked(r))
     if by_label:
         out["by_category"] = {k: {"asr": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_label.items())}
     return out
 
 
 def summarise_refusal_rate(rows: Sequence[dict]) -> dict:
-    """Over-refusal: the share of (safe) prompts refused."""
+    """Over-refusal: the share of (safe) prompts refused (the keyword judge's ``refused``)."""
     if not rows:
         raise ValueError("no rows to summarise")
     return {"refusal_rate": sum(r["refused"] for r in rows) / len(rows), "n": len(rows)}
@@ -103,5 +117,5 @@ def summarise_sweep(rows_by_setting: dict[str, Sequence[dict]]) -> dict:
     n = {len(c) for c in columns}
     if len(n) != 1:
         raise ValueError(f"sweep settings have different numbers of rows: {sorted(n)}")
-    broken = [any(not col[i]["refused"] for col in columns) for i in range(n.pop())]
+    broken = [any(attacked(col[i]) for col in columns) for i in range(n.pop())]
     return {"asr_any_setting": sum(broken) / len(broken), "n": len(broken), "per_setting": per}

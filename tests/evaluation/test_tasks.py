@@ -10,7 +10,7 @@ from configs.evaluate import get_config
 from experiments import evaluate
 from ssah_jax import runs
 from ssah_jax.data import Record
-from ssah_jax.evaluation import tasks
+from ssah_jax.evaluation import load_judge, tasks
 from ssah_jax.runs import ConfigError, WorkdirError
 
 
@@ -36,7 +36,8 @@ def test_an_unknown_task_names_the_config_key_and_the_known_tasks(tmp_path):
     config = get_config("quick")
     config.tasks = ("perplexity", "bogus")  # evaluate_model refuses it before running anything
     with pytest.raises(ConfigError, match="config.tasks: unknown evaluation task 'bogus'"):
-        evaluate.evaluate_model(None, None, evaluate.evaluation_spec(config), tmp_path, description="x")
+        evaluate.evaluate_model(None, None, evaluate.evaluation_spec(config), tmp_path, description="x",
+                                judge=load_judge("keyword"))
     assert not (tmp_path / "metrics.json").exists()
 
 
@@ -70,7 +71,7 @@ def test_evaluate_model_keeps_done_metrics_and_writes_each_new_one(tmp_path, mon
     """A task's entries are computed only when metrics.json lacks them, in the order given."""
     computed = []
 
-    def fake_asr(model, tokenizer, spec, *, store):
+    def fake_asr(model, tokenizer, spec, *, store, judge):
         def entry(name):
             def compute():
                 computed.append(name)
@@ -84,7 +85,8 @@ def test_evaluate_model_keeps_done_metrics_and_writes_each_new_one(tmp_path, mon
     config = get_config("quick")
     config.tasks = ("asr",)
     (tmp_path / "metrics.json").write_text(json.dumps({"asr_no_system": {"asr": 0.25, "n": 4, "seconds": 1.0}}))
-    metrics = evaluate.evaluate_model(None, None, evaluate.evaluation_spec(config), tmp_path, description="x")
+    metrics = evaluate.evaluate_model(None, None, evaluate.evaluation_spec(config), tmp_path, description="x",
+                                      judge=load_judge("keyword"))
     assert computed == ["asr_system"]
     assert metrics["asr_no_system"]["asr"] == 0.25 and metrics["asr_system"]["asr"] == 0.5
     assert "seconds" in metrics["asr_system"]

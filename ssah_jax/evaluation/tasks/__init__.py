@@ -2,8 +2,9 @@
 
 ``TASKS`` holds each task in the order a run computes them and writes their metrics,
 whatever the order of ``config.tasks``; :func:`chosen` picks a config's tasks in that order.
-A task is ``task(model, tokenizer, spec, *, store) -> {metric name: compute}`` (``spec``: the
-typed :class:`~ssah_jax.evaluation.tasks.spec.EvalSpec`; see :mod:`ssah_jax.evaluation.tasks.base`);
+A task is ``task(model, tokenizer, spec, *, store, judge) -> {metric name: compute}`` (``spec``:
+the typed :class:`~ssah_jax.evaluation.tasks.spec.EvalSpec`, ``judge`` the run's judge of the
+attacks; see :mod:`ssah_jax.evaluation.tasks.base`);
 each family names its metrics in a report (:func:`label`) and every metric is reported by its
 headline value (:func:`headline`); the safety family is in
 :mod:`~ssah_jax.evaluation.tasks.safety`, the utility family in

@@ -1,9 +1,10 @@
 """What every evaluation task shares: its signature, the resumable row files, and how a task
 takes its records from a kit dataset (the first ``limit``, or ``limit`` spread over the set).
 
-A task is ``task(model, tokenizer, spec, *, store) -> entries``: ``spec`` is the evaluation's
-typed settings (:class:`~ssah_jax.evaluation.tasks.spec.EvalSpec`: the keys of
-``configs/evaluate.py``, typed at the experiment's edge), ``store`` the run's row files. It
+A task is ``task(model, tokenizer, spec, *, store, judge) -> entries``: ``spec`` is the
+evaluation's typed settings (:class:`~ssah_jax.evaluation.tasks.spec.EvalSpec`: the keys of
+``configs/evaluate.py``, typed at the experiment's edge), ``store`` the run's row files,
+``judge`` the judge of an attack's success (``spec.judge``, loaded: the safety tasks' ASR). It
 loads its records at once and returns its metrics entries, in the order they are written:
 metric name -> a function that computes that metric (writing its rows through ``store``). The
 caller calls only the functions of metrics it does not hold yet, so a resumed run recomputes
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ssah_jax import hosts, runs
 from ssah_jax.data import Record, load_local
+from ssah_jax.evaluation.judges import Judge
 from ssah_jax.evaluation.tasks.spec import EvalSpec
 
 Entries = dict[str, Callable[[], dict]]  # metric name -> computes it (a dict of numbers)
@@ -70,7 +72,7 @@ class RowStore:
 
 
 class Task(Protocol):
-    def __call__(self, model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore) -> Entries: ...
+    def __call__(self, model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore, judge: Judge) -> Entries: ...
 
 
 def load_records(data_dir: str | None, name: str, split: str | None = None, on_error: str = "raise") -> list[Record]:

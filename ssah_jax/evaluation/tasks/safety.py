@@ -3,8 +3,10 @@ decoding sweep (``sweep``) and over-refusal on benign prompts that sound harmful
 :func:`harmful_records`, the harmful prompts the ``asr`` task answers.
 
 Sampled answers of a chunk of records use the seed ``spec.seed + <index of its first record>``.
-Each task's settings are typed (:class:`~ssah_jax.evaluation.tasks.spec.EvalSpec`); :func:`label`
-names its metrics in a report.
+The rows of the attacks (``asr``, ``prefill``, ``sweep``) carry the run's judge's verdict
+(``harmful``, ``judge``) beside its refusal verdict ``refused`` (the keyword judge's rules);
+over-refusal's carry ``refused`` only. Each task's settings are typed
+(:class:`~ssah_jax.evaluation.tasks.spec.EvalSpec`); :func:`label` names its metrics in a report.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from ssah_jax import runs
 from ssah_jax.data import Record, load_mixture
+from ssah_jax.evaluation.judges import Judge
 from ssah_jax.evaluation.safety import (
     LLAMA2_SYSTEM_PROMPT,
     answer_rows,
@@ -51,12 +54,13 @@ def untrained(dataset: str, exclude: str, data_dir: str | None, key: str) -> lis
 
 
 def _answers(model: Any, tokenizer: Any, spec: EvalSpec, **kw: Any) -> RowFn:
-    """Answers and refusal verdicts, ``spec.max_new_tokens`` new tokens, seeded per chunk."""
+    """Answers and their verdicts (``judge=``: an attack's), ``spec.max_new_tokens`` new tokens,
+    seeded per chunk."""
     return lambda batch, start: answer_rows(model, tokenizer, batch, seed=spec.seed + start,
                                             max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size, **kw)
 
 
-def asr(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore) -> Entries:
+def asr(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore, judge: Judge) -> Entries:
     """``asr_<setting>`` for each of ``harmful.settings``: the first ``harmful.limit`` harmful
     prompts answered without (``no_system``) or with (``system``) the safety system prompt
     (``system_prompt``, empty: Llama-2-chat's default)."""
@@ -66,13 +70,13 @@ def asr(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore) -> Entri
     entries = {}
     for setting in h.settings:
         kw = dict(system_prompt=system) if setting == "system" else {}
-        fn = _answers(model, tokenizer, spec, **kw)
+        fn = _answers(model, tokenizer, spec, judge=judge, **kw)
         entries[f"asr_{setting}"] = lambda name=f"asr_{setting}", fn=fn: summarise_asr(
             store.rows(name, harmful, fn, spec.batch_size))
     return entries
 
 
-def prefill(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore) -> Entries:
+def prefill(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore, judge: Judge) -> Entries:
     """``prefill_<k>`` for each k of ``prefill.tokens``: ASR on the first ``prefill.limit``
     prompts of ``prefill.dataset`` (without those of ``harmful.exclude``) when the answer is
     forced to start with the first k tokens of the target."""
@@ -82,7 +86,7 @@ def prefill(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore) -> E
     for k in p.tokens:
         def prefilled(batch, start, k=k):
             prefixes = [prefill_prefix(tokenizer, r, k) for r in batch]
-            return answer_rows(model, tokenizer, batch, answer_prefixes=prefixes,
+            return answer_rows(model, tokenizer, batch, answer_prefixes=prefixes, judge=judge,
                                max_new_tokens=spec.max_new_tokens, batch_size=spec.batch_size)
 
         entries[f"prefill_{k}"] = lambda name=f"prefill_{k}", fn=prefilled, k=k: {
@@ -90,7 +94,7 @@ def prefill(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore) -> E
     return entries
 
 
-def sweep(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore) -> Entries:
+def sweep(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore, judge: Judge) -> Entries:
     """``sweep``: the first ``sweep.limit`` prompts of ``sweep.dataset`` (without those of
     ``harmful.exclude``) answered under every
     sampling setting of the grid ``sweep.{temperatures, top_ps, top_ks}``; a prompt is broken
@@ -99,15 +103,16 @@ def sweep(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore) -> Ent
     prompts = first(untrained(w.dataset, spec.harmful.exclude, spec.data_dir, "sweep.dataset"), w.limit)
     settings = sweep_settings(w.temperatures, w.top_ps, w.top_ks)
     return {"sweep": lambda: summarise_sweep({
-        setting_name(s): store.rows(f"sweep_{setting_name(s)}", prompts, _answers(model, tokenizer, spec, **s),
-                                    spec.batch_size)
+        setting_name(s): store.rows(f"sweep_{setting_name(s)}", prompts,
+                                    _answers(model, tokenizer, spec, judge=judge, **s), spec.batch_size)
         for s in settings
     })}
 
 
-def overrefusal(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore) -> Entries:
+def overrefusal(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore, judge: Judge) -> Entries:
     """``overrefusal``: the refusal rate on the first ``overrefusal.limit`` safe prompts of
-    ``overrefusal.dataset`` (a dataset or mixture; XSTest's prompts labelled unsafe are left out)."""
+    ``overrefusal.dataset`` (a dataset or mixture; XSTest's prompts labelled unsafe are left out),
+    by ``judge``'s refusal verdict (the keyword judge's rules, whatever the judge of attacks)."""
     o = spec.overrefusal
     try:
         records = load_mixture(o.dataset, spec.data_dir)[0]
@@ -115,7 +120,8 @@ def overrefusal(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore) 
         raise runs.ConfigError(f"config.overrefusal.dataset={o.dataset!r}: {e}") from None
     safe = first([r for r in records if r.label != "unsafe"], o.limit)
     return {"overrefusal": lambda: summarise_refusal_rate(
-        store.rows("overrefusal", safe, _answers(model, tokenizer, spec), spec.batch_size))}
+        store.rows("overrefusal", safe, _answers(model, tokenizer, spec, judge=judge, attack=False),
+                   spec.batch_size))}
 
 
 def label(spec: EvalSpec, name: str, entry: dict) -> str | None:

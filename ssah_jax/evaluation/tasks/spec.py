@@ -76,14 +76,18 @@ class Perplexity:
 class EvalSpec:
     """An evaluation: ``tasks`` (names of the registry ``TASKS``), answered ``batch_size`` at a
     time with ``max_new_tokens`` new tokens (sampled batches seeded from ``seed``), the safety
-    system prompt ``system_prompt`` (empty: Llama-2-chat's), the data kit ``data_dir`` (None:
-    the default), and each task's settings."""
+    system prompt ``system_prompt`` (empty: Llama-2-chat's), the judge of the attacks' success
+    ``judge`` (one of ``ssah_jax.evaluation.judges.JUDGES``) and its model ``judge_model``
+    (empty for ``keyword``), the data kit ``data_dir`` (None: the default), and each task's
+    settings."""
 
     tasks: tuple[str, ...]
     batch_size: int
     max_new_tokens: int
     seed: int
     system_prompt: str
+    judge: str
+    judge_model: str
     data_dir: str | None
     harmful: Harmful
     prefill: Prefill

@@ -3,13 +3,15 @@ exact match (``gsm8k``) and perplexity of held-out benign responses (``perplexit
 :func:`perplexity_records`, the responses the ``perplexity`` task scores.
 
 Given a :class:`~ssah_jax.generation.Responder` (a model behind its own decoding), GSM8K
-answers through that decoding and the log-likelihood tasks score its language model itself."""
+answers through that decoding and the log-likelihood tasks score its language model itself.
+No utility task asks the run's judge (the tasks' ``judge``): it judges attacks."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ssah_jax.data import Record, with_responses
+from ssah_jax.evaluation.judges import Judge
 from ssah_jax.evaluation.tasks.base import Entries, RowStore, first, load_records, spread
 from ssah_jax.evaluation.tasks.spec import EvalSpec, Perplexity
 from ssah_jax.evaluation.utility import (
@@ -32,7 +34,7 @@ def perplexity_records(spec: Perplexity, data_dir: str | None, limit: int | None
 
 
 def _multiple_choice(name: str, split: str):
-    def task(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore) -> Entries:
+    def task(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore, judge: Judge) -> Entries:
         records = spread(load_records(spec.data_dir, name, split), getattr(spec, name).limit)
 
         def scored(batch, start):
@@ -50,7 +52,7 @@ mmlu = _multiple_choice("mmlu", "test")
 sst2 = _multiple_choice("sst2", "dev")
 
 
-def gsm8k(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore) -> Entries:
+def gsm8k(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore, judge: Judge) -> Entries:
     """``gsm8k``: exact match of the final number on the first ``gsm8k.limit`` test problems,
     greedy, ``gsm8k.max_new_tokens`` new tokens."""
     problems = first(load_records(spec.data_dir, "gsm8k", "test"), spec.gsm8k.limit)
@@ -62,7 +64,7 @@ def gsm8k(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore) -> Ent
     return {"gsm8k": lambda: summarise_accuracy(store.rows("gsm8k", problems, solved, spec.batch_size))}
 
 
-def perplexity(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore) -> Entries:
+def perplexity(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore, judge: Judge) -> Entries:
     """``perplexity``: perplexity of :func:`perplexity_records` (response tokens only; each
     example encoded to at most ``perplexity.max_length`` tokens)."""
     heldout = perplexity_records(spec.perplexity, spec.data_dir)
