@@ -120,6 +120,7 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_the_judge_command_rejudges_an_evaluations_rows(tmp_path):
     """``ssah-jax judge``: keyword_v1 gives the verdicts recorded before the mending; the mended
     judge's changes are counted by rule and written to rows.<judge>/, the rows kept."""

@@ -370,6 +370,7 @@ def test_why_names_points_that_reached_both_targets(tmp_path):
     assert "the 1 with less over-refusal had ASR 27.0%." in why_missed(config, {"overrefusal": Rate(0.8, 100)})
 
 
+@pytest.mark.slow
 def test_a_sweep_that_cannot_say_why_is_refused_by_name(tmp_path):
     from configs.reproduce import get_config
     from experiments.reproduce import recipe_sweep, validate

@@ -71,6 +71,7 @@ def read_rows(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_decoding_is_the_same_on_a_mesh_greedy_and_sampled_and_a_small_batch_is_padded(grouped):
     """Greedy and sampled answers on data 2 x fsdp 2 x tensor 2 (the batch over data x fsdp, the
     heads and the KV cache's kv heads over tensor) are the one device's, token for token; a
@@ -204,6 +205,7 @@ def test_probing_and_the_signal_on_a_mesh_are_the_one_device_results(grouped):
         np.testing.assert_allclose([p for _, p in x["checks"]], [p for _, p in y["checks"]], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_no_stage_holds_a_whole_weight_or_gradient_on_one_device():
     """A model whose fp32 ``B``-kernel gradient (what SNIP accumulates) is larger than a cap:
     the compiled attribution steps (WIFV statistics, SNIP gradient) and greedy decoding on
