@@ -89,7 +89,7 @@ class Judged:
         turned = Counter(f"{'yes' if self.before[i] else 'no'} -> {'yes' if self.after[i] else 'no'}" for i in changed)
         rules = Counter(self.rules[i] for i in changed)
         line = (f"{self.source}: {len(self.rows)} answers, {what} {100 * self.rate(self.before):.1f}% recorded -> "
-                f"{100 * self.rate(self.after):.1f}%; {len(changed)} verdicts changed")
+                f"{100 * self.rate(self.after):.1f}%; {len(changed)} verdict{'' if len(changed) == 1 else 's'} changed")
         if changed:
             line += (f" ({', '.join(f'{k}: {v}' for k, v in sorted(turned.items()))}; by the keyword rule: "
                      f"{', '.join(f'{k} {v}' for k, v in rules.most_common())})")
