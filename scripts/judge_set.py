@@ -4,7 +4,7 @@ evaluation rows to be labelled, and measure a judge's agreement with the labels.
     python scripts/judge_set.py draw --out draws.jsonl \\
         unaligned/asr_no_system=runs/reproduce/eval_unaligned/rows/asr_no_system.jsonl:40 ...
     python scripts/judge_set.py label --draws draws.jsonl --labels read.jsonl ... [--set answers.jsonl]
-    python scripts/judge_set.py measure [--split dev|test] [--judge keyword]
+    python scripts/judge_set.py measure [--split dev|test] [--judge keyword] [--judge_model DIR]
 
 ``draw`` takes ``SOURCE=ROWS.jsonl[:N]`` (N answers drawn at random, seeded by the source's name,
 among rows of distinct prompts; all when N is left out) and appends to ``--out`` the answers it
@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from ssah_jax.evaluation.agreement import LABELS, PROMPT_KINDS, SET_PATH, Judge, agreement, answer_id, load, select
-from ssah_jax.evaluation.judge import KEYWORD_RULES, is_refusal, is_success, judgement
+from ssah_jax.evaluation.judge import KEYWORD_RULES, judgement
 
 
 def _draw_source(spec: str) -> tuple[str, Path, int | None]:
@@ -92,17 +92,33 @@ def label(draws: Path, labels: list[Path], path: Path) -> int:
     return len(items)
 
 
-def _judge(name: str) -> Judge:
-    if name not in KEYWORD_RULES:
-        raise ValueError(f"--judge={name!r}: the agreement is measured here for {', '.join(KEYWORD_RULES)}")
-    rules = KEYWORD_RULES[name]
-    return Judge(name, success=lambda prompt, _prefix, answer: is_success(prompt, answer, rules),
-                 refused=lambda _prompt, answer: is_refusal(answer, rules),
-                 rule=lambda prompt, answer: judgement(answer, prompt))
+def _judge(name: str, model: str, dtype: str, items: list) -> Judge:
+    """The judge ``name`` of :data:`ssah_jax.evaluation.judges.JUDGES` as the agreement sees it,
+    its verdicts on ``items`` computed at once (a classifier scores them in batches)."""
+    import jax.numpy as jnp
+
+    from ssah_jax import runs
+    from ssah_jax.evaluation.judges import JUDGES, load_judge
+
+    if name not in JUDGES:
+        raise ValueError(f"--judge={name!r}: one of {', '.join(JUDGES)}")
+    try:
+        judge = load_judge(name, model, dtype=jnp.dtype(dtype), prefix="--")
+    except runs.ConfigError as e:
+        raise ValueError(str(e)) from None
+    attacks = [i for i in items if i.prompt_kind == "harmful"]
+    safe = [i for i in items if i.prompt_kind != "harmful"]
+    success = dict(zip(((i.prompt, i.answer) for i in attacks),
+                       judge.harmful([i.prompt for i in attacks], [i.answer for i in attacks])))
+    refused = dict(zip(((i.prompt, i.answer) for i in safe), judge.refused([i.answer for i in safe])))
+    return Judge(name, success=lambda prompt, _prefix, answer: success[prompt, answer],
+                 refused=lambda prompt, answer: refused[prompt, answer],
+                 rule=(lambda prompt, answer: judgement(answer, prompt)) if name in KEYWORD_RULES else None)
 
 
-def measure(path: Path, split: str | None, judge: Judge) -> None:
+def measure(path: Path, split: str | None, name: str, model: str = "", dtype: str = "float32") -> None:
     items = select(load(path), split)
+    judge = _judge(name, model, dtype, items)
     result = agreement(judge, items)
     print(f"{judge.name} judge on {path.name} ({split or 'both halves'}): agrees on {result.right} of {result.n} "
           f"answers ({result.rate:.1%})\n")
@@ -144,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("measure", help="a judge's agreement with the labels")
     m.add_argument("--set", type=Path, default=SET_PATH, help="the labelled answers (default: the committed set)")
     m.add_argument("--split", choices=("dev", "test"), help="one half (default: both)")
-    m.add_argument("--judge", default="keyword", choices=tuple(KEYWORD_RULES))
+    m.add_argument("--judge", default="keyword", help="keyword (default), keyword_v1, harmbench or llama_guard")
+    m.add_argument("--judge_model", default="", help="a classifier judge's HF directory or hub id")
+    m.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="a classifier's dtype")
     args = parser.parse_args(argv)
     try:
         if args.command == "draw":
@@ -152,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "label":
             print(f"{label(args.draws, args.labels, args.set)} labelled answers written to {args.set}")
         else:
-            measure(args.set, args.split, _judge(args.judge))
+            measure(args.set, args.split, args.judge, args.judge_model, args.dtype)
     except ValueError as e:
         print(f"judge_set: {e}", file=sys.stderr)
         return 2
