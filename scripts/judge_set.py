@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ssah_jax.evaluation.agreement import LABELS, PROMPT_KINDS, SET_PATH, Judge, agreement, answer_id, load, select
 from ssah_jax.evaluation.judge import KEYWORD_RULES, judgement
+from ssah_jax.evaluation.rejudge import read_rows
 
 
 def _draw_source(spec: str) -> tuple[str, Path, int | None]:
@@ -45,10 +46,7 @@ def draw(specs: list[str], out: Path) -> int:
         if not path.is_file():
             raise ValueError(f"{spec!r}: no file {path}")
         rows, prompts = [], set()
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            row = json.loads(line)
-            if "answer" not in row or "prompt" not in row:
-                raise ValueError(f"{path}:{n}: not an answer row (no prompt / answer)")
+        for row in read_rows(path):
             if row["prompt"] not in prompts:
                 prompts.add(row["prompt"])
                 rows.append(row)

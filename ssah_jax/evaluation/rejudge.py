@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ssah_jax import runs
+from ssah_jax.evaluation.intervals import Rate
 from ssah_jax.evaluation.judge import judgement
 from ssah_jax.evaluation.judges import Judge
 from ssah_jax.evaluation.safety import attacked
@@ -28,28 +30,18 @@ UNJUDGED = ("mmlu", "sst2", "gsm8k", "perplexity")
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The answer rows of a JSONL file; a ``ValueError`` naming the file and line for one that is
-    not JSON (but the last, dropped as a killed run's torn line) or has no ``prompt`` and
-    ``answer`` strings."""
+    """The answer rows of a JSONL file (:func:`ssah_jax.runs.read_jsonl`: a killed run's torn
+    last line is dropped); a ``ValueError`` naming the file (and line) when it cannot be read,
+    a line is not JSON or a row has no ``prompt`` and ``answer`` strings."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        rows = runs.read_jsonl(path)
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise ValueError(f"{path}: {e.strerror}") from None
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if number == len(lines):
-                break
-            raise ValueError(f"{path}:{number}: not JSON ({e.msg})") from None
+    for number, row in enumerate(rows, 1):
         if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "answer")):
             raise ValueError(f"{path}:{number}: not an answer row (it needs 'prompt' and 'answer' strings)")
-        rows.append(row)
     return rows
 
 
@@ -136,8 +128,6 @@ def rows_files(paths: Sequence[Path]) -> list[Path]:
 
 def table(judged: Sequence[Judged], root: Path | None, judge: str) -> str:
     """A markdown table of each file's recorded and re-judged rate (with Wilson 95% intervals)."""
-    from ssah_jax.evaluation.intervals import Rate
-
     lines = [f"| rows | metric | n | recorded | {judge} | changed |", "|---|---|---|---|---|---|"]
     for j in judged:
         name = j.source.relative_to(root) if root is not None and j.source.is_relative_to(root) else j.source
