@@ -356,6 +356,9 @@ def _unknown_key(args: list[str], name: str, error: BaseException) -> str:
     """The message for an unknown ``--config.<key>``: names the key as given."""
     spec = _config_spec(args)
     keys = [a[len("--config."):].split("=", 1)[0] for a in args if a.startswith("--config.")]
+    if spec is None and keys:  # an override needs the file whose value it overrides
+        example = "configs/sweeps/<name>.py:<preset>" if name == "sweep" else f"configs/{name}.py"
+        return f"--config.{keys[0]} overrides a config file's key: give the file too, e.g. --config={example}"
     config = None
     if spec is not None:
         try:
