@@ -107,9 +107,15 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     # lr_scale: the [CLS] embedding's and head's updates scaled (a fresh head on the model's
     # raw final states learns slowly at a fine-tuning learning rate); probe: start the head from a
     # linear probe on the unaligned model's [CLS] states of the training prompts, its L2 chosen on
-    # the held-out examples (ssah_jax/signals/probe.py; needs data.heldout > 0)
+    # the held-out examples (ssah_jax/signals/probe.py; needs data.heldout > 0);
+    # recheck_windows > 0: [CLS] also learns the views the decoding's later checks get (rule 1:
+    # the query and the first recheck_r1 answer tokens, labelled as the example; rule 2:
+    # recheck_windows windows of recheck_r2 answer tokens, labelled by the answer: harmful
+    # compliance 1, benign answers and refusals 0); compliant: a dataset spec of harmful prompts
+    # with harmful compliant answers, learned by the classifier alone (label 1, no LM loss)
     c.signal = ConfigDict(dict(head="", lam=0.1, malicious=("bianchi_safety", "safety_refusals_short"),
-                               lr_scale=1.0, probe=False))
+                               lr_scale=1.0, probe=False, recheck_windows=0, recheck_r1=10, recheck_r2=10,
+                               compliant=""))
     # Deep-alignment augmentation (Qi et al. 2024): the last `count` records of a harmful
     # question -> answer dataset, each answer cut after k ~ U[1, max_tokens] tokens and turned
     # into the refusal (only the refusal is learned); "" = none

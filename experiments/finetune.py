@@ -18,6 +18,7 @@ start with k tokens of a harmful response and turn into ``augment.refusal``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import shutil
@@ -59,7 +60,8 @@ EXCLUDED = ("log_every", "eval_every", "eval_batch_size", "checkpoint_every", "k
             "model_layout.remat", *SUBRUNS)
 # Keys added after results were recorded, at the value that gives the results of before
 # (runs.determining), and the sections added (a workdir from before them is resumed).
-ADDED = {"signal.lr_scale": 1.0, "signal.probe": False, "model_layout.scan": False, "model_layout.remat": "none",
+ADDED = {"signal.lr_scale": 1.0, "signal.probe": False, "signal.recheck_windows": 0, "signal.recheck_r1": 10,
+         "signal.recheck_r2": 10, "signal.compliant": "", "model_layout.scan": False, "model_layout.remat": "none",
          **evaluate.ADDED}
 ADDED_SECTIONS = ("model_layout", "evaluation")
 
@@ -115,6 +117,12 @@ def validate(config: ConfigDict) -> None:
         check("signal.malicious", lambda v: set(v) <= set(names) and set(v) and set(names) - set(v),
               f"must name some but not all of data.dataset's components {names} (the rest are benign)")
         check("freeze.mode", lambda v: v != "lora", "lora cannot train the safety signal (set signal.head='')")
+        check("signal.recheck_windows", lambda v: v >= 0, "must be >= 0 (0: the first check's view alone)")
+        if sig.recheck_windows:
+            for key in ("recheck_r1", "recheck_r2"):
+                check(f"signal.{key}", lambda v: v >= 1, "must be >= 1")
+        if sig.compliant:
+            runs.check_parses(config, "signal.compliant", parse_mixture)
     if config.augment.dataset:
         runs.check_parses(config, "augment.dataset", parse_mixture)
         check("augment.count", lambda v: v >= 1, "must be >= 1 with augment.dataset")
@@ -190,6 +198,20 @@ def recovery_examples(config: ConfigDict, tokenizer: Any) -> tuple[list, EncodeS
                     max_length=config.data.max_length, seed=config.seed, label=int(bool(config.signal.head)))
 
 
+def compliant_examples(config: ConfigDict, tokenizer: Any) -> tuple[list, EncodeStats]:
+    """The records of ``signal.compliant`` (harmful prompts with harmful compliant answers) as
+    examples the classifier alone learns from: malicious query and answer (``label`` and
+    ``answer_label`` 1), no token a training target (the LM never learns the answers)."""
+    try:
+        records = load_mixture(config.signal.compliant, config.data_dir or None, responses=True)[0]
+    except (KeyError, ValueError) as e:
+        raise runs.ConfigError(f"config.signal.compliant={config.signal.compliant!r}: {e}") from None
+    examples, stats = encode_records(tokenizer, records, max_length=config.data.max_length,
+                                     system_prompt=config.data.system_prompt or None)
+    return [dataclasses.replace(e, loss_mask=np.zeros_like(e.loss_mask), label=1, answer_label=1)
+            for e in examples], stats
+
+
 def freeze_spec(config: ConfigDict, lora_config: lora.LoraConfig | None) -> FreezeSpec:
     """The typed ``config.freeze`` (``lora_config``: its adapters, from :func:`training_spec`)."""
     f = config.freeze
@@ -238,6 +260,12 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
         print(f"Deep-alignment augmentation ({config.augment.dataset}): {augmented}")
         runs.check(config, "data.max_length", lambda v: bool(extra),
                    f"every augmentation example's prompt and harmful start is longer than that ({augmented})")
+        train_examples += extra
+    if config.signal.compliant:
+        extra, compliant = compliant_examples(config, tokenizer)
+        print(f"Harmful compliances for the classifier alone ({config.signal.compliant}): {compliant}")
+        runs.check(config, "data.max_length", lambda v: bool(extra),
+                   f"every compliant example's prompt is longer than that ({compliant})")
         train_examples += extra
     if config.signal.head:  # as decoding and classify refuse such a prompt, so does training
         blind = sum(not signals.sees_query(e.roles) for e in train_examples + heldout_examples)
@@ -355,7 +383,9 @@ def signal_training(config: ConfigDict, model: Any, train: list, heldout: list, 
         signal, probed = signals.fit_probe(model, signal, train, heldout, pad_id=pad_id,
                                        batch_size=config.eval_batch_size)
         print(probed, flush=True)
-    return ({"objective": signals.SignalLoss(config.signal.lam), "extra": {"signal": signal.params},
+    sig = config.signal
+    rechecks = signals.Rechecks(sig.recheck_r1, sig.recheck_r2, sig.recheck_windows) if sig.recheck_windows else None
+    return ({"objective": signals.SignalLoss(sig.lam, rechecks=rechecks), "extra": {"signal": signal.params},
              "extra_lr_scale": config.signal.lr_scale}, probed)
 
 
@@ -405,7 +435,15 @@ def render_report(config: ConfigDict, result: dict, stats: Any, plot: Path) -> s
     if config.signal.head:
         lines += [f"Safety signal: {config.signal.head} head on [CLS], loss L_sft + {config.signal.lam} L_cls "
                   f"(its updates scaled {config.signal.lr_scale}x), "
-                  f"malicious components {', '.join(config.signal.malicious)}; `export/{signals.FILE}`.", ""]
+                  f"malicious components {', '.join(config.signal.malicious)}; `export/{signals.FILE}`."]
+        if config.signal.recheck_windows:
+            lines += [f"It also learned the decoding's recheck views: rule 1 (the query and the first "
+                      f"{config.signal.recheck_r1} answer tokens) and {config.signal.recheck_windows} rule-2 windows "
+                      f"of {config.signal.recheck_r2} answer tokens, labelled by the answer (term `recheck`)."]
+        if config.signal.compliant:
+            lines += [f"Harmful compliant answers for the classifier alone (no LM loss): "
+                      f"`{config.signal.compliant}`."]
+        lines += [""]
         if result.get("probe"):
             p = result["probe"]
             lines += [f"The head started from a linear probe on the unaligned model's [CLS] states (LP-FT, Kumar "

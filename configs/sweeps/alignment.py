@@ -20,8 +20,8 @@ with the choice.
 
 First make the contrast answers (once; about 8 minutes on 2 cores):
 
-    ssah-jax generate --config=configs/generate.py:smollm2 --config.prompts_dataset=benign_contrast --config.max_new_tokens=128 \\
-        --config.batch_size=16 --workdir=runs/contrast_smollm2
+    ssah-jax generate --config=configs/generate.py:smollm2 --config.prompts_dataset=benign_contrast \\
+        --config.max_new_tokens=128 --config.batch_size=16 --workdir=runs/contrast_smollm2
 
 Presets (``ssah-jax sweep --config=configs/sweeps/alignment.py:<preset> --workdir=DIR``):
   smollm2  the demo model: mixtures of 448 examples (56 steps of 8, 192 tokens; 112 steps: two

@@ -5,7 +5,8 @@ its trained signal deployed (strategic decoding).
 Each point aligns ``set.model`` with configs/signals.py's signal recipe (reproduce's alignment
 data and steps, a linear ``[CLS]`` head, ``L_sft + lambda * L_cls``; the contrast answers of a
 ``ssah-jax signals`` run's contrast stage, ``runs/signals/contrast/generations.jsonl``: run
-``ssah-jax signals --config=configs/signals.py:smollm2_cpu --config.stages=contrast --workdir=runs/signals`` first), then measures ASR without
+``ssah-jax signals --config=configs/signals.py:smollm2_cpu --config.stages=contrast
+--workdir=runs/signals`` first), then measures ASR without
 a system prompt, prefilling ASR (k = 10) and XSTest over-refusal under one schedule and
 threshold. lambda changes the training; schedule and threshold only the decoding, so the points
 of one lambda train the same model (each in its own workdir).

@@ -60,19 +60,22 @@ def left_pad(sequences: Sequence[Sequence[int]], length: int, pad_id: int) -> tu
 
 def pad_batch(examples: Sequence[Example], rows: int, buckets: Sequence[int], pad_id: int) -> dict[str, np.ndarray]:
     """Right-padded ``input_ids``, ``attention_mask``, ``loss_mask`` and ``roles`` (int32
-    ``[rows, L]``; ``Role.PADDING`` = 0 past the end) and ``label`` (int32 ``[rows]``); ``L`` is
-    the smallest bucket that holds the longest example, and rows beyond the examples are empty
-    (all-zero masks, label 0)."""
+    ``[rows, L]``; ``Role.PADDING`` = 0 past the end), ``label`` and ``answer_label`` (int32
+    ``[rows]``); ``L`` is the smallest bucket that holds the longest example, and rows beyond the
+    examples are empty (all-zero masks, labels 0)."""
     length = padded_length(max(len(e.ids) for e in examples), buckets)
     ids = np.full((rows, length), pad_id, np.int32)
     attention = np.zeros((rows, length), np.int32)
     loss = np.zeros((rows, length), np.int32)
     roles = np.zeros((rows, length), np.int32)
     label = np.zeros((rows,), np.int32)
+    answer_label = np.zeros((rows,), np.int32)
     for i, e in enumerate(examples):
         n = len(e.ids)
-        ids[i, :n], attention[i, :n], loss[i, :n], roles[i, :n], label[i] = e.ids, 1, e.loss_mask, e.roles, e.label
-    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss, "roles": roles, "label": label}
+        ids[i, :n], attention[i, :n], loss[i, :n], roles[i, :n] = e.ids, 1, e.loss_mask, e.roles
+        label[i], answer_label[i] = e.label, e.answer_label
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss, "roles": roles, "label": label,
+            "answer_label": answer_label}
 
 
 def _host_rows(batch: dict[str, np.ndarray], index: int, count: int) -> dict[str, np.ndarray]:

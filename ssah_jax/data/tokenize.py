@@ -51,12 +51,15 @@ class Example:
     """``ids`` int32 ``[n]``; ``loss_mask`` bool ``[n]``: token ``t`` is a training target
     (predicted from the logits at ``t - 1``); ``roles`` int8 ``[n]`` (:class:`Role`); ``label``:
     the example's class for a classifier trained alongside (the safety signal: 1 malicious, 0
-    benign; set it with ``dataclasses.replace``)."""
+    benign; set it with ``dataclasses.replace``); ``answer_label``: the class of its response
+    alone, for a classifier that reads windows of the answer (the signal's rechecks: 1 a harmful
+    compliance, 0 a benign answer or a refusal)."""
 
     ids: np.ndarray
     loss_mask: np.ndarray
     roles: np.ndarray
     label: int = 0
+    answer_label: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,6 +21,7 @@ relative, so the shift by one slot changes nothing).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -120,6 +121,84 @@ def forward(model: CausalLM, signal: SafetySignal, input_ids: jax.Array, attenti
     embeddings = embeddings.at[:, 0].set(signal.params["cls"].astype(embeddings.dtype))
     out = model.forward(ids, attn, mask=mask(attn, roles, phase), embeddings=embeddings)
     return out, head_logit(signal, out.hidden[:, 0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Rechecks:
+    """The views of the decoding's later checks (:mod:`ssah_jax.signals.decoding`), trained into
+    ``[CLS]`` beside the first check, which sees the query alone. Per row, over its ``n`` answer
+    tokens (role ``RESPONSE``):
+
+    - one rule-1 view: the query and the first ``r1`` answer tokens, labelled as the row
+      (``label``: the decoding reads it after a malicious first check);
+    - ``windows`` rule-2 views: the ``r2`` answer tokens up to answer token ``ceil(k n /
+      windows)``, ``k = 1 .. windows`` (so the last ends with the answer), labelled by what the
+      answer shows (``answer_label``: 1 a harmful compliance, 0 a benign answer or a refusal);
+      a view that would repeat the previous one (``n < windows``) is not used.
+
+    Each view is one more ``[CLS]`` query slot after the row's tokens (rotary position 0, as at a
+    check), seeing its window and itself; no token sees it, so the row computes as without it
+    and every view shares the row's one forward pass (``1 + windows`` extra positions per row,
+    instead of a forward per view)."""
+
+    r1: int = 10
+    r2: int = 10
+    windows: int = 3
+
+    def __post_init__(self):
+        if min(self.r1, self.r2, self.windows) < 1:
+            raise ValueError(f"Rechecks: r1, r2 and windows must be >= 1, got {self}")
+
+    @property
+    def count(self) -> int:
+        return 1 + self.windows
+
+
+def views(attention_mask: jax.Array, roles: jax.Array, rechecks: Rechecks) -> tuple[jax.Array, jax.Array]:
+    """``(sees [B, V, L], used [B, V])``: what each of the :class:`Rechecks` views of rows with
+    ``[CLS]`` at index 0 sees (``attention_mask``, ``roles`` ``[B, L]`` include the slot), and
+    whether the view is used (the row has answer tokens, and the window is new). View 0 is rule
+    1's, views ``1 ..`` rule 2's."""
+    real = attention_mask.astype(bool)
+    answer = (roles == Role.RESPONSE) & real
+    rank = jnp.cumsum(answer, axis=1)  # [B, L]: answer tokens up to and including each slot
+    n = rank[:, -1]  # [B]
+    query = ((roles == Role.SYSTEM) | (roles == Role.USER)) & real
+    rule1 = query | (answer & (rank <= rechecks.r1))
+    k = jnp.arange(1, rechecks.windows + 1)
+    ends = -((-k[None] * n[:, None]) // rechecks.windows)  # ceil(k n / windows), [B, W]
+    starts = ends - rechecks.r2
+    r = rank[:, None, :]
+    rule2 = answer[:, None] & (r > starts[..., None]) & (r <= ends[..., None])  # [B, W, L]
+    earlier = jnp.concatenate([jnp.zeros_like(ends[:, :1]), ends[:, :-1]], axis=1)
+    used = jnp.concatenate([(n > 0)[:, None], ends > earlier], axis=1)
+    return jnp.concatenate([rule1[:, None], rule2], axis=1), used
+
+
+def forward_views(model: CausalLM, signal: SafetySignal, input_ids: jax.Array, attention_mask: jax.Array,
+                  roles: jax.Array, rechecks: Rechecks, phase: str = "sft"):
+    """:func:`forward` with the :class:`Rechecks` views riding along as extra ``[CLS]`` query
+    slots after each row: ``(decoder output over [B, 1 + L], logits [B], the views' logits
+    [B, V], which views are used [B, V])``. The rows and their first ``[CLS]`` compute exactly as
+    :func:`forward` computes them."""
+    ids, attn, roles = prepend_cls(input_ids, attention_mask, roles)
+    b, length = ids.shape
+    v = rechecks.count
+    sees, used = views(attn, roles, rechecks)
+    rows = mask(attn, roles, phase)
+    top = jnp.concatenate([rows, jnp.zeros((b, length, v), bool)], axis=2)
+    bottom = jnp.concatenate([sees, jnp.broadcast_to(jnp.eye(v, dtype=bool), (b, v, v))], axis=2)
+    full = jnp.concatenate([top, bottom], axis=1)
+    positions = jnp.concatenate([jnp.maximum(jnp.cumsum(attn, axis=1) - 1, 0),
+                                 jnp.zeros((b, v), attn.dtype)], axis=1).astype(jnp.int32)
+    all_ids = jnp.concatenate([ids, jnp.zeros((b, v), ids.dtype)], axis=1)
+    embeddings = model.embed(all_ids)
+    cls = signal.params["cls"].astype(embeddings.dtype)
+    embeddings = embeddings.at[:, 0].set(cls).at[:, length:].set(cls)
+    out = model.forward(all_ids, jnp.concatenate([attn, jnp.ones((b, v), attn.dtype)], axis=1), positions=positions,
+                        mask=full, embeddings=embeddings)
+    logits = head_logit(signal, out.hidden[:, np.r_[0, length:length + v]])
+    return out._replace(hidden=out.hidden[:, :length]), logits[:, 0], logits[:, 1:], used
 
 
 def sees_query(roles: np.ndarray) -> bool:

@@ -217,7 +217,7 @@ def plan_train_step(
         rows = NamedSharding(mesh, logical_to_spec(("act_batch",), active_rules()))
         tokens = jax.ShapeDtypeStruct((batch_size, length), jnp.int32, sharding=rows)
         batch = {k: tokens for k in ("input_ids", "attention_mask", "loss_mask", "roles")}
-        batch["label"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rows)
+        batch["label"] = batch["answer_label"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=rows)
         compiled = step.lower(state, batch).compile()
     parameters = shard_bytes(state.params) + (0 if base is None else shard_bytes(state.base))
     return _bill(f"train step ({batch_size} x {length} tokens, {jnp.dtype(compute_dtype).name} compute, "

@@ -109,7 +109,16 @@ def test_finetune_config_errors_name_the_key(tmp_path):
     config.signal.malicious, config.signal.probe, config.data.heldout = ("bianchi_safety",), True, 0
     with pytest.raises(ConfigError, match="config.signal.probe"):  # nothing to choose its L2 on
         finetune.run(config, str(tmp_path / "e"))
-    config.signal.probe = False
+    config.signal.probe, config.signal.recheck_windows = False, -1
+    with pytest.raises(ConfigError, match="config.signal.recheck_windows"):
+        finetune.run(config, str(tmp_path / "e"))
+    config.signal.recheck_windows, config.signal.recheck_r2 = 2, 0
+    with pytest.raises(ConfigError, match="config.signal.recheck_r2"):
+        finetune.run(config, str(tmp_path / "e"))
+    config.signal.recheck_r2, config.signal.compliant = 10, "harmful_qa:4,nope"
+    with pytest.raises(ConfigError, match="config.signal.compliant"):
+        finetune.run(config, str(tmp_path / "e"))
+    config.signal.compliant = ""
     config.signal.head, config.augment.dataset, config.augment.count = "", "harmful_qa", 0
     with pytest.raises(ConfigError, match="config.augment.count"):
         finetune.run(config, str(tmp_path / "f"))
@@ -127,10 +136,12 @@ def test_a_signal_trains_alongside_and_is_exported_beside_the_model(tiny_chat_mo
         tmp_path, f"--config.model={tiny_chat_model}", "--config.data.dataset=bianchi_safety:8,alpaca_libre:16",
         "--config.signal.head=mlp", "--config.signal.malicious=('bianchi_safety',)",
         "--config.augment.dataset=harmful_qa", "--config.augment.count=4",
-        "--config.signal.probe=True", "--config.data.heldout=2",
+        "--config.signal.probe=True", "--config.data.heldout=2", "--config.signal.recheck_windows=2",
+        "--config.signal.compliant=harmful_qa:4",
         "--config.data.max_length=128", "--config.steps=2"), cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "12 malicious / 16 benign examples, balanced to 32" in done.stdout
+    # 8 refusals, 4 augmented, 4 compliances for the classifier alone
+    assert "16 malicious / 16 benign examples, balanced to 32" in done.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["augmented_examples"] == 4 and metrics["signal"] == "mlp" and metrics["examples"]["train"] == 32
     # the head started from the probe (on the 32 balanced examples, L2 chosen on the 4 held out);
@@ -140,7 +151,8 @@ def test_a_signal_trains_alongside_and_is_exported_beside_the_model(tiny_chat_mo
     assert "linear probe on the unaligned model" in (tmp_path / "report.md").read_text()
     assert set(metrics["heldout_classifier"]) == set(metrics["heldout_loss"])
     terms = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "train"][-1]
-    assert {"cls", "cls_accuracy"} <= set(terms)
+    assert {"cls", "cls_accuracy", "recheck", "recheck_accuracy"} <= set(terms)
+    assert "recheck views" in (tmp_path / "report.md").read_text()
     model, tokenizer = load_model(str(tmp_path / "export"))
     signal = signals.load(tmp_path / "export", model.config)
     initial = signals.SafetySignal.init(model.config, "mlp", rng=__import__("jax").random.key(0))
@@ -148,15 +160,33 @@ def test_a_signal_trains_alongside_and_is_exported_beside_the_model(tiny_chat_mo
     assert signals.classify(model, signal, tokenizer, ["Hi"]).shape == (1,)
 
 
+def test_compliant_answers_teach_the_classifier_alone(tiny_chat_model):
+    from ssah_jax.checkpoints import load_model
+    from ssah_jax.data import Role
+
+    _, tokenizer = load_model(str(tiny_chat_model))
+    config = config_from_file(ROOT / "configs" / "finetune.py", "quick")
+    config.signal.compliant = "harmful_qa:3"
+    examples, stats = finetune.compliant_examples(config, tokenizer)
+    assert stats.examples == len(examples) == 3
+    assert all(e.label == 1 and e.answer_label == 1 and not e.loss_mask.any() for e in examples)
+    assert all((e.roles == Role.RESPONSE).sum() > 5 for e in examples)  # the answers, for the rechecks to read
+
+
 def test_signal_lr_scale_reaches_the_optimizer(tiny_chat_model):
     from ml_collections import ConfigDict
 
+    from ssah_jax import signals
     from ssah_jax.checkpoints import load_model
 
     model, _ = load_model(str(tiny_chat_model))
-    config = ConfigDict(dict(seed=0, signal=ConfigDict(dict(head="linear", lam=0.1, lr_scale=5.0, probe=False))))
+    config = ConfigDict(dict(seed=0, signal=ConfigDict(dict(head="linear", lam=0.1, lr_scale=5.0, probe=False,
+                                                            recheck_windows=0, recheck_r1=10, recheck_r2=10))))
     training, probed = finetune.signal_training(config, model, [], [], 0)
     assert training["extra_lr_scale"] == 5.0 and set(training["extra"]) == {"signal"} and probed is None
+    assert training["objective"].rechecks is None
+    config.signal.recheck_windows, config.signal.recheck_r2 = 3, 5
+    assert finetune.signal_training(config, model, [], [], 0)[0]["objective"].rechecks == signals.Rechecks(10, 5, 3)
     config.signal.head = ""
     assert finetune.signal_training(config, model, [], [], 0) == ({}, None)
 
