@@ -23,6 +23,8 @@ Presets (``--config=configs/finetune.py:<preset>``):
   only_units  only the selected units train (e.g. ``RU``: the alignment budget)
   layers      the decoder layers ``freeze.layers`` ("i-j", inclusive) are frozen
   lora        the base model is frozen; LoRA adapters train and are merged into the export
+  all         the whole model is frozen: only the safety signal trains (needs ``signal.head``;
+              ``signal.cls_only`` sets it)
 ``freeze.groups``: any of ``embeddings``, ``norms``, ``head`` to freeze (the others train);
 with ``only_units`` list all three to train nothing but the units.
 
@@ -93,7 +95,7 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
         weight_decay=0.0, clip_norm=1.0,
     ))
     c.freeze = ConfigDict(dict(
-        mode="none",  # none | units | only_units | layers | lora
+        mode="none",  # none | units | only_units | layers | lora | all
         # mode=units / only_units: the unit map (an ssah-jax prune run's units.npz), the kinds selected
         # from it, and random=True for as many random units instead (the control)
         units=ConfigDict(dict(file="", selection="SCU+CU:0.06", random=False)),
@@ -112,10 +114,13 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     # the query and the first recheck_r1 answer tokens, labelled as the example; rule 2:
     # recheck_windows windows of recheck_r2 answer tokens, labelled by the answer: harmful
     # compliance 1, benign answers and refusals 0); compliant: a dataset spec of harmful prompts
-    # with harmful compliant answers, learned by the classifier alone (label 1, no LM loss)
+    # with harmful compliant answers, learned by the classifier alone (label 1, no LM loss);
+    # phase: sft (alignment: [CLS] sees the query) | pretrain (signal pre-training: [CLS] sees
+    # every token, no token sees it); cls_only: the [CLS] loss alone and the model frozen whole
+    # (no LM loss on harmful text; only the [CLS] embedding and head train)
     c.signal = ConfigDict(dict(head="", lam=0.1, malicious=("bianchi_safety", "safety_refusals_short"),
                                lr_scale=1.0, probe=False, recheck_windows=0, recheck_r1=10, recheck_r2=10,
-                               compliant=""))
+                               compliant="", phase="sft", cls_only=False))
     # Deep-alignment augmentation (Qi et al. 2024): the last `count` records of a harmful
     # question -> answer dataset, each answer cut after k ~ U[1, max_tokens] tokens and turned
     # into the refusal (only the refusal is learned); "" = none

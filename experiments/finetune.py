@@ -61,7 +61,8 @@ EXCLUDED = ("log_every", "eval_every", "eval_batch_size", "checkpoint_every", "k
 # Keys added after results were recorded, at the value that gives the results of before
 # (runs.determining), and the sections added (a workdir from before them is resumed).
 ADDED = {"signal.lr_scale": 1.0, "signal.probe": False, "signal.recheck_windows": 0, "signal.recheck_r1": 10,
-         "signal.recheck_r2": 10, "signal.compliant": "", "model_layout.scan": False, "model_layout.remat": "none",
+         "signal.recheck_r2": 10, "signal.compliant": "", "signal.phase": "sft", "signal.cls_only": False,
+         "model_layout.scan": False, "model_layout.remat": "none",
          **evaluate.ADDED}
 ADDED_SECTIONS = ("model_layout", "evaluation")
 
@@ -89,6 +90,8 @@ def validate(config: ConfigDict) -> None:
     f = "freeze."
     check(f + "mode", lambda v: v in FREEZE_MODES, f"must be one of {FREEZE_MODES}")
     check(f + "groups", lambda v: set(v) <= set(GROUPS), f"must be a subset of {GROUPS}")
+    check(f + "mode", lambda v: v != "all" or bool(config.signal.head),
+          "all freezes the whole model: it needs a safety signal to train (signal.head)")
     if config.freeze.mode in ("units", "only_units"):
         check(f + "units.file", lambda v: bool(v), "is required with freeze.mode=units / only_units")
         check(f + "units.selection", lambda v: bool(v), "is required with freeze.mode=units / only_units")
@@ -123,6 +126,9 @@ def validate(config: ConfigDict) -> None:
                 check(f"signal.{key}", lambda v: v >= 1, "must be >= 1")
         if sig.compliant:
             runs.check_parses(config, "signal.compliant", parse_mixture)
+        check("signal.phase", lambda v: v in signals.PHASES, f"must be one of {signals.PHASES}")
+        check("signal.cls_only", lambda v: not v or config.freeze.mode in ("none", "all"),
+              f"freezes the whole model itself: freeze.mode must be 'none' or 'all', not {config.freeze.mode!r}")
     if config.augment.dataset:
         runs.check_parses(config, "augment.dataset", parse_mixture)
         check("augment.count", lambda v: v >= 1, "must be >= 1 with augment.dataset")
@@ -215,7 +221,8 @@ def compliant_examples(config: ConfigDict, tokenizer: Any) -> tuple[list, Encode
 def freeze_spec(config: ConfigDict, lora_config: lora.LoraConfig | None) -> FreezeSpec:
     """The typed ``config.freeze`` (``lora_config``: its adapters, from :func:`training_spec`)."""
     f = config.freeze
-    return FreezeSpec(mode=f.mode, units_file=f.units.file, selection=f.units.selection, random=f.units.random,
+    mode = "all" if config.signal.head and config.signal.cls_only else f.mode  # only the signal learns
+    return FreezeSpec(mode=mode, units_file=f.units.file, selection=f.units.selection, random=f.units.random,
                       layers=f.layers, groups=tuple(f.groups), lora=lora_config, seed=config.seed)
 
 
@@ -385,7 +392,8 @@ def signal_training(config: ConfigDict, model: Any, train: list, heldout: list, 
         print(probed, flush=True)
     sig = config.signal
     rechecks = signals.Rechecks(sig.recheck_r1, sig.recheck_r2, sig.recheck_windows) if sig.recheck_windows else None
-    return ({"objective": signals.SignalLoss(sig.lam, rechecks=rechecks), "extra": {"signal": signal.params},
+    objective = signals.SignalLoss(sig.lam, phase=sig.phase, rechecks=rechecks, lm=not sig.cls_only)
+    return ({"objective": objective, "extra": {"signal": signal.params},
              "extra_lr_scale": config.signal.lr_scale}, probed)
 
 
@@ -440,6 +448,11 @@ def render_report(config: ConfigDict, result: dict, stats: Any, plot: Path) -> s
             lines += [f"It also learned the decoding's recheck views: rule 1 (the query and the first "
                       f"{config.signal.recheck_r1} answer tokens) and {config.signal.recheck_windows} rule-2 windows "
                       f"of {config.signal.recheck_r2} answer tokens, labelled by the answer (term `recheck`)."]
+        if config.signal.phase == "pretrain":
+            lines += ["Phase: signal pre-training ([CLS] attends to every token; no token attends to it)."]
+        if config.signal.cls_only:
+            lines += ["[CLS]-only loss: the model was frozen whole and took no LM loss; only [CLS] and the head "
+                      "trained."]
         if config.signal.compliant:
             lines += [f"Harmful compliant answers for the classifier alone (no LM loss): "
                       f"`{config.signal.compliant}`."]

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from ssah_jax.models import CausalLM
 from ssah_jax.signals.signal import PHASES, Rechecks, SafetySignal, forward, forward_views, prepend_cls, views
@@ -37,12 +38,16 @@ class SignalLoss:
     """``nll + lam * cls (+ lam * recheck)`` (``cls_accuracy`` and ``recheck_accuracy`` are
     metrics). ``lam``: 0.1 (the paper's alignment default; 0.01 the alternative and the
     pre-training value); ``phase``: ``"sft"`` or ``"pretrain"``; ``rechecks``: the decoding
-    checks' views trained too (None: the first check's alone). The head kind is read from the
+    checks' views trained too (None: the first check's alone); ``lm=False``: the ``[CLS]``-only
+    loss, for text the model must not learn (harmful text in signal pre-training): ``nll`` is a
+    metric only and no gradient reaches the model's parameters, not even through what ``[CLS]``
+    reads (freeze the model too, or weight decay still moves it). The head kind is read from the
     signal's parameters."""
 
     lam: float = 0.1
     phase: str = "sft"
     rechecks: Rechecks | None = None
+    lm: bool = True
 
     def __post_init__(self):
         if self.phase not in PHASES:
@@ -50,7 +55,7 @@ class SignalLoss:
 
     @property
     def weights(self) -> tuple[tuple[str, float], ...]:
-        terms = (("nll", 1.0), ("cls", float(self.lam)), ("cls_accuracy", 0.0))
+        terms = (("nll", 1.0 if self.lm else 0.0), ("cls", float(self.lam)), ("cls_accuracy", 0.0))
         return terms + ((("recheck", float(self.lam)), ("recheck_accuracy", 0.0)) if self.rechecks else ())
 
     def counts(self, batch):
@@ -64,6 +69,9 @@ class SignalLoss:
 
     def sums(self, model: CausalLM, batch: dict[str, jax.Array], *, signal: Any) -> dict[str, jax.Array]:
         head = "mlp" if "w1" in signal["head"] else "linear"
+        if not self.lm:  # the model computes as ever; only the signal's parameters learn
+            graphdef, state = nnx.split(model)
+            model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
         args = (model, SafetySignal(signal, head), batch["input_ids"], batch["attention_mask"], batch["roles"])
         if self.rechecks:
             out, logit, view_logits, used = forward_views(*args, self.rechecks, self.phase)

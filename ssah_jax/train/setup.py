@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ssah_jax.attribution import UnitMap
-from ssah_jax.masking import freeze_masks
+from ssah_jax.masking import GROUPS, freeze_masks
 from ssah_jax.models import MODULES, CausalLM, Layout, is_stacked, stack_layers, unstack_layers
 from ssah_jax.train import lora
 from ssah_jax.train.step import (
@@ -89,7 +89,7 @@ class Freeze:
             raise ValueError("Freeze: LoRA trains adapters on a frozen base; units, layers and groups do not apply")
 
 
-FREEZE_MODES = ("none", "units", "only_units", "layers", "lora")
+FREEZE_MODES = ("none", "units", "only_units", "layers", "lora", "all")
 
 
 def parse_layers(spec: str) -> list[int]:
@@ -106,7 +106,8 @@ class FreezeSpec:
     """A freeze setting as a config states it, typed: ``mode`` one of FREEZE_MODES (``units``:
     freeze the units ``selection`` of the unit map ``units_file``; ``only_units``: train only
     them; ``random``: as many random units instead, drawn with ``seed``; ``layers``: freeze the
-    decoder layers ``layers`` (``"i-j"``); ``lora``: train ``lora`` adapters); ``groups``:
+    decoder layers ``layers`` (``"i-j"``); ``lora``: train ``lora`` adapters; ``all``: the whole
+    model, so that only extra parameters such as the safety signal's train); ``groups``:
     embeddings / norms / head frozen besides. :meth:`build` makes the :class:`Freeze` of a model."""
 
     mode: str = "none"
@@ -136,12 +137,15 @@ class FreezeSpec:
                         f"seed {self.seed})")
             kw["frozen_units" if self.mode == "units" else "trained_units"] = units
             description = f"frozen: {what}" if self.mode == "units" else f"trained: only {what}"
+        elif self.mode == "all":
+            kw.update(layers=list(range(model.config.num_layers)), groups=GROUPS)
+            description = "frozen: the whole model (only the extra parameters train)"
         elif self.mode == "layers":
             kw["layers"] = parse_layers(self.layers)
             description = f"frozen: decoder layers {self.layers}"
         else:
             description = "full fine-tuning"
-        if self.groups:
+        if self.groups and self.mode != "all":
             description += f"; frozen groups: {', '.join(self.groups)}"
         return Freeze(**kw, description=description)
 

@@ -118,7 +118,18 @@ def test_finetune_config_errors_name_the_key(tmp_path):
     config.signal.recheck_r2, config.signal.compliant = 10, "harmful_qa:4,nope"
     with pytest.raises(ConfigError, match="config.signal.compliant"):
         finetune.run(config, str(tmp_path / "e"))
-    config.signal.compliant = ""
+    config.signal.compliant, config.signal.phase = "", "prefill"
+    with pytest.raises(ConfigError, match="config.signal.phase"):
+        finetune.run(config, str(tmp_path / "e"))
+    config.signal.phase, config.signal.cls_only = "pretrain", True
+    config.freeze.mode, config.freeze.layers = "layers", "0"
+    with pytest.raises(ConfigError, match="config.signal.cls_only"):
+        finetune.run(config, str(tmp_path / "e"))
+    config.signal.phase, config.signal.cls_only, config.freeze.mode = "sft", False, "none"
+    config.signal.head, config.freeze.mode = "", "all"
+    with pytest.raises(ConfigError, match="config.freeze.mode"):  # nothing would train
+        finetune.run(config, str(tmp_path / "e"))
+    config.freeze.mode = "none"
     config.signal.head, config.augment.dataset, config.augment.count = "", "harmful_qa", 0
     with pytest.raises(ConfigError, match="config.augment.count"):
         finetune.run(config, str(tmp_path / "f"))
@@ -160,6 +171,34 @@ def test_a_signal_trains_alongside_and_is_exported_beside_the_model(tiny_chat_mo
     assert signals.classify(model, signal, tokenizer, ["Hi"]).shape == (1,)
 
 
+@pytest.mark.slow
+def test_signal_pretraining_with_the_cls_only_loss_trains_the_signal_alone(tiny_chat_model, tmp_path):
+    """signal.phase=pretrain with signal.cls_only: the model is frozen whole (its export equals
+    what it started from, bit for bit), the [CLS] embedding and head learn."""
+    import jax
+    from flax import nnx
+
+    from ssah_jax import signals
+    from ssah_jax.checkpoints import load_model
+
+    done = subprocess.run(command(
+        tmp_path, f"--config.model={tiny_chat_model}", "--config.data.dataset=harmful_qa:8,alpaca_libre:8",
+        "--config.signal.head=linear", "--config.signal.malicious=('harmful_qa',)", "--config.signal.phase=pretrain",
+        "--config.signal.cls_only=True", "--config.data.max_length=128", "--config.steps=2",
+        "--config.optimizer.weight_decay=0.1"), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "frozen: the whole model" in (tmp_path / "report.md").read_text()
+    before, _ = load_model(str(tiny_chat_model))
+    after, _ = load_model(str(tmp_path / "export"))
+    for a, b in zip(jax.tree.leaves(nnx.state(before)), jax.tree.leaves(nnx.state(after))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    signal = signals.load(tmp_path / "export", after.config)
+    initial = signals.SafetySignal.init(after.config, "linear", rng=jax.random.key(0))
+    assert not np.allclose(signal.params["cls"], initial.params["cls"])
+    terms = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "train"][-1]
+    assert "cls" in terms
+
+
 def test_compliant_answers_teach_the_classifier_alone(tiny_chat_model):
     from ssah_jax.checkpoints import load_model
     from ssah_jax.data import Role
@@ -181,7 +220,8 @@ def test_signal_lr_scale_reaches_the_optimizer(tiny_chat_model):
 
     model, _ = load_model(str(tiny_chat_model))
     config = ConfigDict(dict(seed=0, signal=ConfigDict(dict(head="linear", lam=0.1, lr_scale=5.0, probe=False,
-                                                            recheck_windows=0, recheck_r1=10, recheck_r2=10))))
+                                                            recheck_windows=0, recheck_r1=10, recheck_r2=10,
+                                                            phase="sft", cls_only=False))))
     training, probed = finetune.signal_training(config, model, [], [], 0)
     assert training["extra_lr_scale"] == 5.0 and set(training["extra"]) == {"signal"} and probed is None
     assert training["objective"].rechecks is None

@@ -1,6 +1,7 @@
-"""Training the decoding's rechecks into [CLS] (signals.Rechecks): the views' windows on a
-hand-checked row, each view equal to an explicit forward of its own, the rows untouched by the
-views, a rule-2 view equal to the decoding's recheck at that step, and the loss's terms."""
+"""Training the signal beyond the first check. The decoding's rechecks (signals.Rechecks): the
+views' windows on a hand-checked row, each view equal to an explicit forward of its own, the
+rows untouched by the views, a rule-2 view equal to the decoding's recheck at that step, the
+loss's terms. The [CLS]-only loss of signal pre-training: no gradient reaches the model."""
 
 import jax
 import jax.numpy as jnp
@@ -137,3 +138,29 @@ def test_the_loss_takes_every_used_view_with_its_label(chat):
     assert "recheck" not in dict(plain.weights)
     np.testing.assert_allclose(float(plain.sums(model, batch, signal=signal.params)["nll"]), float(sums["nll"]),
                                rtol=1e-5)
+
+
+def test_the_cls_only_loss_leaves_the_model_without_gradient(chat):
+    """Signal pre-training on harmful text: [CLS] reads every token (the pretrain mask), and with
+    lm=False nothing flows back into the model, not even through the keys and values [CLS]
+    attends to; with the LM loss, or under the same mask with lm=True, it does."""
+    model, tokenizer, signal = chat
+    batch = _batch(tokenizer, PAIRS)
+    batch["label"] = jnp.asarray([1, 0], jnp.int32)
+
+    def grads(loss):
+        def value(model, params):
+            sums, counts = loss.sums(model, batch, signal=params), loss.counts(batch)
+            return sum(w * sums[t] / jnp.maximum(counts[t], 1.0) for t, w in loss.weights if w)
+
+        return nnx.grad(value, argnums=(0, 1))(model, signal.params)
+
+    model_grads, signal_grads = grads(signals.SignalLoss(phase="pretrain", lm=False))
+    assert all(not np.asarray(g).any() for g in jax.tree.leaves(model_grads))
+    assert all(np.abs(np.asarray(g)).max() > 0 for g in jax.tree.leaves(signal_grads))
+    assert dict(signals.SignalLoss(lm=False).weights)["nll"] == 0.0
+    # the classifier's term alone, with lm=True: [CLS]'s reading of the text reaches the model
+    cls_alone = signals.SignalLoss(phase="pretrain", lam=1.0)
+    model_grads, _ = nnx.grad(lambda m, p: cls_alone.sums(m, batch, signal=p)["cls"], argnums=(0, 1))(
+        model, signal.params)
+    assert max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(model_grads)) > 0
