@@ -117,10 +117,12 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     # with harmful compliant answers, learned by the classifier alone (label 1, no LM loss);
     # phase: sft (alignment: [CLS] sees the query) | pretrain (signal pre-training: [CLS] sees
     # every token, no token sees it); cls_only: the [CLS] loss alone and the model frozen whole
-    # (no LM loss on harmful text; only the [CLS] embedding and head train)
+    # (no LM loss on harmful text; only the [CLS] embedding and head train); benign: a dataset
+    # spec of benign prompts of other shapes the classifier also learns (label 0, no LM loss,
+    # added after the class balance, and in the probe's fit), e.g. "gsm8k@train:200,mmlu@dev"
     c.signal = ConfigDict(dict(head="", lam=0.1, malicious=("bianchi_safety", "safety_refusals_short"),
                                lr_scale=1.0, probe=False, recheck_windows=0, recheck_r1=10, recheck_r2=10,
-                               compliant="", phase="sft", cls_only=False))
+                               compliant="", phase="sft", cls_only=False, benign=""))
     # Deep-alignment augmentation (Qi et al. 2024): the last `count` records of a harmful
     # question -> answer dataset, each answer cut after k ~ U[1, max_tokens] tokens and turned
     # into the refusal (only the refusal is learned); "" = none

@@ -38,7 +38,7 @@ from ssah_jax.checkpoints import load_model, save_hf
 from ssah_jax.data import load_labelled_mixture, load_mixture, parse_mixture
 from ssah_jax.data import recovery_examples as recovery
 from ssah_jax.data.batching import balance_classes, batch_dataset, bucket_lengths
-from ssah_jax.data.tokenize import EncodeStats, encode_records
+from ssah_jax.data.tokenize import EncodeStats, Example, encode_prompt, encode_records
 from ssah_jax.masking import GROUPS
 from ssah_jax.models import REMAT_POLICIES, Layout, with_layout
 from ssah_jax.sharding import make_mesh, shard_batch, use_rules
@@ -62,6 +62,7 @@ EXCLUDED = ("log_every", "eval_every", "eval_batch_size", "checkpoint_every", "k
 # (runs.determining), and the sections added (a workdir from before them is resumed).
 ADDED = {"signal.lr_scale": 1.0, "signal.probe": False, "signal.recheck_windows": 0, "signal.recheck_r1": 10,
          "signal.recheck_r2": 10, "signal.compliant": "", "signal.phase": "sft", "signal.cls_only": False,
+         "signal.benign": "",
          "model_layout.scan": False, "model_layout.remat": "none",
          **evaluate.ADDED}
 ADDED_SECTIONS = ("model_layout", "evaluation")
@@ -124,8 +125,9 @@ def validate(config: ConfigDict) -> None:
         if sig.recheck_windows:
             for key in ("recheck_r1", "recheck_r2"):
                 check(f"signal.{key}", lambda v: v >= 1, "must be >= 1")
-        if sig.compliant:
-            runs.check_parses(config, "signal.compliant", parse_mixture)
+        for key in ("compliant", "benign"):
+            if sig[key]:
+                runs.check_parses(config, f"signal.{key}", parse_mixture)
         check("signal.phase", lambda v: v in signals.PHASES, f"must be one of {signals.PHASES}")
         check("signal.cls_only", lambda v: not v or config.freeze.mode in ("none", "all"),
               f"freezes the whole model itself: freeze.mode must be 'none' or 'all', not {config.freeze.mode!r}")
@@ -218,6 +220,20 @@ def compliant_examples(config: ConfigDict, tokenizer: Any) -> tuple[list, Encode
             for e in examples], stats
 
 
+def benign_examples(config: ConfigDict, tokenizer: Any) -> tuple[list, int]:
+    """The prompts of ``signal.benign`` as examples the classifier alone learns from (label 0,
+    no token a training target): each rendered as generation sees it, up to the assistant
+    header; and how many were dropped for exceeding ``data.max_length``."""
+    try:
+        records = load_mixture(config.signal.benign, config.data_dir or None)[0]
+    except (KeyError, ValueError) as e:
+        raise runs.ConfigError(f"config.signal.benign={config.signal.benign!r}: {e}") from None
+    system = config.data.system_prompt or None
+    chats = [encode_prompt(tokenizer, r.prompt, system_prompt=system) for r in records]
+    kept = [c for c in chats if len(c.ids) <= config.data.max_length]
+    return [Example(c.ids, np.zeros(len(c.ids), bool), c.roles) for c in kept], len(chats) - len(kept)
+
+
 def freeze_spec(config: ConfigDict, lora_config: lora.LoraConfig | None) -> FreezeSpec:
     """The typed ``config.freeze`` (``lora_config``: its adapters, from :func:`training_spec`)."""
     f = config.freeze
@@ -283,6 +299,11 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
         train_examples = balance_classes(train_examples, config.seed)
         print(f"Safety signal ({config.signal.head} head): {counts[1]} malicious / {counts[0]} benign examples, "
               f"balanced to {len(train_examples)} by drawing the smaller class again")
+        if config.signal.benign:
+            extra, dropped = benign_examples(config, tokenizer)
+            print(f"Benign prompts for the classifier alone ({config.signal.benign}): {len(extra)} "
+                  f"({dropped} longer than data.max_length dropped), after the balance")
+            train_examples += extra
 
     with jax.set_mesh(mesh), use_rules():
         try:
@@ -453,6 +474,9 @@ def render_report(config: ConfigDict, result: dict, stats: Any, plot: Path) -> s
         if config.signal.cls_only:
             lines += ["[CLS]-only loss: the model was frozen whole and took no LM loss; only [CLS] and the head "
                       "trained."]
+        if config.signal.benign:
+            lines += [f"Benign prompts for the classifier alone (no LM loss, after the class balance): "
+                      f"`{config.signal.benign}`."]
         if config.signal.compliant:
             lines += [f"Harmful compliant answers for the classifier alone (no LM loss): "
                       f"`{config.signal.compliant}`."]

@@ -21,9 +21,12 @@ def with_responses(records: Iterable[Record]) -> list[Record]:
 
 def parse_mixture(spec: str) -> list[tuple[str, int]]:
     """``"bianchi_safety:128,alpaca_libre:256"`` -> ``[("bianchi_safety", 128), ("alpaca_libre", 256)]``;
-    a component without ``:limit`` is taken whole (limit 0). A component may also be a JSONL
-    file (a path ending in ``.jsonl``, e.g. the ``generations.jsonl`` of an ``ssah-jax generate``
-    run): records with a ``prompt`` and a ``response`` (or ``answer``) field."""
+    a component without ``:limit`` is taken whole (limit 0). A kit dataset may name its own split,
+    ``"gsm8k@train:500"``, which the loader's ``split`` then does not override (so a mixture can
+    take GSM8K's training questions while MMLU's dev ones, ``"mmlu@dev"``, never their test sets).
+    A component may also be a JSONL file (a path ending in ``.jsonl``, e.g. the
+    ``generations.jsonl`` of an ``ssah-jax generate`` run): records with a ``prompt`` and a
+    ``response`` (or ``answer``) field."""
     components = []
     for part in spec.split(","):
         part = part.strip()
@@ -33,8 +36,12 @@ def parse_mixture(spec: str) -> list[tuple[str, int]]:
             name, _, limit = part.rpartition(":")
         else:
             name, _, limit = part.partition(":")
-        if name not in DATASETS and not name.endswith(".jsonl"):
-            raise KeyError(f"unknown dataset {name!r} in {spec!r}; known: {sorted(DATASETS)} or a .jsonl file")
+        base, _, own_split = name.partition("@")
+        if base not in DATASETS and not name.endswith(".jsonl"):
+            raise KeyError(f"unknown dataset {base!r} in {spec!r}; known: {sorted(DATASETS)} or a .jsonl file")
+        if own_split and own_split not in DATASETS[base].splits:
+            raise KeyError(f"{name!r} in {spec!r}: {base} has no split {own_split!r} (splits: "
+                           f"{', '.join(DATASETS[base].splits)})")
         if limit and not (limit.isdigit() and int(limit) > 0):
             raise ValueError(f"{spec!r}: the limit of {name!r} must be a positive integer, got {limit!r}")
         components.append((name, int(limit or 0)))
@@ -74,7 +81,8 @@ def load_mixture(
         if name.endswith(".jsonl"):
             records = load_jsonl(name, on_error)
         else:
-            records = load_local(name, split, data_dir, on_error)[0]
+            base, _, own_split = name.partition("@")
+            records = load_local(base, own_split or split, data_dir, on_error)[0]
         records = [r for r in records if prompt_key(r.prompt) not in excluded]
         if responses:
             records = with_responses(records)

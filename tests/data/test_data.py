@@ -312,6 +312,13 @@ def test_mixtures_hold_out_per_dataset_exclude_prompts_and_name_bad_specs():
         parse_mixture("advbench:x")
     with pytest.raises(DataError, match="600 records asked for"):
         load_mixture("advbench:600")
+    # a component names its own split, which the loader's split does not override
+    assert parse_mixture("gsm8k@train:2,mmlu@dev") == [("gsm8k@train", 2), ("mmlu@dev", 0)]
+    own, _ = load_mixture("gsm8k@train:2,gsm8k:1", split="test")
+    assert own == load_local("gsm8k", "train")[0][:2] + load_local("gsm8k", "test")[0][:1]
+    assert load_mixture("mmlu@dev")[0] == load_local("mmlu", "dev")[0]
+    with pytest.raises(KeyError, match="gsm8k has no split 'tset'"):
+        parse_mixture("gsm8k@tset:2")
     # a placeholder component read from a file (its limit kept), or dropped
     assert substitute_component("advbench:3, contrast:2,xstest", "contrast", "c.jsonl") == "advbench:3,c.jsonl:2,xstest"
     assert substitute_component("contrast,advbench:3", "contrast", "") == "advbench:3"

@@ -118,7 +118,10 @@ def test_finetune_config_errors_name_the_key(tmp_path):
     config.signal.recheck_r2, config.signal.compliant = 10, "harmful_qa:4,nope"
     with pytest.raises(ConfigError, match="config.signal.compliant"):
         finetune.run(config, str(tmp_path / "e"))
-    config.signal.compliant, config.signal.phase = "", "prefill"
+    config.signal.compliant, config.signal.benign = "", "gsm8k@tset:4"  # a typo in the split
+    with pytest.raises(ConfigError, match="config.signal.benign"):
+        finetune.run(config, str(tmp_path / "e"))
+    config.signal.benign, config.signal.phase = "", "prefill"
     with pytest.raises(ConfigError, match="config.signal.phase"):
         finetune.run(config, str(tmp_path / "e"))
     config.signal.phase, config.signal.cls_only = "pretrain", True
@@ -148,17 +151,18 @@ def test_a_signal_trains_alongside_and_is_exported_beside_the_model(tiny_chat_mo
         "--config.signal.head=mlp", "--config.signal.malicious=('bianchi_safety',)",
         "--config.augment.dataset=harmful_qa", "--config.augment.count=4",
         "--config.signal.probe=True", "--config.data.heldout=2", "--config.signal.recheck_windows=2",
-        "--config.signal.compliant=harmful_qa:4",
+        "--config.signal.compliant=harmful_qa:4", "--config.signal.benign=gsm8k@train:3,mmlu@dev:2",
         "--config.data.max_length=128", "--config.steps=2"), cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    # 8 refusals, 4 augmented, 4 compliances for the classifier alone
+    # 8 refusals, 4 augmented, 4 compliances for the classifier alone; then 5 benign prompts
     assert "16 malicious / 16 benign examples, balanced to 32" in done.stdout
+    assert "Benign prompts for the classifier alone (gsm8k@train:3,mmlu@dev:2): 5 (0 longer" in done.stdout
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["augmented_examples"] == 4 and metrics["signal"] == "mlp" and metrics["examples"]["train"] == 32
-    # the head started from the probe (on the 32 balanced examples, L2 chosen on the 4 held out);
+    assert metrics["augmented_examples"] == 4 and metrics["signal"] == "mlp" and metrics["examples"]["train"] == 37
+    # the head started from the probe (on the 37 training examples, L2 chosen on the 4 held out);
     # the classifier is scored on the held-out examples at each evaluation
     probe = metrics["probe"]
-    assert probe["n_train"] == 32 and probe["n_validation"] == 4 and probe["l2"] in (1e-4, 1e-3, 1e-2, 1e-1)
+    assert probe["n_train"] == 37 and probe["n_validation"] == 4 and probe["l2"] in (1e-4, 1e-3, 1e-2, 1e-1)
     assert "linear probe on the unaligned model" in (tmp_path / "report.md").read_text()
     assert set(metrics["heldout_classifier"]) == set(metrics["heldout_loss"])
     terms = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "train"][-1]
@@ -210,6 +214,25 @@ def test_compliant_answers_teach_the_classifier_alone(tiny_chat_model):
     assert stats.examples == len(examples) == 3
     assert all(e.label == 1 and e.answer_label == 1 and not e.loss_mask.any() for e in examples)
     assert all((e.roles == Role.RESPONSE).sum() > 5 for e in examples)  # the answers, for the rechecks to read
+
+
+def test_benign_prompts_of_other_shapes_teach_the_classifier_alone(tiny_chat_model):
+    from ssah_jax.checkpoints import load_model
+    from ssah_jax.data import Role, load_local
+
+    _, tokenizer = load_model(str(tiny_chat_model))
+    config = config_from_file(ROOT / "configs" / "finetune.py", "quick")
+    config.signal.benign = "gsm8k@train:2,mmlu@dev:2"
+    examples, dropped = finetune.benign_examples(config, tokenizer)
+    assert len(examples) == 4 and dropped == 0
+    assert all(e.label == 0 and e.answer_label == 0 and not e.loss_mask.any() for e in examples)
+    assert all(e.roles[-1] == Role.HEADER and (e.roles == Role.USER).any() for e in examples)  # as generation sees it
+    train_question = load_local("gsm8k", "train")[0][0].prompt  # the named splits, never the test sets
+    assert tokenizer.decode(examples[0].ids).count(train_question.strip()[:40]) == 1
+    mmlu_dev = load_local("mmlu", "dev")[0][0].prompt
+    assert tokenizer.decode(examples[2].ids).count(mmlu_dev.strip()[:40]) == 1
+    config.data.max_length = 8
+    assert finetune.benign_examples(config, tokenizer) == ([], 4)
 
 
 def test_signal_lr_scale_reaches_the_optimizer(tiny_chat_model):
