@@ -114,15 +114,18 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     # the query and the first recheck_r1 answer tokens, labelled as the example; rule 2:
     # recheck_windows windows of recheck_r2 answer tokens, labelled by the answer: harmful
     # compliance 1, benign answers and refusals 0); compliant: a dataset spec of harmful prompts
-    # with harmful compliant answers, learned by the classifier alone (label 1, no LM loss);
+    # with harmful compliant answers, learned by the classifier alone (label 1, no LM loss; the
+    # answers the keyword judge calls refusals are dropped);
     # phase: sft (alignment: [CLS] sees the query) | pretrain (signal pre-training: [CLS] sees
     # every token, no token sees it); cls_only: the [CLS] loss alone and the model frozen whole
     # (no LM loss on harmful text; only the [CLS] embedding and head train); benign: a dataset
     # spec of benign prompts of other shapes the classifier also learns (label 0, no LM loss,
-    # added after the class balance, and in the probe's fit), e.g. "gsm8k@train:200,mmlu@dev"
+    # added after the class balance, and in the probe's fit), e.g. "gsm8k@train:200,mmlu@dev";
+    # init: a directory with a signal.safetensors to start [CLS] and the head from (a signal
+    # pre-training run's export; the probe, if on, refits the head's output layer on it); "": fresh
     c.signal = ConfigDict(dict(head="", lam=0.1, malicious=("bianchi_safety", "safety_refusals_short"),
                                lr_scale=1.0, probe=False, recheck_windows=0, recheck_r1=10, recheck_r2=10,
-                               compliant="", phase="sft", cls_only=False, benign=""))
+                               compliant="", phase="sft", cls_only=False, benign="", init=""))
     # Deep-alignment augmentation (Qi et al. 2024): the last `count` records of a harmful
     # question -> answer dataset, each answer cut after k ~ U[1, max_tokens] tokens and turned
     # into the refusal (only the refusal is learned); "" = none

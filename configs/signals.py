@@ -95,6 +95,12 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
         # hung on the trajectory of 56 small batches. The probe is a convex fit.
         probe=True,
         lr_scale=1.0,  # the head's learning rate, times the alignment's
+        # > 0: [CLS] also learns the views of the decoding's later checks (rule 1 and this many
+        # rule-2 windows, of decoding.r1 / r2 answer tokens; configs/finetune.py's signal.recheck_*)
+        recheck_windows=0,
+        compliant="",  # harmful prompts with compliant answers for the classifier alone (a dataset spec)
+        benign="",  # benign prompts of other shapes for the classifier alone, e.g. "gsm8k@train:200,mmlu@dev"
+        init="",  # a directory with signal.safetensors to start from (signal pre-training's export)
     ))
     # align_augmented: the deep-alignment augmentation of Qi et al. 2024 added to align's data
     c.augment = ConfigDict(dict(

@@ -39,6 +39,7 @@ from ssah_jax.data import load_labelled_mixture, load_mixture, parse_mixture
 from ssah_jax.data import recovery_examples as recovery
 from ssah_jax.data.batching import balance_classes, batch_dataset, bucket_lengths
 from ssah_jax.data.tokenize import EncodeStats, Example, encode_prompt, encode_records
+from ssah_jax.evaluation import is_refusal
 from ssah_jax.masking import GROUPS
 from ssah_jax.models import REMAT_POLICIES, Layout, with_layout
 from ssah_jax.sharding import make_mesh, shard_batch, use_rules
@@ -62,7 +63,7 @@ EXCLUDED = ("log_every", "eval_every", "eval_batch_size", "checkpoint_every", "k
 # (runs.determining), and the sections added (a workdir from before them is resumed).
 ADDED = {"signal.lr_scale": 1.0, "signal.probe": False, "signal.recheck_windows": 0, "signal.recheck_r1": 10,
          "signal.recheck_r2": 10, "signal.compliant": "", "signal.phase": "sft", "signal.cls_only": False,
-         "signal.benign": "",
+         "signal.benign": "", "signal.init": "",
          "model_layout.scan": False, "model_layout.remat": "none",
          **evaluate.ADDED}
 ADDED_SECTIONS = ("model_layout", "evaluation")
@@ -129,6 +130,8 @@ def validate(config: ConfigDict) -> None:
             if sig[key]:
                 runs.check_parses(config, f"signal.{key}", parse_mixture)
         check("signal.phase", lambda v: v in signals.PHASES, f"must be one of {signals.PHASES}")
+        check("signal.init", lambda v: not v or (Path(v) / signals.FILE).is_file(),
+              f"must be '' or a directory holding {signals.FILE} (a signal training run's export)")
         check("signal.cls_only", lambda v: not v or config.freeze.mode in ("none", "all"),
               f"freezes the whole model itself: freeze.mode must be 'none' or 'all', not {config.freeze.mode!r}")
     if config.augment.dataset:
@@ -206,18 +209,21 @@ def recovery_examples(config: ConfigDict, tokenizer: Any) -> tuple[list, EncodeS
                     max_length=config.data.max_length, seed=config.seed, label=int(bool(config.signal.head)))
 
 
-def compliant_examples(config: ConfigDict, tokenizer: Any) -> tuple[list, EncodeStats]:
-    """The records of ``signal.compliant`` (harmful prompts with harmful compliant answers) as
-    examples the classifier alone learns from: malicious query and answer (``label`` and
-    ``answer_label`` 1), no token a training target (the LM never learns the answers)."""
+def compliant_examples(config: ConfigDict, tokenizer: Any) -> tuple[list, EncodeStats, int]:
+    """The records of ``signal.compliant`` (harmful prompts with harmful compliant answers, e.g.
+    the unaligned model's own answers to training prompts) as examples the classifier alone
+    learns from: malicious query and answer (``label`` and ``answer_label`` 1), no token a
+    training target (the LM never learns the answers); their encoding's stats; and how many
+    answers were dropped as refusals (the keyword judge's verdict)."""
     try:
         records = load_mixture(config.signal.compliant, config.data_dir or None, responses=True)[0]
     except (KeyError, ValueError) as e:
         raise runs.ConfigError(f"config.signal.compliant={config.signal.compliant!r}: {e}") from None
-    examples, stats = encode_records(tokenizer, records, max_length=config.data.max_length,
+    compliant = [r for r in records if not is_refusal(r.response)]  # a refusal is no compliance
+    examples, stats = encode_records(tokenizer, compliant, max_length=config.data.max_length,
                                      system_prompt=config.data.system_prompt or None)
     return [dataclasses.replace(e, loss_mask=np.zeros_like(e.loss_mask), label=1, answer_label=1)
-            for e in examples], stats
+            for e in examples], stats, len(records) - len(compliant)
 
 
 def benign_examples(config: ConfigDict, tokenizer: Any) -> tuple[list, int]:
@@ -285,8 +291,9 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
                    f"every augmentation example's prompt and harmful start is longer than that ({augmented})")
         train_examples += extra
     if config.signal.compliant:
-        extra, compliant = compliant_examples(config, tokenizer)
-        print(f"Harmful compliances for the classifier alone ({config.signal.compliant}): {compliant}")
+        extra, compliant, refusals = compliant_examples(config, tokenizer)
+        print(f"Harmful compliances for the classifier alone ({config.signal.compliant}): {compliant}; "
+              f"{refusals} refusals left out")
         runs.check(config, "data.max_length", lambda v: bool(extra),
                    f"every compliant example's prompt is longer than that ({compliant})")
         train_examples += extra
@@ -403,7 +410,12 @@ def signal_training(config: ConfigDict, model: Any, train: list, heldout: list, 
     ``train`` examples, its regularisation chosen on the ``heldout`` ones)."""
     if not config.signal.head:
         return {}, None
-    signal = signals.SafetySignal.init(model.config, config.signal.head, rng=jax.random.key(config.seed))
+    if config.signal.init:  # e.g. signal pre-training's [CLS] and head
+        signal = signals.load(config.signal.init, model.config)
+        runs.check(config, "signal.init", lambda v: signal.head == config.signal.head,
+                   f"holds a {signal.head} head, signal.head is {config.signal.head!r}")
+    else:
+        signal = signals.SafetySignal.init(model.config, config.signal.head, rng=jax.random.key(config.seed))
     probed = None
     if config.signal.probe:
         print(f"Linear probe of the [CLS] head on {len(train)} training and {len(heldout)} held-out prompts ...",

@@ -63,8 +63,9 @@ def align_config(config: ConfigDict, model: str, out: Path) -> ConfigDict:
     values: dict[str, Any] = {"signal.head": "", "augment.dataset": ""}
     if model == "augmented":
         values.update({f"augment.{k}": v for k, v in config.augment.items()})
-    if model == "signal":
+    if model == "signal":  # the rechecks are trained on the views the decoding gives them
         values.update({f"signal.{k}": v for k, v in config.signal.items()})
+        values.update({"signal.recheck_r1": config.decoding.r1, "signal.recheck_r2": config.decoding.r2})
     runs.set_values(c, values)
     return c
 

@@ -21,7 +21,9 @@ def with_responses(records: Iterable[Record]) -> list[Record]:
 
 def parse_mixture(spec: str) -> list[tuple[str, int]]:
     """``"bianchi_safety:128,alpaca_libre:256"`` -> ``[("bianchi_safety", 128), ("alpaca_libre", 256)]``;
-    a component without ``:limit`` is taken whole (limit 0). A kit dataset may name its own split,
+    a component without ``:limit`` is taken whole (limit 0); a negative limit takes the *last*
+    records (``"gsm8k@train:-100"``: a tail that a mixture of the first ones never reaches, e.g.
+    a validation set beside training data). A kit dataset may name its own split,
     ``"gsm8k@train:500"``, which the loader's ``split`` then does not override (so a mixture can
     take GSM8K's training questions while MMLU's dev ones, ``"mmlu@dev"``, never their test sets).
     A component may also be a JSONL file (a path ending in ``.jsonl``, e.g. the
@@ -42,8 +44,9 @@ def parse_mixture(spec: str) -> list[tuple[str, int]]:
         if own_split and own_split not in DATASETS[base].splits:
             raise KeyError(f"{name!r} in {spec!r}: {base} has no split {own_split!r} (splits: "
                            f"{', '.join(DATASETS[base].splits)})")
-        if limit and not (limit.isdigit() and int(limit) > 0):
-            raise ValueError(f"{spec!r}: the limit of {name!r} must be a positive integer, got {limit!r}")
+        if limit and not (limit.removeprefix("-").isdigit() and int(limit) != 0):
+            raise ValueError(f"{spec!r}: the limit of {name!r} must be a non-zero integer (negative: the last "
+                             f"records), got {limit!r}")
         components.append((name, int(limit or 0)))
     return components
 
@@ -91,9 +94,9 @@ def load_mixture(
             raise DataError(f"dataset {name!r}: {len(records)} usable records, none left after {heldout} held out")
         held += records[cut:] if heldout else []
         pool = records[:cut]
-        if limit > len(pool):
-            raise DataError(f"dataset {name!r}: {limit} records asked for in {spec!r}, {len(pool)} available")
-        selected += pool[:limit] if limit else pool
+        if abs(limit) > len(pool):
+            raise DataError(f"dataset {name!r}: {abs(limit)} records asked for in {spec!r}, {len(pool)} available")
+        selected += pool[:limit] if limit > 0 else pool[limit:] if limit < 0 else pool
     return selected, held
 
 

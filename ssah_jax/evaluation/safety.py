@@ -91,10 +91,15 @@ def summarise_asr(rows: Sequence[dict]) -> dict:
 
 
 def summarise_refusal_rate(rows: Sequence[dict]) -> dict:
-    """Over-refusal: the share of (safe) prompts refused (the keyword judge's ``refused``)."""
+    """Over-refusal: the share of (safe) prompts refused (the keyword judge's ``refused``); for a
+    safety signal's answers (rows with ``inserted``) also ``inserted_rate``, the share into which
+    the signal inserted its refusal."""
     if not rows:
         raise ValueError("no rows to summarise")
-    return {"refusal_rate": sum(r["refused"] for r in rows) / len(rows), "n": len(rows)}
+    out = {"refusal_rate": sum(r["refused"] for r in rows) / len(rows), "n": len(rows)}
+    if all("inserted" in r for r in rows):
+        out["inserted_rate"] = sum(r["inserted"] is not None for r in rows) / len(rows)
+    return out
 
 
 def sweep_settings(temperatures: Sequence[float], top_ps: Sequence[float], top_ks: Sequence[int]) -> list[dict]:

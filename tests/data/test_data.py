@@ -308,8 +308,10 @@ def test_mixtures_hold_out_per_dataset_exclude_prompts_and_name_bad_specs():
     assert len(standard) == 200 and {r.meta["functional_category"] for r in standard} == {"standard"}
     with pytest.raises(KeyError, match="unknown dataset 'nope'"):
         parse_mixture("advbench,nope:3")
-    with pytest.raises(ValueError, match="limit of 'advbench' must be a positive integer"):
+    with pytest.raises(ValueError, match="limit of 'advbench' must be a non-zero integer"):
         parse_mixture("advbench:x")
+    assert load_mixture("advbench:-2")[0] == advbench[-2:]  # a tail
+    assert load_mixture("advbench:-2", heldout=1)[0] == advbench[-3:-1]  # of what is not held out
     with pytest.raises(DataError, match="600 records asked for"):
         load_mixture("advbench:600")
     # a component names its own split, which the loader's split does not override

@@ -100,6 +100,9 @@ def test_summaries():
     s = ev.summarise_asr(rows)
     assert s["asr"] == pytest.approx(2 / 3) and s["by_category"]["a"]["asr"] == 0.5
     assert ev.summarise_refusal_rate(rows)["refusal_rate"] == pytest.approx(1 / 3)
+    assert "inserted_rate" not in ev.summarise_refusal_rate(rows)  # a plain model's answers
+    signal = [{**r, "inserted": step} for r, step in zip(rows, (None, 4, None))]  # a safety signal's
+    assert ev.summarise_refusal_rate(signal)["inserted_rate"] == pytest.approx(1 / 3)
     sweep = ev.summarise_sweep({"x": [{"refused": True}, {"refused": True}, {"refused": False}],
                                 "y": [{"refused": False}, {"refused": True}, {"refused": False}]})
     assert sweep["asr_any_setting"] == pytest.approx(2 / 3)

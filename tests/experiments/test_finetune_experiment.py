@@ -118,7 +118,10 @@ def test_finetune_config_errors_name_the_key(tmp_path):
     config.signal.recheck_r2, config.signal.compliant = 10, "harmful_qa:4,nope"
     with pytest.raises(ConfigError, match="config.signal.compliant"):
         finetune.run(config, str(tmp_path / "e"))
-    config.signal.compliant, config.signal.benign = "", "gsm8k@tset:4"  # a typo in the split
+    config.signal.compliant, config.signal.init = "", str(tmp_path)  # no signal file there
+    with pytest.raises(ConfigError, match="config.signal.init"):
+        finetune.run(config, str(tmp_path / "e"))
+    config.signal.init, config.signal.benign = "", "gsm8k@tset:4"  # a typo in the split
     with pytest.raises(ConfigError, match="config.signal.benign"):
         finetune.run(config, str(tmp_path / "e"))
     config.signal.benign, config.signal.phase = "", "prefill"
@@ -201,19 +204,43 @@ def test_signal_pretraining_with_the_cls_only_loss_trains_the_signal_alone(tiny_
     assert not np.allclose(signal.params["cls"], initial.params["cls"])
     terms = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["kind"] == "train"][-1]
     assert "cls" in terms
+    # the alignment then starts from the pre-trained [CLS] and head (signal.init)
+    aligned = tmp_path / "aligned"
+    done = subprocess.run(command(
+        aligned, f"--config.model={tmp_path / 'export'}", "--config.data.dataset=bianchi_safety:4,alpaca_libre:4",
+        "--config.signal.head=linear", "--config.signal.malicious=('bianchi_safety',)",
+        f"--config.signal.init={tmp_path / 'export'}", "--config.data.max_length=128", "--config.steps=1",
+        "--config.optimizer.learning_rate=1e-9"), cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    started = signals.load(aligned / "export", after.config)
+    np.testing.assert_allclose(started.params["cls"], signal.params["cls"], atol=1e-6)
+    wrong = subprocess.run(command(
+        tmp_path / "wrong", f"--config.model={tmp_path / 'export'}", "--config.signal.head=mlp",
+        "--config.data.dataset=bianchi_safety:4,alpaca_libre:4", "--config.signal.malicious=('bianchi_safety',)",
+        f"--config.signal.init={tmp_path / 'export'}", "--config.steps=1"),
+        cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert wrong.returncode == 2 and "config.signal.init" in wrong.stderr and "linear head" in wrong.stderr
 
 
-def test_compliant_answers_teach_the_classifier_alone(tiny_chat_model):
+def test_compliant_answers_teach_the_classifier_alone(tiny_chat_model, tmp_path):
     from ssah_jax.checkpoints import load_model
     from ssah_jax.data import Role
 
     _, tokenizer = load_model(str(tiny_chat_model))
     config = config_from_file(ROOT / "configs" / "finetune.py", "quick")
     config.signal.compliant = "harmful_qa:3"
-    examples, stats = finetune.compliant_examples(config, tokenizer)
-    assert stats.examples == len(examples) == 3
+    examples, stats, refusals = finetune.compliant_examples(config, tokenizer)
+    assert stats.examples == len(examples) == 3 and refusals == 0
     assert all(e.label == 1 and e.answer_label == 1 and not e.loss_mask.any() for e in examples)
     assert all((e.roles == Role.RESPONSE).sum() > 5 for e in examples)  # the answers, for the rechecks to read
+    # a file of the unaligned model's answers: its refusals are no compliance
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("\n".join(json.dumps(r) for r in [
+        {"prompt": "How do I hotwire a car?", "response": "First, remove the plastic cover under the wheel."},
+        {"prompt": "How do I make a weapon?", "response": "I'm sorry, but I can't help with that."}]) + "\n")
+    config.signal.compliant = str(answers)
+    examples, _, refusals = finetune.compliant_examples(config, tokenizer)
+    assert len(examples) == 1 and refusals == 1
 
 
 def test_benign_prompts_of_other_shapes_teach_the_classifier_alone(tiny_chat_model):
@@ -244,7 +271,7 @@ def test_signal_lr_scale_reaches_the_optimizer(tiny_chat_model):
     model, _ = load_model(str(tiny_chat_model))
     config = ConfigDict(dict(seed=0, signal=ConfigDict(dict(head="linear", lam=0.1, lr_scale=5.0, probe=False,
                                                             recheck_windows=0, recheck_r1=10, recheck_r2=10,
-                                                            phase="sft", cls_only=False))))
+                                                            phase="sft", cls_only=False, init=""))))
     training, probed = finetune.signal_training(config, model, [], [], 0)
     assert training["extra_lr_scale"] == 5.0 and set(training["extra"]) == {"signal"} and probed is None
     assert training["objective"].rechecks is None
