@@ -207,7 +207,8 @@ def render_report(spec: tasks.EvalSpec, metrics: dict, description: str) -> str:
     ]
     for key, m in metrics.items():
         label = tasks.label(spec, key, m)
-        value = f"{m['perplexity']:.2f}" if "perplexity" in m else percent(tasks.headline(m)[0])
+        value = (f"{m['perplexity']:.2f}" if "perplexity" in m else f"{m['auroc']:.3f} (AUROC)" if "auroc" in m
+                 else percent(tasks.headline(m)[0]))
         lines.append(f"| {label} | {value} | {m['n']} | {m['seconds']} |")
     if "sweep" in metrics:
         lines += ["", "Decoding sweep, ASR per setting:", "", "| setting | ASR |", "|---|---|"]

@@ -327,6 +327,31 @@ def test_evaluation_takes_a_signal_model_in_place_of_a_model(chat):
         deployed.respond(tokenizer, ["raw text"], chat=False)
 
 
+def test_the_classifier_task_scores_the_first_check_on_the_two_prompt_sets(chat, tmp_path):
+    from experiments.evaluate import evaluation_spec, render_report
+    from ssah_jax.evaluation import tasks
+    from ssah_jax.runs import ConfigError, config_from_file
+
+    model, tokenizer, signal = chat
+    config = config_from_file("configs/evaluate.py", "quick")
+    config.tasks, config.harmful.dataset, config.harmful.limit = ("classifier",), "malicious_instruct", 4
+    config.overrefusal.dataset, config.overrefusal.limit = "gsm8k@train:-3,benign_contrast_validation", 6
+    spec = evaluation_spec(config)
+    deployed = signals.SignalModel(model, signal, threshold=0.5)
+    entry = tasks.get("classifier")(deployed, tokenizer, spec, store=tasks.RowStore(tmp_path), judge=None)[
+        "classifier"]()
+    harmful = [r.prompt for r in load_local("malicious_instruct")[0][:4]]
+    safe = [r.prompt for r in load_local("gsm8k", "train")[0][-3:] + load_local("benign_contrast_validation")[0][:3]]
+    p = [signals.classify(model, signal, tokenizer, prompts) for prompts in (harmful, safe)]
+    assert entry["auroc"] == pytest.approx(signals.auroc(*p)) and entry["n"] == 10
+    assert entry["false_positive_rate"] == pytest.approx(np.mean(p[1] > 0.5))
+    assert tasks.headline(entry) == (entry["auroc"], 10)
+    assert "| safety signal's first check, AUROC of malicious_instruct vs" in render_report(
+        spec, {"classifier": {**entry, "seconds": 1.0}}, "x")
+    with pytest.raises(ConfigError, match="needs a model deployed with its safety signal"):
+        tasks.get("classifier")(model, tokenizer, spec, store=tasks.RowStore(tmp_path), judge=None)
+
+
 def _labelled(tokenizer, start, count):
     harmful = [Record(r.prompt, response="I cannot help with that.") for r in load_local("advbench")[0]]
     benign = with_responses(load_local("alpaca_libre", on_error="skip")[0])

@@ -29,6 +29,7 @@ TASKS: dict[str, Task] = {
     "prefill": safety.prefill,  # prefill_<k>: ASR under the prefilling attack
     "sweep": safety.sweep,  # sweep: ASR under a grid of sampling settings
     "overrefusal": safety.overrefusal,  # overrefusal: refusal rate on XSTest's safe prompts
+    "classifier": safety.classifier,  # classifier: a safety signal's AUROC, harmful vs safe prompts
     "mmlu": utility.mmlu,  # mmlu, sst2: zero-shot multiple-choice accuracy by log-likelihood
     "sst2": utility.sst2,
     "gsm8k": utility.gsm8k,  # gsm8k: exact match of the final number, greedy
@@ -38,8 +39,8 @@ TASKS: dict[str, Task] = {
 
 # The field a metric entry is reported by, one per summary (``summarise_asr``: asr,
 # ``summarise_sweep``: asr_any_setting, ``summarise_refusal_rate``, ``summarise_accuracy``,
-# ``summarise_perplexity``); every entry also holds its count ``n``.
-HEADLINE_FIELDS = ("asr", "asr_any_setting", "refusal_rate", "accuracy", "perplexity")
+# ``summarise_perplexity``; the classifier task's ``auroc``); every entry also holds its count ``n``.
+HEADLINE_FIELDS = ("asr", "asr_any_setting", "refusal_rate", "auroc", "accuracy", "perplexity")
 RATE_FIELDS = ("asr", "asr_any_setting", "refusal_rate", "accuracy")  # the fractions among them (shown in percent)
 
 
@@ -68,6 +69,8 @@ def shown_metric(metrics: dict, name: str) -> str:
     rate with its Wilson 95% interval (``13.5% [8.1, 21.8]``), or a dash when not measured."""
     if name in metrics and "perplexity" in metrics[name]:
         return f"{metrics[name]['perplexity']:.2f}"
+    if name in metrics and "auroc" in metrics[name]:
+        return f"{metrics[name]['auroc']:.3f}"
     return shown(rate_of(metrics, name))
 
 

@@ -1,5 +1,6 @@
 """Safety tasks: ASR on the harmful set (``asr``), the prefilling attack (``prefill``), the
-decoding sweep (``sweep``) and over-refusal on benign prompts that sound harmful (``overrefusal``); and
+decoding sweep (``sweep``), over-refusal on benign prompts that sound harmful (``overrefusal``) and
+a deployed safety signal's first check as a classifier (``classifier``); and
 :func:`harmful_records`, the harmful prompts the ``asr`` task answers.
 
 Sampled answers of a chunk of records use the seed ``spec.seed + <index of its first record>``.
@@ -28,6 +29,7 @@ from ssah_jax.evaluation.safety import (
 )
 from ssah_jax.evaluation.tasks.base import Entries, RowFn, RowStore, first
 from ssah_jax.evaluation.tasks.spec import EvalSpec
+from ssah_jax.signals import SignalModel, classify, separation
 
 ASR_SETTINGS = ("no_system", "system")  # the asr task: without / with the safety system prompt
 
@@ -109,19 +111,45 @@ def sweep(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore, judge:
     })}
 
 
-def overrefusal(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore, judge: Judge) -> Entries:
-    """``overrefusal``: the refusal rate on the first ``overrefusal.limit`` safe prompts of
-    ``overrefusal.dataset`` (a dataset or mixture; XSTest's prompts labelled unsafe are left out),
-    by ``judge``'s refusal verdict (the keyword judge's rules, whatever the judge of attacks)."""
+def safe_records(spec: EvalSpec) -> list[Record]:
+    """The over-refusal prompts: the first ``overrefusal.limit`` safe prompts of
+    ``overrefusal.dataset`` (a dataset or mixture; XSTest's prompts labelled unsafe are left out)."""
     o = spec.overrefusal
     try:
         records = load_mixture(o.dataset, spec.data_dir)[0]
     except (KeyError, ValueError) as e:
         raise runs.ConfigError(f"config.overrefusal.dataset={o.dataset!r}: {e}") from None
-    safe = first([r for r in records if r.label != "unsafe"], o.limit)
+    return first([r for r in records if r.label != "unsafe"], o.limit)
+
+
+def overrefusal(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore, judge: Judge) -> Entries:
+    """``overrefusal``: the refusal rate on :func:`safe_records` by ``judge``'s refusal verdict
+    (the keyword judge's rules, whatever the judge of attacks); for a safety signal's answers
+    also the share into which it inserted its refusal."""
+    safe = safe_records(spec)
     return {"overrefusal": lambda: summarise_refusal_rate(
         store.rows("overrefusal", safe, _answers(model, tokenizer, spec, judge=judge, attack=False),
                    spec.batch_size))}
+
+
+def classifier(model: Any, tokenizer: Any, spec: EvalSpec, *, store: RowStore, judge: Judge) -> Entries:
+    """``classifier``: how well a deployed safety signal's first check tells the harmful prompts
+    of the ``asr`` task (:func:`harmful_records`, no system prompt) from the safe ones of
+    ``overrefusal`` (:func:`safe_records`): AUROC of its p(malicious), and the rates at the
+    decoding's threshold (:func:`ssah_jax.signals.separation`). Forward passes only; needs a
+    model deployed with its signal (``signal.file``, or a finetune run that trains one)."""
+    if not isinstance(model, SignalModel):
+        raise runs.ConfigError("config.tasks: the classifier task needs a model deployed with its safety signal "
+                               "(config.signal.file)")
+    h = spec.harmful
+    harmful, safe = first(harmful_records(h.dataset, h.exclude, spec.data_dir), h.limit), safe_records(spec)
+
+    def compute() -> dict:
+        p = [classify(model.model, model.signal, tokenizer, [r.prompt for r in records], batch_size=spec.batch_size)
+             for records in (harmful, safe)]
+        return {**separation(*p, model.threshold), "n": len(harmful) + len(safe)}
+
+    return {"classifier": compute}
 
 
 def label(spec: EvalSpec, name: str, entry: dict) -> str | None:
@@ -137,4 +165,5 @@ def label(spec: EvalSpec, name: str, entry: dict) -> str | None:
         "sweep": f"ASR, {spec.sweep.dataset}, decoding sweep (any setting)",
         "overrefusal": ("over-refusal, XSTest safe prompts" if spec.overrefusal.dataset == "xstest"
                         else f"over-refusal, {spec.overrefusal.dataset}") + " (refusal rate)",
+        "classifier": f"safety signal's first check, AUROC of {harmful} vs {spec.overrefusal.dataset} safe prompts",
     }.get(name)
