@@ -372,6 +372,56 @@ def test_the_alignment_sweep_trains_on_the_contrast_answers_and_measures_validat
     assert evaluated["harmful"]["dataset"] == "malicious_instruct:8"
 
 
+@pytest.mark.slow
+def test_the_signal_recipe_ablation_runs_its_changes_on_validation_sets(tmp_path, tiny_chat_model):
+    """Its prerequisites (compliant answers, signal pre-training) made as its docstring says, the
+    two tiny points train as their labels say and measure the validation sets."""
+    workdir = tmp_path / "recipe"
+    made = cli("generate", "--config=configs/generate.py:quick", f"--config.model={tiny_chat_model}",
+               "--config.prompts_dataset=bianchi_safety:8", "--config.max_new_tokens=6", "--config.batch_size=8",
+               f"--workdir={workdir / 'compliant'}")
+    assert made.returncode == 0, made.stderr
+    compliant = str(workdir / "compliant" / "generations.jsonl")
+    made = cli("finetune", "--config=configs/finetune.py:quick", f"--config.model={tiny_chat_model}",
+               f"--config.data.dataset={compliant},harmful_qa:-4,alpaca_libre:8",
+               f"--config.signal.malicious=('{compliant}','harmful_qa')", "--config.signal.head=linear",
+               "--config.signal.phase=pretrain", "--config.signal.cls_only=True", "--config.steps=2", "--config.batch_size=8", "--config.data.heldout=2",
+               "--config.evaluation.tasks=()", f"--workdir={workdir / 'pretrain'}")
+    assert made.returncode == 0, made.stderr
+    result = cli("sweep", "--config=configs/sweeps/signal_recipe.py:tiny", f"--workdir={workdir}",
+                 f"--config.set.model={tiny_chat_model}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = {r["label"]: r for r in rows_of(workdir / "sweep.csv")}
+    assert set(table) == {"base", "rechecks+pretrain+benign"} and all(r["status"] == "ok" for r in table.values())
+    assert all(0 <= float(r[m]) <= 1 for r in table.values() for m in ("asr", "prefill_asr", "inserted", "auroc"))
+    both = json.loads((workdir / "runs" / table["rechecks+pretrain+benign"]["point"] / "config.json").read_text())
+    assert both["signal"]["recheck_windows"] == 3 and both["signal"]["compliant"] == compliant
+    assert both["signal"]["init"] == str(workdir / "pretrain" / "export") and both["signal"]["benign"]
+    base = json.loads((workdir / "runs" / table["base"]["point"] / "config.json").read_text())
+    assert base["signal"]["recheck_windows"] == 0 and not base["signal"]["init"] and not base["signal"]["benign"]
+    evaluated = json.loads((workdir / "runs" / table["base"]["point"] / "eval" / "config.json").read_text())
+    assert evaluated["overrefusal"]["dataset"] == "benign_contrast_validation:4,gsm8k@train:-4"
+    assert evaluated["prefill"]["dataset"] == "harmful_qa" and "harmful_qa:100" in evaluated["harmful"]["exclude"]
+
+
+def test_the_signal_recipe_rule_takes_the_least_insertion_within_the_harm_targets():
+    spec = importlib.util.spec_from_file_location("_signal_recipe", REPO / "configs" / "sweeps" / "signal_recipe.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    rows = [{"label": "base", "asr": "0.0", "prefill_asr": "0.01", "inserted": "0.5"},
+            {"label": "benign", "asr": "0.0", "prefill_asr": "0.04", "inserted": "0.1"},
+            {"label": "rechecks+benign", "asr": "0.01", "prefill_asr": "0.02", "inserted": "0.1"},
+            {"label": "pretrain", "asr": "0.1", "prefill_asr": "0.0", "inserted": "0.0"},  # past the direct target
+            {"label": "rechecks", "asr": "", "prefill_asr": "", "inserted": ""}]  # not finished
+    assert recipe.choose(rows) == "benign"  # the tie goes to the fewer changes
+    assert recipe.choose([{**r, "prefill_asr": "0.5"} for r in rows[:3]]) == "benign"  # none within: the sum
+    with pytest.raises(ValueError, match="no point"):
+        recipe.choose(rows[-1:])
+    assert [p[0] for p in recipe.get_config("smollm2").points] == [
+        "base", "benign", "pretrain", "pretrain+benign", "rechecks", "rechecks+benign", "rechecks+pretrain",
+        "rechecks+pretrain+benign"]
+
+
 @pytest.mark.parametrize("preset,sweep", [("smollm2_cpu", "fractions_smollm2"),
                                           ("qwen_cpu", "fractions_qwen_coder_0.5b")])
 def test_the_cpu_reproduction_uses_the_fractions_the_committed_sweep_chose(preset, sweep):
