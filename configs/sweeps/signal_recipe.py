@@ -85,7 +85,8 @@ def choose(rows: list[dict]) -> str:
     """The label of the chosen point (the rule above), from ``sweep.csv``'s rows (label, asr,
     prefill_asr, inserted as numbers or strings; unfinished points have empty metrics)."""
     metrics = ("asr", "prefill_asr", "inserted")
-    done = [{**r, **{k: float(r[k]) for k in metrics}} for r in rows if all(r.get(k) not in (None, "") for k in metrics)]
+    done = [{**r, **{k: float(r[k]) for k in metrics}} for r in rows
+            if all(r.get(k) not in (None, "") for k in metrics)]
     if not done:
         raise ValueError("no point of the sweep has finished")
     within = [r for r in done if all(r[k] <= limit for k, limit in HARM_LIMITS.items())]

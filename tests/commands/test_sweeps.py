@@ -385,7 +385,8 @@ def test_the_signal_recipe_ablation_runs_its_changes_on_validation_sets(tmp_path
     made = cli("finetune", "--config=configs/finetune.py:quick", f"--config.model={tiny_chat_model}",
                f"--config.data.dataset={compliant},harmful_qa:-4,alpaca_libre:8",
                f"--config.signal.malicious=('{compliant}','harmful_qa')", "--config.signal.head=linear",
-               "--config.signal.phase=pretrain", "--config.signal.cls_only=True", "--config.steps=2", "--config.batch_size=8", "--config.data.heldout=2",
+               "--config.signal.phase=pretrain", "--config.signal.cls_only=True", "--config.steps=2",
+               "--config.batch_size=8", "--config.data.heldout=2",
                "--config.evaluation.tasks=()", f"--workdir={workdir / 'pretrain'}")
     assert made.returncode == 0, made.stderr
     result = cli("sweep", "--config=configs/sweeps/signal_recipe.py:tiny", f"--workdir={workdir}",
