@@ -4,6 +4,11 @@ and augmented safety alignment, on one model, in stages, into one report.
 Stages (``stages``; each resumes, a finished one is kept):
   contrast         the unaligned model's answers to benign prompts that sound harmful (reproduce's
                    contrast stage, ``contrast``): the ``contrast`` component of ``align.dataset``
+  compliant        the unaligned model's answers to the alignment's harmful prompts (``compliant``):
+                   the ``compliant`` component of ``signal.compliant`` and ``pretrain.dataset``; run
+                   only where one names it
+  pretrain_signal  signal pre-training (``pretrain``; run only with pretrain.steps > 0): align_signal
+                   starts its [CLS] and head from it
   align_sft        plain safety alignment: full-parameter SFT on ``align`` (reproduce's align_full data and steps)
   align_augmented  the same, plus the deep-alignment augmentation of Qi et al. 2024 (``augment``)
   align_signal     the same data and steps with the explicit safety signal trained alongside (``signal``)
@@ -98,9 +103,24 @@ def get_config(preset: str = "smollm2_cpu") -> ConfigDict:
         # > 0: [CLS] also learns the views of the decoding's later checks (rule 1 and this many
         # rule-2 windows, of decoding.r1 / r2 answer tokens; configs/finetune.py's signal.recheck_*)
         recheck_windows=0,
-        compliant="",  # harmful prompts with compliant answers for the classifier alone (a dataset spec)
+        # harmful prompts with compliant answers for the classifier alone (a dataset spec; its
+        # component "compliant" is the compliant stage's answers, e.g. "compliant")
+        compliant="",
         benign="",  # benign prompts of other shapes for the classifier alone, e.g. "gsm8k@train:200,mmlu@dev"
-        init="",  # a directory with signal.safetensors to start from (signal pre-training's export)
+    ))
+    # the compliant stage (run when signal.compliant or pretrain.dataset names "compliant"): the
+    # unaligned model's own answers to the alignment's harmful prompts (refusals are left out
+    # where they are used)
+    c.compliant = ConfigDict(dict(prompts="bianchi_safety:160"))
+    c.compliant.generate = config_from_file(HERE / "generate.py", "gpu" if gpu else "smollm2", drop=(
+        "model", "dtype", "prompts", "prompts_file", "prompts_dataset", "mesh"))
+    set_values(c.compliant.generate, {"max_new_tokens": 64, "batch_size": 64 if gpu else 16})
+    # pretrain_signal (steps > 0): signal pre-training of the unaligned model's [CLS] and head on
+    # labelled text ([CLS] sees every token; the [CLS]-only loss, the model frozen), where
+    # align_signal then starts from; malicious: the dataset's components labelled unsafe
+    c.pretrain = ConfigDict(dict(
+        steps=0, dataset="compliant,harmful_qa:-100,alpaca_libre:260", malicious=("compliant", "harmful_qa"),
+        lam=1.0, lr_scale=30.0,  # the [CLS]-only loss: lam only scales it; the head's rate, times align's
     ))
     # align_augmented: the deep-alignment augmentation of Qi et al. 2024 added to align's data
     c.augment = ConfigDict(dict(

@@ -76,38 +76,41 @@ def align_dataset(config: ConfigDict, out: Path) -> str:
     return substitute_component(config.align.dataset, CONTRAST, str(contrast_file(out)))
 
 
-def contrast_config(config: ConfigDict, out: Path) -> ConfigDict:
-    """What :func:`make_contrast` is given: an ``ssah-jax generate`` config of the unaligned model
-    on ``<stage>/prompts.jsonl``, and ``source``: the prompts (``contrast.prompts``) it writes there."""
-    c = copy.deepcopy(config.contrast.generate)
+def answers_config(config: ConfigDict, out: Path, name: str = CONTRAST) -> ConfigDict:
+    """What :func:`make_answers` is given for the stage ``name`` (``contrast``; the signals
+    pipeline's ``compliant``): an ``ssah-jax generate`` config (``config.<name>.generate``) of the
+    unaligned model on ``<stage>/prompts.jsonl``, and ``source``: the prompts
+    (``config.<name>.prompts``) it writes there."""
+    c = copy.deepcopy(config[name].generate)
     with c.unlocked():
         c.model, c.dtype, c.prompts, c.prompts_dataset = config.model, config.dtype, (), ""
         c.mesh = copy.deepcopy(config.mesh)
-        c.prompts_file = str(out / "contrast" / "prompts.jsonl")
-        c.source = ConfigDict(dict(prompts=config.contrast.prompts, data_dir=config.data_dir))
+        c.prompts_file = str(out / name / "prompts.jsonl")
+        c.source = ConfigDict(dict(prompts=config[name].prompts, data_dir=config.data_dir))
     return c
 
 
-def make_contrast(config: ConfigDict, directory: Path) -> None:
-    """The contrast stage (``config``: a contrast_config): writes the prompts of
-    ``source.prompts`` to ``prompts.jsonl`` and answers them with the unaligned model (an
-    ``ssah-jax generate`` run in the stage directory: ``generations.jsonl``)."""
+def make_answers(config: ConfigDict, directory: Path) -> None:
+    """An answers stage (``config``: an answers_config; the stage is named by its directory):
+    writes the prompts of ``source.prompts`` to ``prompts.jsonl`` and answers them with the
+    unaligned model (an ``ssah-jax generate`` run in the stage directory: ``generations.jsonl``)."""
     try:
         records = load_mixture(config.source.prompts, config.source.data_dir or None)[0]
     except (KeyError, ValueError) as e:
-        raise runs.ConfigError(f"config.contrast.prompts={config.source.prompts!r}: {e}") from None
+        raise runs.ConfigError(f"config.{directory.name}.prompts={config.source.prompts!r}: {e}") from None
     if hosts.is_main():
         with open(config.prompts_file, "w") as f:
             f.writelines(json.dumps({"prompt": r.prompt}) + "\n" for r in records)
-    hosts.sync("contrast prompts written")
+    hosts.sync(f"{directory.name} prompts written")
     answers = copy.deepcopy(config)
     with answers.unlocked():
         del answers.source
     generate.run(answers, str(directory))
 
 
-def contrast_stage(config: ConfigDict, out: Path) -> Stage:
-    return Stage(contrast_config(config, out), make_contrast, generate.EXCLUDED, added=generate.ADDED)
+def answers_stage(config: ConfigDict, out: Path, name: str = CONTRAST) -> Stage:
+    """The stage ``name`` that answers ``config.<name>.prompts`` with the unaligned model."""
+    return Stage(answers_config(config, out, name), make_answers, generate.EXCLUDED, added=generate.ADDED)
 
 
 def run_evaluate(config: ConfigDict, directory: Path) -> None:

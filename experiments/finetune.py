@@ -130,8 +130,6 @@ def validate(config: ConfigDict) -> None:
             if sig[key]:
                 runs.check_parses(config, f"signal.{key}", parse_mixture)
         check("signal.phase", lambda v: v in signals.PHASES, f"must be one of {signals.PHASES}")
-        check("signal.init", lambda v: not v or (Path(v) / signals.FILE).is_file(),
-              f"must be '' or a directory holding {signals.FILE} (a signal training run's export)")
         check("signal.cls_only", lambda v: not v or config.freeze.mode in ("none", "all"),
               f"freezes the whole model itself: freeze.mode must be 'none' or 'all', not {config.freeze.mode!r}")
     if config.augment.dataset:
@@ -410,8 +408,11 @@ def signal_training(config: ConfigDict, model: Any, train: list, heldout: list, 
     ``train`` examples, its regularisation chosen on the ``heldout`` ones)."""
     if not config.signal.head:
         return {}, None
-    if config.signal.init:  # e.g. signal pre-training's [CLS] and head
-        signal = signals.load(config.signal.init, model.config)
+    if config.signal.init:  # e.g. signal pre-training's [CLS] and head (made by then: checked here, not up front)
+        try:
+            signal = signals.load(config.signal.init, model.config)
+        except (FileNotFoundError, ValueError) as e:
+            raise runs.ConfigError(f"config.signal.init={config.signal.init!r}: {e}") from None
         runs.check(config, "signal.init", lambda v: signal.head == config.signal.head,
                    f"holds a {signal.head} head, signal.head is {config.signal.head!r}")
     else:

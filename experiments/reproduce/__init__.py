@@ -27,10 +27,10 @@ from experiments._mesh import check_mesh, load_on_mesh, model_on_mesh, on_mesh
 from experiments._report import save_figure
 from experiments._staged import ADDED as SUBRUN_ADDED
 from experiments._staged import (
+    answers_config,
+    answers_stage,
     attack_stage,
     check_attacks,
-    contrast_config,
-    contrast_stage,
     eval_config,
     evaluate_stage,
     run_evaluate,
@@ -132,7 +132,7 @@ class Reproduce:
                                 self.requires["attacks"])
         requires = self.requires.get(recorded, ())
         plans = {
-            "contrast": lambda: contrast_stage(config, out),
+            "contrast": lambda: answers_stage(config, out),
             "units_unaligned": lambda: prune_stage(prune_config(config, config.model, ru=config.budget_ru)),
             "align_full": lambda: train_stage(align_config(config, None, out), requires),
             "align_ru": lambda: train_stage(align_config(config, out / "units_unaligned" / "units.npz", out),
@@ -180,7 +180,7 @@ class Reproduce:
         if not config.maker_aligned:
             check("align.dataset", lambda v: "contrast" in [p.split(":")[0].strip() for p in v.split(",")],
                   "needs the contrast component (the contrast stage's answers), e.g. 'alpaca_libre:168,contrast:56'")
-            generate.validate(contrast_config(config, Path(".")))
+            generate.validate(answers_config(config, Path(".")))
             finetune.validate(align_config(config, Path("units.npz"), Path(".")))
             # (a model its makers aligned has no unaligned model to trace its units' kinds from)
             check("transfer_attack", lambda v: v in config.attack.datasets, "must name one of attack.datasets")

@@ -25,29 +25,40 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from experiments import evaluate, finetune
+from experiments import evaluate, finetune, generate
 from experiments._mesh import check_mesh, model_on_mesh
 from experiments._staged import ADDED as SUBRUN_ADDED
 from experiments._staged import align_config as shared_align_config
+from experiments._staged import (
+    answers_config,
+    answers_stage,
+    attack_stage,
+    check_attacks,
+    evaluate_stage,
+    train_config,
+    train_stage,
+)
 from experiments._staged import attack_config as shared_attack_config
-from experiments._staged import attack_stage, check_attacks, contrast_stage, evaluate_stage, train_config, train_stage
 from experiments._staged import eval_config as shared_eval_config
 from ssah_jax import hosts, runs, signals
 from ssah_jax import pipeline as engine
-from ssah_jax.data import check_kit_dataset, load_local
+from ssah_jax.data import check_kit_dataset, load_local, parse_mixture, substitute_component
 from ssah_jax.evaluation import harmful_records
 from ssah_jax.pipeline import Stage
 from ssah_jax.train.memory import PlanItem
 
 MODELS = ("sft", "augmented", "signal")  # the aligned models, align_<model>
-STAGES = ("contrast", "align_sft", "align_augmented", "align_signal", "eval_sft", "eval_augmented", "eval_signal",
-          "classifier", "attack", "report")
+STAGES = ("contrast", "compliant", "pretrain_signal", "align_sft", "align_augmented", "align_signal", "eval_sft",
+          "eval_augmented", "eval_signal", "classifier", "attack", "report")
 REQUIRES = {
-    "align_sft": ("contrast",), "align_augmented": ("contrast",), "align_signal": ("contrast",),
+    "pretrain_signal": ("compliant",),
+    "align_sft": ("contrast",), "align_augmented": ("contrast",), "align_signal": ("contrast", "compliant",
+                                                                                  "pretrain_signal"),
     "eval_sft": ("align_sft",), "eval_augmented": ("align_augmented",), "eval_signal": ("align_signal",),
     "classifier": ("align_signal",), "attack": ("align_sft", "align_augmented", "align_signal"),
     "report": tuple(s for s in STAGES if s != "report"),
 }
+COMPLIANT = "compliant"  # the component of signal.compliant / pretrain.dataset that is the compliant stage's answers
 LIKELIHOOD_TASKS = ("mmlu", "sst2", "perplexity")  # scored once: no schedule touches them
 REPORT_TASKS = ("asr", "prefill", "sweep", "overrefusal", "mmlu", "sst2", "gsm8k", "perplexity")
 
@@ -56,16 +67,57 @@ REPORT_TASKS = ("asr", "prefill", "sweep", "overrefusal", "mmlu", "sst2", "gsm8k
 # What each stage is given
 
 
+def compliant_spec(spec: str, out: Path) -> str:
+    """``spec`` with its ``compliant`` component read from the compliant stage's answers."""
+    return substitute_component(spec, COMPLIANT, str(out / COMPLIANT / "generations.jsonl")) if spec else spec
+
+
+def components(spec: str) -> list[str]:
+    """The component names of a mixture ``spec`` that may name the compliant stage's answers
+    (``compliant``, as itself); a spec that does not parse is a KeyError or ValueError."""
+    where = compliant_spec(COMPLIANT, Path("."))
+    return [COMPLIANT if n == where else n for n, _ in parse_mixture(compliant_spec(spec, Path(".")))] if spec else []
+
+
+def needed(config: ConfigDict, stage: str) -> bool:
+    """Whether the optional stage ``stage`` runs under ``config``: ``compliant`` where
+    ``signal.compliant`` or (with signal pre-training) ``pretrain.dataset`` names its answers,
+    ``pretrain_signal`` with ``pretrain.steps > 0``; every other stage always."""
+    pretrain = config.pretrain.steps > 0
+    if stage == COMPLIANT:
+        return COMPLIANT in components(config.signal.compliant) + (components(config.pretrain.dataset) if pretrain
+                                                                     else [])
+    return pretrain if stage == "pretrain_signal" else True
+
+
+def pretrain_config(config: ConfigDict, out: Path) -> ConfigDict:
+    """The finetune config of ``pretrain_signal``: signal pre-training of the unaligned model on
+    ``pretrain.dataset`` ([CLS] reads every token, the [CLS]-only loss, the model frozen whole)."""
+    a, p = config.align, config.pretrain
+    c = train_config(config, model=config.model, dataset=compliant_spec(p.dataset, out), split="",
+                     max_length=a.max_length, steps=p.steps, batch_size=a.batch_size, heldout=0,
+                     learning_rate=a.learning_rate, warmup_steps=a.warmup_steps, freeze={})
+    malicious = tuple(compliant_spec(m, out) for m in p.malicious)
+    runs.set_values(c, {"signal.head": config.signal.head, "signal.lam": p.lam, "signal.malicious": malicious,
+                        "signal.lr_scale": p.lr_scale, "signal.probe": False, "signal.phase": "pretrain",
+                        "signal.cls_only": True, "augment.dataset": "", "evaluation.tasks": ()})
+    return c
+
+
 def align_config(config: ConfigDict, model: str, out: Path) -> ConfigDict:
     """The finetune config of ``align_<model>``: reproduce's full alignment, plus the
-    augmentation (``augmented``) or the signal (``signal``)."""
+    augmentation (``augmented``) or the signal (``signal``: started from signal pre-training's
+    export when that stage runs)."""
     c = shared_align_config(config, out, steps=config.align.steps, freeze={})
     values: dict[str, Any] = {"signal.head": "", "augment.dataset": ""}
     if model == "augmented":
         values.update({f"augment.{k}": v for k, v in config.augment.items()})
     if model == "signal":  # the rechecks are trained on the views the decoding gives them
         values.update({f"signal.{k}": v for k, v in config.signal.items()})
-        values.update({"signal.recheck_r1": config.decoding.r1, "signal.recheck_r2": config.decoding.r2})
+        values.update({"signal.recheck_r1": config.decoding.r1, "signal.recheck_r2": config.decoding.r2,
+                       "signal.compliant": compliant_spec(config.signal.compliant, out),
+                       "signal.init": str(out / "pretrain_signal" / "export") if needed(config, "pretrain_signal")
+                       else ""})
     runs.set_values(c, values)
     return c
 
@@ -130,13 +182,18 @@ ADDED_SECTIONS = ("reuse", "mesh")
 class Signals:
     """The signals pipeline of ``config`` in the workdir ``out`` (a :class:`ssah_jax.pipeline.Pipeline`)."""
 
-    requires, added, sections = REQUIRES, ADDED, ADDED_SECTIONS
+    added, sections = ADDED, ADDED_SECTIONS
 
     def __init__(self, config: ConfigDict, out: Path):
         self.config, self.out, self.order = config, out, STAGES
+        # an optional stage that does not run is nobody's prerequisite
+        self.requires = {stage: tuple(r for r in before if needed(config, r)) for stage, before in REQUIRES.items()}
 
     def runs(self, stage: str) -> list[str]:
-        """A stage's directory; eval_signal: one per schedule; attack: one per attack run."""
+        """A stage's directory (none for an optional stage that does not run); eval_signal: one
+        per schedule; attack: one per attack run."""
+        if not needed(self.config, stage):
+            return []
         if stage == "eval_signal":
             return [f"eval_signal/{s}" for s in self.config.decoding.schedules]
         if stage == "attack":  # seed by seed
@@ -147,9 +204,11 @@ class Signals:
     def stage(self, recorded: str) -> Stage:
         config, out = self.config, self.out
         kind, _, name = recorded.partition("/")
-        reads = REQUIRES.get(kind, ())
-        if kind == "contrast":
-            return contrast_stage(config, out)
+        reads = self.requires.get(kind, ())  # (an optional stage that does not run is read by none)
+        if kind in ("contrast", COMPLIANT):
+            return answers_stage(config, out, kind)
+        if kind == "pretrain_signal":
+            return train_stage(pretrain_config(config, out), reads)
         if kind.startswith("align_"):
             return train_stage(align_config(config, kind.removeprefix("align_"), out), reads)
         if kind in ("eval_sft", "eval_augmented"):
@@ -189,6 +248,17 @@ class Signals:
         check("attack.evaluation.tasks", lambda v: "asr" in v, "must include asr (the report's)")
         check("attack.evaluation.harmful.settings", lambda v: "no_system" in v,
               "must include no_system (the report's)")
+        check("pretrain.steps", lambda v: v >= 0, "must be >= 0 (0: no signal pre-training)")
+        for key in ("pretrain.dataset", "signal.compliant"):
+            runs.check_parses(config, key, components, optional=True)
+        runs.check_parses(config, "compliant.prompts", parse_mixture)
+        if needed(config, "pretrain_signal"):
+            names = components(config.pretrain.dataset)
+            check("pretrain.malicious", lambda v: set(v) <= set(names) and set(v) and set(names) - set(v),
+                  f"must name some but not all of pretrain.dataset's components {names} (the rest are safe)")
+            finetune.validate(pretrain_config(config, Path(".")))
+        if needed(config, COMPLIANT):
+            generate.validate(answers_config(config, Path("."), COMPLIANT))
         for model in MODELS:  # the sub-runs' own checks, before hours of work rather than after
             finetune.validate(align_config(config, model, Path(".")))
         for attack in config.attack.datasets:

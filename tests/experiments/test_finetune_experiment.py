@@ -118,10 +118,7 @@ def test_finetune_config_errors_name_the_key(tmp_path):
     config.signal.recheck_r2, config.signal.compliant = 10, "harmful_qa:4,nope"
     with pytest.raises(ConfigError, match="config.signal.compliant"):
         finetune.run(config, str(tmp_path / "e"))
-    config.signal.compliant, config.signal.init = "", str(tmp_path)  # no signal file there
-    with pytest.raises(ConfigError, match="config.signal.init"):
-        finetune.run(config, str(tmp_path / "e"))
-    config.signal.init, config.signal.benign = "", "gsm8k@tset:4"  # a typo in the split
+    config.signal.compliant, config.signal.benign = "", "gsm8k@tset:4"  # a typo in the split
     with pytest.raises(ConfigError, match="config.signal.benign"):
         finetune.run(config, str(tmp_path / "e"))
     config.signal.benign, config.signal.phase = "", "prefill"

@@ -21,7 +21,7 @@ from ssah_jax.checkpoints import load_model
 from ssah_jax.data import load_mixture, prompt_key
 from ssah_jax.evaluation import harmful_records
 from ssah_jax.evaluation.tasks.safety import untrained
-from ssah_jax.runs import config_from_file, read_jsonl
+from ssah_jax.runs import ConfigError, config_from_file, read_jsonl
 from tests.helpers import error_line
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -198,3 +198,45 @@ def test_plain_sft_is_reproduces_full_alignment_so_config_reuse_copies_it(tmp_pa
     assert ours["contrast"]["identity"] == theirs["contrast"]["identity"]
     assert ours["align_sft"]["identity"] == theirs["align_full"]["identity"]
     assert ours["align_augmented"]["identity"] != theirs["align_full"]["identity"]
+
+
+def test_the_optional_stages_run_only_for_a_recipe_that_needs_them(tmp_path):
+    config = config_from_file(ROOT / "configs" / "signals.py", "smollm2_cpu")
+    plain = pipeline_module.Signals(config, tmp_path)
+    assert plain.runs("compliant") == [] and plain.runs("pretrain_signal") == []
+    assert plain.requires["align_signal"] == ("contrast",)  # so align_signal's identity is as before
+    assert "compliant" not in engine.recorded(plain)
+    with config.unlocked():
+        config.signal.recheck_windows, config.signal.compliant, config.pretrain.steps = 3, "compliant:100", 64
+    pipeline_module.validate(config)
+    full = pipeline_module.Signals(config, tmp_path)
+    assert full.runs("compliant") == ["compliant"] and full.runs("pretrain_signal") == ["pretrain_signal"]
+    assert full.requires["align_signal"] == ("contrast", "compliant", "pretrain_signal")
+    align = pipeline_module.align_config(config, "signal", tmp_path).signal
+    assert align.init == str(tmp_path / "pretrain_signal" / "export") and align.recheck_windows == 3
+    assert align.compliant == f"{tmp_path / 'compliant' / 'generations.jsonl'}:100"
+    pretrain = pipeline_module.pretrain_config(config, tmp_path)
+    assert pretrain.signal.phase == "pretrain" and pretrain.signal.cls_only and not pretrain.evaluation.tasks
+    assert pretrain.signal.malicious == (str(tmp_path / "compliant" / "generations.jsonl"), "harmful_qa")
+    with config.unlocked():
+        config.pretrain.malicious = ("harmfull_qa",)
+    with pytest.raises(ConfigError, match="config.pretrain.malicious"):
+        pipeline_module.validate(config)
+
+
+@pytest.mark.slow
+def test_signal_pretraining_and_recheck_training_run_as_stages(tiny_chat_model, tmp_path):
+    workdir = tmp_path / "run"
+    done = run(command(workdir, tiny_chat_model, tmp_path / "report",
+                       "--config.stages=contrast,compliant,pretrain_signal,align_signal",
+                       "--config.signal.recheck_windows=2", "--config.signal.compliant=compliant",
+                       "--config.compliant.prompts=bianchi_safety:8", "--config.compliant.generate.max_new_tokens=6",
+                       "--config.pretrain.steps=2", "--config.pretrain.dataset=compliant,alpaca_libre:8",
+                       "--config.pretrain.malicious=('compliant',)"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert (workdir / "compliant" / "generations.jsonl").exists()
+    assert "frozen: the whole model" in (workdir / "pretrain_signal" / "report.md").read_text()
+    trained = json.loads((workdir / "align_signal" / "config.json").read_text())["signal"]
+    assert trained["init"] == str(workdir / "pretrain_signal" / "export") and trained["recheck_windows"] == 2
+    terms = [r for r in read_jsonl(workdir / "align_signal" / "metrics.jsonl") if r["kind"] == "train"][-1]
+    assert "recheck" in terms
