@@ -42,7 +42,14 @@ from experiments._staged import attack_config as shared_attack_config
 from experiments._staged import eval_config as shared_eval_config
 from ssah_jax import hosts, runs, signals
 from ssah_jax import pipeline as engine
-from ssah_jax.data import check_kit_dataset, load_local, parse_mixture, substitute_component
+from ssah_jax.data import (
+    check_kit_dataset,
+    load_local,
+    load_mixture,
+    parse_mixture,
+    prompt_key,
+    substitute_component,
+)
 from ssah_jax.evaluation import harmful_records
 from ssah_jax.pipeline import Stage
 from ssah_jax.train.memory import PlanItem
@@ -302,6 +309,13 @@ def _classifier_quality(config: ConfigDict, directory: Path, model: Any, tokeniz
     harmful = harmful[: config.harmful_limit] if config.harmful_limit else harmful
     benign = [r.prompt for r in load_local(config.benign, None, config.data_dir or None)[0][-config.benign_limit:]]
     sets = {"harmful_vs_benign": (harmful, benign)}
+    sources = [name for name, _ in parse_mixture(config.harmful.dataset)]
+    if len(sources) > 1:  # each source of the harmful prompts alone (AdvBench, HarmBench, ...)
+        for name in sources:
+            own = {prompt_key(r.prompt) for r in load_mixture(name, config.data_dir or None)[0]}
+            found = [p for p in harmful if prompt_key(p) in own]
+            if found:
+                sets[f"{name}_vs_benign"] = (found, benign)
     if config.xstest:
         xstest = load_local("xstest", None, config.data_dir or None)[0]
         sets["xstest_unsafe_vs_safe"] = ([r.prompt for r in xstest if r.label == "unsafe"],

@@ -176,6 +176,7 @@ def _classifier(out: Path) -> Section:
              f"{result['threshold']}; every score in `classifier/scores.jsonl`.", "",
              "| prompts | AUROC | accuracy | flagged (positive) | flagged (negative) | n |", "|---" * 6 + "|"]
     names = {"harmful_vs_benign": "held-out harmful vs benign", "xstest_unsafe_vs_safe": "XSTest unsafe vs safe"}
+    names.update({n: f"{n.removesuffix('_vs_benign')} alone vs benign" for n in result["sets"] if n not in names})
     for name, r in result["sets"].items():
         lines.append(f"| {names.get(name, name)} | {r['auroc']:.3f} | {percent(r['accuracy'])} | "
                      f"{percent(r['true_positive_rate'])} | {percent(r['false_positive_rate'])} | "
@@ -183,7 +184,7 @@ def _classifier(out: Path) -> Section:
     lines.append("")
     summary = ["- Classifier (reported): " + ", ".join(
         f"{names.get(n, n)} AUROC {r['auroc']:.3f}, accuracy {percent(r['accuracy'])}"
-        for n, r in result["sets"].items())
+        for n, r in result["sets"].items() if n in ("harmful_vs_benign", "xstest_unsafe_vs_safe"))
         + "."]
     return lines, summary
 
@@ -233,8 +234,28 @@ def _signal_along_answers(config: ConfigDict, out: Path, report_dir: Path) -> Se
                 "about ASR alone. The classifier's AUROC on held-out harmful vs benign prompts is "
                 f"{auroc:.3f}; {where} (the alignment phase trains [CLS] on prompts only; the paper's optional "
                 "pre-training phase on labelled text, not run here, is what shows it other text).")
-    lines += ["", *after, "", "Speed per schedule: `scripts/benchmark.py signals` (README).", ""]
+    lines += ["", *after, "", *worst_insertions(out, config.decoding.schedules[0]),
+              "Speed per schedule: `scripts/benchmark.py signals` (README).", ""]
     return lines, summary
+
+
+def worst_insertions(out: Path, schedule: str, count: int = 5) -> list[str]:
+    """The benign prompts (XSTest safe, GSM8K) into whose answers the signal inserted its refusal
+    under ``schedule``, the most confident first check first: what its false alarms look like."""
+    rows = [(name, r) for name, task in (("XSTest safe", "overrefusal"), ("GSM8K", "gsm8k"))
+            for path in [out / "eval_signal" / schedule / "rows" / f"{task}.jsonl"] if path.exists()
+            for r in runs.read_jsonl(path) if r.get("inserted") is not None and r.get("checks")]
+    if not rows:
+        return []
+    rows.sort(key=lambda x: -x[1]["checks"][0][1])
+    lines = [f"The worst false insertions under `{schedule}` ({count} of {len(rows)} benign answers with the refusal "
+             "inserted; first-check p highest first):", "", "| set | prompt | first check p | inserted at step |",
+             "|---|---|---|---|"]
+    for name, r in rows[:count]:
+        prompt = " ".join(r["prompt"].split())
+        prompt = prompt if len(prompt) <= 90 else prompt[:87] + "..."
+        lines.append(f"| {name} | {prompt.replace('|', '/')} | {r['checks'][0][1]:.2f} | {r['inserted']} |")
+    return lines + [""]
 
 
 def flagged_checks(rows: list[dict], threshold: float) -> tuple[float | None, float | None]:
