@@ -111,7 +111,7 @@ def _embed_one_hot(model: CausalLM, one_hot: jax.Array) -> jax.Array:
     return (one_hot.astype(table.dtype) @ table).astype(model.dtype)
 
 
-def _target_loss(model: CausalLM, embeddings: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
+def target_loss(model: CausalLM, embeddings: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mean cross-entropy of ``target`` ``[B, t]`` given ``embeddings`` ``[B, L, hidden]`` whose last
     ``t`` positions are the target's, and whether every target token is its position's argmax."""
     b, length, _ = embeddings.shape
@@ -133,7 +133,7 @@ def token_gradients(model: CausalLM, before: jax.Array, suffix: jax.Array, after
     def loss(one_hot):
         parts = [model.embed(before[None]), _embed_one_hot(model, one_hot)[None], model.embed(after[None]),
                  model.embed(target[None])]
-        return _target_loss(model, jnp.concatenate(parts, axis=1), target[None])[0][0]
+        return target_loss(model, jnp.concatenate(parts, axis=1), target[None])[0][0]
 
     value, grad = jax.value_and_grad(loss)(jax.nn.one_hot(suffix, vocab, dtype=jnp.float32))
     return grad.astype(jnp.float32), value

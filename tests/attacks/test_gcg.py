@@ -66,7 +66,7 @@ def test_candidate_losses_reuse_the_prefix_cache_and_equal_one_forward_each(tiny
     losses, reached = gcg.candidate_losses(model, before, candidates, after, target, chunk=4)
     for i in range(8):
         embeddings = model.embed(jnp.concatenate([before, candidates[i], after, target])[None])
-        loss, hit = gcg._target_loss(model, embeddings, target[None])
+        loss, hit = gcg.target_loss(model, embeddings, target[None])
         np.testing.assert_allclose(float(losses[i]), float(loss[0]), rtol=1e-5)
         assert bool(reached[i]) == bool(hit[0])
 
