@@ -18,6 +18,8 @@ Each step:
 4. every candidate's loss in one batched forward that reuses the prefix's KV cache: the tokens
    before the suffix are prefilled once and the candidates run as extra queries on it, in chunks
    of ``chunk`` (:func:`candidate_losses`);
+   On a mesh the candidates are split over its batch axes (``data x fsdp``), so the search
+   width grows with the devices; the model is sharded as every stage shards it.
 5. the best candidate becomes the suffix; the best suffix seen is the result. With
    ``early_stop``, the attack stops once the greedy answer starts with the target (every target
    token is its position's argmax, teacher-forced: what greedy decoding then generates).
@@ -40,6 +42,7 @@ from flax import nnx
 from ssah_jax.data import Record
 from ssah_jax.data.tokenize import messages
 from ssah_jax.models import CausalLM, KVCache
+from ssah_jax.sharding import batch_multiple, constrain, put_rows
 
 MARKER = "{optim_str}"  # where the suffix goes in the rendered conversation
 
@@ -165,16 +168,18 @@ def retokenizes(tokenizer: Any, candidates: np.ndarray) -> np.ndarray:
 def candidate_losses(model: CausalLM, before: jax.Array, candidates: jax.Array, after: jax.Array,
                      target: jax.Array, *, chunk: int) -> tuple[jax.Array, jax.Array]:
     """``(loss [W], reached [W])`` of each candidate suffix ``[W, n]``: the prefix ``before`` is
-    prefilled once into a KV cache that the candidates' tokens (suffix, after, target) read as
-    extra queries, ``chunk`` candidates a forward."""
+    prefilled once (as ``chunk`` equal rows) into a KV cache that the candidates' tokens (suffix,
+    after, target) read as extra queries, ``chunk`` candidates a forward; on a mesh each chunk is split over its batch
+    axes (``data x fsdp``: ``chunk`` a multiple of their size), the model as it is placed."""
     p, (w, n), a, t = before.shape[0], candidates.shape, after.shape[0], target.shape[0]
     s = n + a + t
-    cache = KVCache.init(model.config, 1, p, model.dtype, stacked=model.layout.scan)
-    cache = model.forward(before[None], jnp.ones((1, p), jnp.int32), cache=cache).cache
     ones = jnp.ones((chunk, p), jnp.int32)
-    wide = jax.tree.map(lambda x: jnp.broadcast_to(x, (chunk, *x.shape[1:])) if x.ndim else x, cache)
+    # the prefix prefilled once a step, as a chunk of equal rows: the cache is laid out like the chunk
+    cache = KVCache.init(model.config, chunk, p, model.dtype, stacked=model.layout.scan)
+    wide = model.forward(constrain(jnp.broadcast_to(before, (chunk, p)), ("act_batch", None)), ones, cache=cache).cache
 
-    def one(ids):  # [chunk, n]
+    def one(ids):  # [chunk, n], split over the mesh's batch axes
+        ids = constrain(ids, ("act_batch", None))
         tokens = jnp.concatenate([ids, jnp.broadcast_to(after, (chunk, a)), jnp.broadcast_to(target, (chunk, t))], 1)
         hidden = model.forward(tokens, ones, cache=wide, write_cache=False).hidden
         logits = model.logits(hidden[:, s - t - 1 : s - 1])
@@ -209,6 +214,9 @@ def attack(model: CausalLM, tokenizer: Any, prompt: str, target: str, config: GC
     """Runs GCG on one prompt from ``state`` (None: the start) to ``config.steps`` (or the early
     stop), calling ``on_step`` after each step (a checkpoint: the run resumes from the state it
     was given); returns the final state."""
+    if config.chunk % batch_multiple():
+        raise ValueError(f"GCGConfig.chunk ({config.chunk}) must be a multiple of the mesh's {batch_multiple()} "
+                         "data x fsdp devices (a chunk of candidates is split over them)")
     lay = layout(tokenizer, prompt, target, config.init, system_prompt)
     allowed = jnp.asarray(allowed_tokens(tokenizer, model.config.vocab_size))
     before, after, target_ids = (jnp.asarray(x) for x in (lay.before, lay.after, lay.target))
@@ -222,8 +230,7 @@ def attack(model: CausalLM, tokenizer: Any, prompt: str, target: str, config: GC
                                                   search_width=config.search_width, topk=config.topk,
                                                   n_replace=config.n_replace))
         valid = retokenizes(tokenizer, candidates)
-        losses, reached = candidate_losses(model, before, jnp.asarray(candidates), after, target_ids,
-                                           chunk=config.chunk)
+        losses, reached = candidate_losses(model, before, put_rows(candidates), after, target_ids, chunk=config.chunk)
         losses = np.where(valid, np.asarray(losses), np.inf)
         best = int(np.argmin(losses))
         if np.isfinite(losses[best]):

@@ -124,3 +124,25 @@ def test_a_planted_target_is_reached(tiny):
     state = gcg.attack(model, tokenizer, PROMPT, target, config)
     assert state.reached is not None and state.step == state.reached + 1 < 40, state.losses
     assert state.best_loss < float(loss[0]) and tokenizer.decode(state.best) != config.init
+
+
+def test_on_eight_devices_the_candidates_are_split_over_data_and_the_suffixes_are_the_same(tiny, tiny_chat_model):
+    from ssah_jax.sharding import make_mesh, put_rows, use_rules
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, as the suite sets)")
+    model, tokenizer, lay = tiny
+    config = gcg.GCGConfig(steps=3, search_width=32, topk=16, chunk=16, init="! ! ! ! ! !")
+    alone = gcg.attack(model, tokenizer, PROMPT, TARGET, config)
+    mesh = make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+    placed, _ = load_model(str(tiny_chat_model), mesh=mesh)
+    with jax.set_mesh(mesh), use_rules():
+        spread = gcg.attack(placed, tokenizer, PROMPT, TARGET, config)
+        candidates = put_rows(np.tile(lay.suffix, (32, 1)))
+        losses, _ = gcg.candidate_losses(placed, jnp.asarray(lay.before), candidates, jnp.asarray(lay.after),
+                                         jnp.asarray(lay.target), chunk=16)
+        with pytest.raises(ValueError, match="multiple of the mesh's 8"):
+            gcg.attack(placed, tokenizer, PROMPT, TARGET, dataclasses.replace(config, chunk=4, search_width=32))
+    assert len(candidates.sharding.device_set) == 8 and np.ptp(np.asarray(losses)) < 1e-5  # 32 equal candidates
+    assert spread.suffix == alone.suffix and spread.best == alone.best
+    np.testing.assert_allclose(spread.losses, alone.losses, rtol=1e-5)
