@@ -112,3 +112,11 @@ def test_decode_benchmark_runs_on_a_mesh_and_its_bandwidth_is_maxtexts(bench_scr
     args.mesh = "tensor=8"  # 8 does not divide the 4 heads (nor the 2 kv heads)
     with pytest.raises(SystemExit, match="tensor=8 does not divide heads=4"):
         bench_script.bench_decode(args)
+
+
+def test_the_gcg_summary_says_what_was_compared(bench_script):
+    lines = bench_script.summary({
+        "benchmark": "gcg", "ours_step_s": 2.0, "ours_first_step_s": 50.0, "torch_step_s": 4.0, "speedup": 2.0,
+        "torch_threads": 2, "search_width": 64, "topk": 256, "suffix_tokens": 20, "prompt_tokens": 40,
+        "target_tokens": 10, "chunk": 64, "dtype": "float32", "machine": "m"})
+    assert lines[2].startswith("ratio:     2.00x  (torch time / ours; search width 64, top-k 256, a 20-token suffix")
