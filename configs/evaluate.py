@@ -63,6 +63,12 @@ def get_config(preset: str = "smollm2") -> ConfigDict:
     c.prefill = ConfigDict(dict(dataset="advbench", limit=50, tokens=(5,)))  # tokens: one or more k
     # the decoding attack: every temperature x top_p x top_k, a prompt counted as attacked if any answers it
     c.sweep = ConfigDict(dict(dataset="advbench", limit=50, temperatures=(0.7, 1.0), top_ps=(0.9,), top_ks=(0,)))
+    # the optimisation attack (tasks: gcg; ssah_jax.attacks.gcg): a suffix optimised per prompt of
+    # dataset (with targets) so the answer starts with the target, then answered and judged;
+    # HarmBench: 500 steps, width 512, top-k 256, a 20-token "! ! ..." start; transfer: another
+    # run's rows/gcg.jsonl whose suffixes are answered instead of optimised
+    c.gcg = ConfigDict(dict(dataset="advbench", limit=20, steps=50, search_width=64, topk=256, n_replace=1,
+                            init=" ".join(["!"] * 20), chunk=64, early_stop=True, transfer=""))
     # dataset: XSTest's safe prompts, or a dataset / mixture of benign prompts (e.g. the
     # validation split benign_contrast_validation, when XSTest is kept for the final test)
     c.overrefusal = ConfigDict(dict(dataset="xstest", limit=0))

@@ -34,6 +34,7 @@ from ml_collections import ConfigDict
 from experiments._mesh import check_mesh, load_on_mesh, on_mesh
 from experiments._report import asr_judged
 from ssah_jax import hosts, runs, signals
+from ssah_jax.attacks import task as attack_task
 from ssah_jax.data import check_kit_dataset, parse_mixture
 from ssah_jax.evaluation import judges, tasks
 from ssah_jax.evaluation.intervals import percent
@@ -46,9 +47,12 @@ EXCLUDED: tuple[str, ...] = ("mesh",)
 # (runs.determining): over-refusal was XSTest's safe prompts before it had a dataset key, and
 # every verdict the keyword judge's rules of then (keyword_v1) before there was a judge to choose:
 # a run recorded before resumes with --config.judge=keyword_v1 and is refused with another judge.
-ADDED = {"overrefusal.dataset": "xstest", "judge": "keyword_v1", "judge_model": ""}
+ADDED = {"overrefusal.dataset": "xstest", "judge": "keyword_v1", "judge_model": "",
+         **{f"gcg.{k}": v for k, v in dict(dataset="advbench", limit=20, steps=50, search_width=64, topk=256,
+                                            n_replace=1, init=" ".join(["!"] * 20), chunk=64, early_stop=True,
+                                            transfer="").items()}}
 # Top-level sections and keys added after results were recorded (a workdir from before them is resumed)
-ADDED_SECTIONS = ("mesh", "judge", "judge_model")
+ADDED_SECTIONS = ("mesh", "judge", "judge_model", "gcg")
 
 
 def validate(config: ConfigDict, prefix: str = "") -> None:
@@ -59,8 +63,14 @@ def validate(config: ConfigDict, prefix: str = "") -> None:
 
     check("harmful.settings", lambda v: len(v) > 0 and set(v) <= set(tasks.ASR_SETTINGS),
           f"must be a non-empty subset of {tasks.ASR_SETTINGS}")
-    names = tuple(tasks.TASKS)
+    names = tuple(TASKS)
     check("tasks", lambda v: len(v) > 0 and set(v) <= set(names), f"must be a non-empty subset of {names}")
+    for key in ("steps", "search_width", "topk", "n_replace", "chunk"):
+        check(f"gcg.{key}", lambda v: v >= 1, "must be >= 1")
+    check("gcg.limit", lambda v: v >= 0, "must be >= 0 (0 = all)")
+    check("gcg.search_width", lambda v: v % runs.get(config, prefix + "gcg.chunk") == 0,
+          "must be a multiple of gcg.chunk (the candidates a forward)")
+    runs.check_parses(config, prefix + "gcg.dataset", parse_mixture)
     check("batch_size", lambda v: v >= 1, "must be >= 1")
     check("max_new_tokens", lambda v: v >= 1, "must be >= 1")
     check("judge", lambda v: v in judges.JUDGES, f"must be one of {judges.JUDGES}")
@@ -115,7 +125,9 @@ def evaluation_spec(config: ConfigDict, data_dir: str | None = None) -> tasks.Ev
         sweep=s.Sweep(w.dataset, w.limit, tuple(w.temperatures), tuple(w.top_ps), tuple(w.top_ks)),
         overrefusal=s.Overrefusal(o.dataset, o.limit), mmlu=s.Limit(config.mmlu.limit),
         sst2=s.Limit(config.sst2.limit), gsm8k=s.Gsm8k(g.limit, g.max_new_tokens),
-        perplexity=s.Perplexity(x.dataset, x.limit, x.max_length))
+        perplexity=s.Perplexity(x.dataset, x.limit, x.max_length),
+        gcg=s.Gcg(**{k: config.gcg[k] for k in ("dataset", "limit", "steps", "search_width", "topk", "n_replace",
+                                                 "init", "chunk", "early_stop", "transfer")}))
 
 
 def run(config: ConfigDict, workdir: str, *, overwrite: bool = False) -> Path:
@@ -170,6 +182,20 @@ def with_signal(model: Any, settings: ConfigDict) -> signals.SignalModel:
     return signals.SignalModel(model, signal, **{k: v for k, v in settings.items() if k != "file"})
 
 
+# The evaluation's tasks (ssah_jax.evaluation.tasks.TASKS), then the optimisation attacks above them
+TASKS = {**tasks.TASKS, "gcg": attack_task.gcg}
+
+
+def chosen(names: tuple[str, ...]) -> dict[str, Any]:
+    """The tasks called ``names`` in the order of :data:`TASKS` (the order a run computes them)."""
+    return {name: task for name, task in TASKS.items() if name in names}
+
+
+def task_label(spec: tasks.EvalSpec, name: str, entry: dict) -> str:
+    """A report's name of metric ``name``: the attacks' or an evaluation task family's."""
+    return attack_task.label(spec, name, entry) or tasks.label(spec, name, entry)
+
+
 def evaluate_model(model: Any, tokenizer: Any, spec: tasks.EvalSpec, out: Path, *, description: str,
                    judge: judges.Judge) -> dict:
     """Runs ``spec.tasks`` on ``model`` into ``out`` (``metrics.json``, ``rows/``,
@@ -181,7 +207,7 @@ def evaluate_model(model: Any, tokenizer: Any, spec: tasks.EvalSpec, out: Path, 
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
     hosts.sync("metrics read")  # by every process, before process 0 rewrites them
-    for task in tasks.chosen(spec.tasks).values():
+    for task in chosen(spec.tasks).values():
         for name, compute in task(model, tokenizer, spec, store=store, judge=judge).items():
             if name in metrics:
                 print(f"{name}: done in an earlier run, kept")
@@ -206,7 +232,7 @@ def render_report(spec: tasks.EvalSpec, metrics: dict, description: str) -> str:
         "| metric | value | n | seconds |", "|---|---|---|---|",
     ]
     for key, m in metrics.items():
-        label = tasks.label(spec, key, m)
+        label = task_label(spec, key, m)
         value = (f"{m['perplexity']:.2f}" if "perplexity" in m else f"{m['auroc']:.3f} (AUROC)" if "auroc" in m
                  else percent(tasks.headline(m)[0]))
         lines.append(f"| {label} | {value} | {m['n']} | {m['seconds']} |")

@@ -73,6 +73,27 @@ class Perplexity:
 
 
 @dataclass(frozen=True)
+class Gcg:
+    """``gcg``: GCG (``ssah_jax.attacks.gcg``) on the first ``limit`` prompts of ``dataset`` (their
+    targets: a dataset with responses, AdvBench's "Sure, here is ..."): ``steps`` of
+    ``search_width`` candidates (``topk``, ``n_replace``) from the suffix ``init``, ``chunk``
+    candidates a forward, stopping early once the greedy answer starts with the target
+    (``early_stop``); ``transfer``: another run's ``rows/gcg.jsonl`` whose suffixes are answered
+    instead of optimised ("": optimise here)."""
+
+    dataset: str
+    limit: int
+    steps: int
+    search_width: int
+    topk: int
+    n_replace: int
+    init: str
+    chunk: int
+    early_stop: bool
+    transfer: str
+
+
+@dataclass(frozen=True)
 class EvalSpec:
     """An evaluation: ``tasks`` (names of the registry ``TASKS``), answered ``batch_size`` at a
     time with ``max_new_tokens`` new tokens (sampled batches seeded from ``seed``), the safety
@@ -97,3 +118,4 @@ class EvalSpec:
     sst2: Limit
     gsm8k: Gsm8k
     perplexity: Perplexity
+    gcg: Gcg
