@@ -63,7 +63,7 @@ def validate(config: ConfigDict, prefix: str = "") -> None:
 
     check("harmful.settings", lambda v: len(v) > 0 and set(v) <= set(tasks.ASR_SETTINGS),
           f"must be a non-empty subset of {tasks.ASR_SETTINGS}")
-    names = tuple(TASKS)
+    names = tuple(registry())
     check("tasks", lambda v: len(v) > 0 and set(v) <= set(names), f"must be a non-empty subset of {names}")
     for key in ("steps", "search_width", "topk", "n_replace", "chunk"):
         check(f"gcg.{key}", lambda v: v >= 1, "must be >= 1")
@@ -182,13 +182,23 @@ def with_signal(model: Any, settings: ConfigDict) -> signals.SignalModel:
     return signals.SignalModel(model, signal, **{k: v for k, v in settings.items() if k != "file"})
 
 
-# The evaluation's tasks (ssah_jax.evaluation.tasks.TASKS), then the optimisation attacks above them
-TASKS = {**tasks.TASKS, "gcg": attack_task.gcg}
+ATTACKS = {"gcg": attack_task.gcg}  # the optimisation attacks, run after the evaluation's own tasks
 
 
-def chosen(names: tuple[str, ...]) -> dict[str, Any]:
-    """The tasks called ``names`` in the order of :data:`TASKS` (the order a run computes them)."""
-    return {name: task for name, task in TASKS.items() if name in names}
+def registry() -> dict[str, Any]:
+    """Every task by name in the order a run computes them: the evaluation's
+    (``ssah_jax.evaluation.tasks.TASKS``), then the optimisation attacks above them."""
+    return {**tasks.TASKS, **ATTACKS}
+
+
+def chosen(names: tuple[str, ...], key: str = "config.tasks") -> dict[str, Any]:
+    """The tasks called ``names`` in :func:`registry` order; an unknown name is a ConfigError
+    naming ``key``."""
+    every = registry()
+    unknown = [n for n in names if n not in every]
+    if unknown:
+        raise runs.ConfigError(f"{key}: unknown evaluation task {unknown[0]!r} (tasks: {', '.join(every)})")
+    return {name: task for name, task in every.items() if name in names}
 
 
 def task_label(spec: tasks.EvalSpec, name: str, entry: dict) -> str:
