@@ -98,6 +98,7 @@ def layout(tokenizer: Any, prompt: str, target: str, init: str, system_prompt: s
     return out
 
 
+@functools.lru_cache(maxsize=4)  # a decode per token of the vocabulary: once per tokenizer, not per prompt
 def allowed_tokens(tokenizer: Any, vocab_size: int) -> np.ndarray:
     """``[vocab]`` bool: the tokens a suffix may hold: printable ASCII text that is no special
     token (nanoGCG's rule; ids past the tokenizer's vocabulary never)."""
@@ -106,6 +107,7 @@ def allowed_tokens(tokenizer: Any, vocab_size: int) -> np.ndarray:
     for i in range(min(vocab_size, len(tokenizer))):
         text = tokenizer.decode([i])
         ok[i] = i not in special and bool(text) and text.isascii() and text.isprintable()
+    ok.setflags(write=False)  # shared by the cache
     return ok
 
 
